@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -369,15 +369,23 @@ class ClipEmbedder(_LazyModel):
                                self.normalize)
 
     def embed_images(
-        self, images: Sequence[str | os.PathLike[str] | Image.Image]
+        self,
+        images: Sequence[str | os.PathLike[str] | Image.Image],
+        *,
+        storage_options: Mapping[str, str] | None = None,
     ) -> np.ndarray:
-        """Embed images (local paths or PIL images) into float32 ``(len(images), dim)``.
+        """Embed images (local paths, ``file://`` or ``s3://`` URIs, or PIL images) into
+        float32 ``(len(images), dim)``.
 
-        Paths are read with Pillow and converted to RGB, then go through the model's own
-        preprocess transform. The same path (or the same PIL object) is embedded once.
-        Raises ``InvalidArgument`` naming the row and path of an unreadable image.
+        Paths and URIs are read by ``indexing.images.open_image`` (a few at a time, in
+        threads; ``storage_options`` as there, ``None`` for the environment's) and converted
+        to RGB, then go through the model's own preprocess transform. The same image (the
+        same resolved path, the same URI or the same PIL object) is embedded once. Raises
+        ``InvalidArgument`` naming the row and URI of an unsupported or unreadable image.
         """
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
+
+        from indexing.images import canonical_uri, open_images
 
         if isinstance(images, str | bytes | os.PathLike | Image.Image):
             raise InvalidArgument(
@@ -390,7 +398,10 @@ class ClipEmbedder(_LazyModel):
             if isinstance(item, Image.Image):
                 keys.append(("img", id(item)))
             elif isinstance(item, str | os.PathLike):
-                keys.append(("path", str(Path(item).expanduser().resolve())))
+                try:
+                    keys.append(("uri", canonical_uri(os.fspath(item))))
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"images[{i}]: {exc}", field="images", row=i) from exc
             else:
                 raise InvalidArgument(
                     f"images[{i}] must be a path or a PIL image, got {type(item).__name__}",
@@ -405,21 +416,17 @@ class ClipEmbedder(_LazyModel):
         dtype = next(model.parameters()).dtype
         chunks: list[torch.Tensor] = []
         for start in range(0, len(first_row), self.batch_size):
+            batch_rows = first_row[start : start + self.batch_size]
+            to_read = [row for row in batch_rows if not isinstance(items[row], Image.Image)]
+            opened = open_images(
+                [os.fspath(items[row]) for row in to_read], storage_options=storage_options
+            )
+            read = {row: img for row, (_, img) in zip(to_read, opened, strict=True)}
             tensors = []
-            for row in first_row[start : start + self.batch_size]:
-                item = items[row]
-                if isinstance(item, Image.Image):
-                    img = item.convert("RGB")
-                else:
-                    try:
-                        with Image.open(item) as im:
-                            img = im.convert("RGB")
-                    except (OSError, UnidentifiedImageError, ValueError) as exc:
-                        raise InvalidArgument(
-                            f"images[{row}]: cannot read image {os.fspath(item)}: {exc}",
-                            field="images",
-                            row=row,
-                        ) from exc
+            for row in batch_rows:
+                img = read[row] if row in read else items[row].convert("RGB")
+                if isinstance(img, str):
+                    raise InvalidArgument(f"images[{row}]: {img}", field="images", row=row)
                 tensors.append(self._preprocess(img))
             batch = torch.stack(tensors).to(self.device, dtype=dtype)
             with torch.inference_mode():

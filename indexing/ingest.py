@@ -2,8 +2,9 @@
 
 Rows are read in batches (never a whole file in memory), embedded on the way in into the
 requested spaces (``TextEmbedder`` on the ``text`` field, ``ClipEmbedder`` on ``uri``
-images) and upserted by id. The job is resumable: rows whose id is already present with a
-vector in every requested space are skipped. Bad rows (an unreadable image, a line that is
+images: local paths, ``file://`` or ``s3://`` URIs, see ``indexing.images``) and upserted
+by id. The job is resumable: rows whose id is already present with a vector in every
+requested space are skipped. Bad rows (an unreadable image, a line that is
 not JSON, a row without the text to embed, a row the store's validation rejects) are
 recorded with their line number, row or path and the reason, and the other rows of the
 batch go on; nothing is dropped silently.
@@ -20,7 +21,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import pyarrow as pa
 
 from indexing.embedders import ClipEmbedder, TextEmbedder, embedder_for_identity
 from indexing.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from indexing.images import open_images
 from indexing.schema import (
     EMB_PREFIX,
     PRED_PREFIX,
@@ -384,11 +386,18 @@ def ingest(
     batch_rows: int = 1000,
     id_field: str = "id",
     progress: bool = True,
+    image_storage_options: Mapping[str, str] | None = None,
 ) -> IngestReport:
     """Ingest ``source`` (an image folder, or a .parquet / .csv / .jsonl file) into
     ``collection``, creating it (and the requested spaces) if missing. See the module
     docstring; returns an :class:`IngestReport`. Raises (before writing anything) when the
-    source or a model cannot be used."""
+    source or a model cannot be used.
+
+    Image ``uri`` values may be local paths (relative ones to the source file's folder),
+    ``file://`` or ``s3://bucket/key`` URIs. ``s3://`` images are read with
+    ``image_storage_options``, by default the store's own options when the store is on an
+    object store (same endpoint and credentials), else those from the environment
+    (``ASSAY_S3_ENDPOINT``, ``AWS_*``), like ``Store`` reads them."""
     if batch_rows < 1:
         raise InvalidArgument(f"batch_rows must be >= 1, got {batch_rows}", field="batch_rows")
     if image_space and not clip_model:
@@ -399,6 +408,8 @@ def ingest(
     if labels_from_folders and kind != "images":
         raise InvalidArgument("labels_from_folders applies to image folders only", field="labels_from_folders")
     report = IngestReport()
+    if image_storage_options is None:
+        image_storage_options = store.storage_options or None  # None: from the environment
 
     # Models first: a model that cannot be loaded fails the job before anything is written.
     text_emb: TextEmbedder | None = None
@@ -455,7 +466,8 @@ def ingest(
             report.rows_read += batch.raw_rows
             if batch.table.num_rows:
                 col = _ingest_batch(store, collection, col, batch, normalise, spaces, text_space,
-                                    text_emb, image_space, clip_emb, src_path.parent, report)
+                                    text_emb, image_space, clip_emb, src_path.parent,
+                                    image_storage_options, report)
             bar.update(batch.raw_rows)
             bar.set_postfix(ingested=report.ingested, skipped=report.skipped, bad=len(report.bad),
                             refresh=False)
@@ -478,6 +490,7 @@ def _ingest_batch(
     image_space: str | None,
     clip_emb: ClipEmbedder | None,
     base_dir: Path,
+    storage_options: Mapping[str, str] | None,
     report: IngestReport,
 ) -> Collection | None:
     table, locs = normalise(batch, col.schema if col is not None else None)
@@ -516,7 +529,7 @@ def _ingest_batch(
         vectors[text_space] = _embed_texts(text_emb, texts, keep)
     if image_space and clip_emb is not None:
         uris = table.column("uri").to_pylist() if "uri" in table.column_names else [None] * len(ids)
-        vectors[image_space] = _embed_images(clip_emb, uris, keep, bad, base_dir)
+        vectors[image_space] = _embed_images(clip_emb, uris, keep, bad, base_dir, storage_options)
 
     rows = np.flatnonzero(keep)
     if not len(rows):
@@ -559,34 +572,30 @@ def _embed_texts(emb: TextEmbedder, texts: list[Any], keep: np.ndarray) -> np.nd
 
 
 def _embed_images(emb: ClipEmbedder, uris: list[Any], keep: np.ndarray, bad: Any,
-                  base_dir: Path) -> np.ndarray:
+                  base_dir: Path, storage_options: Mapping[str, str] | None) -> np.ndarray:
     """Vectors for the kept rows; rows whose image cannot be read are reported bad. Images
-    are opened one embedder batch at a time, so memory holds at most that many."""
-    from PIL import Image, UnidentifiedImageError
-
+    are opened one embedder batch at a time (so memory holds at most that many), through
+    ``indexing.images``: local paths (relative to the source file's folder), ``file://``
+    and ``s3://`` URIs, read by a few threads because object-store reads are latency bound."""
     out = np.zeros((len(uris), emb.dim), dtype=np.float32)
     rows = [int(i) for i in np.flatnonzero(keep)]
     step = max(1, emb.batch_size)
     for start in range(0, len(rows), step):
-        loaded: list[tuple[int, Any]] = []
+        wanted: list[int] = []
         for i in rows[start:start + step]:
             uri = uris[i]
             if not isinstance(uri, str) or not uri:
                 bad(i, "missing uri (needed for the image space)")
-                continue
-            if "://" in uri and not uri.startswith("file://"):
-                bad(i, f"cannot read image {uri}: only local paths are supported by ingest")
-                continue
-            path = Path(uri.removeprefix("file://")).expanduser()
-            if not path.is_absolute():
-                path = base_dir / path
-            try:
-                with Image.open(path) as im:
-                    img = im.convert("RGB")
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-                bad(i, f"cannot read image {path}: {exc}")
-                continue
-            loaded.append((i, img))
+            else:
+                wanted.append(i)
+        opened = open_images([uris[i] for i in wanted], base_dir=base_dir,
+                             storage_options=storage_options)
+        loaded: list[tuple[int, Any]] = []
+        for i, (_, img) in zip(wanted, opened, strict=True):
+            if isinstance(img, str):
+                bad(i, img)
+            else:
+                loaded.append((i, img))
         if loaded:
             vecs = emb.embed_images([img for _, img in loaded])
             out[[i for i, _ in loaded]] = vecs
