@@ -87,16 +87,16 @@ def stream(
     where: str | None = None,
     *,
     version: int | str | None = None,
-    batch_size: int = BATCH_ROWS,
+    batch_size: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Batches of ``projection`` (output name -> column or nested path such as
-    ``pred_m.probs``) for the rows matching ``where``. The filter is validated now, not on
-    the first ``next()``."""
+    """Batches (of ``batch_size``, default ``BATCH_ROWS``) of ``projection`` (output name ->
+    column or nested path such as ``pred_m.probs``) for the rows matching ``where``. The
+    filter is validated now, not on the first ``next()``."""
     where = col.validate_filter(where)
     q = _table(col, version).search().select(dict(projection)).limit(None)
     if where:
         q = q.where(where)
-    return iter(q.to_batches(batch_size))
+    return iter(q.to_batches(batch_size or BATCH_ROWS))
 
 
 class _Source:

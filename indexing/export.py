@@ -1,0 +1,419 @@
+"""Export rows for labeling: CSV / JSON Lines with model pre-labels, and COCO detection JSON.
+
+Exports stream: rows are read from Lance in batches (only the needed columns, nested
+prediction fields projected) and written batch by batch; COCO annotations are spooled to a
+temporary file while the images are written, so memory stays bounded for any pool size.
+A file is written under a temporary name next to ``path`` and renamed into place when
+complete: a failed export never leaves a truncated file behind.
+
+Which rows: ``ids`` (in the order given; duplicates written once; ids not in the collection
+are counted in ``ExportReport.missing``), or ``where`` (an SQL filter, validated by the
+store), or neither (the whole collection). ``version`` reads an older version or tag.
+
+CSV / JSONL columns: ``id``, ``uri``, ``text``, ``label``, the requested user ``fields``,
+and with a ``model`` its pre-label ``predicted`` (class name) and ``confidence``:
+
+* classification: argmax of ``probs`` (or ``softmax(logits)``), confidence = its probability;
+* detection: the most confident box; ``predicted`` is the argmax of that box's ``probs``
+  (null when the box has none), ``confidence`` its score;
+* no prediction: both null.
+
+CSV round-trips nulls: every non-null string is quoted, a null is an empty unquoted field
+(so ``""`` and null differ); :func:`read_export` reads it back that way.
+
+COCO (:func:`export_coco`): one image per row (``id`` 1..N in export order, ``file_name``
+= the row's ``uri`` or its id, ``assay_id`` = the row id, ``width``/``height`` when the uri
+is a readable local image, omitted otherwise); categories are the model's classes with ids
+``1..C`` in class order; one annotation per predicted box. Boxes are stored as corners
+``x1, y1, x2, y2`` (see :data:`indexing.schema.PRED_BOX`); COCO wants ``bbox = [x, y, w,
+h]`` = ``[x1, y1, x2 - x1, y2 - y1]`` and ``area = w * h``. Coordinates are written in the
+units they were stored in (assay does not rescale; COCO tools expect pixels). A box's
+``category_id`` is the argmax of its ``probs`` + 1; a box without ``probs`` gets
+``category_id`` 0, a category named ``"unknown"`` that is listed only when used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from indexing import analytics
+from indexing.analytics import box_probs, prediction_probs, stream
+from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec, is_user_scalar
+from indexing.store import ID_CHUNK
+from indexing.validation import ids_predicate
+
+FORMATS = ("csv", "jsonl")
+BASE_EXPORT_COLUMNS = ("id", "uri", "text", "label")
+PRELABEL_COLUMNS = ("predicted", "confidence")
+UNKNOWN_CATEGORY = {"id": 0, "name": "unknown", "supercategory": "none"}
+
+__all__ = ["ExportReport", "coco_boxes", "export_coco", "export_rows", "read_export"]
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote: ``rows`` (CSV/JSONL rows, or COCO images), ``annotations``
+    (COCO boxes), ``missing`` (requested ids not in the collection), ``sized_images``
+    (COCO images whose width/height could be read)."""
+
+    path: str
+    format: str
+    rows: int
+    missing: int = 0
+    annotations: int = 0
+    sized_images: int = 0
+    version: int | str | None = None
+    seconds: float = 0.0
+
+
+# -- row selection ---------------------------------------------------------------------------
+
+def _table(col: Any, version: int | str | None) -> Any:
+    return col.table if version is None else col.at_version(version)
+
+
+def _check_ids(ids: Sequence[str]) -> list[str]:
+    if isinstance(ids, str):
+        raise InvalidArgument("ids must be a sequence of id strings, not one string")
+    out = list(dict.fromkeys(ids))  # dedupe, keep the order given
+    if not all(isinstance(i, str) and i for i in out):
+        raise InvalidArgument("ids must be non-empty strings")
+    return out
+
+
+def _rows(col: Any, projection: Mapping[str, str], *, ids: Sequence[str] | None, where: str | None,
+          version: int | str | None, batch_size: int | None, missing: list[int]) -> Iterator[pa.RecordBatch]:
+    """Batches of ``projection`` (which includes ``id``) for the selected rows. Validation
+    happens before the first batch is asked for; ``missing[0]`` counts absent ids."""
+    if ids is not None and where is not None:
+        raise InvalidArgument("give ids or where, not both")
+    batch_size = analytics.BATCH_ROWS if batch_size is None else batch_size
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+    if ids is None:
+        return stream(col, projection, where, version=version, batch_size=batch_size)
+    wanted = _check_ids(ids)
+    table = _table(col, version)
+    chunk = min(ID_CHUNK, batch_size)
+
+    def by_ids() -> Iterator[pa.RecordBatch]:
+        for s in range(0, len(wanted), chunk):
+            part = wanted[s:s + chunk]
+            found = (table.search().where(ids_predicate(part)).select(dict(projection))
+                     .limit(None).to_arrow().combine_chunks())
+            position = {v: i for i, v in enumerate(found.column("id").to_pylist())}
+            order = [position[i] for i in part if i in position]
+            missing[0] += len(part) - len(order)
+            if order:
+                yield from found.take(pa.array(order, pa.int64())).to_batches()
+
+    return by_ids()
+
+
+def _extra_fields(col: Any, fields: Sequence[str], version: int | str | None) -> list[str]:
+    schema = _table(col, version).schema
+    out = list(fields)
+    for f in out:
+        if not isinstance(f, str) or f not in schema.names:
+            raise InvalidArgument(f"fields: unknown column {f!r} in collection '{col.name}'")
+        if f in BASE_EXPORT_COLUMNS or f in PRELABEL_COLUMNS:
+            raise InvalidArgument(f"fields: '{f}' is exported anyway (or is a pre-label column name)")
+        if f.startswith((EMB_PREFIX, PRED_PREFIX)) or not is_user_scalar(schema.field(f).type):
+            raise InvalidArgument(f"fields: column '{f}' has type {schema.field(f).type}; export scalar fields only")
+    if len(set(out)) != len(out):
+        raise InvalidArgument("fields: a column is repeated")
+    return out
+
+
+# -- pre-labels ------------------------------------------------------------------------------
+
+def _prelabels(batch: pa.RecordBatch, spec: ModelSpec) -> tuple[pa.Array, pa.Array]:
+    """(predicted class name, confidence) per row of ``batch`` (nulls where no prediction)."""
+    n, c = batch.num_rows, spec.num_classes
+    cls = np.full(n, -1, dtype=np.int64)
+    conf = np.full(n, np.nan)
+    if spec.task == "detection":
+        boxes = batch.column("__boxes")
+        flat = pc.list_flatten(boxes)
+        has = np.zeros(n, dtype=bool)
+        if len(flat):
+            owner = np.asarray(pc.list_parent_indices(boxes).to_numpy(zero_copy_only=False), dtype=np.int64)
+            scores = np.asarray(pc.struct_field(flat, "score").to_numpy(zero_copy_only=False), dtype=np.float64)
+            order = np.lexsort((-scores, owner))  # per row, the most confident box first
+            best = order[np.r_[True, np.diff(owner[order]) != 0]]
+            rows = owner[best]
+            has[rows] = True
+            conf[rows] = scores[best]
+            best_probs = pc.struct_field(flat, "probs").take(pa.array(best, pa.int64()))
+            ok = ~np.asarray(best_probs.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            if ok.any():
+                values = pc.list_flatten(best_probs.filter(pa.array(ok))).to_numpy(zero_copy_only=False)
+                cls[rows[ok]] = np.asarray(values, dtype=np.float64).reshape(-1, c).argmax(axis=1)
+        conf_mask = ~has
+    else:
+        keep, p = prediction_probs(batch.column("__probs"), batch.column("__logits"), c)
+        cls[keep] = p.argmax(axis=1)
+        conf[keep] = p.max(axis=1)
+        conf_mask = np.ones(n, dtype=bool)
+        conf_mask[keep] = False
+    names = pa.array(list(spec.classes), pa.string()).take(pa.array(cls, mask=cls < 0))
+    return names, pa.array(conf, pa.float64(), mask=conf_mask)
+
+
+def _projection(fields: list[str], spec: ModelSpec | None) -> dict[str, str]:
+    proj = {c: c for c in (*BASE_EXPORT_COLUMNS, *fields)}
+    if spec is not None:
+        if spec.task == "detection":
+            proj["__boxes"] = f"{spec.column}.boxes"
+        else:
+            proj.update(__probs=f"{spec.column}.probs", __logits=f"{spec.column}.logits")
+    return proj
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+@contextmanager
+def _atomic(path: str | os.PathLike[str], mode: str) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; rename it to ``path`` only on success."""
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".partial", dir=folder)
+    try:
+        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _format_of(path: str | os.PathLike[str], fmt: str | None) -> str:
+    if fmt is None:
+        ext = os.path.splitext(os.fspath(path))[1].lower()
+        fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(ext)
+        if fmt is None:
+            raise InvalidArgument(f"cannot tell the format of {os.fspath(path)!r}: pass format='csv' or 'jsonl'")
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def export_rows(
+    col: Any,
+    path: str | os.PathLike[str],
+    *,
+    ids: Sequence[str] | None = None,
+    where: str | None = None,
+    format: str | None = None,  # noqa: A002 - the natural name
+    model: str | None = None,
+    fields: Sequence[str] = (),
+    version: int | str | None = None,
+    batch_size: int | None = None,
+) -> ExportReport:
+    """Write the selected rows to ``path`` as CSV or JSON Lines (format from the extension
+    when not given), with ``model``'s pre-labels; see the module doc for the columns."""
+    t0 = time.perf_counter()
+    fmt = _format_of(path, format)
+    spec = col.model(model) if model is not None else None
+    extra = _extra_fields(col, fields, version)
+    schema = _table(col, version).schema
+    out_fields = [pa.field(c, pa.string()) for c in BASE_EXPORT_COLUMNS]
+    out_fields += [pa.field(f, schema.field(f).type) for f in extra]
+    if spec is not None:
+        out_fields += [pa.field("predicted", pa.string()), pa.field("confidence", pa.float64())]
+    out_schema = pa.schema(out_fields)
+    missing = [0]
+    batches = _rows(col, _projection(extra, spec), ids=ids, where=where, version=version,
+                    batch_size=batch_size, missing=missing)
+    rows = 0
+
+    def shaped() -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            arrays = [b.column(f.name) for f in out_fields[:len(BASE_EXPORT_COLUMNS) + len(extra)]]
+            if spec is not None:
+                arrays += list(_prelabels(b, spec))
+            yield pa.record_batch(arrays, schema=out_schema)
+
+    with _atomic(path, "wb" if fmt == "csv" else "w") as fh:
+        if fmt == "csv":
+            writer = pacsv.CSVWriter(fh, out_schema)
+            for b in shaped():
+                writer.write_batch(b)
+                rows += b.num_rows
+            writer.close()
+        else:
+            for b in shaped():
+                fh.writelines(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n"
+                              for r in b.to_pylist())
+                rows += b.num_rows
+    return ExportReport(path=os.fspath(path), format=fmt, rows=rows, missing=missing[0], version=version,
+                        seconds=time.perf_counter() - t0)
+
+
+def _image_size(uri: str | None) -> tuple[int, int] | None:
+    """(width, height) of a local image, reading only its header; None if unreadable."""
+    if not uri:
+        return None
+    p = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "://" in p or not os.path.isfile(p):
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(p) as im:
+            return int(im.width), int(im.height)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def export_coco(
+    col: Any,
+    model: str,
+    path: str | os.PathLike[str],
+    *,
+    ids: Sequence[str] | None = None,
+    where: str | None = None,
+    min_score: float = 0.0,
+    image_sizes: bool = True,
+    version: int | str | None = None,
+    batch_size: int | None = None,
+) -> ExportReport:
+    """Write the selected rows and ``model``'s predicted boxes (score >= ``min_score``) as a
+    COCO detection JSON file; see the module doc for the mapping. Every selected row is an
+    image, with or without boxes, so a labeling tool sees the whole batch."""
+    t0 = time.perf_counter()
+    spec = col.model(model)
+    if spec.task != "detection":
+        raise FailedPrecondition(
+            f"model '{spec.name}' is a classification model (no boxes); export_rows writes its pre-labels"
+        )
+    try:
+        min_score = float(min_score)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"min_score must be a number, got {min_score!r}") from exc
+    if not 0.0 <= min_score <= 1.0:
+        raise InvalidArgument(f"min_score must be in [0, 1], got {min_score}")
+    missing = [0]
+    batches = _rows(col, {"id": "id", "uri": "uri", "boxes": f"{spec.column}.boxes"}, ids=ids, where=where,
+                    version=version, batch_size=batch_size, missing=missing)
+    images = annotations = sized = 0
+    unknown_used = False
+    c = spec.num_classes
+    with _atomic(path, "w") as fh, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+        info = {"description": f"assay export of collection '{col.name}', model '{spec.name}'",
+                "version": str(version if version is not None else col.version),
+                "date_created": datetime.now(UTC).isoformat()}
+        fh.write('{"info": ' + json.dumps(info) + ', "licenses": [], "images": [')
+        for b in batches:
+            row_ids = b.column("id").to_pylist()
+            uris = b.column("uri").to_pylist()
+            if not row_ids:
+                continue
+            first_image = images + 1
+            parts = []
+            for rid, uri in zip(row_ids, uris, strict=True):
+                images += 1
+                img: dict[str, Any] = {"id": images, "file_name": uri if uri else rid, "assay_id": rid}
+                size = _image_size(uri) if image_sizes else None
+                if size is not None:
+                    img["width"], img["height"] = size
+                    sized += 1
+                parts.append(json.dumps(img, ensure_ascii=False))
+            fh.write(("," if first_image > 1 else "") + ",".join(parts))
+            boxes = b.column("boxes")
+            flat = pc.list_flatten(boxes)
+            if len(flat) == 0:
+                continue
+            owner = np.asarray(pc.list_parent_indices(boxes).to_numpy(zero_copy_only=False), dtype=np.int64)
+            coords = {k: np.asarray(pc.struct_field(flat, k).to_numpy(zero_copy_only=False), dtype=np.float64)
+                      for k in ("x1", "y1", "x2", "y2", "score")}
+            probs = pc.struct_field(flat, "probs")
+            has_p = ~np.asarray(probs.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            category = np.zeros(len(flat), dtype=np.int64)
+            if has_p.any():
+                _, p = box_probs(boxes, c)
+                category[has_p] = p.argmax(axis=1) + 1
+            sel = np.flatnonzero(coords["score"] >= min_score)
+            unknown_used |= bool((category[sel] == 0).any())
+            lines = []
+            for j in sel:
+                x, y = coords["x1"][j], coords["y1"][j]
+                w, h = coords["x2"][j] - x, coords["y2"][j] - y
+                annotations += 1
+                lines.append(json.dumps({
+                    "id": annotations, "image_id": first_image + int(owner[j]), "category_id": int(category[j]),
+                    "bbox": [x, y, w, h], "area": w * h, "score": coords["score"][j], "iscrowd": 0,
+                }))
+            if lines:
+                spool.write(("," if annotations > len(lines) else "") + ",".join(lines))
+        fh.write('], "annotations": [')
+        spool.seek(0)
+        shutil.copyfileobj(spool, fh)
+        categories = [{"id": i + 1, "name": name, "supercategory": "none"} for i, name in enumerate(spec.classes)]
+        if unknown_used:
+            categories.insert(0, UNKNOWN_CATEGORY)
+        fh.write('], "categories": ' + json.dumps(categories, ensure_ascii=False) + "}")
+    return ExportReport(path=os.fspath(path), format="coco", rows=images, missing=missing[0],
+                        annotations=annotations, sized_images=sized, version=version,
+                        seconds=time.perf_counter() - t0)
+
+
+# -- reading back ----------------------------------------------------------------------------
+
+def read_export(path: str | os.PathLike[str], *, format: str | None = None,  # noqa: A002
+                types: Mapping[str, pa.DataType] | None = None) -> list[dict[str, Any]]:
+    """Rows of a CSV / JSONL export as dicts (nulls as None). In CSV, the export's own
+    columns come back as strings (``confidence`` as float); user fields as Arrow infers
+    them unless ``types`` names their type."""
+    fmt = _format_of(path, format)
+    if fmt == "jsonl":
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    column_types: dict[str, pa.DataType] = {c: pa.string() for c in (*BASE_EXPORT_COLUMNS, "predicted")}
+    column_types["confidence"] = pa.float64()
+    column_types.update(types or {})
+    table = pacsv.read_csv(
+        os.fspath(path),
+        convert_options=pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=True,
+                                             quoted_strings_can_be_null=False),
+    )
+    return table.to_pylist()
+
+
+def coco_boxes(path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
+    """The boxes of a COCO export back in assay's form, per row id: ``x1, y1, x2, y2``
+    (= ``x, y, x + w, y + h``), ``score`` and ``label`` (category name; None for the
+    'unknown' category), in file order."""
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    names = {c["id"]: (None if c["id"] == UNKNOWN_CATEGORY["id"] else c["name"]) for c in doc["categories"]}
+    image_row = {img["id"]: img.get("assay_id", img["file_name"]) for img in doc["images"]}
+    out: dict[str, list[dict[str, Any]]] = {rid: [] for rid in image_row.values()}
+    for a in doc["annotations"]:
+        x, y, w, h = a["bbox"]
+        out[image_row[a["image_id"]]].append({"x1": x, "y1": y, "x2": x + w, "y2": y + h, "score": a.get("score"),
+                                              "label": names[a["category_id"]]})
+    return out
