@@ -19,6 +19,7 @@ bound (tens of ms each), so overlapping them is what makes S3 ingest run at loca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import re
@@ -166,7 +167,11 @@ def _s3_for(storage_options: Mapping[str, str] | None) -> pyarrow.fs.S3FileSyste
         from indexing.store import storage_options_from_env
 
         storage_options = storage_options_from_env("s3://")
-    return _s3_filesystem(tuple(sorted(_s3_kwargs(storage_options).items())))
+    try:
+        return _s3_filesystem(tuple(sorted(_s3_kwargs(storage_options).items())))
+    except (OSError, ValueError, TypeError) as exc:  # pyarrow's errors derive from these
+        raise InvalidArgument(f"cannot configure the S3 filesystem: {exc}",
+                              field="storage_options") from exc
 
 
 def _read_s3(uri: str, storage_options: Mapping[str, str] | None) -> bytes:
@@ -269,6 +274,14 @@ def open_images(
     pass batches of the size they embed.
     """
     uris = list(uris)
+    if storage_options is None and any(isinstance(u, str) and _scheme(u) == "s3" for u in uris):
+        from indexing.store import storage_options_from_env
+
+        # Resolved once here, so the threads neither re-read the environment per image nor
+        # race to build the (cached) filesystem on the first batch.
+        storage_options = storage_options_from_env("s3://")
+        with contextlib.suppress(InvalidArgument):  # then each s3 row reports the reason
+            _s3_for(storage_options)
 
     def one(i: int) -> tuple[int, Image.Image | str]:
         try:
