@@ -1,9 +1,10 @@
 """Collection analytics computed by DuckDB over Arrow batches streamed from the collection.
 
 Every function here takes a :class:`~indexing.store.Collection`, an optional SQL filter
-(checked by :meth:`Collection.validate_filter`, so a malformed or hostile filter raises
-InvalidArgument before anything runs) and an optional ``version`` (number or tag, to read
-a pinned dataset version), and returns a small :class:`pyarrow.Table`.
+(checked by :func:`check_filter`, i.e. :meth:`Collection.validate_filter` plus a check
+for trailing text, so a malformed or hostile filter raises InvalidArgument before anything
+runs) and an optional ``version`` (number or tag, to read a pinned dataset version), and
+returns a small :class:`pyarrow.Table`.
 
 How it runs (bounded memory, never the whole pool in RAM):
 
@@ -64,6 +65,7 @@ HISTOGRAM_META_KEY = b"assay.histogram"
 __all__ = [
     "BATCH_ROWS",
     "MEASURES",
+    "check_filter",
     "class_uncertainty",
     "confused_pairs",
     "confusion",
@@ -92,11 +94,50 @@ def stream(
     """Batches (of ``batch_size``, default ``BATCH_ROWS``) of ``projection`` (output name ->
     column or nested path such as ``pred_m.probs``) for the rows matching ``where``. The
     filter is validated now, not on the first ``next()``."""
-    where = col.validate_filter(where)
+    where = check_filter(col, where)
     q = _table(col, version).search().select(dict(projection)).limit(None)
     if where:
         q = q.where(where)
     return iter(q.to_batches(batch_size or BATCH_ROWS))
+
+
+def _outside_quotes(sql: str) -> str:
+    out, quote = [], None
+    for ch in sql:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def check_filter(col: Any, where: str | None) -> str | None:
+    """``Collection.validate_filter`` plus what it lets through: Lance's parser stops at
+    the end of the first complete expression and ignores the rest, so ``n = 1) OR (n = 3``
+    or ``n = 1 n = 2`` would silently run as ``n = 1``. Refuse unbalanced parentheses and
+    trailing text, and return the filter as it must be sent: ``(<where>\n)`` — parsing
+    that parenthesised form is exactly what rejects a tail (the newline ends a ``--``
+    comment), so what runs is what was validated."""
+    where = col.validate_filter(where)
+    if where is None:
+        return None
+    depth = 0
+    for ch in _outside_quotes(where):
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            break
+    if depth != 0:
+        raise InvalidArgument(f"filter {where!r} has unbalanced parentheses")
+    wrapped = f"({where}\n)"
+    try:
+        return col.validate_filter(wrapped)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"filter {where!r} is invalid: unexpected text after the end of the expression "
+            "(one boolean expression only)") from None
 
 
 class _Source:
@@ -122,8 +163,12 @@ class _Source:
 
 def _duck(sql: str, sources: Mapping[str, _Source], params: Sequence[Any] | None = None) -> pa.Table:
     """Run fixed ``sql`` over the streamed ``sources`` (registered by name) in a private
-    in-memory DuckDB connection."""
-    con = duckdb.connect(":memory:")
+    in-memory DuckDB connection.
+
+    One DuckDB thread: the stream is produced by one Python generator anyway, and with
+    several threads DuckDB hands batches to whichever is free, so float sums (and the
+    ordering by them) would change from run to run. Results are deterministic."""
+    con = duckdb.connect(":memory:", config={"threads": 1})
     try:
         for name, src in sources.items():
             con.register(name, src.reader)
@@ -480,7 +525,7 @@ def histogram(
             raise InvalidArgument(f"range must be finite with low <= high, got {range!r}")
         if lo == hi:  # numpy widens an empty range the same way
             lo, hi = lo - 0.5, hi + 0.5
-    col.validate_filter(where)  # before any pass
+    check_filter(col, where)  # before any pass
     proj = {"x": field}
     finite = "x IS NOT NULL AND isfinite(x::DOUBLE)"
     # One pass for what is not binned (and min/max when no range is given), one to bin.
