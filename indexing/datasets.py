@@ -516,11 +516,15 @@ class Datasets:
     def checkout_batches(self, name: str, version: int | str | None = None,
                          columns: Sequence[str] | None = None, *,
                          batch_size: int = 8192) -> Iterator[pa.Table]:
-        """Stream :meth:`checkout` in pieces (in no particular order); each piece holds the
-        requested columns plus ``id``."""
+        """Stream :meth:`checkout` in pieces of at most ``batch_size`` rows (in no
+        particular order); each piece holds the requested columns plus ``id``."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgument("batch_size must be an integer >= 1")
         handle, cols = self._checkout_columns(name, version, columns)
         fetch = cols if "id" in cols else ["id", *cols]
-        yield from _read_rows(handle, self.members(name, version), fetch, batch_size)
+        for part in _read_rows(handle, self.members(name, version), fetch, batch_size):
+            for start in range(0, part.num_rows, batch_size):
+                yield part.slice(start, batch_size)
 
     def diff(self, name: str, v1: int | str | None, v2: int | str | None = None) -> DatasetDiff:
         """Members added and removed from ``v1`` to ``v2`` (None: the working state), and
@@ -814,6 +818,7 @@ def _read_rows(handle: Any, ids: pa.Array, columns: list[str], batch_size: int) 
         return
     total = handle.count_rows()
     if len(ids) > ID_CHUNK and len(ids) >= SCAN_SHARE * total:
+        # Large scan batches: each is_in call hashes the whole id set again.
         for batch in handle.search().select(columns).limit(None).to_batches(max(batch_size, 65_536)):
             part = batch.filter(pc.is_in(batch.column("id"), value_set=ids))
             if part.num_rows:
