@@ -65,6 +65,7 @@ HISTOGRAM_META_KEY = b"assay.histogram"
 __all__ = [
     "BATCH_ROWS",
     "MEASURES",
+    "box_probs",
     "check_filter",
     "class_uncertainty",
     "confused_pairs",
@@ -73,6 +74,7 @@ __all__ = [
     "histogram_stats",
     "label_distribution",
     "prediction_probs",
+    "stream",
     "uncertainty",
 ]
 
