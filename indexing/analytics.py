@@ -103,43 +103,10 @@ def stream(
     return iter(q.to_batches(batch_size or BATCH_ROWS))
 
 
-def _outside_quotes(sql: str) -> str:
-    out, quote = [], None
-    for ch in sql:
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 def check_filter(col: Any, where: str | None) -> str | None:
-    """``Collection.validate_filter`` plus what it lets through: Lance's parser stops at
-    the end of the first complete expression and ignores the rest, so ``n = 1) OR (n = 3``
-    or ``n = 1 n = 2`` would silently run as ``n = 1``. Refuse unbalanced parentheses and
-    trailing text, and return the filter as it must be sent: ``(<where>\n)`` — parsing
-    that parenthesised form is exactly what rejects a tail (the newline ends a ``--``
-    comment), so what runs is what was validated."""
-    where = col.validate_filter(where)
-    if where is None:
-        return None
-    depth = 0
-    for ch in _outside_quotes(where):
-        depth += (ch == "(") - (ch == ")")
-        if depth < 0:
-            break
-    if depth != 0:
-        raise InvalidArgument(f"filter {where!r} has unbalanced parentheses")
-    wrapped = f"({where}\n)"
-    try:
-        return col.validate_filter(wrapped)
-    except InvalidArgument:
-        raise InvalidArgument(
-            f"filter {where!r} is invalid: unexpected text after the end of the expression "
-            "(one boolean expression only)") from None
+    """The filter as it must be sent to Lance (see ``Collection.validate_filter``, which
+    refuses statement separators, unbalanced parentheses and trailing text)."""
+    return col.validate_filter(where)
 
 
 class _Source:

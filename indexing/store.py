@@ -518,28 +518,49 @@ class Collection:
 
     def validate_filter(self, where: str | None) -> str | None:
         """Check a SQL filter against the schema before it runs; InvalidArgument if bad.
+        Returns the filter in the form it must be sent to Lance.
 
-        Lance parses only the first statement of a string, so a ';' outside quotes would
-        silently drop the rest: refuse it.
+        Lance's parser stops at the end of the first complete expression and ignores the
+        rest: ``a = 1; DROP ...``, ``n = 1) OR (n = 3`` and ``n = 1 n = 2`` would all run
+        as their first part. So ';' and unbalanced parentheses outside quotes are refused,
+        and the filter is planned and run as ``(<where>\n)``: parsing that parenthesised
+        form is what rejects any tail (the newline ends a ``--`` comment), so what runs is
+        what was validated.
         """
         if where is None:
             return None
         if not isinstance(where, str) or not where.strip():
             raise InvalidArgument("filter must be a non-empty SQL expression")
-        if ";" in _outside_quotes(where):
+        bare = _outside_quotes(where)
+        if ";" in bare:
             raise InvalidArgument(f"filter {where!r}: ';' is not allowed (one boolean expression only)")
+        depth = 0
+        for ch in bare:
+            depth += (ch == "(") - (ch == ")")
+            if depth < 0:
+                break
+        if depth != 0:
+            raise InvalidArgument(f"filter {where!r} has unbalanced parentheses")
+        wrapped = f"({where}\n)"
 
         def plan() -> str | None:
             try:
-                self._table.search().where(where).select(["id"]).limit(1).explain_plan()
+                self._table.search().where(wrapped).select(["id"]).limit(1).explain_plan()
             except (RuntimeError, ValueError, OSError) as exc:
-                return f"filter {where!r} is invalid: {_lance_message(exc)}"
+                message = _lance_message(exc)
+                try:  # name the fault in the user's own text when it parses on its own
+                    self._table.search().where(where).select(["id"]).limit(1).explain_plan()
+                except (RuntimeError, ValueError, OSError) as inner:
+                    message = _lance_message(inner)
+                else:
+                    message = "unexpected text after the end of the expression (one boolean expression only)"
+                return f"filter {where!r} is invalid: {message}"
             return None
 
         error = self._cached(("filter", where), plan)
         if error:
             raise InvalidArgument(error)
-        return where
+        return wrapped
 
     def _check_columns(self, columns: Sequence[str] | None) -> list[str]:
         names = self._cached("names", lambda: self.schema.names)
