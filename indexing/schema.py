@@ -26,6 +26,12 @@ EMB_PREFIX = "emb_"
 PRED_PREFIX = "pred_"
 SPACE_META_KEY = b"assay.space"
 MODEL_META_KEY = b"assay.model"
+# A reindex fills ``emb_<space>__next`` and swaps it in as ``emb_<space>`` in one commit
+# (the old column is briefly ``emb_<space>__prev``); "__" is therefore reserved in space
+# names. The staging column's metadata records what the reindex is doing, so it resumes.
+STAGE_SUFFIX = "__next"
+PREV_SUFFIX = "__prev"
+REINDEX_META_KEY = b"assay.reindex"
 
 # Collection names become directory names (<root>/<name>.lance): no separators, no dots,
 # nothing that could climb out of the root. Leading underscore is reserved for assay's own
@@ -137,6 +143,8 @@ class SpaceSpec:
 
     def __post_init__(self) -> None:
         check_identifier(self.name, "space name")
+        if "__" in self.name:
+            raise InvalidArgument(f"space name {self.name!r} is invalid: '__' is reserved for assay's own columns")
         if not isinstance(self.dim, int) or not 1 <= self.dim <= 65_536:
             raise InvalidArgument(f"space '{self.name}': dim must be an integer in [1, 65536], got {self.dim!r}")
         if self.metric not in METRICS:
@@ -233,7 +241,8 @@ def spaces_of(schema: pa.Schema) -> dict[str, SpaceSpec]:
     for f in schema:
         if f.name.startswith(EMB_PREFIX) and f.metadata and SPACE_META_KEY in f.metadata:
             spec = SpaceSpec.from_json(f.metadata[SPACE_META_KEY])
-            out[spec.name] = spec
+            if f.name == spec.column:  # not a reindex's staging column
+                out[spec.name] = spec
     return out
 
 

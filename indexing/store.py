@@ -14,6 +14,7 @@ instead of inserting duplicates.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -39,7 +40,9 @@ from indexing.errors import (
 from indexing.schema import (
     EMB_PREFIX,
     MODEL_META_KEY,
+    REINDEX_META_KEY,
     SPACE_META_KEY,
+    STAGE_SUFFIX,
     IndexPolicy,
     ModelSpec,
     SpaceSpec,
@@ -370,6 +373,26 @@ class Collection:
         self._cache_checked = 0.0
         self._cache_version = None
 
+    def add_fields(self, fields: Sequence[pa.Field]) -> None:
+        """Add all-null columns (with their metadata) in one commit."""
+        with self._schema_lock:
+            self._table.add_columns(list(fields))
+            self._invalidate()
+
+    def rename_fields(self, renames: Mapping[str, str]) -> None:
+        """Rename columns in one commit (a swap such as a -> a_old, b -> a is atomic);
+        indexes and field metadata follow their columns."""
+        with self._schema_lock:
+            self._table.alter_columns(*({"path": old, "rename": new} for old, new in renames.items()))
+            self._invalidate()
+
+    def drop_fields(self, names: Sequence[str]) -> None:
+        """Drop columns (and their indexes) in one commit; data files are reclaimed by
+        compaction and cleanup."""
+        with self._schema_lock:
+            self._table.drop_columns(list(names))
+            self._invalidate()
+
     def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification") -> ModelSpec:
         """Register a model: adds the ``pred_<name>`` struct column (all null)."""
         spec = ModelSpec(name=name, classes=tuple(str(c) for c in classes), task=task)
@@ -460,6 +483,23 @@ class Collection:
         return table.append_column(pa.field("created_at", ts), created).append_column(
             pa.field("updated_at", ts), updated
         )
+
+    def update_columns(self, table: pa.Table) -> int:
+        """Overwrite some columns of rows that exist, by ``id``: no inserts (rows deleted
+        meanwhile stay deleted), no validation beyond the table's own types, and
+        ``updated_at`` untouched — this is how the store writes values it computed itself
+        (a reindex's vectors), not user data. One atomic commit; returns rows updated."""
+        if "id" not in table.column_names or table.num_rows == 0:
+            raise InvalidArgument("update_columns needs a non-empty table with an 'id' column")
+        fields = [pa.field("id", pa.string(), nullable=False)] + [
+            self.schema.field(n) for n in table.column_names if n != "id"
+        ]
+        batch = pa.Table.from_arrays(
+            [table.column(f.name).cast(f.type) for f in fields], schema=pa.schema(fields)
+        )
+        result = self._table.merge_insert("id").when_matched_update_all().execute(batch)
+        self._after_write()
+        return int(result.num_updated_rows)
 
     def delete(self, *, ids: Sequence[str] | None = None, where: str | None = None) -> tuple[int, int]:
         """Delete rows by ids or by SQL filter. Returns (rows deleted, new version)."""
@@ -731,12 +771,20 @@ class Collection:
 
     def build_index(self, space: str, *, kind: str | None = None) -> str:
         """Build (or rebuild) the vector index of a space now; returns the index kind."""
-        spec = self.space(space)
+        return self.build_vector_index(self.space(space), kind=kind)
+
+    def build_vector_index(self, spec: SpaceSpec, *, column: str | None = None,
+                           kind: str | None = None) -> str:
+        """Build the index ``spec``'s policy asks for on ``column`` (default the space's
+        own; a reindex builds on its staging column before the swap, so the new space is
+        served indexed from its first moment). Other vector indexes on the column are
+        dropped: one index per column, whatever its name."""
+        column = column or spec.column
         kind = kind or (spec.index.auto_kind if spec.index.kind in ("auto", "flat") else spec.index.kind)
-        rows = self._table.count_rows(f"{spec.column} IS NOT NULL")
+        rows = self._table.count_rows(f"{column} IS NOT NULL")
         if rows < 256:
             raise FailedPrecondition(
-                f"space '{space}' has {rows} vectors; an IVF index needs at least 256 to train"
+                f"space '{spec.name}' has {rows} vectors; an IVF index needs at least 256 to train"
             )
         p = spec.index
         parts = p.num_partitions or max(1, min(4096, int(np.sqrt(rows))))
@@ -753,9 +801,13 @@ class Collection:
         if kind not in configs:
             raise InvalidArgument(f"index kind '{kind}' is not one of {', '.join(configs)}")
         t0 = time.perf_counter()
-        self._table.create_index(spec.column, config=configs[kind](), replace=True)
+        name = f"{column}_idx"
+        self._table.create_index(column, config=configs[kind](), replace=True, name=name)
+        for idx in self._table.list_indices():
+            if list(idx.columns) == [column] and idx.name != name:
+                self._table.drop_index(idx.name)
         self._invalidate()
-        log.info("built %s index on %s.%s (%d rows) in %.1fs", kind, self.name, spec.column, rows,
+        log.info("built %s index on %s.%s (%d rows) in %.1fs", kind, self.name, column, rows,
                  time.perf_counter() - t0)
         return kind
 
@@ -869,6 +921,16 @@ class Collection:
             "fields": {n: str(t) for n, t in user_fields_of(schema).items()},
             "indices": [{"name": i.name, "type": i.index_type, "columns": list(i.columns)} for i in indices.values()],
             "tags": self.tags(),
+            # Reindexes in progress (or interrupted): space -> what the staging column holds.
+            "reindexing": {
+                f.name[len(EMB_PREFIX):-len(STAGE_SUFFIX)]: {
+                    **json.loads(f.metadata[REINDEX_META_KEY]),
+                    "rows_done": self._table.count_rows(f"{f.name} IS NOT NULL"),
+                }
+                for f in schema
+                if f.name.startswith(EMB_PREFIX) and f.name.endswith(STAGE_SUFFIX)
+                and f.metadata and REINDEX_META_KEY in f.metadata
+            },
         }
 
 

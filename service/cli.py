@@ -13,6 +13,11 @@
                [--batch-rows N] [--id-field F] [--errors PATH] [--quiet]
                                           load an image folder or a .parquet/.csv/.jsonl file,
                                           embedding on the way in (resumable; exit 3 on bad rows)
+    assay reindex COLLECTION --space NAME [--model M | --clip-model M --clip-pretrained P]
+               [--source text|uri] [--where SQL] [--batch-rows N] [--restart] [--no-index]
+               [--engine local|ray [--ray-address A] [--ray-workers N]] [--remote] [--quiet]
+                                          re-embed rows into a space (crash-safe: rerun to resume;
+                                          the old space is served until the switch; exit 3 on bad rows)
 
 Through a running server (``--server``, else $ASSAY_SERVER, else 127.0.0.1:50051;
 ``--token``, else $ASSAY_TOKEN):
@@ -134,6 +139,41 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if len(report.bad) > 10:
         print(f"  ... and {len(report.bad) - 10} more", file=sys.stderr)
     print(f"{len(report.bad)} bad rows written to {path}", file=sys.stderr)
+    return 3
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    params = {
+        "space": args.space, "model": args.model, "clip_model": args.clip_model,
+        "clip_pretrained": args.clip_pretrained, "source": args.source, "where": args.where,
+        "batch_rows": args.batch_rows, "engine": args.engine, "ray_address": args.ray_address,
+        "ray_workers": args.ray_workers, "restart": args.restart, "build_index": not args.no_index,
+    }
+    if args.remote:  # as a job of the running server, watched here
+        space = params.pop("space")
+        with _client(args) as client:
+            job = client.collection(args.collection).reindex(
+                space, **{k: v for k, v in params.items() if v is not None})
+            result = job.wait(progress=not args.quiet).result
+        bad = result.get("bad", [])
+        summary = result.get("summary", "")
+        if result.get("bad_count", 0) > len(bad):
+            summary += f" (the first {len(bad)} bad rows are listed)"
+    else:
+        from indexing.reindex import reindex
+
+        report = reindex(_store(args), args.collection, progress=not args.quiet, **params)
+        bad, summary = report.bad, report.summary()
+    print(f"{args.collection}: {summary}")
+    if not bad:
+        return 0
+    path = args.errors or f"{args.collection}-reindex-errors.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in bad:
+            fh.write(json.dumps(row, default=str) + "\n")
+    for row in bad[:10]:
+        print(f"  bad: id {row['id']}: {row['reason']}", file=sys.stderr)
+    print(f"{len(bad)} rows without a vector, listed in {path} (rerun to retry them)", file=sys.stderr)
     return 3
 
 
@@ -278,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", help="where to write the bad rows (default ./COLLECTION-ingest-errors.jsonl)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ingest)
+    p = sub.add_parser("reindex", parents=[common, remote],
+                       help="re-embed a collection's rows into a space (resumable)")
+    p.add_argument("collection")
+    p.add_argument("--space", required=True, help="the space to (re)fill: new, or re-embedded in place of the old")
+    p.add_argument("--model", help="sentence-transformers name or path (default: the packaged MiniLM), "
+                                   "or an identity such as open_clip:ViT-B-32:laion2b_s34b_b79k")
+    p.add_argument("--clip-model", help="open_clip model name (embeds the 'uri' images)")
+    p.add_argument("--clip-pretrained", help="pretrained tag (cached) or local checkpoint file")
+    p.add_argument("--source", choices=["text", "uri"], help="column to embed (default: uri for CLIP, else text)")
+    p.add_argument("--where", help="SQL filter: re-embed only these rows")
+    p.add_argument("--batch-rows", type=int, default=256, help="rows embedded and written per commit")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+    p.add_argument("--ray-workers", type=int, help="embedding actors (default: cluster CPUs - 1)")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted reindex and begin again")
+    p.add_argument("--no-index", action="store_true", help="do not build the new space's index")
+    p.add_argument("--remote", action="store_true", help="run as a job of the server (--server) instead of here")
+    p.add_argument("--errors", help="where to write the rows that failed (default ./COLLECTION-reindex-errors.jsonl)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_reindex)
     p = sub.add_parser("index", parents=[common], help="build a space's vector index")
     p.add_argument("name")
     p.add_argument("--space", required=True)

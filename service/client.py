@@ -566,6 +566,18 @@ def rpc_recall_check(collection: str, space: str, queries: int, k: int, where: s
     return rpc_start_job("recall_check", collection, params)
 
 
+REINDEX_PARAMS = ("model", "clip_model", "clip_pretrained", "source", "where", "batch_rows", "engine",
+                  "ray_address", "ray_workers", "restart", "build_index")
+
+
+def rpc_reindex(collection: str, space: str, params: Mapping[str, Any]) -> Rpc:
+    unknown = sorted(set(params) - set(REINDEX_PARAMS))
+    if unknown:
+        raise _invalid(f"reindex: unknown parameter(s) {', '.join(unknown)} "
+                       f"(allowed: {', '.join(REINDEX_PARAMS)})")
+    return rpc_start_job("reindex", collection, {"space": space, **params})
+
+
 def rpc_job(method: str, job_id: str, *, wrap: bool = False) -> Rpc:
     """GetJob, CancelJob or WatchJob; ``wrap``: answer a Job/AsyncJob, not the record."""
     return Rpc("jobs", method, jobs_pb2.JobRef(job_id=job_id), jobs=wrap)
@@ -1581,6 +1593,15 @@ class Collection:
         rpc = rpc_recall_check(self.name, space, queries, k, where, tune)
         return self.client._unary(rpc, timeout)
 
+    def reindex(self, space: str, *, timeout: Timeout = DEFAULT, **params: Any) -> Job:
+        """Re-embed the rows (all, or ``where``) into ``space`` with a model, as a server
+        job: ``model`` (sentence-transformers name/path, default the packaged MiniLM) or
+        ``clip_model`` + ``clip_pretrained``; ``source`` "text" or "uri"; ``engine`` "local"
+        or "ray" (``ray_address``, ``ray_workers``); ``restart`` discards an interrupted
+        run, which is otherwise resumed. The old space is served until the switch. The
+        job's result holds the report (``embedded``, ``bad``, ``swapped``, ``summary``)."""
+        return self.client._unary(rpc_reindex(self.name, space, params), timeout)
+
     def mine(self, miner: str, size: int, *, model: str | None = None, space: str | None = None,
              where: str | None = None, reference_where: str | None = None,
              params: Mapping[str, Any] | None = None, seed: int | None = None, reverse: bool = False,
@@ -1809,6 +1830,10 @@ class AsyncCollection:
                            timeout: Timeout = DEFAULT) -> AsyncJob:
         rpc = rpc_recall_check(self.name, space, queries, k, where, tune)
         return await self.client._unary(rpc, timeout)
+
+    async def reindex(self, space: str, *, timeout: Timeout = DEFAULT, **params: Any) -> AsyncJob:
+        """See :meth:`Collection.reindex`."""
+        return await self.client._unary(rpc_reindex(self.name, space, params), timeout)
 
     async def mine(self, miner: str, size: int, *, model: str | None = None,
                    space: str | None = None, where: str | None = None,

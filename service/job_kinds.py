@@ -1,4 +1,4 @@
-"""The maintenance jobs: optimize, build_index, recall_check.
+"""The maintenance jobs: optimize, build_index, recall_check, reindex.
 
 Each validates its parameters before it is accepted (StartJob answers INVALID_ARGUMENT
 for bad ones) and runs on a shared collection handle in the job pool.
@@ -10,7 +10,7 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from indexing.errors import InvalidArgument
+from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.schema import INDEX_KINDS
 from indexing.store import Collection
 from service.jobs import JobContext, JobKind, JobManager
@@ -91,7 +91,66 @@ def _run_recall(ctx: JobContext, col: Collection, params: dict[str, Any]) -> dic
     return asdict(report)
 
 
+_REINDEX_STRINGS = ("model", "clip_model", "clip_pretrained", "source", "where", "engine", "ray_address")
+_REINDEX_BAD_SHOWN = 100  # bad rows listed in the job result (all are counted)
+
+
+def _validate_reindex(jobs: JobManager, col: Collection, params: dict[str, Any]) -> dict[str, Any]:
+    from indexing.embedders import embedder_for_identity
+    from indexing.reindex import ENGINES, embedder_identity
+
+    _only(params, {"space", *_REINDEX_STRINGS, "batch_rows", "ray_workers", "restart", "build_index"},
+          "reindex")
+    space = params.get("space")
+    if not isinstance(space, str) or not space:
+        raise InvalidArgument("reindex: parameter 'space' is required")
+    out: dict[str, Any] = {"space": space}
+    for name in _REINDEX_STRINGS:
+        value = params.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgument(f"parameter '{name}' must be a string, got {value!r}")
+        out[name] = value or None
+    for name in ("restart", "build_index"):
+        value = params.get(name, name == "build_index")
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"parameter '{name}' must be true or false, got {value!r}")
+        out[name] = value
+    out["batch_rows"] = _number(params, "batch_rows", 256, 1, 100_000, integer=True)
+    out["ray_workers"] = _number(params, "ray_workers", None, 1, 4096, integer=True)
+    out["engine"] = out["engine"] or "local"
+    if out["engine"] not in ENGINES:
+        raise InvalidArgument(f"parameter 'engine' must be one of {', '.join(ENGINES)}, got {out['engine']!r}")
+    col.validate_filter(out["where"])
+    busy = [j for j in jobs.list(collection=col.name, states={"PENDING", "RUNNING"})
+            if j.kind == "reindex" and j.params.get("space") == space]
+    if busy:
+        raise FailedPrecondition(f"reindex job {busy[0].id} of space '{space}' is already running; "
+                                 "wait for it or cancel it")
+    # Load the model now: one that cannot be loaded is the caller's error, said at once.
+    identity = embedder_identity(out["model"], out["clip_model"], out["clip_pretrained"])
+    embedder_for_identity(identity).load()
+    return out
+
+
+def _run_reindex(ctx: JobContext, col: Collection, params: dict[str, Any]) -> dict[str, Any]:
+    from indexing.reindex import reindex
+
+    def on_progress(done: int, total: int) -> None:
+        ctx.progress(0.95 * done / total if total else 0.0, f"{done} of {total} rows embedded")
+
+    ctx.progress(0.0, "planning")
+    report = reindex(col.store, col.name, progress=False, check=ctx.check, on_progress=on_progress,
+                     **params)
+    result = asdict(report)
+    result["bad_count"] = len(report.bad)
+    result["bad"] = report.bad[:_REINDEX_BAD_SHOWN]
+    result["summary"] = report.summary()
+    return result
+
+
 def register_maintenance_jobs(jobs: JobManager) -> None:
     jobs.register("optimize", JobKind(run=_run_optimize, validate=_validate_optimize))
     jobs.register("build_index", JobKind(run=_run_build_index, validate=_validate_build_index))
     jobs.register("recall_check", JobKind(run=_run_recall, validate=_validate_recall))
+    jobs.register("reindex", JobKind(run=_run_reindex,
+                                     validate=lambda col, params: _validate_reindex(jobs, col, params)))

@@ -103,6 +103,10 @@ def collection_info(col: Collection) -> collections_pb2.CollectionInfo:
         indices=[collections_pb2.IndexInfo(name=i["name"], type=i["type"], columns=i["columns"])
                  for i in d["indices"]],
         tags=d["tags"],
+        reindexing=[collections_pb2.ReindexState(
+            space=space, model=r.get("model", ""), source=r.get("source", ""), where=r.get("where", ""),
+            rows_done=r["rows_done"], started_us=int(r.get("started_us", 0)))
+            for space, r in d["reindexing"].items()],
     )
 
 

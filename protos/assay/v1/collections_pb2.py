@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from protos.assay.v1 import common_pb2 as assay_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ssay/v1/collections.proto\x12\x08\x61ssay.v1\x1a\x15\x61ssay/v1/common.proto\"#\n\rCollectionRef\x12\x12\n\ncollection\x18\x01 \x01(\t\"\xfc\x01\n\x17\x43reateCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12#\n\x06spaces\x18\x02 \x03(\x0b\x32\x13.assay.v1.SpaceSpec\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.assay.v1.ModelSpec\x12=\n\x06\x66ields\x18\x04 \x03(\x0b\x32-.assay.v1.CreateCollectionRequest.FieldsEntry\x12\x15\n\rif_not_exists\x18\x05 \x01(\x08\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x14\n\x0cindexed_rows\x18\x04 \x01(\x04\x12\x16\n\x0eunindexed_rows\x18\x05 \x01(\x04\"a\n\tSpaceInfo\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.assay.v1.SpaceSpec\x12\'\n\x05index\x18\x02 \x01(\x0b\x32\x13.assay.v1.IndexInfoH\x00\x88\x01\x01\x42\x08\n\x06_index\"\x91\x03\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x11\n\tfragments\x18\x05 \x01(\x04\x12#\n\x06spaces\x18\x06 \x03(\x0b\x32\x13.assay.v1.SpaceInfo\x12#\n\x06models\x18\x07 \x03(\x0b\x32\x13.assay.v1.ModelSpec\x12\x34\n\x06\x66ields\x18\x08 \x03(\x0b\x32$.assay.v1.CollectionInfo.FieldsEntry\x12$\n\x07indices\x18\t \x03(\x0b\x32\x13.assay.v1.IndexInfo\x12\x30\n\x04tags\x18\n \x03(\x0b\x32\".assay.v1.CollectionInfo.TagsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x18\n\x16ListCollectionsRequest\".\n\x17ListCollectionsResponse\x12\x13\n\x0b\x63ollections\x18\x01 \x03(\t\"\x18\n\x16\x44ropCollectionResponse\"I\n\x0f\x41\x64\x64SpaceRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\"\n\x05space\x18\x02 \x01(\x0b\x32\x13.assay.v1.SpaceSpec\"I\n\x0f\x41\x64\x64ModelRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.assay.v1.ModelSpec2\xce\x03\n\x0b\x43ollections\x12O\n\x10\x43reateCollection\x12!.assay.v1.CreateCollectionRequest\x1a\x18.assay.v1.CollectionInfo\x12G\n\x12\x44\x65scribeCollection\x12\x17.assay.v1.CollectionRef\x1a\x18.assay.v1.CollectionInfo\x12V\n\x0fListCollections\x12 .assay.v1.ListCollectionsRequest\x1a!.assay.v1.ListCollectionsResponse\x12K\n\x0e\x44ropCollection\x12\x17.assay.v1.CollectionRef\x1a .assay.v1.DropCollectionResponse\x12?\n\x08\x41\x64\x64Space\x12\x19.assay.v1.AddSpaceRequest\x1a\x18.assay.v1.CollectionInfo\x12?\n\x08\x41\x64\x64Model\x12\x19.assay.v1.AddModelRequest\x1a\x18.assay.v1.CollectionInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ssay/v1/collections.proto\x12\x08\x61ssay.v1\x1a\x15\x61ssay/v1/common.proto\"#\n\rCollectionRef\x12\x12\n\ncollection\x18\x01 \x01(\t\"\xfc\x01\n\x17\x43reateCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12#\n\x06spaces\x18\x02 \x03(\x0b\x32\x13.assay.v1.SpaceSpec\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.assay.v1.ModelSpec\x12=\n\x06\x66ields\x18\x04 \x03(\x0b\x32-.assay.v1.CreateCollectionRequest.FieldsEntry\x12\x15\n\rif_not_exists\x18\x05 \x01(\x08\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x14\n\x0cindexed_rows\x18\x04 \x01(\x04\x12\x16\n\x0eunindexed_rows\x18\x05 \x01(\x04\"a\n\tSpaceInfo\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.assay.v1.SpaceSpec\x12\'\n\x05index\x18\x02 \x01(\x0b\x32\x13.assay.v1.IndexInfoH\x00\x88\x01\x01\x42\x08\n\x06_index\"\xbd\x03\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x11\n\tfragments\x18\x05 \x01(\x04\x12#\n\x06spaces\x18\x06 \x03(\x0b\x32\x13.assay.v1.SpaceInfo\x12#\n\x06models\x18\x07 \x03(\x0b\x32\x13.assay.v1.ModelSpec\x12\x34\n\x06\x66ields\x18\x08 \x03(\x0b\x32$.assay.v1.CollectionInfo.FieldsEntry\x12$\n\x07indices\x18\t \x03(\x0b\x32\x13.assay.v1.IndexInfo\x12\x30\n\x04tags\x18\n \x03(\x0b\x32\".assay.v1.CollectionInfo.TagsEntry\x12*\n\nreindexing\x18\x0b \x03(\x0b\x32\x16.assay.v1.ReindexState\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"r\n\x0cReindexState\x12\r\n\x05space\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\r\n\x05where\x18\x04 \x01(\t\x12\x11\n\trows_done\x18\x05 \x01(\x04\x12\x12\n\nstarted_us\x18\x06 \x01(\x03\"\x18\n\x16ListCollectionsRequest\".\n\x17ListCollectionsResponse\x12\x13\n\x0b\x63ollections\x18\x01 \x03(\t\"\x18\n\x16\x44ropCollectionResponse\"I\n\x0f\x41\x64\x64SpaceRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\"\n\x05space\x18\x02 \x01(\x0b\x32\x13.assay.v1.SpaceSpec\"I\n\x0f\x41\x64\x64ModelRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.assay.v1.ModelSpec2\xce\x03\n\x0b\x43ollections\x12O\n\x10\x43reateCollection\x12!.assay.v1.CreateCollectionRequest\x1a\x18.assay.v1.CollectionInfo\x12G\n\x12\x44\x65scribeCollection\x12\x17.assay.v1.CollectionRef\x1a\x18.assay.v1.CollectionInfo\x12V\n\x0fListCollections\x12 .assay.v1.ListCollectionsRequest\x1a!.assay.v1.ListCollectionsResponse\x12K\n\x0e\x44ropCollection\x12\x17.assay.v1.CollectionRef\x1a .assay.v1.DropCollectionResponse\x12?\n\x08\x41\x64\x64Space\x12\x19.assay.v1.AddSpaceRequest\x1a\x18.assay.v1.CollectionInfo\x12?\n\x08\x41\x64\x64Model\x12\x19.assay.v1.AddModelRequest\x1a\x18.assay.v1.CollectionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,21 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPACEINFO']._serialized_start=459
   _globals['_SPACEINFO']._serialized_end=556
   _globals['_COLLECTIONINFO']._serialized_start=559
-  _globals['_COLLECTIONINFO']._serialized_end=960
+  _globals['_COLLECTIONINFO']._serialized_end=1004
   _globals['_COLLECTIONINFO_FIELDSENTRY']._serialized_start=308
   _globals['_COLLECTIONINFO_FIELDSENTRY']._serialized_end=353
-  _globals['_COLLECTIONINFO_TAGSENTRY']._serialized_start=917
-  _globals['_COLLECTIONINFO_TAGSENTRY']._serialized_end=960
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=962
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=986
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=988
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1034
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=1036
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=1060
-  _globals['_ADDSPACEREQUEST']._serialized_start=1062
-  _globals['_ADDSPACEREQUEST']._serialized_end=1135
-  _globals['_ADDMODELREQUEST']._serialized_start=1137
-  _globals['_ADDMODELREQUEST']._serialized_end=1210
-  _globals['_COLLECTIONS']._serialized_start=1213
-  _globals['_COLLECTIONS']._serialized_end=1675
+  _globals['_COLLECTIONINFO_TAGSENTRY']._serialized_start=961
+  _globals['_COLLECTIONINFO_TAGSENTRY']._serialized_end=1004
+  _globals['_REINDEXSTATE']._serialized_start=1006
+  _globals['_REINDEXSTATE']._serialized_end=1120
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1122
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1146
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1148
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1194
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=1196
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=1220
+  _globals['_ADDSPACEREQUEST']._serialized_start=1222
+  _globals['_ADDSPACEREQUEST']._serialized_end=1295
+  _globals['_ADDMODELREQUEST']._serialized_start=1297
+  _globals['_ADDMODELREQUEST']._serialized_end=1370
+  _globals['_COLLECTIONS']._serialized_start=1373
+  _globals['_COLLECTIONS']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

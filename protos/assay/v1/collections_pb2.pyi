@@ -58,7 +58,7 @@ class SpaceInfo(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.SpaceSpec, _Mapping]] = ..., index: _Optional[_Union[IndexInfo, _Mapping]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "uri", "rows", "version", "fragments", "spaces", "models", "fields", "indices", "tags")
+    __slots__ = ("name", "uri", "rows", "version", "fragments", "spaces", "models", "fields", "indices", "tags", "reindexing")
     class FieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class CollectionInfo(_message.Message):
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    REINDEXING_FIELD_NUMBER: _ClassVar[int]
     name: str
     uri: str
     rows: int
@@ -93,7 +94,24 @@ class CollectionInfo(_message.Message):
     fields: _containers.ScalarMap[str, str]
     indices: _containers.RepeatedCompositeFieldContainer[IndexInfo]
     tags: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., uri: _Optional[str] = ..., rows: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[int] = ..., spaces: _Optional[_Iterable[_Union[SpaceInfo, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelSpec, _Mapping]]] = ..., fields: _Optional[_Mapping[str, str]] = ..., indices: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., tags: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    reindexing: _containers.RepeatedCompositeFieldContainer[ReindexState]
+    def __init__(self, name: _Optional[str] = ..., uri: _Optional[str] = ..., rows: _Optional[int] = ..., version: _Optional[int] = ..., fragments: _Optional[int] = ..., spaces: _Optional[_Iterable[_Union[SpaceInfo, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelSpec, _Mapping]]] = ..., fields: _Optional[_Mapping[str, str]] = ..., indices: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., tags: _Optional[_Mapping[str, int]] = ..., reindexing: _Optional[_Iterable[_Union[ReindexState, _Mapping]]] = ...) -> None: ...
+
+class ReindexState(_message.Message):
+    __slots__ = ("space", "model", "source", "where", "rows_done", "started_us")
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_DONE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_US_FIELD_NUMBER: _ClassVar[int]
+    space: str
+    model: str
+    source: str
+    where: str
+    rows_done: int
+    started_us: int
+    def __init__(self, space: _Optional[str] = ..., model: _Optional[str] = ..., source: _Optional[str] = ..., where: _Optional[str] = ..., rows_done: _Optional[int] = ..., started_us: _Optional[int] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()
