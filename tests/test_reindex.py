@@ -275,5 +275,11 @@ def test_reindex_as_a_server_job_through_the_client(tmp_path):
             assert not described.get("reindexing")
             hits = col.search("a", texts=[_texts(150)[3]], k=1)
             assert hits.column("id").to_pylist() == ["r00003"]
+        # The CLI submits the same job with --remote and watches it.
+        from service.cli import main
+
+        assert main(["reindex", "c", "--space", "b", "--where", "id < 'r00010'", "--remote",
+                     "--server", server.address, "--quiet"]) == 0
+        assert server.store.collection("c").count("emb_b IS NOT NULL") == 10
     finally:
         server.stop(1)
