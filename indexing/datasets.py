@@ -67,7 +67,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -228,8 +228,13 @@ _EMPTY_IDS = pa.array([], pa.string())
 class Datasets:
     """Versioned datasets of the collections of one store. Thread-safe; share one per store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *,
+                 run_ids: Callable[[str, str], pa.Array] | None = None) -> None:
+        """``run_ids(run_id, collection)`` gives the ids a finished mining run selected
+        (``miners.runs.RunStore.result_ids``): the mining layer sits above the store, so
+        the service passes it in."""
         self.store = store
+        self._run_ids = run_ids
         self._lock = _store_lock(store)
         self._datasets = self._open(DATASETS_TABLE, _DATASETS_SCHEMA, "name")
         self._changes = self._open(CHANGES_TABLE, _CHANGES_SCHEMA, None)
@@ -697,18 +702,9 @@ class Datasets:
             where = col.validate_filter(where)
             parts = [b.column(0) for b in col.scan(where, ["id"], batch_size=65_536)]
             return pa.concat_arrays(parts).cast(pa.string()) if parts else _EMPTY_IDS
-        from miners.runs import RunStore  # the mining layer sits above the store
-
-        runs = RunStore(self.store)
-        rec = runs.get(run)
-        if rec.collection != row["collection"]:
-            raise InvalidArgument(
-                f"mining run '{run}' ran on collection '{rec.collection}', but dataset "
-                f"'{row['name']}' is of collection '{row['collection']}'"
-            )
-        if rec.state != "SUCCEEDED":
-            raise FailedPrecondition(f"mining run '{run}' is {rec.state}; only a SUCCEEDED run has results")
-        return pc.unique(runs.results(run).column("id").combine_chunks().cast(pa.string()))
+        if self._run_ids is None:
+            raise FailedPrecondition("mining runs are not available to this Datasets instance")
+        return pc.unique(self._run_ids(run, row["collection"]).cast(pa.string()))
 
     @staticmethod
     def _check_exist(col: Collection, ids: pa.Array, *, what: str) -> None:

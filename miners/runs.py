@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.errors import NotFound
+from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.store import Store
 from indexing.validation import sql_quote
 
@@ -163,6 +163,17 @@ class RunStore:
         }, schema=_RESULTS_SCHEMA)
         with self._lock:
             self._results.add(table)
+
+    def result_ids(self, run_id: str, collection: str) -> pa.Array:
+        """The ids a SUCCEEDED run of ``collection`` selected, in rank order (what a
+        dataset adds "from a run"); FAILED_PRECONDITION for a run that has not succeeded."""
+        rec = self.get(run_id)
+        if rec.collection != collection:
+            raise InvalidArgument(
+                f"mining run '{run_id}' ran on collection '{rec.collection}', not '{collection}'")
+        if rec.state != "SUCCEEDED":
+            raise FailedPrecondition(f"mining run '{run_id}' is {rec.state}; only a SUCCEEDED run has results")
+        return self.results(run_id).column("id").combine_chunks()
 
     def results(self, run_id: str) -> pa.Table:
         """``id, rank, score`` (+ ``related_id`` when the miner names one) of a finished run."""

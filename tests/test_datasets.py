@@ -41,7 +41,9 @@ def col(store):
 
 @pytest.fixture
 def dsets(store) -> Datasets:
-    return Datasets(store)
+    from miners.runs import RunStore
+
+    return Datasets(store, run_ids=RunStore(store).result_ids)
 
 
 def _ids(arr) -> set[str]:
