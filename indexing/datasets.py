@@ -743,6 +743,15 @@ class Datasets:
             raise NotFound(f"dataset '{name}' has no version {version} (versions 1..{head})")
         return version
 
+    def collection_version(self, name: str, version: int | str | None) -> tuple[str, int | None]:
+        """(collection, the collection version ``version`` pinned); None for the working
+        state, which reads the collection's current version."""
+        row = self._live(name)
+        v = self._resolve(name, version)
+        if v is None:
+            return row["collection"], None
+        return row["collection"], int(self._commit_row(name, v)["collection_version"])
+
     def _version_handle(self, name: str, version: int | None) -> Any:
         """A table handle on the collection version that ``version`` pinned (the live table
         for the working state)."""

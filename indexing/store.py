@@ -501,6 +501,47 @@ class Collection:
         self._after_write()
         return int(result.num_updated_rows)
 
+    def tag_rows(self, *, ids: Sequence[str] | None = None, where: str | None = None,
+                 add: Sequence[str] = (), remove: Sequence[str] = ()) -> tuple[int, int]:
+        """Add and/or remove item tags (the ``tags`` list column) on the rows named by ids
+        or a filter; one atomic commit of the rows whose tags change. Returns (rows
+        changed, version). ``updated_at`` is left alone: tags are curation, not content."""
+        if (ids is None) == (where is None):
+            raise InvalidArgument("tagging needs exactly one of ids or where")
+        add, remove = list(add), list(remove)
+        if not add and not remove:
+            raise InvalidArgument("give tags to add or to remove")
+        for t in add + remove:
+            if not isinstance(t, str) or not t.strip() or len(t) > 128 or any(ord(c) < 32 for c in t):
+                raise InvalidArgument(f"tag {t!r} is invalid: 1..128 printable characters")
+        if set(add) & set(remove):
+            raise InvalidArgument(f"tags both added and removed: {', '.join(sorted(set(add) & set(remove)))}")
+        if ids is not None:
+            ids = list(dict.fromkeys(ids))
+            if not ids:
+                raise InvalidArgument("ids is empty")
+            rows = pa.concat_tables([
+                self._select(ids_predicate(ids[s:s + ID_CHUNK]), ["id", "tags"])
+                for s in range(0, len(ids), ID_CHUNK)
+            ])
+        else:
+            rows = pa.Table.from_batches(list(self.scan(where, ["id", "tags"], batch_size=65_536)),
+                                         schema=pa.schema([self.schema.field("id"), self.schema.field("tags")]))
+        changed_ids, changed_tags = [], []
+        drop = set(remove)
+        for i, tags in zip(rows.column("id").to_pylist(), rows.column("tags").to_pylist(), strict=True):
+            old = tags or []
+            new = [t for t in old if t not in drop]
+            new += [t for t in add if t not in new]
+            if new != old:
+                changed_ids.append(i)
+                changed_tags.append(new)
+        if not changed_ids:
+            return 0, self.version
+        self.update_columns(pa.table({"id": pa.array(changed_ids, pa.string()),
+                                      "tags": pa.array(changed_tags, pa.list_(pa.string()))}))
+        return len(changed_ids), self.version
+
     def delete(self, *, ids: Sequence[str] | None = None, where: str | None = None) -> tuple[int, int]:
         """Delete rows by ids or by SQL filter. Returns (rows deleted, new version)."""
         if (ids is None) == (where is None):
@@ -614,8 +655,10 @@ class Collection:
             )
         return cols
 
-    def count(self, where: str | None = None) -> int:
-        return self._table.count_rows(self.validate_filter(where))
+    def count(self, where: str | None = None, *, version: int | str | None = None) -> int:
+        where = self.validate_filter(where)
+        table = self._table if version is None else self.at_version(version)
+        return table.count_rows(where)
 
     def scan(
         self,

@@ -34,7 +34,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from indexing.datasets import Datasets
 from indexing.store import Store
+from service.datasets import add_datasets_servicer
 from service.interceptor import AssayInterceptor, Metrics
 from service.job_kinds import register_maintenance_jobs
 from service.jobs import JobManager
@@ -132,9 +134,12 @@ class AssayServer:
                      ("grpc.so_reuseport", 0)],
         )
         self.embedders = TextEmbedders()
-        names = add_servicers(self.grpc, self.store, self.jobs, config.limits, self.embedders)
         self.mining = MiningService(self.store, self.jobs, self.embedders)
+        self.datasets = Datasets(self.store, run_ids=self.mining.runs.result_ids)
+        names = add_servicers(self.grpc, self.store, self.jobs, config.limits, self.embedders,
+                              datasets=self.datasets, run_ids=self.mining.runs.result_ids)
         names.append(add_mining_servicer(self.grpc, self.mining))
+        names.append(add_datasets_servicer(self.grpc, self.store, self.datasets, config.limits.max_page_rows))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)

@@ -8,7 +8,13 @@ manager and the lazily loaded text embedders.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
+import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +41,7 @@ from protos.assay.v1 import (
     search_pb2_grpc,
 )
 from service.arrow_ipc import ipc_to_table, table_to_ipc
+from service.datasets import version_arg
 from service.jobs import JobManager, JobRecord
 
 
@@ -197,9 +204,11 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
-    def __init__(self, store: Store, limits: Limits) -> None:
+    def __init__(self, store: Store, limits: Limits, *,
+                 run_ids: Callable[[str, str], pa.Array] | None = None) -> None:
         self.store = store
         self.limits = limits
+        self.run_ids = run_ids
 
     def Upsert(self, request_iterator, context):  # noqa: N802
         col: Collection | None = None
@@ -239,6 +248,23 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         else:
             raise InvalidArgument("delete needs ids or where")
         return ingest_pb2.DeleteResponse(deleted=deleted, version=version)
+
+    def TagItems(self, request, context):  # noqa: N802
+        col = self.store.collection(request.collection)
+        if sum([bool(request.ids), bool(request.where), bool(request.run_id)]) != 1:
+            raise InvalidArgument("tag items by exactly one of ids, where or run_id")
+        ids = list(request.ids) or None
+        if request.run_id:
+            if self.run_ids is None:
+                raise FailedPrecondition("mining runs are not available on this server")
+            ids = self.run_ids(request.run_id, col.name).to_pylist()
+            if not ids:
+                return ingest_pb2.TagItemsResponse(rows=0, version=col.version)
+        elif ids is not None and len(ids) > self.limits.max_batch_rows:
+            raise ResourceExhausted(f"{len(ids)} ids; the limit is {self.limits.max_batch_rows} per call")
+        rows, version = col.tag_rows(ids=ids, where=request.where or None, add=list(request.add),
+                                     remove=list(request.remove))
+        return ingest_pb2.TagItemsResponse(rows=rows, version=version)
 
 
 class _ClipTextTower:
@@ -362,20 +388,25 @@ def _first_k_per_query(query_index: np.ndarray, k: int) -> np.ndarray:
 
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
-    def __init__(self, store: Store, limits: Limits) -> None:
+    def __init__(self, store: Store, limits: Limits, *, datasets: Any = None,
+                 run_ids: Callable[[str, str], pa.Array] | None = None) -> None:
         self.store = store
         self.limits = limits
+        self.datasets = datasets
+        self.run_ids = run_ids
 
     def Scan(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
         page = request.page_rows or 8192
         if page > self.limits.max_page_rows:
             raise ResourceExhausted(f"page_rows={page} exceeds the server limit {self.limits.max_page_rows}")
-        version = col.version
+        at = version_arg(request.version)
+        version = col.version if at is None else int(col.at_version(at).version)
         columns = _columns(request.columns)
         sent = 0
         for batch in col.scan(request.where or None, columns, batch_size=page,
-                              limit=request.limit or None, offset=request.offset):
+                              limit=request.limit or None, offset=request.offset,
+                              version=None if at is None else version):
             if not context.is_active():
                 return
             sent += 1
@@ -386,7 +417,10 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
 
     def Count(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
-        return query_pb2.CountResponse(count=col.count(request.where or None), version=col.version)
+        at = version_arg(request.version)
+        version = col.version if at is None else int(col.at_version(at).version)
+        count = col.count(request.where or None, version=None if at is None else version)
+        return query_pb2.CountResponse(count=count, version=version)
 
     def Take(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
@@ -394,6 +428,152 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             raise ResourceExhausted(f"{len(request.ids)} ids; the limit is {self.limits.max_batch_rows} per call")
         table = col.take(list(request.ids), _columns(request.columns))
         return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
+
+    def Page(self, request, context):  # noqa: N802
+        col = self.store.collection(request.collection)
+        page = request.page_rows or 1000
+        if page > self.limits.max_page_rows:
+            raise ResourceExhausted(f"page_rows={page} exceeds the server limit {self.limits.max_page_rows}")
+        columns = _columns(request.columns)
+        where = request.where or None
+        digest = _cursor_digest(col.name, where, columns)
+        if request.cursor:
+            version, offset = _read_cursor(request.cursor, digest)
+        else:
+            at = version_arg(request.version)
+            version, offset = (col.version if at is None else int(col.at_version(at).version)), 0
+        try:
+            batches = list(col.scan(where, columns, batch_size=page + 1, limit=page + 1, offset=offset,
+                                    version=version))
+        except NotFound as exc:
+            raise FailedPrecondition(
+                f"cursor expired: version {version} of collection '{col.name}' has been cleaned up; "
+                "start again without a cursor") from exc
+        table = pa.Table.from_batches(batches) if batches else col.query(where, columns, limit=0)
+        more = table.num_rows > page
+        table = table.slice(0, page)
+        next_cursor = _make_cursor(version, offset + table.num_rows, digest) if more else ""
+        return query_pb2.PageResponse(
+            page=common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=version),
+            next_cursor=next_cursor)
+
+    def Aggregate(self, request, context):  # noqa: N802
+        from indexing import analytics
+
+        col = self.store.collection(request.collection)
+        where = request.where or None
+        version = version_arg(request.version)
+        kind = request.kind
+        if kind == "label_distribution":
+            table = analytics.label_distribution(col, where, list(request.group_by) or None, version=version)
+        elif kind in ("confused_pairs", "confusion", "class_uncertainty"):
+            if not request.model:
+                raise InvalidArgument(f"aggregate '{kind}' needs a model")
+            if kind == "confused_pairs":
+                top = request.top or 20
+                if top > 10_000:
+                    raise InvalidArgument(f"top must be in [1, 10000], got {top}")
+                table = analytics.confused_pairs(col, request.model, where, top=top, version=version)
+            elif kind == "confusion":
+                table = analytics.confusion(col, request.model, where, errors_only=request.errors_only,
+                                            version=version)
+            else:
+                table = analytics.class_uncertainty(col, request.model, where,
+                                                    measure=request.measure or "entropy", version=version)
+        elif kind == "histogram":
+            if not request.field:
+                raise InvalidArgument("aggregate 'histogram' needs a field")
+            bins = request.bins or 20
+            if bins > 10_000:
+                raise InvalidArgument(f"bins must be in [1, 10000], got {bins}")
+            has = (request.HasField("range_min"), request.HasField("range_max"))
+            if has[0] != has[1]:
+                raise InvalidArgument("give both range_min and range_max, or neither")
+            rng = (request.range_min, request.range_max) if all(has) else None
+            table = analytics.histogram(col, request.field, bins=bins, where=where, range=rng, version=version)
+        else:
+            raise InvalidArgument(
+                f"unknown aggregate kind {kind!r} (known: label_distribution, confused_pairs, confusion, "
+                "class_uncertainty, histogram)")
+        return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
+
+    def Export(self, request, context):  # noqa: N802
+        import shutil
+        import tempfile
+
+        from indexing.export import export_coco, export_rows
+
+        col = self.store.collection(request.collection)
+        fmt = request.format or "csv"
+        if fmt not in ("csv", "jsonl", "coco"):
+            raise InvalidArgument(f"export format must be csv, jsonl or coco, got {fmt!r}")
+        chosen = [bool(request.where), bool(request.ids), bool(request.run_id), bool(request.dataset)]
+        if sum(chosen) > 1:
+            raise InvalidArgument("export takes at most one of where, ids, run_id, dataset")
+        ids = list(request.ids) or None
+        version: int | None = None
+        if request.run_id:
+            if self.run_ids is None:
+                raise FailedPrecondition("mining runs are not available on this server")
+            ids = self.run_ids(request.run_id, col.name).to_pylist()
+        elif request.dataset:
+            if self.datasets is None:
+                raise FailedPrecondition("datasets are not available on this server")
+            dv = version_arg(request.dataset_version)
+            owner, version = self.datasets.collection_version(request.dataset, dv)
+            if owner != col.name:
+                raise InvalidArgument(f"dataset '{request.dataset}' is of collection '{owner}', not '{col.name}'")
+            ids = self.datasets.members(request.dataset, dv).to_pylist()
+        if ids is not None and not ids:
+            raise FailedPrecondition("nothing to export: the selection is empty")
+        tmp = tempfile.mkdtemp(prefix="assay-export-")
+        try:
+            path = os.path.join(tmp, f"export.{'json' if fmt == 'coco' else fmt}")
+            if fmt == "coco":
+                if not request.model:
+                    raise InvalidArgument("a COCO export needs the detection model (model)")
+                report = export_coco(col, request.model, path, ids=ids, where=request.where or None,
+                                     min_score=request.min_score, version=version)
+            else:
+                report = export_rows(col, path, ids=ids, where=request.where or None, format=fmt,
+                                     model=request.model or None, fields=list(request.fields), version=version)
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_EXPORT_CHUNK):
+                    if not context.is_active():
+                        return
+                    yield query_pb2.ExportChunk(data=chunk)
+            yield query_pb2.ExportChunk(rows=report.rows, annotations=report.annotations, last=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_EXPORT_CHUNK = 1 << 20
+_CURSOR_VERSION = 1
+
+
+def _cursor_digest(collection: str, where: str | None, columns: list[str] | None) -> str:
+    key = json.dumps([collection, where or "", columns], separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _make_cursor(version: int, offset: int, digest: str) -> str:
+    raw = json.dumps({"c": _CURSOR_VERSION, "v": version, "o": offset, "h": digest}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: str, digest: str) -> tuple[int, int]:
+    """(version, offset) of a cursor made for the same collection, where and columns."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        version, offset, made_for = int(raw["v"]), int(raw["o"]), str(raw["h"])
+        if raw.get("c") != _CURSOR_VERSION or version < 1 or offset < 0:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error):
+        raise InvalidArgument("cursor is malformed: pass back next_cursor as it was returned") from None
+    if made_for != digest:
+        raise InvalidArgument("cursor was made for another collection, where or columns; a cursor is "
+                              "only valid with the request that returned it")
+    return version, offset
 
 
 _STATE_NAMES = {v: k for k, v in jobs_pb2.JobState.items()}
@@ -425,12 +605,16 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
 
 def add_servicers(server: grpc.Server, store: Store, jobs: JobManager, limits: Limits,
-                  embedders: TextEmbedders) -> list[str]:
-    """Register every assay.v1 service; returns their full names (for health/reflection)."""
+                  embedders: TextEmbedders, *, datasets: Any = None,
+                  run_ids: Callable[[str, str], pa.Array] | None = None) -> list[str]:
+    """Register every assay.v1 service but Mining and Datasets; returns their full names
+    (for health/reflection). ``run_ids(run_id, collection)`` resolves a mining run's
+    results (tagging and exporting "a run")."""
     collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(store), server)
-    ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(store, limits), server)
+    ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(store, limits, run_ids=run_ids), server)
     search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(store, limits, embedders), server)
-    query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(store, limits), server)
+    query_pb2_grpc.add_QueryServicer_to_server(
+        QueryServicer(store, limits, datasets=datasets, run_ids=run_ids), server)
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), server)
     return [
         mod.DESCRIPTOR.services_by_name[name].full_name

@@ -50,3 +50,27 @@ class DeleteResponse(_message.Message):
     deleted: int
     version: int
     def __init__(self, deleted: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class TagItemsRequest(_message.Message):
+    __slots__ = ("collection", "ids", "where", "run_id", "add", "remove")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    where: str
+    run_id: str
+    add: _containers.RepeatedScalarFieldContainer[str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., where: _Optional[str] = ..., run_id: _Optional[str] = ..., add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TagItemsResponse(_message.Message):
+    __slots__ = ("rows", "version")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    version: int
+    def __init__(self, rows: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...

@@ -45,6 +45,11 @@ class IngestStub:
                 request_serializer=assay_dot_v1_dot_ingest__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=assay_dot_v1_dot_ingest__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.TagItems = channel.unary_unary(
+                '/assay.v1.Ingest/TagItems',
+                request_serializer=assay_dot_v1_dot_ingest__pb2.TagItemsRequest.SerializeToString,
+                response_deserializer=assay_dot_v1_dot_ingest__pb2.TagItemsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
@@ -68,6 +73,15 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TagItems(self, request, context):
+        """Add and/or remove item tags (the `tags` list column; filter them with
+        array_has_any(tags, ['to-label'])) on rows named by ids, a filter or a mining run's
+        results (exactly one). One atomic commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +94,11 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=assay_dot_v1_dot_ingest__pb2.DeleteRequest.FromString,
                     response_serializer=assay_dot_v1_dot_ingest__pb2.DeleteResponse.SerializeToString,
+            ),
+            'TagItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.TagItems,
+                    request_deserializer=assay_dot_v1_dot_ingest__pb2.TagItemsRequest.FromString,
+                    response_serializer=assay_dot_v1_dot_ingest__pb2.TagItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +155,33 @@ class Ingest:
             '/assay.v1.Ingest/Delete',
             assay_dot_v1_dot_ingest__pb2.DeleteRequest.SerializeToString,
             assay_dot_v1_dot_ingest__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TagItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/assay.v1.Ingest/TagItems',
+            assay_dot_v1_dot_ingest__pb2.TagItemsRequest.SerializeToString,
+            assay_dot_v1_dot_ingest__pb2.TagItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,21 +26,31 @@ _sym_db = _symbol_database.Default()
 from protos.assay.v1 import common_pb2 as assay_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61ssay/v1/query.proto\x12\x08\x61ssay.v1\x1a\x15\x61ssay/v1/common.proto\"s\n\x0bScanRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05where\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x11\n\tpage_rows\x18\x04 \x01(\r\x12\r\n\x05limit\x18\x05 \x01(\x04\x12\x0e\n\x06offset\x18\x06 \x01(\x04\"1\n\x0c\x43ountRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05where\x18\x02 \x01(\t\"/\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\"?\n\x0bTakeRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t2\xab\x01\n\x05Query\x12\x34\n\x04Scan\x12\x15.assay.v1.ScanRequest\x1a\x13.assay.v1.ArrowPage0\x01\x12\x38\n\x05\x43ount\x12\x16.assay.v1.CountRequest\x1a\x17.assay.v1.CountResponse\x12\x32\n\x04Take\x12\x15.assay.v1.TakeRequest\x1a\x13.assay.v1.ArrowPageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61ssay/v1/query.proto\x12\x08\x61ssay.v1\x1a\x15\x61ssay/v1/common.proto\"\x84\x01\n\x0bScanRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05where\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x11\n\tpage_rows\x18\x04 \x01(\r\x12\r\n\x05limit\x18\x05 \x01(\x04\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0f\n\x07version\x18\x07 \x01(\t\"B\n\x0c\x43ountRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05where\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"u\n\x0bPageRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05where\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x11\n\tpage_rows\x18\x04 \x01(\r\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\"F\n\x0cPageResponse\x12!\n\x04page\x18\x01 \x01(\x0b\x32\x13.assay.v1.ArrowPage\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\x91\x02\n\x10\x41ggregateRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05where\x18\x04 \x01(\t\x12\r\n\x05\x66ield\x18\x05 \x01(\t\x12\x10\n\x08group_by\x18\x06 \x03(\t\x12\x0c\n\x04\x62ins\x18\x07 \x01(\r\x12\x0b\n\x03top\x18\x08 \x01(\r\x12\x0f\n\x07measure\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\t\x12\x16\n\trange_min\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x16\n\trange_max\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0b\x65rrors_only\x18\r \x01(\x08\x42\x0c\n\n_range_minB\x0c\n\n_range_max\"\xbb\x01\n\rExportRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05where\x18\x04 \x01(\t\x12\x0b\n\x03ids\x18\x05 \x03(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x07 \x01(\t\x12\x17\n\x0f\x64\x61taset_version\x18\x08 \x01(\t\x12\x0e\n\x06\x66ields\x18\t \x03(\t\x12\x11\n\tmin_score\x18\n \x01(\x02\"L\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x13\n\x0b\x61nnotations\x18\x03 \x01(\x04\x12\x0c\n\x04last\x18\x04 \x01(\x08\"/\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\"?\n\x0bTakeRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t2\xdc\x02\n\x05Query\x12\x34\n\x04Scan\x12\x15.assay.v1.ScanRequest\x1a\x13.assay.v1.ArrowPage0\x01\x12\x38\n\x05\x43ount\x12\x16.assay.v1.CountRequest\x1a\x17.assay.v1.CountResponse\x12\x32\n\x04Take\x12\x15.assay.v1.TakeRequest\x1a\x13.assay.v1.ArrowPage\x12\x35\n\x04Page\x12\x15.assay.v1.PageRequest\x1a\x16.assay.v1.PageResponse\x12<\n\tAggregate\x12\x1a.assay.v1.AggregateRequest\x1a\x13.assay.v1.ArrowPage\x12:\n\x06\x45xport\x12\x17.assay.v1.ExportRequest\x1a\x15.assay.v1.ExportChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'assay.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCANREQUEST']._serialized_start=57
-  _globals['_SCANREQUEST']._serialized_end=172
-  _globals['_COUNTREQUEST']._serialized_start=174
-  _globals['_COUNTREQUEST']._serialized_end=223
-  _globals['_COUNTRESPONSE']._serialized_start=225
-  _globals['_COUNTRESPONSE']._serialized_end=272
-  _globals['_TAKEREQUEST']._serialized_start=274
-  _globals['_TAKEREQUEST']._serialized_end=337
-  _globals['_QUERY']._serialized_start=340
-  _globals['_QUERY']._serialized_end=511
+  _globals['_SCANREQUEST']._serialized_start=58
+  _globals['_SCANREQUEST']._serialized_end=190
+  _globals['_COUNTREQUEST']._serialized_start=192
+  _globals['_COUNTREQUEST']._serialized_end=258
+  _globals['_PAGEREQUEST']._serialized_start=260
+  _globals['_PAGEREQUEST']._serialized_end=377
+  _globals['_PAGERESPONSE']._serialized_start=379
+  _globals['_PAGERESPONSE']._serialized_end=449
+  _globals['_AGGREGATEREQUEST']._serialized_start=452
+  _globals['_AGGREGATEREQUEST']._serialized_end=725
+  _globals['_EXPORTREQUEST']._serialized_start=728
+  _globals['_EXPORTREQUEST']._serialized_end=915
+  _globals['_EXPORTCHUNK']._serialized_start=917
+  _globals['_EXPORTCHUNK']._serialized_end=993
+  _globals['_COUNTRESPONSE']._serialized_start=995
+  _globals['_COUNTRESPONSE']._serialized_end=1042
+  _globals['_TAKEREQUEST']._serialized_start=1044
+  _globals['_TAKEREQUEST']._serialized_end=1107
+  _globals['_QUERY']._serialized_start=1110
+  _globals['_QUERY']._serialized_end=1458
 # @@protoc_insertion_point(module_scope)

@@ -3,34 +3,128 @@ from protos.assay.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScanRequest(_message.Message):
-    __slots__ = ("collection", "where", "columns", "page_rows", "limit", "offset")
+    __slots__ = ("collection", "where", "columns", "page_rows", "limit", "offset", "version")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     PAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     collection: str
     where: str
     columns: _containers.RepeatedScalarFieldContainer[str]
     page_rows: int
     limit: int
     offset: int
-    def __init__(self, collection: _Optional[str] = ..., where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., page_rows: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, collection: _Optional[str] = ..., where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., page_rows: _Optional[int] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CountRequest(_message.Message):
-    __slots__ = ("collection", "where")
+    __slots__ = ("collection", "where", "version")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     collection: str
     where: str
-    def __init__(self, collection: _Optional[str] = ..., where: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, collection: _Optional[str] = ..., where: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class PageRequest(_message.Message):
+    __slots__ = ("collection", "where", "columns", "page_rows", "cursor", "version")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    where: str
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    page_rows: int
+    cursor: str
+    version: str
+    def __init__(self, collection: _Optional[str] = ..., where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., page_rows: _Optional[int] = ..., cursor: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class PageResponse(_message.Message):
+    __slots__ = ("page", "next_cursor")
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    page: _common_pb2.ArrowPage
+    next_cursor: str
+    def __init__(self, page: _Optional[_Union[_common_pb2.ArrowPage, _Mapping]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
+
+class AggregateRequest(_message.Message):
+    __slots__ = ("collection", "kind", "model", "where", "field", "group_by", "bins", "top", "measure", "version", "range_min", "range_max", "errors_only")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    BINS_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANGE_MIN_FIELD_NUMBER: _ClassVar[int]
+    RANGE_MAX_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    kind: str
+    model: str
+    where: str
+    field: str
+    group_by: _containers.RepeatedScalarFieldContainer[str]
+    bins: int
+    top: int
+    measure: str
+    version: str
+    range_min: float
+    range_max: float
+    errors_only: bool
+    def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("collection", "format", "model", "where", "ids", "run_id", "dataset", "dataset_version", "fields", "min_score")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    format: str
+    model: str
+    where: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    run_id: str
+    dataset: str
+    dataset_version: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    min_score: float
+    def __init__(self, collection: _Optional[str] = ..., format: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_version: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("data", "rows", "annotations", "last")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    rows: int
+    annotations: int
+    last: bool
+    def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., annotations: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class CountResponse(_message.Message):
     __slots__ = ("count", "version")

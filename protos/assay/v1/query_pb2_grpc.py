@@ -51,6 +51,21 @@ class QueryStub:
                 request_serializer=assay_dot_v1_dot_query__pb2.TakeRequest.SerializeToString,
                 response_deserializer=assay_dot_v1_dot_common__pb2.ArrowPage.FromString,
                 _registered_method=True)
+        self.Page = channel.unary_unary(
+                '/assay.v1.Query/Page',
+                request_serializer=assay_dot_v1_dot_query__pb2.PageRequest.SerializeToString,
+                response_deserializer=assay_dot_v1_dot_query__pb2.PageResponse.FromString,
+                _registered_method=True)
+        self.Aggregate = channel.unary_unary(
+                '/assay.v1.Query/Aggregate',
+                request_serializer=assay_dot_v1_dot_query__pb2.AggregateRequest.SerializeToString,
+                response_deserializer=assay_dot_v1_dot_common__pb2.ArrowPage.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/assay.v1.Query/Export',
+                request_serializer=assay_dot_v1_dot_query__pb2.ExportRequest.SerializeToString,
+                response_deserializer=assay_dot_v1_dot_query__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -76,6 +91,30 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Page(self, request, context):
+        """One page of a filtered scan and the cursor of the next: the cursor pins the collection
+        version, so paging is stable while others write (until that version is cleaned up,
+        FAILED_PRECONDITION "cursor expired").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Aggregate(self, request, context):
+        """An analytics table (see AggregateRequest.kind), computed over streamed rows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """Rows for labeling as CSV / JSONL (id, uri, text, label, pre-labels) or COCO JSON
+        (predicted boxes), streamed as chunks of the file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +132,21 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.Take,
                     request_deserializer=assay_dot_v1_dot_query__pb2.TakeRequest.FromString,
                     response_serializer=assay_dot_v1_dot_common__pb2.ArrowPage.SerializeToString,
+            ),
+            'Page': grpc.unary_unary_rpc_method_handler(
+                    servicer.Page,
+                    request_deserializer=assay_dot_v1_dot_query__pb2.PageRequest.FromString,
+                    response_serializer=assay_dot_v1_dot_query__pb2.PageResponse.SerializeToString,
+            ),
+            'Aggregate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Aggregate,
+                    request_deserializer=assay_dot_v1_dot_query__pb2.AggregateRequest.FromString,
+                    response_serializer=assay_dot_v1_dot_common__pb2.ArrowPage.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=assay_dot_v1_dot_query__pb2.ExportRequest.FromString,
+                    response_serializer=assay_dot_v1_dot_query__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +230,87 @@ class Query:
             '/assay.v1.Query/Take',
             assay_dot_v1_dot_query__pb2.TakeRequest.SerializeToString,
             assay_dot_v1_dot_common__pb2.ArrowPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Page(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/assay.v1.Query/Page',
+            assay_dot_v1_dot_query__pb2.PageRequest.SerializeToString,
+            assay_dot_v1_dot_query__pb2.PageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Aggregate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/assay.v1.Query/Aggregate',
+            assay_dot_v1_dot_query__pb2.AggregateRequest.SerializeToString,
+            assay_dot_v1_dot_common__pb2.ArrowPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/assay.v1.Query/Export',
+            assay_dot_v1_dot_query__pb2.ExportRequest.SerializeToString,
+            assay_dot_v1_dot_query__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,
