@@ -166,8 +166,9 @@ def _columns(req_columns: Any) -> list[str] | None:
 # -- servicers -------------------------------------------------------------------------
 
 class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, datasets: Any = None) -> None:
         self.store = store
+        self.datasets = datasets
 
     def CreateCollection(self, request, context):  # noqa: N802 — gRPC method names
         col = self.store.create_collection(
@@ -186,6 +187,13 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         return collections_pb2.ListCollectionsResponse(collections=self.store.list_collections())
 
     def DropCollection(self, request, context):  # noqa: N802
+        self.store.collection(request.collection)  # NOT_FOUND first
+        if self.datasets is not None:
+            users = [d.name for d in self.datasets.list(request.collection)]
+            if users:
+                raise FailedPrecondition(
+                    f"collection '{request.collection}' is used by dataset(s) {', '.join(users)}: "
+                    "delete them first (their commits pin versions of it)")
         self.store.drop_collection(request.collection)
         return collections_pb2.DropCollectionResponse()
 
@@ -610,7 +618,7 @@ def add_servicers(server: grpc.Server, store: Store, jobs: JobManager, limits: L
     """Register every assay.v1 service but Mining and Datasets; returns their full names
     (for health/reflection). ``run_ids(run_id, collection)`` resolves a mining run's
     results (tagging and exporting "a run")."""
-    collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(store), server)
+    collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(store, datasets), server)
     ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(store, limits, run_ids=run_ids), server)
     search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(store, limits, embedders), server)
     query_pb2_grpc.add_QueryServicer_to_server(
