@@ -63,6 +63,8 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import threading
 import time
@@ -81,6 +83,8 @@ from indexing.errors import AlreadyExists, FailedPrecondition, InvalidArgument, 
 from indexing.schema import COLLECTION_NAME_RE, light_columns
 from indexing.store import ID_CHUNK, Collection, Store
 from indexing.validation import ids_predicate, sql_quote
+
+log = logging.getLogger("assay.datasets")
 
 DATASETS_TABLE = "_datasets"
 CHANGES_TABLE = "_dataset_changes"
@@ -223,6 +227,23 @@ class DatasetDiff:
 
 
 _EMPTY_IDS = pa.array([], pa.string())
+OPTIMIZE_EVERY = 50  # writes to the system tables between background compactions
+
+
+def _maintained(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Count a successful write; every ``OPTIMIZE_EVERY`` of them, compact the system tables
+    in a background thread (each add/remove/commit is a Lance version of them)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Datasets, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        self._writes += 1
+        if self._writes % OPTIMIZE_EVERY == 0:
+            threading.Thread(target=self._optimize_quietly, name="assay-datasets-optimize",
+                             daemon=True).start()
+        return result
+
+    return wrapper
 
 
 class Datasets:
@@ -235,6 +256,7 @@ class Datasets:
         the service passes it in."""
         self.store = store
         self._run_ids = run_ids
+        self._writes = 0
         self._lock = _store_lock(store)
         self._datasets = self._open(DATASETS_TABLE, _DATASETS_SCHEMA, "name")
         self._changes = self._open(CHANGES_TABLE, _CHANGES_SCHEMA, None)
@@ -259,6 +281,7 @@ class Datasets:
 
     # -- datasets ------------------------------------------------------------------
 
+    @_maintained
     def create(self, name: str, collection: str, description: str = "") -> DatasetInfo:
         """Create an empty dataset of ``collection``; ALREADY_EXISTS if the name is taken."""
         _check_name(name)
@@ -310,6 +333,7 @@ class Datasets:
                 continue
         return out
 
+    @_maintained
     def delete(self, name: str, *, force: bool = False) -> None:
         """Delete the dataset, its history and its Lance tags on the collection (so that
         cleanup may reclaim those versions). Refuses (FAILED_PRECONDITION) while there
@@ -346,6 +370,7 @@ class Datasets:
 
     # -- staging -------------------------------------------------------------------
 
+    @_maintained
     def add(self, name: str, *, ids: Sequence[str] | pa.Array | None = None, where: str | None = None,
             run: str | None = None) -> StageResult:
         """Stage ids as members: given ``ids`` (each must exist in the collection, else
@@ -363,6 +388,7 @@ class Datasets:
             self._append_staged(name, to_add.filter(pc.invert(readd)), ADD)
             return self._stage_result(name, head, len(cand), len(to_add))
 
+    @_maintained
     def remove(self, name: str, *, ids: Sequence[str] | pa.Array | None = None, where: str | None = None,
                run: str | None = None) -> StageResult:
         """Stage the removal of members, chosen like :meth:`add`. Ids that are not members
@@ -397,6 +423,7 @@ class Datasets:
             collection_version=self.store.collection(row["collection"]).version,
         )
 
+    @_maintained
     def discard(self, name: str) -> int:
         """Drop all staged changes (the only way they disappear); returns how many."""
         with self._lock:
@@ -409,6 +436,7 @@ class Datasets:
 
     # -- commits -------------------------------------------------------------------
 
+    @_maintained
     def commit(self, name: str, message: str, *, author: str = "", allow_empty: bool = False) -> CommitRecord:
         """Commit the staged changes as the next version, pinning the collection's current
         version with the Lance tag ``ds-<name>-v<N>``. FAILED_PRECONDITION when nothing is
@@ -454,6 +482,7 @@ class Datasets:
         recs = [_commit_record(r, tuple(sorted(by_version.get(r["version"], [])))) for r in rows.to_pylist()]
         return sorted(recs, key=lambda r: r.version, reverse=True)
 
+    @_maintained
     def tag(self, name: str, version: int | str, tag: str) -> int:
         """Name a version (``"paper-v1"``); the name then works wherever a version does.
         Returns the version tagged."""
@@ -475,6 +504,7 @@ class Datasets:
             ))
             return v
 
+    @_maintained
     def untag(self, name: str, tag: str) -> None:
         """Remove a dataset tag (the version itself stays)."""
         with self._lock:
@@ -570,6 +600,12 @@ class Datasets:
         with self._lock:
             for table in (self._datasets, self._changes, self._commits, self._tags):
                 table.optimize(cleanup_older_than=older)
+
+    def _optimize_quietly(self) -> None:
+        try:
+            self.optimize()
+        except Exception:  # maintenance must never take the process down
+            log.exception("optimizing the dataset tables failed")
 
     # -- internals -----------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -406,3 +407,18 @@ def test_concurrent_adds_and_commit_lose_nothing(dsets, col, store):
     st = dsets.status("d")
     assert st.members == 40 and st.head == 1
     assert dsets.history("d")[0].members + st.staged_adds == 40
+
+
+def test_system_tables_are_compacted_in_the_background(dsets, store, monkeypatch):
+    import indexing.datasets as datasets_module
+
+    monkeypatch.setattr(datasets_module, "OPTIMIZE_EVERY", 5)
+    store.create_collection("m").upsert({"id": [f"m{i}" for i in range(12)], "label": ["x"] * 12})
+    dsets.create("d", "m")
+    for i in range(9):  # with create: 10 writes, the last one triggers a compaction
+        dsets.add("d", ids=[f"m{i}"])
+    deadline = time.monotonic() + 30
+    while len(dsets._changes.to_lance().get_fragments()) > 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(dsets._changes.to_lance().get_fragments()) <= 2
+    assert dsets.members("d").to_pylist() == sorted(f"m{i}" for i in range(9))
