@@ -26,6 +26,24 @@ Through a running server (``--server``, else $ASSAY_SERVER, else 127.0.0.1:50051
     assay mine COLLECTION MINER --size N [--model M] [--where SQL] [--param k=v]...
                [--seed S] [--reverse] [--columns a,b] [--output results.csv|.parquet|.jsonl]
     assay runs [COLLECTION]               recent mining runs
+    assay query COLLECTION [--where SQL] [--param k=v]... [--columns a,b] [--limit N]
+               [--version V] [--output rows.parquet|.csv|.jsonl]
+                                          rows matching a filter (:k placeholders bound safely)
+    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram} [--model M]
+               [--field F] [--group-by F] [--where SQL] [--param k=v]... [--json]
+                                          analytics tables
+    assay tag COLLECTION --add to-label [--remove T] (--run R | --ids a,b | --where SQL)
+    assay export COLLECTION OUTPUT [--run R | --ids a,b | --where SQL | --dataset D [--version V]]
+               [--model M] [--format csv|jsonl|coco] [--fields a,b]
+                                          rows for labeling (CSV / JSONL with pre-labels, COCO boxes)
+    assay dataset create NAME --collection C [--description D]
+    assay dataset list [--collection C] | info NAME | status NAME | discard NAME | history NAME
+    assay dataset add|remove NAME (--run RUN_ID | --ids a,b | --where SQL [--param k=v]...)
+    assay dataset commit NAME -m MESSAGE [--author A] [--allow-empty]
+    assay dataset tag NAME VERSION TAG
+    assay dataset checkout NAME [--version V] [--columns a,b] [--output train-v1.parquet]
+    assay dataset diff NAME V1 [V2] [--json]   + added, - removed, ~ relabeled (V2: working state)
+    assay dataset delete NAME [--force]
 
 The data root is ``--data``, else ``$ASSAY_DATA``, else ``./data``; ``s3://bucket/prefix``
 roots read their endpoint and credentials from the environment (see README).
@@ -60,7 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level if args.log_level != "WARNING" else "INFO", args.log_format)
     config = ServerConfig.from_env(
         data=args.data, host=args.host, port=args.port, tokens=tuple(args.token) if args.token else None,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, grace_s=args.grace,
+        read_tokens=tuple(args.read_token) if args.read_token else None,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        rate_limit=args.rate_limit, metrics_port=args.metrics_port, grace_s=args.grace,
         job_workers=args.job_workers, max_message_mb=args.max_message_mb,
         allow_unauthenticated_remote=True if args.allow_unauthenticated_remote else None,
     )
@@ -248,6 +268,324 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- curation through the server: datasets, queries, analytics, tags, export ------------------
+
+
+def _csv_list(text: str | None) -> list[str] | None:
+    """``a,b`` -> ["a", "b"]; None or "" -> None."""
+    items = [x.strip() for x in (text or "").split(",") if x.strip()]
+    return items or None
+
+
+def _sql_params(args: argparse.Namespace) -> dict[str, Any] | None:
+    return dict(args.param) if getattr(args, "param", None) else None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _print_tsv(table: Any) -> None:
+    """A table as tab-separated lines with a header (nulls as empty fields)."""
+    names = table.column_names
+    print("\t".join(names))
+    for row in table.to_pylist():
+        print("\t".join("" if row[c] is None else _cell(row[c]) for c in names))
+
+
+def _print_aligned(table: Any) -> None:
+    """A small table as aligned columns (nulls as ``null``), for reading."""
+    names = table.column_names
+    rows = [[_cell(row[c]) for c in names] for row in table.to_pylist()]
+    widths = [max([len(n), *(len(r[i]) for r in rows)]) for i, n in enumerate(names)]
+    print("  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    """--run / --ids / --where (+ --param) as client keyword arguments."""
+    return {"run_id": getattr(args, "run", None), "ids": _csv_list(getattr(args, "ids", None)),
+            "where": getattr(args, "where", None), "params": _sql_params(args)}
+
+
+def _ds_create(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    client.create_dataset(args.name, args.collection, args.description or "")
+    print(f"created dataset {args.name} of collection {args.collection}")
+
+
+def _ds_list(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    for d in client.datasets(args.collection):
+        staged = f"\tstaged +{d['staged_adds']} -{d['staged_removes']}" \
+            if d["staged_adds"] or d["staged_removes"] else ""
+        print(f"{d['name']}\t{d['collection']}\tv{d['head']}\t{d['members']} members{staged}")
+
+
+def _ds_info(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    _print_json(ds.info())
+
+
+def _ds_stage(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    stage = ds.add if args.ds_command == "add" else ds.remove
+    r = stage(**_selection(args))
+    verb = "added" if args.ds_command == "add" else "removed"
+    print(f"{args.name}: {r['changed']} {verb} (staged), {r['unchanged']} unchanged of {r['requested']}; "
+          f"staged now +{r['staged_adds']} -{r['staged_removes']}")
+
+
+def _ds_status(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    s = ds.status()
+    head = f"v{s['head']} (collection version {s['head_collection_version']})" if s["head"] else "no commits"
+    print(f"{args.name}: head {head}; staged +{s['staged_adds']} -{s['staged_removes']}; "
+          f"{s['members']} members in the working state; collection now at version {s['collection_version']}")
+
+
+def _ds_discard(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    print(f"{args.name}: discarded {ds.discard()} staged change(s)")
+
+
+def _ds_commit(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    c = ds.commit(args.message, author=args.author or os.environ.get("USER", ""), allow_empty=args.allow_empty)
+    print(f"committed {args.name} v{c['version']}: +{c['added']} -{c['removed']}, {c['members']} members "
+          f"(collection version {c['collection_version']}, tag {c['tag']})")
+
+
+def _ds_history(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    import datetime as dt
+
+    for c in ds.history():
+        when = dt.datetime.fromtimestamp(c["created_at"]).strftime("%Y-%m-%d %H:%M")
+        tags = f" [{', '.join(c['tags'])}]" if c.get("tags") else ""
+        print(f"v{c['version']}{tags}\t{when}\t+{c['added']} -{c['removed']}\t{c['members']} members"
+              f"\tcollection v{c['collection_version']}\t{c['author'] or '-'}\t{c['message']}")
+
+
+def _ds_tag(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    print(f"tagged {args.name} v{ds.tag(args.version, args.tag)} as {args.tag}")
+
+
+def _ds_checkout(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    table = ds.checkout(args.version, columns=_csv_list(args.columns))
+    if args.output:
+        _write_table(table, args.output)
+        print(f"wrote {table.num_rows} rows of {args.name} "
+              f"{'v' + args.version if args.version else '(working state)'} to {args.output}", file=sys.stderr)
+    else:
+        _print_tsv(table)
+
+
+def _ds_diff(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    d = ds.diff(args.v1, args.v2)
+    if args.json:
+        _print_json({"added": d["added"], "removed": d["removed"], "relabeled": d["relabeled"].to_pylist()})
+        return
+    for i in d["added"]:
+        print(f"+ {i}")
+    for i in d["removed"]:
+        print(f"- {i}")
+    for r in d["relabeled"].to_pylist():
+        print(f"~ {r['id']}: {_cell(r['label_before'])} -> {_cell(r['label_after'])}")
+    to = args.v2 or "working state"
+    print(f"{args.name} {args.v1} -> {to}: {len(d['added'])} added, {len(d['removed'])} removed, "
+          f"{d['relabeled'].num_rows} relabeled", file=sys.stderr)
+
+
+def _ds_delete(ds: Any, args: argparse.Namespace, client: Any) -> None:
+    ds.delete(force=args.force)
+    print(f"deleted dataset {args.name}")
+
+
+_DATASET_COMMANDS = {
+    "create": _ds_create, "list": _ds_list, "info": _ds_info, "add": _ds_stage, "remove": _ds_stage,
+    "status": _ds_status, "discard": _ds_discard, "commit": _ds_commit, "history": _ds_history,
+    "tag": _ds_tag, "checkout": _ds_checkout, "diff": _ds_diff, "delete": _ds_delete,
+}
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ds = client.dataset(args.name) if getattr(args, "name", None) else None
+        _DATASET_COMMANDS[args.ds_command](ds, args, client)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        table = client.collection(args.collection).query(
+            args.where, columns=_csv_list(args.columns), limit=args.limit, offset=args.offset,
+            version=args.version, params=_sql_params(args))
+    if args.output:
+        _write_table(table, args.output)
+        print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
+    else:
+        _print_tsv(table)
+    return 0
+
+
+STATS = ("labels", "confused", "confusion", "uncertainty", "histogram")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    need_model = args.kind in ("confused", "confusion", "uncertainty")
+    if need_model and not args.model:
+        raise SystemExit(f"assay stats {args.kind}: --model is required")
+    if args.kind == "histogram" and not args.field:
+        raise SystemExit("assay stats histogram: --field is required")
+    rng = None
+    if args.range:
+        try:
+            lo, hi = (float(x) for x in args.range.split(","))
+        except ValueError:
+            raise SystemExit(f"--range takes LOW,HIGH, got {args.range!r}") from None
+        rng = (lo, hi)
+    common = {"version": args.version, "params": _sql_params(args)}
+    with _client(args) as client:
+        col = client.collection(args.collection)
+        if args.kind == "labels":
+            groups = [g for text in args.group_by or [] for g in _csv_list(text) or []]
+            table = col.label_distribution(args.where, group_by=groups or None, **common)
+        elif args.kind == "confused":
+            table = col.confused_pairs(args.model, args.where, top=args.top, **common)
+        elif args.kind == "confusion":
+            table = col.confusion(args.model, args.where, errors_only=args.errors_only, **common)
+        elif args.kind == "uncertainty":
+            table = col.class_uncertainty(args.model, args.where, measure=args.measure, **common)
+        else:
+            table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, **common)
+    if args.json:
+        _print_json(table.to_pylist())
+    else:
+        _print_aligned(table)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    if not args.add and not args.remove:
+        raise SystemExit("assay tag: give --add and/or --remove")
+    with _client(args) as client:
+        rows = client.collection(args.collection).tag_items(
+            add=[t for text in args.add or [] for t in _csv_list(text) or []],
+            remove=[t for text in args.remove or [] for t in _csv_list(text) or []], **_selection(args))
+    print(f"{args.collection}: tags changed on {rows} row(s)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.version and not args.dataset:
+        raise SystemExit("assay export: --version needs --dataset")
+    with _client(args) as client:
+        result = client.collection(args.collection).export(
+            args.output, args.format, model=args.model, dataset=args.dataset, dataset_version=args.version,
+            fields=_csv_list(args.fields) or (), min_score=args.min_score, **_selection(args))
+    extra = f", {result['annotations']} annotations" if result.get("format") == "coco" else ""
+    print(f"wrote {result['rows']} rows{extra} to {result['path']} ({result['format']})")
+    return 0
+
+
+def _add_selection(p: argparse.ArgumentParser, *, required: bool, dataset: bool = False) -> None:
+    """--run / --ids / --where [--param]... (and for export --dataset), at most one."""
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--run", help="a finished mining run's results (its run id)")
+    group.add_argument("--ids", help="ids, comma-separated")
+    group.add_argument("--where", help="SQL filter; write :name for values given with --param")
+    if dataset:
+        group.add_argument("--dataset", help="a dataset's members (at --version; default the working state)")
+    p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE",
+                   help="a value for :NAME in --where (JSON: 3, true, [\"a\",\"b\"], \"007\"; else a string)")
+
+
+def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
+    """The dataset, query, stats, tag and export commands (through the server)."""
+    p = sub.add_parser("dataset", help="versioned datasets: create, add/remove, commit, history, checkout, diff")
+    dsub = p.add_subparsers(dest="ds_command", required=True)
+    p.set_defaults(func=cmd_dataset)
+
+    def ds(name: str, text: str, *, named: bool = True) -> argparse.ArgumentParser:
+        q = dsub.add_parser(name, parents=[remote], help=text)
+        if named:
+            q.add_argument("name", help="the dataset")
+        return q
+
+    q = ds("create", "create an empty dataset of a collection")
+    q.add_argument("--collection", required=True)
+    q.add_argument("--description", default="")
+    q = ds("list", "list datasets", named=False)
+    q.add_argument("--collection", help="only this collection's datasets")
+    ds("info", "a dataset's record as JSON")
+    _add_selection(ds("add", "stage members: --run RUN_ID | --ids a,b | --where SQL"), required=True)
+    _add_selection(ds("remove", "stage removals: --run RUN_ID | --ids a,b | --where SQL"), required=True)
+    ds("status", "staged changes and versions")
+    ds("discard", "drop the staged changes")
+    q = ds("commit", "commit the staged changes as the next version")
+    q.add_argument("-m", "--message", required=True)
+    q.add_argument("--author", help="default $USER")
+    q.add_argument("--allow-empty", action="store_true", help="commit with nothing staged (pins newer labels)")
+    ds("history", "commits, newest first")
+    q = ds("tag", "name a version")
+    q.add_argument("version", help="a version number, HEAD or a tag")
+    q.add_argument("tag")
+    q = ds("checkout", "the members' rows as they were at a version")
+    q.add_argument("--version", help="a version number, HEAD or a tag (default: the working state)")
+    q.add_argument("--columns", help="comma-separated (default: all but vectors and predictions)")
+    q.add_argument("--output", help="write .parquet, .csv or .jsonl instead of printing")
+    q = ds("diff", "members added / removed and labels changed between versions")
+    q.add_argument("v1")
+    q.add_argument("v2", nargs="?", help="default: the working state")
+    q.add_argument("--json", action="store_true")
+    q = ds("delete", "delete a dataset and its history")
+    q.add_argument("--force", action="store_true", help="even with staged changes (they are lost)")
+
+    p = sub.add_parser("query", parents=[remote], help="rows matching a SQL filter")
+    p.add_argument("collection")
+    p.add_argument("--where", help="SQL filter; write :name for values given with --param")
+    p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE", help="a value for :NAME")
+    p.add_argument("--columns", help="comma-separated (default: all but vectors and predictions)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--version", help="read this collection version (number or tag)")
+    p.add_argument("--output", help="write .parquet, .csv or .jsonl instead of printing")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("stats", parents=[remote], help="analytics: labels, confused, confusion, uncertainty, histogram")
+    p.add_argument("collection")
+    p.add_argument("kind", choices=STATS)
+    p.add_argument("--model", help="confused / confusion / uncertainty: the model")
+    p.add_argument("--field", help="histogram: a numeric column or a path such as pred_m.loss")
+    p.add_argument("--group-by", action="append", help="labels: also group by these columns (comma-separated)")
+    p.add_argument("--where", help="SQL filter; write :name for values given with --param")
+    p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE", help="a value for :NAME")
+    p.add_argument("--bins", type=int, default=20)
+    p.add_argument("--range", help="histogram: LOW,HIGH")
+    p.add_argument("--top", type=int, default=20, help="confused: the most frequent pairs")
+    p.add_argument("--measure", default="entropy", help="uncertainty: entropy, margin, least_confidence, ratio")
+    p.add_argument("--errors-only", action="store_true", help="confusion: only label != predicted")
+    p.add_argument("--version", help="read this collection version (number or tag)")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("tag", parents=[remote], help="add / remove tags on rows (e.g. a run's results: to-label)")
+    p.add_argument("collection")
+    p.add_argument("--add", action="append", help="tags to add (comma-separated, repeatable)")
+    p.add_argument("--remove", action="append", help="tags to remove (comma-separated, repeatable)")
+    _add_selection(p, required=True)
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("export", parents=[remote], help="export rows for labeling: CSV, JSONL or COCO JSON")
+    p.add_argument("collection")
+    p.add_argument("output", help="the file (.csv, .jsonl, or .json for COCO)")
+    _add_selection(p, required=False, dataset=True)
+    p.add_argument("--version", help="with --dataset: the dataset version")
+    p.add_argument("--model", help="pre-labels from this model (COCO: its boxes)")
+    p.add_argument("--format", choices=["csv", "jsonl", "coco"], help="default: from the file extension")
+    p.add_argument("--fields", help="extra columns, comma-separated (CSV / JSONL)")
+    p.add_argument("--min-score", type=float, default=0.0, help="COCO: leave out boxes below this score")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="assay", description="Embedding search and mining for active learning.")
     parser.add_argument("--log-level", default=os.environ.get("ASSAY_LOG_LEVEL", "WARNING"))
@@ -258,9 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the gRPC server (settings also from ASSAY_*)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 50051; 0 = any free port)")
-    p.add_argument("--token", action="append", help="bearer token clients must send (repeatable)")
+    p.add_argument("--token", action="append", help="read-write bearer token clients must send (repeatable)")
+    p.add_argument("--read-token", action="append", help="read-only bearer token: search, query, results (repeatable)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
+    p.add_argument("--rate-limit", type=float, default=None, help="calls per second per token (default off)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--grace", type=float, default=None, help="shutdown grace period in seconds (default 10)")
     p.add_argument("--job-workers", type=int, default=None, help="jobs run at once (default 2)")
@@ -350,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--no-tune", action="store_true", help="measure only; do not raise nprobes")
     p.set_defaults(func=cmd_recall)
+    add_curation_parsers(sub, remote)
     return parser
 
 

@@ -46,10 +46,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
+import math
 import os
 import random
+import re
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -71,6 +75,8 @@ from protos.assay.v1 import (
     collections_pb2,
     collections_pb2_grpc,
     common_pb2,
+    datasets_pb2,
+    datasets_pb2_grpc,
     ingest_pb2,
     ingest_pb2_grpc,
     jobs_pb2,
@@ -89,22 +95,29 @@ __all__ = [
     "AssayClientError",
     "AsyncClient",
     "AsyncCollection",
+    "AsyncDataset",
     "AsyncJob",
+    "AsyncMiningJob",
     "CancelledError",
     "Client",
     "Collection",
+    "Dataset",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
     "Job",
+    "MiningJob",
     "NotFoundError",
+    "Page",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "RetryPolicy",
     "UnauthenticatedError",
     "UnavailableError",
     "UpsertSummary",
+    "bind_params",
+    "histogram_stats",
 ]
 
 T = TypeVar("T")
@@ -383,6 +396,160 @@ def _columns(columns: str | Iterable[str] | None) -> list[str]:
     return [columns] if isinstance(columns, str) else list(columns)
 
 
+# -- SQL parameters (pure) -------------------------------------------------------------------
+
+_PARAM_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _scalar_literal(name: str, value: Any) -> str:
+    """One value as a SQL literal that cannot change the shape of the expression around it."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool | np.bool_):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | np.integer):
+        n = int(value)
+        if not -(2**63) <= n < 2**63:
+            raise _invalid(f"param '{name}': {n} does not fit in a 64-bit integer")
+        # In parentheses: "x -:n" must not become "x --3" (a comment).
+        return str(n) if n >= 0 else f"({n})"
+    if isinstance(value, float | np.floating):
+        f = float(value)
+        if not math.isfinite(f):
+            raise _invalid(f"param '{name}': {f} is not a finite number (NaN and infinities "
+                           "cannot be compared in a filter)")
+        text = repr(f)
+        return text if f >= 0 else f"({text})"
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise _invalid(f"param '{name}': strings cannot contain NUL characters")
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:  # stored timestamps are UTC
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return f"TIMESTAMP '{value.isoformat(sep=' ', timespec='microseconds')}'"
+    if isinstance(value, dt.date):
+        return f"DATE '{value.isoformat()}'"
+    raise _invalid(f"param '{name}': cannot bind a {type(value).__name__} (use str, int, float, "
+                   "bool, None, datetime, date, or a list of those)")
+
+
+def sql_literal(name: str, value: Any) -> str:
+    """``value`` rendered for the placeholder ``:name``: a scalar literal, or for a list or
+    tuple its literals separated by commas (for ``IN (:xs)`` or ``[:xs]``)."""
+    if isinstance(value, list | tuple):
+        if not value:
+            raise _invalid(f"param '{name}': an empty list cannot be bound ('IN ()' is not SQL); "
+                           "skip the condition instead")
+        if any(isinstance(v, list | tuple | dict) for v in value):
+            raise _invalid(f"param '{name}': lists cannot be nested")
+        return ", ".join(_scalar_literal(name, v) for v in value)
+    return _scalar_literal(name, value)
+
+
+def _skip_to(sql: str, start: int, end: str) -> int:
+    """The index just past ``end`` searched from ``start`` (the end of ``sql`` if absent)."""
+    i = sql.find(end, start)
+    return len(sql) if i < 0 else i + len(end)
+
+
+def bind_params(where: str, params: Mapping[str, Any]) -> str:
+    """``where`` with each ``:name`` placeholder replaced by ``params[name]`` as a literal.
+
+    Placeholders are recognised only outside '...' strings, "..." and `...` identifiers and
+    comments, so text inside a literal is never touched; ``::`` (a cast) is not a
+    placeholder. Values: str (quoted, quotes doubled: ``x' OR '1'='1`` stays one string),
+    int, finite float, bool, None (NULL), datetime (TIMESTAMP, in UTC), date, or a
+    list/tuple of those (comma-separated, for ``IN (:xs)``). A placeholder without a value,
+    a value without a placeholder, a bad name or an unsupported value raise
+    :class:`InvalidArgumentError` before anything is sent.
+
+        bind_params("label = :l AND score > :s", {"l": "cat", "s": 0.5})
+        # "label = 'cat' AND score > 0.5"
+    """
+    if not isinstance(where, str):
+        raise _invalid(f"filter must be a string, got {type(where).__name__}")
+    if not isinstance(params, Mapping):
+        raise _invalid(f"params must be a mapping of name -> value, got {type(params).__name__}")
+    for key in params:
+        if not isinstance(key, str) or not _PARAM_NAME.fullmatch(key):
+            raise _invalid(f"param name {key!r} is invalid: use letters, digits and '_', "
+                           "not starting with a digit")
+
+    def render(name: str) -> str:
+        if name not in params:
+            given = ", ".join(sorted(params)) or "none"
+            raise _invalid(f"filter uses :{name} but params has no '{name}' (given: {given})")
+        return sql_literal(name, params[name])
+
+    text, used = _substitute(where, render)
+    unused = sorted(set(params) - used)
+    if unused:
+        raise _invalid(f"param(s) {', '.join(unused)} not used by the filter {where!r} "
+                       "(write :name where each value goes)")
+    return text
+
+
+def _placeholders(where: str) -> set[str]:
+    """The names of the placeholders in a filter."""
+    return _substitute(where, lambda _name: "")[1]
+
+
+def _substitute(where: str, render: Callable[[str], str]) -> tuple[str, set[str]]:
+    """``where`` with each placeholder outside literals, quoted identifiers and comments
+    replaced by ``render(name)``; and the names seen."""
+    out: list[str] = []
+    used: set[str] = set()
+    i, n = 0, len(where)
+    while i < n:
+        ch = where[i]
+        if ch in "'\"`":  # a literal or quoted identifier ('' inside one closes and reopens)
+            j = _skip_to(where, i + 1, ch)
+        elif where.startswith("--", i):
+            j = _skip_to(where, i, "\n")
+        elif where.startswith("/*", i):
+            j = _skip_to(where, i + 2, "*/")
+        elif where.startswith("::", i):
+            j = i + 2
+        elif ch == ":" and (m := _PARAM_NAME.match(where, i + 1)):
+            out.append(render(m.group()))
+            used.add(m.group())
+            i = m.end()
+            continue
+        else:
+            j = i + 1
+        out.append(where[i:j])
+        i = j
+    return "".join(out), used
+
+
+def _bound(where: str | None, params: Mapping[str, Any] | None, what: str = "where") -> str | None:
+    """``where`` with ``params`` bound (None params: ``where`` as given, unless it has
+    placeholders: those would reach the server unbound)."""
+    if params is None:
+        if isinstance(where, str) and ":" in where and (names := _placeholders(where)):
+            shown = ", ".join(f":{n}" for n in sorted(names))
+            raise _invalid(f"filter {where!r} has placeholder(s) {shown} but no params were given "
+                           "(pass params={name: value})")
+        return where
+    if where is None:
+        raise _invalid(f"params were given without a filter ({what})")
+    return bind_params(where, params)
+
+
+def _version(version: int | str | None, what: str = "version") -> str:
+    """A version reference as sent: "" (current / working state), a number or a name."""
+    if version is None:
+        return ""
+    if isinstance(version, bool) or not isinstance(version, int | str | np.integer):
+        raise _invalid(f"{what} must be an int, a string or None, got {version!r}")
+    if isinstance(version, int | np.integer):
+        if version < 0:
+            raise _invalid(f"{what} must be >= 0, got {version}")
+        return str(int(version))
+    return version
+
+
 def concat_pages(pages: list[pa.Table]) -> pa.Table:
     """Pages of one scan as one table (an empty table when there were none)."""
     if not pages:
@@ -482,6 +649,7 @@ def rpc_search(
     nprobes: int | None = None,
     refine_factor: int | None = None,
     exact: bool = False,
+    params: Mapping[str, Any] | None = None,
 ) -> Rpc:
     """A Search call. A 1-D ``vector``, one ``text`` or one id (a str) is a single query:
     its result has no ``query_index``; 2-D vectors, ``texts`` and a list of ``ids`` keep it."""
@@ -490,6 +658,7 @@ def rpc_search(
     if len(given) != 1:
         raise _invalid("search: give exactly one of vector, ids, text, texts "
                        f"(got {', '.join(given) or 'none'})")
+    where = _bound(where, params)
     request = _message(
         search_pb2.SearchRequest, "search", collection=collection, space=space, k=k, where=where,
         columns=_columns(columns), nprobes=nprobes, refine_factor=refine_factor, exact=exact,
@@ -519,15 +688,212 @@ def rpc_search(
 
 
 def rpc_scan(collection: str, where: str | None, columns: Iterable[str] | None, page_rows: int,
-             limit: int | None = None, offset: int = 0) -> Rpc:
-    request = _message(query_pb2.ScanRequest, "scan", collection=collection, where=where,
-                       columns=_columns(columns), page_rows=page_rows, limit=limit, offset=offset)
+             limit: int | None = None, offset: int = 0, version: int | str | None = None,
+             params: Mapping[str, Any] | None = None) -> Rpc:
+    request = _message(query_pb2.ScanRequest, "scan", collection=collection,
+                       where=_bound(where, params), columns=_columns(columns), page_rows=page_rows,
+                       limit=limit, offset=offset, version=_version(version))
     return Rpc("query", "Scan", request, page_to_table)
 
 
-def rpc_count(collection: str, where: str | None) -> Rpc:
-    request = _message(query_pb2.CountRequest, "count", collection=collection, where=where)
+def rpc_count(collection: str, where: str | None, version: int | str | None = None,
+              params: Mapping[str, Any] | None = None) -> Rpc:
+    request = _message(query_pb2.CountRequest, "count", collection=collection,
+                       where=_bound(where, params), version=_version(version))
     return Rpc("query", "Count", request, lambda r: int(r.count))
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a filtered scan: its rows, the cursor of the next page ("" after the
+    last) and the collection version every page of the scan reads."""
+
+    table: pa.Table
+    next_cursor: str
+    version: int = 0
+
+    @property
+    def last(self) -> bool:
+        return not self.next_cursor
+
+
+def _page_table(page: common_pb2.ArrowPage) -> pa.Table:
+    """An ArrowPage as a table; a page without bytes as an empty table."""
+    return ipc_to_table(page.arrow_ipc) if page.arrow_ipc else pa.table({})
+
+
+def rpc_page(collection: str, where: str | None, columns: Iterable[str] | None, page_rows: int,
+             cursor: str | None, version: int | str | None,
+             params: Mapping[str, Any] | None = None) -> Rpc:
+    if isinstance(page_rows, bool) or not isinstance(page_rows, int) or page_rows < 1:
+        raise _invalid(f"page_rows must be a positive integer, got {page_rows!r}")
+    request = _message(query_pb2.PageRequest, "page", collection=collection,
+                       where=_bound(where, params), columns=_columns(columns), page_rows=page_rows,
+                       cursor=cursor or "", version=_version(version))
+    return Rpc("query", "Page", request,
+               lambda r: Page(_page_table(r.page), r.next_cursor, int(r.page.version)))
+
+
+AGGREGATES: Final = ("label_distribution", "confused_pairs", "confusion", "class_uncertainty",
+                     "histogram")
+
+
+def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
+                  where: str | None = None, field: str | None = None,
+                  group_by: str | Iterable[str] | None = None, bins: int | None = None,
+                  top: int | None = None, measure: str | None = None,
+                  version: int | str | None = None,
+                  range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name
+                  errors_only: bool = False, params: Mapping[str, Any] | None = None) -> Rpc:
+    """An analytics table (see AggregateRequest.kind) as a pyarrow Table."""
+    if kind not in AGGREGATES:
+        raise _invalid(f"aggregate kind {kind!r} is not one of {', '.join(AGGREGATES)}")
+    request = _message(
+        query_pb2.AggregateRequest, kind, collection=collection, kind=kind, model=model,
+        where=_bound(where, params), field=field, group_by=_columns(group_by), bins=bins, top=top,
+        measure=measure, version=_version(version), errors_only=errors_only)
+    if range is not None:
+        try:
+            lo, hi = range
+            request.range_min, request.range_max = float(lo), float(hi)
+        except (TypeError, ValueError) as exc:
+            raise _invalid(f"range must be (low, high) numbers, got {range!r}: {exc}") from None
+    return Rpc("query", "Aggregate", request, _page_table)
+
+
+def histogram_stats(table: pa.Table) -> dict[str, Any]:
+    """What a histogram left out of its bins, from its schema metadata: ``total`` rows
+    matched, ``nulls``, ``non_finite``, ``below``/``above`` an explicit range, ``min``/``max``
+    of the data and the binned ``low``/``high``."""
+    import json
+
+    meta = table.schema.metadata or {}
+    if b"assay.histogram" not in meta:
+        raise _invalid("not a histogram table (no assay.histogram metadata)")
+    return json.loads(meta[b"assay.histogram"])
+
+
+def _one_of(what: str, **given: Any) -> None:
+    named = [k for k, v in given.items() if v is not None]
+    if len(named) != 1:
+        raise _invalid(f"{what}: give exactly one of {', '.join(given)} "
+                       f"(got {', '.join(named) or 'none'})")
+
+
+def _some_ids(ids: str | Iterable[str] | None, what: str) -> list[str]:
+    """Ids given to select rows: an empty list is refused (it would select nothing, or,
+    on the wire, be read as "no selection")."""
+    if ids is None:
+        return []
+    out = _ids(ids)
+    if not out:
+        raise _invalid(f"{what}: ids is empty")
+    return out
+
+
+def _run_id(run: Any) -> str | None:
+    """A run id, or a MiningJob whose run id it is."""
+    return getattr(run, "run_id", run)
+
+
+def _tags(tags: str | Iterable[str], what: str) -> list[str]:
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    bad = next((t for t in tags if not isinstance(t, str) or not t), None)
+    if bad is not None:
+        raise _invalid(f"{what}: tags must be non-empty strings, got {bad!r}")
+    return tags
+
+
+def rpc_tag_items(collection: str, ids: str | Iterable[str] | None, where: str | None,
+                  run_id: Any, add: str | Iterable[str], remove: str | Iterable[str],
+                  params: Mapping[str, Any] | None = None) -> Rpc:
+    run_id = _run_id(run_id)
+    _one_of("tag_items", ids=ids, where=where, run_id=run_id)
+    add, remove = _tags(add, "tag_items add"), _tags(remove, "tag_items remove")
+    if not add and not remove:
+        raise _invalid("tag_items: give tags to add and/or remove")
+    request = ingest_pb2.TagItemsRequest(
+        collection=collection, ids=_some_ids(ids, "tag_items"),
+        where=_bound(where, params) or "", run_id=run_id or "", add=add, remove=remove)
+    return Rpc("ingest", "TagItems", request, lambda r: int(r.rows))
+
+
+EXPORT_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "coco"}
+
+
+def export_format(path: str | os.PathLike[str], format: str | None) -> str:  # noqa: A002
+    """The export format: given, or from the file's extension (.csv, .jsonl, .json = COCO)."""
+    if format is None:
+        ext = os.path.splitext(os.fspath(path))[1].lower()
+        format = EXPORT_FORMATS.get(ext)
+        if format is None:
+            raise _invalid(f"cannot tell the export format of {os.fspath(path)!r}: name it "
+                           ".csv, .jsonl or .json (COCO), or pass format=")
+    if format not in ("csv", "jsonl", "coco"):
+        raise _invalid(f"export format {format!r} is not one of csv, jsonl, coco")
+    return format
+
+
+def rpc_export(collection: str, format: str, *, model: str | None = None,  # noqa: A002
+               where: str | None = None, ids: str | Iterable[str] | None = None,
+               run_id: Any = None, dataset: str | None = None,
+               dataset_version: int | str | None = None, fields: Iterable[str] = (),
+               min_score: float = 0.0, params: Mapping[str, Any] | None = None) -> Rpc:
+    run_id = _run_id(run_id)
+    named = [k for k, v in (("where", where), ("ids", ids), ("run_id", run_id), ("dataset", dataset))
+             if v is not None]
+    if len(named) > 1:
+        raise _invalid(f"export: give at most one of where, ids, run_id, dataset (got {', '.join(named)})")
+    if dataset_version is not None and dataset is None:
+        raise _invalid("export: dataset_version needs dataset")
+    if format == "coco" and not model:
+        raise _invalid("export: COCO needs model= (the detection model whose boxes to write)")
+    request = _message(
+        query_pb2.ExportRequest, "export", collection=collection, format=format, model=model or "",
+        where=_bound(where, params) or "", ids=_some_ids(ids, "export"),
+        run_id=run_id or "", dataset=dataset or "",
+        dataset_version=_version(dataset_version, "dataset_version"),
+        fields=_columns(fields), min_score=min_score)
+    return Rpc("query", "Export", request)
+
+
+class ExportFile:
+    """Export chunks written to a temporary file next to ``path``, renamed to ``path`` only
+    when the last chunk has arrived: a failed export leaves no partial file."""
+
+    def __init__(self, path: str | os.PathLike[str], format: str) -> None:  # noqa: A002
+        self.path = os.fspath(path)
+        self.format = format
+        target = os.path.abspath(self.path)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".partial",
+                                        dir=folder)
+        self.target = target
+        self.fh = os.fdopen(fd, "wb")
+        self.result: dict[str, Any] | None = None
+
+    def __enter__(self) -> ExportFile:
+        return self
+
+    def write(self, chunk: query_pb2.ExportChunk) -> None:
+        if self.result is not None:
+            raise error_for("INTERNAL", "export: the server sent data after the last chunk")
+        self.fh.write(chunk.data)
+        if chunk.last:
+            self.result = {"rows": int(chunk.rows), "annotations": int(chunk.annotations),
+                           "path": self.path, "format": self.format}
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        self.fh.close()
+        if exc_type is None and self.result is None:
+            os.unlink(self.tmp)
+            raise error_for("INTERNAL", "export: the stream ended before its last chunk")
+        if exc_type is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            return
+        os.replace(self.tmp, self.target)
 
 
 def rpc_take(collection: str, ids: str | Iterable[str], columns: Iterable[str] | None) -> Rpc:
@@ -535,7 +901,9 @@ def rpc_take(collection: str, ids: str | Iterable[str], columns: Iterable[str] |
     return Rpc("query", "Take", request, page_to_table)
 
 
-def rpc_delete(collection: str, ids: str | Iterable[str] | None, where: str | None) -> Rpc:
+def rpc_delete(collection: str, ids: str | Iterable[str] | None, where: str | None,
+               params: Mapping[str, Any] | None = None) -> Rpc:
+    where = _bound(where, params)
     if (ids is None) == (not where):
         raise _invalid("delete: give exactly one of ids, where")
     if ids is not None:
@@ -561,8 +929,9 @@ def rpc_build_index(collection: str, space: str, kind: str | None) -> Rpc:
 
 
 def rpc_recall_check(collection: str, space: str, queries: int, k: int, where: str | None,
-                     tune: bool) -> Rpc:
-    params = {"space": space, "queries": queries, "k": k, "where": where, "tune": tune}
+                     tune: bool, where_params: Mapping[str, Any] | None = None) -> Rpc:
+    params = {"space": space, "queries": queries, "k": k, "where": _bound(where, where_params),
+              "tune": tune}
     return rpc_start_job("recall_check", collection, params)
 
 
@@ -570,11 +939,15 @@ REINDEX_PARAMS = ("model", "clip_model", "clip_pretrained", "source", "where", "
                   "ray_address", "ray_workers", "restart", "build_index")
 
 
-def rpc_reindex(collection: str, space: str, params: Mapping[str, Any]) -> Rpc:
+def rpc_reindex(collection: str, space: str, params: Mapping[str, Any],
+                where_params: Mapping[str, Any] | None = None) -> Rpc:
     unknown = sorted(set(params) - set(REINDEX_PARAMS))
     if unknown:
         raise _invalid(f"reindex: unknown parameter(s) {', '.join(unknown)} "
                        f"(allowed: {', '.join(REINDEX_PARAMS)})")
+    params = dict(params)
+    if where_params is not None:
+        params["where"] = _bound(params.get("where"), where_params)
     return rpc_start_job("reindex", collection, {"space": space, **params})
 
 
@@ -607,9 +980,14 @@ def rpc_list_miners() -> Rpc:
 def rpc_start_mining(collection: str, miner: str, size: int, model: str | None, space: str | None,
                      where: str | None, reference_where: str | None,
                      params: Mapping[str, Any] | None, seed: int | None, reverse: bool,
-                     version: int | None = None) -> Rpc:
+                     version: int | None = None,
+                     where_params: Mapping[str, Any] | None = None) -> Rpc:
+    """``where_params`` are bound into ``where`` and ``reference_where`` (each placeholder
+    may appear in either; every param must be used by one of them)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise _invalid(f"size must be a positive integer, got {size!r}")
+    if where_params is not None:
+        where, reference_where = _bind_two(where, reference_where, where_params)
     request = mining_pb2.StartMiningRequest(
         collection=collection, miner=miner, size=size, model=model or "", space=space or "",
         where=where or "", reference_where=reference_where or "", params=dict_to_struct(params),
@@ -619,6 +997,27 @@ def rpc_start_mining(collection: str, miner: str, size: int, model: str | None, 
     if version is not None:
         request.version = version
     return Rpc("mining", "StartMining", request)
+
+
+def _bind_two(where: str | None, reference_where: str | None,
+              params: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Bind ``params`` into two filters that share them."""
+    texts = [w for w in (where, reference_where) if w]
+    if not texts:
+        raise _invalid("where_params were given without a filter (where / reference_where)")
+    for w in texts:  # a placeholder one of them uses without a value is an error
+        for name in _placeholders(w):
+            if name not in params:
+                raise _invalid(f"filter uses :{name} but where_params has no '{name}'")
+    used = {n for w in texts for n in _placeholders(w)}
+    unused = sorted(set(params) - used)
+    if unused:
+        raise _invalid(f"param(s) {', '.join(unused)} not used by where or reference_where")
+
+    def bind(w: str | None) -> str | None:
+        return bind_params(w, {k: params[k] for k in _placeholders(w)}) if w else w
+
+    return bind(where), bind(reference_where)
 
 
 def rpc_rerun(run: Mapping[str, Any]) -> Rpc:
@@ -655,6 +1054,92 @@ def run_to_dict(run: mining_pb2.MiningRun) -> dict[str, Any]:
 def rpc_health(service: str) -> Rpc:
     return Rpc("health", "Check", health_pb2.HealthCheckRequest(service=service),
                lambda r: health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+
+
+# -- datasets (requests) ---------------------------------------------------------------------
+
+
+def _dataset_dict(message: Message) -> dict[str, Any]:
+    out = message_to_dict(message)
+    if "tags" in out and isinstance(out["tags"], dict):
+        out["tags"] = {k: int(v) for k, v in out["tags"].items()}
+    return out
+
+
+def rpc_create_dataset(name: str, collection: str, description: str) -> Rpc:
+    request = _message(datasets_pb2.CreateDatasetRequest, "create_dataset", name=name,
+                       collection=collection, description=description)
+    return Rpc("datasets", "CreateDataset", request, _dataset_dict)
+
+
+def rpc_dataset(method: str, name: str, parse: Callable[[Any], Any] = _dataset_dict) -> Rpc:
+    """GetDataset, GetStatus, Discard or History: the calls that take a DatasetRef."""
+    return Rpc("datasets", method, datasets_pb2.DatasetRef(name=name), parse)
+
+
+def rpc_list_datasets(collection: str | None) -> Rpc:
+    request = datasets_pb2.ListDatasetsRequest(collection=collection or "")
+    return Rpc("datasets", "ListDatasets", request,
+               lambda r: [_dataset_dict(d) for d in r.datasets])
+
+
+def rpc_delete_dataset(name: str, force: bool) -> Rpc:
+    request = datasets_pb2.DeleteDatasetRequest(name=name, force=force)
+    return Rpc("datasets", "DeleteDataset", request, lambda _: None)
+
+
+def rpc_members(method: str, dataset: str, ids: str | Iterable[str] | None, where: str | None,
+                run_id: Any, params: Mapping[str, Any] | None = None) -> Rpc:
+    """AddMembers or RemoveMembers: exactly one of ids, where, run_id (or a MiningJob)."""
+    run_id = _run_id(run_id)
+    _one_of("add" if method == "AddMembers" else "remove", ids=ids, where=where, run_id=run_id)
+    request = datasets_pb2.MembersRequest(
+        dataset=dataset, ids=_some_ids(ids, f"dataset {method}"),
+        where=_bound(where, params) or "", run_id=run_id or "")
+    return Rpc("datasets", method, request, message_to_dict)
+
+
+def rpc_commit(dataset: str, message: str, author: str, allow_empty: bool) -> Rpc:
+    request = _message(datasets_pb2.CommitRequest, "commit", dataset=dataset, message=message,
+                       author=author, allow_empty=allow_empty)
+    return Rpc("datasets", "Commit", request, message_to_dict)
+
+
+def rpc_tag_version(dataset: str, version: int | str, tag: str) -> Rpc:
+    if version is None:
+        raise _invalid("tag: give the version to tag (a number, 'HEAD' or a tag)")
+    request = _message(datasets_pb2.TagVersionRequest, "tag", dataset=dataset,
+                       version=_version(version), tag=tag)
+    return Rpc("datasets", "TagVersion", request, lambda r: int(r.version))
+
+
+def rpc_checkout(dataset: str, version: int | str | None, columns: Iterable[str] | None,
+                 page_rows: int) -> Rpc:
+    request = _message(datasets_pb2.CheckoutRequest, "checkout", dataset=dataset,
+                       version=_version(version), columns=_columns(columns), page_rows=page_rows)
+    return Rpc("datasets", "Checkout", request, page_to_table)
+
+
+def _ids_of(page: common_pb2.ArrowPage) -> list[str]:
+    table = _page_table(page)
+    return table.column("id").to_pylist() if "id" in table.column_names else []
+
+
+def parse_diff(response: datasets_pb2.DiffResponse) -> dict[str, Any]:
+    relabeled = _page_table(response.relabeled)
+    if not relabeled.column_names:
+        relabeled = pa.table({c: pa.array([], pa.string())
+                              for c in ("id", "label_before", "label_after")})
+    return {"dataset": response.dataset, "added": _ids_of(response.added),
+            "removed": _ids_of(response.removed), "relabeled": relabeled}
+
+
+def rpc_diff(dataset: str, v1: int | str | None, v2: int | str | None) -> Rpc:
+    if v1 is None:
+        raise _invalid("diff: give v1 (a committed version, 'HEAD' or a tag)")
+    request = datasets_pb2.DiffRequest(dataset=dataset, v1=_version(v1, "v1"),
+                                       v2=_version(v2, "v2"))
+    return Rpc("datasets", "Diff", request, parse_diff)
 
 
 # -- upsert input: normalisation to Arrow and encoding into requests (pure) ---------------
@@ -1168,6 +1653,7 @@ class MiningJob(Job):
     def __init__(self, client: Any, run: mining_pb2.MiningRun) -> None:
         super().__init__(client, run.job)
         self.run_id = run.run_id
+        self.run_collection = run.collection or run.job.collection
 
     def run(self, *, timeout: Timeout = DEFAULT) -> dict[str, Any]:
         return run_to_dict(self._client._unary(rpc_run("GetRun", self.run_id), timeout))
@@ -1183,6 +1669,12 @@ class MiningJob(Job):
         version this run read: its results are the same."""
         return MiningJob(self._client, self._client._unary(rpc_rerun(self.run()), timeout))
 
+    def tag(self, add: str | Iterable[str] = ("to-label",), remove: str | Iterable[str] = (), *,
+            timeout: Timeout = DEFAULT) -> int:
+        """Tag the rows this run selected (default ``to-label``); returns the rows changed."""
+        rpc = rpc_tag_items(self.run_collection, None, None, self.run_id, add, remove)
+        return self._client._unary(rpc, timeout)
+
 
 class AsyncMiningJob(AsyncJob):
     """:class:`MiningJob` for :class:`AsyncClient`."""
@@ -1190,6 +1682,7 @@ class AsyncMiningJob(AsyncJob):
     def __init__(self, client: Any, run: mining_pb2.MiningRun) -> None:
         super().__init__(client, run.job)
         self.run_id = run.run_id
+        self.run_collection = run.collection or run.job.collection
 
     async def run(self, *, timeout: Timeout = DEFAULT) -> dict[str, Any]:
         return run_to_dict(await self._client._unary(rpc_run("GetRun", self.run_id), timeout))
@@ -1202,6 +1695,11 @@ class AsyncMiningJob(AsyncJob):
     async def rerun(self, *, timeout: Timeout = DEFAULT) -> AsyncMiningJob:
         run = await self.run()
         return AsyncMiningJob(self._client, await self._client._unary(rpc_rerun(run), timeout))
+
+    async def tag(self, add: str | Iterable[str] = ("to-label",), remove: str | Iterable[str] = (),
+                  *, timeout: Timeout = DEFAULT) -> int:
+        rpc = rpc_tag_items(self.run_collection, None, None, self.run_id, add, remove)
+        return await self._client._unary(rpc, timeout)
 
 
 # -- channel ---------------------------------------------------------------------------------
@@ -1227,19 +1725,29 @@ def channel_options(
     return [*options, *extra]
 
 
+def _pem(value: bytes | str | os.PathLike[str] | None) -> bytes | None:
+    """PEM bytes from PEM bytes, PEM text or a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    with open(value, "rb") as f:
+        return f.read()
+
+
 def channel_credentials(tls: bool, root_certificates: bytes | str | os.PathLike[str] | None = None,
+                        client_cert: bytes | str | os.PathLike[str] | None = None,
+                        client_key: bytes | str | os.PathLike[str] | None = None,
                         ) -> grpc.ChannelCredentials | None:
     """None for plain text; else TLS with these roots (PEM bytes, PEM text or a file path;
-    None = the system's)."""
+    None = the system's), presenting ``client_cert``/``client_key`` to a server that
+    requires mutual TLS."""
     if not tls:
         return None
-    pem = root_certificates
-    if isinstance(pem, str) and pem.lstrip().startswith("-----BEGIN"):
-        pem = pem.encode()
-    elif isinstance(pem, str | os.PathLike):
-        with open(pem, "rb") as f:
-            pem = f.read()
-    return grpc.ssl_channel_credentials(root_certificates=pem)
+    if (client_cert is None) != (client_key is None):
+        raise _invalid("mutual TLS needs both client_cert and client_key")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates),
+                                        private_key=_pem(client_key), certificate_chain=_pem(client_cert))
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -1255,6 +1763,7 @@ def _stubs(channel: grpc.Channel | grpc.aio.Channel) -> dict[str, Any]:
         "query": query_pb2_grpc.QueryStub(channel),
         "jobs": jobs_pb2_grpc.JobsStub(channel),
         "mining": mining_pb2_grpc.MiningStub(channel),
+        "datasets": datasets_pb2_grpc.DatasetsStub(channel),
         "health": health_pb2_grpc.HealthStub(channel),
     }
 
@@ -1276,18 +1785,21 @@ class _BaseClient:
         *,
         server_name_override: str | None = None,
         options: Iterable[tuple[str, Any]] = (),
+        client_cert: bytes | str | os.PathLike[str] | None = None,
+        client_key: bytes | str | os.PathLike[str] | None = None,
     ) -> None:
         self._settings = dict(
             target=target, token=token, tls=tls, root_certificates=root_certificates,
             timeout=timeout, retries=retries, max_message_bytes=max_message_bytes,
             server_name_override=server_name_override, options=list(options),
+            client_cert=client_cert, client_key=client_key,
         )
         self.target = target
         self.timeout = timeout
         self.retry = RetryPolicy(retries=retries)
         self.max_message_bytes = max_message_bytes
         self._metadata = auth_metadata(token)
-        self._credentials = channel_credentials(tls, root_certificates)
+        self._credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
         self._options = channel_options(max_message_bytes, server_name_override, options)
         self._connect()
 
@@ -1326,7 +1838,8 @@ class Client(_BaseClient):
 
     target: "host:port". token: sent as ``authorization: Bearer <token>`` on every call.
     tls: use TLS, with ``root_certificates`` (PEM bytes, PEM text or a file path; None = the
-    system roots) and ``server_name_override`` (the name in the server's certificate).
+    system roots) and ``server_name_override`` (the name in the server's certificate);
+    ``client_cert``/``client_key`` (PEM) for a server that requires mutual TLS.
     timeout: default deadline of unary calls in seconds (None = none). retries: UNAVAILABLE
     retries. max_message_bytes: the largest message sent or received (the server's limits
     should be as large). options: extra gRPC channel arguments.
@@ -1490,6 +2003,21 @@ class Client(_BaseClient):
         """Mining run records, most recent first."""
         return self._unary(rpc_list_runs(collection, limit), timeout)
 
+    def create_dataset(self, name: str, collection: str, description: str = "", *,
+                       timeout: Timeout = DEFAULT) -> Dataset:
+        """Create an empty versioned dataset of ``collection`` (AlreadyExistsError if taken)."""
+        self._unary(rpc_create_dataset(name, collection, description), timeout)
+        return self.dataset(name)
+
+    def dataset(self, name: str) -> Dataset:
+        """A handle on a dataset (no call is made)."""
+        return Dataset(self, name)
+
+    def datasets(self, collection: str | None = None, *,
+                 timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
+        """The datasets (of ``collection`` if given), by name, as dicts (see Dataset.info)."""
+        return self._unary(rpc_list_datasets(collection), timeout)
+
 
 class Collection:
     """A collection on the server, used through its :class:`Client`."""
@@ -1541,32 +2069,147 @@ class Collection:
         nprobes: int | None = None,
         refine_factor: int | None = None,
         exact: bool = False,
+        params: Mapping[str, Any] | None = None,
         timeout: Timeout = DEFAULT,
     ) -> pa.Table:
         """k nearest neighbours in ``space`` of a vector (1-D), a batch of vectors (2-D),
         stored items (``ids``) or ``text``/``texts``. Columns: the requested ones (default:
         all but vectors and predictions), ``_distance`` and, for several queries,
-        ``query_index``; sorted by query, then distance. ``where`` is a prefilter."""
+        ``query_index``; sorted by query, then distance. ``where`` is a prefilter (with
+        ``params`` bound into its ``:name`` placeholders, see :func:`bind_params`)."""
         rpc = rpc_search(self.name, space, vector=vector, ids=ids, text=text, texts=texts, k=k,
                          where=where, columns=columns, nprobes=nprobes, refine_factor=refine_factor,
-                         exact=exact)
+                         exact=exact, params=params)
         return self.client._unary(rpc, timeout)
 
     def scan(self, where: str | None = None, columns: Iterable[str] | None = None,
-             page_rows: int = 8192, *, timeout: float | None = None) -> Iterator[pa.Table]:
-        """The rows matching ``where``, page by page."""
-        return self.client._stream(rpc_scan(self.name, where, columns, page_rows), timeout)
+             page_rows: int = 8192, *, version: int | str | None = None,
+             params: Mapping[str, Any] | None = None,
+             timeout: float | None = None) -> Iterator[pa.Table]:
+        """The rows matching ``where`` (``params`` bound into it), page by page, at
+        ``version`` (a number or tag; default the current one)."""
+        rpc = rpc_scan(self.name, where, columns, page_rows, version=version, params=params)
+        return self.client._stream(rpc, timeout)
 
     def query(self, where: str | None = None, columns: Iterable[str] | None = None,
               limit: int | None = None, offset: int = 0, page_rows: int = 8192, *,
+              version: int | str | None = None, params: Mapping[str, Any] | None = None,
               timeout: float | None = None) -> pa.Table:
         """The rows matching ``where`` as one table (default columns: all but vectors and
         predictions)."""
-        rpc = rpc_scan(self.name, where, columns, page_rows, limit, offset)
+        rpc = rpc_scan(self.name, where, columns, page_rows, limit, offset, version, params)
         return concat_pages(list(self.client._stream(rpc, timeout)))
 
-    def count(self, where: str | None = None, *, timeout: Timeout = DEFAULT) -> int:
-        return self.client._unary(rpc_count(self.name, where), timeout)
+    def count(self, where: str | None = None, *, version: int | str | None = None,
+              params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> int:
+        return self.client._unary(rpc_count(self.name, where, version, params), timeout)
+
+    def page(self, where: str | None = None, columns: Iterable[str] | None = None,
+             page_rows: int = 1000, cursor: str | None = None, version: int | str | None = None,
+             params: Mapping[str, Any] | None = None, *, timeout: Timeout = DEFAULT) -> Page:
+        """One page of the rows matching ``where`` and the cursor of the next
+        (``page.next_cursor``, "" after the last). The first page pins the collection
+        version: the following pages read it too, however others write meanwhile. Pass the
+        same ``where``/``params`` and ``columns`` with a cursor (another filter is
+        INVALID_ARGUMENT)."""
+        rpc = rpc_page(self.name, where, columns, page_rows, cursor, version, params)
+        return self.client._unary(rpc, timeout)
+
+    def pages(self, where: str | None = None, columns: Iterable[str] | None = None,
+              page_rows: int = 1000, cursor: str | None = None,
+              version: int | str | None = None, params: Mapping[str, Any] | None = None, *,
+              timeout: Timeout = DEFAULT) -> Iterator[Page]:
+        """Every :meth:`page` from ``cursor`` (default the first) to the last; each call
+        has its own deadline. Keep ``page.next_cursor`` to resume later."""
+        while True:
+            page = self.page(where, columns, page_rows, cursor, version, params, timeout=timeout)
+            yield page
+            if page.last:
+                return
+            cursor = page.next_cursor
+
+    # analytics: small pyarrow Tables computed on the server over streamed rows
+
+    def label_distribution(self, where: str | None = None,
+                           group_by: str | Iterable[str] | None = None,
+                           version: int | str | None = None, *,
+                           params: Mapping[str, Any] | None = None,
+                           timeout: Timeout = DEFAULT) -> pa.Table:
+        """Rows per label: ``label`` (null = unlabeled), the ``group_by`` columns, ``count``."""
+        rpc = rpc_aggregate(self.name, "label_distribution", where=where, group_by=group_by,
+                            version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def confused_pairs(self, model: str, where: str | None = None, top: int = 20, *,
+                       version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                       timeout: Timeout = DEFAULT) -> pa.Table:
+        """The class pairs ``model`` hesitates between most (its top-two classes):
+        ``class_a``, ``class_b``, ``count``, ``a_top1``, ``mean_margin``."""
+        rpc = rpc_aggregate(self.name, "confused_pairs", model=model, where=where, top=top,
+                            version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def confusion(self, model: str, where: str | None = None, errors_only: bool = False, *,
+                  version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                  timeout: Timeout = DEFAULT) -> pa.Table:
+        """Label vs ``model``'s predicted class over labeled rows: ``label``, ``predicted``,
+        ``count`` (``errors_only``: the off-diagonal cells)."""
+        rpc = rpc_aggregate(self.name, "confusion", model=model, where=where,
+                            errors_only=errors_only, version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def class_uncertainty(self, model: str, where: str | None = None, measure: str = "entropy", *,
+                          version: int | str | None = None,
+                          params: Mapping[str, Any] | None = None,
+                          timeout: Timeout = DEFAULT) -> pa.Table:
+        """Uncertainty per predicted class: ``predicted``, ``count``, ``mean_score``,
+        ``min_score``, ``max_score`` (measure: entropy, margin, least_confidence, ratio)."""
+        rpc = rpc_aggregate(self.name, "class_uncertainty", model=model, where=where,
+                            measure=measure, version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def histogram(self, field: str, bins: int = 20, where: str | None = None,
+                  range: tuple[float, float] | None = None, *,  # noqa: A002
+                  version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                  timeout: Timeout = DEFAULT) -> pa.Table:
+        """Equal-width histogram of a numeric field (or a path such as ``pred_m.loss``):
+        ``bin_start``, ``bin_end``, ``count``, binned as numpy.histogram; what was not
+        binned is in :func:`histogram_stats` of the table."""
+        rpc = rpc_aggregate(self.name, "histogram", field=field, bins=bins, where=where,
+                            range=range, version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def tag_items(self, ids: str | Iterable[str] | None = None, where: str | None = None,
+                  run_id: Any = None, add: str | Iterable[str] = (),
+                  remove: str | Iterable[str] = (), params: Mapping[str, Any] | None = None, *,
+                  timeout: Timeout = DEFAULT) -> int:
+        """Add and/or remove ``tags`` on the rows named by exactly one of ``ids``, ``where``
+        or ``run_id`` (a finished mining run's results, or its MiningJob); returns the rows
+        whose tags changed. Then ``where="array_has_any(tags, ['to-label'])"``."""
+        rpc = rpc_tag_items(self.name, ids, where, run_id, add, remove, params)
+        return self.client._unary(rpc, timeout)
+
+    def export(self, path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
+               model: str | None = None, where: str | None = None,
+               ids: str | Iterable[str] | None = None, run_id: Any = None,
+               dataset: str | None = None, dataset_version: int | str | None = None,
+               fields: Iterable[str] = (), min_score: float = 0.0,
+               params: Mapping[str, Any] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
+        """Export rows for labeling to ``path``: CSV / JSONL (``id, uri, text, label``,
+        ``fields``, and with a ``model`` its ``predicted`` class and ``confidence``) or COCO
+        JSON (``model``'s boxes; format from the extension: .csv, .jsonl, .json). Which rows:
+        at most one of ``where``, ``ids``, ``run_id``, ``dataset`` (+ ``dataset_version``);
+        none = all. The file is streamed to a temporary name next to ``path`` and renamed
+        when complete. Returns ``{rows, annotations, path, format}``."""
+        fmt = export_format(path, format)
+        rpc = rpc_export(self.name, fmt, model=model, where=where, ids=ids, run_id=run_id,
+                         dataset=dataset, dataset_version=dataset_version, fields=fields,
+                         min_score=min_score, params=params)
+        with ExportFile(path, fmt) as out:
+            for chunk in self.client._stream(rpc, timeout):
+                out.write(chunk)
+        return out.result or {}
 
     def take(self, ids: str | Iterable[str], columns: Iterable[str] | None = None, *,
              timeout: Timeout = DEFAULT) -> pa.Table:
@@ -1574,9 +2217,9 @@ class Collection:
         return self.client._unary(rpc_take(self.name, ids, columns), timeout)
 
     def delete(self, ids: str | Iterable[str] | None = None, where: str | None = None, *,
-               timeout: Timeout = DEFAULT) -> int:
+               params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> int:
         """Delete by ids or by filter (exactly one); returns the rows deleted."""
-        return self.client._unary(rpc_delete(self.name, ids, where), timeout)
+        return self.client._unary(rpc_delete(self.name, ids, where, params), timeout)
 
     def optimize(self, cleanup_older_than_s: float | None = None, *,
                  timeout: Timeout = DEFAULT) -> Job:
@@ -1588,29 +2231,35 @@ class Collection:
         return self.client._unary(rpc_build_index(self.name, space, kind), timeout)
 
     def recall_check(self, space: str, queries: int = 50, k: int = 10, where: str | None = None,
-                     tune: bool = True, *, timeout: Timeout = DEFAULT) -> Job:
+                     tune: bool = True, *, params: Mapping[str, Any] | None = None,
+                     timeout: Timeout = DEFAULT) -> Job:
         """Index recall against exact search; with ``tune``, raise nprobes until it is met."""
-        rpc = rpc_recall_check(self.name, space, queries, k, where, tune)
+        rpc = rpc_recall_check(self.name, space, queries, k, where, tune, params)
         return self.client._unary(rpc, timeout)
 
-    def reindex(self, space: str, *, timeout: Timeout = DEFAULT, **params: Any) -> Job:
+    def reindex(self, space: str, *, params: Mapping[str, Any] | None = None,
+                timeout: Timeout = DEFAULT, **options: Any) -> Job:
         """Re-embed the rows (all, or ``where``) into ``space`` with a model, as a server
         job: ``model`` (sentence-transformers name/path, default the packaged MiniLM) or
         ``clip_model`` + ``clip_pretrained``; ``source`` "text" or "uri"; ``engine`` "local"
         or "ray" (``ray_address``, ``ray_workers``); ``restart`` discards an interrupted
         run, which is otherwise resumed. The old space is served until the switch. The
-        job's result holds the report (``embedded``, ``bad``, ``swapped``, ``summary``)."""
-        return self.client._unary(rpc_reindex(self.name, space, params), timeout)
+        job's result holds the report (``embedded``, ``bad``, ``swapped``, ``summary``).
+        ``params`` are bound into ``where``."""
+        return self.client._unary(rpc_reindex(self.name, space, options, params), timeout)
 
     def mine(self, miner: str, size: int, *, model: str | None = None, space: str | None = None,
              where: str | None = None, reference_where: str | None = None,
              params: Mapping[str, Any] | None = None, seed: int | None = None, reverse: bool = False,
-             version: int | None = None, timeout: Timeout = DEFAULT) -> MiningJob:
+             version: int | None = None, where_params: Mapping[str, Any] | None = None,
+             timeout: Timeout = DEFAULT) -> MiningJob:
         """Start a mining run: the ``size`` pool rows (``where``) ``miner`` ranks highest
         (lowest with ``reverse``), read at ``version`` (default: the current one).
-        ``job.wait(progress=True)`` then ``job.results()``."""
+        ``params`` are the miner's parameters; ``where_params`` are bound into ``where`` and
+        ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
+        ``job.results()``; ``job.tag("to-label")`` tags the selected rows."""
         rpc = rpc_start_mining(self.name, miner, size, model, space, where, reference_where, params,
-                               seed, reverse, version)
+                               seed, reverse, version, where_params)
         return MiningJob(self.client, self.client._unary(rpc, timeout))
 
 
@@ -1745,6 +2394,18 @@ class AsyncClient(_BaseClient):
                    timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
         return await self._unary(rpc_list_runs(collection, limit), timeout)
 
+    async def create_dataset(self, name: str, collection: str, description: str = "", *,
+                             timeout: Timeout = DEFAULT) -> AsyncDataset:
+        await self._unary(rpc_create_dataset(name, collection, description), timeout)
+        return self.dataset(name)
+
+    def dataset(self, name: str) -> AsyncDataset:
+        return AsyncDataset(self, name)
+
+    async def datasets(self, collection: str | None = None, *,
+                       timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
+        return await self._unary(rpc_list_datasets(collection), timeout)
+
 
 class AsyncCollection:
     """:class:`Collection` for :class:`AsyncClient`: the same methods, awaited (``scan`` is an
@@ -1788,34 +2449,126 @@ class AsyncCollection:
         nprobes: int | None = None,
         refine_factor: int | None = None,
         exact: bool = False,
+        params: Mapping[str, Any] | None = None,
         timeout: Timeout = DEFAULT,
     ) -> pa.Table:
         rpc = rpc_search(self.name, space, vector=vector, ids=ids, text=text, texts=texts, k=k,
                          where=where, columns=columns, nprobes=nprobes, refine_factor=refine_factor,
-                         exact=exact)
+                         exact=exact, params=params)
         return await self.client._unary(rpc, timeout)
 
     def scan(self, where: str | None = None, columns: Iterable[str] | None = None,
-             page_rows: int = 8192, *, timeout: float | None = None) -> AsyncIterator[pa.Table]:
+             page_rows: int = 8192, *, version: int | str | None = None,
+             params: Mapping[str, Any] | None = None,
+             timeout: float | None = None) -> AsyncIterator[pa.Table]:
         """``async for page in col.scan(...)``."""
-        return self.client._stream(rpc_scan(self.name, where, columns, page_rows), timeout)
+        rpc = rpc_scan(self.name, where, columns, page_rows, version=version, params=params)
+        return self.client._stream(rpc, timeout)
 
     async def query(self, where: str | None = None, columns: Iterable[str] | None = None,
                     limit: int | None = None, offset: int = 0, page_rows: int = 8192, *,
+                    version: int | str | None = None, params: Mapping[str, Any] | None = None,
                     timeout: float | None = None) -> pa.Table:
-        rpc = rpc_scan(self.name, where, columns, page_rows, limit, offset)
+        rpc = rpc_scan(self.name, where, columns, page_rows, limit, offset, version, params)
         return concat_pages([page async for page in self.client._stream(rpc, timeout)])
 
-    async def count(self, where: str | None = None, *, timeout: Timeout = DEFAULT) -> int:
-        return await self.client._unary(rpc_count(self.name, where), timeout)
+    async def count(self, where: str | None = None, *, version: int | str | None = None,
+                    params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> int:
+        return await self.client._unary(rpc_count(self.name, where, version, params), timeout)
+
+    async def page(self, where: str | None = None, columns: Iterable[str] | None = None,
+                   page_rows: int = 1000, cursor: str | None = None,
+                   version: int | str | None = None, params: Mapping[str, Any] | None = None, *,
+                   timeout: Timeout = DEFAULT) -> Page:
+        """See :meth:`Collection.page`."""
+        rpc = rpc_page(self.name, where, columns, page_rows, cursor, version, params)
+        return await self.client._unary(rpc, timeout)
+
+    async def pages(self, where: str | None = None, columns: Iterable[str] | None = None,
+                    page_rows: int = 1000, cursor: str | None = None,
+                    version: int | str | None = None, params: Mapping[str, Any] | None = None, *,
+                    timeout: Timeout = DEFAULT) -> AsyncIterator[Page]:
+        """``async for page in col.pages(...)``: see :meth:`Collection.pages`."""
+        while True:
+            page = await self.page(where, columns, page_rows, cursor, version, params,
+                                   timeout=timeout)
+            yield page
+            if page.last:
+                return
+            cursor = page.next_cursor
+
+    async def label_distribution(self, where: str | None = None,
+                                 group_by: str | Iterable[str] | None = None,
+                                 version: int | str | None = None, *,
+                                 params: Mapping[str, Any] | None = None,
+                                 timeout: Timeout = DEFAULT) -> pa.Table:
+        rpc = rpc_aggregate(self.name, "label_distribution", where=where, group_by=group_by,
+                            version=version, params=params)
+        return await self.client._unary(rpc, timeout)
+
+    async def confused_pairs(self, model: str, where: str | None = None, top: int = 20, *,
+                             version: int | str | None = None,
+                             params: Mapping[str, Any] | None = None,
+                             timeout: Timeout = DEFAULT) -> pa.Table:
+        rpc = rpc_aggregate(self.name, "confused_pairs", model=model, where=where, top=top,
+                            version=version, params=params)
+        return await self.client._unary(rpc, timeout)
+
+    async def confusion(self, model: str, where: str | None = None, errors_only: bool = False, *,
+                        version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                        timeout: Timeout = DEFAULT) -> pa.Table:
+        rpc = rpc_aggregate(self.name, "confusion", model=model, where=where,
+                            errors_only=errors_only, version=version, params=params)
+        return await self.client._unary(rpc, timeout)
+
+    async def class_uncertainty(self, model: str, where: str | None = None,
+                                measure: str = "entropy", *, version: int | str | None = None,
+                                params: Mapping[str, Any] | None = None,
+                                timeout: Timeout = DEFAULT) -> pa.Table:
+        rpc = rpc_aggregate(self.name, "class_uncertainty", model=model, where=where,
+                            measure=measure, version=version, params=params)
+        return await self.client._unary(rpc, timeout)
+
+    async def histogram(self, field: str, bins: int = 20, where: str | None = None,
+                        range: tuple[float, float] | None = None, *,  # noqa: A002
+                        version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                        timeout: Timeout = DEFAULT) -> pa.Table:
+        rpc = rpc_aggregate(self.name, "histogram", field=field, bins=bins, where=where,
+                            range=range, version=version, params=params)
+        return await self.client._unary(rpc, timeout)
+
+    async def tag_items(self, ids: str | Iterable[str] | None = None, where: str | None = None,
+                        run_id: Any = None, add: str | Iterable[str] = (),
+                        remove: str | Iterable[str] = (),
+                        params: Mapping[str, Any] | None = None, *,
+                        timeout: Timeout = DEFAULT) -> int:
+        rpc = rpc_tag_items(self.name, ids, where, run_id, add, remove, params)
+        return await self.client._unary(rpc, timeout)
+
+    async def export(self, path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
+                     model: str | None = None, where: str | None = None,
+                     ids: str | Iterable[str] | None = None, run_id: Any = None,
+                     dataset: str | None = None, dataset_version: int | str | None = None,
+                     fields: Iterable[str] = (), min_score: float = 0.0,
+                     params: Mapping[str, Any] | None = None,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """See :meth:`Collection.export`."""
+        fmt = export_format(path, format)
+        rpc = rpc_export(self.name, fmt, model=model, where=where, ids=ids, run_id=run_id,
+                         dataset=dataset, dataset_version=dataset_version, fields=fields,
+                         min_score=min_score, params=params)
+        with ExportFile(path, fmt) as out:
+            async for chunk in self.client._stream(rpc, timeout):
+                out.write(chunk)
+        return out.result or {}
 
     async def take(self, ids: str | Iterable[str], columns: Iterable[str] | None = None, *,
                    timeout: Timeout = DEFAULT) -> pa.Table:
         return await self.client._unary(rpc_take(self.name, ids, columns), timeout)
 
     async def delete(self, ids: str | Iterable[str] | None = None, where: str | None = None, *,
-                     timeout: Timeout = DEFAULT) -> int:
-        return await self.client._unary(rpc_delete(self.name, ids, where), timeout)
+                     params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> int:
+        return await self.client._unary(rpc_delete(self.name, ids, where, params), timeout)
 
     async def optimize(self, cleanup_older_than_s: float | None = None, *,
                        timeout: Timeout = DEFAULT) -> AsyncJob:
@@ -1827,19 +2580,208 @@ class AsyncCollection:
 
     async def recall_check(self, space: str, queries: int = 50, k: int = 10,
                            where: str | None = None, tune: bool = True, *,
+                           params: Mapping[str, Any] | None = None,
                            timeout: Timeout = DEFAULT) -> AsyncJob:
-        rpc = rpc_recall_check(self.name, space, queries, k, where, tune)
+        rpc = rpc_recall_check(self.name, space, queries, k, where, tune, params)
         return await self.client._unary(rpc, timeout)
 
-    async def reindex(self, space: str, *, timeout: Timeout = DEFAULT, **params: Any) -> AsyncJob:
+    async def reindex(self, space: str, *, params: Mapping[str, Any] | None = None,
+                      timeout: Timeout = DEFAULT, **options: Any) -> AsyncJob:
         """See :meth:`Collection.reindex`."""
-        return await self.client._unary(rpc_reindex(self.name, space, params), timeout)
+        return await self.client._unary(rpc_reindex(self.name, space, options, params), timeout)
 
     async def mine(self, miner: str, size: int, *, model: str | None = None,
                    space: str | None = None, where: str | None = None,
                    reference_where: str | None = None, params: Mapping[str, Any] | None = None,
                    seed: int | None = None, reverse: bool = False, version: int | None = None,
+                   where_params: Mapping[str, Any] | None = None,
                    timeout: Timeout = DEFAULT) -> AsyncMiningJob:
         rpc = rpc_start_mining(self.name, miner, size, model, space, where, reference_where, params,
-                               seed, reverse, version)
+                               seed, reverse, version, where_params)
         return AsyncMiningJob(self.client, await self.client._unary(rpc, timeout))
+
+
+# -- datasets --------------------------------------------------------------------------------
+
+
+def _sorted_by_id(table: pa.Table) -> pa.Table:
+    """Checkout pages arrive in no particular order: the table sorted by ``id``."""
+    if "id" not in table.column_names or table.num_rows < 2:
+        return table
+    return table.take(pc.sort_indices(table.column("id")))
+
+
+class Dataset:
+    """A versioned dataset on the server: a named selection of one collection's rows.
+
+    Stage members with :meth:`add` / :meth:`remove` (by ``ids``, a ``where`` filter with
+    ``params``, or a mining ``run_id``), then :meth:`commit`: version N pins the membership
+    and the collection version, so :meth:`checkout` of N returns labels and predictions as
+    they were. Versions are ints, ``"HEAD"``, dataset tag names, or None for the working
+    state (head + staged changes, at the collection's current version).
+
+        ds = client.create_dataset("train", "pool")
+        ds.add(run_id=job.run_id)
+        ds.commit("first 500 uncertain")
+        old = ds.checkout(1)            # pyarrow.Table, sorted by id
+        ds.diff(1, 2)                   # {"added": [...], "removed": [...], "relabeled": Table}
+    """
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.name!r})"
+
+    def info(self, *, timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        """name, collection, description, created_at, head, members (at head),
+        staged_adds, staged_removes, tags (name -> version)."""
+        return self.client._unary(rpc_dataset("GetDataset", self.name), timeout)
+
+    def add(self, ids: str | Iterable[str] | None = None, where: str | None = None,
+            run_id: Any = None, params: Mapping[str, Any] | None = None, *,
+            timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        """Stage members: exactly one of ``ids`` (each must exist), ``where`` (with
+        ``params`` bound) or ``run_id`` (a SUCCEEDED run's results, or its MiningJob).
+        Returns requested, changed, unchanged, staged_adds, staged_removes."""
+        rpc = rpc_members("AddMembers", self.name, ids, where, run_id, params)
+        return self.client._unary(rpc, timeout)
+
+    def remove(self, ids: str | Iterable[str] | None = None, where: str | None = None,
+               run_id: Any = None, params: Mapping[str, Any] | None = None, *,
+               timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        """Stage the removal of members, chosen like :meth:`add`."""
+        rpc = rpc_members("RemoveMembers", self.name, ids, where, run_id, params)
+        return self.client._unary(rpc, timeout)
+
+    def status(self, *, timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        """head, staged_adds, staged_removes, members (working state),
+        head_collection_version, collection_version."""
+        return self.client._unary(rpc_dataset("GetStatus", self.name, message_to_dict), timeout)
+
+    def discard(self, *, timeout: Timeout = DEFAULT) -> int:
+        """Drop the staged changes; returns how many."""
+        rpc = rpc_dataset("Discard", self.name, lambda r: int(r.discarded))
+        return self.client._unary(rpc, timeout)
+
+    def commit(self, message: str, author: str = "", allow_empty: bool = False, *,
+               timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        """Commit the staged changes as the next version (FailedPreconditionError when
+        nothing is staged, unless ``allow_empty``: to pin newer labels of the same members).
+        Returns the commit: version, collection_version, tag, members, added, removed ..."""
+        return self.client._unary(rpc_commit(self.name, message, author, allow_empty), timeout)
+
+    def history(self, *, timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
+        """Commits, newest first."""
+        rpc = rpc_dataset("History", self.name,
+                          lambda r: [message_to_dict(c) for c in r.commits])
+        return self.client._unary(rpc, timeout)
+
+    def tag(self, version: int | str, tag: str, *, timeout: Timeout = DEFAULT) -> int:
+        """Name a committed version (``"paper-v1"``); returns the version tagged."""
+        return self.client._unary(rpc_tag_version(self.name, version, tag), timeout)
+
+    def checkout_batches(self, version: int | str | None = None,
+                         columns: Iterable[str] | None = None, page_rows: int = 8192, *,
+                         timeout: float | None = None) -> Iterator[pa.Table]:
+        """:meth:`checkout` page by page."""
+        rpc = rpc_checkout(self.name, version, columns, page_rows)
+        return self.client._stream(rpc, timeout)
+
+    def checkout(self, version: int | str | None = None, columns: Iterable[str] | None = None,
+                 page_rows: int = 8192, *, timeout: float | None = None) -> pa.Table:
+        """The members' rows as they were at ``version`` (default columns: all but vectors
+        and predictions; name ``emb_*`` / ``pred_*`` columns to get them), sorted by id
+        (when ``id`` is among the columns)."""
+        return _sorted_by_id(concat_pages(list(self.checkout_batches(version, columns, page_rows,
+                                                                     timeout=timeout))))
+
+    def members(self, version: int | str | None = None, *,
+                timeout: float | None = None) -> list[str]:
+        """Member ids at ``version``, sorted."""
+        table = self.checkout(version, ["id"], 100_000, timeout=timeout)
+        return table.column("id").to_pylist() if "id" in table.column_names else []
+
+    def diff(self, v1: int | str, v2: int | str | None = None, *,
+             timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        """From ``v1`` to ``v2`` (None: the working state): ``added`` and ``removed`` ids
+        (lists, sorted) and ``relabeled`` (Table: id, label_before, label_after)."""
+        return self.client._unary(rpc_diff(self.name, v1, v2), timeout)
+
+    def delete(self, force: bool = False, *, timeout: Timeout = DEFAULT) -> None:
+        """Delete the dataset and its history (FailedPreconditionError while changes are
+        staged, unless ``force``)."""
+        self.client._unary(rpc_delete_dataset(self.name, force), timeout)
+
+
+class AsyncDataset:
+    """:class:`Dataset` for :class:`AsyncClient`: the same methods, awaited
+    (``checkout_batches`` is an async iterator)."""
+
+    def __init__(self, client: AsyncClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"AsyncDataset({self.name!r})"
+
+    async def info(self, *, timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        return await self.client._unary(rpc_dataset("GetDataset", self.name), timeout)
+
+    async def add(self, ids: str | Iterable[str] | None = None, where: str | None = None,
+                  run_id: Any = None, params: Mapping[str, Any] | None = None, *,
+                  timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        rpc = rpc_members("AddMembers", self.name, ids, where, run_id, params)
+        return await self.client._unary(rpc, timeout)
+
+    async def remove(self, ids: str | Iterable[str] | None = None, where: str | None = None,
+                     run_id: Any = None, params: Mapping[str, Any] | None = None, *,
+                     timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        rpc = rpc_members("RemoveMembers", self.name, ids, where, run_id, params)
+        return await self.client._unary(rpc, timeout)
+
+    async def status(self, *, timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        return await self.client._unary(rpc_dataset("GetStatus", self.name, message_to_dict),
+                                        timeout)
+
+    async def discard(self, *, timeout: Timeout = DEFAULT) -> int:
+        rpc = rpc_dataset("Discard", self.name, lambda r: int(r.discarded))
+        return await self.client._unary(rpc, timeout)
+
+    async def commit(self, message: str, author: str = "", allow_empty: bool = False, *,
+                     timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        return await self.client._unary(rpc_commit(self.name, message, author, allow_empty),
+                                        timeout)
+
+    async def history(self, *, timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
+        rpc = rpc_dataset("History", self.name,
+                          lambda r: [message_to_dict(c) for c in r.commits])
+        return await self.client._unary(rpc, timeout)
+
+    async def tag(self, version: int | str, tag: str, *, timeout: Timeout = DEFAULT) -> int:
+        return await self.client._unary(rpc_tag_version(self.name, version, tag), timeout)
+
+    def checkout_batches(self, version: int | str | None = None,
+                         columns: Iterable[str] | None = None, page_rows: int = 8192, *,
+                         timeout: float | None = None) -> AsyncIterator[pa.Table]:
+        rpc = rpc_checkout(self.name, version, columns, page_rows)
+        return self.client._stream(rpc, timeout)
+
+    async def checkout(self, version: int | str | None = None,
+                       columns: Iterable[str] | None = None, page_rows: int = 8192, *,
+                       timeout: float | None = None) -> pa.Table:
+        batches = self.checkout_batches(version, columns, page_rows, timeout=timeout)
+        return _sorted_by_id(concat_pages([page async for page in batches]))
+
+    async def members(self, version: int | str | None = None, *,
+                      timeout: float | None = None) -> list[str]:
+        table = await self.checkout(version, ["id"], 100_000, timeout=timeout)
+        return table.column("id").to_pylist() if "id" in table.column_names else []
+
+    async def diff(self, v1: int | str, v2: int | str | None = None, *,
+                   timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        return await self.client._unary(rpc_diff(self.name, v1, v2), timeout)
+
+    async def delete(self, force: bool = False, *, timeout: Timeout = DEFAULT) -> None:
+        await self.client._unary(rpc_delete_dataset(self.name, force), timeout)

@@ -1,4 +1,10 @@
-"""One server interceptor for every RPC: authentication, error mapping, metrics, logs.
+"""One server interceptor for every RPC: authentication, scopes, rate limits, error
+mapping, metrics, logs.
+
+Tokens carry a scope: read-write tokens may call everything; read-only tokens only the
+methods in ``READ_ONLY_METHODS`` (an allowlist: a method added later is a write until it
+is listed here). Each token may be rate limited (a token bucket of ``rate`` calls/s with a
+burst of ``burst``): over it, RESOURCE_EXHAUSTED names the limit.
 
 Servicers raise :class:`indexing.errors.AssayError` subclasses; this wrapper turns them
 into the matching gRPC status with the error's message (never a bare UNKNOWN with a
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +31,46 @@ log = logging.getLogger("assay.rpc")
 STATUS: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
 # Open without a token: load balancers and tooling must reach these.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# What a read-only token may call (method names are unique across assay's services).
+READ_ONLY_METHODS = frozenset({
+    "ListCollections", "DescribeCollection",
+    "Search",
+    "Scan", "Count", "Take", "Page", "Aggregate", "Export",
+    "GetJob", "WatchJob", "ListJobs",
+    "ListMiners", "GetRun", "ListRuns", "RunResults",
+    "GetDataset", "ListDatasets", "GetStatus", "History", "Checkout", "Diff",
+    "Score", "ExportScorer",
+})
+
+
+class RateLimiter:
+    """A token bucket per caller: ``rate`` calls per second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int | None = None) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else max(1, int(rate)))
+        self._buckets: dict[bytes, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: bytes) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            level, last = self._buckets.get(key, (self.burst, now))
+            level = min(self.burst, level + (now - last) * self.rate)
+            if level < 1.0:
+                self._buckets[key] = (level, now)
+                return False
+            self._buckets[key] = (level - 1.0, now)
+            return True
+
+
+def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            raw = value.encode() if isinstance(value, str) else value
+            if raw.startswith(b"Bearer "):
+                return raw[len(b"Bearer "):].strip()
+    return None
 
 
 class _Abort(Exception):
@@ -55,19 +102,20 @@ class Metrics:
 
 
 class AssayInterceptor(grpc.ServerInterceptor):
-    def __init__(self, tokens: Iterable[str] = (), metrics: Metrics | None = None) -> None:
+    def __init__(self, tokens: Iterable[str] = (), metrics: Metrics | None = None, *,
+                 read_tokens: Iterable[str] = (), rate_limiter: RateLimiter | None = None) -> None:
         self._tokens = [t.encode() for t in tokens if t]
+        self._read_tokens = [t.encode() for t in read_tokens if t]
         self.metrics = metrics
+        self.rate_limiter = rate_limiter
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
         method = details.method
-        denied = None if self._authorized(method, details.invocation_metadata) else (
-            "missing or invalid token: send metadata 'authorization: Bearer <token>'"
-        )
         short = method.rsplit("/", 1)[-1]
+        denied = self._denied(method, short, details.invocation_metadata)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, short, denied),
@@ -92,24 +140,35 @@ class AssayInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _authorized(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> bool:
-        if not self._tokens or method.startswith(OPEN_PREFIXES):
-            return True
-        for key, value in metadata or ():
-            if key == "authorization":
-                raw = value.encode() if isinstance(value, str) else value
-                if raw.startswith(b"Bearer "):
-                    given = raw[len(b"Bearer "):].strip()
-                    # compare against every token so timing does not reveal which matched
-                    return any([hmac.compare_digest(given, t) for t in self._tokens])
-        return False
+    def _denied(self, method: str, short: str,
+                metadata: Iterable[tuple[str, Any]] | None) -> _Abort | None:
+        """None if the call may proceed, else the status to answer with."""
+        if method.startswith(OPEN_PREFIXES):
+            return None
+        given = _bearer(metadata)
+        key = given or b""
+        if self._tokens or self._read_tokens:
+            # compare against every token so timing does not reveal which matched
+            write = any([hmac.compare_digest(given, t) for t in self._tokens]) if given else False
+            read = any([hmac.compare_digest(given, t) for t in self._read_tokens]) if given else False
+            if not (write or read):
+                return _Abort(grpc.StatusCode.UNAUTHENTICATED,
+                              "missing or invalid token: send metadata 'authorization: Bearer <token>'")
+            if not write and short not in READ_ONLY_METHODS:
+                return _Abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"this token is read-only: {short} changes data; use a read-write token")
+        if self.rate_limiter is not None and not self.rate_limiter.allow(key):
+            return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"rate limit exceeded: {self.rate_limiter.rate:g} calls/s per token "
+                          f"(burst {self.rate_limiter.burst:g}); retry after a short wait")
+        return None
 
-    def _unary(self, behavior: Callable, method: str, denied: str | None) -> Callable:
+    def _unary(self, behavior: Callable, method: str, denied: _Abort | None) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
                 if denied:
-                    raise _Abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+                    raise denied
                 response = behavior(request, context)
             except Exception as exc:  # every failure becomes a status
                 code, message = self._status_of(exc, context, method)
@@ -120,12 +179,12 @@ class AssayInterceptor(grpc.ServerInterceptor):
 
         return wrapped
 
-    def _streaming(self, behavior: Callable, method: str, denied: str | None) -> Callable:
+    def _streaming(self, behavior: Callable, method: str, denied: _Abort | None) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             start = time.perf_counter()
             try:
                 if denied:
-                    raise _Abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+                    raise denied
                 yield from behavior(request, context)
             except GeneratorExit:  # the client went away
                 self._record(method, "CANCELLED", start)

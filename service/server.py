@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from indexing.datasets import Datasets
 from indexing.store import Store
 from service.datasets import add_datasets_servicer
-from service.interceptor import AssayInterceptor, Metrics
+from service.interceptor import AssayInterceptor, Metrics, RateLimiter
 from service.job_kinds import register_maintenance_jobs
 from service.jobs import JobManager
 from service.mining import MiningService, add_mining_servicer
@@ -52,9 +52,13 @@ class ServerConfig:
     data: str | None = None
     host: str = "127.0.0.1"
     port: int = 50051
-    tokens: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()  # read-write
+    read_tokens: tuple[str, ...] = ()  # read-only: searches, queries, results; no writes or jobs
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates it signed (mTLS)
+    rate_limit: float = 0.0  # calls per second per token (per anonymous caller without auth); 0 = off
+    rate_burst: int = 0  # calls at once above the rate; 0 = max(1, rate)
     allow_unauthenticated_remote: bool = False
     max_message_mb: int = 64
     rpc_workers: int = 16
@@ -69,8 +73,9 @@ class ServerConfig:
     def from_env(cls, **overrides: Any) -> ServerConfig:
         """Defaults, then ``ASSAY_*`` variables, then non-None ``overrides``.
 
-        ASSAY_DATA, ASSAY_HOST, ASSAY_PORT, ASSAY_TOKEN (comma-separated for several),
-        ASSAY_TLS_CERT, ASSAY_TLS_KEY, ASSAY_ALLOW_UNAUTHENTICATED_REMOTE (1/true),
+        ASSAY_DATA, ASSAY_HOST, ASSAY_PORT, ASSAY_TOKEN and ASSAY_READ_TOKEN (comma-separated
+        for several), ASSAY_TLS_CERT, ASSAY_TLS_KEY, ASSAY_TLS_CLIENT_CA, ASSAY_RATE_LIMIT,
+        ASSAY_RATE_BURST, ASSAY_ALLOW_UNAUTHENTICATED_REMOTE (1/true),
         ASSAY_MAX_MESSAGE_MB, ASSAY_RPC_WORKERS, ASSAY_JOB_WORKERS, ASSAY_MAX_JOBS,
         ASSAY_GRACE_S, ASSAY_METRICS_PORT, ASSAY_OPTIMIZE_EVERY, ASSAY_MAX_K,
         ASSAY_MAX_BATCH_ROWS.
@@ -79,11 +84,11 @@ class ServerConfig:
         cfg = cls()
         conv = {int: int, float: float, bool: lambda v: v.lower() in ("1", "true", "yes", "on")}
         for f in fields(cls):
-            key = "ASSAY_TOKEN" if f.name == "tokens" else f"ASSAY_{f.name.upper()}"
+            key = {"tokens": "ASSAY_TOKEN", "read_tokens": "ASSAY_READ_TOKEN"}.get(f.name, f"ASSAY_{f.name.upper()}")
             if key not in env or f.name == "limits":
                 continue
             raw = env[key]
-            if f.name == "tokens":
+            if f.name in ("tokens", "read_tokens"):
                 value: Any = tuple(t.strip() for t in raw.split(",") if t.strip())
             else:
                 base = {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" ")[0])
@@ -128,7 +133,10 @@ class AssayServer:
         max_bytes = config.max_message_mb * 1024 * 1024
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.rpc_workers, thread_name_prefix="assay-rpc"),
-            interceptors=[AssayInterceptor(config.tokens, self.metrics)],
+            interceptors=[AssayInterceptor(
+                config.tokens, self.metrics, read_tokens=config.read_tokens,
+                rate_limiter=RateLimiter(config.rate_limit, config.rate_burst or None) if config.rate_limit > 0 else None,
+            )],
             options=[("grpc.max_receive_message_length", max_bytes),
                      ("grpc.max_send_message_length", max_bytes),
                      ("grpc.so_reuseport", 0)],
@@ -157,19 +165,28 @@ class AssayServer:
     def start(self) -> int:
         cfg = self.config
         host = cfg.host
-        if not cfg.tokens and host not in LOOPBACK and not cfg.allow_unauthenticated_remote:
+        auth = bool(cfg.tokens or cfg.read_tokens)
+        if not auth and host not in LOOPBACK and not cfg.allow_unauthenticated_remote:
             log.warning("no token configured: binding to 127.0.0.1 instead of %s; set --token (or ASSAY_TOKEN) "
                         "to serve other hosts, or --allow-unauthenticated-remote to serve them without auth", host)
             host = "127.0.0.1"
-        elif not cfg.tokens:
+        elif not auth:
             log.warning("no token configured: every client that reaches %s has full access", host)
         self.host = host
         bind = f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
+        if cfg.tls_client_ca and not cfg.tls_cert:
+            raise ValueError("mutual TLS (--tls-client-ca) needs TLS: give --tls-cert and --tls-key too")
         if cfg.tls_cert or cfg.tls_key:
             if not (cfg.tls_cert and cfg.tls_key):
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
             with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                pair = [(k.read(), c.read())]
+            if cfg.tls_client_ca:
+                with open(cfg.tls_client_ca, "rb") as ca:
+                    creds = grpc.ssl_server_credentials(pair, root_certificates=ca.read(),
+                                                        require_client_auth=True)
+            else:
+                creds = grpc.ssl_server_credentials(pair)
             self.port = self.grpc.add_secure_port(bind, creds)
         else:
             self.port = self.grpc.add_insecure_port(bind)
@@ -184,7 +201,8 @@ class AssayServer:
             self._metrics_server, _ = start_http_server(cfg.metrics_port, addr=host, registry=self.metrics.registry)
             log.info("Prometheus metrics on http://%s:%d/metrics", host, self._metrics_server.server_port)
         log.info("assay serving %s on %s (%s, %s)", self.store.root, self.address,
-                 "TLS" if cfg.tls_cert else "plaintext", f"{len(cfg.tokens)} token(s)" if cfg.tokens else "no auth")
+                 ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext",
+                 f"{len(cfg.tokens)} read-write and {len(cfg.read_tokens)} read-only token(s)" if auth else "no auth")
         return self.port
 
     @property
