@@ -625,13 +625,15 @@ class Collection:
         wrapped = f"({where}\n)"
 
         def plan() -> str | None:
+            # Exception, not narrower: Lance *panics* on some input (SQL placeholders such as
+            # `$1` or `:name`), which surfaces as pyo3's RustPanic, not a RuntimeError.
             try:
                 self._table.search().where(wrapped).select(["id"]).limit(1).explain_plan()
-            except (RuntimeError, ValueError, OSError) as exc:
+            except Exception as exc:
                 message = _lance_message(exc)
                 try:  # name the fault in the user's own text when it parses on its own
                     self._table.search().where(where).select(["id"]).limit(1).explain_plan()
-                except (RuntimeError, ValueError, OSError) as inner:
+                except Exception as inner:
                     message = _lance_message(inner)
                 else:
                     message = "unexpected text after the end of the expression (one boolean expression only)"

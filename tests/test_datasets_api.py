@@ -24,7 +24,6 @@ from service.client import (
     AsyncClient,
     Client,
     FailedPreconditionError,
-    InternalError,
     InvalidArgumentError,
     NotFoundError,
     bind_params,
@@ -536,9 +535,6 @@ def test_hostile_filters_are_refused_by_every_rpc_and_change_nothing(client, tmp
     ds.delete()
 
 
-@pytest.mark.xfail(raises=InternalError, strict=True,
-                   reason="Collection.validate_filter lets Lance's RustPanic (an Exception, not a "
-                          "RuntimeError) through: INTERNAL instead of INVALID_ARGUMENT")
 @pytest.mark.parametrize("where", ["label = $1", "label = ?", "label = :l"])
 def test_placeholders_that_reach_the_server_unbound_are_invalid_argument(client, where):
     """Lance's planner panics on SQL placeholders; the server must answer INVALID_ARGUMENT,
