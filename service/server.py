@@ -41,6 +41,7 @@ from service.interceptor import AssayInterceptor, Metrics, RateLimiter
 from service.job_kinds import register_maintenance_jobs
 from service.jobs import JobManager
 from service.mining import MiningService, add_mining_servicer
+from service.scoring import add_scoring_servicer
 from service.servicers import Limits, TextEmbedders, add_servicers
 
 log = logging.getLogger("assay.server")
@@ -147,6 +148,7 @@ class AssayServer:
         names = add_servicers(self.grpc, self.store, self.jobs, config.limits, self.embedders,
                               datasets=self.datasets, run_ids=self.mining.runs.result_ids)
         names.append(add_mining_servicer(self.grpc, self.mining))
+        names.append(add_scoring_servicer(self.grpc, self.store, config.limits))
         names.append(add_datasets_servicer(self.grpc, self.store, self.datasets, config.limits.max_page_rows))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
