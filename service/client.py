@@ -85,6 +85,8 @@ from protos.assay.v1 import (
     mining_pb2_grpc,
     query_pb2,
     query_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
     search_pb2,
     search_pb2_grpc,
 )
@@ -1142,6 +1144,146 @@ def rpc_diff(dataset: str, v1: int | str | None, v2: int | str | None) -> Rpc:
     return Rpc("datasets", "Diff", request, parse_diff)
 
 
+# -- scoring: Score / Calibrate / ExportScorer (pure parts) --------------------------------
+
+
+SCORER_OPTIONS: Final = ("k", "novelty", "how", "logits_temperature", "energy_temperature",
+                         "detection_method", "detection_aggregate", "nms_iou", "version")
+
+
+def _thresholds(thresholds: Any) -> dict[str, float]:
+    """``{score: threshold}``, or what :meth:`Collection.calibrate` returned."""
+    if thresholds is None:
+        return {}
+    if isinstance(thresholds, Mapping) and isinstance(thresholds.get("thresholds"), Mapping):
+        thresholds = thresholds["thresholds"]
+    if not isinstance(thresholds, Mapping):
+        raise _invalid(f"thresholds must be a dict {{score: threshold}}, got {type(thresholds).__name__}")
+    try:
+        return {str(k): float(v) for k, v in thresholds.items()}
+    except (TypeError, ValueError) as exc:
+        raise _invalid(f"thresholds must be numbers: {exc}") from None
+
+
+def scorer_spec(collection: str, *, model: str | None = None, space: str | None = None,
+                reference_where: str | None = None, thresholds: Any = None,
+                **options: Any) -> scoring_pb2.ScorerSpec:
+    """What items are scored against: ``model`` (its classes), ``space`` and the reference
+    set ``reference_where`` (novelty), ``thresholds`` (keep/drop) and :data:`SCORER_OPTIONS`."""
+    unknown = sorted(set(options) - set(SCORER_OPTIONS))
+    if unknown:
+        raise _invalid(f"unknown scoring option(s) {', '.join(unknown)} (options: {', '.join(SCORER_OPTIONS)})")
+    return _message(scoring_pb2.ScorerSpec, "scoring spec", collection=collection, model=model or "",
+                    space=space or "", reference_where=reference_where or "",
+                    thresholds=_thresholds(thresholds), **options)
+
+
+def _nested_to_arrow(values: np.ndarray) -> pa.Array:
+    """(N, K, C) -> list<list<float32>> (MC-dropout or committee samples)."""
+    n, k, c = values.shape
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * k * c + 1, c, dtype=np.int32)),
+                                     pa.array(np.ascontiguousarray(values, np.float32).reshape(-1)))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), inner)
+
+
+def items_to_arrow(items: Any) -> pa.Table:
+    """Items to score as Arrow: a Table/RecordBatch, a DataFrame, a list of row dicts or a
+    dict of columns (``probs``/``logits`` (N, C), ``samples`` (N, K, C), ``embedding`` (N, d)
+    NumPy arrays or lists; ``boxes``; ``id``)."""
+    if isinstance(items, Mapping):
+        items = {k: _nested_to_arrow(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v
+                 for k, v in items.items()}
+    return to_arrow(items)
+
+
+def score_requests(spec: scoring_pb2.ScorerSpec, tables: Iterable[pa.Table], batch_rows: int
+                   ) -> Iterator[tuple[int, scoring_pb2.ScoreRequest]]:
+    """(rows, request) per batch of at most ``batch_rows`` items; the first carries the spec."""
+    if batch_rows < 1:
+        raise _invalid(f"batch_rows must be >= 1, got {batch_rows}")
+    seq = 0
+    for table in tables:
+        for start in range(0, max(1, table.num_rows), batch_rows):
+            chunk = table.slice(start, batch_rows)
+            request = scoring_pb2.ScoreRequest(seq=seq, arrow_ipc=table_to_ipc(chunk))
+            if seq == 0:
+                request.spec.CopyFrom(spec)
+            seq += 1
+            yield chunk.num_rows, request
+
+
+def _criteria(criteria: str | Iterable[str] | None) -> list[str]:
+    if criteria is None:
+        return []
+    return [criteria] if isinstance(criteria, str) else list(criteria)
+
+
+def parse_calibration(response: scoring_pb2.CalibrateResponse) -> dict[str, Any]:
+    return {"thresholds": dict(response.thresholds), "budget": response.budget,
+            "kept_fraction": response.kept_fraction, "rows": int(response.rows),
+            "version": int(response.version), "criteria": list(response.criteria)}
+
+
+def rpc_calibrate(spec: scoring_pb2.ScorerSpec, budget: float, where: str | None,
+                  criteria: str | Iterable[str] | None, max_rows: int, seed: int) -> Rpc:
+    request = _message(scoring_pb2.CalibrateRequest, "calibrate", spec=spec, where=where or "",
+                       budget=budget, criteria=_criteria(criteria), max_rows=max_rows, seed=seed)
+    return Rpc("scoring", "Calibrate", request, parse_calibration)
+
+
+def scorer_format(path: str | os.PathLike[str], format: str | None) -> str:  # noqa: A002
+    fmt = format or ("json" if os.fspath(path).lower().endswith(".json") else "npz")
+    if fmt not in ("npz", "json"):
+        raise _invalid(f"scorer bundle format must be 'npz' or 'json', got {fmt!r}")
+    return fmt
+
+
+def rpc_export_scorer(spec: scoring_pb2.ScorerSpec, fmt: str, budget: float, where: str | None,
+                      criteria: str | Iterable[str] | None, max_rows: int, seed: int, reference: str,
+                      reference_size: int) -> Rpc:
+    request = _message(scoring_pb2.ExportScorerRequest, "export_scorer", spec=spec, where=where or "",
+                       budget=budget, criteria=_criteria(criteria), max_rows=max_rows, seed=seed,
+                       reference=reference, reference_size=reference_size, format=fmt)
+    return Rpc("scoring", "ExportScorer", request)
+
+
+class ScorerFile:
+    """Bundle chunks gathered, then written to ``path`` through a temporary file once the
+    last chunk has arrived (a failed export leaves no partial file)."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: str) -> None:
+        self.path, self.format = os.fspath(path), fmt
+        self.parts: list[bytes] = []
+        self.result: dict[str, Any] | None = None
+
+    def write(self, chunk: scoring_pb2.ExportScorerChunk) -> None:
+        if self.result is not None:
+            raise error_for("INTERNAL", "export_scorer: the server sent data after the last chunk")
+        self.parts.append(chunk.data)
+        if chunk.last:
+            self.result = {"path": self.path, "format": self.format, "thresholds": dict(chunk.thresholds),
+                           "reference_rows": int(chunk.reference_rows), "bytes": int(chunk.bytes),
+                           "kept_fraction": chunk.kept_fraction}
+
+    def finish(self) -> dict[str, Any]:
+        if self.result is None:
+            raise error_for("INTERNAL", "export_scorer: the stream ended before its last chunk")
+        target = os.path.abspath(self.path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".partial",
+                                   dir=os.path.dirname(target))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for part in self.parts:
+                    fh.write(part)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return self.result
+
+
 # -- upsert input: normalisation to Arrow and encoding into requests (pure) ---------------
 
 
@@ -1764,6 +1906,7 @@ def _stubs(channel: grpc.Channel | grpc.aio.Channel) -> dict[str, Any]:
         "jobs": jobs_pb2_grpc.JobsStub(channel),
         "mining": mining_pb2_grpc.MiningStub(channel),
         "datasets": datasets_pb2_grpc.DatasetsStub(channel),
+        "scoring": scoring_pb2_grpc.ScoringStub(channel),
         "health": health_pb2_grpc.HealthStub(channel),
     }
 
@@ -1934,6 +2077,20 @@ class Client(_BaseClient):
             with cond:
                 closed = True
                 cond.notify_all()
+
+    def _score_stream(self, spec: scoring_pb2.ScorerSpec, tables: Iterable[pa.Table], batch_rows: int,
+                      timeout: float | None) -> Iterator[pa.Table]:
+        """One Score stream: requests produced on gRPC's thread, one scored table per batch.
+        Not retried (the items are not stored anywhere to resume from)."""
+        requests = (request for _, request in score_requests(spec, tables, batch_rows))
+        call = self._stub["scoring"].Score(requests, timeout=timeout, metadata=self._metadata)
+        try:
+            for response in call:
+                yield ipc_to_table(response.arrow_ipc)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
 
     # public API
 
@@ -2261,6 +2418,73 @@ class Collection:
         rpc = rpc_start_mining(self.name, miner, size, model, space, where, reference_where, params,
                                seed, reverse, version, where_params)
         return MiningJob(self.client, self.client._unary(rpc, timeout))
+
+    def score_stream(self, items: Any, *, model: str | None = None, space: str | None = None,
+                     reference_where: str | None = None, thresholds: Any = None, batch_rows: int = 4096,
+                     timeout: float | None = None, **options: Any) -> Iterator[pa.Table]:
+        """Score items that are not stored, streamed both ways: one table per batch sent,
+        as soon as the server has scored it. ``items``: what :meth:`score` takes, or an
+        iterable of such chunks (e.g. a generator over a live feed)."""
+        spec = scorer_spec(self.name, model=model, space=space, reference_where=reference_where,
+                           thresholds=thresholds, **options)
+        if isinstance(items, pa.Table | pa.RecordBatch | Mapping) or _is_dataframe(items) or _is_rows(items):
+            tables: Iterable[pa.Table] = [items_to_arrow(items)]
+        else:
+            tables = (items_to_arrow(chunk) for chunk in items)
+        yield from self.client._score_stream(spec, tables, batch_rows, timeout)
+
+    def score(self, items: Any, *, model: str | None = None, space: str | None = None,
+              reference_where: str | None = None, thresholds: Any = None, batch_rows: int = 4096,
+              timeout: float | None = None, **options: Any) -> pa.Table:
+        """Per-item scores of items that are not stored (bidirectional Scoring.Score stream).
+
+        ``items``: a dict of columns (``probs``/``logits`` (N, C), ``samples`` (N, K, C),
+        ``embedding`` (N, d), ``boxes``, ``id``), a list of row dicts, a DataFrame or an
+        Arrow table — or ``pred_<model>`` / ``emb_<space>`` columns as stored. Returns a
+        table with ``index`` (position in ``items``), ``id`` (when given), one float64
+        column per score the inputs allow (least_confidence, margin, ratio, entropy,
+        mean_entropy, variance, bald, vote_entropy, consensus_entropy, kl_to_consensus,
+        energy, detection, novelty) and ``keep``: any score >= its threshold (null without
+        ``thresholds``; pass a dict or what :meth:`calibrate` returned). Novelty is measured
+        in ``space`` against the rows matching ``reference_where`` (default: every row with a
+        vector). ``options``: k (10), novelty ("knn_distance" or "lof"), how ("kth" or
+        "mean"), logits_temperature, energy_temperature, detection_method,
+        detection_aggregate, nms_iou, version."""
+        parts = list(self.score_stream(items, model=model, space=space, reference_where=reference_where,
+                                       thresholds=thresholds, batch_rows=batch_rows, timeout=timeout,
+                                       **options))
+        return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
+
+    def calibrate(self, budget: float, *, where: str | None = None, criteria: str | Iterable[str] | None = None,
+                  model: str | None = None, space: str | None = None, reference_where: str | None = None,
+                  max_rows: int = 100_000, seed: int = 0, timeout: Timeout = DEFAULT,
+                  **options: Any) -> dict[str, Any]:
+        """Thresholds that keep about ``budget`` (e.g. 0.02: 2% of traffic) of the stored rows
+        matching ``where``, scored like streamed items (``criteria``: the scores that decide,
+        default entropy with a model and novelty with a space). Returns ``{thresholds, budget,
+        kept_fraction, rows, version, criteria}``; pass it as ``thresholds=`` to :meth:`score`."""
+        spec = scorer_spec(self.name, model=model, space=space, reference_where=reference_where, **options)
+        return self.client._unary(rpc_calibrate(spec, budget, where, criteria, max_rows, seed), timeout)
+
+    def export_scorer(self, path: str | os.PathLike[str], *, budget: float = 0.0, where: str | None = None,
+                      criteria: str | Iterable[str] | None = None, model: str | None = None,
+                      space: str | None = None, reference_where: str | None = None, thresholds: Any = None,
+                      reference: str = "sample", reference_size: int = 2048, format: str | None = None,  # noqa: A002
+                      max_rows: int = 100_000, seed: int = 0, timeout: float | None = None,
+                      **options: Any) -> dict[str, Any]:
+        """Write a scorer bundle for ``miners.edge.EdgeScorer.load(path)`` (.npz, or .json by
+        extension / ``format``): the scoring settings, thresholds (calibrated here on ``where``
+        when ``budget`` > 0, else ``thresholds``) and a compact reference set for novelty
+        (``reference``: "sample" of ``reference_size`` rows, "all", or "centroids").
+        Returns ``{path, format, thresholds, reference_rows, bytes, kept_fraction}``."""
+        fmt = scorer_format(path, format)
+        spec = scorer_spec(self.name, model=model, space=space, reference_where=reference_where,
+                           thresholds=thresholds, **options)
+        out = ScorerFile(path, fmt)
+        rpc = rpc_export_scorer(spec, fmt, budget, where, criteria, max_rows, seed, reference, reference_size)
+        for chunk in self.client._stream(rpc, timeout):
+            out.write(chunk)
+        return out.finish()
 
 
 # -- asyncio client --------------------------------------------------------------------------
@@ -2599,6 +2823,39 @@ class AsyncCollection:
         rpc = rpc_start_mining(self.name, miner, size, model, space, where, reference_where, params,
                                seed, reverse, version, where_params)
         return AsyncMiningJob(self.client, await self.client._unary(rpc, timeout))
+
+    async def score(self, items: Any, *, model: str | None = None, space: str | None = None,
+                    reference_where: str | None = None, thresholds: Any = None, batch_rows: int = 4096,
+                    timeout: float | None = None, **options: Any) -> pa.Table:
+        """See :meth:`Collection.score` (a sync stream in a worker thread, as for upserts)."""
+        col = self.client._blocking().collection(self.name)
+        return await asyncio.to_thread(partial(col.score, items, model=model, space=space,
+                                               reference_where=reference_where, thresholds=thresholds,
+                                               batch_rows=batch_rows, timeout=timeout, **options))
+
+    async def calibrate(self, budget: float, *, where: str | None = None,
+                        criteria: str | Iterable[str] | None = None, model: str | None = None,
+                        space: str | None = None, reference_where: str | None = None, max_rows: int = 100_000,
+                        seed: int = 0, timeout: Timeout = DEFAULT, **options: Any) -> dict[str, Any]:
+        """See :meth:`Collection.calibrate`."""
+        spec = scorer_spec(self.name, model=model, space=space, reference_where=reference_where, **options)
+        return await self.client._unary(rpc_calibrate(spec, budget, where, criteria, max_rows, seed), timeout)
+
+    async def export_scorer(self, path: str | os.PathLike[str], *, budget: float = 0.0, where: str | None = None,
+                            criteria: str | Iterable[str] | None = None, model: str | None = None,
+                            space: str | None = None, reference_where: str | None = None,
+                            thresholds: Any = None, reference: str = "sample", reference_size: int = 2048,
+                            format: str | None = None, max_rows: int = 100_000, seed: int = 0,  # noqa: A002
+                            timeout: float | None = None, **options: Any) -> dict[str, Any]:
+        """See :meth:`Collection.export_scorer`."""
+        fmt = scorer_format(path, format)
+        spec = scorer_spec(self.name, model=model, space=space, reference_where=reference_where,
+                           thresholds=thresholds, **options)
+        out = ScorerFile(path, fmt)
+        rpc = rpc_export_scorer(spec, fmt, budget, where, criteria, max_rows, seed, reference, reference_size)
+        async for chunk in self.client._stream(rpc, timeout):
+            out.write(chunk)
+        return await asyncio.to_thread(out.finish)
 
 
 # -- datasets --------------------------------------------------------------------------------
