@@ -353,14 +353,16 @@ def calibrate_thresholds(scores: Mapping[str, np.ndarray], budget: float,
     """Thresholds that keep about ``budget`` (a fraction in ``(0, 1)``) of the items whose
     ``scores`` are given (the reference pool), with the rule of :func:`decide`.
 
-    One criterion: ``t`` is the ``ceil(budget N)``-th largest score, so the pool keeps that
-    many items (more only on ties at ``t``). Several criteria: every criterion fires above
-    the same quantile level ``q`` of its own pool distribution (with ``F_i`` the empirical
-    CDF, item ``n`` is kept iff ``max_i F_i(s_ni) > q``); ``q`` is chosen so that this union
-    keeps ``ceil(budget N)`` items, and ``t_i`` is the smallest pool score of criterion ``i``
-    with ``F_i > q`` (``+inf``: that criterion never fires). NaN scores (items lacking the
-    input) never fire and count towards ``N``. On data from the pool's distribution the kept
-    fraction is ``budget`` up to sampling error (``~ sqrt(budget (1 - budget) / N)``).
+    ``n_keep = ceil(budget N)``. One criterion: ``t`` is the ``n_keep``-th largest score, so the
+    pool keeps exactly ``n_keep`` items (more only on ties at ``t``). Several criteria: every
+    criterion fires above (about) the same quantile level of its own pool distribution.
+    With ``F_i`` the empirical CDF of criterion ``i``, each pair (criterion ``i``, item ``n``)
+    is an event at level ``F_i(s_ni)``; thresholds are lowered event by event, by decreasing
+    level (ties: criteria in the given order), each event setting ``t_i = s_ni``, until the
+    union of the fired items reaches ``n_keep``. ``t_i = +inf`` when criterion ``i`` never
+    had to fire. NaN scores (items lacking the input) never fire and count towards ``N``. On
+    data from the pool's distribution the kept fraction is ``budget`` up to sampling error
+    (``~ sqrt(budget (1 - budget) / N)``).
 
     Raises:
         ValueError: budget outside ``(0, 1)``, no criteria, unknown criterion, or a pool too
@@ -382,27 +384,30 @@ def calibrate_thresholds(scores: Mapping[str, np.ndarray], budget: float,
     n = len(cols[0])
     if any(len(c) != n for c in cols):
         raise ValueError("every criterion needs one score per pool item")
-    n_keep = math.ceil(b * n - 1e-9)
     if n == 0 or b * n < 1:
         raise ValueError(f"a budget of {b:g} needs at least {math.ceil(1 / b)} calibration rows; got {n}")
-    sorted_vals, cdfs, level = [], [], np.zeros(n)
-    for s in cols:
-        finite = s[~np.isnan(s)]
-        v = np.sort(finite)
-        f = np.searchsorted(v, v, side="right") / n  # F at each sorted value (ties share it)
-        sorted_vals.append(v)
-        cdfs.append(f)
-        u = np.zeros(n)
-        ok = ~np.isnan(s)
-        u[ok] = np.searchsorted(v, s[ok], side="right") / n
-        level = np.maximum(level, u)
-    # keep the items with level > q, q = the (n_keep + 1)-th largest level (0 below the pool)
-    desc = np.sort(level)[::-1]
-    q = desc[n_keep] if n_keep < n else 0.0
+    n_keep = math.ceil(b * n - 1e-9)
+    levels, crits, items, values = [], [], [], []
+    for i, s in enumerate(cols):
+        ok = np.flatnonzero(~np.isnan(s))
+        v = np.sort(s[ok])
+        levels.append(np.searchsorted(v, s[ok], side="right") / n)
+        crits.append(np.full(len(ok), i))
+        items.append(ok)
+        values.append(s[ok])
+    level, crit, item, value = (np.concatenate(a) for a in (levels, crits, items, values))
+    if len(np.unique(item)) < n_keep:
+        raise ValueError(f"only {len(np.unique(item))} of {n} calibration items have a score for "
+                         f"{', '.join(names)}; a budget of {b:g} needs {n_keep}")
+    order = np.lexsort((-value, crit, -level))  # by level (desc), criterion, value (desc)
+    crit, item, value = crit[order], item[order], value[order]
+    # the event at which each item is first fired; the n_keep-th of those ends the calibration
+    _, first = np.unique(item, return_index=True)
+    stop = int(np.sort(first)[n_keep - 1]) + 1
     out: dict[str, float] = {}
-    for name, v, f in zip(names, sorted_vals, cdfs, strict=True):
-        above = np.flatnonzero(f > q)
-        out[name] = float(v[above[0]]) if len(above) else math.inf
+    for i, name in enumerate(names):
+        fired = value[:stop][crit[:stop] == i]
+        out[name] = float(fired.min()) if len(fired) else math.inf
     return out
 
 
