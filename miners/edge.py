@@ -8,7 +8,7 @@ service (``col.export_scorer("scorer.npz", budget=0.02, ...)`` in the client, or
     from miners.edge import EdgeScorer
 
     scorer = EdgeScorer.load("scorer.npz")            # or .json
-    out = scorer.score(probs=p, embeddings=h)         # dict: entropy, margin, ..., novelty, keep
+    out = scorer.score(probs=p, embedding=h)          # dict: entropy, margin, ..., novelty, keep
     send = items[out["keep"]]
 
 This module imports NumPy and the assay miners' NumPy-only formula modules
@@ -231,7 +231,7 @@ def detection_item_scores(boxes: Sequence[Any] | None, *, method: str = "entropy
     return out
 
 
-def prepare_vectors(vectors: np.ndarray, *, dim: int, normalize: bool, name: str = "embeddings") -> np.ndarray:
+def prepare_vectors(vectors: np.ndarray, *, dim: int, normalize: bool, name: str = "embedding") -> np.ndarray:
     """``(N, dim)`` float32 query vectors as the reference set stores them: L2-normalised
     (float32 division, as the store normalises on write) when ``normalize``.
     ``ValueError`` on a wrong dimension, NaN/inf, or a zero vector to normalise."""
@@ -452,7 +452,7 @@ class EdgeScorer:
 
     # -- scoring ---------------------------------------------------------------------
 
-    def score(self, *, probs: Any = None, logits: Any = None, samples: Any = None, embeddings: Any = None,
+    def score(self, *, probs: Any = None, logits: Any = None, samples: Any = None, embedding: Any = None,
               boxes: Sequence[Any] | None = None, validate: bool = True) -> dict[str, np.ndarray]:
         """Scores of ``N`` items (any inputs; see the module docstring) and ``keep`` (bool;
         absent without thresholds). Same formulas and decision as the server's ``Score``."""
@@ -466,10 +466,10 @@ class EdgeScorer:
         if boxes is not None:
             out["detection"] = detection_item_scores(boxes, method=self.detection_method,
                                                      aggregate=self.detection_aggregate, nms_iou=self.nms_iou)
-        if embeddings is not None:
+        if embedding is not None:
             if self.reference is None:
                 raise ValueError("this scorer has no reference set: it cannot score novelty")
-            q = prepare_vectors(embeddings, dim=self.dim, normalize=self.normalize)
+            q = prepare_vectors(embedding, dim=self.dim, normalize=self.normalize)
             out["novelty"] = self.reference.scores(q)
         sizes = {len(v) for v in out.values()}
         if len(sizes) > 1:

@@ -812,17 +812,36 @@ class ScoringService:
                       if novelty_ref is not None else 0, "kept_fraction": kept, "bytes": len(data)}
 
 
-def _centroids(vectors: np.ndarray, n: int, seed: int, normalize: bool) -> np.ndarray:
-    """k-means centres of the reference vectors (unit length again for normalised spaces)."""
-    from sklearn.cluster import KMeans, MiniBatchKMeans
+def _nearest(x: np.ndarray, centres: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Index of the nearest centre of each row (squared Euclidean), in row blocks."""
+    c2 = (centres * centres).sum(axis=1)
+    out = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), block):
+        xb = x[s:s + block]
+        out[s:s + block] = np.argmin(c2[None, :] - 2.0 * (xb @ centres.T), axis=1)
+    return out
 
-    n = min(n, len(vectors))
-    if n == len(vectors):
-        centres = np.asarray(vectors, dtype=np.float32)
-    else:
-        km: Any = (KMeans(n_clusters=n, n_init=1, random_state=seed) if len(vectors) <= 50_000 else
-                   MiniBatchKMeans(n_clusters=n, n_init=3, random_state=seed, batch_size=max(4096, 4 * n)))
-        centres = np.asarray(km.fit(vectors).cluster_centers_, dtype=np.float32)
+
+def _centroids(vectors: np.ndarray, n: int, seed: int, normalize: bool, iters: int = 20) -> np.ndarray:
+    """``n`` k-means centres of the reference vectors (Lloyd from ``n`` distinct seeded rows,
+    fitted on at most ``max(20 n, 50,000)`` of them; unit length again for normalised spaces).
+    NumPy only: a reference of millions of rows is summarised from a sample."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(vectors, dtype=np.float64)
+    n = min(n, len(x))
+    fit = max(20 * n, 50_000)
+    if len(x) > fit:
+        x = x[np.sort(rng.choice(len(x), fit, replace=False))]
+    centres = x[rng.choice(len(x), n, replace=False)].copy()
+    for _ in range(iters if n < len(x) else 0):
+        labels = _nearest(x, centres)
+        counts = np.bincount(labels, minlength=n)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, labels, x)
+        moved = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
+        if np.allclose(moved, centres, rtol=0, atol=1e-9):
+            break
+        centres = moved
     if normalize:
         norms = np.linalg.norm(centres, axis=1, keepdims=True)
         centres = centres / np.where(norms == 0, 1, norms)
