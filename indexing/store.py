@@ -677,6 +677,7 @@ class Collection:
         where = self.validate_filter(where)
         if (limit is not None and limit < 0) or offset < 0 or batch_size < 1:
             raise InvalidArgument("limit and offset must be >= 0 and batch_size >= 1")
+        _check_row_count(limit, offset)
         table = self._table if version is None else self.at_version(version)
         q = table.search().select(cols).limit(limit)
         if where:
@@ -689,7 +690,7 @@ class Collection:
         """A read-only handle on an old version (number or tag) of this collection."""
         try:
             return self.store._db.open_table(self.name, version=version)
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (ValueError, RuntimeError, OSError, TypeError, OverflowError) as exc:  # a number past u64
             raise NotFound(f"collection '{self.name}' has no version {version!r}") from exc
 
     def _select(self, where: str | None, columns: list[str], *, limit: int | None = None,
@@ -715,6 +716,7 @@ class Collection:
         where = self.validate_filter(where)
         if (limit is not None and limit < 0) or offset < 0:
             raise InvalidArgument("limit and offset must be >= 0")
+        _check_row_count(limit, offset)
         return self._select(where, cols, limit=limit, offset=offset)
 
     def take(self, ids: Sequence[str], columns: Sequence[str] | None = None, *,
@@ -767,6 +769,10 @@ class Collection:
             )
         if not np.isfinite(q).all():
             raise InvalidArgument(f"query vector for space '{space}' contains NaN or infinity")
+        if spec.metric == "cosine" and not np.linalg.norm(q, axis=1).all():
+            # Its cosine distance to anything is undefined: Lance would answer no rows at all.
+            raise InvalidArgument(f"query vector for space '{space}' is the zero vector, which has no "
+                                  "cosine distance to anything")
         cols = self._check_columns(columns)
         where = self.validate_filter(where)
         indexed = self.vector_index(space) is not None and not exact
@@ -984,6 +990,14 @@ def _group_ids(result: pa.Table, n: int) -> list[list[str]]:
     for qi, i in zip(result.column("query_index").to_pylist(), result.column("id").to_pylist(), strict=True):
         out[qi].append(i)
     return out
+
+
+_MAX_ROWS = 2**63 - 1
+
+
+def _check_row_count(limit: int | None, offset: int) -> None:
+    if (limit or 0) > _MAX_ROWS or offset > _MAX_ROWS:
+        raise InvalidArgument(f"limit and offset must be at most {_MAX_ROWS} (2^63 - 1)")
 
 
 def _outside_quotes(sql: str) -> str:

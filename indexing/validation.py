@@ -91,7 +91,9 @@ def prepare_upsert(
     spaces: Mapping[str, SpaceSpec],
     models: Mapping[str, ModelSpec],
 ) -> PreparedBatch:
-    table = to_arrow_table(data).combine_chunks()
+    table = to_arrow_table(data)
+    check_arrow_data(table)  # before anything reads the buffers
+    table = table.combine_chunks()
     if table.num_rows == 0:
         raise InvalidArgument("the batch has no rows")
     names = table.column_names
@@ -143,6 +145,43 @@ def prepare_upsert(
     fields = [ID_FIELD] + [pa.field(n, a.type) for n, a in columns.items() if n != "id"]
     out.table = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields))
     return out
+
+
+def check_arrow_data(table: pa.Table) -> None:
+    """Full Arrow validation of every column: offsets inside their buffers, valid UTF-8 in
+    strings. A batch decoded from the wire is not validated by the IPC reader, and reading
+    inconsistent buffers can crash the process or store bytes Lance cannot read back."""
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except (pa.ArrowInvalid, pa.ArrowException) as exc:
+            detail = str(exc).split("Invalid: ", 1)[-1]
+            if "UTF8" in detail and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                row = _first_invalid_utf8(column)
+                if row is not None:
+                    raise InvalidArgument(f"column '{name}': row {row} is not valid UTF-8 ({detail})",
+                                          field=name, row=row) from None
+            raise InvalidArgument(f"column '{name}' holds invalid Arrow data: {detail}",
+                                  field=name) from None
+
+
+def _first_invalid_utf8(column: pa.ChunkedArray) -> int | None:
+    """The first row whose bytes are not UTF-8 (only on the error path)."""
+    start = 0
+    for chunk in column.chunks:
+        binary = chunk.view(pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary())
+        try:
+            binary.validate(full=True)  # offsets must hold before the values are read
+        except pa.ArrowException:
+            return None
+        for i, value in enumerate(binary.to_pylist()):
+            if value is not None:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return start + i
+        start += len(chunk)
+    return None
 
 
 def _row_name(ids: pa.Array, row: int) -> str:

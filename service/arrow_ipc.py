@@ -31,7 +31,9 @@ def ipc_to_table(data: bytes | bytearray | memoryview) -> pa.Table:
     """Read Arrow IPC stream bytes into a table.
 
     Raises ValueError when the bytes are not a complete Arrow IPC stream (empty, truncated,
-    the file format instead of the stream format, or not Arrow at all).
+    the file format instead of the stream format, or not Arrow at all), or when its buffers
+    are inconsistent (offsets outside their data, strings that are not UTF-8): the reader
+    does not check those, and reading such buffers can crash the process.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ValueError(f"Arrow IPC stream: expected bytes, got {type(data).__name__}")
@@ -39,6 +41,13 @@ def ipc_to_table(data: bytes | bytearray | memoryview) -> pa.Table:
         raise ValueError("Arrow IPC stream: got 0 bytes (a stream starts with its schema)")
     try:
         with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
-            return reader.read_all()
+            table = reader.read_all()
     except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, ArrowIOError, ...
         raise ValueError(f"malformed Arrow IPC stream ({len(data)} bytes): {exc}") from exc
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowException as exc:
+            detail = str(exc).split("Invalid: ", 1)[-1]
+            raise ValueError(f"invalid Arrow data in column '{name}': {detail}") from None
+    return table
