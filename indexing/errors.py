@@ -51,3 +51,21 @@ class ResourceExhausted(AssayError):
 
 class EmbedderLoadError(FailedPrecondition):
     """A model could not be loaded; the message says what was tried and how to fix it."""
+
+
+_FILTER_RUNTIME = "Error applying filter expression"
+
+
+def filter_runtime_error(exc: BaseException) -> InvalidArgument | None:
+    """The caller's error hidden in a Lance failure, if it is one: a filter that plans
+    (so :meth:`~indexing.store.Collection.validate_filter` accepted it) but fails on the
+    data when it runs — a CAST of a value that does not convert, a division by zero. Lance
+    raises those as RuntimeError/ArrowInvalid from the scan; they are INVALID_ARGUMENT,
+    not internal errors. None for anything else."""
+    message = str(exc)
+    if _FILTER_RUNTIME not in message:
+        return None
+    detail = message.split(_FILTER_RUNTIME, 1)[1].split(", /")[0]  # drop the Rust source location
+    detail = detail.removeprefix(" to batch").lstrip(": ").replace("Arrow error: ", "").strip()
+    return InvalidArgument(f"the filter failed while running on the rows: {detail}; fix the filter "
+                           "(compare values of the same type, guard divisions)")

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from indexing.errors import AssayError
+from indexing.errors import AssayError, filter_runtime_error
 
 log = logging.getLogger("assay.rpc")
 
@@ -71,6 +71,20 @@ def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
             if raw.startswith(b"Bearer "):
                 return raw[len(b"Bearer "):].strip()
     return None
+
+
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A status message short enough for the trailing metadata: gRPC clients drop a call
+    whose metadata passes 8 KB (and answer RESOURCE_EXHAUSTED about metadata instead of the
+    real error), and a message that echoes a long filter would. The start (what failed)
+    and the end (why) are kept."""
+    if len(message) <= limit:
+        return message
+    half = limit // 2
+    return f"{message[:half]} ... [{len(message) - 2 * half} characters cut] ... {message[-half:]}"
 
 
 class _Abort(Exception):
@@ -208,6 +222,12 @@ class AssayInterceptor(grpc.ServerInterceptor):
             code, message = context.code(), context.details() or ""
             if isinstance(message, bytes):
                 message = message.decode(errors="replace")
+        elif (mapped := filter_runtime_error(exc)) is not None:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, mapped.message
+        elif isinstance(exc, grpc.RpcError) and not context.is_active():
+            # Reading the request stream of a call that already ended (the client cancelled,
+            # its deadline passed, or gRPC refused an oversized message): nothing to answer.
+            code, message = grpc.StatusCode.CANCELLED, "the call ended while its requests were being read"
         else:
             request_id = uuid.uuid4().hex[:12]
             log.error("internal error in %s (request id %s)", method, request_id, exc_info=exc)
@@ -215,7 +235,7 @@ class AssayInterceptor(grpc.ServerInterceptor):
             message = f"internal error (request id {request_id}); the server log has the details"
         if code != grpc.StatusCode.INTERNAL:
             log.info("%s -> %s: %s", method, code.name, message)
-        return code, message
+        return code, clip_message(message)
 
     def _record(self, method: str, code: str, start: float) -> None:
         seconds = time.perf_counter() - start

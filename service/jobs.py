@@ -27,7 +27,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from indexing.errors import AssayError, InvalidArgument, NotFound, ResourceExhausted
+from indexing.errors import (
+    AssayError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    filter_runtime_error,
+)
 from indexing.store import Collection, Store
 
 log = logging.getLogger("assay.jobs")
@@ -320,6 +326,9 @@ class JobManager:
         except AssayError as exc:
             self._finish(job_id, FAILED, error=exc.message, error_code=exc.code, message="failed")
         except Exception as exc:  # a job's bug must not take the worker down
+            if (mapped := filter_runtime_error(exc)) is not None:  # the caller's filter, not a bug
+                self._finish(job_id, FAILED, error=mapped.message, error_code=mapped.code, message="failed")
+                return
             log.exception("job %s failed", job_id)
             self._finish(job_id, FAILED, error=f"{type(exc).__name__}: {exc}", error_code="INTERNAL",
                          message="failed")

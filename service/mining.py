@@ -16,7 +16,13 @@ from typing import Any
 import pyarrow as pa
 from google.protobuf import json_format, struct_pb2
 
-from indexing.errors import AssayError, FailedPrecondition, InvalidArgument, ResourceExhausted
+from indexing.errors import (
+    AssayError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    filter_runtime_error,
+)
 from indexing.store import Collection, Store
 from miners import registry
 from miners.runner import MiningRequest, run_mining, validate_request
@@ -24,7 +30,7 @@ from miners.runs import RunRecord, RunStore
 from protos.assay.v1 import common_pb2, jobs_pb2, mining_pb2, mining_pb2_grpc
 from service.arrow_ipc import table_to_ipc
 from service.jobs import JobCancelled, JobContext, JobKind, JobManager
-from service.servicers import TextEmbedders, job_to_proto
+from service.servicers import TextEmbedders, job_to_proto, struct_params
 
 
 class MiningService:
@@ -48,7 +54,8 @@ class MiningService:
             params = {**params, "seed_vectors": [*params["seed_vectors"], *vectors.astype(float).tolist()],
                       "seed_texts": []}
         if not self.jobs.has_capacity():
-            raise ResourceExhausted(f"the job queue is full ({self.jobs.max_queued} jobs); try again later")
+            raise ResourceExhausted(f"the job queue is full: {self.jobs.max_queued} jobs are pending or running, "
+                                    "the limit (max_jobs); try again later")
         rec = self.runs.new_run(
             collection=col.name, miner=req.miner, size=req.size, seed=req.seed,
             version=col.version if req.version is None else int(col.at_version(req.version).version),
@@ -82,7 +89,9 @@ class MiningService:
             self.runs.update(rec, state="FAILED", finished_at=time.time(), error=exc.message)
             raise
         except Exception as exc:
-            self.runs.update(rec, state="FAILED", finished_at=time.time(), error=f"{type(exc).__name__}: {exc}")
+            mapped = filter_runtime_error(exc)  # a filter that fails on the data: the caller's error
+            error = mapped.message if mapped is not None else f"{type(exc).__name__}: {exc}"
+            self.runs.update(rec, state="FAILED", finished_at=time.time(), error=error)
             raise
         rec = self.runs.update(rec, state="SUCCEEDED", progress=1.0, results=len(out.ids),
                                rows_scanned=out.rows_scanned, rows_skipped=out.rows_skipped,
@@ -147,7 +156,7 @@ class MiningServicer(mining_pb2_grpc.MiningServicer):
         ])
 
     def StartMining(self, request, context):  # noqa: N802
-        params = json_format.MessageToDict(request.params) if request.HasField("params") else {}
+        params = struct_params(request)
         # Struct numbers arrive as floats: give integral ones back their int type.
         params = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in params.items()}
         req = MiningRequest(

@@ -159,6 +159,30 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def struct_params(request: Any) -> dict[str, Any]:
+    """A request's ``params`` Struct as a dict. A Struct may carry NaN or infinity, which
+    JSON (and so the parameter record) cannot hold: INVALID_ARGUMENT naming the parameter."""
+    if not request.HasField("params"):
+        return {}
+    try:
+        return json_format.MessageToDict(request.params)
+    except ValueError as exc:
+        bad = [k for k, v in request.params.fields.items() if not _finite_value(v)]
+        raise InvalidArgument(f"parameter(s) {', '.join(sorted(bad)) or '?'}: NaN and infinity are not "
+                              f"valid values ({exc})") from None
+
+
+def _finite_value(value: Any) -> bool:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return bool(np.isfinite(value.number_value))
+    if kind == "list_value":
+        return all(_finite_value(v) for v in value.list_value.values)
+    if kind == "struct_value":
+        return all(_finite_value(v) for v in value.struct_value.fields.values())
+    return True
+
+
 def _columns(req_columns: Any) -> list[str] | None:
     return list(req_columns) or None
 
@@ -171,6 +195,10 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         self.datasets = datasets
 
     def CreateCollection(self, request, context):  # noqa: N802 — gRPC method names
+        for what, names in (("space", [s.name for s in request.spaces]), ("model", [m.name for m in request.models])):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise InvalidArgument(f"{what} name(s) given more than once: {', '.join(dup)}")
         col = self.store.create_collection(
             request.collection,
             spaces={s.name: space_from_proto(s) for s in request.spaces},
@@ -232,7 +260,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             try:
                 table = ipc_to_table(request.arrow_ipc)
             except ValueError as exc:
-                raise InvalidArgument(f"batch {request.seq}: arrow_ipc is not an Arrow IPC stream ({exc})") from exc
+                raise InvalidArgument(f"batch {request.seq}: arrow_ipc is not a valid Arrow IPC stream ({exc})") from exc
             if table.num_rows > self.limits.max_batch_rows:
                 raise ResourceExhausted(
                     f"batch {request.seq}: {table.num_rows} rows; the limit is {self.limits.max_batch_rows} "
@@ -555,7 +583,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_EXPORT_CHUNK = 1 << 20
+_EXPORT_CHUNK = (1 << 20) - (64 << 10)  # fits in the smallest message limit (1 MB) with its envelope
 _CURSOR_VERSION = 1
 
 
@@ -592,8 +620,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self.jobs = jobs
 
     def StartJob(self, request, context):  # noqa: N802
-        params = json_format.MessageToDict(request.params) if request.HasField("params") else {}
-        return job_to_proto(self.jobs.start(request.kind, request.collection, params))
+        return job_to_proto(self.jobs.start(request.kind, request.collection, struct_params(request)))
 
     def GetJob(self, request, context):  # noqa: N802
         return job_to_proto(self.jobs.get(request.job_id))
@@ -607,6 +634,10 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         return job_to_proto(self.jobs.cancel(request.job_id))
 
     def ListJobs(self, request, context):  # noqa: N802
+        unknown = sorted(set(request.states) - set(_STATE_NAMES))
+        if unknown:
+            raise InvalidArgument(f"unknown job state(s) {', '.join(map(str, unknown))} "
+                                  f"(known: {', '.join(f'{v}={k}' for v, k in sorted(_STATE_NAMES.items()) if v)})")
         states = {_STATE_NAMES[s] for s in request.states} or None
         recs = self.jobs.list(collection=request.collection or None, states=states, limit=request.limit or 100)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(r) for r in recs])
