@@ -183,31 +183,31 @@ def _values(arr: pa.Array, name: str) -> np.ndarray:
 
 
 def _class_matrix(arr: pa.Array, name: str, c: int | None, ids: pa.Array | None, what: str
-                  ) -> tuple[np.ndarray, int]:
-    """list<float> (C per row) -> (n, C) float64 with NaN rows for nulls; C checked."""
+                  ) -> tuple[np.ndarray | None, int | None]:
+    """list<float> (C per row) -> (n, C) float64 with NaN rows for nulls (None when every
+    row is null); C checked against ``c``, or taken from the first row when ``c`` is None."""
     if not _is_list(arr.type):
         raise InvalidArgument(f"column '{name}': expected a list of {c or 'C'} numbers per item, got {arr.type}")
     valid = _valid(arr)
     rows = np.flatnonzero(valid)
+    if not len(rows):
+        return None, c
     lengths = _lengths(arr)[rows]
-    if c is None and len(rows):
+    if c is None:
         c = int(lengths[0])
-    if len(rows):
-        bad = lengths != c
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise InvalidArgument(f"column '{name}': {_row(ids, int(rows[i]))} has {int(lengths[i])} values; "
-                                  f"{what} has {c} classes")
-    if (c or 0) < 2 and len(rows):
+    bad = lengths != c
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidArgument(f"column '{name}': {_row(ids, int(rows[i]))} has {int(lengths[i])} values; "
+                              f"{what} has {c} classes")
+    if c < 2:
         raise InvalidArgument(f"column '{name}': items need at least 2 class values; got {c}")
-    out = np.full((len(arr), c or 2), np.nan)
-    if len(rows):
-        out[rows] = _values(arr.filter(pa.array(valid)), name).reshape(len(rows), c)
-        finite = np.isfinite(out[rows]).all(axis=1)
-        if not finite.all():
-            raise InvalidArgument(f"column '{name}': {_row(ids, int(rows[np.argmin(finite)]))} contains NaN or "
-                                  "infinity")
-    return out, c or 0
+    out = np.full((len(arr), c), np.nan)
+    out[rows] = _values(arr.filter(pa.array(valid)), name).reshape(len(rows), c)
+    finite = np.isfinite(out[rows]).all(axis=1)
+    if not finite.all():
+        raise InvalidArgument(f"column '{name}': {_row(ids, int(rows[np.argmin(finite)]))} contains NaN or infinity")
+    return out, c
 
 
 def _check_probs(p: np.ndarray, rows: np.ndarray, name: str, ids: pa.Array | None, owner: np.ndarray | None = None
@@ -294,11 +294,10 @@ def parse_items(table: pa.Table, *, model: ModelSpec | None, space: SpaceSpec | 
     for name in ("probs", "logits"):
         if name in cols:
             m, c = _class_matrix(cols[name], name, c, ids, what)
-            if name == "probs":
-                rows = np.flatnonzero(~np.isnan(m[:, 0]))
-                _check_probs(m, rows, name, ids)
+            if m is not None and name == "probs":
+                _check_probs(m, np.flatnonzero(~np.isnan(m[:, 0])), name, ids)
                 items.probs = m
-            else:
+            elif m is not None:
                 items.logits = m
     if "samples" in cols:
         items.samples, c = _samples(cols["samples"], c, ids, what)
@@ -312,11 +311,14 @@ def parse_items(table: pa.Table, *, model: ModelSpec | None, space: SpaceSpec | 
     return items, c
 
 
-def _samples(arr: pa.Array, c: int | None, ids: pa.Array | None, what: str) -> tuple[np.ndarray, int | None]:
+def _samples(arr: pa.Array, c: int | None, ids: pa.Array | None, what: str
+             ) -> tuple[np.ndarray | None, int | None]:
     if not (_is_list(arr.type) and _is_list(arr.type.value_type)):
         raise InvalidArgument(f"column 'samples': expected K lists of C probabilities per item, got {arr.type}")
     valid = _valid(arr)
     rows = np.flatnonzero(valid)
+    if not len(rows):
+        return None, c
     ks = _lengths(arr)[rows]
     if len(rows) and (ks != ks[0]).any():
         i = int(np.argmax(ks != ks[0]))
