@@ -309,3 +309,26 @@ def test_detections_score_like_the_detection_miner(server, client):
               "probs": [b["probs"] for b in r["pred_det"]["boxes"]] or None} for r in rows]
     local = scorer.score(boxes=boxes)["detection"]
     np.testing.assert_allclose(local, [want[r["id"]] for r in rows], rtol=1e-6)  # float32 as stored
+
+
+def test_asyncio_client(server, tmp_path, col, held_out):
+    import asyncio
+
+    from service.client import AsyncClient
+
+    items = {"probs": held_out["probs"][:50], "embedding": held_out["embedding"][:50]}
+    opts = dict(model="m", space="e", reference_where="split = 'ref'")
+    sync = col.score(items, **opts)
+
+    async def main():
+        async with AsyncClient(server.address) as client:
+            acol = client.collection("traffic")
+            cal = await acol.calibrate(0.1, where="split = 'cal'", criteria=["entropy"], model="m")
+            out = await acol.score(items, thresholds=cal, **opts)
+            info = await acol.export_scorer(tmp_path / "a.json", thresholds=cal, **opts)
+            return cal, out, info
+
+    cal, out, info = asyncio.run(main())
+    assert out.drop_columns(["keep"]).equals(sync.drop_columns(["keep"]))
+    assert out.column("keep").to_pylist() == (sync.column("entropy").to_numpy() >= cal["thresholds"]["entropy"]).tolist()
+    assert EdgeScorer.load(tmp_path / "a.json").thresholds == cal["thresholds"] == info["thresholds"]
