@@ -39,7 +39,7 @@ READ_ONLY_METHODS = frozenset({
     "GetJob", "WatchJob", "ListJobs",
     "ListMiners", "GetRun", "ListRuns", "RunResults",
     "GetDataset", "ListDatasets", "GetStatus", "History", "Checkout", "Diff",
-    "Score", "ExportScorer",
+    "Score", "Calibrate", "ExportScorer",
 })
 
 
