@@ -317,9 +317,29 @@ def summarize_runs(runs: Sequence[Mapping[str, Any]], targets: Sequence[float] =
         row["repeats"] = int(rs[0].get("repeats", 1))
         row["final_acc"] = float(np.median([r["acc"][-1] for r in rs]))
         row["final_labels"] = int(np.median([r["labels"][-1] for r in rs]))
-        row["round_s"] = float(np.median([np.median(r["timings"]["round_s"] or [0]) for r in rs]))
-        row["service_s"] = float(np.median([np.median(r["timings"]["service_s"] or [0]) for r in rs]))
+        for k in ("round_s", "service_s", "fit_s", "mine_s", "upsert_s"):
+            row[k] = float(np.median([_timing(r, k) for r in rs]))
         out.append(row)
+    return out
+
+
+def _timing(run: Mapping[str, Any], key: str) -> float:
+    """Median seconds per round of one timing (a list per round, or its stored summary)."""
+    t = run["timings"].get(key)
+    if isinstance(t, Mapping):
+        return float(t["median"])
+    return float(np.median(t)) if t else 0.0
+
+
+def stored(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run as saved in the JSON: picks as pool indices (ids are ``pool_ids``), timings as
+    total and median per round, accuracies to 6 decimals."""
+    out = {k: v for k, v in run.items() if k != "pick_ids"}
+    out["acc"] = [round(float(a), 6) for a in run["acc"]]
+    out["timings"] = {k: v if isinstance(v, Mapping) else
+                      {"total": round(float(np.sum(v)), 4), "median": round(float(np.median(v)) if v else 0.0, 4)}
+                      for k, v in run["timings"].items()}
+    out["setup_s"] = round(float(run["setup_s"]), 4)
     return out
 
 
@@ -962,7 +982,7 @@ def _finite(o: Any) -> Any:
 def _dump(doc: Mapping[str, Any], path: Path) -> None:
     """Written atomically; labels-to-target values that were never reached are null."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
+    tmp.write_text(json.dumps(_finite(doc), separators=(",", ":"), allow_nan=False))
     tmp.replace(path)
 
 
@@ -1121,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
                 "summary": summary, "goals": evaluate_goals(summary) if summary else [], "runs": runs}
 
     def checkpoint(r: dict[str, Any]) -> None:
-        runs.append(r)
+        runs.append(stored(r))
         _dump(document(False), json_path)
 
     if args.workers <= 1:
