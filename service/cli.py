@@ -586,6 +586,16 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``assay bench al ...``: the active-learning simulation (bench/al.py; needs the source tree)."""
+    try:
+        from bench import al
+    except ImportError:
+        print("assay bench needs the repository's bench/ folder: run it from a source checkout", file=sys.stderr)
+        return 2
+    return al.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="assay", description="Embedding search and mining for active learning.")
     parser.add_argument("--log-level", default=os.environ.get("ASSAY_LOG_LEVEL", "WARNING"))
@@ -692,6 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tune", action="store_true", help="measure only; do not raise nprobes")
     p.set_defaults(func=cmd_recall)
     add_curation_parsers(sub, remote)
+    p = sub.add_parser("bench", help="benchmarks: 'assay bench al --help' (active-learning simulation)")
+    p.add_argument("suite", choices=["al"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
