@@ -1033,17 +1033,24 @@ class Runner:
 _PROCESS: dict[str, Any] = {}
 
 
-def _init_process(server: str | None, token: str | None, datasets: dict[str, Dataset], cfg: SimConfig) -> None:
-    """Worker-process initialiser: one Runner (and server) per process, closed at exit."""
-    from multiprocessing import util
-
+def run_task(t: Task, datasets: Mapping[str, Dataset], cfg: SimConfig, server: str | None,
+             token: str | None) -> dict[str, Any]:
+    """One run; without ``server``, on a fresh private server and data folder (so run and
+    job records of earlier runs never slow the next one down)."""
     runner = Runner(server, token)
-    _PROCESS.update(runner=runner, datasets=datasets, cfg=cfg)
-    util.Finalize(None, runner.close, exitpriority=10)
+    try:
+        return runner.run(t, datasets, cfg)
+    finally:
+        runner.close()
+
+
+def _init_process(server: str | None, token: str | None, datasets: dict[str, Dataset], cfg: SimConfig) -> None:
+    _PROCESS.update(server=server, token=token, datasets=datasets, cfg=cfg)
 
 
 def _run_in_process(t: Task) -> dict[str, Any]:
-    return _PROCESS["runner"].run(t, _PROCESS["datasets"], _PROCESS["cfg"])
+    p = _PROCESS
+    return run_task(t, p["datasets"], p["cfg"], p["server"], p["token"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1073,10 +1080,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="results JSON (default OUT/al.json)")
     p.add_argument("--markdown", type=Path, default=None, help="markdown report (default OUT/al.md)")
     p.add_argument("--resume", action="store_true", help="skip runs already in the results JSON")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: re-render the tables, goals and plots from the results JSON")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quick", action="store_true",
                    help="digits and repeated_digits, key strategies, 3 seeds (a few minutes)")
     args = p.parse_args(argv)
+    if args.report_only:
+        args.resume = True
     if args.quick:
         args.datasets, args.strategies, args.seeds = "digits,repeated_digits", "key", 3
     return args
@@ -1119,6 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
         prior_runtime = float(old.get("runtime_s", 0.0))
         done = {(r["dataset"], r["learner"], r["strategy"], r["seed"]) for r in runs}
         tasks = [t for t in tasks if (t.dataset, t.learner, t.strategy, t.seed) not in done]
+    if args.report_only:
+        tasks = []
     seeds = sorted({t.seed for t in tasks} | {r["seed"] for r in runs})
     print(f"assay bench al: {len(tasks)} runs ({len(runs)} already done) on {', '.join(datasets)}; "
           f"results in {args.out}", flush=True)
@@ -1145,12 +1158,8 @@ def main(argv: list[str] | None = None) -> int:
         _dump(document(False), json_path)
 
     if args.workers <= 1:
-        runner = Runner(args.server, args.token)
-        try:
-            for t in tasks:
-                checkpoint(runner.run(t, datasets, cfg))
-        finally:
-            runner.close()
+        for t in tasks:
+            checkpoint(run_task(t, datasets, cfg, args.server, args.token))
     elif tasks:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
