@@ -258,26 +258,13 @@ class Datasets:
         self._run_ids = run_ids
         self._writes = 0
         self._lock = _store_lock(store)
-        self._datasets = self._open(DATASETS_TABLE, _DATASETS_SCHEMA, "name")
-        self._changes = self._open(CHANGES_TABLE, _CHANGES_SCHEMA, None)
-        self._commits = self._open(COMMITS_TABLE, _COMMITS_SCHEMA, None)
-        self._tags = self._open(TAGS_TABLE, _TAGS_SCHEMA, None)
+        self._datasets = self.store.system_table(DATASETS_TABLE, _DATASETS_SCHEMA, "name")
+        self._changes = self.store.system_table(CHANGES_TABLE, _CHANGES_SCHEMA, None)
+        self._commits = self.store.system_table(COMMITS_TABLE, _COMMITS_SCHEMA, None)
+        self._tags = self.store.system_table(TAGS_TABLE, _TAGS_SCHEMA, None)
         self._duck = duckdb.connect()
         self._cache: OrderedDict[tuple[str, float, int], pa.Array] = OrderedDict()
         self._cache_lock = threading.Lock()
-
-    def _open(self, name: str, schema: pa.Schema, key: str | None) -> Any:
-        db = self.store._db
-        try:
-            return db.open_table(name)
-        except (ValueError, FileNotFoundError):
-            try:
-                table = db.create_table(name, schema=schema)
-                if key:
-                    table.set_unenforced_primary_key(key)
-                return table
-            except (ValueError, OSError):  # created concurrently
-                return db.open_table(name)
 
     # -- datasets ------------------------------------------------------------------
 

@@ -223,6 +223,20 @@ class Store:
             log.info("created collection %s (%d spaces, %d models)", name, len(space_specs), len(model_specs))
             return col
 
+    def system_table(self, name: str, schema: pa.Schema, key: str | None = None) -> lancedb.table.Table:
+        """Open (creating it if missing) one of assay's own tables under the root — ``_jobs``,
+        ``_runs``, ``_datasets``... — with ``key`` as its unenforced primary key."""
+        try:
+            return self._db.open_table(name)
+        except (ValueError, FileNotFoundError):
+            try:
+                table = self._db.create_table(name, schema=schema)
+                if key:
+                    table.set_unenforced_primary_key(key)
+                return table
+            except (ValueError, OSError):  # created concurrently
+                return self._db.open_table(name)
+
     def collection(self, name: str) -> Collection:
         check_collection_name(name)
         with self._lock:

@@ -105,21 +105,8 @@ class RunStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._runs = self._open(RUNS_TABLE, _RUNS_SCHEMA, "run_id")
-        self._results = self._open(RESULTS_TABLE, _RESULTS_SCHEMA, None)
-
-    def _open(self, name: str, schema: pa.Schema, key: str | None) -> Any:
-        db = self.store._db
-        try:
-            return db.open_table(name)
-        except (ValueError, FileNotFoundError):
-            try:
-                table = db.create_table(name, schema=schema)
-                if key:
-                    table.set_unenforced_primary_key(key)
-                return table
-            except (ValueError, OSError):  # created concurrently
-                return db.open_table(name)
+        self._runs = self.store.system_table(RUNS_TABLE, _RUNS_SCHEMA, "run_id")
+        self._results = self.store.system_table(RESULTS_TABLE, _RESULTS_SCHEMA, None)
 
     def new_run(self, **fields: Any) -> RunRecord:
         rec = RunRecord(run_id=uuid.uuid4().hex, created_at=time.time(), **fields)

@@ -144,16 +144,7 @@ class JobManager:
     # -- persistence -------------------------------------------------------------
 
     def _open_table(self) -> Any:
-        db = self.store._db
-        try:
-            return db.open_table(JOBS_TABLE)
-        except (ValueError, FileNotFoundError):
-            try:
-                table = db.create_table(JOBS_TABLE, schema=_JOBS_SCHEMA)
-                table.set_unenforced_primary_key("id")
-                return table
-            except (ValueError, OSError):  # created concurrently
-                return db.open_table(JOBS_TABLE)
+        return self.store.system_table(JOBS_TABLE, _JOBS_SCHEMA, "id")
 
     def _recover(self) -> None:
         rows = self._table.search().limit(None).to_arrow().to_pylist()
