@@ -296,6 +296,11 @@ class Collection:
         self._table = table
         self._schema_lock = threading.RLock()
         self._optimize_lock = threading.Lock()
+        # Commits of this process's writers, one at a time: concurrent merge_inserts that touch
+        # the same fragments conflict in Lance and retry with backoff (8 clients updating
+        # rows: upsert p99 8-12 s, against 1.2 s queued here, and more writes per second).
+        # Writers in other processes (a Ray job) still meet Lance's conflict handling.
+        self._write_lock = threading.Lock()
         self._writes_since_optimize = 0
         self._maintenance: threading.Thread | None = None
         # Schema-derived lookups, valid for one table version (see _cached).
@@ -457,12 +462,13 @@ class Collection:
                     prepared = prepare_upsert(data, current=self.schema, spaces=self.spaces,
                                               models=self.models)
         batch = self._with_timestamps(prepared.table)
-        result = (
-            self._table.merge_insert("id")
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute(batch)
-        )
+        with self._write_lock:
+            result = (
+                self._table.merge_insert("id")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute(batch)
+            )
         self._after_write()
         return UpsertResult(
             inserted=int(result.num_inserted_rows),
@@ -511,7 +517,8 @@ class Collection:
         batch = pa.Table.from_arrays(
             [table.column(f.name).cast(f.type) for f in fields], schema=pa.schema(fields)
         )
-        result = self._table.merge_insert("id").when_matched_update_all().execute(batch)
+        with self._write_lock:
+            result = self._table.merge_insert("id").when_matched_update_all().execute(batch)
         self._after_write()
         return int(result.num_updated_rows)
 
@@ -571,13 +578,15 @@ class Collection:
                 pred = ids_predicate(ids[start:start + ID_CHUNK])
                 n = self._table.count_rows(pred)
                 if n:
-                    self._table.delete(pred)
+                    with self._write_lock:
+                        self._table.delete(pred)
                     deleted += n
         else:
             pred = self.validate_filter(where)
             deleted = self._table.count_rows(pred)
             if deleted:
-                self._table.delete(pred)
+                with self._write_lock:
+                    self._table.delete(pred)
         if deleted:
             self._after_write()
         return deleted, self.version
@@ -594,8 +603,12 @@ class Collection:
         def run() -> None:
             try:
                 self._optimize_locked(cleanup=True)
-            except Exception:  # maintenance must never take the process down
-                log.exception("automatic optimize of %s failed", self.name)
+            except Exception as exc:  # maintenance must never take the process down
+                if _commit_conflict(exc):  # busy with writes: the next write's turn will retry
+                    log.warning("automatic optimize of %s skipped: concurrent writes kept preempting it",
+                                self.name)
+                else:
+                    log.exception("automatic optimize of %s failed", self.name)
             finally:
                 self._optimize_lock.release()
 
@@ -889,7 +902,17 @@ class Collection:
         if self._table.count_rows() > 0:
             # Compaction and index update through lancedb (its indexes, its Lance version);
             # version cleanup is done below so that tagged versions are kept, not an error.
-            self._table.optimize(cleanup_older_than=_NEVER)
+            # A concurrent update of rows being rewritten preempts the compaction's commit
+            # ("retryable commit conflict"): try again a few times before giving up.
+            for attempt in range(_OPTIMIZE_ATTEMPTS):
+                try:
+                    self._table.optimize(cleanup_older_than=_NEVER)
+                    break
+                except Exception as exc:
+                    if not _commit_conflict(exc) or attempt == _OPTIMIZE_ATTEMPTS - 1:
+                        raise
+                    log.info("optimize of %s preempted by a concurrent write; retrying", self.name)
+                    time.sleep(0.05 * 2**attempt)
             for name, spec in self.spaces.items():
                 if spec.index.kind == "flat" or self.vector_index(name) is not None:
                     continue
@@ -1007,6 +1030,11 @@ def _group_ids(result: pa.Table, n: int) -> list[list[str]]:
 
 
 _MAX_ROWS = 2**63 - 1
+_OPTIMIZE_ATTEMPTS = 4
+
+
+def _commit_conflict(exc: BaseException) -> bool:
+    return "Retryable commit conflict" in str(exc)
 
 
 def _check_row_count(limit: int | None, offset: int) -> None:
