@@ -25,7 +25,7 @@ test: env
 lint: env
 	$(UV) run --frozen ruff check .
 
-BENCHES := store service mining_scan uncertainty density diversity
+BENCHES := store service mining_scan uncertainty density diversity soak
 
 # Every benchmark at its default size (~25 minutes on 2 cores); bench-quick: ~3 minutes.
 bench: env

@@ -1,0 +1,329 @@
+"""Soak: many clients mixing searches, upserts, queries/pages and mining runs against one
+server for minutes, reporting latency percentiles per operation and the server's memory
+over time.
+
+A server is started in this process (``start_server(ServerConfig(data=tmp, port=0))``);
+``--clients`` threads (default 16), each with its own :class:`service.client.Client`,
+loop for ``--minutes`` (default 5) over a weighted mix of operations on one collection
+(``--rows`` initial rows of ``--dim``-d vectors, a 4-class model's probabilities, a few
+fields):
+
+* ``search``: k=10 nearest neighbours of a random vector, half of them with the prefilter
+  ``split = 'pool'``;
+* ``upsert``: a batch of ``--batch`` rows, half new ids and half updates of existing ones
+  (concurrent writers of the same ids: merge on the declared primary key);
+* ``query``: a count, a filtered scan with a limit, or two pages of a paged scan;
+* ``mine``: a ``margin`` run of size 20 on the unlabeled rows, waited for, results read.
+
+Every failure is counted as an error (there should be none). At the end: every inserted
+id is there once (``count`` = initial rows + rows acknowledged as inserted).
+
+How to read the table
+---------------------
+Per operation: p50 and p99 latency over the whole run (``assay``), and the p50 of the
+last ``--window`` seconds against the p50 of the first (``reference``, same run): the
+ratio (first / last) below 1 means the operation got slower as the collection and the
+process aged. Memory: the process RSS (server and clients share it) at the end against
+its value after setup; ``RSS over time`` lists the samples. Absolute figures depend on
+the (shared, noisy) machine.
+
+Usage::
+
+    uv run python bench/soak.py [--minutes 5] [--clients 16] [--rows 20000] [--dim 64]
+        [--batch 20] [--window 30] [--quick] [--json PATH]
+
+``tests/test_load.py`` runs the same workload for a few seconds (``run_load``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+# Run as a script, this file's folder (bench/) comes first on sys.path, where service.py
+# would shadow the ``service`` package: put the repository root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+from bench.common import Report, machine, pct, render  # noqa: E402
+from service.client import Client  # noqa: E402
+
+OPS = ("search", "upsert", "query", "mine")
+WEIGHTS = {"search": 0.45, "upsert": 0.25, "query": 0.25, "mine": 0.05}
+CLASSES = ["a", "b", "c", "d"]
+COLLECTION = "soak"
+SPACE = "v"
+MODEL = "m"
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (psutil when installed, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+    return int(psutil.Process().memory_info().rss)
+
+
+@dataclass
+class LoadResult:
+    seconds: float
+    clients: int
+    latencies: dict[str, list[tuple[float, float]]]  # op -> (start offset s, seconds)
+    errors: list[str]
+    rss: list[tuple[float, int]]  # (offset s, bytes); the first is after setup
+    inserted: int = 0
+    initial_rows: int = 0
+    final_rows: int = 0
+    distinct_ids: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stats(self, op: str, since: float = 0.0, until: float = float("inf")) -> dict[str, float]:
+        xs = [s for t, s in self.latencies[op] if since <= t < until]
+        if not xs:
+            return {"calls": 0, "p50_ms": float("nan"), "p99_ms": float("nan")}
+        return {"calls": len(xs), "p50_ms": pct(xs, 50) * 1e3, "p99_ms": pct(xs, 99) * 1e3}
+
+    @property
+    def rss_growth(self) -> int:
+        return max(b for _, b in self.rss) - self.rss[0][1]
+
+    def summary(self) -> str:
+        lines = [f"{self.clients} clients for {self.seconds:.1f}s, {len(self.errors)} errors"]
+        for op in OPS:
+            s = self.stats(op)
+            lines.append(f"  {op:7s} {s['calls']:6d} calls  p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms")
+        lines.append(f"  RSS {self.rss[0][1] / 2**20:.0f} MB after setup, peak {max(b for _, b in self.rss) / 2**20:.0f}"
+                     f" MB, end {self.rss[-1][1] / 2**20:.0f} MB (growth {self.rss_growth / 2**20:.0f} MB)")
+        lines.append(f"  rows {self.initial_rows} + {self.inserted} inserted = {self.final_rows} "
+                     f"({self.distinct_ids} distinct ids)")
+        return "\n".join(lines)
+
+
+class Workload:
+    """The collection and the operations of the mix; ``op_*`` take a client and an RNG."""
+
+    def __init__(self, *, rows: int = 5000, dim: int = 32, batch: int = 20, seed: int = 0) -> None:
+        self.rows, self.dim, self.batch, self.seed = rows, dim, batch, seed
+        self._next_id = 0
+        self._ids_lock = threading.Lock()
+        self.inserted = 0
+
+    def _rows(self, rng: np.random.Generator, ids: list[str]) -> dict[str, Any]:
+        n = len(ids)
+        probs = rng.dirichlet(np.ones(len(CLASSES)), n).astype(np.float32)
+        probs /= probs.sum(axis=1, keepdims=True)
+        labeled = rng.random(n) < 0.3
+        return {
+            "id": ids,
+            "split": ["train" if x else "pool" for x in labeled],
+            "label": [CLASSES[int(rng.integers(len(CLASSES)))] if x else None for x in labeled],
+            "n": rng.integers(0, 1000, n),
+            "emb_" + SPACE: rng.standard_normal((n, self.dim)).astype(np.float32),
+            "pred_" + MODEL: pa.array([{"probs": p.tolist()} for p in probs]),
+        }
+
+    def new_ids(self, n: int) -> list[str]:
+        with self._ids_lock:
+            start, self._next_id = self._next_id, self._next_id + n
+        return [f"n{i:09d}" for i in range(start, start + n)]
+
+    def setup(self, client: Client) -> None:
+        col = client.create_collection(COLLECTION, spaces={SPACE: self.dim}, models={MODEL: CLASSES})
+        rng = np.random.default_rng(self.seed)
+        for start in range(0, self.rows, 10_000):
+            ids = [f"i{i:09d}" for i in range(start, min(self.rows, start + 10_000))]
+            col.upsert(self._rows(rng, ids))
+
+    def op_search(self, client: Client, rng: np.random.Generator) -> None:
+        where = "split = 'pool'" if rng.random() < 0.5 else None
+        hits = client.collection(COLLECTION).search(
+            SPACE, rng.standard_normal(self.dim).astype(np.float32), k=10, where=where, columns=["id", "n"])
+        assert hits.num_rows == 10, hits.num_rows
+
+    def op_upsert(self, client: Client, rng: np.random.Generator) -> None:
+        half = self.batch // 2
+        old = [f"i{i:09d}" for i in rng.choice(self.rows, self.batch - half, replace=False)]
+        summary = client.collection(COLLECTION).upsert(self._rows(rng, self.new_ids(half) + old))
+        assert summary.inserted == half and summary.updated == self.batch - half, summary
+        with self._ids_lock:
+            self.inserted += summary.inserted
+
+    def op_query(self, client: Client, rng: np.random.Generator) -> None:
+        col = client.collection(COLLECTION)
+        kind = int(rng.integers(3))
+        lo = int(rng.integers(0, 900))
+        where = f"n >= {lo} AND n < {lo + 100}"
+        if kind == 0:
+            assert col.count(where) >= 0
+        elif kind == 1:
+            assert col.query(where, columns=["id", "n", "label"], limit=200).num_rows <= 200
+        else:
+            page = col.page(where, columns=["id", "n"], page_rows=100)
+            if not page.last:
+                col.page(where, columns=["id", "n"], page_rows=100, cursor=page.next_cursor)
+
+    def op_mine(self, client: Client, rng: np.random.Generator) -> None:
+        job = client.collection(COLLECTION).mine("margin", 20, model=MODEL, where="split = 'pool'",
+                                                 seed=int(rng.integers(1 << 30)))
+        job.wait(timeout=300)
+        assert job.state == "SUCCEEDED", (job.state, job.error)
+        assert job.results().num_rows == 20
+
+
+def run_load(address: str, workload: Workload, *, clients: int = 16, seconds: float = 12.0,
+             seed: int = 0, sample_every: float = 0.5,
+             on_sample: Callable[[float, int], None] | None = None) -> LoadResult:
+    """``clients`` threads, each with its own Client, run the weighted mix for ``seconds``;
+    the RSS of this process is sampled every ``sample_every`` seconds."""
+    ops = {op: getattr(workload, f"op_{op}") for op in OPS}
+    names = list(WEIGHTS)
+    weights = np.asarray([WEIGHTS[n] for n in names])
+    weights = weights / weights.sum()
+    latencies: dict[str, list[tuple[float, float]]] = {op: [] for op in OPS}
+    errors: list[str] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+    rss = [(0.0, rss_bytes())]
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(sample_every):
+            t, b = time.perf_counter() - t0, rss_bytes()
+            rss.append((t, b))
+            if on_sample is not None:
+                on_sample(t, b)
+
+    def worker(i: int) -> None:
+        rng = np.random.default_rng([seed, i])
+        first = True  # each client starts with a different operation: all four are run
+        with Client(address, timeout=120) as client:
+            while (start := time.perf_counter()) < stop_at:
+                op = OPS[i % len(OPS)] if first else names[int(rng.choice(len(names), p=weights))]
+                first = False
+                try:
+                    ops[op](client, rng)
+                except Exception as exc:  # every failure is reported, none is expected
+                    with lock:
+                        errors.append(f"{op}: {type(exc).__name__}: {exc}"[:500])
+                    continue
+                with lock:
+                    latencies[op].append((start - t0, time.perf_counter() - start))
+
+    watcher = threading.Thread(target=sampler, daemon=True)
+    watcher.start()
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    elapsed = time.perf_counter() - t0
+    rss.append((elapsed, rss_bytes()))
+    result = LoadResult(seconds=elapsed, clients=clients, latencies=latencies, errors=errors, rss=rss,
+                        inserted=workload.inserted, initial_rows=workload.rows)
+    with Client(address, timeout=120) as client:
+        ids = client.collection(COLLECTION).query(columns=["id"]).column("id")
+        result.final_rows = len(ids)
+        result.distinct_ids = len(set(ids.to_pylist()))
+    return result
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=5.0, help="how long the clients run")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--rows", type=int, default=20_000, help="initial rows")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=20, help="rows per upsert")
+    p.add_argument("--window", type=float, default=30.0,
+                   help="seconds at the start and at the end compared (p50 drift)")
+    p.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="30 seconds, 5k rows")
+    p.add_argument("--json", type=str, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.minutes, args.rows, args.window, args.sample = 0.5, 5_000, 10.0, 2.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.server import ServerConfig, start_server
+
+    args = parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)
+    report = Report(machine=machine(), params=dict(vars(args)))
+    m = report.machine
+    print("# assay soak\n")
+    print(f"- machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, {m['platform']}")
+    print(f"- {args.clients} clients (threads of this process, each its own Client) for "
+          f"{args.minutes:g} min against one in-process server; {args.rows:,} initial rows, dim "
+          f"{args.dim}, {args.batch}-row upserts; mix {WEIGHTS}\n", flush=True)
+    seconds = args.minutes * 60
+    with tempfile.TemporaryDirectory(prefix="assay-soak-") as tmp:
+        server = start_server(ServerConfig(data=tmp, port=0, grace_s=2))
+        try:
+            workload = Workload(rows=args.rows, dim=args.dim, batch=args.batch, seed=args.seed)
+            with Client(server.address, timeout=300) as client:
+                workload.setup(client)
+            print("RSS over time (s, MB):", flush=True)
+            result = run_load(server.address, workload, clients=args.clients, seconds=seconds,
+                              seed=args.seed, sample_every=args.sample,
+                              on_sample=lambda t, b: print(f"  {t:7.1f}  {b / 2**20:8.1f}", flush=True))
+        finally:
+            server.stop(2)
+    window = min(args.window, result.seconds / 2)
+    for op in OPS:
+        whole = result.stats(op)
+        first, last = result.stats(op, 0, window), result.stats(op, result.seconds - window)
+        report.add(f"{op} p50 (ms): run / first {window:.0f}s", whole["p50_ms"], first["p50_ms"], kind="info", unit="ms")
+        report.add(f"{op} p99 (ms): run", whole["p99_ms"], None, kind="info", unit="ms")
+        report.add(f"{op} p50 (ms): last {window:.0f}s / first {window:.0f}s", last["p50_ms"], first["p50_ms"],
+                   kind="latency", unit="ms")
+        report.add(f"{op} calls", whole["calls"], None, kind="info", unit="count")
+    start_mb, end_mb = result.rss[0][1] / 2**20, result.rss[-1][1] / 2**20
+    report.add("RSS (MB): end / after setup", end_mb, start_mb, kind="cost", unit="MB")
+    report.add("RSS (MB): peak", max(b for _, b in result.rss) / 2**20, None, kind="info", unit="MB")
+    report.add("errors", len(result.errors), 0, kind="info", unit="count")
+    print(f"\n## results ({result.seconds:.0f}s)\n")
+    print(render(report))
+    print("\nratio: first-window p50 / last-window p50 (below 1: slower at the end); RSS: "
+          "after setup / end (below 1: the process grew). " + result.summary().splitlines()[-1].strip())
+    if result.errors:
+        print(f"\n{len(result.errors)} errors, the first: " + "\n  ".join(result.errors[:5]))
+    ok = not result.errors and result.final_rows == result.distinct_ids == result.initial_rows + result.inserted
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": report.machine, "params": report.params, "rows": [asdict(r) for r in report.rows],
+                       "rss": result.rss, "errors": result.errors,
+                       "stats": {op: result.stats(op) for op in OPS}}, fh, indent=2, default=str)
+        print(f"\nwrote {args.json}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
