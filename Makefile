@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint bench bench-quick protos clean
+.PHONY: env demo test lint bench bench-quick bench-full protos clean
 
 env: .venv/.assay-synced
 
@@ -27,12 +27,18 @@ lint: env
 
 BENCHES := store service mining_scan uncertainty density diversity soak
 
-# Every benchmark at its default size (~25 minutes on 2 cores); bench-quick: ~3 minutes.
+# bench: every benchmark (BENCHES with --quick, the soak, the reduced active-learning plan) in
+# about 20 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).
+# bench-quick: the scripts only, --quick (~4 minutes). bench-full: default sizes and the full
+# active-learning protocol (hours). Extra options: make bench BENCH_ARGS="--skip soak".
 bench: env
-	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(UV) run --frozen python bench/$$b.py || exit 1; done
+	$(UV) run --frozen python -m bench.run_all --benches "$(BENCHES)" $(BENCH_ARGS)
 
 bench-quick: env
-	@for b in $(BENCHES); do echo "== bench/$$b.py --quick"; $(UV) run --frozen python bench/$$b.py --quick || exit 1; done
+	$(UV) run --frozen python -m bench.run_all --benches "$(BENCHES)" --skip al $(BENCH_ARGS)
+
+bench-full: env
+	$(UV) run --frozen python -m bench.run_all --benches "$(BENCHES)" --full $(BENCH_ARGS)
 
 protos: env
 	$(UV) run --frozen python -m protos.generate

@@ -75,6 +75,7 @@ class Dataset:
     noise: float = 0.0
     standardize: bool = False
     source: str = ""
+    source_name: str = ""  # how the command line named it (a built-in name or a path)
 
     @property
     def n_classes(self) -> int:
@@ -809,7 +810,7 @@ def evaluate_goals(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 
     def lab(r: Mapping[str, Any]) -> str:
         v = r["to_90"]["median"]
-        return f"{r['learner']}/{r['strategy']} {'never' if math.isinf(v) else f'{v:g}'}"
+        return f"{r['learner']}/{r['strategy']} {'not reached' if math.isinf(v) else f'{v:g}'}"
 
     digits = [r for r in rows("digits") if r["strategy"] != "random"]
     best = _best(digits)
@@ -819,7 +820,7 @@ def evaluate_goals(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     else:
         goals.append({"goal": "digits: best strategy reaches 90% with <= 70 labels (median)",
                       "met": best["to_90"]["median"] <= 70,
-                      "detail": f"best {lab(best)} labels; " + ", ".join(
+                      "detail": f"best {lab(best)}; " + ", ".join(
                           lab(r) for r in rows("digits") if r["strategy"] in ("random", "margin", "ratio"))})
     rep = {r["strategy"]: r for r in rows("repeated_digits", "mlp")}
     if {"batchbald", "bald", "random"} <= set(rep):
@@ -956,7 +957,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         render_goals(doc["goals"]),
         "",
         "## label efficiency",
-        render_tables(doc["summary"], c["budget"]),
+        render_tables(doc["summary"], c["budget"], c.get("checkpoints", CHECKPOINTS)),
         "",
     ]
     if doc.get("plots"):
@@ -1062,6 +1063,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a user dataset: arrays X, y, optional X_test, y_test (repeatable)")
     p.add_argument("--learners", default="logreg,mlp")
     p.add_argument("--strategies", default="all", help="all, key, or a comma-separated list")
+    p.add_argument("--plan", default=None, metavar="DS:LEARNER[:STRATEGIES];...",
+                   help="run exactly these (dataset, learner, strategies) combinations instead of "
+                        "the product of --datasets, --learners and --strategies")
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1")
     p.add_argument("--seed-list", default=None, help="explicit seeds, e.g. 3,7 (overrides --seeds)")
     p.add_argument("--initial-per-class", type=int, default=2)
@@ -1094,23 +1098,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace, datasets: Mapping[str, Dataset]) -> list[Task]:
+    """The runs, seed-major: every (dataset, learner, strategy) for seed 0, then seed 1, ...
+    so that a run cut short (``--resume`` continues it) has results for everything."""
+    tasks = _plan(args, datasets)
+    return sorted(tasks, key=lambda t: (t.seed, list(datasets).index(t.dataset)))  # stable: keeps the rest
+
+
+def _plan(args: argparse.Namespace, datasets: Mapping[str, Dataset]) -> list[Task]:
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     learners = [x.strip() for x in args.learners.split(",") if x.strip()]
     bad = [x for x in learners if x not in LEARNERS]
     if bad:
         raise SystemExit(f"unknown learners {bad}: use {', '.join(LEARNERS)}")
+    if args.plan:
+        tasks = []
+        for ds, lr, spec in parse_plan(args.plan):
+            if lr not in LEARNERS:
+                raise SystemExit(f"--plan: unknown learner {lr!r}: use {', '.join(LEARNERS)}")
+            name = next(k for k, v in datasets.items() if v.source_name == ds)
+            tasks += [Task(name, lr, s, seed) for s in resolve_strategies(spec)
+                      if applicable(STRATEGIES[s], lr) for seed in seeds]
+        return tasks
     strategies = resolve_strategies(args.strategies)
     return [Task(ds, lr, s, seed) for ds in datasets for lr in learners for s in strategies
             if applicable(STRATEGIES[s], lr) for seed in seeds]
+
+
+def parse_plan(text: str) -> list[tuple[str, str, str]]:
+    """``"digits:logreg:random,margin; repeated_digits:mlp:key"`` → (dataset, learner,
+    strategies) triples; the strategies default to all."""
+    out = []
+    for part in text.replace("\n", ";").split(";"):
+        if not part.strip():
+            continue
+        fields = [f.strip() for f in part.strip().split(":")]
+        if len(fields) not in (2, 3) or not all(fields):
+            raise SystemExit(f"--plan entry {part.strip()!r}: use DATASET:LEARNER[:STRATEGIES]")
+        out.append((fields[0], fields[1], fields[2] if len(fields) == 3 else "all"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if args.plan:
+        names = list(dict.fromkeys(ds for ds, _, _ in parse_plan(args.plan)))
     datasets: dict[str, Dataset] = {}
     for n in [*names, *args.dataset]:
         ds = load_dataset(n, repeats=args.repeats, noise=args.noise)
+        ds.source_name = n
         datasets[ds.name] = ds
     if not datasets:
         raise SystemExit("no dataset: give --datasets and/or --dataset PATH.npz")
@@ -1140,12 +1177,14 @@ def main(argv: list[str] | None = None) -> int:
     order = {n: i for i, n in enumerate(datasets)}
     s_order = {n: i for i, n in enumerate(STRATEGIES)}
 
+    checkpoints = [c for c in CHECKPOINTS if c <= cfg.budget]
+
     def document(final: bool) -> dict[str, Any]:
         runs.sort(key=lambda r: (order.get(r["dataset"], 99), r["learner"], s_order.get(r["strategy"], 99),
                                  r["seed"]))
-        summary = summarize_runs(runs) if runs else []
+        summary = summarize_runs(runs, checkpoints=checkpoints) if runs else []
         return {"command": command.strip(), "machine": machine_info(),
-                "config": {**asdict(cfg), "seeds": seeds, "learners": args.learners,
+                "config": {**asdict(cfg), "seeds": seeds, "checkpoints": checkpoints, "learners": args.learners,
                            "strategies": args.strategies, "repeats": args.repeats, "noise": args.noise},
                 "datasets": {k: v.source for k, v in datasets.items()},
                 "strategies": {k: {"miner": s.miner, "prefilter": s.prefilter, "family": s.family, "params": s.params(cfg.batch),

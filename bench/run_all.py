@@ -1,0 +1,217 @@
+"""``make bench``: every benchmark in one run, one report.
+
+    python -m bench.run_all [--benches "store service ..."] [--full] [--out bench/results]
+                            [--skip al,soak] [--al-workers 2]
+
+Runs each ``bench/<name>.py`` of ``--benches`` (the Makefile's ``BENCHES``), then
+``bench/soak.py`` when it exists, then the active-learning simulation (``bench.al``), each in
+its own process, and writes
+
+* ``<out>/latest.md``: the machine, the command, per benchmark its runtime and its own
+  report (tables of assay against a reference measured in the same run, ratio column);
+* ``<out>/latest.json``: the same as data (each script's ``--json`` output, the simulation's
+  summary and goals); the raw files beside it under ``<out>/latest/``.
+
+Sizes: by default every script runs with ``--quick`` and the simulation with a reduced
+plan (digits with both learners and the key strategies, repeated-noisy digits with
+random / BALD / BatchBALD; 3 seeds, budget 200, 2 worker processes), which together fit
+in about 20 minutes on 2 cores. ``--full`` runs every script at its default size (about 25
+minutes) and the simulation's full protocol (4 datasets × both learners × every strategy ×
+10 seeds: hours on 2 cores; see README "Does it work?").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BENCHES = ("store", "service", "mining_scan", "uncertainty", "density", "diversity")
+# The reduced simulation plan of `make bench` (see the module docstring).
+AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_coreset;"
+                 "digits:mlp:random,margin,batchbald,badge,cluster_margin,margin_coreset;"
+                 "repeated_digits:mlp:random,bald,batchbald")
+AL_QUICK_ARGS = ("--plan", AL_QUICK_PLAN, "--seeds", "3", "--budget", "200")
+AL_FULL_ARGS = ("--datasets", "digits,repeated_digits,breast_cancer,wine")
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    import numpy as np
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        with open("/proc/meminfo") as fh:
+            mem_gb = round(int(next(ln.split()[1] for ln in fh if ln.startswith("MemTotal"))) / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {"cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpu_model": cpu, "memory_gb": mem_gb, "platform": platform.platform(),
+            "python": sys.version.split()[0], "numpy": np.__version__,
+            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def run_logged(cmd: list[str], log: Path) -> tuple[int, float, str]:
+    """Run ``cmd`` from the repository root, echoing its output and keeping it in ``log``;
+    (exit code, seconds, output)."""
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env) as proc, open(log, "w") as fh:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            fh.write(line)
+            lines.append(line)
+        rc = proc.wait()
+    return rc, time.perf_counter() - t0, "".join(lines)
+
+
+def report_section(output: str) -> str:
+    """A script's printed report, from its first markdown heading on, headings demoted two
+    levels (they sit under this report's ``## bench/<name>.py``)."""
+    lines = output.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("# ")), 0)
+    out = []
+    for ln in lines[start:]:
+        out.append("##" + ln if re.match(r"^#{1,4} ", ln) else ln)
+    return "\n".join(out).strip()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benches", default=" ".join(DEFAULT_BENCHES),
+                   help="bench/<name>.py scripts to run, space- or comma-separated (the Makefile's BENCHES)")
+    p.add_argument("--full", action="store_true",
+                   help="default sizes and the simulation's full protocol (hours on 2 cores)")
+    p.add_argument("--skip", default="", help="comma-separated names to leave out (e.g. al,soak,density)")
+    p.add_argument("--al-workers", type=int, default=2, help="worker processes of the simulation")
+    p.add_argument("--al-args", default=None,
+                   help="the simulation's options instead of the reduced plan / full protocol (shell-quoted)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    names = [b for b in re.split(r"[\s,]+", args.benches) if b and b not in skip]
+    if (ROOT / "bench" / "soak.py").exists() and "soak" not in names and "soak" not in skip:
+        names.append("soak")
+    raw = args.out / "latest"
+    raw.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {"command": "python -m bench.run_all " + " ".join(argv if argv is not None
+                                                                           else sys.argv[1:]),
+                           "started": started, "size": "full" if args.full else "quick",
+                           "machine": machine(), "benches": []}
+    failed = []
+    for name in names:
+        script = ROOT / "bench" / f"{name}.py"
+        if not script.exists():
+            print(f"== bench/{name}.py: not found, skipped", flush=True)
+            doc["benches"].append({"name": name, "rc": None, "skipped": "not found"})
+            continue
+        out_json = raw / f"{name}.json"
+        out_json.unlink(missing_ok=True)
+        cmd = [sys.executable, f"bench/{name}.py", *([] if args.full else ["--quick"]), "--json", str(out_json)]
+        print(f"\n== bench/{name}.py {'' if args.full else '--quick'}", flush=True)
+        rc, seconds, output = run_logged(cmd, raw / f"{name}.log")
+        entry: dict[str, Any] = {"name": name, "command": " ".join(["python", *cmd[1:]]), "rc": rc,
+                                 "seconds": round(seconds, 1), "report_md": report_section(output)}
+        if out_json.exists():
+            try:
+                entry["json"] = json.loads(out_json.read_text())
+            except ValueError:
+                entry["json"] = None
+        if rc != 0:
+            failed.append(name)
+        doc["benches"].append(entry)
+        write(doc, args.out, t_start)
+    if "al" not in skip:
+        al_out = raw / "al"
+        if al_out.resolve().is_relative_to(ROOT):
+            al_out = al_out.resolve().relative_to(ROOT)  # the report names its plots relative to the repo
+        plan = shlex.split(args.al_args) if args.al_args is not None else \
+            list(AL_FULL_ARGS if args.full else AL_QUICK_ARGS)
+        al_args = [*plan, "--workers", str(args.al_workers), "--out", str(al_out)]
+        cmd = [sys.executable, "-m", "bench.al", *al_args]
+        print(f"\n== bench.al {'(full protocol)' if args.full else '(reduced plan)'}", flush=True)
+        rc, seconds, output = run_logged(cmd, raw / "al.log")
+        entry = {"name": "al", "command": "assay bench al " + " ".join(f"'{a}'" if ";" in a else a
+                                                                      for a in al_args),
+                 "rc": rc, "seconds": round(seconds, 1)}
+        al_md, al_json = ROOT / al_out / "al.md", ROOT / al_out / "al.json"
+        if al_md.exists():
+            entry["report_md"] = report_section(al_md.read_text())
+        if al_json.exists():
+            al_doc = json.loads(al_json.read_text())
+            entry["json"] = {k: al_doc.get(k) for k in ("summary", "goals", "config", "runtime_s", "plots")}
+        if rc != 0:
+            failed.append("al")
+        doc["benches"].append(entry)
+    doc["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    write(doc, args.out, t_start)
+    print(f"\nwrote {args.out / 'latest.md'} and {args.out / 'latest.json'} "
+          f"({doc['total_s'] / 60:.1f} min{'; FAILED: ' + ', '.join(failed) if failed else ''})")
+    return 1 if failed else 0
+
+
+def write(doc: dict[str, Any], out: Path, t_start: float) -> None:
+    """Both reports, rewritten after every benchmark (a failed run leaves what was done)."""
+    doc["total_s"] = round(time.perf_counter() - t_start, 1)
+    (out / "latest.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / "latest.md").write_text(render(doc))
+
+
+def render(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    load = m.get("loadavg_start")
+    lines = [
+        "# assay benchmarks",
+        "",
+        f"- command: `make bench` → `{doc['command'].strip()}` ({doc['size']} sizes), started {doc['started']}, "
+        f"total {doc.get('total_s', 0) / 60:.1f} min",
+        f"- machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, {m['memory_gb']} GB RAM, "
+        f"{m['platform']}; python {m['python']}, numpy {m['numpy']}"
+        + (f"; load average at start {load[0]:.2f}" if load else "")
+        + (f", at end {m['loadavg_end'][0]:.2f}" if m.get("loadavg_end") else ""),
+        "- every figure is assay against a reference measured in the same run on the same machine "
+        "(ratio column); the machine is shared and noisy: read the ratios, not the absolute times",
+        "",
+        "| benchmark | command | seconds | status |",
+        "|---|---|---:|---|",
+    ]
+    for b in doc["benches"]:
+        status = "skipped" if b.get("skipped") else ("ok" if b.get("rc") == 0 else f"FAILED (exit {b.get('rc')})")
+        lines.append(f"| {b['name']} | `{b.get('command', '')}` | {b.get('seconds', 0):.0f} | {status} |")
+    for b in doc["benches"]:
+        if b.get("skipped"):
+            continue
+        lines += ["", f"## {b['name']}", "", f"`{b.get('command', '')}` — {b.get('seconds', 0):.0f} s", "",
+                  b.get("report_md") or "(no report)"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
