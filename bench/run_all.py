@@ -37,8 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BENCHES = ("store", "service", "mining_scan", "uncertainty", "density", "diversity")
 # The reduced simulation plan of `make bench` (see the module docstring).
 AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_coreset;"
-                 "digits:mlp:random,margin,batchbald,badge,cluster_margin,margin_coreset;"
+                 "digits:mlp:random,margin,cluster_margin,margin_coreset;"
                  "repeated_digits:mlp:random,bald,batchbald")
+# Each script runs as `python bench/<name>.py` would, except that the repository root comes
+# before bench/ on sys.path: bench/service.py or bench/indexing.py must not shadow the
+# `service` and `indexing` packages (common.py still imports from bench/).
+LAUNCHER = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+            "sys.path[:1] = [{root!r}, {bench!r}]; runpy.run_path(sys.argv[0], run_name='__main__')")
 AL_QUICK_ARGS = ("--plan", AL_QUICK_PLAN, "--seeds", "3", "--budget", "200")
 AL_FULL_ARGS = ("--datasets", "digits,repeated_digits,breast_cancer,wine")
 
@@ -96,6 +101,12 @@ def report_section(output: str) -> str:
     return "\n".join(out).strip()
 
 
+def _short(path: Path) -> Path:
+    """``path`` relative to the repository root when inside it (for the reports)."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,16 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== bench/{name}.py: not found, skipped", flush=True)
             doc["benches"].append({"name": name, "rc": None, "skipped": "not found"})
             continue
-        out_json = raw / f"{name}.json"
-        out_json.unlink(missing_ok=True)
-        cmd = [sys.executable, f"bench/{name}.py", *([] if args.full else ["--quick"]), "--json", str(out_json)]
+        out_json = _short(raw / f"{name}.json")
+        (ROOT / out_json).unlink(missing_ok=True)
+        script_args = [f"bench/{name}.py", *([] if args.full else ["--quick"]), "--json", str(out_json)]
+        cmd = [sys.executable, "-c", LAUNCHER.format(root=str(ROOT), bench=str(ROOT / "bench")), *script_args]
         print(f"\n== bench/{name}.py {'' if args.full else '--quick'}", flush=True)
         rc, seconds, output = run_logged(cmd, raw / f"{name}.log")
-        entry: dict[str, Any] = {"name": name, "command": " ".join(["python", *cmd[1:]]), "rc": rc,
+        entry: dict[str, Any] = {"name": name, "command": " ".join(["python", *script_args]), "rc": rc,
                                  "seconds": round(seconds, 1), "report_md": report_section(output)}
-        if out_json.exists():
+        if (ROOT / out_json).exists():
             try:
-                entry["json"] = json.loads(out_json.read_text())
+                entry["json"] = json.loads((ROOT / out_json).read_text())
             except ValueError:
                 entry["json"] = None
         if rc != 0:
@@ -149,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["benches"].append(entry)
         write(doc, args.out, t_start)
     if "al" not in skip:
-        al_out = raw / "al"
-        if al_out.resolve().is_relative_to(ROOT):
-            al_out = al_out.resolve().relative_to(ROOT)  # the report names its plots relative to the repo
+        al_out = _short(raw / "al")  # the report names its plots relative to the repository
         plan = shlex.split(args.al_args) if args.al_args is not None else \
             list(AL_FULL_ARGS if args.full else AL_QUICK_ARGS)
         al_args = [*plan, "--workers", str(args.al_workers), "--out", str(al_out)]
