@@ -887,9 +887,10 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], out_dir: Path, targets: Seque
         fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
         cmap = plt.get_cmap("tab20")
         lo = 1.0
-        for i, s in enumerate(names):
+        for s in names:
             x, med, q1, q3 = median_curve([r for r in group if r["strategy"] == s])
-            style = {"color": "black", "lw": 2.2, "ls": "--"} if s == "random" else {"color": cmap(i % 20), "lw": 1.6}
+            colour = cmap(list(STRATEGIES).index(s) % 20)  # one colour per strategy in every plot
+            style = {"color": "black", "lw": 2.2, "ls": "--"} if s == "random" else {"color": colour, "lw": 1.6}
             ax.plot(x, med, label=s, **style)
             ax.fill_between(x, q1, q3, color=style["color"], alpha=0.12, lw=0)
             lo = min(lo, float(np.percentile(med, 10)))
@@ -1090,8 +1091,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="digits and repeated_digits, key strategies, 3 seeds (a few minutes)")
     args = p.parse_args(argv)
-    if args.report_only:
-        args.resume = True
     if args.quick:
         args.datasets, args.strategies, args.seeds = "digits,repeated_digits", "key", 3
     return args
@@ -1138,8 +1137,30 @@ def parse_plan(text: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def report_only(args: argparse.Namespace) -> int:
+    """Re-render the summary, goals, markdown and plots of an existing results JSON (its
+    command, configuration and runs unchanged)."""
+    json_path = args.json or args.out / "al.json"
+    md_path = args.markdown or args.out / "al.md"
+    if not json_path.exists():
+        raise SystemExit(f"--report-only: no results at {json_path}")
+    doc = json.loads(json_path.read_text())
+    runs = doc.get("runs", [])
+    checkpoints = doc["config"].get("checkpoints", [c for c in CHECKPOINTS if c <= doc["config"]["budget"]])
+    doc["summary"] = summarize_runs(runs, checkpoints=checkpoints) if runs else []
+    doc["goals"] = evaluate_goals(doc["summary"]) if runs else []
+    if not args.no_plots and runs:
+        doc["plots"] = [str(p) for p in plot_curves(runs, args.out)]
+    _dump(doc, json_path)
+    md_path.write_text(render_report(doc))
+    print(render_report(doc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args)
     t_start = time.perf_counter()
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     if args.plan:
@@ -1167,8 +1188,6 @@ def main(argv: list[str] | None = None) -> int:
         prior_runtime = float(old.get("runtime_s", 0.0))
         done = {(r["dataset"], r["learner"], r["strategy"], r["seed"]) for r in runs}
         tasks = [t for t in tasks if (t.dataset, t.learner, t.strategy, t.seed) not in done]
-    if args.report_only:
-        tasks = []
     seeds = sorted({t.seed for t in tasks} | {r["seed"] for r in runs})
     print(f"assay bench al: {len(tasks)} runs ({len(runs)} already done) on {', '.join(datasets)}; "
           f"results in {args.out}", flush=True)

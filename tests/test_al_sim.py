@@ -113,7 +113,13 @@ def test_main_writes_json_markdown_and_tables(tmp_path):
     assert al.main(["--datasets", "", "--dataset", str(path), "--learners", "logreg", "--strategies",
                     "random,margin", "--seeds", "2", "--batch", "5", "--budget", "16", "--out", str(out),
                     "--no-plots", "--resume"]) == 0
-    assert len(json.loads((out / "al.json").read_text())["runs"]) == 4
+    doc = json.loads((out / "al.json").read_text())
+    assert len(doc["runs"]) == 4
+    # --report-only re-renders without touching the runs, the command or the configuration
+    assert al.main(["--report-only", "--out", str(out), "--no-plots"]) == 0
+    again = json.loads((out / "al.json").read_text())
+    assert again["runs"] == doc["runs"] and again["command"] == doc["command"]
+    assert again["config"]["budget"] == 16 and again["summary"] == json.loads(json.dumps(doc["summary"]))
 
 
 # -- pure helpers -----------------------------------------------------------------------------
