@@ -30,7 +30,8 @@ What is measured
    ``clip_model`` of a collection holding those ``uri`` values.
 
    Every figure of 1 and 2 is measured in ``--rounds`` rounds; in each round every variant
-   runs once on the same inputs, in rotating order, so that machine noise hits all alike.
+   runs once on the same inputs, in rotating order, so that machine noise hits all alike
+   (after a full ``gc.collect()``, so that no call pays for its predecessor's garbage).
    items/s is the median over rounds; ratio = assay items/s / bare items/s (target >=
    0.90). Besides wall time, the process CPU time of each call (all threads: the
    pipelines' reader, writer and image threads count) gives items per CPU-second, which a
@@ -70,6 +71,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -255,6 +257,7 @@ def run_rounds(fns: dict[str, Callable[[int], None]], rounds: int, parts: Parts)
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            gc.collect()  # a full collection left over from the previous call is not this one's
             parts.take()
             c0, t0 = time.process_time(), time.perf_counter()
             fns[name](r)
@@ -543,6 +546,7 @@ def bench_ray(args: argparse.Namespace, tmp: Path, report: Report) -> None:
         results: dict[str, dict[str, float]] = {}
         for engine in ("local", "ray"):
             stamps: list[tuple[float, int]] = []
+            gc.collect()
             with batch_clock(stamps):
                 t0 = time.perf_counter()
                 rep = reindex(store, f"engine_{engine}", TEXT_SPACE, engine=engine,
