@@ -127,7 +127,11 @@ def test_lof_equals_scikit_learn(digits):
     lof = -LocalOutlierFactor(n_neighbors=20).fit(x[pool]).negative_outlier_factor_
     order = np.argsort(-lof, kind="stable")[:15]
     assert job.results()["id"].to_pylist() == _ids(pool[order])
-    np.testing.assert_allclose(job.results()["score"].to_numpy(), lof[order], rtol=1e-4)
+    # Digits are integer pixels: many distances tie exactly, and at a tie on the k-th
+    # neighbour LOF depends on which tied point is taken (float rounding decides, in the
+    # server's distance kernel and in scikit-learn's alike), which moves a score by ~1e-3.
+    # Tie-free data is compared at rtol 1e-6 in test_miners_density.py.
+    np.testing.assert_allclose(job.results()["score"].to_numpy(), lof[order], rtol=2e-3)
 
 
 def test_typicality_equals_its_definition(digits):
