@@ -25,7 +25,7 @@ test: env
 lint: env
 	$(UV) run --frozen ruff check .
 
-BENCHES := store service mining_scan uncertainty density diversity indexing soak
+BENCHES := store service mining_scan uncertainty density diversity embedding soak
 
 # bench: every benchmark (BENCHES with --quick, the soak, the reduced active-learning plan) in
 # about 20 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).

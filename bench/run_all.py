@@ -40,8 +40,8 @@ AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_
                  "digits:mlp:random,margin,cluster_margin,margin_coreset;"
                  "repeated_digits:mlp:random,bald,batchbald")
 # Each script runs as `python bench/<name>.py` would, except that the repository root comes
-# before bench/ on sys.path: bench/service.py or bench/indexing.py must not shadow the
-# `service` and `indexing` packages (common.py still imports from bench/).
+# before bench/ on sys.path: bench/service.py must not shadow the
+# `service` package (common.py still imports from bench/).
 LAUNCHER = ("import runpy, sys; sys.argv = sys.argv[1:]; "
             "sys.path[:1] = [{root!r}, {bench!r}]; runpy.run_path(sys.argv[0], run_name='__main__')")
 AL_QUICK_ARGS = ("--plan", AL_QUICK_PLAN, "--seeds", "3", "--budget", "200")

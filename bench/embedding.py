@@ -64,7 +64,7 @@ Absolute figures depend on the (shared, noisy) machine; compare ratios.
 
 Usage::
 
-    uv run python bench/indexing.py [--texts 2000] [--images 600] [--rounds 3]
+    uv run python bench/embedding.py [--texts 2000] [--images 600] [--rounds 3]
         [--ray-rows 2000] [--threads 1] [--no-ray] [--quick] [--json PATH]
 """
 
@@ -95,13 +95,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loa
 # Ray starts its processes by fork + exec; Lance and LanceDB warn about any fork.
 warnings.filterwarnings("ignore", message=r"lance(db)? (is not fork-safe|fork support)")
 
-# This file is named like the package it measures: with its folder first on sys.path,
-# `import indexing` would import this script. Put the repository root first, and the
-# bench folder (for `common`) last.
-_BENCH_DIR = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path(_BENCH_DIR)]
-sys.path.insert(0, str(Path(_BENCH_DIR).parent))
-sys.path.append(_BENCH_DIR)
+# Run as `python bench/embedding.py`: the repository root must be importable too.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import lance  # noqa: E402
 import lancedb  # noqa: E402
