@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -1191,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = sorted({t.seed for t in tasks} | {r["seed"] for r in runs})
     print(f"assay bench al: {len(tasks)} runs ({len(runs)} already done) on {', '.join(datasets)}; "
           f"results in {args.out}", flush=True)
-    command = "assay bench al " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "assay bench al " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     order = {n: i for i, n in enumerate(datasets)}
     s_order = {n: i for i, n in enumerate(STRATEGIES)}

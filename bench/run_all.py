@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         names.append("soak")
     raw = args.out / "latest"
     raw.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"command": "python -m bench.run_all " + " ".join(argv if argv is not None
-                                                                           else sys.argv[1:]),
+    doc: dict[str, Any] = {"command": "python -m bench.run_all " + shlex.join(argv if argv is not None
+                                                                             else sys.argv[1:]),
                            "started": started, "size": "full" if args.full else "quick",
                            "machine": machine(), "benches": []}
     failed = []
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.al", *al_args]
         print(f"\n== bench.al {'(full protocol)' if args.full else '(reduced plan)'}", flush=True)
         rc, seconds, output = run_logged(cmd, raw / "al.log")
-        entry = {"name": "al", "command": "assay bench al " + " ".join(f"'{a}'" if ";" in a else a
-                                                                      for a in al_args),
+        entry = {"name": "al", "command": "assay bench al " + shlex.join(al_args),
                  "rc": rc, "seconds": round(seconds, 1)}
         al_md, al_json = ROOT / al_out / "al.md", ROOT / al_out / "al.json"
         if al_md.exists():
