@@ -767,12 +767,15 @@ def render_tables(summary: Sequence[Mapping[str, Any]], budget: int, checkpoints
         order = {n: i for i, n in enumerate(STRATEGIES)}
         rows.sort(key=lambda r: order.get(r["strategy"], 99))
         rnd = next((r for r in rows if r["strategy"] == "random"), None)
-        n_seeds = max(len(r["seeds"]) for r in rows)
-        lines.append(f"\n### {ds}, {learner} ({n_seeds} seeds)\n")
+        counts = sorted({len(r["seeds"]) for r in rows})
+        uneven = len(counts) > 1  # a run cut short: say how many seeds each row has
+        seeds_text = f"{counts[0]}–{counts[-1]} seeds, column n" if uneven else \
+            f"{counts[0]} seed{'s' if counts[0] > 1 else ''}"
+        lines.append(f"\n### {ds}, {learner} ({seeds_text})\n")
         copies = any(r.get("repeats", 1) > 1 for r in rows)
         head = ["strategy"] + [f"labels to {round(t * 100)}% (IQR)" for t in targets] + \
                [f"acc@{c}" for c in checkpoints] + ["AULC", f"vs random (labels to {round(targets[0] * 100)}%)"] + \
-               (["copies picked"] if copies else [])
+               (["copies picked"] if copies else []) + (["n"] if uneven else [])
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---|" + "---:|" * (len(head) - 1))
         for r in rows:
@@ -789,7 +792,7 @@ def render_tables(summary: Sequence[Mapping[str, Any]], budget: int, checkpoints
                     ratio = f"{b / a:.2f}×"
             cells = [r["strategy"]] + [_fmt_labels(r[f"to_{round(t * 100)}"], budget) for t in targets] + \
                     [_fmt_acc(r.get(f"acc_{c}")) for c in checkpoints] + [f"{r['aulc']:.3f}".lstrip("0"), ratio] + \
-                    ([f"{r.get('redundant', 0):g}"] if copies else [])
+                    ([f"{r.get('redundant', 0):g}"] if copies else []) + ([str(len(r["seeds"]))] if uneven else [])
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
