@@ -171,3 +171,18 @@ def test_metrics():
     assert al.quantile([10, 20, math.inf], 0.5) == 20
     assert math.isinf(al.quantile([10, math.inf, math.inf], 0.5))
     assert al.median_iqr([70, 70, 80, 80, 90]) == (80, 70, 80)
+
+
+def test_npz_with_its_own_test_set(tmp_path):
+    rng = np.random.default_rng(0)
+    X, X_test = rng.normal(size=(40, 3)), rng.normal(size=(12, 3))
+    y, y_test = np.array(["a", "b"] * 20), np.array(["b", "c"] * 6)  # a class only in the test set
+    np.savez(tmp_path / "own.npz", X=X, y=y, X_test=X_test, y_test=y_test)
+    ds = al.load_dataset(str(tmp_path / "own.npz"))
+    assert ds.name == "own" and ds.classes == ["a", "b", "c"]
+    sp = al.make_split(ds, seed=3)
+    assert len(sp.y_pool) == 40 and len(sp.y_test) == 12  # the given test set, whatever the seed
+    assert np.allclose(sp.X_pool.mean(axis=0), 0, atol=1e-5)  # standardised by the pool
+    np.savez(tmp_path / "bad.npz", X=X, y=y, X_test=X_test)
+    with pytest.raises(ValueError, match="both X_test and y_test"):
+        al.load_dataset(str(tmp_path / "bad.npz"))
