@@ -965,6 +965,9 @@ def render_report(doc: Mapping[str, Any]) -> str:
         render_tables(doc["summary"], c["budget"], c.get("checkpoints", CHECKPOINTS)),
         "",
     ]
+    if doc.get("failed"):
+        lines += ["## failed runs (rerun with --resume)", ""] + [
+            f"- {f['dataset']}/{f['learner']}/{f['strategy']} seed {f['seed']}: {f['error']}" for f in doc["failed"]] + [""]
     if doc.get("plots"):
         lines += ["## plots", ""] + [f"- `{p}`" for p in doc["plots"]] + [""]
     return "\n".join(lines)
@@ -1219,9 +1222,21 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(stored(r))
         _dump(document(False), json_path)
 
+    failed: list[dict[str, Any]] = []
+
+    def failure(t: Task, exc: BaseException) -> None:
+        # one failed run (a deadline on an overloaded machine, a server error) is reported
+        # and left for --resume; it does not throw away the runs still in flight
+        failed.append({**asdict(t), "error": f"{type(exc).__name__}: {exc}"})
+        print(f"  FAILED {t.dataset}/{t.learner}/{t.strategy} seed {t.seed}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+
     if args.workers <= 1:
         for t in tasks:
-            checkpoint(run_task(t, datasets, cfg, args.server, args.token))
+            try:
+                checkpoint(run_task(t, datasets, cfg, args.server, args.token))
+            except Exception as exc:
+                failure(t, exc)
     elif tasks:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -1229,15 +1244,24 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("spawn")  # never fork after LanceDB is loaded
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_process,
                                  initargs=(args.server, args.token, datasets, cfg)) as pool:
-            for fut in as_completed([pool.submit(_run_in_process, t) for t in tasks]):
-                checkpoint(fut.result())
-    doc = document(True)
+            futures = {pool.submit(_run_in_process, t): t for t in tasks}
+            for fut in as_completed(futures):
+                try:
+                    checkpoint(fut.result())
+                except Exception as exc:
+                    failure(futures[fut], exc)
+    doc = document(not failed)
+    doc["failed"] = failed
     if not args.no_plots and runs:
         doc["plots"] = [str(p) for p in plot_curves(runs, args.out)]
     _dump(doc, json_path)
     md_path.write_text(render_report(doc))
     print(render_report(doc))
     print(f"wrote {json_path} and {md_path} ({doc['runtime_s'] / 60:.1f} min)")
+    if failed:
+        print(f"{len(failed)} run(s) failed (listed under 'failed' in {json_path}); rerun with --resume",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -122,6 +122,22 @@ def test_main_writes_json_markdown_and_tables(tmp_path):
     assert again["config"]["budget"] == 16 and again["summary"] == json.loads(json.dumps(doc["summary"]))
 
 
+def test_a_failed_run_is_reported_not_fatal(tmp_path):
+    ds = tiny_dataset()
+    path = tmp_path / "tiny.npz"
+    np.savez(path, X=ds.X, y=ds.y)
+    out = tmp_path / "out"
+    # nothing listens on port 1: every run fails (after the client's retries), none is lost silently
+    assert al.main(["--datasets", "", "--dataset", str(path), "--learners", "logreg", "--strategies", "random",
+                    "--seeds", "1", "--budget", "10", "--out", str(out), "--no-plots",
+                    "--server", "127.0.0.1:1"]) == 1
+    doc = json.loads((out / "al.json").read_text())
+    assert not doc["complete"] and doc["runs"] == []
+    assert [(f["strategy"], f["seed"]) for f in doc["failed"]] == [("random", 0)]
+    assert "UnavailableError" in doc["failed"][0]["error"]
+    assert "## failed runs" in (out / "al.md").read_text()
+
+
 # -- pure helpers -----------------------------------------------------------------------------
 
 
