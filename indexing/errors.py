@@ -49,6 +49,12 @@ class ResourceExhausted(AssayError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(AssayError):
+    """The caller may not do this (a read-only token writing; an image outside the data roots)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class EmbedderLoadError(FailedPrecondition):
     """A model could not be loaded; the message says what was tried and how to fix it."""
 

@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_tokens=tuple(args.read_token) if args.read_token else None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         rate_limit=args.rate_limit, metrics_port=args.metrics_port, grace_s=args.grace,
+        http_port=args.http_port, data_roots=tuple(args.data_root) if args.data_root else None,
         job_workers=args.job_workers, max_message_mb=args.max_message_mb,
         allow_unauthenticated_remote=True if args.allow_unauthenticated_remote else None,
     )
@@ -89,9 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from service.demo import run_demo, serve_until_stopped
 
-    run_demo(args.data)
+    port = args.http_port if args.http_port is not None else int(os.environ.get("ASSAY_HTTP_PORT", "8765"))
+    run_demo(args.data, http_port=None if args.no_serve else port,
+             hold=None if args.no_serve else serve_until_stopped)
     return 0
 
 
@@ -618,9 +621,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message (default 64)")
     p.add_argument("--allow-unauthenticated-remote", action="store_true",
                    help="bind a non-loopback host even without a token")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the web page and its read-only JSON API on this port (default off; 0 = any free port)")
+    p.add_argument("--data-root", action="append",
+                   help="folder or s3:// prefix the web page may show images from (repeatable; default the data root)")
     p.add_argument("--log-format", choices=["json", "text"], default=os.environ.get("ASSAY_LOG_FORMAT", "json"))
     p.set_defaults(func=cmd_serve)
-    sub.add_parser("demo", parents=[common], help="load sample data and search it").set_defaults(func=cmd_demo)
+    p = sub.add_parser("demo", parents=[common], help="load sample data, search and mine it, then serve the web page")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="the web page's port (default $ASSAY_HTTP_PORT or 8765; taken: any free port)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the demo instead of serving the page")
+    p.set_defaults(func=cmd_demo)
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--server", default=os.environ.get("ASSAY_SERVER", "127.0.0.1:50051"))
     remote.add_argument("--token", default=os.environ.get("ASSAY_TOKEN"))

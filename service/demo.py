@@ -6,13 +6,18 @@ loopback port, then, through the Python client only: loads scikit-learn's digits
 (rendered to PNG files, with pixel embeddings and a logistic regression's predictions) and
 a small text corpus embedded with the packaged MiniLM, optimizes, runs similarity
 searches — by stored item, and by text through the server's MiniLM — and mines the
-unlabeled digits the model is least sure about. Re-running it is safe: rows are upserted
-by id.
+unlabeled digits the model is least sure about. With ``http_port`` the server also serves
+the web page, and the demo ends by printing its address (the mined digits' grid); the CLI
+then keeps serving until Ctrl-C. Re-running it is safe: rows are upserted by id.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +25,7 @@ from indexing.embedders import TextEmbedder
 from indexing.samples import digits_table, text_table
 from indexing.store import resolve_root
 from service.client import Client
-from service.server import ServerConfig, start_server
+from service.server import AssayServer, ServerConfig, start_server
 
 TEXT_QUERIES = (
     "how long should bread dough rise before baking?",
@@ -36,17 +41,52 @@ def _samples_dir(root: str) -> str:
     return os.path.join(os.path.abspath(root), "_samples", "digits")
 
 
-def run_demo(data: str | None = None, *, out: Callable[[str], Any] = print) -> dict[str, Any]:
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def run_demo(data: str | None = None, *, out: Callable[[str], Any] = print, http_port: int | None = None,
+             hold: Callable[[AssayServer], Any] | None = None) -> dict[str, Any]:
     """Start a server on ``data``, load the sample collections through the client, search
-    them, stop the server. Returns a summary (for tests)."""
+    and mine them; with ``http_port`` (0: any free port; a taken port falls back to any)
+    serve the web page too and print the mined run's address. ``hold(server)`` runs before
+    the server stops (the CLI waits for Ctrl-C there). Returns a summary (for tests)."""
     root = resolve_root(data)
-    server = start_server(ServerConfig.from_env(data=root, host="127.0.0.1", port=0, grace_s=5))
+    if http_port and not _free(http_port):
+        out(f"port {http_port} is taken; the web page takes any free port instead")
+        http_port = 0
+    roots = (root if "://" not in root else os.path.dirname(_samples_dir(root)),)
+    server = start_server(ServerConfig.from_env(data=root, host="127.0.0.1", port=0, grace_s=5,
+                                                http_port=http_port, data_roots=roots))
     try:
         out(f"assay demo — server on {server.address}, data root {server.store.root}")
         with Client(server.address, timeout=120) as client:
-            return _load_and_search(client, root, out)
+            summary = _load_and_search(client, root, out)
+        if server.web_url:
+            summary["page"] = f"{server.web_url}#/runs/{summary['run_id']}"
+            out(f"\nThe web page: {server.web_url}\n  the mined digits: {summary['page']}")
+        if hold is not None:
+            hold(server)
+        return summary
     finally:
         server.stop()
+
+
+def serve_until_stopped(server: AssayServer) -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("Serving until Ctrl-C (assay demo --no-serve stops after the demo).", flush=True)
+    while not stop.wait(1.0):
+        pass
 
 
 def _load_and_search(client: Client, root: str, out: Callable[[str], Any]) -> dict[str, Any]:
@@ -103,4 +143,5 @@ def _load_and_search(client: Client, root: str, out: Callable[[str], Any]) -> di
             f"{top2[0]} ({probs[top2[0]]:.2f}) vs {top2[1]} ({probs[top2[1]]:.2f})  true {row['true_label']}")
     out(f"  the model is wrong on {wrong} of these {len(picked)}: worth labeling first")
     return {"digit_neighbours_agree": agree, "text_topics": text_hits, "digits": col.count(),
-            "texts": tcol.count(), "mined": [r["id"] for r in picked], "mined_wrong": wrong}
+            "texts": tcol.count(), "mined": [r["id"] for r in picked], "mined_wrong": wrong,
+            "run_id": job.run_id}

@@ -67,6 +67,8 @@ class ServerConfig:
     max_jobs: int = 64
     grace_s: float = 10.0
     metrics_port: int | None = None
+    http_port: int | None = None  # the web page and its JSON API (read-only); None = off, 0 = any free port
+    data_roots: tuple[str, ...] = ()  # where the page may read images from; () = the data root when it is local
     optimize_every: int = 20
     limits: Limits = field(default_factory=Limits)
 
@@ -78,7 +80,8 @@ class ServerConfig:
         for several), ASSAY_TLS_CERT, ASSAY_TLS_KEY, ASSAY_TLS_CLIENT_CA, ASSAY_RATE_LIMIT,
         ASSAY_RATE_BURST, ASSAY_ALLOW_UNAUTHENTICATED_REMOTE (1/true),
         ASSAY_MAX_MESSAGE_MB, ASSAY_RPC_WORKERS, ASSAY_JOB_WORKERS, ASSAY_MAX_JOBS,
-        ASSAY_GRACE_S, ASSAY_METRICS_PORT, ASSAY_OPTIMIZE_EVERY, ASSAY_MAX_K,
+        ASSAY_GRACE_S, ASSAY_METRICS_PORT, ASSAY_HTTP_PORT, ASSAY_DATA_ROOTS (comma-separated),
+        ASSAY_OPTIMIZE_EVERY, ASSAY_MAX_K,
         ASSAY_MAX_BATCH_ROWS.
         """
         env = os.environ
@@ -89,7 +92,7 @@ class ServerConfig:
             if key not in env or f.name == "limits":
                 continue
             raw = env[key]
-            if f.name in ("tokens", "read_tokens"):
+            if f.name in ("tokens", "read_tokens", "data_roots"):
                 value: Any = tuple(t.strip() for t in raw.split(",") if t.strip())
             else:
                 base = {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" ")[0])
@@ -131,12 +134,15 @@ class AssayServer:
         self.jobs = JobManager(self.store, workers=config.job_workers, max_queued=config.max_jobs)
         register_maintenance_jobs(self.jobs)
         self.metrics = Metrics()
+        # One bucket per token shared by the gRPC and web ports.
+        self._rate_limiter = (RateLimiter(config.rate_limit, config.rate_burst or None)
+                              if config.rate_limit > 0 else None)
         max_bytes = config.max_message_mb * 1024 * 1024
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.rpc_workers, thread_name_prefix="assay-rpc"),
             interceptors=[AssayInterceptor(
                 config.tokens, self.metrics, read_tokens=config.read_tokens,
-                rate_limiter=RateLimiter(config.rate_limit, config.rate_burst or None) if config.rate_limit > 0 else None,
+                rate_limiter=self._rate_limiter,
             )],
             options=[("grpc.max_receive_message_length", max_bytes),
                      ("grpc.max_send_message_length", max_bytes),
@@ -158,6 +164,7 @@ class AssayServer:
         self.host = config.host
         self._stopped = threading.Event()
         self._metrics_server: Any = None
+        self.web: Any = None
 
     @property
     def address(self) -> str:
@@ -202,10 +209,33 @@ class AssayServer:
 
             self._metrics_server, _ = start_http_server(cfg.metrics_port, addr=host, registry=self.metrics.registry)
             log.info("Prometheus metrics on http://%s:%d/metrics", host, self._metrics_server.server_port)
+        if cfg.http_port is not None:
+            self.web = self._start_web(host)
         log.info("assay serving %s on %s (%s, %s)", self.store.root, self.address,
                  ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext",
                  f"{len(cfg.tokens)} read-write and {len(cfg.read_tokens)} read-only token(s)" if auth else "no auth")
         return self.port
+
+    def _start_web(self, host: str) -> Any:
+        from service.web.app import LOOPBACK_HOSTS, WebApp, WebServer
+
+        cfg = self.config
+        roots = cfg.data_roots or (() if "://" in self.store.root else (self.store.root,))
+        auth = bool(cfg.tokens or cfg.read_tokens)
+        # Without auth, only loopback host names (DNS rebinding); with it, any host.
+        allowed = None if auth or cfg.allow_unauthenticated_remote else (*LOOPBACK_HOSTS, host)
+        app = WebApp(self.store, self.mining.runs, self.datasets, self.embedders, tokens=cfg.tokens,
+                     read_tokens=cfg.read_tokens, data_roots=roots, rate_limiter=self._rate_limiter,
+                     allowed_hosts=allowed, grpc_address=self.address, secure=bool(cfg.tls_cert))
+        web = WebServer(app, host, cfg.http_port or 0, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+        web.start()
+        log.info("web page on %s (images from %s)", web.url, ", ".join(app.roots.describe()) or "nowhere")
+        return web
+
+    @property
+    def web_url(self) -> str | None:
+        """The web page's address when ``http_port`` is set."""
+        return None if self.web is None else self.web.url
 
     @property
     def metrics_port(self) -> int | None:
@@ -224,6 +254,8 @@ class AssayServer:
         done.wait(grace + 1)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self.web is not None:
+            self.web.stop()
         log.info("stopped")
 
     def wait(self) -> None:
@@ -253,4 +285,6 @@ def serve(config: ServerConfig) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"assay listening on {server.address}", flush=True)
+    if server.web_url:
+        print(f"assay web page on {server.web_url}", flush=True)
     server.wait()
