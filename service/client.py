@@ -12,6 +12,7 @@ present), so it installs and imports quickly wherever your training code runs.
         hits = col.search("clip", v, k=10, where="label IS NULL")          # -> pyarrow.Table
         hits.to_pandas()
         col.optimize().wait(progress=True)                                  # a server-side job
+        col.mine("margin", size=100, model="m1").show()  # in Jupyter: the picks as cards (service.notebook)
 
     # asyncio: the same surface, awaited
     async with AsyncClient("127.0.0.1:50051") as client:
@@ -60,7 +61,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 import grpc.aio
@@ -91,6 +92,9 @@ from protos.assay.v1 import (
     search_pb2_grpc,
 )
 from service.arrow_ipc import ipc_to_table, table_to_ipc
+
+if TYPE_CHECKING:
+    from service.notebook import Grid
 
 __all__ = [
     "AlreadyExistsError",
@@ -1817,6 +1821,18 @@ class MiningJob(Job):
         rpc = rpc_tag_items(self.run_collection, None, None, self.run_id, add, remove)
         return self._client._unary(rpc, timeout)
 
+    def show(self, limit: int = 60, *, size: int = 160, web_url: str | None = None,
+             timeout: float | None = None) -> Grid:
+        """The run's first ``limit`` picks as a grid of cards (rank, score, label, top
+        prediction, thumbnail or text) that Jupyter renders; waits up to ``timeout`` s for
+        a run still in progress. Thumbnails (``size`` px: 64, 96, 128, 160, 256 or 384) come
+        from the server's web port (``web_url``, default the client's) or, without one,
+        from local image files. ``job.show().save("picks.html")`` writes a standalone page.
+        See :mod:`service.notebook`."""
+        from service.notebook import show_run
+
+        return show_run(self._client, self, limit, size=size, web_url=web_url, timeout=timeout)
+
 
 class AsyncMiningJob(AsyncJob):
     """:class:`MiningJob` for :class:`AsyncClient`."""
@@ -1842,6 +1858,15 @@ class AsyncMiningJob(AsyncJob):
                   *, timeout: Timeout = DEFAULT) -> int:
         rpc = rpc_tag_items(self.run_collection, None, None, self.run_id, add, remove)
         return await self._client._unary(rpc, timeout)
+
+    async def show(self, limit: int = 60, *, size: int = 160, web_url: str | None = None,
+                   timeout: float | None = None) -> Grid:
+        """See :meth:`MiningJob.show` (built by a sync client in a worker thread)."""
+        from service.notebook import show_run
+
+        blocking = self._client._blocking()
+        return await asyncio.to_thread(show_run, blocking, self.run_id, limit, size=size, web_url=web_url,
+                                       timeout=timeout)
 
 
 # -- channel ---------------------------------------------------------------------------------
@@ -1930,14 +1955,16 @@ class _BaseClient:
         options: Iterable[tuple[str, Any]] = (),
         client_cert: bytes | str | os.PathLike[str] | None = None,
         client_key: bytes | str | os.PathLike[str] | None = None,
+        web_url: str | None = None,
     ) -> None:
         self._settings = dict(
             target=target, token=token, tls=tls, root_certificates=root_certificates,
             timeout=timeout, retries=retries, max_message_bytes=max_message_bytes,
             server_name_override=server_name_override, options=list(options),
-            client_cert=client_cert, client_key=client_key,
+            client_cert=client_cert, client_key=client_key, web_url=web_url,
         )
         self.target = target
+        self.web_url = web_url
         self.timeout = timeout
         self.retry = RetryPolicy(retries=retries)
         self.max_message_bytes = max_message_bytes
@@ -1985,7 +2012,8 @@ class Client(_BaseClient):
     ``client_cert``/``client_key`` (PEM) for a server that requires mutual TLS.
     timeout: default deadline of unary calls in seconds (None = none). retries: UNAVAILABLE
     retries. max_message_bytes: the largest message sent or received (the server's limits
-    should be as large). options: extra gRPC channel arguments.
+    should be as large). options: extra gRPC channel arguments. web_url: the server's web
+    port (``http://host:port/``), where :meth:`show` gets thumbnails by default.
     """
 
     _job_type = Job
@@ -2174,6 +2202,20 @@ class Client(_BaseClient):
                  timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
         """The datasets (of ``collection`` if given), by name, as dicts (see Dataset.info)."""
         return self._unary(rpc_list_datasets(collection), timeout)
+
+    def show(self, obj: MiningJob | str | pa.Table | Any, *, collection: str | None = None, limit: int = 60,
+             size: int = 160, web_url: str | None = None, timeout: float | None = None) -> Grid:
+        """A grid of items that Jupyter renders: a mining run's picks (a MiningJob or a run
+        id; see :meth:`MiningJob.show`) or the first ``limit`` rows of a result table with an
+        ``id`` column (search, query, take; give ``collection=``). ``.html``, ``.items`` and
+        ``.save(path)`` work outside Jupyter too.
+
+            client = Client("127.0.0.1:50051", web_url="http://127.0.0.1:8080/")
+            client.show(col.search("clip", v, k=24), collection=col.name)
+        """
+        from service.notebook import show
+
+        return show(self, obj, collection=collection, limit=limit, size=size, web_url=web_url, timeout=timeout)
 
 
 class Collection:
@@ -2629,6 +2671,17 @@ class AsyncClient(_BaseClient):
     async def datasets(self, collection: str | None = None, *,
                        timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
         return await self._unary(rpc_list_datasets(collection), timeout)
+
+    async def show(self, obj: AsyncMiningJob | str | pa.Table | Any, *, collection: str | None = None,
+                   limit: int = 60, size: int = 160, web_url: str | None = None,
+                   timeout: float | None = None) -> Grid:
+        """See :meth:`Client.show` (built by a sync client in a worker thread)."""
+        from service.notebook import show
+
+        if isinstance(obj, AsyncMiningJob):
+            obj = obj.run_id
+        return await asyncio.to_thread(show, self._blocking(), obj, collection=collection, limit=limit,
+                                       size=size, web_url=web_url, timeout=timeout)
 
 
 class AsyncCollection:
