@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint bench bench-quick bench-full protos clean
+.PHONY: env browser demo test lint bench bench-quick bench-full protos clean
 
 env: .venv/.assay-synced
 
@@ -17,7 +17,16 @@ env: .venv/.assay-synced
 demo: env
 	$(UV) run --frozen assay demo --data $${ASSAY_DATA:-./data}
 
-test: env
+# The web page's end-to-end tests drive Debian's Chromium (never a downloaded browser);
+# installed here when missing and apt-get can run (as root or with sudo), else they skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "could not install chromium: the browser tests will be skipped"; }
+
+test: env browser
 	$(UV) run --frozen python -m protos.generate --check
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen pytest -q

@@ -430,3 +430,18 @@ def test_clip_text_tower_search_equals_the_embedder(tmp_path, tiny):
         assert [it["distance"] for it in res["items"]] == pytest.approx(np.sort(d)[:5].tolist(), abs=1e-4)
     finally:
         server.stop()
+
+
+def test_run_grid_shows_labels_as_the_miner_read_them(world):
+    """A pick labeled after the run still shows the label (null) the miner saw, like RunResults."""
+    job, col = world["job"], world["col"]
+    first = job.results().column("id")[0].as_py()
+    col.tag_items(ids=[first], add=["seen"])  # an unrelated write: a new version
+    col.upsert(pa.table({"id": [first], "label": ["owl"]}))
+    try:
+        status, page = get_json(world["base"], f"/api/runs/{job.run_id}?limit=1")
+        assert status == 200 and page["as_of_version"] == job.run()["version"]
+        assert page["items"][0]["id"] == first and "label" not in page["items"][0]
+        assert col.take([first], ["label"])["label"][0].as_py() == "owl"
+    finally:
+        col.upsert(pa.table({"id": [first], "label": pa.array([None], pa.string())}))

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from indexing.analytics import box_probs, label_distribution, prediction_probs
 from indexing.datasets import Datasets
-from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.store import Collection, Store
 from miners.runs import RunRecord, RunStore
 from service.web.gallery import item_dict
@@ -67,8 +67,16 @@ def collections_summary(store: Store, runs: RunStore) -> list[dict[str, Any]]:
 
 
 def _kind(col: Collection) -> str:
-    names = set(col.schema.names)
-    return "image" if "uri" in names else "text" if "text" in names else "vectors"
+    """"image" when rows have a ``uri``, else "text" when they have a ``text``, else
+    "vectors" (one row looked up per column and collection version)."""
+
+    def has(column: str) -> bool:
+        if column not in col.schema.names:
+            return False
+        q = col.table.search().where(f"{column} IS NOT NULL").select(["id"]).limit(1)
+        return q.to_arrow().num_rows > 0
+
+    return col._cached("web-kind", lambda: "image" if has("uri") else "text" if has("text") else "vectors")
 
 
 def collection_detail(store: Store, runs: RunStore, datasets: Datasets, name: str) -> dict[str, Any]:
@@ -142,12 +150,14 @@ def predictions(col: Collection, model: str | None, preds: pa.Array) -> list[dic
     return out
 
 
-def grid_items(col: Collection, table: pa.Table, model: str | None) -> list[dict[str, Any]]:
+def grid_items(col: Collection, table: pa.Table, model: str | None,
+               version: int | None = None) -> list[dict[str, Any]]:
     """One JSON item per row of ``table`` (``id`` plus ``rank``/``score``/``_distance``...),
-    with the collection's label, uri, text snippet, tags and prediction added."""
+    with the collection's label, uri, text snippet, tags and prediction added (as they
+    were at ``version`` when given)."""
     cols, model = _item_columns(col, model)
     ids = table.column("id").to_pylist()
-    rows = col.take(ids, ["id", *cols]) if ids else None
+    rows = col.take(ids, ["id", *cols], version=version) if ids else None
     at = {v: i for i, v in enumerate(rows.column("id").to_pylist())} if rows is not None else {}
     pred_col = col.model(model).column if model else None
     preds = predictions(col, model, rows.column(pred_col).combine_chunks()) if pred_col and rows else []
@@ -171,7 +181,14 @@ def run_grid(store: Store, runs: RunStore, run_id: str, offset: str | None, limi
     n = _int(limit, "limit", 60, 1, MAX_GRID)
     results = runs.results(run_id).slice(start, n)
     col = store.collection(rec.collection)
-    out["items"] = grid_items(col, results, rec.model or None)
+    # Labels and predictions as the miner read them (they explain the score), like
+    # RunResults; the current ones once that version has been cleaned up.
+    try:
+        out["items"] = grid_items(col, results, rec.model or None, version=rec.version)
+        out["as_of_version"] = rec.version
+    except NotFound:
+        out["items"] = grid_items(col, results, rec.model or None)
+        out["as_of_version"] = col.version
     out["total"] = rec.results
     out["offset"] = start
     return out

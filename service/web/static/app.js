@@ -67,6 +67,7 @@ $("#login").addEventListener("submit", async (ev) => {
     $("#token").value = "";
     $("#login").hidden = true;
     $("#login-error").textContent = "";
+    await refreshInfo();
     route();
   } catch (e) { $("#login-error").textContent = e.message; }
 });
@@ -74,6 +75,8 @@ $("#login").addEventListener("submit", async (ev) => {
 $("#logout").addEventListener("click", async () => {
   await fetch("/api/logout", { method: "POST", credentials: "same-origin" });
   location.hash = "#/";
+  await refreshInfo();
+  page(el("p", { class: "muted", text: "Logged out." }));
   showLogin();
 });
 
@@ -252,7 +255,9 @@ async function runPage(runId, query, fresh) {
     el("dt", { text: "model / space" }), el("dd", { text: [r.model, r.space].filter(Boolean).join(" / ") || "–" }),
     el("dt", { text: "selected" }), el("dd", { text: `${int(first.total)} of ${int(r.rows_scanned)} rows scanned (size ${r.size})` }),
     el("dt", { text: "filter" }), el("dd", { text: r.where || "–" }),
-    el("dt", { text: "collection version" }), el("dd", { text: r.version }),
+    el("dt", { text: "collection version" }), el("dd", { text: first.as_of_version === undefined || first.as_of_version === r.version
+      ? `${r.version} (labels and predictions below as the miner read them)`
+      : `${r.version} (cleaned up since: labels and predictions below are from version ${first.as_of_version})` }),
     el("dt", { text: "parameters" }), el("dd", { text: params || "–" }),
     el("dt", { text: "timings" }), el("dd", { text: timings || "–" }),
     el("dt", { text: "started" }), el("dd", { text: when(r.created_at) })),
@@ -468,6 +473,13 @@ async function datasetPage(name, query, fresh) {
 
 // -- start -----------------------------------------------------------------------------------
 
+async function refreshInfo() {
+  const info = await api("/api/info");
+  $("#status").textContent = info.authenticated && info.grpc_address ? `gRPC ${info.grpc_address}` : "";
+  $("#logout").hidden = !info.auth_required || !info.authenticated;
+  return info;
+}
+
 async function start() {
   // A link with #token=... logs in once and leaves the token out of the address and history.
   const m = location.hash.match(/^#token=([^&]+)/);
@@ -475,9 +487,7 @@ async function start() {
     history.replaceState(null, "", location.pathname + "#/");
     try { await login(decodeURIComponent(m[1])); } catch (e) { $("#login-error").textContent = e.message; }
   }
-  const info = await api("/api/info");
-  $("#status").textContent = info.authenticated && info.grpc_address ? `gRPC ${info.grpc_address}` : "";
-  $("#logout").hidden = !info.auth_required || !info.authenticated;
+  const info = await refreshInfo();
   if (info.auth_required && !info.authenticated) showLogin();
   window.addEventListener("hashchange", route);
   route();
