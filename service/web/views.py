@@ -84,7 +84,8 @@ def collection_detail(store: Store, runs: RunStore, datasets: Datasets, name: st
     a null label), recent runs and the collection's datasets."""
     col = store.collection(name)
     info = col.describe()
-    dist = label_distribution(col).to_pylist()
+    # A full scan of the label column: once per collection version.
+    dist = col._cached("web-labels", lambda: label_distribution(col).to_pylist())
     labeled = sum(r["count"] for r in dist if r["label"] is not None)
     info.update(
         kind=_kind(col),
