@@ -355,6 +355,7 @@ class WebServer:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host.strip("[]"), port))
+        self.app = app
         self.host = host
         self.port = self.sock.getsockname()[1]
         self.scheme = "https" if tls_cert else "http"
