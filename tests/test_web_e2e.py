@@ -176,6 +176,7 @@ def test_dataset_history_and_diff(site, page):
     page.get_by_text(f"v0 → v2: {MINED + 2} added, 0 removed, 0 relabeled").wait_for()
     widths = _until(lambda: _all_loaded(page, MINED + 2))
     assert all(w > 0 for w in widths)
+    assert "null" not in page.locator("main").inner_text()  # no empty section rendered as "null"
     page.screenshot(path=str(ARTIFACTS / "web-dataset.png"), full_page=True)
     assert page.errors == []
 

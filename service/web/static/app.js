@@ -97,7 +97,7 @@ function crumbs(...links) {
   $("#crumbs").replaceChildren(...links.map(([text, href]) => (href ? el("a", { href, text }) : el("span", { text }))));
 }
 
-function page(...nodes) { $("#main").replaceChildren(...nodes); }
+function page(...nodes) { $("#main").replaceChildren(...nodes.filter((n) => n !== null && n !== undefined)); }
 
 function failure(e) {
   if (e instanceof ApiError && e.status === 401) return page(el("p", { class: "muted", text: e.message }));
@@ -460,7 +460,7 @@ async function datasetPage(name, query, fresh) {
   const diff = await api(`/api/datasets/${enc(name)}/diff?v1=${enc(v1def)}&v2=${enc(v2def)}`);
   if (!fresh()) return;
   const label = (v) => (v === null ? "working" : `v${v}`);
-  out.replaceChildren(
+  out.replaceChildren(el("div", {},
     el("p", { class: "diff-summary", text: `${label(diff.v1)} → ${label(diff.v2)}: ${int(diff.added)} added, ${int(diff.removed)} removed, ${int(diff.relabeled)} relabeled` }),
     diff.added ? el("h2", { text: `Added (${int(diff.added)})${diff.added > diff.added_items.length ? `, the first ${diff.added_items.length}` : ""}` }) : null,
     diff.added ? grid(diff.added_items, ds.collection, info.kind) : null,
@@ -468,7 +468,7 @@ async function datasetPage(name, query, fresh) {
     diff.removed ? el("p", { class: "ids", text: diff.removed_ids.join("  ") + (diff.removed > diff.removed_ids.length ? "  …" : "") }) : null,
     diff.relabeled ? el("h2", { text: `Relabeled (${int(diff.relabeled)})` }) : null,
     diff.relabeled ? el("table", {}, el("tr", {}, ["id", "before", "after"].map((h) => el("th", { text: h }))),
-      diff.relabeled_rows.map((r) => el("tr", {}, el("td", { text: r.id }), el("td", { text: r.label_before ?? "–" }), el("td", { text: r.label_after ?? "–" })))) : null);
+      diff.relabeled_rows.map((r) => el("tr", {}, el("td", { text: r.id }), el("td", { text: r.label_before ?? "–" }), el("td", { text: r.label_after ?? "–" })))) : null));
 }
 
 // -- start -----------------------------------------------------------------------------------
