@@ -227,7 +227,8 @@ class AssayServer:
         app = WebApp(self.store, self.mining.runs, self.datasets, self.embedders, tokens=cfg.tokens,
                      read_tokens=cfg.read_tokens, data_roots=roots, rate_limiter=self._rate_limiter,
                      allowed_hosts=allowed, grpc_address=self.address, secure=bool(cfg.tls_cert))
-        web = WebServer(app, host, cfg.http_port or 0, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+        web = WebServer(app, host, cfg.http_port or 0, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                        tls_client_ca=cfg.tls_client_ca)
         web.start()
         log.info("web page on %s (images from %s)", web.url, ", ".join(app.roots.describe()) or "nowhere")
         return web

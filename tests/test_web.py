@@ -445,3 +445,42 @@ def test_run_grid_shows_labels_as_the_miner_read_them(world):
         assert col.take([first], ["label"])["label"][0].as_py() == "owl"
     finally:
         col.upsert(pa.table({"id": [first], "label": pa.array([None], pa.string())}))
+
+
+def test_tls_and_client_certificates_on_the_web_port(tmp_path):
+    """The web port takes the gRPC port's certificate and, with --tls-client-ca, requires a
+    client certificate signed by that CA; the session cookie is Secure."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from test_auth import _pki
+
+    good, rogue = _pki(tmp_path, "good"), _pki(tmp_path, "rogue")
+    server = start_server(ServerConfig(
+        data=str(tmp_path / "d"), host="localhost", port=0, http_port=0, grace_s=1, tokens=(RW,),
+        tls_cert=str(good["server"][0]), tls_key=str(good["server"][1]), tls_client_ca=str(good["ca"])))
+    try:
+        url = server.web_url
+        assert url.startswith("https://localhost:")
+
+        def opener(cert_key):
+            ctx = ssl.create_default_context(cafile=str(good["ca"]))
+            if cert_key:
+                ctx.load_cert_chain(str(cert_key[0]), str(cert_key[1]))
+            return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+
+        ok = opener(good["client"])
+        req = urllib.request.Request(url + "api/login", data=json.dumps({"token": RW}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with ok.open(req, timeout=30) as res:
+            cookie = res.headers["Set-Cookie"]
+        assert "Secure" in cookie
+        with ok.open(urllib.request.Request(url + "api/collections", headers={"Authorization": f"Bearer {RW}"}),
+                     timeout=30) as res:
+            assert json.loads(res.read()) == []
+        for cert_key in (None, rogue["client"]):  # no certificate, or one another CA signed
+            with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+                opener(cert_key).open(url + "api/info", timeout=30).read()
+    finally:
+        server.stop(1)

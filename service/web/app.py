@@ -348,7 +348,11 @@ class WebServer:
     """uvicorn running a :class:`WebApp` in a background thread on a socket bound here."""
 
     def __init__(self, app: WebApp, host: str, port: int, *, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 tls_key: str | None = None, tls_client_ca: str | None = None) -> None:
+        """TLS with the gRPC port's certificate when given; with ``tls_client_ca``, browsers
+        and scripts must present a client certificate that CA signed, as on the gRPC port."""
+        import ssl
+
         import uvicorn
 
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -360,7 +364,9 @@ class WebServer:
         self.port = self.sock.getsockname()[1]
         self.scheme = "https" if tls_cert else "http"
         config = uvicorn.Config(app.app, log_level="warning", access_log=False, lifespan="off",
-                                ssl_certfile=tls_cert, ssl_keyfile=tls_key, timeout_graceful_shutdown=3)
+                                ssl_certfile=tls_cert, ssl_keyfile=tls_key, timeout_graceful_shutdown=3,
+                                ssl_ca_certs=tls_client_ca if tls_cert else None,
+                                ssl_cert_reqs=ssl.CERT_REQUIRED if tls_cert and tls_client_ca else ssl.CERT_NONE)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name="assay-web", daemon=True)
