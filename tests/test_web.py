@@ -484,3 +484,26 @@ def test_tls_and_client_certificates_on_the_web_port(tmp_path):
                 opener(cert_key).open(url + "api/info", timeout=30).read()
     finally:
         server.stop(1)
+
+
+def test_predictions_from_probs_logits_and_boxes(store):
+    """The grid's top prediction, by its definition: argmax of probs, else of softmax(logits),
+    else the most confident class over a detection's boxes; None without a prediction."""
+    from service.web.views import predictions
+
+    col = store.create_collection("preds", models={"m": CLASSES})
+    box = {"x1": 0.0, "y1": 0.0, "x2": 1.0, "y2": 1.0, "score": 0.9}
+    col.upsert(pa.table({"id": ["p", "l", "b", "none"]}).append_column("pred_m", pa.array([
+        {"probs": [0.2, 0.5, 0.3]},
+        {"logits": [2.0, 0.0, 1.0]},
+        {"boxes": [{**box, "probs": [0.1, 0.3, 0.6]}, {**box, "probs": [0.05, 0.9, 0.05]}]},
+        None,
+    ], col.schema.field("pred_m").type)))
+    rows = col.take(["p", "l", "b", "none"], ["pred_m"])
+    got = predictions(col, "m", rows.column("pred_m").combine_chunks())
+    e = np.exp([2.0, 0.0, 1.0])
+    assert got[0] == {"model": "m", "class": "dog", "confidence": pytest.approx(0.5)}
+    assert got[1] == {"model": "m", "class": "cat", "confidence": pytest.approx(e[0] / e.sum())}
+    assert got[2] == {"model": "m", "class": "dog", "confidence": pytest.approx(0.9), "boxes": 2}
+    assert got[3] is None
+    assert predictions(col, None, rows.column("pred_m").combine_chunks()) == [None] * 4
