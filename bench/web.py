@@ -42,7 +42,7 @@ from indexing.analytics import label_distribution  # noqa: E402
 from service.client import Client  # noqa: E402
 from service.server import ServerConfig, start_server  # noqa: E402
 from service.web.thumbs import encode_thumbnail  # noqa: E402
-from service.web.views import pca_2d  # noqa: E402
+from service.web.views import pca_2d, vectors_of  # noqa: E402
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 total = col.table.count_rows()
                 offsets = np.sort(np.random.default_rng(0).choice(total, size=2000, replace=False))
                 rows = col.table.take_offsets(offsets.tolist()).select(["id", "emb_v", "label", "pred_m"]).to_arrow()
-                pca_2d(np.asarray(rows.column("emb_v").to_pylist(), dtype=np.float64))
+                pca_2d(vectors_of(rows.column("emb_v")))
 
             report.add("embedding map, 2,000 points, first view",
                        ms(median_s(lambda: get(f"{base}api/collections/pool/map?n=2000"), args.repeats,

@@ -273,7 +273,7 @@ class WebApp:
             collection, id_ = q.get("c") or "", q.get("id") or ""
             if not collection or not id_:
                 raise HttpError(400, "INVALID_ARGUMENT", "thumb needs c=<collection> and id=<item id>")
-            size = views._int(q.get("s"), "s", DEFAULT_THUMB_SIZE, 1, 4096)
+            size = views.int_param(q.get("s"), "s", DEFAULT_THUMB_SIZE, 1, 4096)
             col = self.store.collection(collection)
             if "uri" not in col.schema.names:
                 raise HttpError(404, "NOT_FOUND", f"collection '{collection}' has no uri column")

@@ -34,7 +34,7 @@ TEXT_SNIPPET = 280
 ITEM_FIELDS = ("label", "uri", "text", "tags")
 
 
-def _int(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
+def int_param(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
     if value is None or value == "":
         return default
     try:
@@ -178,8 +178,8 @@ def run_grid(store: Store, runs: RunStore, run_id: str, offset: str | None, limi
     out: dict[str, Any] = {"run": run_summary(rec), "items": [], "total": rec.results}
     if rec.state != "SUCCEEDED":
         return out
-    start = _int(offset, "offset", 0, 0, 1 << 40)
-    n = _int(limit, "limit", 60, 1, MAX_GRID)
+    start = int_param(offset, "offset", 0, 0, 1 << 40)
+    n = int_param(limit, "limit", 60, 1, MAX_GRID)
     results = runs.results(run_id).slice(start, n)
     col = store.collection(rec.collection)
     # Labels and predictions as the miner read them (they explain the score), like
@@ -201,7 +201,7 @@ def search_grid(store: Store, embedders: Any, collection: str, params: Mapping[s
     col = store.collection(collection)
     space = params.get("space") or _default_space(col, text=bool(params.get("q")))
     spec = col.space(space)
-    k = _int(params.get("k"), "k", 24, 1, MAX_GRID)
+    k = int_param(params.get("k"), "k", 24, 1, MAX_GRID)
     where = params.get("where") or None
     text, like = (params.get("q") or "").strip(), (params.get("like") or "").strip()
     if bool(text) == bool(like):
@@ -241,6 +241,14 @@ def _default_space(col: Collection, *, text: bool) -> str:
 # -- the embedding map ---------------------------------------------------------------------
 
 
+def vectors_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n, d) float64 matrix of a fixed-size-list vector column without nulls (zero-copy
+    flatten, not a Python list per row)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dim = arr.type.list_size
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, dim)
+
+
 def pca_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Project rows of ``x`` (n, d) onto their first two principal axes.
 
@@ -277,7 +285,7 @@ class EmbeddingMaps:
         col = self.store.collection(collection)
         space = params.get("space") or _default_space(col, text=False)
         spec = col.space(space)
-        n = _int(params.get("n"), "n", 2000, 10, MAX_MAP_POINTS)
+        n = int_param(params.get("n"), "n", 2000, 10, MAX_MAP_POINTS)
         key = (collection, col.version, space, n)
         with self._lock:
             base = self._cache.get(key)
@@ -307,7 +315,7 @@ class EmbeddingMaps:
         if rows.num_rows == 0:
             return {"points": [], "total": total, "sampled": 0, "explained": [0.0, 0.0], "mean": None,
                     "axes": None, "model": model}
-        x = np.asarray(rows.column(column).to_pylist(), dtype=np.float64)
+        x = vectors_of(rows.column(column))
         xy, mean, axes = pca_2d(x)
         var = x.var(axis=0).sum()
         explained = (xy.var(axis=0) / var).tolist() if var > 0 else [0.0, 0.0]
@@ -338,7 +346,7 @@ class EmbeddingMaps:
             v = vec.get(id_)
             if v is None:
                 continue
-            xy = (np.asarray(v, np.float64) - base["mean"]) @ base["axes"]
+            xy = (np.asarray(v, np.float64) - base["mean"]) @ base["axes"]  # at most MAX_MAP_POINTS rows
             pts.append({"id": id_, "x": round(float(xy[0]), 5), "y": round(float(xy[1]), 5), "picked": True, "rank": rank,
                         "score": float(score)})
         return pts
@@ -370,7 +378,7 @@ def dataset_diff(store: Store, datasets: Datasets, name: str, v1: str | None, v2
             return default
         if value == "working":
             return None
-        return _int(value, "version", 0, 0, 1 << 31)
+        return int_param(value, "version", 0, 0, 1 << 31)
 
     last = history[0].version  # newest first
     a = version(v1, history[1].version if len(history) > 1 else 0)
