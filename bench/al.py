@@ -933,13 +933,14 @@ def machine_info() -> dict[str, Any]:
 
 def render_report(doc: Mapping[str, Any]) -> str:
     m, c = doc["machine"], doc["config"]
+    rounds = (f" (median round {np.median([r['round_s'] for r in doc['summary']]) * 1e3:.0f} ms, of which the "
+              f"service — upsert + mine + results — {np.median([r['service_s'] for r in doc['summary']]) * 1e3:.0f} ms)"
+              if doc["summary"] else "")
     lines = [
         "# assay active-learning simulation",
         "",
         f"- command: `{doc['command']}`",
-        f"- runtime: {doc['runtime_s'] / 60:.1f} min for {len(doc['runs'])} runs "
-        f"(median round {np.median([r['round_s'] for r in doc['summary']]) * 1e3:.0f} ms, of which the service "
-        f"— upsert + mine + results — {np.median([r['service_s'] for r in doc['summary']]) * 1e3:.0f} ms)",
+        f"- runtime: {doc['runtime_s'] / 60:.1f} min for {len(doc['runs'])} runs{rounds}",
         f"- machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, {m['platform']}; "
         f"python {m['python']}, numpy {m['numpy']}, scikit-learn {m['sklearn']}, torch {m['torch']}",
         f"- protocol: stratified {1 - c['test_size']:.0%}/{c['test_size']:.0%} split per seed, "
