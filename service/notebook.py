@@ -49,10 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 
-from service.web.gallery import ITEM_KEYS, item_dict, render_grid_html
+from service.web.gallery import ITEM_KEYS, item_dict, render_grid_html, top_predictions
 from service.web.thumbs import DEFAULT_THUMB_SIZE, THUMB_SIZES, encode_thumbnail
 
 if TYPE_CHECKING:
@@ -102,50 +101,6 @@ class Grid:
         out = Path(path)
         out.write_text(doc, encoding="utf-8")
         return out
-
-
-# -- predictions ---------------------------------------------------------------------------------
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x - x.max())
-    return z / z.sum()
-
-
-def _top(p: np.ndarray | None, model: str, classes: Sequence[str]) -> dict[str, Any] | None:
-    if p is None or p.size == 0 or not np.isfinite(p).all():
-        return None
-    k = int(p.argmax())
-    return {"model": model, "class": classes[k] if k < len(classes) else str(k), "confidence": float(p[k])}
-
-
-def top_predictions(preds: pa.Array | pa.ChunkedArray, model: str, classes: Sequence[str]
-                    ) -> list[dict[str, Any] | None]:
-    """Per row of a ``pred_<model>`` struct column: ``{model, class, confidence}`` of the top
-    class of ``probs``, else of ``softmax(logits)``, else of the most confident box's
-    ``probs`` (with ``boxes``: the box count); None when the row has none."""
-    if isinstance(preds, pa.ChunkedArray):
-        preds = preds.combine_chunks()
-    names = [f.name for f in preds.type]
-    fields = dict(zip(names, preds.flatten(), strict=True))  # flatten() applies the struct's nulls
-    n = len(preds)
-    probs = fields["probs"].to_pylist() if "probs" in fields else [None] * n
-    logits = fields["logits"].to_pylist() if "logits" in fields else [None] * n
-    boxes = fields["boxes"].to_pylist() if "boxes" in fields else [None] * n
-    out: list[dict[str, Any] | None] = []
-    for p, lg, bx in zip(probs, logits, boxes, strict=True):
-        top = None
-        if p:
-            top = _top(np.asarray(p, np.float64), model, classes)
-        elif lg:
-            top = _top(_softmax(np.asarray(lg, np.float64)), model, classes)
-        elif bx:
-            tops = [_top(np.asarray(b["probs"], np.float64), model, classes) for b in bx if b and b.get("probs")]
-            best = [t for t in tops if t is not None]
-            if best:
-                top = {**max(best, key=lambda t: t["confidence"]), "boxes": len(bx)}
-        out.append(top)
-    return out
 
 
 # -- thumbnails ----------------------------------------------------------------------------------

@@ -6,8 +6,7 @@ and the model's top ``prediction`` (``{model, class, confidence}``). The web pag
 items with ``static/app.js``; :func:`render_grid_html` draws the same cards, with the same
 CSS (``static/grid.css``), as one HTML string for Jupyter's ``_repr_html_``.
 
-This module imports nothing beyond the standard library, so the client can use it without
-the web server's dependencies.
+It needs neither the web server nor a store: the notebook helpers of the client use it.
 """
 
 from __future__ import annotations
@@ -54,6 +53,43 @@ def item_dict(id_: str, own: Mapping[str, Any], fields: Mapping[str, Any],
         item["text"] = snippet(str(fields["text"]), snippet_chars)
     item["prediction"] = dict(prediction) if prediction else None
     return item
+
+
+def top_predictions(preds: Any, model: str, classes: Sequence[str]) -> list[dict[str, Any] | None]:
+    """Per row of a ``pred_<model>`` struct column: ``{model, class, confidence}`` of the top
+    class of ``probs``, else of ``softmax(logits)``, else of the most confident class over
+    the row's ``boxes`` (then with ``boxes``: the box count); None without a prediction."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from indexing.analytics import box_probs, prediction_probs
+
+    if isinstance(preds, pa.ChunkedArray):
+        preds = preds.combine_chunks()
+    out: list[dict[str, Any] | None] = [None] * len(preds)
+    if len(preds) == 0:
+        return out
+    c = len(classes)
+    fields = dict(zip([f.name for f in preds.type], preds.flatten(), strict=True))  # applies the struct's nulls
+    if "probs" in fields or "logits" in fields:
+        empty = pa.nulls(len(preds), pa.list_(pa.float32()))
+        rows, p = prediction_probs(fields.get("probs", empty), fields.get("logits", empty), c)
+        top = p.argmax(axis=1)
+        for r, k, conf in zip(rows.tolist(), top.tolist(), p[np.arange(len(rows)), top].tolist(), strict=True):
+            out[r] = {"model": model, "class": classes[k], "confidence": conf}
+    if "boxes" in fields:
+        boxes = fields["boxes"]
+        owner, p = box_probs(boxes, c)
+        counts = pc.fill_null(pc.list_value_length(boxes), 0).to_pylist()
+        best: dict[int, tuple[float, int]] = {}
+        for r, k, conf in zip(owner.tolist(), p.argmax(axis=1).tolist(), p.max(axis=1).tolist(), strict=True):
+            if r not in best or conf > best[r][0]:
+                best[r] = (conf, k)
+        for r, (conf, k) in best.items():
+            if out[r] is None:
+                out[r] = {"model": model, "class": classes[k], "confidence": conf, "boxes": counts[r]}
+    return out
 
 
 def grid_css() -> str:
@@ -107,4 +143,4 @@ def render_grid_html(items: Iterable[Mapping[str, Any]], thumb: Callable[[Mappin
     return f'{style}<div class="assay-gallery">{head}<div class="assay-grid">{body}</div></div>'
 
 
-__all__: Sequence[str] = ("card_html", "grid_css", "item_dict", "render_grid_html", "snippet")
+__all__: Sequence[str] = ("card_html", "grid_css", "item_dict", "render_grid_html", "snippet", "top_predictions")

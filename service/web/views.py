@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.analytics import box_probs, label_distribution, prediction_probs
+from indexing.analytics import label_distribution
 from indexing.datasets import Datasets
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.store import Collection, Store
 from miners.runs import RunRecord, RunStore
-from service.web.gallery import item_dict
+from service.web.gallery import item_dict, top_predictions
 
 MAX_GRID = 200
 MAX_MAP_POINTS = 5000
@@ -122,33 +122,10 @@ def _item_columns(col: Collection, model: str | None) -> tuple[list[str], str | 
 
 
 def predictions(col: Collection, model: str | None, preds: pa.Array) -> list[dict[str, Any] | None]:
-    """Per row: ``{model, class, confidence}`` (top class of ``probs``, else of
-    ``softmax(logits)``), ``{model, boxes, class, confidence}`` for detections (the most
-    confident box), or None when the row has no prediction."""
-    out: list[dict[str, Any] | None] = [None] * len(preds)
-    if model is None or len(preds) == 0:
-        return out
-    spec = col.model(model)
-    c = len(spec.classes)
-    names = {f.name for f in preds.type}
-    if "probs" in names:
-        rows, p = prediction_probs(preds.field("probs"), preds.field("logits"), c)
-        top = p.argmax(axis=1)
-        for r, k, conf in zip(rows.tolist(), top.tolist(), p[np.arange(len(rows)), top].tolist(), strict=True):
-            out[r] = {"model": model, "class": spec.classes[k], "confidence": conf}
-    if "boxes" in names:
-        boxes = preds.field("boxes")
-        owner, p = box_probs(boxes, c)
-        counts = [len(b) if b is not None else 0 for b in boxes.to_pylist()]
-        best: dict[int, tuple[float, int]] = {}
-        for r, row in zip(owner.tolist(), p, strict=True):
-            k = int(row.argmax())
-            if r not in best or row[k] > best[r][0]:
-                best[r] = (float(row[k]), k)
-        for r, (conf, k) in best.items():
-            if out[r] is None:
-                out[r] = {"model": model, "class": spec.classes[k], "confidence": conf, "boxes": counts[r]}
-    return out
+    """:func:`~service.web.gallery.top_predictions` of ``model`` (None: no predictions)."""
+    if model is None:
+        return [None] * len(preds)
+    return top_predictions(preds, model, col.model(model).classes)
 
 
 def grid_items(col: Collection, table: pa.Table, model: str | None,
