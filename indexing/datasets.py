@@ -549,18 +549,22 @@ class Datasets:
                 yield part.slice(start, batch_size)
 
     def diff(self, name: str, v1: int | str | None, v2: int | str | None = None) -> DatasetDiff:
-        """Members added and removed from ``v1`` to ``v2`` (None: the working state), and
-        the members of both whose ``label`` differs between the collection versions the
-        two pinned (null-aware)."""
+        """Members added and removed from ``v1`` to ``v2`` (None: the working state; 0: the
+        empty dataset before the first commit), and the members of both whose ``label``
+        differs between the collection versions the two pinned (null-aware)."""
         self._live(name)
-        r1, r2 = self._resolve(name, v1), self._resolve(name, v2)
-        m1, m2 = self.members(name, r1), self.members(name, r2)
+
+        def resolve(v: int | str | None) -> int | None:
+            return 0 if v == 0 or v == "0" else self._resolve(name, v)
+
+        r1, r2 = resolve(v1), resolve(v2)
+        m1, m2 = (_EMPTY_IDS if r == 0 else self.members(name, r) for r in (r1, r2))
         in1 = pc.is_in(m2, value_set=m1)
         added = m2.filter(pc.invert(in1))
         removed = m1.filter(pc.invert(pc.is_in(m1, value_set=m2)))
-        common = m2.filter(in1)
+        common = m2.filter(in1)  # empty when either side is version 0
         relabeled = pa.table({"id": _EMPTY_IDS, "label_before": _EMPTY_IDS, "label_after": _EMPTY_IDS})
-        h1, h2 = self._version_handle(name, r1), self._version_handle(name, r2)
+        h1, h2 = (self._version_handle(name, r) for r in (r1, r2)) if len(common) else (None, None)
         if len(common) and h1.version != h2.version:
             before = _concat(_read_rows(h1, common, ["id", "label"], 65_536), ["id", "label"])
             after = _concat(_read_rows(h2, common, ["id", "label"], 65_536), ["id", "label"])

@@ -220,6 +220,15 @@ def test_diff_exact_on_constructed_case(dsets, col):
     assert w.relabeled.to_pylist() == [{"id": ids[10], "label_before": labels_v1[ids[10]], "label_after": "owl"}]
     assert dsets.diff("d", 2, "HEAD").to_dict()["relabeled"] == []
 
+    # Version 0 is the empty dataset before the first commit.
+    first = dsets.diff("d", 0, 1)
+    assert (first.v1, first.v2) == (0, 1) and _ids(first.added) == v1_members and len(first.removed) == 0
+    assert first.relabeled.num_rows == 0
+    gone = dsets.diff("d", 2, 0)
+    assert _ids(gone.removed) == v2_members and len(gone.added) == 0
+    with pytest.raises(NotFound):
+        dsets.diff("d", 3, 1)
+
 
 def test_tags_resolve_wherever_a_version_does(dsets, col):
     dsets.create("d", "items")

@@ -360,24 +360,15 @@ def dataset_diff(store: Store, datasets: Datasets, name: str, v1: str | None, v2
     last = history[0].version  # newest first
     a = version(v1, history[1].version if len(history) > 1 else 0)
     b = version(v2, last)
-    if a == 0 or b == 0:
-        # Version 0 is the empty dataset before the first commit: everything is added (or removed).
-        members = datasets.members(name, b if a == 0 else a) if (a, b) != (0, 0) else pa.array([], pa.string())
-        members = members.sort() if len(members) else members
-        empty = pa.array([], pa.string())
-        added_arr, removed_arr = (members, empty) if a == 0 else (empty, members)
-        relabeled_tbl = pa.table({"id": empty, "label_before": empty, "label_after": empty})
-    else:
-        d = datasets.diff(name, a, b)
-        added_arr, removed_arr, relabeled_tbl = d.added, d.removed, d.relabeled
+    d = datasets.diff(name, a, b)
     info = datasets.get(name)
     col = store.collection(info.collection)
-    added = added_arr.to_pylist()
+    added = d.added.to_pylist()
     return {
-        "dataset": name, "v1": a, "v2": b,
-        "added": len(added_arr), "removed": len(removed_arr), "relabeled": relabeled_tbl.num_rows,
-        "added_ids": added[:MAX_LIST], "removed_ids": removed_arr.to_pylist()[:MAX_LIST],
-        "relabeled_rows": relabeled_tbl.slice(0, MAX_LIST).to_pylist(),
+        "dataset": name, "v1": d.v1, "v2": d.v2,
+        "added": len(d.added), "removed": len(d.removed), "relabeled": d.relabeled.num_rows,
+        "added_ids": added[:MAX_LIST], "removed_ids": d.removed.to_pylist()[:MAX_LIST],
+        "relabeled_rows": d.relabeled.slice(0, MAX_LIST).to_pylist(),
         "added_items": grid_items(col, pa.table({"id": pa.array(added[:60], pa.string())}), None),
     }
 
