@@ -182,7 +182,7 @@ def search_grid(store: Store, embedders: Any, collection: str, params: Mapping[s
     where = params.get("where") or None
     text, like = (params.get("q") or "").strip(), (params.get("like") or "").strip()
     if bool(text) == bool(like):
-        raise InvalidArgument("give a text query (q) or an item id (like), not both")
+        raise InvalidArgument("give exactly one of a text query (q) or an item id (like)")
     if text:
         if len(text) > 1000:
             raise InvalidArgument("the text query is over 1000 characters")
