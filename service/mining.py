@@ -77,7 +77,9 @@ class MiningService:
         rec = self.runs.update(self.runs.get(params["run_id"]), state="RUNNING", job_id=ctx.job_id,
                                error="", progress=0.0)
         try:
-            out = run_mining(col, rec, progress=ctx.progress, check=ctx.check)
+            # The version the run reads stays through version cleanup until it is done.
+            with col.pin_version(rec.version):
+                out = run_mining(col, rec, progress=ctx.progress, check=ctx.check)
             ctx.check()
             t0 = time.perf_counter()
             self.runs.write_results(rec, out.ids, out.scores, out.related)
