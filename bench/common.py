@@ -113,3 +113,94 @@ def pct(values: list[float], q: float) -> float:
 
 def ms(seconds: float) -> float:
     return seconds * 1e3
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``assay serve`` as its own process on a data root (so its memory is its own and it
+    can be killed): start (waits for health SERVING), kill -9, stop, RSS."""
+
+    def __init__(self, data: str, log_dir: str, *, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.data, self.log_dir, self.extra_args = data, log_dir, extra_args
+        self.env = env or {}
+        self.proc: Any = None
+        self.address = ""
+        self.starts = 0
+
+    def start(self, timeout: float = 180) -> str:
+        import subprocess
+
+        from service.client import AssayClientError, Client
+
+        port = free_port()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
+        os.makedirs(self.log_dir, exist_ok=True)
+        with open(os.path.join(self.log_dir, f"server-{self.starts}.log"), "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--data", self.data, "--port", str(port),
+                 "--log-format", "text", "--grace", "2", *self.extra_args],
+                cwd=root, env=env, stdout=log, stderr=log)
+        self.starts += 1
+        self.address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        with Client(self.address, retries=0, timeout=2) as probe:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("the server exited:\n" + self.log_tail())
+                try:
+                    if probe.health() == "SERVING":
+                        return self.address
+                except AssayClientError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start:\n" + self.log_tail())
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 60) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_bytes(self) -> tuple[int, int]:
+        """(current, peak) resident set size of the server process."""
+        cur = peak = 0
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        cur = int(line.split()[1]) * 1024
+                    elif line.startswith("VmHWM:"):
+                        peak = int(line.split()[1]) * 1024
+        except (OSError, AttributeError):
+            pass
+        return cur, peak
+
+    def log_tail(self, lines: int = 40) -> str:
+        path = os.path.join(self.log_dir, f"server-{max(0, self.starts - 1)}.log")
+        try:
+            with open(path, errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError:
+            return ""

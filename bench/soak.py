@@ -27,10 +27,26 @@ process aged. Memory: the process RSS (server and clients share it) at the end a
 its value after setup; ``RSS over time`` lists the samples. Absolute figures depend on
 the (shared, noisy) machine.
 
+Options that change the run:
+
+* ``--mix writes`` (every client only upserts: the group-commit goal is ≥ 20× the rows/s
+  of one commit per write, p50 ≤ 200 ms with 16 clients) or weights such as
+  ``--mix search=1,upsert=1``; the default is the mix above.
+* ``--server process`` (the default) runs ``assay serve`` as its own process, so the RSS is
+  the server's alone; ``--server thread`` runs it in this process (RSS then includes the
+  clients).
+* ``--kill-at S`` (process mode): SIGKILL the server S seconds in, start it again on the
+  same data, and go on; at the end every *acknowledged* row must be there exactly once and
+  every batch in flight at the kill all there or not at all.
+
+Over time it prints the server's RSS, the collection's fragments and its versions (read
+from the data folder), so a service that ages shows it.
+
 Usage::
 
     uv run python bench/soak.py [--minutes 5] [--clients 16] [--rows 20000] [--dim 64]
-        [--batch 20] [--window 30] [--quick] [--json PATH]
+        [--batch 20] [--window 30] [--mix default|writes|op=w,...] [--server process|thread]
+        [--kill-at S] [--quick] [--json PATH]
 
 ``tests/test_load.py`` runs the same workload for a few seconds (``run_load``).
 """
@@ -38,6 +54,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -58,8 +75,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
-from bench.common import Report, machine, pct, render  # noqa: E402
-from service.client import Client  # noqa: E402
+from bench.common import Report, ServerProcess, machine, pct, render  # noqa: E402
+from service.client import AssayClientError, Client  # noqa: E402
 
 OPS = ("search", "upsert", "query", "mine")
 WEIGHTS = {"search": 0.45, "upsert": 0.25, "query": 0.25, "mine": 0.05}
@@ -82,6 +99,22 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+MIXES = {"default": WEIGHTS, "writes": {"upsert": 1.0}}
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``default``, ``writes`` or ``op=weight,...`` (ops: search, upsert, query, mine)."""
+    if text in MIXES:
+        return dict(MIXES[text])
+    mix = {}
+    for part in text.split(","):
+        op, _, w = part.partition("=")
+        if op.strip() not in OPS:
+            raise ValueError(f"unknown operation {op!r} in --mix (known: {', '.join(OPS)})")
+        mix[op.strip()] = float(w or 1)
+    return mix
+
+
 @dataclass
 class LoadResult:
     seconds: float
@@ -93,6 +126,10 @@ class LoadResult:
     initial_rows: int = 0
     final_rows: int = 0
     distinct_ids: int = 0
+    samples: list[dict[str, float]] = field(default_factory=list)  # t, rss_mb, fragments, versions
+    killed_errors: int = 0  # calls that failed while the server was down (--kill-at)
+    lost_acknowledged: int = 0  # acknowledged new ids missing at the end (must be 0)
+    torn_batches: int = 0  # batches in flight at the kill that landed in part (must be 0)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def stats(self, op: str, since: float = 0.0, until: float = float("inf")) -> dict[str, float]:
@@ -105,15 +142,23 @@ class LoadResult:
     def rss_growth(self) -> int:
         return max(b for _, b in self.rss) - self.rss[0][1]
 
+    @property
+    def consistent(self) -> bool:
+        """Every id once, every acknowledged insert there, no batch in part."""
+        return (self.final_rows == self.distinct_ids and self.lost_acknowledged == 0
+                and self.torn_batches == 0 and self.final_rows >= self.initial_rows + self.inserted)
+
     def summary(self) -> str:
-        lines = [f"{self.clients} clients for {self.seconds:.1f}s, {len(self.errors)} errors"]
+        lines = [f"{self.clients} clients for {self.seconds:.1f}s, {len(self.errors)} errors"
+                 + (f" ({self.killed_errors} calls failed while the server was killed)" if self.killed_errors else "")]
         for op in OPS:
             s = self.stats(op)
             lines.append(f"  {op:7s} {s['calls']:6d} calls  p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms")
         lines.append(f"  RSS {self.rss[0][1] / 2**20:.0f} MB after setup, peak {max(b for _, b in self.rss) / 2**20:.0f}"
                      f" MB, end {self.rss[-1][1] / 2**20:.0f} MB (growth {self.rss_growth / 2**20:.0f} MB)")
-        lines.append(f"  rows {self.initial_rows} + {self.inserted} inserted = {self.final_rows} "
-                     f"({self.distinct_ids} distinct ids)")
+        lines.append(f"  rows {self.initial_rows} + {self.inserted} acknowledged inserts; {self.final_rows} at the end "
+                     f"({self.distinct_ids} distinct ids, {self.lost_acknowledged} acknowledged missing, "
+                     f"{self.torn_batches} batches in part)")
         return "\n".join(lines)
 
 
@@ -125,6 +170,8 @@ class Workload:
         self._next_id = 0
         self._ids_lock = threading.Lock()
         self.inserted = 0
+        self.acknowledged: list[str] = []  # new ids the server acknowledged
+        self.in_doubt: list[list[str]] = []  # new ids of batches that got no answer
 
     def _rows(self, rng: np.random.Generator, ids: list[str]) -> dict[str, Any]:
         n = len(ids)
@@ -161,10 +208,17 @@ class Workload:
     def op_upsert(self, client: Client, rng: np.random.Generator) -> None:
         half = self.batch // 2
         old = [f"i{i:09d}" for i in rng.choice(self.rows, self.batch - half, replace=False)]
-        summary = client.collection(COLLECTION).upsert(self._rows(rng, self.new_ids(half) + old))
+        new = self.new_ids(half)
+        try:
+            summary = client.collection(COLLECTION).upsert(self._rows(rng, new + old))
+        except AssayClientError:
+            with self._ids_lock:
+                self.in_doubt.append(new)
+            raise
         assert summary.inserted == half and summary.updated == self.batch - half, summary
         with self._ids_lock:
             self.inserted += summary.inserted
+            self.acknowledged.extend(new)
 
     def op_query(self, client: Client, rng: np.random.Generator) -> None:
         col = client.collection(COLLECTION)
@@ -188,45 +242,73 @@ class Workload:
         assert job.results().num_rows == 20
 
 
-def run_load(address: str, workload: Workload, *, clients: int = 16, seconds: float = 12.0,
-             seed: int = 0, sample_every: float = 0.5,
-             on_sample: Callable[[float, int], None] | None = None) -> LoadResult:
-    """``clients`` threads, each with its own Client, run the weighted mix for ``seconds``;
-    the RSS of this process is sampled every ``sample_every`` seconds."""
+def run_load(address: str | Callable[[], str], workload: Workload, *, clients: int = 16, seconds: float = 12.0,
+             seed: int = 0, sample_every: float = 0.5, weights: dict[str, float] | None = None,
+             sample: Callable[[], dict[str, float]] | None = None,
+             on_sample: Callable[[float, dict[str, float]], None] | None = None,
+             down: threading.Event | None = None) -> LoadResult:
+    """``clients`` threads, each with its own Client, run the weighted mix for ``seconds``.
+
+    ``address`` may be a callable (the server moves to a new port after a restart).
+    ``sample()`` returns what to record every ``sample_every`` seconds (default: this
+    process's RSS); calls that fail while ``down`` is set are counted apart, not as errors.
+    """
+    where = address if callable(address) else (lambda: address)
     ops = {op: getattr(workload, f"op_{op}") for op in OPS}
-    names = list(WEIGHTS)
-    weights = np.asarray([WEIGHTS[n] for n in names])
-    weights = weights / weights.sum()
+    mix = weights or WEIGHTS
+    names = [op for op in OPS if mix.get(op, 0) > 0]
+    probs = np.asarray([mix[n] for n in names], dtype=float)
+    probs = probs / probs.sum()
     latencies: dict[str, list[tuple[float, float]]] = {op: [] for op in OPS}
     errors: list[str] = []
+    killed = [0]
     lock = threading.Lock()
+    sample = sample or (lambda: {"rss": float(rss_bytes())})
     t0 = time.perf_counter()
     stop_at = t0 + seconds
-    rss = [(0.0, rss_bytes())]
+    first_sample = sample()
+    samples = [{"t": 0.0, **first_sample}]
     done = threading.Event()
 
     def sampler() -> None:
         while not done.wait(sample_every):
-            t, b = time.perf_counter() - t0, rss_bytes()
-            rss.append((t, b))
+            try:
+                row = {"t": time.perf_counter() - t0, **sample()}
+            except Exception:  # the server is being restarted
+                continue
+            samples.append(row)
             if on_sample is not None:
-                on_sample(t, b)
+                on_sample(row["t"], row)
 
     def worker(i: int) -> None:
         rng = np.random.default_rng([seed, i])
-        first = True  # each client starts with a different operation: all four are run
-        with Client(address, timeout=120) as client:
+        first = True  # each client starts with a different operation: all of the mix is run
+        addr = where()
+        client = Client(addr, timeout=120, retries=0 if down is not None else 3)
+        try:
             while (start := time.perf_counter()) < stop_at:
-                op = OPS[i % len(OPS)] if first else names[int(rng.choice(len(names), p=weights))]
+                op = names[i % len(names)] if first else names[int(rng.choice(len(names), p=probs))]
                 first = False
                 try:
                     ops[op](client, rng)
                 except Exception as exc:  # every failure is reported, none is expected
                     with lock:
-                        errors.append(f"{op}: {type(exc).__name__}: {exc}"[:500])
+                        if down is not None and (down.is_set() or where() != addr):
+                            killed[0] += 1
+                        else:
+                            errors.append(f"{op}: {type(exc).__name__}: {exc}"[:500])
+                    if down is not None:
+                        while down.is_set() and time.perf_counter() < stop_at:
+                            time.sleep(0.05)
+                        if where() != addr:
+                            client.close()
+                            addr = where()
+                            client = Client(addr, timeout=120, retries=0)
                     continue
                 with lock:
                     latencies[op].append((start - t0, time.perf_counter() - start))
+        finally:
+            client.close()
 
     watcher = threading.Thread(target=sampler, daemon=True)
     watcher.start()
@@ -238,17 +320,31 @@ def run_load(address: str, workload: Workload, *, clients: int = 16, seconds: fl
     done.set()
     watcher.join()
     elapsed = time.perf_counter() - t0
-    rss.append((elapsed, rss_bytes()))
+    with contextlib.suppress(Exception):  # a server being restarted has no sample
+        samples.append({"t": elapsed, **sample()})
+    rss = [(row["t"], int(row.get("rss", 0))) for row in samples]
     result = LoadResult(seconds=elapsed, clients=clients, latencies=latencies, errors=errors, rss=rss,
-                        inserted=workload.inserted, initial_rows=workload.rows)
-    with Client(address, timeout=120) as client:
-        ids = client.collection(COLLECTION).query(columns=["id"]).column("id")
-        result.final_rows = len(ids)
-        result.distinct_ids = len(set(ids.to_pylist()))
+                        inserted=workload.inserted, initial_rows=workload.rows, samples=samples,
+                        killed_errors=killed[0])
+    with Client(where(), timeout=300) as client:
+        ids = client.collection(COLLECTION).query(columns=["id"]).column("id").to_pylist()
+    present = set(ids)
+    result.final_rows, result.distinct_ids = len(ids), len(present)
+    result.lost_acknowledged = sum(1 for i in workload.acknowledged if i not in present)
+    result.torn_batches = sum(1 for batch in workload.in_doubt if 0 < sum(i in present for i in batch) < len(batch))
     return result
 
 
 # -- the benchmark ---------------------------------------------------------------------------
+
+
+def table_stats(data: str) -> dict[str, float]:
+    """Fragments and versions of the soak collection, read from the data folder."""
+    import lancedb
+
+    table = lancedb.connect(data).open_table(COLLECTION)
+    ds = table.to_lance()
+    return {"fragments": float(len(ds.get_fragments())), "versions": float(len(ds.versions()))}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -261,13 +357,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=20, help="rows per upsert")
     p.add_argument("--window", type=float, default=30.0,
                    help="seconds at the start and at the end compared (p50 drift)")
-    p.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples")
+    p.add_argument("--sample", type=float, default=5.0, help="seconds between RSS/fragment samples")
+    p.add_argument("--mix", default="default", help="default, writes, or op=weight,... (search, upsert, query, mine)")
+    p.add_argument("--server", choices=("process", "thread"), default="process",
+                   help="assay serve as its own process (RSS is the server's) or in this process")
+    p.add_argument("--kill-at", type=float, default=None,
+                   help="SIGKILL the server this many seconds in, restart it, check acknowledged rows (process mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="30 seconds, 5k rows")
     p.add_argument("--json", type=str, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.quick:
         args.minutes, args.rows, args.window, args.sample = 0.5, 5_000, 10.0, 2.0
+    if args.kill_at is not None and args.server != "process":
+        p.error("--kill-at needs --server process")
     return args
 
 
@@ -275,51 +378,109 @@ def main(argv: list[str] | None = None) -> int:
     from service.server import ServerConfig, start_server
 
     args = parse_args(argv)
+    weights = parse_mix(args.mix)
     logging.getLogger().setLevel(logging.ERROR)
     report = Report(machine=machine(), params=dict(vars(args)))
     m = report.machine
     print("# assay soak\n")
     print(f"- machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, {m['platform']}")
     print(f"- {args.clients} clients (threads of this process, each its own Client) for "
-          f"{args.minutes:g} min against one in-process server; {args.rows:,} initial rows, dim "
-          f"{args.dim}, {args.batch}-row upserts; mix {WEIGHTS}\n", flush=True)
+          f"{args.minutes:g} min against one server ({'its own process' if args.server == 'process' else 'in this process'})"
+          f"; {args.rows:,} initial rows, dim {args.dim}, {args.batch}-row upserts; mix {weights}"
+          + (f"; server SIGKILLed at {args.kill_at:g} s and restarted" if args.kill_at is not None else "") + "\n",
+          flush=True)
     seconds = args.minutes * 60
     with tempfile.TemporaryDirectory(prefix="assay-soak-") as tmp:
-        server = start_server(ServerConfig(data=tmp, port=0, grace_s=2))
+        data = os.path.join(tmp, "data")
+        proc: ServerProcess | None = None
+        server = None
+        down = threading.Event() if args.kill_at is not None else None
+        if args.server == "process":
+            proc = ServerProcess(data, os.path.join(tmp, "logs"))
+            proc.start()
+            address: Any = lambda: proc.address  # noqa: E731
+        else:
+            server = start_server(ServerConfig(data=data, port=0, grace_s=2))
+            address = server.address
+
+        def sample() -> dict[str, float]:
+            rss = proc.rss_bytes()[0] if proc is not None else rss_bytes()
+            return {"rss": float(rss), **table_stats(data)}
+
+        killer = None
+        if args.kill_at is not None:
+            def kill_and_restart() -> None:
+                time.sleep(args.kill_at)
+                down.set()
+                proc.kill()
+                print(f"  -- server killed at {args.kill_at:g} s; restarting", flush=True)
+                proc.start()
+                down.clear()
+                print(f"  -- server back on {proc.address}", flush=True)
+
+            killer = threading.Thread(target=kill_and_restart, daemon=True)
         try:
             workload = Workload(rows=args.rows, dim=args.dim, batch=args.batch, seed=args.seed)
-            with Client(server.address, timeout=300) as client:
+            with Client(address() if callable(address) else address, timeout=300) as client:
                 workload.setup(client)
-            print("RSS over time (s, MB):", flush=True)
-            result = run_load(server.address, workload, clients=args.clients, seconds=seconds,
-                              seed=args.seed, sample_every=args.sample,
-                              on_sample=lambda t, b: print(f"  {t:7.1f}  {b / 2**20:8.1f}", flush=True))
+            print("over time (s, server RSS MB, fragments, versions):", flush=True)
+            if killer is not None:
+                killer.start()
+            result = run_load(address, workload, clients=args.clients, seconds=seconds, seed=args.seed,
+                              sample_every=args.sample, weights=weights, sample=sample, down=down,
+                              on_sample=lambda t, row: print(
+                                  f"  {t:7.1f}  {row['rss'] / 2**20:8.1f}  {row['fragments']:6.0f}  "
+                                  f"{row['versions']:7.0f}", flush=True))
         finally:
-            server.stop(2)
+            if killer is not None:
+                killer.join(timeout=300)
+            if proc is not None:
+                proc.stop()
+            if server is not None:
+                server.stop(2)
     window = min(args.window, result.seconds / 2)
     for op in OPS:
         whole = result.stats(op)
+        if not whole["calls"]:
+            continue
         first, last = result.stats(op, 0, window), result.stats(op, result.seconds - window)
         report.add(f"{op} p50 (ms): run / first {window:.0f}s", whole["p50_ms"], first["p50_ms"], kind="info", unit="ms")
         report.add(f"{op} p99 (ms): run", whole["p99_ms"], None, kind="info", unit="ms")
         report.add(f"{op} p50 (ms): last {window:.0f}s / first {window:.0f}s", last["p50_ms"], first["p50_ms"],
                    kind="latency", unit="ms")
         report.add(f"{op} calls", whole["calls"], None, kind="info", unit="count")
-    start_mb, end_mb = result.rss[0][1] / 2**20, result.rss[-1][1] / 2**20
-    report.add("RSS (MB): end / after setup", end_mb, start_mb, kind="cost", unit="MB")
-    report.add("RSS (MB): peak", max(b for _, b in result.rss) / 2**20, None, kind="info", unit="MB")
+    upserts = result.stats("upsert")["calls"]
+    if upserts:
+        report.add("upserted rows/s (all clients)", upserts * args.batch / result.seconds, None,
+                   kind="info", unit="rows/s")
+    minute = next((r for t, r in result.rss if t >= min(60.0, result.seconds / 2)), result.rss[0][1])
+    start_mb, minute_mb, end_mb = result.rss[0][1] / 2**20, minute / 2**20, result.rss[-1][1] / 2**20
+    report.add("server RSS (MB): end / after setup", end_mb, start_mb, kind="cost", unit="MB")
+    report.add(f"server RSS (MB): end / at {min(60.0, result.seconds / 2):.0f}s", end_mb, minute_mb,
+               kind="cost", unit="MB")
+    report.add("server RSS (MB): peak", max(b for _, b in result.rss) / 2**20, None, kind="info", unit="MB")
+    frags = [row["fragments"] for row in result.samples if "fragments" in row]
+    vers = [row["versions"] for row in result.samples if "versions" in row]
+    if frags:
+        report.add("fragments: end / max", frags[-1], max(frags), kind="info", unit="count")
+        report.add("versions: end / max", vers[-1], max(vers), kind="info", unit="count")
     report.add("errors", len(result.errors), 0, kind="info", unit="count")
+    if args.kill_at is not None:
+        report.add("calls failed while the server was down", result.killed_errors, None, kind="info", unit="count")
+        report.add("acknowledged rows missing after the kill", result.lost_acknowledged, 0, kind="info", unit="count")
+        report.add("batches in flight at the kill that landed in part", result.torn_batches, 0, kind="info",
+                   unit="count")
     print(f"\n## results ({result.seconds:.0f}s)\n")
     print(render(report))
     print("\nratio: first-window p50 / last-window p50 (below 1: slower at the end); RSS: "
-          "after setup / end (below 1: the process grew). " + result.summary().splitlines()[-1].strip())
+          "earlier / end (below 1: the server grew). " + result.summary().splitlines()[-1].strip())
     if result.errors:
         print(f"\n{len(result.errors)} errors, the first: " + "\n  ".join(result.errors[:5]))
-    ok = not result.errors and result.final_rows == result.distinct_ids == result.initial_rows + result.inserted
+    ok = not result.errors and result.consistent
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": report.machine, "params": report.params, "rows": [asdict(r) for r in report.rows],
-                       "rss": result.rss, "errors": result.errors,
+                       "samples": result.samples, "errors": result.errors,
                        "stats": {op: result.stats(op) for op in OPS}}, fh, indent=2, default=str)
         print(f"\nwrote {args.json}")
     return 0 if ok else 1
