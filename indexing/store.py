@@ -71,13 +71,28 @@ def resolve_root(root: str | None = None) -> str:
     return root or os.environ.get("ASSAY_DATA") or DEFAULT_ROOT
 
 
+# (environment variable, Lance storage option, default): how long a request to the object
+# store may take (connecting; the whole request), and how often and for how long a failed
+# one is retried. A store that refuses or resets connections is reported in seconds; one
+# that accepts and never answers in about (1 + 5 listing retries) x ``timeout``.
+OBJECT_STORE_TIMEOUTS = (
+    ("ASSAY_S3_CONNECT_TIMEOUT", "connect_timeout", "3s"),
+    ("ASSAY_S3_TIMEOUT", "timeout", "10s"),
+    ("ASSAY_S3_MAX_RETRIES", "client_max_retries", "3"),
+    ("ASSAY_S3_RETRY_TIMEOUT", "client_retry_timeout", "10"),
+)
+
+
 def storage_options_from_env(root: str) -> dict[str, str]:
     """Object-store options for ``s3://`` roots, from the environment.
 
     Reads ``ASSAY_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``), ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` and ``AWS_REGION`` (default
     ``us-east-1``). An ``http://`` endpoint (MinIO, moto, a local gateway) enables
-    ``allow_http``. Local roots need no options.
+    ``allow_http``. Timeouts and retries of object-store requests come from
+    ``ASSAY_S3_CONNECT_TIMEOUT`` (3s), ``ASSAY_S3_TIMEOUT`` (10s, a whole request),
+    ``ASSAY_S3_MAX_RETRIES`` (3) and ``ASSAY_S3_RETRY_TIMEOUT`` (10, seconds); see
+    ``OBJECT_STORE_TIMEOUTS``. Local roots need no options.
     """
     if "://" not in root or root.startswith("file://"):
         return {}
@@ -95,6 +110,10 @@ def storage_options_from_env(root: str) -> dict[str, str]:
         if os.environ.get(env):
             opts[key] = os.environ[env]
     opts["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # Fail within seconds when the store goes away, not after Lance's defaults (10 retries
+    # over up to 180 s per request, and Lance retries a listing 5 more times on top).
+    for env, key, default in OBJECT_STORE_TIMEOUTS:
+        opts[key] = os.environ.get(env) or default
     return opts
 
 
@@ -261,6 +280,31 @@ class Store:
 
     def describe(self, name: str) -> dict[str, Any]:
         return self.collection(name).describe()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish this store's background work: wait (at most ``timeout`` s) for the
+        automatic optimize of every open collection, and schedule none from now on
+        (writes after this leave maintenance to an explicit :meth:`Collection.optimize`).
+        True when no maintenance is running on return. A server calls it when it stops,
+        so that nothing writes under the data root once ``stop()`` has returned."""
+        self.optimize_every = 0  # Collection._after_write schedules nothing from now on
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            collections = list(self._collections.values())
+        idle = True
+        for col in collections:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # The optimize lock is held by a running maintenance thread (and an explicit
+            # optimize) until it ends; taking it also closes the window in which a write
+            # that read the old optimize_every could still start one.
+            if col._optimize_lock.acquire(timeout=-1 if left is None else left):
+                col._optimize_lock.release()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            idle = col.wait_for_maintenance(left) and idle
+        if not idle:
+            log.warning("store %s closed with maintenance still running after %.0f s", self.root,
+                        timeout or 0.0)
+        return idle
 
 
 def _as_space(name: str, spec: int | SpaceSpec | Mapping[str, Any]) -> SpaceSpec:
