@@ -98,6 +98,7 @@ _UNREACHABLE_TEXTS = (
     "connection aborted", "broken pipe", "timed out", "deadline has elapsed", "dns error",
     "failed to lookup address", "request or response body error", "service unavailable",
     "os error 111", "os error 104", "os error 110",
+    "couldn't connect to server", "network_connection",  # pyarrow's S3 client (images)
 )
 
 

@@ -60,6 +60,37 @@ def _snapshot(root: str) -> dict[str, tuple[int, int, tuple[str, ...]]]:
     return out
 
 
+# -- the classification -------------------------------------------------------------------------
+
+
+def test_classify_error_on_what_lance_and_the_os_raise():
+    from indexing.errors import classify_error
+
+    root = "/srv/assay"
+    # texts as Lance 14 raised them in the tests below (the Rust source location cut)
+    full = RuntimeError("lance error: LanceError(IO): Generic LocalFileSystem error: Unable to copy data to "
+                        "file: No space left on device (os error 28), /root/.cargo/registry/src/commit.rs:1663:50")
+    gone = RuntimeError("lance error: LanceError(IO): Generic S3 error: Error performing list request: Error "
+                        "performing GET http://127.0.0.1:9/b?list-type=2 in 3ms, after 1 retries, max_retries: "
+                        "1, retry_timeout: 10s  - HTTP error: error sending request, /root/.cargo/x.rs:1:1")
+    err = classify_error(full, root)
+    assert err.code == "RESOURCE_EXHAUSTED" and err.message.startswith(f"the data root {root} is out of disk space")
+    assert "/root/.cargo" not in err.message
+    assert classify_error(OSError(errno.ENOSPC, "No space left on device"), root).code == "RESOURCE_EXHAUSTED"
+    assert classify_error(OSError(errno.EDQUOT, "Disk quota exceeded"), root).code == "RESOURCE_EXHAUSTED"
+    assert classify_error(gone, "s3://b/db").code == "UNAVAILABLE"
+    assert "object store of the data root s3://b/db" in classify_error(gone, "s3://b/db").message
+    assert classify_error(ConnectionResetError(104, "Connection reset by peer"), root).code == "UNAVAILABLE"
+    # the failure of recording a failure carries the first one (raised while handling it)
+    outer = RuntimeError("could not save the FAILED state")
+    outer.__context__ = full
+    assert classify_error(outer, root).code == "RESOURCE_EXHAUSTED"
+    # not storage faults: a missing file, a bug, a retry setting that merely says "timeout"
+    assert classify_error(FileNotFoundError(errno.ENOENT, "No such file"), root) is None
+    assert classify_error(ValueError("bad"), root) is None
+    assert classify_error(RuntimeError("Generic S3 error: 403 Forbidden, retry_timeout: 10s"), root) is None
+
+
 # -- a full disk --------------------------------------------------------------------------------
 
 
