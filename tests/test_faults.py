@@ -486,7 +486,12 @@ def test_a_second_server_on_the_same_data_root_is_refused(tmp_path):
         line = first.stdout.readline()
         assert line.startswith("assay listening on "), (line, first.stderr.read() if first.poll() is not None else "")
         second = _serve(data)
-        out, err = second.communicate(timeout=120)
+        try:
+            out, err = second.communicate(timeout=120)
+        finally:
+            if second.poll() is None:  # it started after all: do not leave it running
+                second.kill()
+                second.wait(timeout=30)
         assert second.returncode != 0 and "assay listening" not in out
         assert f"the data root {os.path.abspath(data)} is in use by another assay server" in err
         assert f"pid {first.pid}" in err
