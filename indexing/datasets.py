@@ -238,9 +238,11 @@ def _maintained(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Datasets, *args: Any, **kwargs: Any) -> Any:
         result = method(self, *args, **kwargs)
         self._writes += 1
-        if self._writes % OPTIMIZE_EVERY == 0:
-            threading.Thread(target=self._optimize_quietly, name="assay-datasets-optimize",
-                             daemon=True).start()
+        if self._writes % OPTIMIZE_EVERY == 0 and not self._closed:
+            thread = threading.Thread(target=self._optimize_quietly, name="assay-datasets-optimize",
+                                      daemon=True)
+            self._maintenance = thread
+            thread.start()
         return result
 
     return wrapper
@@ -257,6 +259,8 @@ class Datasets:
         self.store = store
         self._run_ids = run_ids
         self._writes = 0
+        self._closed = False
+        self._maintenance: threading.Thread | None = None  # the last background optimize
         self._lock = _store_lock(store)
         self._datasets = self.store.system_table(DATASETS_TABLE, _DATASETS_SCHEMA, "name")
         self._changes = self.store.system_table(CHANGES_TABLE, _CHANGES_SCHEMA, None)
@@ -591,6 +595,15 @@ class Datasets:
         with self._lock:
             for table in (self._datasets, self._changes, self._commits, self._tags):
                 table.optimize(cleanup_older_than=older)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` s) for a background optimize of the system tables and
+        start none from now on; True when none is running on return."""
+        self._closed = True
+        thread = self._maintenance
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
 
     def _optimize_quietly(self) -> None:
         try:

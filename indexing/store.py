@@ -90,13 +90,28 @@ def resolve_root(root: str | None = None) -> str:
     return root or os.environ.get("ASSAY_DATA") or DEFAULT_ROOT
 
 
+# (environment variable, Lance storage option, default): how long a request to the object
+# store may take (connecting; the whole request), and how often and for how long a failed
+# one is retried. A store that refuses or resets connections is reported in seconds; one
+# that accepts and never answers in about (1 + 5 listing retries) x ``timeout``.
+OBJECT_STORE_TIMEOUTS = (
+    ("ASSAY_S3_CONNECT_TIMEOUT", "connect_timeout", "3s"),
+    ("ASSAY_S3_TIMEOUT", "timeout", "10s"),
+    ("ASSAY_S3_MAX_RETRIES", "client_max_retries", "3"),
+    ("ASSAY_S3_RETRY_TIMEOUT", "client_retry_timeout", "10"),
+)
+
+
 def storage_options_from_env(root: str) -> dict[str, str]:
     """Object-store options for ``s3://`` roots, from the environment.
 
     Reads ``ASSAY_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``), ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` and ``AWS_REGION`` (default
     ``us-east-1``). An ``http://`` endpoint (MinIO, moto, a local gateway) enables
-    ``allow_http``. Local roots need no options.
+    ``allow_http``. Timeouts and retries of object-store requests come from
+    ``ASSAY_S3_CONNECT_TIMEOUT`` (3s), ``ASSAY_S3_TIMEOUT`` (10s, a whole request),
+    ``ASSAY_S3_MAX_RETRIES`` (3) and ``ASSAY_S3_RETRY_TIMEOUT`` (10, seconds); see
+    ``OBJECT_STORE_TIMEOUTS``. Local roots need no options.
     """
     if "://" not in root or root.startswith("file://"):
         return {}
@@ -114,6 +129,10 @@ def storage_options_from_env(root: str) -> dict[str, str]:
         if os.environ.get(env):
             opts[key] = os.environ[env]
     opts["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # Fail within seconds when the store goes away, not after Lance's defaults (10 retries
+    # over up to 180 s per request, and Lance retries a listing 5 more times on top).
+    for env, key, default in OBJECT_STORE_TIMEOUTS:
+        opts[key] = os.environ.get(env) or default
     return opts
 
 
@@ -320,19 +339,35 @@ class Store:
         return self.collection(name).describe()
 
     def close(self, timeout: float | None = 30.0) -> bool:
-        """Stop background work before the process lets go of the root: new writes are
-        refused (those queued are still committed), the maintenance thread finishes what it
-        is doing and ends. True when nothing of this store runs any more."""
+        """Finish this store's background work before the process lets go of the root: new
+        writes are refused (those already queued are still committed), an explicit optimize
+        in progress is waited for, and the maintenance thread finishes what it is doing and
+        ends — all within ``timeout`` seconds. True when nothing of this store runs on
+        return. A server calls it when it stops, so nothing writes under the data root once
+        ``stop()`` has returned."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         with self._lock:
             collections = list(self._collections.values())
         for col in collections:
             col._committer.close()
-        done = self.maintainer is None or self.maintainer.close(timeout)
+        idle = self.maintainer is None or self.maintainer.close(left())
+        for col in collections:
+            wait = left()
+            if col._optimize_lock.acquire(timeout=-1 if wait is None else wait):
+                col._optimize_lock.release()
+            else:
+                idle = False
         with self._lock:
             for fh in self._lock_files.values():
                 fh.close()
             self._lock_files.clear()
-        return done
+        if not idle:
+            log.warning("store %s closed with maintenance still running after %.0f s", self.root, timeout or 0.0)
+        return idle
 
 
 def _as_space(name: str, spec: int | SpaceSpec | Mapping[str, Any]) -> SpaceSpec:
@@ -376,7 +411,6 @@ class Collection:
         self._schema_lock = self._write_lock  # schema changes are commits too
         self._committer = GroupCommitter(self._execute_writes, slot=self._write_lock)
         self._writes_since_optimize = 0
-        self._maintenance: threading.Thread | None = None
         # Schema-derived lookups, valid for one table version (see _cached).
         self._cache_version: int | None = None
         self._cache_checked = 0.0

@@ -11,6 +11,7 @@ not SUCCEEDED are never served.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -23,6 +24,8 @@ import pyarrow as pa
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.store import Store
 from indexing.validation import sql_quote
+
+log = logging.getLogger("assay.runs")
 
 RUNS_TABLE = "_runs"
 RESULTS_TABLE = "_run_results"
@@ -107,6 +110,9 @@ class RunStore:
         self._lock = threading.Lock()
         self._runs = self.store.system_table(RUNS_TABLE, _RUNS_SCHEMA, "run_id")
         self._results = self.store.system_table(RESULTS_TABLE, _RESULTS_SCHEMA, None)
+        # Final states that could not be saved (the disk was full, the object store away):
+        # served from memory and saved with the next record that can be.
+        self._unsaved: dict[str, RunRecord] = {}
 
     def new_run(self, **fields: Any) -> RunRecord:
         rec = RunRecord(run_id=uuid.uuid4().hex, created_at=time.time(), **fields)
@@ -114,16 +120,34 @@ class RunStore:
         return rec
 
     def save(self, rec: RunRecord) -> None:
-        batch = pa.Table.from_pylist([rec.to_row()], schema=_RUNS_SCHEMA)
         with self._lock:
+            pending = {**self._unsaved, rec.run_id: rec}
+            batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=_RUNS_SCHEMA)
             self._runs.merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
+            self._unsaved.clear()
 
     def update(self, rec: RunRecord, **changes: Any) -> RunRecord:
         rec = replace(rec, **changes)
         self.save(rec)
         return rec
 
+    def update_or_keep(self, rec: RunRecord, **changes: Any) -> RunRecord:
+        """:meth:`update`, and if the record cannot be saved now (the fault that ended the
+        run is often the one that stops its record being written), keep it in memory: it
+        is served from there and saved with the next record that can be."""
+        rec = replace(rec, **changes)
+        try:
+            self.save(rec)
+        except Exception as exc:
+            log.warning("could not save mining run %s as %s (%s); it is kept in memory and saved "
+                        "with the next run record", rec.run_id, rec.state, exc)
+            with self._lock:
+                self._unsaved[rec.run_id] = rec
+        return rec
+
     def get(self, run_id: str) -> RunRecord:
+        if (kept := self._unsaved.get(run_id)) is not None:
+            return kept
         rows = self._runs.search().where(f"run_id = {sql_quote(run_id)}").limit(None).to_arrow().to_pylist()
         if not rows:
             raise NotFound(f"mining run '{run_id}' not found")
@@ -134,6 +158,7 @@ class RunStore:
         if collection:
             q = q.where(f"collection = {sql_quote(collection)}")
         runs = [RunRecord.from_row(r) for r in q.to_arrow().to_pylist()]
+        runs = [self._unsaved.get(r.run_id, r) for r in runs]
         runs.sort(key=lambda r: r.created_at, reverse=True)
         return runs[:limit]
 

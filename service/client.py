@@ -1872,24 +1872,40 @@ class AsyncMiningJob(AsyncJob):
 # -- channel ---------------------------------------------------------------------------------
 
 
+DEFAULT_KEEPALIVE_S = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT_S = 20.0
+
+
 def channel_options(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     server_name_override: str | None = None,
     extra: Iterable[tuple[str, Any]] = (),
+    *,
+    keepalive_s: float = DEFAULT_KEEPALIVE_S,
+    keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
 ) -> list[tuple[str, Any]]:
-    """Channel arguments: the message limit both ways; keepalive pings after 60 s without
-    activity (20 s to answer), only while calls are in flight (servers refuse more by default)."""
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.primary_user_agent", "assay-client/0.1"),
-    ]
+    """Channel arguments: the message limit both ways; a keepalive ping after
+    ``keepalive_s`` without activity while calls are in flight, for as long as they are
+    (a wait of hours stays checked), the connection dropped when no answer comes in
+    ``keepalive_timeout_s``. An assay server accepts pings every 10 s (its
+    ``min_ping_interval_s``); other gRPC servers refuse pings more often than every 5 min by
+    default. ``extra`` arguments replace the defaults of the same name (gRPC itself would
+    keep the first of two)."""
+    options: dict[str, Any] = {
+        "grpc.max_send_message_length": max_message_bytes,
+        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.keepalive_time_ms": int(round(keepalive_s * 1000)),
+        "grpc.keepalive_timeout_ms": int(round(keepalive_timeout_s * 1000)),
+        "grpc.keepalive_permit_without_calls": 0,
+        # gRPC stops pinging after 2 pings without data by default: keepalive would then
+        # stop checking a long job.wait() or a quiet stream after two intervals.
+        "grpc.http2.max_pings_without_data": 0,
+        "grpc.primary_user_agent": "assay-client/0.1",
+    }
     if server_name_override:
-        options.append(("grpc.ssl_target_name_override", server_name_override))
-    return [*options, *extra]
+        options["grpc.ssl_target_name_override"] = server_name_override
+    options.update(dict(extra))
+    return list(options.items())
 
 
 def _pem(value: bytes | str | os.PathLike[str] | None) -> bytes | None:
@@ -1956,12 +1972,15 @@ class _BaseClient:
         client_cert: bytes | str | os.PathLike[str] | None = None,
         client_key: bytes | str | os.PathLike[str] | None = None,
         web_url: str | None = None,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
     ) -> None:
         self._settings = dict(
             target=target, token=token, tls=tls, root_certificates=root_certificates,
             timeout=timeout, retries=retries, max_message_bytes=max_message_bytes,
             server_name_override=server_name_override, options=list(options),
             client_cert=client_cert, client_key=client_key, web_url=web_url,
+            keepalive_s=keepalive_s, keepalive_timeout_s=keepalive_timeout_s,
         )
         self.target = target
         self.web_url = web_url
@@ -1970,7 +1989,8 @@ class _BaseClient:
         self.max_message_bytes = max_message_bytes
         self._metadata = auth_metadata(token)
         self._credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
-        self._options = channel_options(max_message_bytes, server_name_override, options)
+        self._options = channel_options(max_message_bytes, server_name_override, options,
+                                        keepalive_s=keepalive_s, keepalive_timeout_s=keepalive_timeout_s)
         self._connect()
 
     def _connect(self) -> None:
@@ -2014,6 +2034,10 @@ class Client(_BaseClient):
     retries. max_message_bytes: the largest message sent or received (the server's limits
     should be as large). options: extra gRPC channel arguments. web_url: the server's web
     port (``http://host:port/``), where :meth:`show` gets thumbnails by default.
+    keepalive_s / keepalive_timeout_s: ping the server after this many seconds of silence
+    while calls are in flight (a long ``job.wait()``, a quiet stream), and give up on the
+    connection when no answer comes in time; the server must allow pings that often (an
+    assay server allows one every 10 s, ``min_ping_interval_s``).
     """
 
     _job_type = Job

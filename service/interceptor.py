@@ -8,7 +8,9 @@ burst of ``burst``): over it, RESOURCE_EXHAUSTED names the limit.
 
 Servicers raise :class:`indexing.errors.AssayError` subclasses; this wrapper turns them
 into the matching gRPC status with the error's message (never a bare UNKNOWN with a
-traceback). Anything else is a bug: it is logged with a request id and answered INTERNAL
+traceback). Failures of Lance or the OS that are not bugs — a full disk, an object store
+that does not answer, a filter failing on the data — are recognised by
+:func:`indexing.errors.classify_error` (RESOURCE_EXHAUSTED, UNAVAILABLE, INVALID_ARGUMENT). Anything else is a bug: it is logged with a request id and answered INTERNAL
 with that id, so an operator can find the traceback without leaking it to the caller.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from indexing.errors import AssayError, filter_runtime_error
+from indexing.errors import AssayError, classify_error
 
 log = logging.getLogger("assay.rpc")
 
@@ -117,7 +119,9 @@ class Metrics:
 
 class AssayInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: Iterable[str] = (), metrics: Metrics | None = None, *,
-                 read_tokens: Iterable[str] = (), rate_limiter: RateLimiter | None = None) -> None:
+                 read_tokens: Iterable[str] = (), rate_limiter: RateLimiter | None = None,
+                 data_root: str | None = None) -> None:
+        self.data_root = data_root  # named in storage errors (a full disk, a lost object store)
         self._tokens = [t.encode() for t in tokens if t]
         self._read_tokens = [t.encode() for t in read_tokens if t]
         self.metrics = metrics
@@ -222,12 +226,15 @@ class AssayInterceptor(grpc.ServerInterceptor):
             code, message = context.code(), context.details() or ""
             if isinstance(message, bytes):
                 message = message.decode(errors="replace")
-        elif (mapped := filter_runtime_error(exc)) is not None:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, mapped.message
         elif isinstance(exc, grpc.RpcError) and not context.is_active():
             # Reading the request stream of a call that already ended (the client cancelled,
             # its deadline passed, or gRPC refused an oversized message): nothing to answer.
             code, message = grpc.StatusCode.CANCELLED, "the call ended while its requests were being read"
+        elif (mapped := classify_error(exc, self.data_root)) is not None:
+            # The caller's filter failing on the data, a full disk, an unreachable object store.
+            code, message = STATUS.get(mapped.code, grpc.StatusCode.INTERNAL), mapped.message
+            if mapped.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+                log.warning("%s -> %s: %s", method, mapped.code, message)
         else:
             request_id = uuid.uuid4().hex[:12]
             log.error("internal error in %s (request id %s)", method, request_id, exc_info=exc)

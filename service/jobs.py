@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -32,7 +32,7 @@ from indexing.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    filter_runtime_error,
+    classify_error,
 )
 from indexing.store import Collection, Store
 
@@ -134,10 +134,12 @@ class JobManager:
         self._contexts: dict[str, JobContext] = {}
         self._changed = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="assay-job")
+        self._futures: dict[str, Future[None]] = {}  # the worker-thread runs of jobs not ended
         self.max_queued = max_queued
         self._last_persist: dict[str, float] = {}
         self._persist_lock = threading.Lock()
         self._writes = 0
+        self._unsaved: dict[str, JobRecord] = {}  # newest records not saved yet (see _persist)
         self._table = self._open_table()
         self._recover()
 
@@ -167,17 +169,26 @@ class JobManager:
         if not force and now - self._last_persist.get(rec.id, 0.0) < 1.0:
             return
         self._last_persist[rec.id] = now
-        batch = pa.Table.from_pylist([rec.to_row()], schema=_JOBS_SCHEMA)
         with self._persist_lock:
+            # Records that could not be saved before (a full disk, a lost object store) go
+            # with this one: the table catches up as soon as writes work again.
+            pending = {**self._unsaved, rec.id: rec}
+            batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=_JOBS_SCHEMA)
             try:
                 (self._table.merge_insert("id").when_matched_update_all()
                  .when_not_matched_insert_all().execute(batch))
+                self._unsaved.clear()
                 self._writes += 1
                 if self._writes % COMPACT_EVERY == 0:
                     # Every record update is a table version: compact and drop old ones.
                     self._table.optimize(cleanup_older_than=timedelta(minutes=10))
-            except Exception:  # a record that cannot be saved must not kill the job
-                log.exception("could not persist job %s", rec.id)
+            except Exception as exc:  # a record that cannot be saved must not kill the job
+                self._unsaved[rec.id] = rec
+                if (mapped := classify_error(exc, self.store.root)) is not None:
+                    log.warning("could not persist job %s (kept in memory, saved later): %s",
+                                rec.id, mapped.message)
+                else:
+                    log.exception("could not persist job %s", rec.id)
 
     # -- API -----------------------------------------------------------------------
 
@@ -199,7 +210,8 @@ class JobManager:
             self._jobs[rec.id] = rec
             self._contexts[rec.id] = ctx
         self._persist(rec, force=True)
-        self._pool.submit(self._run, rec.id, col, ctx)
+        future = self._futures[rec.id] = self._pool.submit(self._run, rec.id, col, ctx)
+        future.add_done_callback(lambda _f, job_id=rec.id: self._futures.pop(job_id, None))
         return rec
 
     def has_capacity(self) -> bool:
@@ -255,9 +267,11 @@ class JobManager:
                 self._changed.wait(timeout=left)
         return self.get(job_id)
 
-    def shutdown(self, grace: float = 10.0) -> None:
+    def shutdown(self, grace: float = 10.0) -> bool:
         """Let running jobs finish for half the grace period, then cancel them; whatever
-        has not ended when the grace period is over is recorded as INTERRUPTED."""
+        has not ended when the grace period is over is recorded as INTERRUPTED. True when
+        every job's thread has returned (False: one is still inside a call that cannot be
+        interrupted, such as an index build, and ends on its own)."""
         deadline = time.monotonic() + grace
         pending = [j.id for j in self._jobs.values() if not j.done]
         for job_id in pending:
@@ -275,7 +289,14 @@ class JobManager:
         for job_id in pending:
             if not self._jobs[job_id].done:
                 self._finish(job_id, INTERRUPTED, message="the server shut down while the job was running")
+        # A job's record ends just before its thread returns: give the threads a moment.
+        running = [f for f in list(self._futures.values()) if not f.done()]
+        _, stuck = wait(running, timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if stuck:
+            log.warning("%d job thread(s) still running after the grace period; they stop at their "
+                        "next checkpoint", len(stuck))
+        return not stuck
 
     # -- internals -----------------------------------------------------------------
 
@@ -317,7 +338,10 @@ class JobManager:
         except AssayError as exc:
             self._finish(job_id, FAILED, error=exc.message, error_code=exc.code, message="failed")
         except Exception as exc:  # a job's bug must not take the worker down
-            if (mapped := filter_runtime_error(exc)) is not None:  # the caller's filter, not a bug
+            # The caller's filter failing on the data, a full disk, a lost object store: not a bug.
+            if (mapped := classify_error(exc, self.store.root)) is not None:
+                if mapped.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+                    log.warning("job %s failed: %s", job_id, mapped.message)
                 self._finish(job_id, FAILED, error=mapped.message, error_code=mapped.code, message="failed")
                 return
             log.exception("job %s failed", job_id)

@@ -21,7 +21,7 @@ from indexing.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
-    filter_runtime_error,
+    classify_error,
 )
 from indexing.store import Collection, Store
 from miners import registry
@@ -74,9 +74,9 @@ class MiningService:
         return params
 
     def _execute(self, ctx: JobContext, col: Collection, params: dict[str, Any]) -> dict[str, Any]:
-        rec = self.runs.update(self.runs.get(params["run_id"]), state="RUNNING", job_id=ctx.job_id,
-                               error="", progress=0.0)
+        rec = self.runs.get(params["run_id"])
         try:
+            rec = self.runs.update(rec, state="RUNNING", job_id=ctx.job_id, error="", progress=0.0)
             # The version the run reads stays through version cleanup until it is done.
             with col.pin_version(rec.version):
                 out = run_mining(col, rec, progress=ctx.progress, check=ctx.check)
@@ -84,20 +84,20 @@ class MiningService:
             t0 = time.perf_counter()
             self.runs.write_results(rec, out.ids, out.scores, out.related)
             timings = {**out.timings, "write_s": time.perf_counter() - t0}
+            rec = self.runs.update(rec, state="SUCCEEDED", progress=1.0, results=len(out.ids),
+                                   rows_scanned=out.rows_scanned, rows_skipped=out.rows_skipped,
+                                   timings=timings, finished_at=time.time())
         except JobCancelled:
-            self.runs.update(rec, state="CANCELLED", finished_at=time.time(), error="cancelled")
-            raise
-        except AssayError as exc:
-            self.runs.update(rec, state="FAILED", finished_at=time.time(), error=exc.message)
+            self.runs.update_or_keep(rec, state="CANCELLED", finished_at=time.time(), error="cancelled")
             raise
         except Exception as exc:
-            mapped = filter_runtime_error(exc)  # a filter that fails on the data: the caller's error
+            # The run's record says why, in the words the job's error uses: the caller's
+            # filter failing on the data, a full disk or a lost object store are not bugs.
+            # Saving it may fail for the same reason (a full disk): it is then kept in memory.
+            mapped = classify_error(exc, self.store.root)
             error = mapped.message if mapped is not None else f"{type(exc).__name__}: {exc}"
-            self.runs.update(rec, state="FAILED", finished_at=time.time(), error=error)
+            self.runs.update_or_keep(rec, state="FAILED", finished_at=time.time(), error=error)
             raise
-        rec = self.runs.update(rec, state="SUCCEEDED", progress=1.0, results=len(out.ids),
-                               rows_scanned=out.rows_scanned, rows_skipped=out.rows_skipped,
-                               timings=timings, finished_at=time.time())
         return {"run_id": rec.run_id, "results": rec.results, "rows_scanned": rec.rows_scanned,
                 "rows_skipped": rec.rows_skipped}
 

@@ -14,7 +14,13 @@ Every setting also comes from an ``ASSAY_*`` environment variable (see
 binds to loopback unless ``--allow-unauthenticated-remote`` is given, and says so in its
 log. SIGTERM/SIGINT stop it gracefully: no new calls are accepted, in-flight calls get the
 grace period, running jobs get half of it to finish and are then cancelled; jobs that still
-have not ended are recorded as INTERRUPTED.
+have not ended are recorded as INTERRUPTED; background maintenance is waited for. Once
+``stop()`` has returned nothing of the server writes under the data root.
+
+A local data root is locked (``<root>/.assay.lock``) for the server's lifetime: a second
+server on it is refused with the first one's pid. Keepalive: clients may ping every
+``min_ping_interval_s`` (10 s), so long waits and quiet streams keep their connection
+(see :func:`keepalive_options`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -35,7 +42,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from indexing.datasets import Datasets
-from indexing.store import Store
+from indexing.errors import FailedPrecondition
+from indexing.store import Store, resolve_root
 from service.datasets import add_datasets_servicer
 from service.interceptor import AssayInterceptor, Metrics, RateLimiter
 from service.job_kinds import register_maintenance_jobs
@@ -70,6 +78,16 @@ class ServerConfig:
     http_port: int | None = None  # the web page and its JSON API (read-only); None = off, 0 = any free port
     data_roots: tuple[str, ...] = ()  # where the page may read images from; () = the data root when it is local
     optimize_every: int = 20
+    # Connections (see README "Connections that hold for hours"). Clients may ping every
+    # min_ping_interval_s while calls are in flight or not; the server pings a quiet
+    # connection after keepalive_s and drops it when no answer comes in keepalive_timeout_s.
+    keepalive_s: float = 120.0
+    keepalive_timeout_s: float = 20.0
+    min_ping_interval_s: float = 10.0
+    max_ping_strikes: int = 2  # pings faster than allowed before GOAWAY "too_many_pings"
+    max_connection_idle_s: float = 0.0  # close connections without calls this long; 0 = never
+    max_connection_age_s: float = 0.0  # ask clients to reconnect after this long; 0 = never
+    max_connection_age_grace_s: float = 0.0  # then give calls in flight this long; 0 = no limit
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -81,7 +99,9 @@ class ServerConfig:
         ASSAY_RATE_BURST, ASSAY_ALLOW_UNAUTHENTICATED_REMOTE (1/true),
         ASSAY_MAX_MESSAGE_MB, ASSAY_RPC_WORKERS, ASSAY_JOB_WORKERS, ASSAY_MAX_JOBS,
         ASSAY_GRACE_S, ASSAY_METRICS_PORT, ASSAY_HTTP_PORT, ASSAY_DATA_ROOTS (comma-separated),
-        ASSAY_OPTIMIZE_EVERY, ASSAY_MAX_K,
+        ASSAY_OPTIMIZE_EVERY, ASSAY_KEEPALIVE_S, ASSAY_KEEPALIVE_TIMEOUT_S,
+        ASSAY_MIN_PING_INTERVAL_S, ASSAY_MAX_PING_STRIKES, ASSAY_MAX_CONNECTION_IDLE_S,
+        ASSAY_MAX_CONNECTION_AGE_S, ASSAY_MAX_CONNECTION_AGE_GRACE_S, ASSAY_MAX_K,
         ASSAY_MAX_BATCH_ROWS.
         """
         env = os.environ
@@ -141,11 +161,104 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def keepalive_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """The server's HTTP/2 keepalive policy and connection limits as gRPC channel args.
+
+    gRPC's defaults refuse client pings more often than every 5 minutes while the server
+    sends nothing, and answer the third early one with GOAWAY "too_many_pings": a
+    ``job.wait()`` or a quiet ``score_stream`` longer than that lost its connection. Here
+    clients may ping every ``min_ping_interval_s`` (the Python client pings after 60 s of
+    silence), with or without calls in flight. A max connection age, when set, sends GOAWAY
+    so that new calls reconnect; calls in flight keep running for the grace period — with
+    no grace limit (the default) a stream is never cut by the age."""
+    ms = lambda seconds: int(round(seconds * 1000))  # noqa: E731
+    options = [
+        ("grpc.keepalive_time_ms", ms(cfg.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", ms(cfg.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(cfg.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", int(cfg.max_ping_strikes)),
+        ("grpc.http2.max_pings_without_data", 0),  # the server's own keepalive pings: no cap
+    ]
+    if cfg.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", ms(cfg.max_connection_idle_s)))
+    if cfg.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", ms(cfg.max_connection_age_s)))
+        if cfg.max_connection_age_grace_s > 0:
+            options.append(("grpc.max_connection_age_grace_ms", ms(cfg.max_connection_age_grace_s)))
+    return options
+
+
+LOCK_FILE = ".assay.lock"
+
+
+class DataRootInUse(FailedPrecondition):
+    """Another server holds the data root's lock."""
+
+
+class DataRootLock:
+    """An exclusive ``flock`` on ``<root>/.assay.lock``, held for a server's lifetime: a
+    second server on the same local data root (another process, or another server in this
+    one) is refused instead of sharing the job, run and dataset records. The kernel drops
+    the lock when the process ends, however it ends, so a crash leaves nothing to clean
+    up. Object-store roots (``s3://``) have no such lock."""
+
+    def __init__(self, root: str) -> None:
+        self.path = os.path.join(root, LOCK_FILE)
+        self.root = root
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no flock
+            log.warning("cannot lock the data root %s on this platform: run one server per root", self.root)
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "a process that has not said its pid yet"
+            os.close(fd)
+            raise DataRootInUse(
+                f"the data root {self.root} is in use by another assay server ({holder}); stop that "
+                f"server first, or serve another data root (lock file {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{datetime.now(UTC).isoformat(timespec='seconds')}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor releases the flock
+
+
+# How long stop() waits at least for a background optimize already running (a compaction,
+# an index build: Lance cannot interrupt them); the grace period when that is longer.
+MAINTENANCE_WAIT_S = 30.0
+
+
 class AssayServer:
     def __init__(self, config: ServerConfig) -> None:
         limit_malloc_arenas()
         self.config = config
-        self.store = Store(config.data, optimize_every=config.optimize_every)
+        root = resolve_root(config.data)
+        self._lock: DataRootLock | None = None
+        if "://" not in root or root.startswith("file://"):
+            root = os.path.abspath(root.removeprefix("file://"))
+            os.makedirs(root, exist_ok=True)
+            self._lock = DataRootLock(root)
+            self._lock.acquire()  # before anything reads or marks the records of jobs and runs
+        try:
+            self._build(config, root)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _build(self, config: ServerConfig, root: str) -> None:
+        self.store = Store(root, optimize_every=config.optimize_every)
         self.jobs = JobManager(self.store, workers=config.job_workers, max_queued=config.max_jobs)
         register_maintenance_jobs(self.jobs)
         self.metrics = Metrics()
@@ -157,11 +270,12 @@ class AssayServer:
             futures.ThreadPoolExecutor(max_workers=config.rpc_workers, thread_name_prefix="assay-rpc"),
             interceptors=[AssayInterceptor(
                 config.tokens, self.metrics, read_tokens=config.read_tokens,
-                rate_limiter=self._rate_limiter,
+                rate_limiter=self._rate_limiter, data_root=self.store.root,
             )],
             options=[("grpc.max_receive_message_length", max_bytes),
                      ("grpc.max_send_message_length", max_bytes),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0),
+                     *keepalive_options(config)],
         )
         self.embedders = TextEmbedders()
         self.mining = MiningService(self.store, self.jobs, self.embedders)
@@ -187,6 +301,13 @@ class AssayServer:
         return f"{host}:{self.port}"
 
     def start(self) -> int:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(0)  # releases what was started, and the data root's lock
+            raise
+
+    def _start(self) -> int:
         cfg = self.config
         host = cfg.host
         auth = bool(cfg.tokens or cfg.read_tokens)
@@ -258,7 +379,14 @@ class AssayServer:
         return None if self._metrics_server is None else self._metrics_server.server_port
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting calls, give in-flight calls and jobs ``grace`` seconds, then stop."""
+        """Stop accepting calls, give in-flight calls and jobs ``grace`` seconds, then stop.
+
+        When it returns, the server's background work has ended: calls, jobs (finished,
+        cancelled or recorded INTERRUPTED), the web and metrics threads, and the automatic
+        optimize of collections and dataset tables (waited for up to ``MAINTENANCE_WAIT_S``
+        more, as Lance cannot interrupt a compaction). Then the data root's lock is
+        released. Work that still runs after those waits is logged, and the lock is kept
+        until it ends with the process, so that no second server starts under it."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -266,12 +394,21 @@ class AssayServer:
         log.info("shutting down (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
         done = self.grpc.stop(grace)
-        self.jobs.shutdown(grace)
+        jobs_ended = self.jobs.shutdown(grace)
         done.wait(grace + 1)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         if self.web is not None:
             self.web.stop()
+        wait_s = max(grace, MAINTENANCE_WAIT_S)
+        idle = self.store.close(timeout=wait_s)
+        idle = self.datasets.close(timeout=wait_s) and idle
+        if self._lock is not None:
+            if jobs_ended and idle:
+                self._lock.release()
+            else:
+                log.warning("background work is still running: the data root stays locked until "
+                            "this process ends")
         log.info("stopped")
 
     def wait(self) -> None:

@@ -49,7 +49,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from indexing.datasets import Datasets
-from indexing.errors import AssayError, filter_runtime_error
+from indexing.errors import AssayError, classify_error
 from indexing.store import Store
 from miners.runs import RunStore
 from service.interceptor import RateLimiter
@@ -65,6 +65,7 @@ MAX_CACHED_URIS = 100_000  # per collection
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
     "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500,
+    "UNAVAILABLE": 503,
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -208,7 +209,7 @@ class WebApp:
 
         def endpoint(request: Request) -> Response:  # sync: Starlette runs it in its thread pool
             self.auth.check(request)
-            return _json(views.json_ready(_call(view, request)))
+            return _json(views.json_ready(_call(view, request, self.store.root)))
 
         return endpoint
 
@@ -292,7 +293,7 @@ class WebApp:
                 raise HttpError(404, "NOT_FOUND", f"item '{id_}' has no uri")
             return self.thumbs.get(uri, size)
 
-        data, media = _call(lambda _r: read(), request)
+        data, media = _call(lambda _r: read(), request, self.store.root)
         etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
@@ -335,17 +336,19 @@ def _json(value: Any) -> JSONResponse:
     return JSONResponse(value, headers={"Cache-Control": "no-store"})
 
 
-def _call(view: Callable[[Request], Any], request: Request) -> Any:
+def _call(view: Callable[[Request], Any], request: Request, root: str | None = None) -> Any:
+    """Run a view; errors become HTTP statuses (``root``, the data root, is named in
+    storage errors)."""
     try:
         return view(request)
     except HttpError:
         raise
     except AssayError as exc:
         raise HttpError(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message) from exc
-    except Exception as exc:  # a bug, or a Lance failure on a filter that planned
-        mapped = filter_runtime_error(exc)
+    except Exception as exc:  # a bug, a filter failing on the data, a storage fault
+        mapped = classify_error(exc, root)
         if mapped is not None:
-            raise HttpError(400, mapped.code, mapped.message) from exc
+            raise HttpError(HTTP_STATUS.get(mapped.code, 500), mapped.code, mapped.message) from exc
         request_id = uuid.uuid4().hex[:12]
         log.exception("web request %s %s failed (request id %s)", request.method, request.url.path, request_id)
         raise HttpError(500, "INTERNAL", f"internal error (request id {request_id}); see the server log") from exc
