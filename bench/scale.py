@@ -5,7 +5,8 @@ server as its own process (issue 17).
         [--labeled 0.01] [--data DIR] [--collection NAME] [--miners a,b,...] [--size 1000]
         [--skip-ingest] [--ingest-only] [--max-ingest-rows M] [--batch 50000]
         [--bare-rows 1000000] [--with samples,logits,loss,epoch_logits]
-        [--miner-timeout 3600] [--no-faiss] [--faiss-nlist N] [--recall-sample 1000]
+        [--miner-timeout 3600] [--no-faiss] [--faiss-nlist N] [--faiss-factory "IVF{nlist},Flat"]
+        [--recall-sample 1000]
         [--json PATH] [--quick]
 
 What it does
@@ -326,7 +327,7 @@ class MemorySampler:
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid, self.interval = pid, interval
-        self.peak_rss = self.peak_anon = 0
+        self.peak_rss = self.peak_anon = self.start_rss = 0
         self.hwm_reset = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -356,6 +357,7 @@ class MemorySampler:
         except OSError:
             self.hwm_reset = False
         rss, anon = self.sample()
+        self.start_rss = rss
         with self._lock:
             self.peak_rss, self.peak_anon = rss, anon
 
@@ -382,6 +384,7 @@ class Step:
     state: str = "ok"
     wall_s: float | None = None
     rss_peak: int | None = None          # bytes
+    rss_start: int | None = None         # bytes, when the step began (what earlier steps left)
     anon_peak: int | None = None         # bytes
     rows: int | None = None
     rows_per_s: float | None = None
@@ -406,9 +409,9 @@ def _num(v: float | None, digits: int = 1) -> str:
 
 
 def render_steps(steps: list[Step]) -> str:
-    lines = ["| step | state | wall s | peak server RSS GiB (anon) | rows | rows/s | graph | recall@k "
-             "| reference | ratio | note |",
-             "|---|---|---:|---:|---:|---:|---|---:|---|---:|---|"]
+    lines = ["| step | state | wall s | peak server RSS GiB (anon) | RSS at start | rows | rows/s | graph "
+             "| recall@k | reference | ratio | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|---|"]
     for s in steps:
         rss = "-" if not s.rss_peak else f"{_gib(s.rss_peak)} ({_gib(s.anon_peak)})"
         rows = "-" if s.rows is None else f"{s.rows:,}"
@@ -416,7 +419,8 @@ def render_steps(steps: list[Step]) -> str:
         recall = "-" if s.recall is None else f"{s.recall:.3f}"
         ratio = "-" if s.ratio is None else f"{s.ratio:.2f}×"
         note = s.note.replace("|", "/").replace("\n", " ")
-        lines.append(f"| {s.step} | {s.state} | {_num(s.wall_s)} | {rss} | {rows} | {rate} | {s.graph} | {recall} "
+        lines.append(f"| {s.step} | {s.state} | {_num(s.wall_s)} | {rss} | {_gib(s.rss_start)} | {rows} | {rate} "
+                     f"| {s.graph} | {recall} "
                      f"| {s.reference} | {ratio} | {note} |")
     return "\n".join(lines)
 
@@ -446,6 +450,7 @@ def ingest(col: Any, gen: Generator, start: int, stop: int, batch: int, mem: Mem
                   flush=True)
     rss, anon = mem.end()
     return Step(f"ingest through the client ({batch:,}-row batches)", wall_s=spent, rss_peak=rss, anon_peak=anon,
+                rss_start=mem.start_rss,
                 rows=done, rows_per_s=done / spent if spent else None,
                 note=f"rows {start:,}..{stop - 1:,}; upsert calls only (generation excluded)")
 
@@ -540,7 +545,7 @@ def exact_neighbours(x: np.ndarray, queries: np.ndarray, k: int, chunk: int = 32
 
 
 def faiss_reference(data: Path, collection: str, k: int, nlist: int | None, sample: int, seed: int,
-                    work: Path) -> dict[str, Any]:
+                    work: Path, factory: str = "IVF{nlist},Flat") -> dict[str, Any]:
     """The k-NN graph of the pool with FAISS IVF-Flat (the issue's reference), timed, and
     its recall@k against exact search on ``sample`` rows. Raises ImportError without faiss."""
     import faiss
@@ -555,7 +560,8 @@ def faiss_reference(data: Path, collection: str, k: int, nlist: int | None, samp
         rng = np.random.default_rng(seed)
         train_rows = np.sort(rng.choice(n, size=min(n, FAISS_TRAIN_ROWS), replace=False))
         sample_rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
-        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        spec = factory.format(nlist=nlist)
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
         t0 = time.perf_counter()
         index.train(np.ascontiguousarray(x[train_rows]))
         train_s = time.perf_counter() - t0
@@ -588,7 +594,7 @@ def faiss_reference(data: Path, collection: str, k: int, nlist: int | None, samp
         exact = exact_neighbours(x, sample_rows, kk)
         exact_s = time.perf_counter() - t0
         recall = float(np.mean([len(set(g) & set(e)) / kk for g, e in zip(got, exact, strict=True)]))
-        return {"method": f"IVF{nlist},Flat nprobe {FAISS_NPROBE}", "rows": n, "dim": d, "k": kk,
+        return {"method": f"{spec} nprobe {FAISS_NPROBE}", "rows": n, "dim": d, "k": kk,
                 "nlist": nlist, "train_rows": len(train_rows), "read_s": read_s, "train_s": train_s,
                 "add_s": add_s, "graph_s": graph_s, "total_s": train_s + add_s + graph_s,
                 "recall": recall, "recall_sample": len(sample_rows), "exact_sample_s": exact_s,
@@ -608,6 +614,7 @@ class MinerPlan:
     kwargs: dict[str, Any] = field(default_factory=dict)
     skip: str = ""
     note: str = ""
+    graph: bool = False  # reads a k-NN graph (pool or pool-vs-reference)
 
 
 def plan_miner(info: dict[str, Any], cfg: GenConfig, size: int, seed_ids: list[str]) -> MinerPlan:
@@ -617,7 +624,7 @@ def plan_miner(info: dict[str, Any], cfg: GenConfig, size: int, seed_ids: list[s
     name, inputs = info["name"], set(info.get("inputs") or [])
     have = {"probs", *cfg.extras}
     kw: dict[str, Any] = {"model": MODEL, "space": SPACE, "where": POOL_WHERE}
-    plan = MinerPlan(name, kw)
+    plan = MinerPlan(name, kw, graph=bool(inputs & {"pool_graph", "query_graph", "reference_graph"}))
     for inp, child in MODEL_INPUTS.items():
         if inp in inputs and child not in have:
             plan.skip = f"the pool has no pred_{MODEL}.{child} (add --with {child})"
@@ -691,6 +698,7 @@ def run_miner(col: Any, plan: MinerPlan, size: int, timeout: float | None, mem: 
     except AssayClientError as exc:
         step.state, step.note = "refused", str(exc)
         step.rss_peak, step.anon_peak = mem.end()
+        step.rss_start = mem.start_rss
         return step
     last, last_change, stall, t_print = None, t0, 0.0, t0
     timed_out = False
@@ -715,6 +723,7 @@ def run_miner(col: Any, plan: MinerPlan, size: int, timeout: float | None, mem: 
             break
     wall = time.perf_counter() - t0
     cancel_s = None
+    at_progress, at_message = job.progress, job.message  # where it stood (a cancel rewrites them)
     if timed_out:
         t1 = time.perf_counter()
         with contextlib.suppress(AssayClientError):
@@ -723,6 +732,7 @@ def run_miner(col: Any, plan: MinerPlan, size: int, timeout: float | None, mem: 
             job.wait(timeout=120)
         cancel_s = time.perf_counter() - t1
     step.rss_peak, step.anon_peak = mem.end()
+    step.rss_start = mem.start_rss
     stall = max(stall, time.perf_counter() - last_change)
     try:
         run = job.run()
@@ -740,13 +750,13 @@ def run_miner(col: Any, plan: MinerPlan, size: int, timeout: float | None, mem: 
     notes = [plan.note] if plan.note else []
     if timed_out:
         step.state = f"TIMEOUT→{step.state}"
-        notes.append(f"cancelled after {timeout:.0f}s at progress {job.progress:.2f} ({job.message}); "
+        notes.append(f"cancelled after {timeout:.0f}s at progress {at_progress:.2f} ({at_message}); "
                      f"the cancel took {cancel_s:.1f}s")
     elif step.state != "SUCCEEDED":
         notes.append(f"error: {run.get('error') or job.error}")
     else:
         notes.append(f"{run.get('results', 0):,} results")
-    if "graph_s" in timings:
+    if plan.graph and "graph_s" in timings:
         notes.append(f"graph {timings['graph_s']:.1f}s")
     if g.get("sample"):
         notes.append(f"recall on {g['sample']:,} rows")
@@ -787,6 +797,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cancel a run after this many seconds (0: never)")
     p.add_argument("--no-faiss", action="store_true", help="skip the FAISS reference")
     p.add_argument("--faiss-nlist", type=int, default=None, help="IVF lists (default: see faiss_nlist)")
+    p.add_argument("--faiss-factory", default="IVF{nlist},Flat",
+                   help="FAISS index_factory string of the reference ({nlist} is filled in); IVF-Flat holds "
+                        "every pool vector in RAM (15 GB at 10M × 384): 'IVF{nlist},SQ8' is 4× smaller")
     p.add_argument("--recall-sample", type=int, default=1000, help="rows the FAISS graph's recall is measured on")
     p.add_argument("--optimize-timeout", type=float, default=7200.0)
     p.add_argument("--json", type=Path, default=None)
@@ -889,6 +902,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.collection, spaces={SPACE: {"dim": cfg.dim, "metric": "cosine"}},
                 models={MODEL: class_names(cfg.classes)}, fields={"split": "string"}, if_not_exists=True)
             have = col.count()
+            if args.skip_ingest and have == 0:
+                raise SystemExit(f"--skip-ingest: collection {args.collection} under {data} is empty; ingest it "
+                                 "first (leave out --skip-ingest)")
             ingested = 0
             if not args.skip_ingest and have < cfg.n:
                 stop = cfg.n if args.max_ingest_rows is None else min(cfg.n, have + args.max_ingest_rows)
@@ -904,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
                 rss, anon = mem.end()
                 desc = col.describe()
                 steps.append(Step("optimize + index build (after ingest)", state=state, wall_s=opt_s, rss_peak=rss,
-                                  anon_peak=anon, note=(error + "; " if error else "") +
+                                  anon_peak=anon, rss_start=mem.start_rss, note=(error + "; " if error else "") +
                                   f"vector index: {vector_index(desc)}"))
                 total = ingest_step.wall_s + opt_s
                 incl = Step("ingest incl. optimize + index build", wall_s=total, rows=ingested,
@@ -958,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
                     if step.data["graph_miner"] and faiss_ref and step.state == "SUCCEEDED" and step.wall_s:
                         step.reference = f"FAISS {faiss_ref['total_s']:.1f}s, recall {faiss_ref['recall']:.3f}"
                         step.ratio = faiss_ref["total_s"] / step.wall_s
-                        report.add(f"{plan.name}: wall s (FAISS IVF-Flat graph as reference)", step.wall_s,
+                        report.add(f"{plan.name}: wall s (FAISS graph as reference)", step.wall_s,
                                    faiss_ref["total_s"], kind="latency", unit="s")
                         if step.recall is not None:
                             report.add(f"{plan.name}: graph recall@k", step.recall, faiss_ref["recall"],
@@ -977,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
                     if faiss_ref:
                         both.reference = f"FAISS {faiss_ref['total_s']:.1f}s"
                         both.ratio = faiss_ref["total_s"] / total if total else None
-                        report.add("graph miners together: wall s (FAISS IVF-Flat graph as reference)", total,
+                        report.add("graph miners together: wall s (FAISS graph as reference)", total,
                                    faiss_ref["total_s"], kind="latency", unit="s")
                     steps.append(both)
     finally:
@@ -1005,7 +1021,7 @@ def run_faiss(args: argparse.Namespace, root: Path, data: Path, steps: list[Step
     try:
         import faiss  # noqa: F401
     except ImportError as exc:
-        steps.append(Step("FAISS IVF-Flat k-NN graph (reference)", state="skipped",
+        steps.append(Step("FAISS k-NN graph (reference)", state="skipped",
                           note=f"import faiss failed ({exc}): the reference is skipped"))
         print("  FAISS reference skipped: faiss is not installed", flush=True)
         return None
@@ -1013,16 +1029,18 @@ def run_faiss(args: argparse.Namespace, root: Path, data: Path, steps: list[Step
     own = MemorySampler(os.getpid())
     own.begin()
     try:
-        ref = faiss_reference(data, args.collection, GRAPH_K, args.faiss_nlist, args.recall_sample, args.seed, root)
+        ref = faiss_reference(data, args.collection, GRAPH_K, args.faiss_nlist, args.recall_sample, args.seed, root,
+                              args.faiss_factory)
     except Exception as exc:  # the reference must not stop the miners
         own.close()
-        steps.append(Step("FAISS IVF-Flat k-NN graph (reference)", state="FAILED", note=f"{type(exc).__name__}: {exc}"))
+        steps.append(Step("FAISS k-NN graph (reference)", state="FAILED", note=f"{type(exc).__name__}: {exc}"))
         return None
     rss, anon = own.end()
     own.close()
     steps.append(Step(
         f"FAISS {ref['method']} k-NN graph (reference)", wall_s=ref["total_s"], rss_peak=rss, anon_peak=anon,
-        rows=ref["rows"], rows_per_s=ref["rows"] / ref["total_s"], graph=f"FAISS IVF-Flat (k={ref['k']})",
+        rss_start=own.start_rss,
+        rows=ref["rows"], rows_per_s=ref["rows"] / ref["total_s"], graph=f"FAISS (k={ref['k']})",
         recall=ref["recall"],
         note=(f"train {ref['train_s']:.1f}s on {ref['train_rows']:,} rows + add {ref['add_s']:.1f}s + graph "
               f"{ref['graph_s']:.1f}s, {ref['threads']} threads; recall vs exact on {ref['recall_sample']:,} rows; "
