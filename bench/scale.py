@@ -325,8 +325,8 @@ class MemorySampler:
     and its children, sampled every ``interval`` s, and the process's own VmHWM after a reset
     (``clear_refs`` 5) at the step's start, which no sampling gap can miss."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, interval: float = 0.1, *, children: bool = True) -> None:
+        self.pid, self.interval, self.children = pid, interval, children
         self.peak_rss = self.peak_anon = self.start_rss = 0
         self.hwm_reset = False
         self._lock = threading.Lock()
@@ -336,7 +336,7 @@ class MemorySampler:
 
     def sample(self) -> tuple[int, int]:
         rss = anon = 0
-        for p in [self.pid, *_children(self.pid)]:
+        for p in [self.pid, *(_children(self.pid) if self.children else [])]:
             s = _status(p)
             rss += s.get("VmRSS", 0)
             anon += s.get("RssAnon", 0)
@@ -1026,7 +1026,7 @@ def run_faiss(args: argparse.Namespace, root: Path, data: Path, steps: list[Step
         print("  FAISS reference skipped: faiss is not installed", flush=True)
         return None
     print("  FAISS reference: reading the pool's vectors, IVF-Flat graph", flush=True)
-    own = MemorySampler(os.getpid())
+    own = MemorySampler(os.getpid(), children=False)  # the server is a child of this process
     own.begin()
     try:
         ref = faiss_reference(data, args.collection, GRAPH_K, args.faiss_nlist, args.recall_sample, args.seed, root,
