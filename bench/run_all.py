@@ -1,7 +1,7 @@
 """``make bench``: every benchmark in one run, one report.
 
     python -m bench.run_all [--benches "store service ..."] [--full] [--out bench/results]
-                            [--skip al,soak] [--al-workers 2]
+                            [--skip al,soak] [--al-workers 2] [--script-args "..."]
 
 Runs each ``bench/<name>.py`` of ``--benches`` (the Makefile's ``BENCHES``), then
 ``bench/soak.py`` when it exists, then the active-learning simulation (``bench.al``), each in
@@ -18,6 +18,9 @@ random / BALD / BatchBALD; 3 seeds, budget 200, 2 worker processes), which toget
 in about 20 minutes on 2 cores. ``--full`` runs every script at its default size (about 25
 minutes) and the simulation's full protocol (4 datasets × both learners × every strategy ×
 10 seeds: hours on 2 cores; see README "Does it work?").
+
+``bench/scale.py`` (1M rows with ``--quick``, 10M with ``--full``; an hour and more) is not
+in the default list: ``--benches scale --skip soak,al --script-args "--data DIR ..."``.
 """
 
 from __future__ import annotations
@@ -114,7 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bench/<name>.py scripts to run, space- or comma-separated (the Makefile's BENCHES)")
     p.add_argument("--full", action="store_true",
                    help="default sizes and the simulation's full protocol (hours on 2 cores)")
-    p.add_argument("--skip", default="", help="comma-separated names to leave out (e.g. al,soak,density)")
+    p.add_argument("--skip", action="append", default=[],
+                   help="comma-separated names to leave out (e.g. al,soak,density); repeatable")
+    p.add_argument("--script-args", default="",
+                   help="options appended to every script's command, shell-quoted (e.g. with "
+                        "--benches scale: \"--n 200000 --miners lof,typicality\")")
     p.add_argument("--al-workers", type=int, default=2, help="worker processes of the simulation")
     p.add_argument("--al-args", default=None,
                    help="the simulation's options instead of the reduced plan / full protocol (shell-quoted)")
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = {s.strip() for arg in args.skip for s in arg.split(",") if s.strip()}
     names = [b for b in re.split(r"[\s,]+", args.benches) if b and b not in skip]
     if (ROOT / "bench" / "soak.py").exists() and "soak" not in names and "soak" not in skip:
         names.append("soak")
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out_json = _short(raw / f"{name}.json")
         (ROOT / out_json).unlink(missing_ok=True)
-        script_args = [f"bench/{name}.py", *([] if args.full else ["--quick"]), "--json", str(out_json)]
+        script_args = [f"bench/{name}.py", *([] if args.full else ["--quick"]), *shlex.split(args.script_args),
+                       "--json", str(out_json)]
         cmd = [sys.executable, "-c", LAUNCHER.format(root=str(ROOT), bench=str(ROOT / "bench")), *script_args]
         print(f"\n== bench/{name}.py {'' if args.full else '--quick'}", flush=True)
         rc, seconds, output = run_logged(cmd, raw / f"{name}.log")
