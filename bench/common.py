@@ -128,9 +128,10 @@ class ServerProcess:
     can be killed): start (waits for health SERVING), kill -9, stop, RSS."""
 
     def __init__(self, data: str, log_dir: str, *, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, grace_s: float = 2) -> None:
         self.data, self.log_dir, self.extra_args = data, log_dir, extra_args
         self.env = env or {}
+        self.grace_s = grace_s
         self.proc: Any = None
         self.address = ""
         self.starts = 0
@@ -144,12 +145,12 @@ class ServerProcess:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
         os.makedirs(self.log_dir, exist_ok=True)
-        with open(os.path.join(self.log_dir, f"server-{self.starts}.log"), "w") as log:
+        self.starts += 1
+        with open(self.log_path(), "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", "serve", "--data", self.data, "--port", str(port),
-                 "--log-format", "text", "--grace", "2", *self.extra_args],
+                 "--log-format", "text", "--grace", f"{self.grace_s:g}", *self.extra_args],
                 cwd=root, env=env, stdout=log, stderr=log)
-        self.starts += 1
         self.address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
         with Client(self.address, retries=0, timeout=2) as probe:
@@ -164,6 +165,14 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server did not start:\n" + self.log_tail())
                 time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_path(self) -> str:
+        """The log of the latest start."""
+        return os.path.join(self.log_dir, f"server-{max(1, self.starts)}.log")
 
     def kill(self) -> None:
         import signal
@@ -198,9 +207,8 @@ class ServerProcess:
         return cur, peak
 
     def log_tail(self, lines: int = 40) -> str:
-        path = os.path.join(self.log_dir, f"server-{max(0, self.starts - 1)}.log")
         try:
-            with open(path, errors="replace") as fh:
+            with open(self.log_path(), errors="replace") as fh:
                 return "".join(fh.readlines()[-lines:])
         except OSError:
             return ""

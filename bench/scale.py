@@ -70,9 +70,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -90,7 +87,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
-from bench.common import Report, machine  # noqa: E402
+from bench.common import Report, ServerProcess, machine  # noqa: E402
 from service.client import (  # noqa: E402
     AssayClientError,
     Client,
@@ -235,66 +232,6 @@ def _nested_lists(m: np.ndarray) -> pa.Array:
 
 
 # -- the server process and its memory ---------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m service.cli serve`` on ``data``, its log under ``logs``."""
-
-    def __init__(self, data: Path, logs: Path) -> None:
-        self.data, self.logs = data, logs
-        self.proc: subprocess.Popen | None = None
-        self.address = ""
-        self.log_path = logs / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
-
-    def start(self, timeout: float = 300) -> str:
-        port = _free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--data", str(self.data), "--port", str(port),
-                 "--log-format", "text", "--grace", "5"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.address = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        with Client(self.address, retries=0, timeout=2) as probe:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log_tail()}")
-                with contextlib.suppress(AssayClientError):
-                    if probe.health() == "SERVING":
-                        return self.address
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start in {timeout:.0f}s:\n{self.log_tail()}")
-                time.sleep(0.1)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:])
-        except OSError:
-            return ""
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -886,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[Step] = []
     report = Report(machine=machine(**_versions()), params={k: (str(v) if isinstance(v, Path) else v)
                                                             for k, v in vars(args).items()})
-    server = ServerProcess(data, root / "logs")
+    server = ServerProcess(str(data), str(root / "logs"), grace_s=5)
     mem: MemorySampler | None = None
     faiss_ref: dict[str, Any] | None = None
     try:
@@ -895,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = MemorySampler(server.pid)
         rss, anon = mem.sample()
         steps.append(Step("server start", wall_s=time.perf_counter() - t0, rss_peak=rss, anon_peak=anon,
-                          note=f"pid {server.pid}, log {server.log_path}"))
+                          note=f"pid {server.pid}, log {server.log_path()}"))
         print(f"  server up at {address} in {steps[-1].wall_s:.1f}s", flush=True)
         with Client(address, timeout=120) as client:
             col = client.create_collection(
