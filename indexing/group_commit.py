@@ -94,8 +94,7 @@ class GroupCommitter:
         or raises the error of its commit."""
         write = PendingWrite(kind=kind, key=key, payload=payload, rows=max(1, rows))
         with self._cv:
-            if self._closed:
-                raise FailedPrecondition("the collection is closing; writes are refused")
+            self.refuse_if_closed()
             self._queue.append(write)
             while not write.done and self._leader:
                 self._cv.wait()
@@ -156,6 +155,15 @@ class GroupCommitter:
         """Refuse new writes; those already queued are still committed."""
         with self._cv:
             self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def refuse_if_closed(self) -> None:
+        """Raise before a writer spends time validating a write that would be refused."""
+        if self._closed:
+            raise FailedPrecondition("the collection is closing; writes are refused")
 
     @property
     def pending(self) -> int:

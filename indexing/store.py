@@ -554,6 +554,7 @@ class Collection:
         the batch is invalid. Concurrent upserts share commits (:mod:`indexing.group_commit`):
         this returns once the commit holding these rows is durable.
         """
+        self._committer.refuse_if_closed()
         prepared = prepare_upsert(data, current=self._current_schema(), spaces=self.spaces, models=self.models)
         key = ("upsert", tuple((f.name, str(f.type)) for f in prepared.table.schema))
         return self._committer.submit("upsert", key, (data, prepared), prepared.table.num_rows)
@@ -563,6 +564,7 @@ class Collection:
         meanwhile stay deleted), no validation beyond the table's own types, and
         ``updated_at`` untouched — this is how the store writes values it computed itself
         (a reindex's vectors), not user data. One atomic commit; returns rows updated."""
+        self._committer.refuse_if_closed()
         if "id" not in table.column_names or table.num_rows == 0:
             raise InvalidArgument("update_columns needs a non-empty table with an 'id' column")
         fields = [pa.field("id", pa.string(), nullable=False)] + [
@@ -581,6 +583,7 @@ class Collection:
         changed, version). ``updated_at`` is left alone: tags are curation, not content.
         The tags are read and rewritten inside the commit slot, so concurrent taggers
         never lose each other's tags."""
+        self._committer.refuse_if_closed()
         if (ids is None) == (where is None):
             raise InvalidArgument("tagging needs exactly one of ids or where")
         add, remove = list(add), list(remove)
@@ -601,6 +604,7 @@ class Collection:
 
     def delete(self, *, ids: Sequence[str] | None = None, where: str | None = None) -> tuple[int, int]:
         """Delete rows by ids or by SQL filter. Returns (rows deleted, new version)."""
+        self._committer.refuse_if_closed()
         if (ids is None) == (where is None):
             raise InvalidArgument("delete needs exactly one of ids or where")
         if ids is not None:

@@ -384,7 +384,11 @@ def test_s3_options_from_environment(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("ASSAY_S3_TIMEOUT", "4s")
     opts = storage_options_from_env("s3://bucket/db")
     assert opts == {"endpoint": "http://127.0.0.1:9000", "allow_http": "true", "aws_access_key_id": "k",
-                    "aws_secret_access_key": "s", "region": "us-east-1"}
+                    "aws_secret_access_key": "s", "region": "us-east-1",
+                    # bounded so that a lost object store fails a call in seconds
+                    "connect_timeout": "3s", "timeout": "4s", "client_max_retries": "3",
+                    "client_retry_timeout": "10"}
     assert storage_options_from_env("/local/path") == {}
