@@ -126,7 +126,7 @@ class Maintainer:
                 if self._closed or idle:  # started again by the next commit
                     self._thread = None
                     self._cv.notify_all()
-                    return
+                    break
                 self._busy = True
             try:
                 for col, st in work:
@@ -135,6 +135,8 @@ class Maintainer:
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
+        for col, _ in work:  # idle (or closing): what the write path cached goes too
+            col.release_caches()
 
     def _maintain(self, col: Collection, st: _State) -> None:
         p, now = self.policy, time.monotonic()

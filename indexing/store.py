@@ -41,6 +41,7 @@ from indexing.errors import (
     NotFound,
 )
 from indexing.group_commit import GroupCommitter, PendingWrite
+from indexing.id_index import IdIndex, hash_ids
 from indexing.maintenance import Maintainer, MaintenancePolicy
 from indexing.schema import (
     EMB_PREFIX,
@@ -69,11 +70,6 @@ SCHEMA_RECHECK_S = 0.05  # how stale the cached schema/registry may be (other wr
 _NEVER = timedelta(days=365 * 100)
 ID_CHUNK = 10_000  # ids per `id IN (...)` lookup
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
-# Existing-id lookups: through the BTREE below (batch rows × ratio) < table rows, else one
-# scan of the id column (measured at 1M rows: ~4.4 µs an id through the index, ~0.04 µs a
-# row scanned).
-LOOKUP_SCAN_RATIO = 100
-LOOKUP_SCAN_ALWAYS = 100_000  # below this many rows a scan (≤ ~4 ms) beats the index's fixed cost
 # Field metadata of a column added for a write that has not committed yet.
 PENDING_META_KEY = b"assay:pending"
 LOCKS_DIR = ".locks"
@@ -410,6 +406,7 @@ class Collection:
         self._write_lock = threading.RLock()
         self._schema_lock = self._write_lock  # schema changes are commits too
         self._committer = GroupCommitter(self._execute_writes, slot=self._write_lock)
+        self._ids = IdIndex()  # the write path's existence check (used in the commit slot)
         self._writes_since_optimize = 0
         # Schema-derived lookups, valid for one table version (see _cached).
         self._cache_version: int | None = None
@@ -616,7 +613,7 @@ class Collection:
             preds = [ids_predicate(ids[s:s + ID_CHUNK]) for s in range(0, len(ids), ID_CHUNK)]
         else:
             preds = [self.validate_filter(where)]
-        return self._committer.submit("delete", "delete", preds, len(ids or ()) or 1)
+        return self._committer.submit("delete", "delete", _Deletion(preds, ids), len(ids or ()) or 1)
 
     # -- the commits (run by the group committer, holding the commit slot) ----------
 
@@ -659,24 +656,27 @@ class Collection:
             # check for existing ids and the write: rows found new may then be appended,
             # several times faster than a merge (object stores have no lock: always merge).
             with self.store.writer_lock(self.name):
-                found = self._existing_ids(combined.column("id"))
-                batch = self._with_timestamps(combined, found)
-                if found.num_rows == 0 and self.store.local:
+                hashes, found, created = self._existing_ids(combined.column("id"))
+                batch, now_us = self._with_timestamps(combined, found, created)
+                if not found.any() and self.store.local:
                     version = int(self._table.add(batch).version)
                 else:
                     version = int(self._table.merge_insert("id").when_matched_update_all()
                                   .when_not_matched_insert_all().execute(batch).version)
+                new = hashes[~found]
+                self._ids.committed(version, inserted=new, created_us=np.full(len(new), now_us))
         except BaseException:
             self._drop_pending_fields(added)
             raise
         self._settle_pending_fields(added)
-        present = set(found.column("id").to_pylist()) if len(group) > 1 else None
+        present = set(hashes[found].tolist()) if len(group) > 1 else None
+        n_found = int(found.sum())
         for w, p in group:
             n = p.table.num_rows
             if present is None:
-                inserted = n - found.num_rows
+                inserted = n - n_found
             else:
-                mine = p.table.column("id").to_pylist()
+                mine = hash_ids(p.table.column("id")).tolist()
                 inserted = sum(1 for i in mine if i not in present)
                 present.update(mine)
             w.finish(UpsertResult(inserted=inserted, updated=n - inserted, version=version,
@@ -686,14 +686,17 @@ class Collection:
     def _commit_updates(self, writes: Sequence[PendingWrite]) -> None:
         tables = [w.payload for w in writes]
         batch = tables[0] if len(tables) == 1 else _last_of_each_id(pa.concat_tables(tables).combine_chunks())
+        present = None
+        if len(writes) > 1:  # an update never inserts: a writer's rows updated are its ids that exist
+            hashes, found, _ = self._existing_ids(batch.column("id"))
+            present = set(hashes[found].tolist())
         result = self._table.merge_insert("id").when_matched_update_all().execute(batch)
-        if len(writes) == 1:
+        self._ids.committed(int(result.version))
+        if present is None:
             writes[0].finish(int(result.num_updated_rows))
             return
-        # An update never inserts: a writer's rows updated are its ids that exist.
-        present = set(self._existing_ids(batch.column("id")).column("id").to_pylist())
         for w in writes:
-            w.finish(sum(1 for i in w.payload.column("id").to_pylist() if i in present))
+            w.finish(sum(1 for h in hash_ids(w.payload.column("id")).tolist() if h in present))
 
     def _commit_tags(self, writes: Sequence[PendingWrite]) -> None:
         """Tag changes of several writers in one commit: each is applied, in order, to the
@@ -731,59 +734,49 @@ class Collection:
                              schema=pa.schema([pa.field("id", pa.string(), nullable=False),
                                                self.schema.field("tags")]))
             version = int(self._table.merge_insert("id").when_matched_update_all().execute(batch).version)
+            self._ids.committed(version)
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
 
     def _commit_deletes(self, writes: Sequence[PendingWrite]) -> None:
         """Deletes of several writers in one commit (their predicates OR-ed); each is told
         the rows its own predicate matched when the commit ran."""
-        counts = [sum(int(self._table.count_rows(p)) for p in w.payload) for w in writes]
-        if sum(counts):
-            preds = [p for w in writes for p in w.payload]
-            self._table.delete(preds[0] if len(preds) == 1 else " OR ".join(f"({p})" for p in preds))
+        counts = [sum(int(self._table.count_rows(p)) for p in w.payload.predicates) for w in writes]
         version = self.version
+        if sum(counts):
+            preds = [p for w in writes for p in w.payload.predicates]
+            result = self._table.delete(preds[0] if len(preds) == 1 else " OR ".join(f"({p})" for p in preds))
+            version = int(result.version)
+            by_ids = [w.payload.ids for w in writes]
+            if all(ids is not None for ids in by_ids):
+                self._ids.committed(version, removed=hash_ids([i for ids in by_ids for i in ids]))
+            else:  # which ids a filter removed is not known here: read them again next time
+                self._ids.invalidate()
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
 
-    def _existing_ids(self, ids: pa.ChunkedArray | pa.Array) -> pa.Table:
-        """``id`` and ``created_at`` of the rows among ``ids`` that exist now.
-
-        A few ids in a big table are looked up through the BTREE on ``id``; for many (a
-        bulk batch), or in a small table, one scan of ``id`` and ``created_at`` is cheaper
-        (1M rows: ~0.04 s, against ~4 µs an id through the index)."""
-        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-        empty = pa.table({"id": pa.array([], pa.string()),
-                          "created_at": pa.array([], pa.timestamp("us", tz="UTC"))})
+    def _existing_ids(self, ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hashes, exists, created_at µs) of ``ids`` as of the latest version, from the
+        collection's in-memory id index (:mod:`indexing.id_index`), rebuilt from one scan
+        of ``id`` and ``created_at`` when another process has written since."""
+        hashes = hash_ids(ids)
         dataset = self._table.to_lance()
-        total = dataset.count_rows()
-        if total == 0:
-            return empty
-        if total <= LOOKUP_SCAN_ALWAYS or len(ids) * LOOKUP_SCAN_RATIO >= total:
-            hits = []
-            for batch in dataset.to_batches(columns=["id", "created_at"], batch_size=262_144):
-                mask = pc.is_in(batch.column(0), value_set=ids)
-                if pc.any(mask).as_py():
-                    hits.append(batch.filter(mask))
-            return pa.Table.from_batches(hits) if hits else empty
-        values = ids.to_pylist()
-        found = [self._select(ids_predicate(values[s:s + ID_CHUNK]), ["id", "created_at"])
-                 for s in range(0, len(values), ID_CHUNK)]
-        return pa.concat_tables(found) if found else empty
+        if not self._ids.current(dataset.version, dataset.get_transactions):
+            self._ids.rebuild(dataset.version,
+                              dataset.to_batches(columns=["id", "created_at"], batch_size=262_144))
+        found, created = self._ids.lookup(hashes)
+        return hashes, found, created
 
-    def _with_timestamps(self, table: pa.Table, found: pa.Table) -> pa.Table:
+    def _with_timestamps(self, table: pa.Table, found: np.ndarray,
+                         created_us: np.ndarray) -> tuple[pa.Table, int]:
         """Add ``updated_at`` = now and ``created_at`` = first-seen time (kept on update):
         merge_insert writes one set of columns for matched and new rows alike, so the
-        stored ``created_at`` of existing ids (``found``) is sent back."""
+        stored ``created_at`` of existing ids is sent back. Returns the table and now (µs)."""
         ts = pa.timestamp("us", tz="UTC")
-        now = pa.scalar(datetime.now(UTC), ts)
-        n = table.num_rows
-        created = pa.nulls(n, ts)
-        if found.num_rows:
-            position = pc.index_in(table.column("id"), value_set=found.column("id").combine_chunks())
-            created = found.column("created_at").combine_chunks().take(position)
-        created = pc.coalesce(created, now)
-        return table.append_column(pa.field("created_at", ts), created).append_column(
-            pa.field("updated_at", ts), pa.repeat(now, n))
+        now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
+        created = np.where(found, created_us, now_us)
+        return table.append_column(pa.field("created_at", ts), pa.array(created, ts)).append_column(
+            pa.field("updated_at", ts), pa.array(np.full(table.num_rows, now_us), ts)), now_us
 
     # -- schema changes that travel with a write ------------------------------------
 
@@ -1165,6 +1158,12 @@ class Collection:
                 self._invalidate()
         return removed
 
+    def release_caches(self) -> None:
+        """Free what the write path keeps in memory (the id index: 16 bytes a row); the next
+        write reads it again."""
+        with self._write_lock:
+            self._ids.invalidate()
+
     def fragment_count(self) -> int:
         return len(self._table.to_lance().get_fragments())
 
@@ -1373,6 +1372,12 @@ def _lance_message(exc: Exception) -> str:
     # Lance appends a Rust source location after ", /home/..."; keep the useful part.
     msg = str(exc).replace("Invalid user input: ", "")
     return msg.split(", /")[0].strip()
+
+
+@dataclass(frozen=True)
+class _Deletion:
+    predicates: list[str]
+    ids: list[str] | None  # None: by a filter
 
 
 def _pid_alive(pid: str) -> bool:

@@ -331,3 +331,26 @@ def test_closing_the_store_ends_its_background_work(tmp_path):
                 and getattr(t, "_target", None) is not None and t._target.__self__ is store.maintainer]
     with pytest.raises(Exception, match="closing"):
         col.upsert([{"id": "late"}])
+
+
+def test_the_id_index_notices_writes_of_another_store_on_the_same_root(tmp_path):
+    """Each Store keeps an in-memory index of its collections' ids for the write path; a
+    write by another writer (here a second Store, as another process would be) must be
+    seen: no duplicate, the right counts, created_at kept."""
+    a = Store(str(tmp_path), optimize_every=0)
+    col_a = a.create_collection("c")
+    col_a.upsert([{"id": "x", "n": 1}])  # builds a's id index
+    col_b = Store(str(tmp_path), optimize_every=0).collection("c")
+    col_b.upsert([{"id": "y", "n": 2}, {"id": "z", "n": 3}])
+    col_b.delete(ids=["z"])
+    created_y = col_b.take(["y"], ["created_at"]).column("created_at")[0].as_py()
+    out = col_a.upsert([{"id": "y", "n": 20}, {"id": "z", "n": 30}, {"id": "w", "n": 40}])
+    assert (out.inserted, out.updated) == (2, 1)
+    rows = {r["id"]: r for r in col_a.query(columns=["id", "n", "created_at"]).to_pylist()}
+    assert sorted(rows) == ["w", "x", "y", "z"] and rows["y"]["n"] == 20
+    assert rows["y"]["created_at"] == created_y  # kept on update
+    # id-neutral commits (compaction, an index update, a schema change) keep the index current
+    col_a.optimize()
+    col_a.add_fields([pa.field("extra", pa.int64())])
+    assert col_a._ids.current(col_a.version, col_a.table.to_lance().get_transactions)
+    assert col_a.upsert([{"id": "x", "n": 5}]).updated == 1
