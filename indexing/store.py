@@ -661,8 +661,7 @@ class Collection:
                 if not found.any() and self.store.local:
                     version = int(self._table.add(batch).version)
                 else:
-                    version = int(self._table.merge_insert("id").when_matched_update_all()
-                                  .when_not_matched_insert_all().execute(batch).version)
+                    version = int(self._merge().when_not_matched_insert_all().execute(batch).version)
                 new = hashes[~found]
                 self._ids.committed(version, inserted=new, created_us=np.full(len(new), now_us))
         except BaseException:
@@ -690,7 +689,7 @@ class Collection:
         if len(writes) > 1:  # an update never inserts: a writer's rows updated are its ids that exist
             hashes, found, _ = self._existing_ids(batch.column("id"))
             present = set(hashes[found].tolist())
-        result = self._table.merge_insert("id").when_matched_update_all().execute(batch)
+        result = self._merge().execute(batch)
         self._ids.committed(int(result.version))
         if present is None:
             writes[0].finish(int(result.num_updated_rows))
@@ -733,7 +732,7 @@ class Collection:
                               "tags": pa.array([state[i] for i in changed_ids], pa.list_(pa.string()))},
                              schema=pa.schema([pa.field("id", pa.string(), nullable=False),
                                                self.schema.field("tags")]))
-            version = int(self._table.merge_insert("id").when_matched_update_all().execute(batch).version)
+            version = int(self._merge().execute(batch).version)
             self._ids.committed(version)
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
@@ -754,6 +753,13 @@ class Collection:
                 self._ids.invalidate()
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
+
+    def _merge(self) -> Any:
+        """``merge_insert`` on ``id`` updating matched rows — joined by a scan of ``id``, not
+        through the BTREE: with the index, Lance 13 updates a batch that carries some of the
+        columns by rewriting every fragment it touches (1M rows, 160 rows updated: ~2 s a
+        merge, against ~0.2 s joined by a scan, which deletes and appends the rows)."""
+        return self._table.merge_insert("id").when_matched_update_all().use_index(False)
 
     def _existing_ids(self, ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(hashes, exists, created_at µs) of ``ids`` as of the latest version, from the
