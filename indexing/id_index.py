@@ -128,11 +128,14 @@ class IdIndex:
         if inserted is not None and len(inserted):
             order = np.argsort(inserted, kind="stable")
             self._runs.append((inserted[order], np.asarray(created_us)[order]))
-            if len(self._runs) > MAX_RUNS:
-                k = np.concatenate([r[0] for r in self._runs])
-                c = np.concatenate([r[1] for r in self._runs])
+            # Runs stay few (O(log n)): the newest is merged into the one before while it is
+            # at least a quarter of its size (timsort merges two sorted runs in one pass).
+            while len(self._runs) > 1 and (len(self._runs[-1][0]) * 4 >= len(self._runs[-2][0])
+                                           or len(self._runs) > MAX_RUNS):
+                (k1, c1), (k2, c2) = self._runs[-2], self._runs.pop()
+                k, c = np.concatenate([k1, k2]), np.concatenate([c1, c2])
                 order = np.argsort(k, kind="stable")
-                self._runs = [(k[order], c[order])]
+                self._runs[-1] = (k[order], c[order])
         self._applied.add(version)
 
 

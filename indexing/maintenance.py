@@ -59,7 +59,7 @@ class MaintenancePolicy:
     merge_rows: tuple[int, ...] = (32_768, 262_144)  # target fragment size of each tier's merge
     fanout: int = 8
     quiet_s: float = 5.0  # no commit for this long: full compaction, index builds and updates
-    index_min_rows: int = 50_000  # ...or update the indexes once this many rows are unindexed
+    index_min_rows: int = 50_000  # ...or once this many rows (and a quarter of all) are unindexed
     index_every_s: float = 60.0  # ...or this long after the last update, if any are
     cleanup_every_s: float = 60.0
     poll_s: float = 1.0
@@ -152,7 +152,8 @@ class Maintainer:
                 st.last_index, st.unindexed_commits = now, 0
                 col.update_indexes(build=True)
             elif st.unindexed_commits and (now - st.last_index >= p.index_every_s
-                                           or col.unindexed_rows() >= p.index_min_rows):
+                                           or col.unindexed_rows() >= max(p.index_min_rows,
+                                                                          col.row_count() // 4)):
                 # Under load: bring the existing indexes up to date; building a new one
                 # (minutes of CPU) waits for a quiet moment or an explicit optimize.
                 st.last_index, st.unindexed_commits = now, 0

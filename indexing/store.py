@@ -551,8 +551,16 @@ class Collection:
         the batch is invalid. Concurrent upserts share commits (:mod:`indexing.group_commit`):
         this returns once the commit holding these rows is durable.
         """
+        return self.upsert_prepared(data, self.prepare(data))
+
+    def prepare(self, data: Any) -> PreparedBatch:
+        """Validate a batch for :meth:`upsert_prepared` (a streamed ingest validates the next
+        batch while the previous one commits). Raises InvalidArgument as :meth:`upsert`."""
         self._committer.refuse_if_closed()
-        prepared = prepare_upsert(data, current=self._current_schema(), spaces=self.spaces, models=self.models)
+        return prepare_upsert(data, current=self._current_schema(), spaces=self.spaces, models=self.models)
+
+    def upsert_prepared(self, data: Any, prepared: PreparedBatch) -> UpsertResult:
+        """Commit a batch :meth:`prepare` validated (``data`` is what it was given)."""
         key = ("upsert", tuple((f.name, str(f.type)) for f in prepared.table.schema))
         return self._committer.submit("upsert", key, (data, prepared), prepared.table.num_rows)
 
@@ -1169,6 +1177,9 @@ class Collection:
         write reads it again."""
         with self._write_lock:
             self._ids.invalidate()
+
+    def row_count(self) -> int:
+        return int(self._table.count_rows())
 
     def fragment_count(self) -> int:
         return len(self._table.to_lance().get_fragments())

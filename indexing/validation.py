@@ -38,6 +38,7 @@ from indexing.schema import (
 )
 
 PROB_SUM_TOLERANCE = 1e-3
+UNIT_TOLERANCE = 1e-5  # vectors of a normalised space whose norm is 1 within this are kept as sent
 ID_FIELD = pa.field("id", pa.string(), nullable=False)
 
 
@@ -113,9 +114,10 @@ def prepare_upsert(
     for name in names:
         if name == "id":
             continue
-        col = table.column(name).combine_chunks() if table.num_rows else table.column(name)
-        if isinstance(col, pa.ChunkedArray):
-            col = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
+        # One chunk after the table's combine_chunks (which keeps single-chunk columns as
+        # they are); ChunkedArray.combine_chunks would copy even a single chunk.
+        chunked = table.column(name)
+        col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
         if name.startswith(EMB_PREFIX):
             space = spaces.get(name[len(EMB_PREFIX):])
             if space is None:
@@ -274,15 +276,21 @@ def _prepare_vectors(col: pa.Array, space: SpaceSpec, ids: pa.Array) -> pa.Array
             row=row,
         )
     values = _float_values(col, name).reshape(-1, space.dim)
-    finite = np.isfinite(values).all(axis=1)
-    if not finite.all():
-        row = int(valid[_first_row(~finite)])
-        raise InvalidArgument(
-            f"column '{name}': {_row_name(ids, row)} contains NaN or infinity", field=name, row=row
-        )
+    # One pass over the vectors for both checks: a NaN or infinity makes the squared norm
+    # NaN or infinite (which rows, exactly, is then looked up on those rows alone).
+    sq = np.einsum("ij,ij->i", values, values)
+    suspect = ~np.isfinite(sq)
+    if suspect.any():
+        rows = np.flatnonzero(suspect)
+        bad_rows = rows[~np.isfinite(values[rows]).all(axis=1)]
+        if len(bad_rows):
+            row = int(valid[bad_rows[0]])
+            raise InvalidArgument(
+                f"column '{name}': {_row_name(ids, row)} contains NaN or infinity", field=name, row=row
+            )
+        sq[rows] = np.square(np.linalg.norm(values[rows].astype(np.float64), axis=1))  # overflowed
     if space.normalized:
-        norms = np.linalg.norm(values, axis=1)
-        zero = norms == 0
+        zero = sq == 0
         if zero.any():
             row = int(valid[_first_row(zero)])
             raise InvalidArgument(
@@ -291,7 +299,9 @@ def _prepare_vectors(col: pa.Array, space: SpaceSpec, ids: pa.Array) -> pa.Array
                 field=name,
                 row=row,
             )
-        values = values / norms[:, None]
+        norms = np.sqrt(sq)
+        if np.abs(norms - 1.0).max() > UNIT_TOLERANCE:  # unit vectors (most embedders) pass as they are
+            values = (values / norms[:, None]).astype(np.float32, copy=False)
     flat = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), space.dim)
     if len(valid) == len(col):
         return flat

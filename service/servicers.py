@@ -13,8 +13,9 @@ import binascii
 import hashlib
 import json
 import os
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +240,42 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         return collection_info(col)
 
 
+def _read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Yield what ``items`` yields, producing up to ``depth`` items ahead in a helper
+    thread; an exception is raised where the item it replaced would have been. Leaving the
+    loop early stops the helper at its next item."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put((done, None))
+        except BaseException as exc:  # handed to the consumer, in order
+            out.put((None, exc))
+
+    threading.Thread(target=produce, name="assay-read-ahead", daemon=True).start()
+    try:
+        while True:
+            item, exc = out.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
     def __init__(self, store: Store, limits: Limits, *,
                  run_ids: Callable[[str, str], pa.Array] | None = None) -> None:
@@ -247,6 +284,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self.run_ids = run_ids
 
     def Upsert(self, request_iterator, context):  # noqa: N802
+        # Batch k+1 is received and validated (in a helper thread) while batch k commits: a
+        # bulk ingest overlaps the two instead of paying for them one after the other.
+        for seq, col, table, prepared in _read_ahead(self._validated(request_iterator)):
+            try:
+                res = col.upsert_prepared(table, prepared)
+            except (InvalidArgument, NotFound, FailedPrecondition) as exc:
+                raise type(exc)(f"batch {seq}: {exc.message}", field=exc.field, row=exc.row) from exc
+            yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
+                                       version=res.version, generated_ids=res.generated_ids,
+                                       new_columns=res.new_columns)
+
+    def _validated(self, request_iterator: Iterator[Any]) -> Iterator[tuple[int, Collection, pa.Table, Any]]:
+        """(seq, collection, table, validated batch) of each upsert message, in order."""
         col: Collection | None = None
         for request in request_iterator:
             if col is None:
@@ -266,12 +316,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                     f"batch {request.seq}: {table.num_rows} rows; the limit is {self.limits.max_batch_rows} "
                     "rows per batch (split it)")
             try:
-                res = col.upsert(table)
+                prepared = col.prepare(table)
             except (InvalidArgument, NotFound, FailedPrecondition) as exc:
                 raise type(exc)(f"batch {request.seq}: {exc.message}", field=exc.field, row=exc.row) from exc
-            yield ingest_pb2.UpsertAck(seq=request.seq, inserted=res.inserted, updated=res.updated,
-                                       version=res.version, generated_ids=res.generated_ids,
-                                       new_columns=res.new_columns)
+            yield request.seq, col, table, prepared
 
     def Delete(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
