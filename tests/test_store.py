@@ -386,5 +386,8 @@ def test_s3_options_from_environment(monkeypatch):
     monkeypatch.delenv("AWS_REGION", raising=False)
     opts = storage_options_from_env("s3://bucket/db")
     assert opts == {"endpoint": "http://127.0.0.1:9000", "allow_http": "true", "aws_access_key_id": "k",
-                    "aws_secret_access_key": "s", "region": "us-east-1"}
+                    "aws_secret_access_key": "s", "region": "us-east-1",
+                    # the object-store timeouts and retries (indexing.settings defaults)
+                    "connect_timeout": "3s", "timeout": "10s", "client_max_retries": "3",
+                    "client_retry_timeout": "10"}
     assert storage_options_from_env("/local/path") == {}
