@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env browser demo test lint bench bench-quick bench-full protos clean
+.PHONY: env browser demo test lint bench bench-quick bench-full protos client settings clean
 
 env: .venv/.assay-synced
 
@@ -28,6 +28,8 @@ browser:
 
 test: env browser
 	$(UV) run --frozen python -m protos.generate --check
+	$(UV) run --frozen python -m service.client.generate --check
+	$(UV) run --frozen python -m indexing.settings --check README.md
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen pytest -q
 
@@ -51,6 +53,16 @@ bench-full: env
 
 protos: env
 	$(UV) run --frozen python -m protos.generate
+
+# The asyncio client (service/client/async_client.py) is generated from the sync one
+# (service/client/sync.py); `make test` fails when it is out of date.
+client: env
+	$(UV) run --frozen python -m service.client.generate
+
+# The README's table of settings is generated from indexing/settings.py; `make test` fails
+# when it is out of date.
+settings: env
+	$(UV) run --frozen python -m indexing.settings --write README.md
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Pool-based active-learning simulation, driven through the assay client against a server.
 
-    assay bench al [--datasets digits,wine,breast_cancer,repeated_digits] [--dataset PATH.npz]
+    python -m bench.al [--datasets digits,wine,breast_cancer,repeated_digits] [--dataset PATH.npz]
                    [--learners logreg,mlp] [--strategies all|key|NAME,...] [--seeds 10]
                    [--initial-per-class 2] [--batch 10] [--budget 300] [--test-size 0.3]
                    [--server HOST:PORT [--token T]] [--out DIR] [--quick] [--workers N]
@@ -1064,7 +1064,7 @@ def _run_in_process(t: Task) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="assay bench al", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.al", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default=",".join(BUILTIN_DATASETS),
                    help=f"comma-separated built-ins ({', '.join(BUILTIN_DATASETS)}); '' for none")
@@ -1197,9 +1197,9 @@ def main(argv: list[str] | None = None) -> int:
         done = {(r["dataset"], r["learner"], r["strategy"], r["seed"]) for r in runs}
         tasks = [t for t in tasks if (t.dataset, t.learner, t.strategy, t.seed) not in done]
     seeds = sorted({t.seed for t in tasks} | {r["seed"] for r in runs})
-    print(f"assay bench al: {len(tasks)} runs ({len(runs)} already done) on {', '.join(datasets)}; "
+    print(f"python -m bench.al: {len(tasks)} runs ({len(runs)} already done) on {', '.join(datasets)}; "
           f"results in {args.out}", flush=True)
-    command = "assay bench al " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.al " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     order = {n: i for i, n in enumerate(datasets)}
     s_order = {n: i for i, n in enumerate(STRATEGIES)}

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.al", *al_args]
         print(f"\n== bench.al {'(full protocol)' if args.full else '(reduced plan)'}", flush=True)
         rc, seconds, output = run_logged(cmd, raw / "al.log")
-        entry = {"name": "al", "command": "assay bench al " + shlex.join(al_args),
+        entry = {"name": "al", "command": "python -m bench.al " + shlex.join(al_args),
                  "rc": rc, "seconds": round(seconds, 1)}
         al_md, al_json = ROOT / al_out / "al.md", ROOT / al_out / "al.json"
         if al_md.exists():

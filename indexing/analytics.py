@@ -54,11 +54,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.predictions import box_probs, prediction_probs, valid_mask
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec
+from indexing.settings import ANALYTICS_BATCH_ROWS as BATCH_ROWS
+from indexing.settings import MAX_BINS, MAX_TOP
 
-BATCH_ROWS = 65_536
-MAX_BINS = 10_000
-MAX_TOP = 10_000
 MEASURES = ("entropy", "margin", "least_confidence", "ratio")
 HISTOGRAM_META_KEY = b"assay.histogram"
 
@@ -150,50 +150,6 @@ def _duck(sql: str, sources: Mapping[str, _Source], params: Sequence[Any] | None
             raise
     finally:
         con.close()
-
-
-# -- predictions -> class probabilities -------------------------------------------------
-
-def _valid(arr: pa.Array) -> np.ndarray:
-    return ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _matrix(arr: pa.Array, rows: np.ndarray, c: int) -> np.ndarray:
-    taken = arr if len(rows) == len(arr) else arr.take(pa.array(rows, pa.int64()))
-    values = np.asarray(pc.list_flatten(taken).to_numpy(zero_copy_only=False), dtype=np.float64)
-    return values.reshape(len(rows), c)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def prediction_probs(probs: pa.Array, logits: pa.Array, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows with a prediction, their (n, C) float64 probabilities): ``probs`` where set,
-    else ``softmax(logits)``. Rows with neither are left out."""
-    has_p, has_l = _valid(probs), _valid(logits)
-    keep = np.flatnonzero(has_p | has_l)
-    out = np.empty((len(keep), c), dtype=np.float64)
-    from_p = has_p[keep]
-    if from_p.any():
-        out[from_p] = _matrix(probs, keep[from_p], c)
-    if (~from_p).any():
-        out[~from_p] = _softmax(_matrix(logits, keep[~from_p], c))
-    return keep, out
-
-
-def box_probs(boxes: pa.Array, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """(owning row of each box that has per-class probs, their (n, C) probabilities)."""
-    flat = pc.list_flatten(boxes)
-    if len(flat) == 0:
-        return np.zeros(0, np.int64), np.zeros((0, c))
-    owner = np.asarray(pc.list_parent_indices(boxes).to_numpy(zero_copy_only=False), dtype=np.int64)
-    probs = pc.struct_field(flat, "probs")
-    keep = np.flatnonzero(_valid(probs))
-    return owner[keep], _matrix(probs, keep, c)
 
 
 def _top2(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -401,7 +357,7 @@ def confusion(
     # filter: composing SQL text around it could change its meaning (e.g. a trailing comment).
     def derive(b: pa.RecordBatch, rows: np.ndarray, p: np.ndarray) -> dict[str, Any]:
         labels = b.column("label").take(pa.array(rows, pa.int64()))
-        labeled = _valid(labels)
+        labeled = valid_mask(labels)
         return {"label": labels.filter(pa.array(labeled)), "predicted": p[labeled].argmax(axis=1).astype(np.int32)}
 
     src = _prediction_source(col, spec, where, version, _CONFUSION_SCHEMA, derive, label=True)

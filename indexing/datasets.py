@@ -80,9 +80,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from indexing.filters import ids_predicate, sql_quote
 from indexing.schema import COLLECTION_NAME_RE, light_columns
+from indexing.settings import DATASETS_OPTIMIZE_EVERY as OPTIMIZE_EVERY
+from indexing.settings import MEMBERSHIP_CACHE, SCAN_SHARE
 from indexing.store import ID_CHUNK, Collection, Store
-from indexing.validation import ids_predicate, sql_quote
 
 log = logging.getLogger("assay.datasets")
 
@@ -95,8 +97,6 @@ STAGED = 0  # the version of uncommitted changes
 ADD, REMOVE = "add", "remove"
 HEAD = "HEAD"
 TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
-SCAN_SHARE = 0.25  # read members by one filtered scan when they are >= this share of rows
-MEMBERSHIP_CACHE = 16  # committed memberships kept in memory (they never change)
 
 _DATASETS_SCHEMA = pa.schema([
     pa.field("name", pa.string(), nullable=False),
@@ -227,7 +227,6 @@ class DatasetDiff:
 
 
 _EMPTY_IDS = pa.array([], pa.string())
-OPTIMIZE_EVERY = 50  # writes to the system tables between background compactions
 
 
 def _maintained(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -51,11 +51,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from indexing import analytics
-from indexing.analytics import box_probs, prediction_probs, stream
+from indexing.analytics import stream
 from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.filters import ids_predicate
+from indexing.predictions import box_probs, prediction_probs
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec, is_user_scalar
 from indexing.store import ID_CHUNK
-from indexing.validation import ids_predicate
 
 FORMATS = ("csv", "jsonl")
 BASE_EXPORT_COLUMNS = ("id", "uri", "text", "label")

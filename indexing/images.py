@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from indexing.errors import InvalidArgument
+from indexing.settings import IMAGE_CONNECT_TIMEOUT_S as _CONNECT_TIMEOUT_S
+from indexing.settings import IMAGE_REQUEST_TIMEOUT_S as _REQUEST_TIMEOUT_S
+from indexing.settings import MAX_IMAGE_BYTES
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -43,12 +46,9 @@ SUPPORTED_URIS = "local paths, file:///absolute/path URIs and s3://bucket/key"
 
 #: Objects larger than this are refused before they are downloaded: a remote object is
 #: read whole into memory, and no sane training image is this large.
-MAX_IMAGE_BYTES = 256 << 20
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Bounded so that a stalled endpoint fails a row instead of hanging a bulk job.
-_CONNECT_TIMEOUT_S = 10.0
-_REQUEST_TIMEOUT_S = 60.0
 
 
 def _scheme(uri: str) -> str | None:

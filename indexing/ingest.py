@@ -39,6 +39,7 @@ from indexing.schema import (
     STORE_SET_COLUMNS,
     is_user_scalar,
 )
+from indexing.settings import CSV_BLOCK_BYTES as _CSV_BLOCK
 from indexing.store import Collection, Store
 
 log = logging.getLogger("assay.ingest")
@@ -47,7 +48,6 @@ __all__ = ["IMAGE_EXTENSIONS", "IngestReport", "ingest", "write_errors"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 _IDENT_BAD = re.compile(r"[^A-Za-z0-9_]")
-_CSV_BLOCK = 8 << 20  # bytes per CSV read block (types are inferred from the first one)
 
 
 @dataclass

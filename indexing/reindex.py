@@ -69,6 +69,7 @@ from indexing.schema import (
     SpaceSpec,
     check_identifier,
 )
+from indexing.settings import REINDEX_MAX_PASSES as MAX_PASSES
 from indexing.store import Collection, Store, storage_options_from_env
 
 log = logging.getLogger("assay.reindex")
@@ -76,7 +77,6 @@ log = logging.getLogger("assay.reindex")
 __all__ = ["ENGINES", "MAX_PASSES", "ReindexReport", "embedder_identity", "reindex"]
 
 ENGINES = ("local", "ray")
-MAX_PASSES = 4  # first pass + catch-up passes for rows written while it ran
 _SOURCES = ("text", "uri")
 
 

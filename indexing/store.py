@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree, IvfFlat, IvfHnswSq, IvfPq, IvfRq, IvfSq, LabelList
 
+from indexing import settings
 from indexing.errors import (
     AlreadyExists,
     AssayError,
@@ -40,6 +41,7 @@ from indexing.errors import (
     InvalidArgument,
     NotFound,
 )
+from indexing.filters import ids_predicate, validate_filter
 from indexing.group_commit import GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids
 from indexing.maintenance import Maintainer, MaintenancePolicy
@@ -60,41 +62,40 @@ from indexing.schema import (
     spaces_of,
     user_fields_of,
 )
-from indexing.validation import ID_FIELD, PreparedBatch, ids_predicate, prepare_upsert
+from indexing.settings import (
+    DEFAULT_ROOT,
+    ID_CHUNK,
+    INDEX_CACHE_BYTES,
+    MAX_K,
+    METADATA_CACHE_BYTES,
+    SCHEMA_RECHECK_S,
+)
+from indexing.validation import ID_FIELD, PreparedBatch, prepare_upsert
 
 log = logging.getLogger("assay.store")
 
-DEFAULT_ROOT = "./data"
-MAX_K = 10_000
-SCHEMA_RECHECK_S = 0.05  # how stale the cached schema/registry may be (other writers)
 _NEVER = timedelta(days=365 * 100)
-ID_CHUNK = 10_000  # ids per `id IN (...)` lookup
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
 # Field metadata of a column added for a write that has not committed yet.
 PENDING_META_KEY = b"assay:pending"
 LOCKS_DIR = ".locks"
 PIN_TAG_PREFIX = "assay-pin-"  # tags that keep a version in use from cleanup
-# LanceDB's caches (shared by every table handle of the store): the index cache holds
-# vector/scalar index pages, the metadata cache manifests and fragment metadata — per
-# version, which a steady write stream makes many of. Bounded, so memory stays flat.
-INDEX_CACHE_BYTES = 1 << 30
-METADATA_CACHE_BYTES = 64 << 20
 
 
 def resolve_root(root: str | None = None) -> str:
     """The data root: the argument, else ``$ASSAY_DATA``, else ``./data``."""
-    return root or os.environ.get("ASSAY_DATA") or DEFAULT_ROOT
+    return root or settings.read("data") or DEFAULT_ROOT
 
 
-# (environment variable, Lance storage option, default): how long a request to the object
-# store may take (connecting; the whole request), and how often and for how long a failed
-# one is retried. A store that refuses or resets connections is reported in seconds; one
-# that accepts and never answers in about (1 + 5 listing retries) x ``timeout``.
+# (setting, Lance storage option): how long a request to the object store may take
+# (connecting; the whole request), and how often and for how long a failed one is retried.
+# A store that refuses or resets connections is reported in seconds; one that accepts and
+# never answers in about (1 + 5 listing retries) x ``timeout``. Defaults: indexing.settings.
 OBJECT_STORE_TIMEOUTS = (
-    ("ASSAY_S3_CONNECT_TIMEOUT", "connect_timeout", "3s"),
-    ("ASSAY_S3_TIMEOUT", "timeout", "10s"),
-    ("ASSAY_S3_MAX_RETRIES", "client_max_retries", "3"),
-    ("ASSAY_S3_RETRY_TIMEOUT", "client_retry_timeout", "10"),
+    ("ASSAY_S3_CONNECT_TIMEOUT", "connect_timeout"),
+    ("ASSAY_S3_TIMEOUT", "timeout"),
+    ("ASSAY_S3_MAX_RETRIES", "client_max_retries"),
+    ("ASSAY_S3_RETRY_TIMEOUT", "client_retry_timeout"),
 )
 
 
@@ -112,7 +113,7 @@ def storage_options_from_env(root: str) -> dict[str, str]:
     if "://" not in root or root.startswith("file://"):
         return {}
     opts: dict[str, str] = {}
-    endpoint = os.environ.get("ASSAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = settings.read("ASSAY_S3_ENDPOINT") or settings.read("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint"] = endpoint
         if endpoint.startswith("http://"):
@@ -122,13 +123,13 @@ def storage_options_from_env(root: str) -> dict[str, str]:
         ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
         ("AWS_SESSION_TOKEN", "aws_session_token"),
     ):
-        if os.environ.get(env):
-            opts[key] = os.environ[env]
-    opts["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        if value := settings.read(env):
+            opts[key] = value
+    opts["region"] = settings.read("AWS_REGION") or settings.read("AWS_DEFAULT_REGION") or "us-east-1"
     # Fail within seconds when the store goes away, not after Lance's defaults (10 retries
     # over up to 180 s per request, and Lance retries a listing 5 more times on top).
-    for env, key, default in OBJECT_STORE_TIMEOUTS:
-        opts[key] = os.environ.get(env) or default
+    for env, key in OBJECT_STORE_TIMEOUTS:
+        opts[key] = settings.read(env)
     return opts
 
 
@@ -862,52 +863,11 @@ class Collection:
     # -- reads ---------------------------------------------------------------------
 
     def validate_filter(self, where: str | None) -> str | None:
-        """Check a SQL filter against the schema before it runs; InvalidArgument if bad.
-        Returns the filter in the form it must be sent to Lance.
-
-        Lance's parser stops at the end of the first complete expression and ignores the
-        rest: ``a = 1; DROP ...``, ``n = 1) OR (n = 3`` and ``n = 1 n = 2`` would all run
-        as their first part. So ';' and unbalanced parentheses outside quotes are refused,
-        and the filter is planned and run as ``(<where>\n)``: parsing that parenthesised
-        form is what rejects any tail (the newline ends a ``--`` comment), so what runs is
-        what was validated.
-        """
-        if where is None:
-            return None
-        if not isinstance(where, str) or not where.strip():
-            raise InvalidArgument("filter must be a non-empty SQL expression")
-        bare = _outside_quotes(where)
-        if ";" in bare:
-            raise InvalidArgument(f"filter {where!r}: ';' is not allowed (one boolean expression only)")
-        depth = 0
-        for ch in bare:
-            depth += (ch == "(") - (ch == ")")
-            if depth < 0:
-                break
-        if depth != 0:
-            raise InvalidArgument(f"filter {where!r} has unbalanced parentheses")
-        wrapped = f"({where}\n)"
-
-        def plan() -> str | None:
-            # Exception, not narrower: Lance *panics* on some input (SQL placeholders such as
-            # `$1` or `:name`), which surfaces as pyo3's RustPanic, not a RuntimeError.
-            try:
-                self._table.search().where(wrapped).select(["id"]).limit(1).explain_plan()
-            except Exception as exc:
-                message = _lance_message(exc)
-                try:  # name the fault in the user's own text when it parses on its own
-                    self._table.search().where(where).select(["id"]).limit(1).explain_plan()
-                except Exception as inner:
-                    message = _lance_message(inner)
-                else:
-                    message = "unexpected text after the end of the expression (one boolean expression only)"
-                return f"filter {where!r} is invalid: {message}"
-            return None
-
-        error = self._cached(("filter", where), plan)
-        if error:
-            raise InvalidArgument(error)
-        return wrapped
+        """Check a SQL filter against this table before it runs; InvalidArgument if bad.
+        Returns the filter in the form it must be sent to Lance — run that, never the
+        text given (see :func:`indexing.filters.check_filter`). Planning is memoised per
+        table version."""
+        return validate_filter(self._table, where, self._cached)
 
     def _check_columns(self, columns: Sequence[str] | None) -> list[str]:
         names = self._cached("names", lambda: self.schema.names)
@@ -1369,26 +1329,6 @@ def _commit_conflict(exc: BaseException) -> bool:
 def _check_row_count(limit: int | None, offset: int) -> None:
     if (limit or 0) > _MAX_ROWS or offset > _MAX_ROWS:
         raise InvalidArgument(f"limit and offset must be at most {_MAX_ROWS} (2^63 - 1)")
-
-
-def _outside_quotes(sql: str) -> str:
-    """The characters of ``sql`` that are not inside '...' or "..." literals."""
-    out, quote = [], None
-    for ch in sql:
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _lance_message(exc: Exception) -> str:
-    # Lance appends a Rust source location after ", /home/..."; keep the useful part.
-    msg = str(exc).replace("Invalid user input: ", "")
-    return msg.split(", /")[0].strip()
 
 
 @dataclass(frozen=True)

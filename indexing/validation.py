@@ -12,7 +12,7 @@ a small fraction of the write itself.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -548,12 +548,3 @@ def _first_uncastable(col: pa.Array, target: pa.DataType) -> int | None:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             return i
     return None
-
-
-def sql_quote(value: str) -> str:
-    """A SQL string literal for ``value`` (single quotes doubled)."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def ids_predicate(ids: Iterable[str]) -> str:
-    return "id IN (" + ", ".join(sql_quote(i) for i in ids) + ")"

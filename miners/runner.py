@@ -16,12 +16,11 @@ the same results whatever the chunking.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
+from indexing.filters import check_filter
 from indexing.schema import EMB_PREFIX, PRED_PREFIX
+from indexing.settings import MAX_SIZE, MINING_THREADS
+from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
 from miners import registry
 from miners.detection import class_balanced_select
@@ -38,11 +40,6 @@ from miners.runs import RunRecord
 from miners.stochastic import stochastic_scores
 from miners.topk import StreamingTopK, gumbel_for_rows, row_uniforms
 from miners.uncertainty import softmax
-
-MAX_SIZE = 1_000_000
-CHUNK_ROWS = 65_536
-# Threads scoring chunks while the main thread pulls the next ones from the scan.
-MINING_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -126,8 +123,7 @@ def validate_request(col: Collection, req: MiningRequest) -> tuple[MinerSpec, di
         raise InvalidArgument(f"miner '{spec.name}' does not use a reference filter")
     if spec.reference == "required" and not req.reference_where:
         raise InvalidArgument(f"miner '{spec.name}' needs reference_where (e.g. \"split = 'train'\")")
-    if req.reference_where:
-        col.validate_filter(req.reference_where)
+    reference = col.validate_filter(req.reference_where or None)
     if spec.name == "knn":
         n_seeds = len(params["seed_ids"]) + len(params["seed_vectors"]) + len(params["seed_texts"])
         if n_seeds == 0:
@@ -180,7 +176,7 @@ def validate_request(col: Collection, req: MiningRequest) -> tuple[MinerSpec, di
     if cond and table.count_rows(f"({where}) AND {cond}" if where else cond) == 0:
         raise FailedPrecondition(
             f"no row of the pool has what miner '{spec.name}' reads ({cond}); upsert those columns first")
-    if req.reference_where and table.count_rows(req.reference_where) == 0 and spec.reference == "required":
+    if reference and table.count_rows(reference) == 0 and spec.reference == "required":
         raise FailedPrecondition(f"the reference filter {req.reference_where!r} matches no rows")
     return spec, params
 
@@ -335,6 +331,9 @@ def run_mining(
     chunk_rows: int | None = None,
 ) -> MiningOutput:
     """Execute a validated run on the collection version pinned in ``rec``."""
+    # What runs is what was validated: the filters in their checked form (indexing.filters).
+    rec = replace(rec, where=check_filter(rec.where or None) or "",
+                  reference_where=check_filter(rec.reference_where or None) or "")
     chunk_rows = chunk_rows or CHUNK_ROWS
     spec = miner_spec(rec.miner)
     params = dict(rec.params)
@@ -636,7 +635,7 @@ def _run_knn(col: Collection, rec: RunRecord, params: dict[str, Any],
 
 def _run_chain(col: Collection, rec: RunRecord, params: dict[str, Any],
                progress: Callable[[float, str], None], check: Callable[[], None]) -> MiningOutput:
-    from indexing.validation import ids_predicate
+    from indexing.filters import ids_predicate
 
     t0 = time.perf_counter()
     where = rec.where or None

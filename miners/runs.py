@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
+from indexing.filters import sql_quote
 from indexing.store import Store
-from indexing.validation import sql_quote
 
 log = logging.getLogger("assay.runs")
 

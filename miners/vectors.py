@@ -27,13 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.schema import EMB_PREFIX, PRED_PREFIX
+from indexing.settings import EXACT_MAX_ROWS, MEMMAP_ABOVE_BYTES
+from indexing.settings import KNN_CACHE_ENTRIES as CACHE_ENTRIES
+from indexing.settings import KNN_QUERY_BATCH as ANN_QUERY_BATCH
+from indexing.settings import POOL_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
 from miners.density import exact_knn_graph
-
-MEMMAP_ABOVE_BYTES = 4 * 2**30
-EXACT_MAX_ROWS = 50_000
-ANN_QUERY_BATCH = 512
-CHUNK_ROWS = 65_536
 
 
 @dataclass
@@ -126,7 +125,6 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *, m
 
 _CACHE: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
-CACHE_ENTRIES = 8
 
 
 def _cache_key(col: Collection, version: int, space: str, where: str | None, k: int,

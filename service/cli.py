@@ -54,12 +54,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from typing import Any
 
-from indexing.errors import AssayError
+from indexing import settings
+from indexing.errors import classify_error
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -92,7 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo, serve_until_stopped
 
-    port = args.http_port if args.http_port is not None else int(os.environ.get("ASSAY_HTTP_PORT", "8765"))
+    port = args.http_port
+    if port is None:
+        env_port = settings.read("http_port")
+        port = settings.DEMO_HTTP_PORT if env_port is None else env_port
     run_demo(args.data, http_port=None if args.no_serve else port,
              hold=None if args.no_serve else serve_until_stopped)
     return 0
@@ -352,7 +355,7 @@ def _ds_discard(ds: Any, args: argparse.Namespace, client: Any) -> None:
 
 
 def _ds_commit(ds: Any, args: argparse.Namespace, client: Any) -> None:
-    c = ds.commit(args.message, author=args.author or os.environ.get("USER", ""), allow_empty=args.allow_empty)
+    c = ds.commit(args.message, author=args.author or settings.read("USER"), allow_empty=args.allow_empty)
     print(f"committed {args.name} v{c['version']}: +{c['added']} -{c['removed']}, {c['members']} members "
           f"(collection version {c['collection_version']}, tag {c['tag']})")
 
@@ -590,18 +593,19 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``assay bench al ...``: the active-learning simulation (bench/al.py; needs the source tree)."""
-    try:
-        from bench import al
-    except ImportError:
-        print("assay bench needs the repository's bench/ folder: run it from a source checkout", file=sys.stderr)
-        return 2
-    return al.main(args.rest)
+    """``assay bench ...``: says how to run the benchmarks. They live in the source tree's
+    ``bench/`` (outside the package, which never imports them): the active-learning
+    simulation is ``python -m bench.al``."""
+    rest = " ".join(args.rest)
+    print("the benchmarks are not part of the installed package; from a source checkout run\n"
+          f"  python -m bench.{args.suite}{' ' + rest if rest else ''}\n"
+          "(make bench runs them all)", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="assay", description="Embedding search and mining for active learning.")
-    parser.add_argument("--log-level", default=os.environ.get("ASSAY_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", default=settings.read("ASSAY_LOG_LEVEL"))
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default=None, help="data root (default $ASSAY_DATA or ./data)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -625,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the web page and its read-only JSON API on this port (default off; 0 = any free port)")
     p.add_argument("--data-root", action="append",
                    help="folder or s3:// prefix the web page may show images from (repeatable; default the data root)")
-    p.add_argument("--log-format", choices=["json", "text"], default=os.environ.get("ASSAY_LOG_FORMAT", "json"))
+    p.add_argument("--log-format", choices=["json", "text"], default=settings.read("ASSAY_LOG_FORMAT"))
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", parents=[common], help="load sample data, search and mine it, then serve the web page")
     p.add_argument("--http-port", type=int, default=None,
@@ -633,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="stop after the demo instead of serving the page")
     p.set_defaults(func=cmd_demo)
     remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument("--server", default=os.environ.get("ASSAY_SERVER", "127.0.0.1:50051"))
-    remote.add_argument("--token", default=os.environ.get("ASSAY_TOKEN"))
+    remote.add_argument("--server", default=settings.read("ASSAY_SERVER"))
+    remote.add_argument("--token", default=next(iter(settings.read("tokens")), None))
     sub.add_parser("miners", parents=[remote], help="list the server's miners").set_defaults(func=cmd_miners)
     p = sub.add_parser("mine", parents=[remote], help="run a miner and print or save its results")
     p.add_argument("collection")
@@ -713,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tune", action="store_true", help="measure only; do not raise nprobes")
     p.set_defaults(func=cmd_recall)
     add_curation_parsers(sub, remote)
-    p = sub.add_parser("bench", help="benchmarks: 'assay bench al --help' (active-learning simulation)")
+    p = sub.add_parser("bench", help="how to run the benchmarks (python -m bench.al, from a source checkout)")
     p.add_argument("suite", choices=["al"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options")
     p.set_defaults(func=cmd_bench)
@@ -725,16 +729,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return args.func(args)
-    except AssayError as exc:
-        print(f"error ({exc.code}): {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        # the client's errors carry a status code too; keep the CLI free of tracebacks
-        code = getattr(exc, "code", None)
-        if isinstance(code, str):
-            print(f"error ({code}): {getattr(exc, 'message', exc)}", file=sys.stderr)
-            return 2
-        raise
+        # The client's errors carry the server's status; the store's errors, a filter failing
+        # on the data and storage faults are told the same way (classify_error); a bug is not.
+        from service.client import AssayClientError
+
+        err = exc if isinstance(exc, AssayClientError) else classify_error(exc, getattr(args, "data", None))
+        if err is None:
+            raise
+        print(f"error ({err.code}): {err.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

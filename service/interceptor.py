@@ -26,7 +26,8 @@ from typing import Any
 
 import grpc
 
-from indexing.errors import AssayError, classify_error
+from indexing.errors import classify_error
+from indexing.settings import MAX_MESSAGE_CHARS
 
 log = logging.getLogger("assay.rpc")
 
@@ -75,7 +76,6 @@ def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
     return None
 
 
-MAX_MESSAGE_CHARS = 2000
 
 
 def clip_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -219,8 +219,6 @@ class AssayInterceptor(grpc.ServerInterceptor):
                    method: str) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, _Abort):
             code, message = exc.code, exc.message
-        elif isinstance(exc, AssayError):
-            code, message = STATUS.get(exc.code, grpc.StatusCode.INTERNAL), exc.message
         elif context.code() not in (None, grpc.StatusCode.OK):
             # The servicer already chose a status (context.abort): keep it.
             code, message = context.code(), context.details() or ""
@@ -231,9 +229,10 @@ class AssayInterceptor(grpc.ServerInterceptor):
             # its deadline passed, or gRPC refused an oversized message): nothing to answer.
             code, message = grpc.StatusCode.CANCELLED, "the call ended while its requests were being read"
         elif (mapped := classify_error(exc, self.data_root)) is not None:
-            # The caller's filter failing on the data, a full disk, an unreachable object store.
+            # An AssayError; or the caller's filter failing on the data, a full disk, an
+            # unreachable object store.
             code, message = STATUS.get(mapped.code, grpc.StatusCode.INTERNAL), mapped.message
-            if mapped.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+            if mapped is not exc and mapped.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
                 log.warning("%s -> %s: %s", method, mapped.code, message)
         else:
             request_id = uuid.uuid4().hex[:12]

@@ -12,6 +12,7 @@ from typing import Any
 
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.schema import INDEX_KINDS
+from indexing.settings import REINDEX_BAD_SHOWN as _REINDEX_BAD_SHOWN
 from indexing.store import Collection
 from service.jobs import JobContext, JobKind, JobManager
 
@@ -92,7 +93,6 @@ def _run_recall(ctx: JobContext, col: Collection, params: dict[str, Any]) -> dic
 
 
 _REINDEX_STRINGS = ("model", "clip_model", "clip_pretrained", "source", "where", "engine", "ray_address")
-_REINDEX_BAD_SHOWN = 100  # bad rows listed in the job result (all are counted)
 
 
 def _validate_reindex(jobs: JobManager, col: Collection, params: dict[str, Any]) -> dict[str, Any]:

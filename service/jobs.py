@@ -28,12 +28,12 @@ from typing import Any
 import pyarrow as pa
 
 from indexing.errors import (
-    AssayError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     classify_error,
 )
+from indexing.settings import JOBS_COMPACT_EVERY as COMPACT_EVERY
 from indexing.store import Collection, Store
 
 log = logging.getLogger("assay.jobs")
@@ -42,7 +42,6 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
     "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, INTERRUPTED})
 JOBS_TABLE = "_jobs"
-COMPACT_EVERY = 200  # record writes between compactions of the _jobs table
 _JOBS_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("kind", pa.string()),
@@ -335,12 +334,11 @@ class JobManager:
             ctx.check()
         except JobCancelled:
             self._finish(job_id, CANCELLED, message="cancelled")
-        except AssayError as exc:
-            self._finish(job_id, FAILED, error=exc.message, error_code=exc.code, message="failed")
         except Exception as exc:  # a job's bug must not take the worker down
-            # The caller's filter failing on the data, a full disk, a lost object store: not a bug.
+            # An AssayError; or the caller's filter failing on the data, a full disk, a lost
+            # object store: not a bug.
             if (mapped := classify_error(exc, self.store.root)) is not None:
-                if mapped.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+                if mapped is not exc and mapped.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
                     log.warning("job %s failed: %s", job_id, mapped.message)
                 self._finish(job_id, FAILED, error=mapped.message, error_code=mapped.code, message="failed")
                 return

@@ -10,12 +10,16 @@
     client.show(hits, collection="digits")       # search / query results (an ``id`` column)
     client.show(job, size=256).save("picks.html")  # a standalone HTML file
 
-What a card shows is built here, on the client, from gRPC results: the run's ``rank`` and
+This module draws; the client reads. ``Client.show`` and ``MiningJob.show``
+(:mod:`service.client.show`) fetch the rows through the client's public methods and hand
+them here: :func:`build_items` turns a result table into cards — the run's ``rank`` and
 ``score`` (or a search's ``distance``), the row's ``label``, ``uri``, ``text`` snippet and
 ``tags``, and the top class of the run's model (or the collection's first model): the
-argmax of ``probs``, else of ``softmax(logits)``, else of the most confident box. A run's
-rows are read as of the version the run read (what the miner saw). The cards and CSS are
-``service.web.gallery``'s, so a notebook grid looks like the web page's.
+argmax of ``probs``, else of ``softmax(logits)``, else of the most confident box — and
+:func:`render` fetches the thumbnails and returns a :class:`Grid`. A run's rows are read
+as of the version the run read (what the miner saw). The cards and CSS are
+``service.web.gallery``'s, so a notebook grid looks like the web page's. Nothing here
+imports the client, the store or DuckDB.
 
 Thumbnails are embedded as ``data:`` URLs, so the output (and a saved file) stands alone:
 
@@ -47,26 +51,23 @@ import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
+from indexing.settings import GRID_LIMIT as DEFAULT_LIMIT
+from indexing.settings import TEXT_SNIPPET, THUMB_TIMEOUT_S
+from indexing.settings import THUMB_MAX_BYTES as _THUMB_MAX_BYTES
+from indexing.settings import THUMB_WORKERS as _THUMB_WORKERS
 from service.web.gallery import ITEM_KEYS, item_dict, render_grid_html, top_predictions
 from service.web.thumbs import DEFAULT_THUMB_SIZE, THUMB_SIZES, encode_thumbnail
 
-if TYPE_CHECKING:
-    from service.client import Client, MiningJob
-
-__all__ = ["DEFAULT_LIMIT", "DEFAULT_SIZE", "THUMB_SIZES", "Grid", "show", "show_run", "show_table"]
+__all__ = ["DEFAULT_LIMIT", "DEFAULT_SIZE", "THUMB_SIZES", "Grid", "build_items", "item_columns",
+           "model_of", "render"]
 
 DEFAULT_SIZE = DEFAULT_THUMB_SIZE
-DEFAULT_LIMIT = 60
 ITEM_FIELDS = ("label", "uri", "text", "tags")
-TEXT_SNIPPET = 280
-THUMB_TIMEOUT_S = 10.0
-_THUMB_MAX_BYTES = 8 << 20
 _THUMB_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
-_THUMB_WORKERS = 6  # parallel thumbnail fetches, as a browser would
 
 
 class Grid:
@@ -113,26 +114,24 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _ssl_context(root_certificates: Any) -> ssl.SSLContext:
-    if root_certificates is None:
+def _ssl_context(root_pem: bytes | None) -> ssl.SSLContext:
+    """Trust ``root_pem`` (PEM bytes) if given, else the system's roots."""
+    if not root_pem:
         return ssl.create_default_context()
-    from service.client import _pem
-
-    pem = _pem(root_certificates)
-    return ssl.create_default_context(cadata=pem.decode() if pem else None)
+    return ssl.create_default_context(cadata=root_pem.decode())
 
 
 class _Thumbnailer:
     """``id -> data: URL`` for items, from the server's ``/api/thumb`` or local files."""
 
     def __init__(self, collection: str, size: int, web_url: str | None, token: str | None = None,
-                 root_certificates: Any = None, timeout: float = THUMB_TIMEOUT_S) -> None:
+                 root_pem: bytes | None = None, timeout: float = THUMB_TIMEOUT_S) -> None:
         self.collection, self.size, self.timeout = collection, size, timeout
         self.web_url = None if not web_url else (web_url if web_url.endswith("/") else web_url + "/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         handlers: list[Any] = [_NoRedirects()]
         if self.web_url and self.web_url.startswith("https://"):
-            handlers.append(urllib.request.HTTPSHandler(context=_ssl_context(root_certificates)))
+            handlers.append(urllib.request.HTTPSHandler(context=_ssl_context(root_pem)))
         self.opener = urllib.request.build_opener(*handlers)
 
     def one(self, item: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -197,22 +196,19 @@ def _http_message(exc: urllib.error.HTTPError) -> str:
 # -- building grids ------------------------------------------------------------------------------
 
 
-def _check(limit: int, size: int) -> None:
-    from service.client import _invalid
-
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise _invalid(f"limit must be a positive integer, got {limit!r}")
-    if size not in THUMB_SIZES:
-        raise _invalid(f"size must be one of {', '.join(map(str, THUMB_SIZES))}, got {size!r}")
-
-
-def _model_of(info: Mapping[str, Any], preferred: str | None) -> tuple[str, list[str]] | None:
-    """(name, classes) of ``preferred`` if the collection has it, else of its first model."""
+def model_of(info: Mapping[str, Any], preferred: str | None) -> tuple[str, list[str]] | None:
+    """(name, classes) of ``preferred`` if the collection (``info``: its describe()) has it,
+    else of its first model; None without models."""
     models = [m for m in info.get("models") or [] if m.get("name")]
     for m in models:
         if m["name"] == preferred:
             return m["name"], list(m.get("classes") or [])
     return (models[0]["name"], list(models[0].get("classes") or [])) if models else None
+
+
+def item_columns(model: tuple[str, list[str]] | None) -> list[str]:
+    """The collection columns a card shows (with the model's prediction column)."""
+    return [*ITEM_FIELDS, *([f"pred_{model[0]}"] if model else [])]
 
 
 def build_items(table: pa.Table, model: tuple[str, list[str]] | None) -> list[dict[str, Any]]:
@@ -231,104 +227,16 @@ def build_items(table: pa.Table, model: tuple[str, list[str]] | None) -> list[di
     ]
 
 
-def _grid(client: Client, collection: str, items: list[dict[str, Any]], *, size: int, web_url: str | None,
-          title: str) -> Grid:
-    settings = getattr(client, "_settings", {})
-    url = web_url if web_url is not None else getattr(client, "web_url", None)
-    thumbnailer = _Thumbnailer(collection, size, url, settings.get("token"), settings.get("root_certificates"))
+def render(collection: str, items: list[dict[str, Any]], *, size: int, web_url: str | None,
+           token: str | None, root_pem: bytes | None, title: str) -> Grid:
+    """The grid of ``items`` of ``collection``, with thumbnails of ``size`` px from
+    ``web_url`` (the server's web port, with ``token``; ``root_pem`` trusted for https) or,
+    without one, from local image files. A wrong URL or token warns once; the grid still
+    renders."""
+    thumbnailer = _Thumbnailer(collection, size, web_url, token, root_pem)
     thumbs, errors = thumbnailer.all(items)
     if errors and not thumbs:  # e.g. a wrong web_url or token: say so once, the grid still renders
         first = next(iter(errors.values()))
         warnings.warn(f"no thumbnails for the {len(errors)} items with a uri ({first}); "
-                      "grid.thumb_errors has each reason", stacklevel=3)
+                      "grid.thumb_errors has each reason", stacklevel=4)
     return Grid(items, thumbs, title=title, thumb_errors=errors)
-
-
-def _item_columns(model: tuple[str, list[str]] | None) -> list[str]:
-    return [*ITEM_FIELDS, *([f"pred_{model[0]}"] if model else [])]
-
-
-def show_run(client: Client, job: MiningJob | str, limit: int = DEFAULT_LIMIT, *, size: int = DEFAULT_SIZE,
-             web_url: str | None = None, timeout: float | None = None) -> Grid:
-    """The grid of a mining run's first ``limit`` picks by rank (waiting up to ``timeout`` s
-    for a run still in progress). See the module docstring."""
-    from service.client import MiningJob, concat_pages, rpc_run_results
-
-    _check(limit, size)
-    if not isinstance(job, MiningJob):
-        job = client.mining_job(str(job))
-    rec = job.run()
-    if rec["state"] != "SUCCEEDED":
-        job.wait(timeout)  # raises for a run that failed or was cancelled
-        rec = job.run()
-    info = client.collection(rec["collection"]).describe()
-    model = _model_of(info, rec.get("model") or None)
-    rpc = rpc_run_results(job.run_id, _item_columns(model), min(limit, 8192))
-    pages: list[pa.Table] = []
-    stream = client._stream(rpc, timeout)
-    try:
-        for page in stream:
-            pages.append(page)
-            if sum(p.num_rows for p in pages) >= limit:
-                break
-    finally:
-        stream.close()  # cancels the rest of the stream
-    table = concat_pages(pages).slice(0, limit) if pages else pa.table({"id": pa.array([], pa.string())})
-    items = build_items(table, model)
-    total = rec.get("results", len(items))
-    title = (f"{rec.get('miner', 'mining')} run {job.run_id[:8]} on {rec['collection']}: "
-             f"{len(items)} of {total} picks" + (f", predictions of {model[0]}" if model else ""))
-    return _grid(client, rec["collection"], items, size=size, web_url=web_url, title=title)
-
-
-def _as_table(obj: Any) -> pa.Table:
-    if isinstance(obj, pa.Table):
-        return obj
-    if isinstance(obj, pa.RecordBatch):
-        return pa.Table.from_batches([obj])
-    if type(obj).__module__.startswith("pandas") and hasattr(obj, "columns"):
-        return pa.Table.from_pandas(obj, preserve_index=False)
-    from service.client import _invalid
-
-    raise _invalid(f"show() takes a MiningJob, a run id or a table with an 'id' column, not {type(obj).__name__}")
-
-
-def show_table(client: Client, table: Any, collection: str, limit: int = DEFAULT_LIMIT, *,
-               size: int = DEFAULT_SIZE, web_url: str | None = None, model: str | None = None) -> Grid:
-    """The grid of the first ``limit`` rows of a result table (search, query, take...) of
-    ``collection``; columns the table lacks (label, uri, text, tags, the prediction) are
-    read with ``take``. A ``_distance`` column is shown as the distance."""
-    from service.client import _invalid
-
-    _check(limit, size)
-    table = _as_table(table)
-    if "id" not in table.column_names:
-        raise _invalid("the table has no 'id' column: select it (columns=[..., 'id'])")
-    table = table.slice(0, limit)
-    table = table.rename_columns(["distance" if c == "_distance" else c for c in table.column_names])
-    col = client.collection(collection)
-    info = col.describe()
-    chosen = _model_of(info, model)
-    missing = [c for c in _item_columns(chosen) if c not in table.column_names]
-    ids = [str(i) for i in table.column("id").to_pylist()]
-    if missing and ids:
-        rows = col.take(list(dict.fromkeys(ids)), ["id", *missing])
-        at = {v: i for i, v in enumerate(rows.column("id").to_pylist())}
-        positions = pa.array([at.get(i) for i in ids], pa.int64())
-        for name in missing:
-            table = table.append_column(name, rows.column(name).take(positions))
-    items = build_items(table, chosen)
-    title = f"{collection}: {len(items)} rows" + (f", predictions of {chosen[0]}" if chosen else "")
-    return _grid(client, collection, items, size=size, web_url=web_url, title=title)
-
-
-def show(client: Client, obj: Any, *, collection: str | None = None, limit: int = DEFAULT_LIMIT,
-         size: int = DEFAULT_SIZE, web_url: str | None = None, timeout: float | None = None) -> Grid:
-    """``show_run`` for a MiningJob or a run id, ``show_table`` for a table (``collection=``)."""
-    from service.client import MiningJob, _invalid
-
-    if isinstance(obj, MiningJob | str):
-        return show_run(client, obj, limit, size=size, web_url=web_url, timeout=timeout)
-    if collection is None:
-        raise _invalid("showing a table needs collection=<the collection its rows come from>")
-    return show_table(client, obj, collection, limit, size=size, web_url=web_url)

@@ -38,6 +38,13 @@ import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec, SpaceSpec
+from indexing.settings import CALIBRATION_MAX_ROWS as DEFAULT_MAX_ROWS
+from indexing.settings import MAX_REFERENCE_SIZE, REFERENCE_CACHE
+from indexing.settings import REFERENCE_SIZE as DEFAULT_REFERENCE_SIZE
+from indexing.settings import SCORER_EXPORT_CHUNK as EXPORT_CHUNK
+from indexing.settings import SCORING_CHUNK_ROWS as CHUNK_ROWS
+from indexing.settings import SCORING_MAX_K as MAX_K
+from indexing.settings import SCORING_QUERY_BATCH as ANN_QUERY_BATCH
 from indexing.store import Collection, Store
 from miners import edge
 from miners.detection import AGGREGATIONS, BOX_METHODS
@@ -49,14 +56,6 @@ from service.arrow_ipc import ipc_to_table, table_to_ipc
 
 __all__ = ["ScorerConfig", "ScoringService", "add_scoring_servicer", "config_from_proto"]
 
-MAX_K = 1000
-DEFAULT_MAX_ROWS = 100_000
-DEFAULT_REFERENCE_SIZE = 2048
-MAX_REFERENCE_SIZE = 1_000_000
-CHUNK_ROWS = 8192
-EXPORT_CHUNK = 1 << 20
-ANN_QUERY_BATCH = 512
-REFERENCE_CACHE = 4
 INPUT_COLUMNS = ("probs", "logits", "samples", "boxes", "embedding")
 #: what each score reads
 NEEDS: dict[str, tuple[str, ...]] = {

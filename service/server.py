@@ -43,6 +43,7 @@ from grpc_reflection.v1alpha import reflection
 
 from indexing.datasets import Datasets
 from indexing.errors import FailedPrecondition
+from indexing.settings import MAINTENANCE_WAIT_S, server_default, server_env
 from indexing.store import Store, resolve_root
 from service.datasets import add_datasets_servicer
 from service.interceptor import AssayInterceptor, Metrics, RateLimiter
@@ -56,69 +57,60 @@ log = logging.getLogger("assay.server")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+def _default(name: str) -> Any:
+    return field(default=server_default(name))
+
+
 @dataclass
 class ServerConfig:
-    data: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 50051
-    tokens: tuple[str, ...] = ()  # read-write
-    read_tokens: tuple[str, ...] = ()  # read-only: searches, queries, results; no writes or jobs
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates it signed (mTLS)
-    rate_limit: float = 0.0  # calls per second per token (per anonymous caller without auth); 0 = off
-    rate_burst: int = 0  # calls at once above the rate; 0 = max(1, rate)
-    allow_unauthenticated_remote: bool = False
-    max_message_mb: int = 64
-    rpc_workers: int = 16
-    job_workers: int = 2
-    max_jobs: int = 64
-    grace_s: float = 10.0
-    metrics_port: int | None = None
-    http_port: int | None = None  # the web page and its JSON API (read-only); None = off, 0 = any free port
-    data_roots: tuple[str, ...] = ()  # where the page may read images from; () = the data root when it is local
-    optimize_every: int = 20
+    """The server's settings; each field's default, meaning and ``ASSAY_*`` variable are in
+    :mod:`indexing.settings` (and the README's table of settings)."""
+
+    data: str | None = _default("data")
+    host: str = _default("host")
+    port: int = _default("port")
+    tokens: tuple[str, ...] = _default("tokens")  # read-write
+    read_tokens: tuple[str, ...] = _default("read_tokens")  # read-only: searches, queries, results
+    tls_cert: str | None = _default("tls_cert")
+    tls_key: str | None = _default("tls_key")
+    tls_client_ca: str | None = _default("tls_client_ca")  # require client certificates it signed
+    rate_limit: float = _default("rate_limit")  # calls per second per token; 0 = off
+    rate_burst: int = _default("rate_burst")  # calls at once above the rate; 0 = max(1, rate)
+    allow_unauthenticated_remote: bool = _default("allow_unauthenticated_remote")
+    max_message_mb: int = _default("max_message_mb")
+    rpc_workers: int = _default("rpc_workers")
+    job_workers: int = _default("job_workers")
+    max_jobs: int = _default("max_jobs")
+    grace_s: float = _default("grace_s")
+    metrics_port: int | None = _default("metrics_port")
+    http_port: int | None = _default("http_port")  # the web page (read-only); None = off, 0 = any
+    data_roots: tuple[str, ...] = _default("data_roots")  # where the page may read images from
+    optimize_every: int = _default("optimize_every")
     # Connections (see README "Connections that hold for hours"). Clients may ping every
     # min_ping_interval_s while calls are in flight or not; the server pings a quiet
     # connection after keepalive_s and drops it when no answer comes in keepalive_timeout_s.
-    keepalive_s: float = 120.0
-    keepalive_timeout_s: float = 20.0
-    min_ping_interval_s: float = 10.0
-    max_ping_strikes: int = 2  # pings faster than allowed before GOAWAY "too_many_pings"
-    max_connection_idle_s: float = 0.0  # close connections without calls this long; 0 = never
-    max_connection_age_s: float = 0.0  # ask clients to reconnect after this long; 0 = never
-    max_connection_age_grace_s: float = 0.0  # then give calls in flight this long; 0 = no limit
+    keepalive_s: float = _default("keepalive_s")
+    keepalive_timeout_s: float = _default("keepalive_timeout_s")
+    min_ping_interval_s: float = _default("min_ping_interval_s")
+    max_ping_strikes: int = _default("max_ping_strikes")  # early pings before GOAWAY "too_many_pings"
+    max_connection_idle_s: float = _default("max_connection_idle_s")  # 0 = never
+    max_connection_age_s: float = _default("max_connection_age_s")  # 0 = never
+    max_connection_age_grace_s: float = _default("max_connection_age_grace_s")  # 0 = no limit
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerConfig:
-        """Defaults, then ``ASSAY_*`` variables, then non-None ``overrides``.
-
-        ASSAY_DATA, ASSAY_HOST, ASSAY_PORT, ASSAY_TOKEN and ASSAY_READ_TOKEN (comma-separated
-        for several), ASSAY_TLS_CERT, ASSAY_TLS_KEY, ASSAY_TLS_CLIENT_CA, ASSAY_RATE_LIMIT,
-        ASSAY_RATE_BURST, ASSAY_ALLOW_UNAUTHENTICATED_REMOTE (1/true),
-        ASSAY_MAX_MESSAGE_MB, ASSAY_RPC_WORKERS, ASSAY_JOB_WORKERS, ASSAY_MAX_JOBS,
-        ASSAY_GRACE_S, ASSAY_METRICS_PORT, ASSAY_HTTP_PORT, ASSAY_DATA_ROOTS (comma-separated),
-        ASSAY_OPTIMIZE_EVERY, ASSAY_KEEPALIVE_S, ASSAY_KEEPALIVE_TIMEOUT_S,
-        ASSAY_MIN_PING_INTERVAL_S, ASSAY_MAX_PING_STRIKES, ASSAY_MAX_CONNECTION_IDLE_S,
-        ASSAY_MAX_CONNECTION_AGE_S, ASSAY_MAX_CONNECTION_AGE_GRACE_S, ASSAY_MAX_K,
-        ASSAY_MAX_BATCH_ROWS.
-        """
-        env = os.environ
+        """Defaults, then ``ASSAY_*`` variables (:func:`indexing.settings.server_env`: each
+        field's ``ASSAY_<FIELD>``, ``ASSAY_TOKEN`` and ``ASSAY_READ_TOKEN`` comma-separated
+        for several, ``ASSAY_MAX_K`` and ``ASSAY_MAX_BATCH_ROWS`` for the limits), then
+        non-None ``overrides``."""
         cfg = cls()
-        conv = {int: int, float: float, bool: lambda v: v.lower() in ("1", "true", "yes", "on")}
-        for f in fields(cls):
-            key = {"tokens": "ASSAY_TOKEN", "read_tokens": "ASSAY_READ_TOKEN"}.get(f.name, f"ASSAY_{f.name.upper()}")
-            if key not in env or f.name == "limits":
-                continue
-            raw = env[key]
-            if f.name in ("tokens", "read_tokens", "data_roots"):
-                value: Any = tuple(t.strip() for t in raw.split(",") if t.strip())
-            else:
-                base = {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" ")[0])
-                value = conv[base](raw) if base else raw
-            setattr(cfg, f.name, value)
-        lim = {k: int(env[f"ASSAY_{k.upper()}"]) for k in ("max_k", "max_batch_rows") if f"ASSAY_{k.upper()}" in env}
+        limit_names = {f.name for f in fields(Limits)}
+        env = server_env()
+        for name, value in env.items():
+            if name not in limit_names:
+                setattr(cfg, name, value)
+        lim = {k: v for k, v in env.items() if k in limit_names}
         if lim:
             cfg.limits = replace(cfg.limits, **lim)
         for k, v in overrides.items():
@@ -236,7 +228,6 @@ class DataRootLock:
 
 # How long stop() waits at least for a background optimize already running (a compaction,
 # an index build: Lance cannot interrupt them); the grace period when that is longer.
-MAINTENANCE_WAIT_S = 30.0
 
 
 class AssayServer:

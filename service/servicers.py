@@ -27,6 +27,8 @@ from google.protobuf import json_format
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec
+from indexing.settings import EXPORT_CHUNK_BYTES as _EXPORT_CHUNK
+from indexing.settings import server_default
 from indexing.store import Collection, Store
 from protos.assay.v1 import (
     collections_pb2,
@@ -48,10 +50,12 @@ from service.jobs import JobManager, JobRecord
 
 @dataclass(frozen=True)
 class Limits:
-    max_k: int = 10_000
-    max_batch_rows: int = 100_000
-    max_page_rows: int = 100_000
-    max_queries: int = 10_000
+    """Per-request limits (defaults and variables: :mod:`indexing.settings`)."""
+
+    max_k: int = server_default("max_k")
+    max_batch_rows: int = server_default("max_batch_rows")
+    max_page_rows: int = server_default("max_page_rows")
+    max_queries: int = server_default("max_queries")
 
 
 # -- conversions ---------------------------------------------------------------------
@@ -631,7 +635,6 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_EXPORT_CHUNK = (1 << 20) - (64 << 10)  # fits in the smallest message limit (1 MB) with its envelope
 _CURSOR_VERSION = 1
 
 

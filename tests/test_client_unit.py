@@ -55,8 +55,13 @@ FAST = RetryPolicy(retries=4, base_delay=0.01, max_delay=0.05)
 # -- import purity ---------------------------------------------------------------------------
 
 
+# The leaves of indexing/ the client shares with the server (filter scanner, settings, the
+# errors they raise): standard library only.
+CLIENT_LEAVES = ["indexing", "indexing.errors", "indexing.filters", "indexing.settings"]
+
+
 def test_importing_the_client_loads_no_server_or_ml_stack():
-    heavy = ["lancedb", "lance", "torch", "sentence_transformers", "sklearn", "indexing",
+    heavy = ["lancedb", "lance", "torch", "sentence_transformers", "sklearn", "duckdb", "indexing",
              "pandas", "tqdm"]
     code = (
         "import sys, service.client\n"
@@ -64,9 +69,21 @@ def test_importing_the_client_loads_no_server_or_ml_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert out.stdout.strip() == str(CLIENT_LEAVES), out.stdout
     init = (ROOT / "service" / "__init__.py").read_text()
     assert "import" not in init
+
+
+@pytest.mark.parametrize("module", CLIENT_LEAVES[1:])
+def test_the_indexing_leaves_of_the_client_import_only_the_standard_library(module):
+    import ast
+
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    outside = sorted(m for m in imported if m.split(".")[0] not in sys.stdlib_module_names
+                     and m != "__future__" and m not in CLIENT_LEAVES)
+    assert outside == [], f"{module} imports {outside}"
 
 
 # -- Arrow IPC -------------------------------------------------------------------------------
@@ -891,3 +908,51 @@ def test_tls_with_root_certificates_as_bytes_text_or_path(tmp_path):
             plain.list_collections()  # plain text against a TLS port
     finally:
         server.stop(None)
+
+
+# -- the asyncio client is generated from the sync one ----------------------------------------
+
+
+def test_the_asyncio_client_is_the_generated_twin_of_the_sync_one():
+    import inspect
+
+    from service.client import (
+        AsyncClient,
+        AsyncCollection,
+        AsyncDataset,
+        AsyncJob,
+        AsyncMiningJob,
+        Collection,
+        Dataset,
+        Job,
+        MiningJob,
+    )
+
+    check = subprocess.run([sys.executable, "-m", "service.client.generate", "--check"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr  # async_client.py is what sync.py generates
+    pairs = [(Client, AsyncClient), (Collection, AsyncCollection), (Dataset, AsyncDataset),
+             (Job, AsyncJob), (MiningJob, AsyncMiningJob)]
+    iterators = {"scan", "checkout_batches", "result_pages"}  # plain methods giving a stream
+    for sync_cls, async_cls in pairs:
+        # the methods written in sync.py (not those of the shared JobView or the transports)
+        public = {n for c in sync_cls.__mro__ if c.__module__ == "service.client.sync"
+                  for n in vars(c) if not n.startswith("_")}
+        public -= {"score_stream"} if sync_cls is Collection else set()
+        assert public <= set(dir(async_cls)), (async_cls, public - set(dir(async_cls)))
+        for name in public:
+            sync_fn, async_fn = getattr(sync_cls, name), getattr(async_cls, name)
+            if isinstance(inspect.getattr_static(sync_cls, name), property) or not callable(sync_fn):
+                continue
+            assert list(inspect.signature(sync_fn).parameters) == \
+                list(inspect.signature(async_fn).parameters), (async_cls, name)
+            if name in ("collection", "dataset") or name in iterators:
+                assert not inspect.iscoroutinefunction(async_fn), (async_cls, name)
+            elif name == "watch" or name == "pages":
+                assert inspect.isasyncgenfunction(async_fn), (async_cls, name)
+            else:
+                assert inspect.iscoroutinefunction(async_fn), (async_cls, name)
+    # what the generator leaves out is written by hand in service/client/aio.py
+    assert not hasattr(AsyncCollection, "score_stream")
+    assert inspect.iscoroutinefunction(AsyncClient.show)
+    assert inspect.iscoroutinefunction(AsyncMiningJob.show)

@@ -8,12 +8,16 @@ missing; and texts that try to inject HTML.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import io
 import re
 import socket
+import subprocess
+import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +30,7 @@ from service.notebook import Grid
 from service.server import ServerConfig, start_server
 from service.web.gallery import grid_css
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "nb-token"
 SHAPES = {  # id -> (file, size); "far" lies outside the data roots
     "big": ("img/shapes/big.png", (200, 120)),
@@ -198,6 +203,36 @@ def test_client_show_by_run_id_and_async(env):
     agrid = asyncio.run(main())
     assert [it["id"] for it in agrid.items] == [it["id"] for it in grid.items[:3]]
     assert len(agrid.thumbs) == 3
+
+
+def test_show_loads_neither_the_store_nor_duckdb_nor_torch(env, tmp_path):
+    """A notebook with only the client: drawing grids (a run's picks with thumbnails from the
+    web port, a table's rows with predictions and local thumbnails) imports no lancedb,
+    DuckDB or torch, and of indexing/ only the leaves the client and the grid share."""
+    server, job = env["server"], env["job"]
+    heavy = ("lancedb", "lance", "duckdb", "torch", "sentence_transformers", "sklearn")
+    code = f"""
+import sys
+from service.client import Client
+with Client({server.address!r}, token={TOKEN!r}, web_url={server.web_url!r}) as client:
+    run = client.show({job.run_id!r}, limit=4)
+    job = client.mining_job({job.run_id!r})
+    again = job.show(limit=2, web_url="")
+    table = client.collection("shapes").query(columns=["id"])
+    shapes = client.show(table, collection="shapes")
+assert len(run) == 4 and len(run.thumbs) == 4 and len(again) == 2, (run, again)
+assert any(it["prediction"] for it in shapes.items), shapes.items
+print(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r}))
+print(sorted(m for m in sys.modules if m.split(".")[0] == "indexing"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded_heavy, loaded_indexing = out.stdout.strip().splitlines()
+    assert loaded_heavy == "[]"
+    assert set(ast.literal_eval(loaded_indexing)) <= {"indexing", "indexing.errors", "indexing.filters",
+                                          "indexing.images", "indexing.predictions",
+                                          "indexing.settings"}, loaded_indexing
 
 
 # -- tables: sizes, roots, predictions, failures ------------------------------------------------

@@ -49,7 +49,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from indexing.datasets import Datasets
-from indexing.errors import AssayError, classify_error
+from indexing.errors import classify_error
+from indexing.settings import MAX_CACHED_URIS, MAX_SESSIONS, SESSION_TTL_S
 from indexing.store import Store
 from miners.runs import RunStore
 from service.interceptor import RateLimiter
@@ -59,9 +60,6 @@ from service.web.thumbs import DEFAULT_THUMB_SIZE, DataRoots, Thumbnails
 log = logging.getLogger("assay.web")
 
 SESSION_COOKIE = "assay_session"
-SESSION_TTL_S = 12 * 3600
-MAX_SESSIONS = 10_000
-MAX_CACHED_URIS = 100_000  # per collection
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
     "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500,
@@ -343,9 +341,7 @@ def _call(view: Callable[[Request], Any], request: Request, root: str | None = N
         return view(request)
     except HttpError:
         raise
-    except AssayError as exc:
-        raise HttpError(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message) from exc
-    except Exception as exc:  # a bug, a filter failing on the data, a storage fault
+    except Exception as exc:  # an AssayError, a filter failing on the data, a storage fault, a bug
         mapped = classify_error(exc, root)
         if mapped is not None:
             raise HttpError(HTTP_STATUS.get(mapped.code, 500), mapped.code, mapped.message) from exc

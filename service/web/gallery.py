@@ -63,7 +63,7 @@ def top_predictions(preds: Any, model: str, classes: Sequence[str]) -> list[dict
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from indexing.analytics import box_probs, prediction_probs
+    from indexing.predictions import box_probs, prediction_probs
 
     if isinstance(preds, pa.ChunkedArray):
         preds = preds.combine_chunks()

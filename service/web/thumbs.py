@@ -29,10 +29,10 @@ from pathlib import Path
 
 from indexing.errors import InvalidArgument, PermissionDenied
 from indexing.images import canonical_uri, open_image
+from indexing.settings import DEFAULT_THUMB_SIZE
+from indexing.settings import THUMB_CACHE_BYTES as _CACHE_BYTES
 
 THUMB_SIZES = (64, 96, 128, 160, 256, 384)
-DEFAULT_THUMB_SIZE = 160
-_CACHE_BYTES = 64 << 20
 
 
 class DataRoots:

@@ -21,15 +21,11 @@ import pyarrow as pa
 from indexing.analytics import label_distribution
 from indexing.datasets import Datasets
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
+from indexing.settings import MAX_GRID, MAX_LABELS, MAX_LIST, MAX_MAP_POINTS, TEXT_SNIPPET
 from indexing.store import Collection, Store
 from miners.runs import RunRecord, RunStore
 from service.web.gallery import item_dict, top_predictions
 
-MAX_GRID = 200
-MAX_MAP_POINTS = 5000
-MAX_LIST = 200
-MAX_LABELS = 50
-TEXT_SNIPPET = 280
 # Columns a grid item shows when the collection has them.
 ITEM_FIELDS = ("label", "uri", "text", "tags")
 

@@ -1,0 +1,209 @@
+"""The upsert protocol, for the sync and the async client alike.
+
+Input is normalised to Arrow (:func:`normalize_upsert_input`), sliced into batches of at
+most ``batch_rows`` rows whose requests fit the message limit (:func:`encode_batches`),
+and streamed one batch per request, at most ``UPSERT_WINDOW`` unacknowledged.
+:class:`UpsertRun` is the state machine of one upsert: batches in flight, acknowledgements
+checked to arrive in order, the summary, and whether to resume after UNAVAILABLE (only a
+materialised input whose rows all have ids is resumed, from its first unacknowledged
+batch: upserts are idempotent by id).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Final
+
+import grpc
+import pyarrow as pa
+
+from indexing.settings import REQUEST_ENVELOPE_BYTES, UPSERT_WINDOW
+from protos.assay.v1 import ingest_pb2
+from service.arrow_ipc import table_to_ipc
+from service.client.channel import RetryPolicy, is_retryable
+from service.client.convert import is_dataframe, is_rows, to_arrow
+from service.client.errors import error_for, error_from_rpc, invalid
+from service.client.progress import Progress
+
+__all__ = ["EncodedBatch", "UpsertRun", "UpsertSummary", "encode_batches", "normalize_upsert_input"]
+
+# Bytes kept free in an upsert request for everything but the Arrow payload.
+REQUEST_ENVELOPE: Final = REQUEST_ENVELOPE_BYTES
+# Upsert batches sent but not yet acknowledged, at most (bounds client memory and server queue).
+WINDOW: Final = UPSERT_WINDOW
+
+
+def normalize_upsert_input(data: Any) -> tuple[pa.Table | None, Iterable[pa.Table]]:
+    """(the whole table if ``data`` is materialised else None, the tables to send). An
+    iterator (or any other iterable: a generator, a list of tables) is converted lazily, chunk
+    by chunk, so it is never all in memory."""
+    if isinstance(data, pa.Table | pa.RecordBatch | Mapping) or is_dataframe(data) \
+            or is_rows(data):
+        table = to_arrow(data)
+        return table, [table]
+    if isinstance(data, Iterable) and not isinstance(data, str | bytes):
+        return None, (to_arrow(chunk) for chunk in data)
+    return to_arrow(data), []  # raises the "expected ..." error
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """One upsert request's payload: ``rows`` rows from ``offset`` of the input, as IPC."""
+
+    seq: int
+    offset: int
+    rows: int
+    ipc: bytes
+
+
+def _fit(table: pa.Table, limit: int) -> Iterator[tuple[pa.Table, bytes]]:
+    """``table`` as IPC pieces of at most ``limit`` bytes, halving rows until each fits."""
+    ipc = table_to_ipc(table)
+    if len(ipc) <= limit:
+        yield table, ipc
+        return
+    if table.num_rows <= 1:
+        has_id = "id" in table.column_names and table.num_rows
+        first_id = table.column("id")[0].as_py() if has_id else None
+        raise invalid(
+            f"upsert: one row (id {first_id!r}) is {len(ipc)} bytes as Arrow IPC, over the "
+            f"{limit}-byte request budget; raise max_message_bytes (client and server)"
+        )
+    half = table.num_rows // 2
+    yield from _fit(table.slice(0, half), limit)
+    yield from _fit(table.slice(half), limit)
+
+
+def encode_batches(
+    tables: Iterable[pa.Table],
+    *,
+    batch_rows: int,
+    max_message_bytes: int,
+    start_seq: int = 0,
+    start_offset: int = 0,
+) -> Iterator[EncodedBatch]:
+    """Slice ``tables`` into batches of at most ``batch_rows`` rows whose requests stay under
+    ``max_message_bytes``; numbered from ``start_seq``, row offsets from ``start_offset``."""
+    if batch_rows < 1:
+        raise invalid(f"batch_rows must be >= 1, got {batch_rows}")
+    limit = max(1024, max_message_bytes - REQUEST_ENVELOPE)
+    seq, offset = start_seq, start_offset
+    for table in tables:
+        for start in range(0, table.num_rows, batch_rows):
+            for part, ipc in _fit(table.slice(start, batch_rows), limit):
+                yield EncodedBatch(seq, offset, part.num_rows, ipc)
+                seq += 1
+                offset += part.num_rows
+
+
+@dataclass
+class UpsertSummary:
+    """What an upsert did, summed over its acknowledged batches."""
+
+    inserted: int = 0
+    updated: int = 0
+    version: int = 0  # table version after the last batch
+    batches: int = 0
+    generated_ids: int = 0
+    rows: int = 0
+    new_columns: list[str] = field(default_factory=list)
+
+
+class UpsertRun:
+    """One upsert, for the sync and the async stream alike: its batches, those in flight,
+    the acknowledgements (checked to come in order), the summary, the progress bar, and
+    whether to resume after UNAVAILABLE: only a materialised input whose rows all have ids
+    is resumed, from its first unacknowledged batch (see the module docstring)."""
+
+    def __init__(self, collection: str, data: Any, *, batch_rows: int, max_message_bytes: int,
+                 progress: bool, retry: RetryPolicy) -> None:
+        self.collection = collection
+        self.table, self._tables = normalize_upsert_input(data)
+        self._encode = partial(encode_batches, batch_rows=batch_rows,
+                               max_message_bytes=max_message_bytes)
+        self.resumable = (self.table is not None and "id" in self.table.column_names
+                          and self.table.column("id").null_count == 0)
+        self._delays = retry.backoff()
+        self._started = False
+        self.summary = UpsertSummary()
+        self.pending: deque[EncodedBatch] = deque()  # sent, not acknowledged (payloads dropped)
+        self.resume_seq = 0  # the first batch not acknowledged ...
+        self.resume_offset = 0  # ... and its row offset in the input
+        self.failure: BaseException | None = None  # raised while producing requests
+        self.call: Any = None  # the stream in flight
+        self.aborted = False
+        total = None if self.table is None else self.table.num_rows
+        self.bar = Progress(progress, total=total, desc="upsert", unit="rows")
+
+    def __enter__(self) -> UpsertRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def batches(self) -> Iterator[EncodedBatch]:
+        """All batches on the first call; on the next ones those not acknowledged yet."""
+        self.pending.clear()
+        if self.table is not None:
+            return self._encode([self.table.slice(self.resume_offset)], start_seq=self.resume_seq,
+                                start_offset=self.resume_offset)
+        if self._started:
+            raise RuntimeError("an iterator input cannot be replayed")
+        self._started = True
+        return self._encode(self._tables)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def abort(self) -> None:
+        """Stop from another thread: cancel the stream in flight and resume nothing."""
+        self.aborted = True
+        if self.call is not None:
+            self.call.cancel()
+
+    def request(self, batch: EncodedBatch) -> ingest_pb2.UpsertRequest:
+        self.pending.append(replace(batch, ipc=b""))
+        return ingest_pb2.UpsertRequest(collection=self.collection, seq=batch.seq,
+                                        arrow_ipc=batch.ipc)
+
+    def ack(self, ack: ingest_pb2.UpsertAck) -> None:
+        expected = self.pending[0].seq if self.pending else None
+        if ack.seq != expected:
+            raise error_for("INTERNAL", f"upsert: acknowledgement for batch {ack.seq}, "
+                                        f"expected {expected}")
+        batch = self.pending.popleft()
+        s = self.summary
+        s.inserted += ack.inserted
+        s.updated += ack.updated
+        s.version = ack.version
+        s.generated_ids += ack.generated_ids
+        s.new_columns.extend(ack.new_columns)
+        s.batches += 1
+        s.rows += batch.rows
+        self.resume_seq, self.resume_offset = batch.seq + 1, batch.offset + batch.rows
+        self.bar.update(s.rows, f"v{s.version}")
+
+    def retry_delay(self, exc: grpc.RpcError) -> float:
+        """The sleep before resuming after a failed stream; raises the error (with the
+        committed part in ``details["committed"]``) when the upsert cannot be resumed."""
+        resume = self.resumable and not self.aborted and is_retryable(exc)
+        delay = next(self._delays, None) if resume else None
+        if delay is None:
+            err = error_from_rpc(exc)
+            err.details["committed"] = replace(self.summary,
+                                               new_columns=list(self.summary.new_columns))
+            raise err from None
+        return delay
+
+    def finish(self) -> UpsertSummary:
+        if self.failure is not None:
+            raise self.failure
+        if self.pending:
+            raise error_for("INTERNAL", f"upsert: the server ended the stream with "
+                                        f"{len(self.pending)} batch(es) unacknowledged "
+                                        f"(seq {self.pending[0].seq} on)")
+        return self.summary
