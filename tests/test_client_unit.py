@@ -47,6 +47,7 @@ from service.client import (
     UnauthenticatedError,
     UnavailableError,
 )
+from service.client.upsert import serialize_request
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(retries=4, base_delay=0.01, max_delay=0.05)
@@ -207,8 +208,15 @@ def test_batches_split_under_the_message_limit():
     assert [b.seq for b in batches] == list(range(len(batches)))
     assert [b.offset for b in batches] == list(np.cumsum([0] + [b.rows for b in batches[:-1]]))
     assert pa.concat_tables(ipc_to_table(b.ipc) for b in batches).equals(t)
-    # halving: 300 rows do not fit, so batches are 300 / 2**k rows
-    assert max(b.rows for b in batches) in {150, 75, 37}
+    assert all(b.nbytes == len(b.ipc) for b in batches)  # sizes counted without writing
+    # 300 rows do not fit: each slice is split into as many near-equal parts as its size asks
+    slice_bytes = len(table_to_ipc(t.slice(0, 300)))
+    assert max(b.rows for b in batches) <= -(-300 // -(-slice_bytes // (limit - cl._REQUEST_ENVELOPE)))
+    # the serialised request is the protobuf message, the IPC written once into it
+    from protos.assay.v1 import ingest_pb2
+    raw = serialize_request("pool", batches[1])
+    parsed = ingest_pb2.UpsertRequest.FromString(raw)
+    assert (parsed.collection, parsed.seq, parsed.arrow_ipc) == ("pool", batches[1].seq, batches[1].ipc)
     resumed = list(cl.encode_batches([t.slice(500)], batch_rows=300, max_message_bytes=limit,
                                      start_seq=7, start_offset=500))
     assert resumed[0].seq == 7 and resumed[0].offset == 500

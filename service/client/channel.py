@@ -29,6 +29,7 @@ from indexing.settings import (
 from protos.assay.v1 import (
     collections_pb2_grpc,
     datasets_pb2_grpc,
+    ingest_pb2,
     ingest_pb2_grpc,
     jobs_pb2_grpc,
     mining_pb2_grpc,
@@ -165,6 +166,9 @@ def stubs(channel: grpc.Channel | grpc.aio.Channel) -> dict[str, Any]:
     return {
         "collections": collections_pb2_grpc.CollectionsStub(channel),
         "ingest": ingest_pb2_grpc.IngestStub(channel),
+        # Upsert requests arrive serialised (service.client.upsert.serialize_request).
+        "upsert_raw": channel.stream_stream("/assay.v1.Ingest/Upsert", request_serializer=None,
+                                            response_deserializer=ingest_pb2.UpsertAck.FromString),
         "search": search_pb2_grpc.SearchStub(channel),
         "query": query_pb2_grpc.QueryStub(channel),
         "jobs": jobs_pb2_grpc.JobsStub(channel),

@@ -22,7 +22,7 @@ import grpc
 import pyarrow as pa
 
 from indexing.settings import CLIENT_RETRIES, CLIENT_TIMEOUT_S
-from protos.assay.v1 import ingest_pb2, scoring_pb2
+from protos.assay.v1 import scoring_pb2
 from service.arrow_ipc import ipc_to_table
 from service.client.channel import (
     DEFAULT_KEEPALIVE_S,
@@ -189,7 +189,7 @@ class SyncTransport(BaseClient):
         cond = threading.Condition()
         closed = False
 
-        def requests() -> Iterator[ingest_pb2.UpsertRequest]:
+        def requests() -> Iterator[bytes]:
             try:
                 for batch in itertools.chain([first], batches):
                     with cond:
@@ -201,8 +201,7 @@ class SyncTransport(BaseClient):
             except Exception as exc:  # gRPC would swallow it: run.finish() raises it
                 run.failure = exc
 
-        call = run.call = self._stub["ingest"].Upsert(requests(), timeout=timeout,
-                                                      metadata=self._metadata)
+        call = run.call = self._stub["upsert_raw"](requests(), timeout=timeout, metadata=self._metadata)
         if run.aborted:
             call.cancel()
         try:

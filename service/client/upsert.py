@@ -51,30 +51,76 @@ def normalize_upsert_input(data: Any) -> tuple[pa.Table | None, Iterable[pa.Tabl
 
 @dataclass(frozen=True)
 class EncodedBatch:
-    """One upsert request's payload: ``rows`` rows from ``offset`` of the input, as IPC."""
+    """One upsert request's payload: ``rows`` rows from ``offset`` of the input (``table``,
+    a zero-copy slice), ``nbytes`` bytes as Arrow IPC. The IPC is written once, straight
+    into the serialised request (:func:`serialize_request`), when the batch is sent."""
 
     seq: int
     offset: int
     rows: int
-    ipc: bytes
+    table: pa.Table | None
+    nbytes: int
+
+    @property
+    def ipc(self) -> bytes:
+        """The Arrow IPC stream bytes of the batch."""
+        return table_to_ipc(self.table) if self.table is not None else b""
 
 
-def _fit(table: pa.Table, limit: int) -> Iterator[tuple[pa.Table, bytes]]:
-    """``table`` as IPC pieces of at most ``limit`` bytes, halving rows until each fits."""
-    ipc = table_to_ipc(table)
-    if len(ipc) <= limit:
-        yield table, ipc
+def ipc_size(table: pa.Table) -> int:
+    """Bytes of ``table`` as an Arrow IPC stream, counted without writing them."""
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write(table)
+    return sink.size()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_ARROW_IPC_TAG: Final = bytes([(3 << 3) | 2])  # UpsertRequest.arrow_ipc: field 3, length-delimited
+
+
+def serialize_request(collection: str, batch: EncodedBatch) -> bytes:
+    """``UpsertRequest(collection, seq, arrow_ipc)`` serialised, the Arrow IPC written
+    directly into the message's buffer: one copy of the payload (into the bytes gRPC sends)
+    instead of four (IPC bytes, the message's field, its serialisation, ...) — at 50k rows of
+    384 floats, ~30 ms against ~360 ms."""
+    head = ingest_pb2.UpsertRequest(collection=collection, seq=batch.seq).SerializeToString()
+    prefix = head + _ARROW_IPC_TAG + _varint(batch.nbytes)
+    out = bytearray(len(prefix) + batch.nbytes)
+    out[:len(prefix)] = prefix
+    if batch.table is not None:
+        sink = pa.FixedSizeBufferWriter(pa.py_buffer(memoryview(out)[len(prefix):]))
+        with pa.ipc.new_stream(sink, batch.table.schema) as writer:
+            writer.write(batch.table)
+    return bytes(out)
+
+
+def _fit(table: pa.Table, limit: int) -> Iterator[tuple[pa.Table, int]]:
+    """``table`` in pieces of at most ``limit`` bytes as IPC (sizes counted, not written),
+    split into as many near-equal parts as the size asks for, again where one is over."""
+    size = ipc_size(table)
+    if size <= limit:
+        yield table, size
         return
     if table.num_rows <= 1:
         has_id = "id" in table.column_names and table.num_rows
         first_id = table.column("id")[0].as_py() if has_id else None
         raise invalid(
-            f"upsert: one row (id {first_id!r}) is {len(ipc)} bytes as Arrow IPC, over the "
+            f"upsert: one row (id {first_id!r}) is {size} bytes as Arrow IPC, over the "
             f"{limit}-byte request budget; raise max_message_bytes (client and server)"
         )
-    half = table.num_rows // 2
-    yield from _fit(table.slice(0, half), limit)
-    yield from _fit(table.slice(half), limit)
+    parts = min(table.num_rows, -(-size // limit))
+    step = -(-table.num_rows // parts)
+    for start in range(0, table.num_rows, step):
+        yield from _fit(table.slice(start, step), limit)
 
 
 def encode_batches(
@@ -93,8 +139,8 @@ def encode_batches(
     seq, offset = start_seq, start_offset
     for table in tables:
         for start in range(0, table.num_rows, batch_rows):
-            for part, ipc in _fit(table.slice(start, batch_rows), limit):
-                yield EncodedBatch(seq, offset, part.num_rows, ipc)
+            for part, size in _fit(table.slice(start, batch_rows), limit):
+                yield EncodedBatch(seq, offset, part.num_rows, part, size)
                 seq += 1
                 offset += part.num_rows
 
@@ -129,7 +175,7 @@ class UpsertRun:
         self._delays = retry.backoff()
         self._started = False
         self.summary = UpsertSummary()
-        self.pending: deque[EncodedBatch] = deque()  # sent, not acknowledged (payloads dropped)
+        self.pending: deque[EncodedBatch] = deque()  # sent, not acknowledged (rows dropped)
         self.resume_seq = 0  # the first batch not acknowledged ...
         self.resume_offset = 0  # ... and its row offset in the input
         self.failure: BaseException | None = None  # raised while producing requests
@@ -165,10 +211,11 @@ class UpsertRun:
         if self.call is not None:
             self.call.cancel()
 
-    def request(self, batch: EncodedBatch) -> ingest_pb2.UpsertRequest:
-        self.pending.append(replace(batch, ipc=b""))
-        return ingest_pb2.UpsertRequest(collection=self.collection, seq=batch.seq,
-                                        arrow_ipc=batch.ipc)
+    def request(self, batch: EncodedBatch) -> bytes:
+        """The serialised request of ``batch`` (sent through a stub that passes bytes as
+        they are); the batch is remembered as in flight, without its rows."""
+        self.pending.append(replace(batch, table=None))
+        return serialize_request(self.collection, batch)
 
     def ack(self, ack: ingest_pb2.UpsertAck) -> None:
         expected = self.pending[0].seq if self.pending else None
