@@ -79,6 +79,9 @@ STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
 # Field metadata of a column added for a write that has not committed yet.
 PENDING_META_KEY = b"assay:pending"
 LOCKS_DIR = ".locks"
+# Fragments at least this big are left alone by compaction unless many of their rows are
+# deleted (see Collection.compact_all).
+COMPACT_KEEP_ROWS = 32_768
 PIN_TAG_PREFIX = "assay-pin-"  # tags that keep a version in use from cleanup
 
 
@@ -1153,12 +1156,23 @@ class Collection:
         return [(f.fragment_id, f.metadata.physical_rows) for f in self._table.to_lance().get_fragments()]
 
     def compact_all(self, *, attempts: int = 1, then_hold_slot: bool = False) -> None:
-        """Full compaction (bigger fragments, deleted rows materialised), without holding
-        the commit slot; a concurrent write that preempts it makes it try again, and with
-        ``then_hold_slot`` the last attempt holds the slot."""
+        """Compaction of what is worth rewriting: fragments below ``COMPACT_KEEP_ROWS`` rows
+        (small writes, tiers) are merged, and fragments with over 10% of their rows deleted
+        are rewritten without them; big fragments otherwise stay as they are (a bulk ingest's
+        50k-row fragments are fine to scan, and rewriting a 10M-row table to merge them would
+        cost as much as the ingest). Runs without holding the commit slot; a concurrent
+        write that preempts it makes it try again, and with ``then_hold_slot`` the last
+        attempt holds the slot."""
+        def run() -> None:
+            ds = self._table.to_lance()
+            keep = [f.fragment_id for f in ds.get_fragments()
+                    if f.metadata.physical_rows >= COMPACT_KEEP_ROWS
+                    and (f.metadata.num_deletions or 0) <= 0.1 * f.metadata.physical_rows]
+            ds.optimize.compact_files(excluded_fragment_ids=keep)
+
         for attempt in range(attempts):
             try:
-                self._table.to_lance().optimize.compact_files()
+                run()
                 break
             except Exception as exc:
                 if not _commit_conflict(exc):
@@ -1168,7 +1182,7 @@ class Collection:
                         raise
                     with self._write_lock:
                         self._table.checkout_latest()
-                        self._table.to_lance().optimize.compact_files()
+                        run()
                     break
                 log.info("compaction of %s preempted by a concurrent write; retrying", self.name)
                 time.sleep(0.05 * 2**attempt)
