@@ -148,7 +148,8 @@ _server("http_port", None, "the web page's port; unset = off, 0 = any free port 
         "`DEMO_HTTP_PORT`)", kind="int")
 _server("data_roots", (), "folders or `s3://` prefixes the web page may show images from, "
         "comma-separated; default the data root when it is local")
-_server("optimize_every", 20, "writes to a collection between automatic background optimizes")
+_server("optimize_every", 8, "fan-out of background compaction: small fragments of a size tier merged at once; "
+        "0 switches automatic maintenance off")
 _server("keepalive_s", 120.0, "the server pings a connection quiet this long (s)")
 _server("keepalive_timeout_s", 20.0, "and drops it when no answer comes in this long (s)")
 _server("min_ping_interval_s", 10.0, "clients may ping this often (s), with or without calls")
