@@ -39,6 +39,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -202,4 +203,27 @@ class Maintainer:
         return {"errors": self.errors, "collections": len(self._states)}
 
 
-__all__ = ["MaintenancePolicy", "Maintainer"]
+def fragments_to_keep(dataset: Any, keep_rows: int) -> list[int]:
+    """Fragments a compaction should leave alone: at least ``keep_rows`` rows, and at most
+    10% of them deleted (merging big fragments costs as much as writing them did, and buys
+    little: a scan's cost per fragment is small next to its rows)."""
+    return [f.fragment_id for f in dataset.get_fragments()
+            if f.metadata.physical_rows >= keep_rows
+            and (f.metadata.num_deletions or 0) <= 0.1 * f.metadata.physical_rows]
+
+
+def compact_table(table: Any, *, keep_rows: int, older_than: timedelta | None = None) -> None:
+    """Maintenance of one of assay's own tables (mining runs and their results): merge its
+    small fragments, bring its indexes up to date and, given ``older_than``, drop older
+    versions (listing every version and file: the slow part, so not every time). The
+    caller holds the table's write lock (so no write of this process preempts it)."""
+    ds = table.to_lance()
+    ds.optimize.compact_files(excluded_fragment_ids=fragments_to_keep(ds, keep_rows))
+    ds = table.to_lance()
+    ds.optimize.optimize_indices()
+    if older_than is not None:
+        ds.cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
+    table.checkout_latest()
+
+
+__all__ = ["MaintenancePolicy", "Maintainer", "compact_table", "fragments_to_keep"]

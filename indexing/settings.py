@@ -199,6 +199,9 @@ MAX_K: Final = _define("MAX_K", 10_000, "k of a store search at most (the server
 SCHEMA_RECHECK_S: Final = _define("SCHEMA_RECHECK_S", 0.05, "how stale a cached schema/registry "
                                   "may be (other writers' changes), in seconds", "store")
 ID_CHUNK: Final = _define("ID_CHUNK", 10_000, "ids per `id IN (...)` lookup", "store")
+COMPACT_KEEP_ROWS: Final = _define("COMPACT_KEEP_ROWS", 32_768, "fragments at least this big are "
+                                   "left alone by compaction unless over 10% of their rows are "
+                                   "deleted", "store")
 # LanceDB's caches (shared by every table handle of a store): the index cache holds
 # vector/scalar index pages, the metadata cache manifests and fragment metadata — per
 # version, which a steady write stream makes many of. Bounded, so memory stays flat.
@@ -271,6 +274,10 @@ MAX_MESSAGE_CHARS: Final = _define("MAX_MESSAGE_CHARS", 2000, "error messages ar
 EXPORT_CHUNK_BYTES: Final = _define("EXPORT_CHUNK_BYTES", (1 << 20) - (64 << 10), "bytes per "
                                     "streamed export chunk (fits the smallest message limit)",
                                     "service")
+RUNS_MAINTAIN_EVERY: Final = _define("RUNS_MAINTAIN_EVERY", 32, "writes to the mining run tables "
+                                     "(`_runs`, `_run_results`) between their compactions", "service")
+RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 600.0, "seconds between removals of "
+                                      "the mining run tables' old versions", "service")
 JOBS_COMPACT_EVERY: Final = _define("JOBS_COMPACT_EVERY", 200, "job record writes between "
                                     "compactions of the `_jobs` table", "service")
 REINDEX_BAD_SHOWN: Final = _define("REINDEX_BAD_SHOWN", 100, "bad rows listed in a reindex "

@@ -44,7 +44,7 @@ from indexing.errors import (
 from indexing.filters import ids_predicate, validate_filter
 from indexing.group_commit import GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids
-from indexing.maintenance import Maintainer, MaintenancePolicy
+from indexing.maintenance import Maintainer, MaintenancePolicy, fragments_to_keep
 from indexing.schema import (
     EMB_PREFIX,
     MODEL_META_KEY,
@@ -63,6 +63,7 @@ from indexing.schema import (
     user_fields_of,
 )
 from indexing.settings import (
+    COMPACT_KEEP_ROWS,
     DEFAULT_ROOT,
     ID_CHUNK,
     INDEX_CACHE_BYTES,
@@ -79,9 +80,6 @@ STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
 # Field metadata of a column added for a write that has not committed yet.
 PENDING_META_KEY = b"assay:pending"
 LOCKS_DIR = ".locks"
-# Fragments at least this big are left alone by compaction unless many of their rows are
-# deleted (see Collection.compact_all).
-COMPACT_KEEP_ROWS = 32_768
 PIN_TAG_PREFIX = "assay-pin-"  # tags that keep a version in use from cleanup
 
 
@@ -1165,10 +1163,7 @@ class Collection:
         attempt holds the slot."""
         def run() -> None:
             ds = self._table.to_lance()
-            keep = [f.fragment_id for f in ds.get_fragments()
-                    if f.metadata.physical_rows >= COMPACT_KEEP_ROWS
-                    and (f.metadata.num_deletions or 0) <= 0.1 * f.metadata.physical_rows]
-            ds.optimize.compact_files(excluded_fragment_ids=keep)
+            ds.optimize.compact_files(excluded_fragment_ids=fragments_to_keep(ds, COMPACT_KEEP_ROWS))
 
         for attempt in range(attempts):
             try:
