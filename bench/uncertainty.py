@@ -24,6 +24,18 @@ sampled estimate of batchbald_redux.
   generator calls (``rng.random((t, K, S))``, inverse CDF), so in exact arithmetic both
   sides see the same configurations and must pick the same items.
 
+``--scale``: the miner at its defaults on the shape of the scale benchmark (issue 17)
+instead: ``--scale-pool`` rows (20,000) of ``K = 8`` samples over ``C = 10`` classes, the top
+``--scale-candidates`` (1,000) by BALD kept as the runner keeps them, and a batch of
+``--scale-b`` (1,000) picked from them with every default of ``batchbald_select`` (exact
+joint up to 100,000 configurations, 10,000 sampled ones beyond; greedy until the gains
+fall below ``1e-9`` of the first or after 100 picks, PowerBALD for the rest). It prints
+the seconds, how many picks were greedy and why the greedy stopped, whether every gain is
+finite and every pick distinct; the reference is the published greedy (the loop below) run
+for the same number of greedy picks, which must pick the same items.
+``--scale-published`` also times ``min_gain_ratio=0, greedy_max=b``: the published greedy
+for the whole batch (minutes: the gains past ~20 picks are rounding noise).
+
 How to read the table
 ---------------------
 ``ratio`` is the speed of assay relative to the reference (reference seconds / assay
@@ -36,6 +48,8 @@ Usage::
 
     uv run python bench/uncertainty.py [--n 10000] [--k 20] [--c 10] [--b 10]
         [--num-configs 10000] [--exact-max-configs 100000] [--seed 0] [--quick] [--json PATH]
+    uv run python bench/uncertainty.py --scale [--scale-pool 20000] [--scale-candidates 1000]
+        [--scale-b 1000] [--scale-published] [--seed 0] [--json PATH]
 """
 
 from __future__ import annotations
@@ -220,6 +234,49 @@ def bench_batchbald(args: argparse.Namespace) -> tuple[list[tuple[str, str, str,
     return rows, details
 
 
+def bench_scale(args: argparse.Namespace) -> tuple[list[tuple[str, str, str, str]], dict]:
+    """The miner's defaults on the scale benchmark's shape (see the module docstring)."""
+    k, c = 8, 10
+    pool = make_pool(args.scale_pool, k, c, args.seed)
+    top = np.argsort(-bald_scores(pool), kind="stable")[: args.scale_candidates]
+    cand = pool[top]  # the runner hands the candidates over in decreasing BALD order
+    b = min(args.scale_b, len(cand))
+    stats: dict[str, Any] = {}
+    t_assay, (idx, gain) = _timed(batchbald_select, cand, b, seed=args.seed, stats=stats)
+    g = stats["greedy_picks"]
+    finite = bool(np.isfinite(gain).all())
+    distinct = len(set(idx.tolist())) == b
+    print(f"  assay defaults:   {t_assay:.2f}s  {g} greedy picks (stopped: {stats['stopped']}, "
+          f"H(w | y_S) = {stats['information_left']:.1e} nats), {b - g} by PowerBALD; "
+          f"gains finite: {finite}; distinct: {distinct}", flush=True)
+    t_ref, (i_ref, g_ref) = _timed(reference_batchbald, cand, g, num_configs=10_000,
+                                   seed=args.seed, exact_max_configs=100_000)
+    same = np.array_equal(idx[:g], i_ref)
+    print(f"  reference, {g} greedy picks: {t_ref:.2f}s  same picks: {same}", flush=True)
+    shape = f"N={len(cand):,} (top by BALD of {args.scale_pool:,}) K={k} C={c} b={b}"
+    rows = [
+        (f"BatchBALD defaults {shape} (s)", f"{t_assay:.2f}", f"{t_ref:.2f} ({g} picks)",
+         f"{t_ref / t_assay:.2f}"),
+        ("greedy picks (stop) / PowerBALD picks", f"{g} ({stats['stopped']}) / {b - g}", "–", "–"),
+        ("all gains finite / picks distinct", f"{finite} / {distinct}", "–", "–"),
+        ("greedy picks same as reference", "yes" if same else "no", "–", "–"),
+        ("max abs gain diff vs reference, greedy picks (nats)",
+         f"{np.abs(gain[:g] - g_ref).max():.1e}", "–", "–"),
+    ]
+    details: dict[str, Any] = {"assay_s": t_assay, "reference_s": t_ref, "stats": stats,
+                               "picks": idx.tolist(), "gains": gain.tolist()}
+    if args.scale_published:
+        t_pub, (i_pub, g_pub) = _timed(batchbald_select, cand, b, seed=args.seed,
+                                       min_gain_ratio=0, greedy_max=b)
+        ok = bool(np.isfinite(g_pub).all()) and len(set(i_pub.tolist())) == b
+        print(f"  published greedy, whole batch: {t_pub:.2f}s  finite and distinct: {ok}; "
+              f"gains past pick {g}: max {np.abs(g_pub[g:]).max():.1e} nats", flush=True)
+        rows.append((f"published greedy for all {b} picks (min_gain_ratio=0) (s)",
+                     f"{t_pub:.2f}", "–", "–"))
+        details["published_s"] = t_pub
+    return rows, details
+
+
 def render(rows: list[tuple[str, str, str, str]]) -> str:
     lines = ["| measure | assay | reference | ratio |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -237,6 +294,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact-max-configs", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--scale", action="store_true",
+                   help="instead: the miner's defaults on the scale benchmark's shape")
+    p.add_argument("--scale-pool", type=int, default=20_000)
+    p.add_argument("--scale-candidates", type=int, default=1_000)
+    p.add_argument("--scale-b", type=int, default=1_000)
+    p.add_argument("--scale-published", action="store_true",
+                   help="with --scale: also time the published greedy for the whole batch")
     p.add_argument("--quick", action="store_true",
                    help="short run: N=2,000, b=6, exact up to 1,000 configurations")
     args = p.parse_args(argv)
@@ -255,12 +319,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['platform']}")
     print(f"- python {m['python']}, numpy {m['numpy']}, OPENBLAS_NUM_THREADS="
           f"{m['blas_threads']}")
-    print(f"- BatchBALD: N={args.n:,}, K={args.k}, C={args.c}, b={args.b}, num_configs="
-          f"{args.num_configs:,}, exact_max_configs={args.exact_max_configs:,}, "
-          f"seed={args.seed}\n", flush=True)
     t0 = time.perf_counter()
-    print("## BatchBALD", flush=True)
-    rows, details = bench_batchbald(args)
+    if args.scale:
+        print(f"- BatchBALD at the miner's defaults: pool {args.scale_pool:,}, candidates "
+              f"{args.scale_candidates:,}, b={args.scale_b:,}, K=8, C=10, seed={args.seed}\n")
+        print("## BatchBALD, scale shape", flush=True)
+        rows, details = bench_scale(args)
+    else:
+        print(f"- BatchBALD: N={args.n:,}, K={args.k}, C={args.c}, b={args.b}, num_configs="
+              f"{args.num_configs:,}, exact_max_configs={args.exact_max_configs:,}, "
+              f"seed={args.seed}\n", flush=True)
+        print("## BatchBALD", flush=True)
+        rows, details = bench_batchbald(args)
     total = time.perf_counter() - t0
     print(f"\n## results (total {total:.0f}s)\n")
     print(render(rows))

@@ -14,9 +14,13 @@ Validation, ``float64`` conversion and ``0 log 0 = 0`` follow :mod:`miners.uncer
 from __future__ import annotations
 
 import numbers
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from miners.stochastic import gumbel_noise, stochastic_scores
 from miners.uncertainty import _TINY, _xlogx, entropy_nats, validate_probs
 
 __all__ = [
@@ -145,20 +149,38 @@ def _sample_joint_configs(pp: np.ndarray, num_configs: int, rng: np.random.Gener
     configurations ``y^(k,s) = (y_1, ..., y_t)`` are drawn from each ``p(y | w_k)`` (each
     ``y_i ~ Cat(p_ik)`` independently, by inverse CDF on ``u = rng.random((t, K, S))``), i.e.
     ``M = K S`` stratified draws from the mean joint ``pbar(y) = (1/K) sum_k p(y | w_k)``
-    (as in batchbald_redux). Returns ``P^T`` of shape ``(M, K)`` with
-    ``P^T[(k, s), k'] = prod_i p_{i k' y_i^(k,s)}`` (configurations ordered ``k`` major).
+    (as in batchbald_redux). Returns ``P^T`` of shape ``(M, K)`` up to a positive factor per
+    row: ``P^T[(k, s), k'] = c_(k,s) prod_i p_{i k' y_i^(k,s)}`` (configurations ordered
+    ``k`` major), with ``c`` chosen so that every row's largest entry is exactly 1.
+
+    Why the factor: the products of ``t`` probabilities underflow float64 after a few
+    hundred picks (``~0.1^300``), and the importance weights ``1 / (M q_m)`` then overflow.
+    The sampled estimate depends on each row only through the posterior over the samples,
+    ``pi_m = P^T[m] / sum_k P^T[m, k]`` (see :class:`_Joint`), so the rows are summed in log
+    space, ``sum_i log p_{i k' y_i}``, and shifted by their maximum before ``exp``: the
+    result is finite for any ``t``, and ``q_m = (1/K) sum_k P^T[m, k]`` lies in ``[1/K, 1]``.
+    The maximum is finite because the inverse CDF only draws classes of positive
+    probability, so the sample ``k`` that drew configuration ``(k, s)`` gives it a finite log
+    likelihood (``p = 0`` elsewhere is ``log 0 = -inf``, an exact 0 after ``exp``).
     """
     t, k, c = pp.shape
     s = max(1, num_configs // k)
     u = rng.random((t, k, s))
     cdf = np.cumsum(pp, axis=2)
     cdf /= cdf[:, :, -1:]
-    joint_t = np.ones((k * s, k))
+    with np.errstate(divide="ignore"):
+        log_pp = np.log(pp)
+    log_joint_t = np.zeros((k * s, k))
     for i in range(t):  # t = points picked so far
         # y = #{c < C-1 : cdf_c <= u}, i.e. the class whose CDF interval holds u
         choice = (cdf[i, :, None, :-1] <= u[i, :, :, None]).sum(axis=2)  # (K, S)
-        joint_t *= np.take(pp[i].T, choice.ravel(), axis=0)  # M rows of length K
-    return joint_t
+        log_joint_t += np.take(log_pp[i].T, choice.ravel(), axis=0)  # M rows of length K
+    top = log_joint_t.max(axis=1, keepdims=True)
+    if not np.isfinite(top).all():  # impossible by the argument above; never return NaN
+        raise FloatingPointError("BatchBALD: a sampled configuration has zero likelihood "
+                                 "under every model sample (internal error)")
+    log_joint_t -= top
+    return np.exp(log_joint_t, out=log_joint_t)
 
 
 class _Joint:
@@ -175,6 +197,10 @@ class _Joint:
     ``H(y_S, y_n) - H(y_S)``. Sampled (``m ~ q``): ``w_m = 1 / (M q_m)``, the importance
     weights of batchbald_redux; the estimate is then ``(1/M) sum_m H(y_n | y_S = m)``, an
     average of conditional entropies (configurations with ``q_m = 0`` get weight 0).
+    ``H(y_n | y_S = m) = H(sum_k pi_mk p_nk)`` depends on row ``m`` only through
+    ``pi_m = A^T[m] / q_m``, so the sampled rows may carry any positive factor each
+    (:func:`_sample_joint_configs` scales them to a maximum of 1, keeping ``q_m >= 1/K`` and
+    ``w_m <= K / M`` finite however many points were picked).
     """
 
     def __init__(self, p_joint_t: np.ndarray, exact: bool):
@@ -192,6 +218,32 @@ class _Joint:
     @property
     def m(self) -> int:
         return self.pt.shape[0]
+
+    def posterior(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(pi, v)``: ``pi[m] = A^T[m] / q_m``, the posterior over the ``K`` samples given
+        configuration ``m`` (a zero row where ``q_m = 0``), and ``v_m = w_m q_m``, the
+        estimator's weight of configuration ``m`` (exact: ``q_m``; sampled: ``1/M``).
+
+        Dividing by ``q_m`` row by row (rather than forming ``1 / q_m^2``) stays finite for
+        any ``q_m > 0``: ``A^T[m, k] <= q_m``, so ``pi`` lies in ``[0, 1]``.
+        """
+        q = self.at.sum(axis=1)
+        pos = q > 0
+        pi = np.zeros_like(self.at)
+        np.divide(self.at, q[:, None], out=pi, where=pos[:, None])
+        return pi, np.where(pos, self.w * q, 0.0)
+
+    def information_left(self) -> float:
+        """``H(w | y_S) = sum_m v_m H(pi_m)`` (nats): what the picked labels leave unknown
+        about which of the ``K`` samples is right (``log K`` for the empty set).
+
+        Every later marginal gain ``I(y_n; w | y_S)`` is at most this (exactly so in the
+        exact regime; the sampled estimate adds a stratification term that vanishes as the
+        posteriors concentrate), and in the exact regime
+        ``log K - H(w | y_S) = I(y_S; w)``, the sum of the gains so far.
+        """
+        pi, v = self.posterior()
+        return float(v @ -_xlogx(pi).sum(axis=1))
 
     def extended(self, p_new: np.ndarray) -> _Joint:
         """Exact joint of ``y_S`` and one more label with ``p_new[k, c] = p(y | w_k)``."""
@@ -293,15 +345,13 @@ class _PairwiseKLBound:
     def __call__(self, joint: _Joint, cand: np.ndarray) -> np.ndarray:
         """Bounds for the candidates ``cand`` given the joint of the picked labels."""
         _, k, c = self.p.shape
-        q = joint.at.sum(axis=1)
-        v = joint.w * q
-        # G = sum_m v_m pi_m pi_m^T = A diag(v / q^2) A^T, accumulated over row blocks
-        scale = np.divide(v, q * q, out=np.zeros_like(q), where=q > 0)
+        pi, v = joint.posterior()
+        # G = sum_m v_m pi_m pi_m^T, accumulated over row blocks (pi in [0, 1]: no overflow)
         g = np.zeros((k, k))
         step = max(64, _GEMM_SINGLE_THREAD_MNK // (k * k))
         for r0 in range(0, joint.m, step):
-            blk = joint.at[r0 : r0 + step]
-            g += blk.T @ (blk * scale[r0 : r0 + step, None])
+            blk = pi[r0 : r0 + step]
+            g += blk.T @ (blk * v[r0 : r0 + step, None])
         cross = np.empty(len(cand))
         step = max(1, _GEMM_SINGLE_THREAD_MNK // (k * k * c))  # candidates per block
         for s0 in range(0, len(cand), step):
@@ -323,6 +373,43 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     return int(value)
 
 
+def _check_ratio(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
+    return float(value)
+
+
+class _Ticker:
+    """Calls ``check`` (cancellation: it raises) at most every ``period`` seconds, so it can
+    sit in inner loops at no cost."""
+
+    def __init__(self, check: Callable[[], None] | None, period: float = 0.2):
+        self.check = check
+        self.period = period
+        self.last = time.monotonic()
+
+    def __call__(self, force: bool = False) -> None:
+        if self.check is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= self.period:
+            self.last = now
+            self.check()
+
+
+def _no_disagreement(k: int) -> ValueError:
+    if k == 1:
+        return ValueError(
+            "samples: BatchBALD needs K >= 2 model samples per row (MC-dropout passes or "
+            "ensemble members); got K = 1, for which BALD is 0 everywhere. Store several "
+            "samples, or use an uncertainty miner on the probabilities")
+    return ValueError(
+        f"samples: the K = {k} model samples agree on every row (BALD = 0 everywhere, "
+        "so BatchBALD has nothing to rank). The K samples must come from different models: "
+        "dropout left on at inference with a fixed mask per sample (consistent MC dropout), "
+        "or distinct ensemble members")
+
+
 def batchbald_select(
     samples: np.ndarray,
     batch_size: int,
@@ -332,8 +419,14 @@ def batchbald_select(
     exact_max_configs: int = 100_000,
     prune: bool = True,
     max_chunk_bytes: int = 256 << 20,
+    greedy_max: int = 100,
+    min_gain_ratio: float = 1e-9,
+    progress: Callable[[float, str], None] | None = None,
+    check: Callable[[], None] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy BatchBALD (Kirsch, van Amersfoort & Gal, NeurIPS 2019).
+    """Greedy BatchBALD (Kirsch, van Amersfoort & Gal, NeurIPS 2019), PowerBALD past the
+    point where the ``K`` samples can no longer tell the candidates apart.
 
     Objective for a batch ``B``, over the ``K`` consistent samples ``w_k`` (uniform weights):
 
@@ -347,10 +440,36 @@ def batchbald_select(
     ``C^t <= exact_max_configs``; beyond that ``M = K * (num_configs // K)`` configurations
     are sampled afresh at every later step (stratified over ``k``, from the mean joint,
     with ``np.random.default_rng(seed)``) and ``H(y_n | y_S)`` is the importance-sampled
-    estimate of batchbald_redux. For a block of candidates at once the joint with ``y_n``
-    is ``J = A^T X`` (``A^T = P^T / K``, ``X`` the candidates' ``(K, C)`` probabilities side
-    by side), computed in cache-sized tiles; nothing ``N x N`` is built. Cost per step:
-    ``O(N K M C)`` without pruning; rows are renormalised to sum to 1 first.
+    estimate of batchbald_redux, computed from the posteriors over the samples (the sampled
+    likelihoods are summed in log space and renormalised per configuration, so they never
+    underflow: see :func:`_sample_joint_configs`). For a block of candidates at once the
+    joint with ``y_n`` is ``J = A^T X`` (``A^T = P^T / K``, ``X`` the candidates' ``(K, C)``
+    probabilities side by side), computed in cache-sized tiles; nothing ``N x N`` is built.
+    Cost per step: ``O(N K M C)`` without pruning; rows are renormalised to sum to 1 first.
+
+    Large batches. The whole batch can tell at most ``I(y_B; w) <= H(w) = log K`` nats
+    about the samples, and every marginal gain is at most ``H(w | y_S)``, the information
+    still left. Once the posterior over the ``K`` samples has collapsed the gains are
+    rounding noise (with ``K = 8``, ``C = 10`` they fall below ``1e-9`` nats within ~16
+    picks), so greedy BatchBALD stops, and the rest of the batch is drawn by **PowerBALD**
+    (Kirsch et al., TMLR 2023): the remaining candidates, sampled without replacement with
+    probability proportional to their BALD score (Gumbel-top-k, ``temperature`` 1, noise
+    from ``np.random.default_rng([seed, 1])``; rows with BALD 0 come last, lowest index
+    first). The greedy stops after the step at which any of these holds, with
+    ``tau = min_gain_ratio * gains[0]`` (and ``tau >= 1e-12`` nats):
+
+    * ``H(w | y_S) < tau`` before scoring (nothing left to learn; checked first, so the
+      step is not paid for);
+    * the step's best gain is below ``tau`` (by submodularity every later gain is too);
+    * ``greedy_max`` greedy picks were made (bounds the time: each step costs up to
+      ``O(N K M C)``).
+
+    For picks made by PowerBALD ``gains`` holds their BALD score (the quantity sampled
+    on), not a marginal gain. At ``N = b = 1000``, ``K = 8``, ``C = 10`` (the miner's
+    defaults on a 10-class model with 8 MC samples; ``bench/uncertainty.py --scale``) 16
+    picks are greedy and the whole batch takes seconds; the published greedy for all 1000
+    picks (``min_gain_ratio=0, greedy_max=1000``) takes minutes for picks whose gains are
+    rounding noise.
 
     Pruning (``prune=True``, the default) scores candidates in decreasing order of an upper
     bound on their gain and stops once no remaining bound reaches the best gain found
@@ -363,18 +482,33 @@ def batchbald_select(
     floating-point ties below ``1e-10`` nats).
 
     Args:
-        samples: ``(N, K, C)`` probabilities, ``samples[n, k] = p(y_n | w_k)``.
+        samples: ``(N, K, C)`` probabilities, ``samples[n, k] = p(y_n | w_k)``. Exact 0s
+            and 1s are fine; ``ValueError`` if ``K = 1`` or if the samples agree on every
+            row (BALD 0 everywhere: nothing to rank), besides the checks of
+            :func:`miners.uncertainty.validate_probs`.
         batch_size: number of points to pick, ``0 <= batch_size <= N``.
         num_configs: sampled configurations in the sampled regime (``>= 1``).
-        seed: seed of the configuration sampler (only used in the sampled regime).
+        seed: seed of the configuration sampler and of the PowerBALD noise.
         exact_max_configs: largest ``C^t`` kept exactly (``>= 1``).
         prune: score only the candidates that can still win (see above); ``False`` scores
             every candidate at every step.
         max_chunk_bytes: upper bound on the scoring buffers (they are at most 1 MiB).
+        greedy_max: at most this many greedy BatchBALD picks (``>= 1``).
+        min_gain_ratio: ``tau / gains[0]`` above, in ``[0, 1)``; ``0`` turns both stops
+            off (the published algorithm: greedy up to ``greedy_max`` picks, gains that are
+            rounding noise included).
+        progress: called as ``progress(fraction, message)`` after each greedy pick and once
+            at the end (``fraction`` of the greedy part done, in ``[0, 1]``).
+        check: called every ~0.2 s inside the loops; raise from it to cancel.
+        stats: if given, filled with ``greedy_picks`` (int), ``stopped`` (why the greedy
+            stopped: ``"information"``, ``"gain"``, ``"greedy_max"``, or ``None`` when the
+            whole batch was greedy) and ``information_left`` (``H(w | y_S)`` at the end of
+            the greedy part, nats; ``None`` if not computed).
 
     Returns:
-        ``(indices, gains)``: ``int64`` row indices in pick order and ``float64`` marginal
-        gains ``a(S + n) - a(S)`` (nats) at each pick; ``gains[0]`` is the BALD score.
+        ``(indices, gains)``: ``int64`` row indices in pick order (distinct) and finite
+        ``float64`` scores: the marginal gains ``a(S + n) - a(S)`` (nats) of the greedy
+        picks (``gains[0]`` is the BALD score), then the BALD scores of the PowerBALD picks.
     """
     p = _samples(samples)
     n, k, c = p.shape
@@ -385,22 +519,42 @@ def batchbald_select(
     exact_max_configs = _check_int(exact_max_configs, "exact_max_configs", 1)
     max_chunk_bytes = _check_int(max_chunk_bytes, "max_chunk_bytes", 1)
     seed = _check_int(seed, "seed", 0)
+    greedy_max = _check_int(greedy_max, "greedy_max", 1)
+    min_gain_ratio = _check_ratio(min_gain_ratio, "min_gain_ratio")
     picked: list[int] = []
     gains: list[float] = []
+    info = {"greedy_picks": 0, "stopped": None, "information_left": None}
+    if stats is not None:
+        stats.update(info)
     if b == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
 
+    tick = _Ticker(check)
+    report = progress if progress is not None else (lambda f, m: None)
     p /= p.sum(axis=2, keepdims=True)
     cond_k = entropy_nats(p)  # H(y_n | w_k), (N, K)
     cond = cond_k.mean(axis=1)  # E_k H(y_n | w_k), (N,)
     stale = _bald_nats(p)  # step-1 gains; later the last exact gain of each candidate
+    bald = _snap(stale.copy())
+    if k == 1 or bald.max() == 0.0:
+        raise _no_disagreement(k)
+    # min_gain_ratio = 0: the published algorithm, greedy for the whole batch (<= greedy_max)
+    tau = max(min_gain_ratio * float(stale.max()), _ROUNDING_FLOOR) if min_gain_ratio else -np.inf
+    n_greedy = min(b, greedy_max)
     kl_bound = _PairwiseKLBound(p, cond_k) if prune and b > 1 else None
     available = np.ones(n, dtype=bool)
     rng = np.random.default_rng(seed)
     joint = _Joint(np.ones((1, k)), exact=True)  # empty set: one configuration
     tol = 1e-10
 
-    for step in range(b):
+    for step in range(n_greedy):
+        tick(force=True)
+        if step > 0:
+            left = joint.information_left()
+            info["information_left"] = left
+            if left < tau:
+                info["stopped"] = "information"
+                break
         if step == 0:
             best = int(np.argmax(stale))
             gain = float(stale[best])
@@ -422,6 +576,7 @@ def batchbald_select(
             for s0 in range(0, len(order), block):
                 if s0 and ub[order[s0]] < top - tol:
                     break
+                tick()
                 idx = cand[order[s0 : s0 + block]]
                 g = _conditional_entropies(p, joint, idx, max_chunk_bytes) - cond[idx]
                 if joint.exact:
@@ -430,16 +585,41 @@ def batchbald_select(
                 fresh_val.append(g)
                 top = max(top, float(g.max()))
             fi, fv = np.concatenate(fresh_idx), np.concatenate(fresh_val)
-            gain = float(fv.max())
-            best = int(fi[fv == gain].min())
+            i = int(np.argmax(fv))
+            gain = float(fv[i])
+            best = int(fi[fv == gain].min()) if np.isfinite(gain) else int(fi[i])
+        if not np.isfinite(gain):  # cannot happen (finite inputs, finite joint); never return it
+            raise FloatingPointError(f"BatchBALD: non-finite gain at pick {step + 1} (internal error)")
         picked.append(best)
         gains.append(gain)
         available[best] = False
-        if step + 1 == b:
+        info["greedy_picks"] = len(picked)
+        report(len(picked) / n_greedy, f"BatchBALD: greedy pick {len(picked)} of at most "
+               f"{n_greedy}, gain {gain:.3g} nats")
+        if gain < tau:
+            info["stopped"] = "gain"
+            break
+        if step + 1 == n_greedy:
+            if n_greedy < b:
+                info["stopped"] = "greedy_max"
             break
         # extend the joint with the new pick: exact outer product, or fresh samples
         if joint.exact and joint.m * c <= exact_max_configs:
             joint = joint.extended(p[best])
         else:
             joint = _Joint(_sample_joint_configs(p[picked], num_configs, rng), exact=False)
+
+    rest = b - len(picked)
+    if rest:
+        # PowerBALD over what is left: Gumbel-top-k of log BALD (BALD 0 -> -inf: last)
+        noise = gumbel_noise(n, np.random.default_rng([seed, 1]))
+        free = np.flatnonzero(available)
+        keys = stochastic_scores(bald[free], "power", 1.0, noise=noise[free])
+        fill = free[np.argsort(-keys, kind="stable")[:rest]]
+        picked.extend(fill.tolist())
+        gains.extend(bald[fill].tolist())
+    report(1.0, f"BatchBALD: {info['greedy_picks']} greedy picks"
+           + (f", {rest} by PowerBALD ({info['stopped']})" if rest else ""))
+    if stats is not None:
+        stats.update(info)
     return np.asarray(picked, dtype=np.int64), np.asarray(gains, dtype=np.float64)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from indexing.errors import InvalidArgument
 from miners import bayesian, density, detection, diversity, training_dynamics, uncertainty
 
 Arrays = Mapping[str, Any]
@@ -195,18 +196,34 @@ for _name, _fn, _text in (
 
 
 def _batchbald(arrays: Arrays, size: int, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    return bayesian.batchbald_select(arrays["samples"], size, num_configs=params["num_configs"], seed=params["seed"])
+    # Optional hooks the runner may add to params (they are not user parameters): "progress"
+    # (fraction, message) over the greedy part, "check" (raises to cancel), "stats" (a dict).
+    try:
+        return bayesian.batchbald_select(
+            arrays["samples"], size, num_configs=params["num_configs"], seed=params["seed"],
+            greedy_max=params["greedy_max"], min_gain_ratio=params["min_gain_ratio"],
+            progress=params.get("progress"), check=params.get("check"), stats=params.get("stats"))
+    except ValueError as exc:  # bad samples: the caller's to fix, not an internal error
+        raise InvalidArgument(f"miner 'batchbald': {exc}", field="samples") from exc
 
 
 register(MinerSpec(
     "batchbald", "bayesian",
     "BatchBALD: greedy joint mutual information of the batch (no redundant picks); runs on the "
-    "top `candidates` rows by BALD",
+    "top `candidates` rows by BALD. The K samples hold at most log K nats, so once no candidate "
+    "can add `min_gain_ratio` of the first pick's gain (or after `greedy_max` greedy picks) the "
+    "rest of the batch is drawn by PowerBALD (sampled ∝ BALD, seeded); those picks score their BALD",
     ("samples",), _on_samples(bayesian.bald_scores),
     params=(
         Param("candidates", "int", 1000, "rows by BALD the batch is chosen from", min=1, max=100_000),
         Param("num_configs", "int", 10_000, "sampled joint configurations once C^n exceeds the exact budget",
               min=100, max=1_000_000),
+        Param("greedy_max", "int", 100, "at most this many greedy BatchBALD picks; the rest by PowerBALD",
+              min=1, max=100_000),
+        Param("min_gain_ratio", "float", 1e-9,
+              "greedy picks stop once the best gain (or the information left about the K samples) "
+              "falls below this fraction of the first pick's gain; the rest by PowerBALD",
+              min=0.0, max=0.5),
     ),
     select=_batchbald,
 ))

@@ -366,6 +366,212 @@ def test_batchbald_edge_cases():
         batchbald_select(s[:, 0], 2)
 
 
+# ----------------------------------------------------------------- BatchBALD at scale
+
+
+def _near_uniform_samples(n: int, k: int, c: int, seed: int) -> np.ndarray:
+    """High-entropy samples (weights U(0.5, 1.5), normalised): every pick multiplies the
+    sampled joint likelihoods by ~1/C, so they underflow float64 after ~300 picks at C=10."""
+    s = np.random.default_rng(seed).uniform(0.5, 1.5, size=(n, k, c))
+    return s / s.sum(axis=2, keepdims=True)
+
+
+def _mc_pool(n: int, k: int, c: int, seed: int) -> np.ndarray:
+    """MC-dropout-like samples: softmax of a per-item base logit plus per-sample noise."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 1, c)) * 2.0 + rng.uniform(0.2, 2.5, (n, 1, 1)) * rng.normal(size=(n, k, c))
+    p = np.exp(logits - logits.max(axis=2, keepdims=True))
+    return p / p.sum(axis=2, keepdims=True)
+
+
+def test_batchbald_sampled_joint_stays_finite_over_a_thousand_picks():
+    """Root cause of the scale failure: the sampled joint p(y_S | w_k) of 1000 picks is a
+    product of 1000 probabilities (0 in float64). The rows are now kept in log space and
+    renormalised; the estimate must equal the definition computed independently: the
+    posterior over the samples by scipy's softmax of the summed log-likelihoods, then
+    (1/M) sum_m H(sum_k pi_mk p_nk) - E_k H(p_nk)."""
+    from scipy.special import softmax as sp_softmax
+
+    from miners.bayesian import (
+        _conditional_entropies,
+        _Joint,
+        _PairwiseKLBound,
+        _sample_joint_configs,
+    )
+    from miners.uncertainty import entropy_nats
+
+    k, c, t, m = 8, 10, 1000, 64
+    p = _mc_pool(t + 30, k, c, seed=3)
+    picked = p[:t]
+    pt = _sample_joint_configs(picked, m, np.random.default_rng(5))
+    assert np.isfinite(pt).all() and np.allclose(pt.max(axis=1), 1.0)
+    # the same configurations, drawn independently: inverse CDF by searchsorted
+    u = np.random.default_rng(5).random((t, k, m // k))
+    loglik = np.zeros((k, m // k, k))
+    for i in range(t):
+        for kk in range(k):
+            cdf = np.cumsum(picked[i, kk]) / picked[i, kk].sum()
+            y = np.minimum(np.searchsorted(cdf, u[i, kk], side="right"), c - 1)
+            loglik[kk] += np.log(picked[i][:, y]).T  # (S, K): log p(y_i | w_k') per config
+    post = sp_softmax(loglik.reshape(m, k), axis=1)
+    np.testing.assert_allclose(pt / pt.sum(axis=1, keepdims=True), post, rtol=1e-9, atol=1e-12)
+    assert np.prod(picked[np.arange(t), 0, 0]) == 0.0  # the raw product would underflow
+    joint = _Joint(pt, exact=False)
+    cands = np.arange(t, t + 30)
+    cond_k = entropy_nats(p)
+    gain = _conditional_entropies(p, joint, cands, 1 << 20) - cond_k[cands].mean(axis=1)
+    want = [np.mean([_h(post[j] @ p[n]) for j in range(m)]) - np.mean([_h(r) for r in p[n]])
+            for n in cands]
+    np.testing.assert_allclose(gain, want, atol=1e-10)
+    bound = _PairwiseKLBound(p, cond_k)(joint, cands)
+    assert np.isfinite(bound).all() and (bound >= gain - 1e-10).all()
+    left = joint.information_left()
+    assert np.isfinite(left)
+    np.testing.assert_allclose(left, np.mean([_h(r) for r in post]), atol=1e-12)
+
+
+def test_batchbald_published_greedy_through_underflow():
+    """The shape that failed (K=8, C=10, hundreds of greedy picks: the joint likelihoods
+    underflow near pick 300; on these samples the code before the fix raised a bare
+    "zero-size array" ValueError). With both stops off (min_gain_ratio=0) the whole batch
+    is greedy, and every gain stays finite."""
+    n = 360
+    s = _near_uniform_samples(n, 8, 10, seed=1)
+    kw = {"num_configs": 256, "exact_max_configs": 1000, "seed": 0}
+    stats: dict = {}
+    idx, gain = batchbald_select(s, n, min_gain_ratio=0, greedy_max=n, stats=stats, **kw)
+    assert stats["greedy_picks"] == n and stats["stopped"] is None
+    assert np.isfinite(gain).all() and np.isfinite(stats["information_left"])
+    assert sorted(idx.tolist()) == list(range(n))
+    # pruning stays exact past the underflow point
+    idx_f, gain_f = batchbald_select(s, n, min_gain_ratio=0, greedy_max=n, prune=False, **kw)
+    np.testing.assert_array_equal(idx_f, idx)
+    np.testing.assert_allclose(gain_f, gain, atol=1e-12)
+
+
+def test_batchbald_default_batch_of_a_thousand():
+    """The miner's defaults on the scale benchmark's shape: 1000 candidates, batch 1000,
+    K=8, C=10 (the exact budget lowered to keep the test fast). The greedy stops when the
+    8 samples are told apart; PowerBALD fills the rest, reproducibly from the seed."""
+    s = _mc_pool(1000, 8, 10, seed=0)
+    s = s[np.argsort(-bald_scores(s), kind="stable")]  # as the runner hands them over
+    kw = {"num_configs": 2000, "exact_max_configs": 1000, "seed": 3}
+    stats: dict = {}
+    idx, gain = batchbald_select(s, 1000, stats=stats, **kw)
+    g = stats["greedy_picks"]
+    assert stats["stopped"] in ("information", "gain") and 1 < g < 100
+    assert np.isfinite(gain).all() and sorted(idx.tolist()) == list(range(1000))
+    # the greedy stopped because the picks told the 8 samples apart: their information
+    # I(y_S; w) reached H(w) = log 8 (up to the noise of the M = 2000 sampled estimate)
+    assert abs(gain[:g].sum() - math.log(8)) < 0.02
+    assert stats["information_left"] < 1e-9 * gain[0] or gain[g - 1] < 1e-9 * gain[0]
+    # the greedy part is the published greedy run for g picks, pruned or not
+    idx_g, gain_g = batchbald_select(s, g, min_gain_ratio=0, prune=False, **kw)
+    np.testing.assert_array_equal(idx[:g], idx_g)
+    np.testing.assert_allclose(gain[:g], gain_g, atol=1e-12)
+    # the rest: BALD scores of the picks, PowerBALD = Gumbel-top-k of log BALD on what is left
+    bald = bald_scores(s)
+    np.testing.assert_allclose(gain[g:], bald[idx[g:]], atol=1e-15)
+    rest = np.setdiff1d(np.arange(1000), idx[:g])
+    noise = np.random.default_rng([3, 1]).gumbel(size=1000)[rest]
+    with np.errstate(divide="ignore"):
+        keys = np.log(bald[rest]) + noise
+    np.testing.assert_array_equal(idx[g:], rest[np.argsort(-keys, kind="stable")])
+    idx2, gain2 = batchbald_select(s, 1000, **kw)
+    np.testing.assert_array_equal(idx2, idx)
+    idx3, _ = batchbald_select(s, 1000, **{**kw, "seed": 4})
+    assert idx3[g:].tolist() != idx[g:].tolist()
+
+
+def test_batchbald_stop_matches_the_definition_on_a_small_case():
+    """Small exact case, checked against the literal published algorithm: the greedy picks
+    and gains equal the reference's, the stop comes when the information left about w,
+    log K - sum of gains (exact regime), falls under min_gain_ratio * gains[0]."""
+    s = _dirichlet_samples(12, 4, 3, seed=7, alpha=0.3)
+    stats: dict = {}
+    idx, gain = batchbald_select(s, 12, min_gain_ratio=0.05, stats=stats)
+    g = stats["greedy_picks"]
+    assert 1 < g < 12 and stats["stopped"] in ("information", "gain")
+    ref_idx, ref_gain = _reference_batchbald(s, g)
+    assert idx[:g].tolist() == ref_idx
+    np.testing.assert_allclose(gain[:g], ref_gain, atol=1e-10)
+    tau = 0.05 * ref_gain[0]
+    if stats["stopped"] == "information":
+        # H(w | y_S) = log K - I(y_S; w), and it was below tau before pick g + 1
+        np.testing.assert_allclose(stats["information_left"], math.log(4) - sum(ref_gain), atol=1e-10)
+        assert stats["information_left"] < tau <= ref_gain[-1]
+    else:
+        assert ref_gain[-1] < tau
+    assert sorted(idx.tolist()) == list(range(12))
+
+
+def test_batchbald_greedy_max_and_progress_and_cancel():
+    s = _mc_pool(300, 8, 5, seed=2)
+    seen: list[tuple[float, str]] = []
+    stats: dict = {}
+    idx, gain = batchbald_select(s, 50, greedy_max=3, progress=lambda f, m: seen.append((f, m)),
+                                 stats=stats)
+    assert stats["greedy_picks"] == 3 and stats["stopped"] == "greedy_max"
+    assert [f for f, _ in seen] == [1 / 3, 2 / 3, 1.0, 1.0] and "PowerBALD" in seen[-1][1]
+    assert len(set(idx.tolist())) == 50
+    idx_ref, _ = batchbald_select(s, 3)
+    assert idx[:3].tolist() == idx_ref.tolist()
+
+    class Cancelled(Exception):
+        pass
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        batchbald_select(s, 50, min_gain_ratio=0, check=check)
+    assert len(calls) == 3  # checked at every pick (and every ~0.2 s inside one)
+
+
+def test_batchbald_degenerate_inputs():
+    # exact 0/1 probabilities (a committee's hard votes) are fine, exact and sampled
+    votes = np.random.default_rng(0).integers(0, 3, size=(60, 6))
+    s = np.eye(3)[votes]  # (60, 6, 3) one-hot
+    for kw in ({}, {"exact_max_configs": 3, "num_configs": 120, "min_gain_ratio": 0}):
+        idx, gain = batchbald_select(s, 60, **kw)
+        assert np.isfinite(gain).all() and sorted(idx.tolist()) == list(range(60))
+    # ... and agree with the literal algorithm: here two picks identify the sample (all six
+    # members' vote pairs differ), H(w | y_S) = 0, so every later gain is exactly 0
+    ref_idx, ref_gain = _reference_batchbald(s[:12], 3)
+    idx, gain = batchbald_select(s[:12], 3, min_gain_ratio=0)
+    assert idx.tolist() == ref_idx and abs(ref_gain[2]) < 1e-12
+    np.testing.assert_allclose(gain, ref_gain, atol=1e-10)
+    stats: dict = {}
+    idx, gain = batchbald_select(s[:12], 3, stats=stats)
+    assert idx[:2].tolist() == ref_idx[:2] and stats["stopped"] == "information"
+    assert stats["greedy_picks"] == 2 and abs(stats["information_left"]) < 1e-12
+    # samples that never disagree: nothing to rank -> a clear ValueError, not a crash
+    same = np.repeat(_dirichlet(20, 4, seed=1)[:, None, :], 5, axis=1)
+    with pytest.raises(ValueError, match="agree on every row"):
+        batchbald_select(same, 3)
+    with pytest.raises(ValueError, match="K >= 2"):
+        batchbald_select(same[:, :1], 3)
+    hard_same = np.repeat(np.eye(4)[np.arange(20) % 4][:, None, :], 5, axis=1)
+    with pytest.raises(ValueError, match="agree on every row"):
+        batchbald_select(hard_same, 3)
+    for bad in ({"greedy_max": 0}, {"min_gain_ratio": 1.0}, {"min_gain_ratio": -0.1},
+                {"min_gain_ratio": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            batchbald_select(s, 3, **bad)
+    # through the registry the runner uses: INVALID_ARGUMENT naming the miner and the field
+    from indexing.errors import InvalidArgument
+    from miners.registry import get
+
+    spec = get("batchbald")
+    with pytest.raises(InvalidArgument, match="miner 'batchbald': samples: the K = 5") as err:
+        spec.select({"samples": same}, 3, {**spec.validate({}), "seed": 0})
+    assert err.value.code == "INVALID_ARGUMENT" and err.value.field == "samples"
+
+
 # ----------------------------------------------------------------- validation
 
 
