@@ -95,7 +95,7 @@ class MiningService:
             raise
         rec = self.runs.update(rec, state="SUCCEEDED", progress=1.0, results=len(out.ids),
                                rows_scanned=out.rows_scanned, rows_skipped=out.rows_skipped,
-                               timings=timings, finished_at=time.time())
+                               timings=timings, graph=out.graph or {}, finished_at=time.time())
         return {"run_id": rec.run_id, "results": rec.results, "rows_scanned": rec.rows_scanned,
                 "rows_skipped": rec.rows_skipped}
 
@@ -126,6 +126,14 @@ def run_to_proto(rec: RunRecord, jobs: JobManager) -> mining_pb2.MiningRun:
         created_at=rec.created_at, finished_at=rec.finished_at,
     )
     msg.params.update(rec.params)
+    for role, info in (rec.graph or {}).items():
+        g = msg.graph[role]
+        for name in ("method", "k", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist",
+                     "nprobe", "build_s", "recall_s", "search_s", "device", "cached"):
+            if info.get(name) is not None:
+                setattr(g, name, info[name])
+        if info.get("recall") is not None:
+            g.recall = float(info["recall"])
     if rec.job_id:
         # the job record may have been pruned; the run record stands alone
         with contextlib.suppress(AssayError):
