@@ -522,8 +522,9 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
                  progress: Progress = _noop_progress, check: Check = _noop_check,
                  block: int = 8192, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Exact blocked k-NN with torch on ``device``: ``|q|^2 - 2 q.x + |x|^2`` in float32 (TF32
-    off) per (query block, base chunk), top-(k+1) per block merged across chunks; the final
-    distances are recomputed on the host in float64 and rows re-sorted."""
+    off) per (query block, base chunk), the top ``k + max(8, k/4)`` per block merged across
+    chunks; those candidates' distances are recomputed on the host in float64 and the best
+    ``k`` kept (float32 rounding then only matters for neighbours that many ranks apart)."""
     import torch
 
     n, m = len(x), len(queries)
@@ -532,6 +533,9 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
     dist = np.full((m, k), np.inf)
     if not (n and m and kk):
         return idx, dist
+    # float32 |q|^2 - 2 q.x + |x|^2 can swap near neighbours: keep spare candidates for the
+    # float64 re-ranking on the host
+    kc = min(n, kk + max(8, kk // 4))
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -548,14 +552,14 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
             best_d = best_i = None
             for s, xc, x2 in chunks:
                 d2 = x2[None, :] - 2.0 * (q @ xc.T)
-                top = min(kk, xc.shape[0])
+                top = min(kc, xc.shape[0])
                 dv, iv = torch.topk(d2, top, dim=1, largest=False)
                 iv = iv + s
                 if best_d is None:
                     best_d, best_i = dv, iv
                 else:
                     cd, ci = torch.cat([best_d, dv], dim=1), torch.cat([best_i, iv], dim=1)
-                    best_d, pos = torch.topk(cd, min(kk, cd.shape[1]), dim=1, largest=False)
+                    best_d, pos = torch.topk(cd, min(kc, cd.shape[1]), dim=1, largest=False)
                     best_i = torch.gather(ci, 1, pos)
             bi = best_i.cpu().numpy().astype(np.int64)
             qh = _block(queries, start, stop).astype(np.float64)
@@ -563,6 +567,7 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
             g -= qh[:, None, :]
             bd = np.sqrt(np.einsum("bcd,bcd->bc", g, g))
             bi, bd = _sorted_rows(bi, bd)
+            bi, bd = bi[:, :kk], bd[:, :kk]
             bi, bd = _drop_self(bi, bd, None if self_ids is None else self_ids[start:stop], k)
             idx[start:stop, :bi.shape[1]] = bi
             dist[start:stop, :bi.shape[1]] = bd
