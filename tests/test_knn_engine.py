@@ -326,6 +326,15 @@ def test_run_record_carries_the_graph_through_the_client(client):
     assert col.mine("coreset", 5, space="v").wait(timeout=120).run()["graph"] == {}
 
 
+def test_cli_prints_the_graph(client, capsys):
+    from service.cli import main
+
+    assert main(["mine", "g", "typicality", "--size", "3", "--space", "v", "--param", "k=8", "--quiet",
+                 "--server", client.target]) == 0
+    err = capsys.readouterr().err
+    assert "pool k-NN graph: faiss-ivf-flat nlist=" in err and "recall@8 " in err and "on 500 sampled rows" in err
+
+
 def test_cancel_mid_graph_ends_the_run_within_seconds(client):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((120_000, 48)).astype(np.float32)  # no structure: a slow graph
