@@ -14,12 +14,13 @@ How (``plan``)
 * **exact** — :func:`miners.density.exact_knn_graph` (blocked, float64 re-ranking with a
   proven error bound, never ``N x N``), run on blocks of queries so that progress and cancel
   happen between blocks. Chosen when ``M * N <= EXACT_MAX_PAIRS`` or ``N < MIN_IVF_ROWS``.
-  The threshold comes from ``bench/density.py --crossover`` on this 2-core machine
-  (384-d clustered unit vectors, k=20, a pool's own graph, target recall 0.95; the IVF time
-  includes training, adding, the recall check and the search): 4,000 rows: exact 0.76 s,
-  IVF 0.87 s; 6,000: 1.42 s vs 1.01 s; 20,000: 10.2 s vs 1.7 s; 60,000: 91 s vs 17 s — the
-  crossover is near ``N = 5,000``, hence ``EXACT_MAX_PAIRS = 5,000**2``. An exact graph
-  reports recall 1.0 without measuring.
+  The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
+  machine (384-d clustered unit vectors, k=20, a pool's own graph, target recall 0.95; the
+  IVF time includes training, adding, the recall check and the search): 4,000 rows: exact
+  1.11 s, IVF 1.28 s; 5,000: 1.49 s vs 1.99 s; 6,000: 2.19 s vs 1.86 s; 8,000: 3.19 s vs
+  1.65 s (and, with the earlier sqrt(N) list rule, 20,000: 10.2 s vs 1.7 s; 60,000: 91 s
+  vs 17 s) — the crossover is near ``N = 5,000``, hence ``EXACT_MAX_PAIRS = 5,000**2``. An
+  exact graph reports recall 1.0 without measuring.
 * **faiss-ivf-flat** — ``faiss.IndexIVFFlat`` when the base fits comfortably in memory
   (``N d 4 <= FLAT_MAX_BYTES`` and at most a third of the available memory): the index holds
   a float32 copy of the base, inverted lists hold exact vectors, distances are exact float32.
@@ -30,11 +31,13 @@ How (``plan``)
 
 IVF settings, from ``N`` (the base rows):
 
-* ``nlist = 2^round(log2(sqrt(N)))`` clamped to ``[16, 16384]`` (1M rows: 1024; 10M:
-  4096). The work of a search is ``nprobe * N / nlist`` distances per query plus ``nlist``
-  for the coarse step; for a given recall the scanned fraction ``nprobe / nlist`` barely
-  depends on ``nlist``, while k-means training costs ``~ 39 nlist^2 d`` per iteration —
-  so ``~ sqrt(N)`` lists keep training cheap without costing search time.
+* ``nlist = 2^round(log2(4 sqrt(N)))`` clamped to ``[16, 8192]`` and to ``N / 39`` (FAISS's
+  guideline; 100k rows: 1024, 1M: 4096, 10M: 8192). Small lists fit the cache while
+  consecutive queries scan them: at 1M x 384 (``bench/density.py --graph --latent 16``
+  data), 4096 lists reached recall@20 0.958 with nprobe 20 in an estimated 232 s of search
+  (+131 s to build), 1024 lists 0.951 with nprobe 8 in 421 s (+9 s) — the coarse step's
+  ``nlist`` distances per query are cheaper than the longer lists' scan. Above 8192 lists,
+  training (``~ 39 nlist^2 d`` flops per iteration) would cost more than it saves.
 * training: 10 Lloyd iterations (FAISS's default for IVF) on ``max(39 nlist, 20,000)``
   sampled rows (FAISS's minimum of 39 points per centroid), run one iteration at a time so
   cancel is checked between iterations.
@@ -70,8 +73,8 @@ Memory plan: a 10M x 384 pool, k = 20, in 24 GiB with the server
 * pool vectors, float32: 10M x 384 x 4 B = 14.3 GiB — a memory-mapped temp file
   (``load_pool`` above 4 GiB): page cache, reclaimed by the OS, not anonymous memory;
 * 14.3 GiB > ``FLAT_MAX_BYTES`` (4 GiB), so IVF-SQ8: codes 10M x 384 B = 3.6 GiB + ids
-  10M x 8 B = 76 MiB + 4096 centroids (6 MiB);
-* training sample: 160k x 384 x 4 B = 234 MiB (freed after training);
+  10M x 8 B = 76 MiB + 8192 centroids (12 MiB);
+* training sample: 39 x 8192 = 320k rows x 384 x 4 B = 469 MiB (freed after training);
 * the graph: 10M x 20 x (8 + 8) B = 3.0 GiB (int64 indices, float64 distances);
 * per block (<= 65,536 queries): coarse assignment 65,536 x nprobe x 12 B (<= 200 MiB at
   nprobe 256), 2k candidates 65,536 x 41 x 12 B = 31 MiB, re-ranking in sub-blocks of 2,048
@@ -222,8 +225,8 @@ def _available_bytes() -> int:
 
 
 def nlist_for(n: int) -> int:
-    """``2^round(log2(sqrt(n)))`` in [16, 16384]."""
-    return int(min(16384, max(16, 2 ** round(math.log2(max(1.0, math.sqrt(n)))))))
+    """``2^round(log2(4 sqrt(n)))`` in [16, 8192]."""
+    return int(min(8192, max(16, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))))
 
 
 def plan(n_base: int, n_queries: int, dim: int, *, method: str = "auto") -> Plan:
