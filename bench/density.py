@@ -1,4 +1,5 @@
-"""Benchmark of the density miners (``miners.density``): LOF on an embedding-like pool.
+"""Benchmark of the density miners (``miners.density``): LOF on an embedding-like pool, and
+the k-NN graph engine (``miners.knn``) against FAISS IVF-Flat (``--graph``).
 
 What is measured
 ----------------
@@ -10,8 +11,7 @@ three cluster radii from its cluster's centre in a random direction (see ``make_
 * **assay** -- ``exact_knn_graph(x, k)`` (blocked exact k-NN: float32 score products on
   blocks of query rows, candidates re-ranked in float64 with a proven error bound, never
   ``N x N``) followed by ``lof_scores(indices, distances)``. The graph and the LOF step are
-  also timed apart. An approximate graph from FAISS would be a third column: FAISS is not
-  installed in this environment, so that row says "skipped".
+  also timed apart. (The approximate graphs of ``miners.knn`` are measured by ``--graph``.)
 * **reference** -- scikit-learn's ``LocalOutlierFactor(n_neighbors=k).fit(x)`` on the same
   array, ``algorithm="auto"`` (what scikit-learn picks for ``d > 15`` is brute force: its
   chunked ``ArgKmin`` pairwise-distance reduction, which upcasts float32 chunks to float64).
@@ -33,10 +33,34 @@ How to read the table
 = assay faster or smaller), for recall-like figures assay / reference. Absolute times depend
 on the (shared, noisy) machine; compare ratios.
 
+The k-NN graph (``--graph``)
+---------------------------
+The same vectors, L2-normalised (as a cosine space is searched), k=20, a pool's own graph
+(self excluded):
+
+* **assay** -- ``miners.knn.knn_search(x, k)`` with its defaults: exact or FAISS IVF chosen
+  from N, ``nprobe`` tuned on a 500-row sample for recall@k >= 0.95, the whole graph
+  searched in blocks (what the lof / typicality / near_duplicates miners run);
+* **reference** -- FAISS ``IndexIVFFlat`` with 4096 lists trained on a 100,000-row sample,
+  ``nprobe`` 16, one ``search`` of all rows for k+1 neighbours (self dropped): the
+  ANCHORS.md reference (990k x 384: 276 s, recall@20 0.998 on the issue's data). Below 1M
+  rows the list count follows FAISS's guideline ``4 sqrt(N)`` (a power of two: 1024 at
+  100k), since 4096 lists trained on 100k rows cost minutes for 24 rows a list.
+
+Both use both cores (``faiss.omp_set_num_threads``). Recall@k of each is measured by this
+script against an exact search (``miners.knn.exact_search``) of 1,000 sampled rows (a
+different sample from the engine's own), tie-aware (``miners.knn.recall_at_k``); the
+engine's self-reported recall is printed too. Peak memory as above.
+
+``--crossover`` times the exact pass against the IVF path at several N (how
+``miners.knn.EXACT_MAX_PAIRS`` was set).
+
 Usage::
 
     uv run python bench/density.py [--n 100000] [--dim 384] [--k 20] [--outliers 500]
         [--seed 0] [--ref-n N] [--quick] [--json PATH]
+    uv run python bench/density.py --graph [--quick | --n 1000000] [--k 20]
+    uv run python bench/density.py --crossover
 """
 
 from __future__ import annotations
@@ -61,6 +85,7 @@ from sklearn.neighbors import LocalOutlierFactor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import miners.density as density  # noqa: E402
+from miners import knn  # noqa: E402
 from miners.density import exact_knn_graph, lof_scores  # noqa: E402
 
 CLUSTERS = 200
@@ -70,7 +95,7 @@ LATENT = 64
 # -- data ---------------------------------------------------------------------------------
 
 
-def make_data(n: int, dim: int, n_out: int, seed: int) -> np.ndarray:
+def make_data(n: int, dim: int, n_out: int, seed: int, latent: int = LATENT) -> np.ndarray:
     """Clustered float32 vectors; rows ``0 .. n_out-1`` are the planted outliers.
 
     Inliers: ``centre[c] + (g @ B) * w_c / sqrt(64) + noise``, unit-norm centres, a shared
@@ -85,11 +110,11 @@ def make_data(n: int, dim: int, n_out: int, seed: int) -> np.ndarray:
     popularity = rng.pareto(1.5, size=CLUSTERS) + 1
     lab = rng.choice(CLUSTERS, size=n, p=popularity / popularity.sum())
     width = rng.uniform(0.1, 0.4, size=CLUSTERS)
-    basis = rng.normal(size=(LATENT, dim)) / np.sqrt(dim)
+    basis = rng.normal(size=(latent, dim)) / np.sqrt(dim)
     x = np.empty((n, dim), dtype=np.float32)
     for s in range(0, n, 20_000):
         e = min(n, s + 20_000)
-        z = rng.normal(size=(e - s, LATENT)) @ basis * (width[lab[s:e], None] / np.sqrt(LATENT))
+        z = rng.normal(size=(e - s, latent)) @ basis * (width[lab[s:e], None] / np.sqrt(latent))
         x[s:e] = centres[lab[s:e]] + z + (0.05 / np.sqrt(dim)) * rng.normal(size=(e - s, dim))
     u = rng.normal(size=(n_out, dim))
     u /= np.linalg.norm(u, axis=1, keepdims=True)
@@ -203,9 +228,6 @@ def run(args: argparse.Namespace, report: Report) -> None:
     report.add("  of which LOF from the graph, s", t_lof, None, kind="info", unit="s")
     report.add("peak extra memory, MB (RSS above the input)", mem_a.extra_mb, mem_r.extra_mb,
                kind="cost", unit="MB")
-    if importlib.util.find_spec("faiss") is None:
-        report.add("LOF with a FAISS HNSW graph: skipped (faiss not installed)", None, None,
-                   kind="info")
     m = max(1, ref_n // 100)
     overlap = len(set(top(lof_a, m)) & set(top(lof_r, m))) / m
     report.add(f"top 1% outliers ({m:,}) overlap with sklearn (target >= 0.9)", overlap, 1.0,
@@ -226,7 +248,120 @@ def run(args: argparse.Namespace, report: Report) -> None:
                           sklearn_fit_method=lof_model._fit_method, ref_n=ref_n)
 
 
+# -- the k-NN graph engine against FAISS IVF-Flat -----------------------------------------
+
+
+REF_NLIST = 4096
+REF_TRAIN = 100_000
+REF_NPROBE = 16
+CHECK_SAMPLE = 1000
+
+
+def ref_nlist(n: int) -> int:
+    """4096 lists from 1M rows on (the ANCHORS reference), else 2^round(log2(4 sqrt(n)))."""
+    return REF_NLIST if n >= 900_000 else int(2 ** round(np.log2(4 * np.sqrt(n))))
+
+
+def _faiss_reference(x: np.ndarray, k: int, seed: int) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """IVF4096,Flat trained on a 100k sample, nprobe 16: (build s, search s, indices, distances)."""
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    nlist = ref_nlist(n)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+    train = x[np.sort(rng.choice(n, min(n, REF_TRAIN), replace=False))]
+    index.train(np.ascontiguousarray(train))
+    index.add(x)
+    build = time.perf_counter() - t0
+    index.nprobe = REF_NPROBE
+    t1 = time.perf_counter()
+    d2, idx = index.search(x, k + 1)
+    search = time.perf_counter() - t1
+    # drop self (or the last one when self was not found), as the engine does
+    idx, dist = knn._drop_self(idx.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float64),
+                               np.arange(n, dtype=np.int64), k)
+    return build, search, idx, np.where(idx >= 0, dist, np.inf)
+
+
+def run_graph(args: argparse.Namespace, report: Report) -> None:
+    import faiss
+
+    n, dim, k = args.n, args.dim, args.k
+    t, x = timed(lambda: make_data(n, dim, 0, args.seed, args.latent))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # a cosine space is searched on unit vectors
+    print(f"data: {n:,} x {dim} unit vectors ({t:.1f}s); faiss {faiss.__version__}, "
+          f"{faiss.omp_get_max_threads()} threads", flush=True)
+    rows = np.sort(np.random.default_rng(args.seed + 1).choice(n, min(n, CHECK_SAMPLE), replace=False))
+    t, (_, ex_d) = timed(lambda: knn.exact_search(x, x[rows], k, self_ids=rows))
+    print(f"exact neighbours of {len(rows):,} check rows: {t:.1f}s", flush=True)
+
+    last = [0.0]
+
+    def show(f: float, m: str) -> None:
+        if time.monotonic() - last[0] > 10 or f >= 1.0:
+            last[0] = time.monotonic()
+            print(f"  [{f:5.1%}] {m}", flush=True)
+
+    with PeakRSS() as mem_a:
+        t_a, res = timed(lambda: knn.knn_search(x, k, progress=show), "assay")
+    rec_a = knn.recall_at_k(res.distances[rows], ex_d)
+    info = res.info
+    print(f"assay: {t_a:.1f}s ({info.method}; build {info.build_s:.1f}s, recall check + tuning "
+          f"{info.recall_s:.1f}s, search {info.search_s:.1f}s), recall@{k} {rec_a:.4f} "
+          f"(self-reported {info.recall:.4f} on {info.recall_sample}), peak +{mem_a.extra_mb:.0f} MB",
+          flush=True)
+    del res
+    with PeakRSS() as mem_r:
+        t_r, (b_r, s_r, _, dist_r) = timed(lambda: _faiss_reference(x, k, args.seed), "faiss")
+    rec_r = knn.recall_at_k(dist_r[rows], ex_d)
+    print(f"faiss IVF{ref_nlist(n)},Flat nprobe {REF_NPROBE}: {t_r:.1f}s (build {b_r:.1f}s, search {s_r:.1f}s), "
+          f"recall@{k} {rec_r:.4f}, peak +{mem_r.extra_mb:.0f} MB", flush=True)
+    label = f"{n:,} x {dim}, k={k}"
+    report.add(f"k-NN graph {label}: total s (ref: FAISS IVF{ref_nlist(n)},Flat nprobe {REF_NPROBE})",
+               t_a, t_r, kind="cost", unit="s")
+    report.add("  CPU s, all threads", CPU["assay"], CPU["faiss"], kind="cost", unit="s")
+    report.add("  build s (train + add)", info.build_s, b_r, kind="cost", unit="s")
+    report.add("  recall check + nprobe tuning s", info.recall_s, None, kind="info", unit="s")
+    report.add("  search s", info.search_s, s_r, kind="cost", unit="s")
+    report.add(f"recall@{k} vs exact on {len(rows):,} sampled rows (target >= 0.95)", rec_a, rec_r,
+               kind="recall")
+    report.add(f"  self-reported recall@{k} ({info.recall_sample} rows)", info.recall, None, kind="info")
+    report.add("peak extra memory, MB (RSS above the input)", mem_a.extra_mb, mem_r.extra_mb, kind="cost",
+               unit="MB")
+    report.details.update(method=info.method, engine=info.to_dict(), t_assay=t_a, t_faiss=t_r,
+                          recall_assay=rec_a, recall_faiss=rec_r)
+
+
+def run_crossover(args: argparse.Namespace, report: Report) -> None:
+    """Exact pass vs IVF path (build, recall check, search) for a pool's own graph."""
+    old = knn.MIN_IVF_ROWS
+    knn.MIN_IVF_ROWS = 0
+    try:
+        for n in args.crossover_n:
+            x = make_data(n, args.dim, 0, args.seed, args.latent)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            t_e, _ = timed(lambda x=x: knn.knn_search(x, args.k, method="exact"))
+            t_i, res = timed(lambda x=x: knn.knn_search(x, args.k, method="ivf-flat"))
+            print(f"n={n:,}: exact {t_e:.2f}s, IVF {t_i:.2f}s ({res.info.method}, recall "
+                  f"{res.info.recall:.3f})", flush=True)
+            report.add(f"{n:,} x {args.dim}, k={args.k}: IVF path s (ref: exact pass)", t_i, t_e, kind="cost",
+                       unit="s")
+    finally:
+        knn.MIN_IVF_ROWS = old
+
+
 # -- output --------------------------------------------------------------------------------
+
+
+def _faiss_version() -> str:
+    if importlib.util.find_spec("faiss") is None:
+        return "not installed"
+    import faiss
+
+    return faiss.__version__
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,10 +376,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run scikit-learn (and the compared assay run) on the first N rows only")
     p.add_argument("--skip-sklearn", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--quick", action="store_true", help="20,000 rows, for development")
+    p.add_argument("--quick", action="store_true",
+                   help="20,000 rows (LOF) / 100,000 rows (--graph), for development")
+    p.add_argument("--graph", action="store_true",
+                   help="the k-NN graph engine against FAISS IVF-Flat (IVF4096, nprobe 16)")
+    p.add_argument("--crossover", action="store_true", help="exact pass vs IVF path at --crossover-n sizes")
+    p.add_argument("--latent", type=int, default=LATENT,
+                   help="dimension of the within-cluster spread (the data's intrinsic dimension; "
+                        "real sentence embeddings have ~10-20 locally): 64 is hard for any IVF")
+    p.add_argument("--crossover-n", type=int, nargs="+", default=[2000, 4000, 6000, 8000, 12000, 20000])
     args = p.parse_args(argv)
     if args.quick:
-        args.n = min(args.n, 20_000)
+        args.n = min(args.n, 100_000 if args.graph else 20_000)
     if args.outliers is None:
         args.outliers = max(1, args.n // 200)
     return args
@@ -254,18 +397,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = Report(machine=machine(
         sklearn=sklearn.__version__,
-        faiss="installed" if importlib.util.find_spec("faiss") else "not installed"), params={k: (str(v) if isinstance(v, Path) else v)
+        faiss=_faiss_version()), params={k: (str(v) if isinstance(v, Path) else v)
                                                for k, v in vars(args).items()})
     m = report.machine
-    print("# assay density benchmark (LOF)\n")
+    what = "k-NN graph" if args.graph else "exact vs IVF crossover" if args.crossover else "LOF"
+    print(f"# assay density benchmark ({what})\n")
     print(f"- machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, "
           f"{m['platform']}")
     print(f"- python {m['python']}, numpy {m['numpy']}, scikit-learn {m['sklearn']}, "
           f"faiss {m['faiss']}")
-    print(f"- {args.n:,} x {args.dim} float32, k={args.k}, {args.outliers} planted outliers, "
-          f"seed {args.seed}\n", flush=True)
+    planted = "" if args.graph or args.crossover else f", {args.outliers} planted outliers"
+    print(f"- {args.n:,} x {args.dim} float32, k={args.k}{planted}, seed {args.seed}\n", flush=True)
     t0 = time.perf_counter()
-    run(args, report)
+    (run_graph if args.graph else run_crossover if args.crossover else run)(args, report)
     report.details["total_seconds"] = time.perf_counter() - t0
     print(f"\n## results (total {report.details['total_seconds']:.0f}s)\n")
     print(render(report))

@@ -246,8 +246,10 @@ KNN_QUERY_BATCH: Final = _define("KNN_QUERY_BATCH", 512, "queries per batched in
 POOL_CHUNK_ROWS: Final = _define("POOL_CHUNK_ROWS", 65_536, "rows per chunk while loading a "
                                  "pool's vectors", "mining")
 KNN_CACHE_ENTRIES: Final = _define("KNN_CACHE_ENTRIES", 8, "k-NN graphs kept in memory (runs "
-                                   "and scoring on the same version, filter and k reuse them)",
-                                   "mining")
+                                   "on the same version and filter reuse them; a graph for k "
+                                   "serves every k' <= k)", "mining")
+KNN_CACHE_MAX_BYTES: Final = _define("KNN_CACHE_MAX_BYTES", 4 << 30, "bytes of k-NN graphs kept in "
+                                     "memory at most (the newest is always kept)", "mining")
 
 # -- scoring at the edge (service.scoring) -----------------------------------------------------
 
@@ -262,8 +264,6 @@ SCORING_CHUNK_ROWS: Final = _define("SCORING_CHUNK_ROWS", 8192, "rows per chunk 
                                     "calibration scan", "scoring")
 SCORER_EXPORT_CHUNK: Final = _define("SCORER_EXPORT_CHUNK", 1 << 20, "bytes per streamed chunk "
                                      "of an exported scorer", "scoring")
-SCORING_QUERY_BATCH: Final = _define("SCORING_QUERY_BATCH", 512, "items per batched index "
-                                     "search of novelty scoring", "scoring")
 REFERENCE_CACHE: Final = _define("REFERENCE_CACHE", 4, "reference sets kept in memory",
                                  "scoring")
 

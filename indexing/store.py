@@ -298,9 +298,13 @@ class Store:
 
     def system_table(self, name: str, schema: pa.Schema, key: str | None = None) -> lancedb.table.Table:
         """Open (creating it if missing) one of assay's own tables under the root — ``_jobs``,
-        ``_runs``, ``_datasets``... — with ``key`` as its unenforced primary key."""
+        ``_runs``, ``_datasets``... — with ``key`` as its unenforced primary key.
+
+        A table written by an older version that lacks some of ``schema``'s fields gets them
+        added as all-null columns (they must be nullable), so a new nullable field in a
+        system schema never breaks an existing data root."""
         try:
-            return self._db.open_table(name)
+            return self._upgrade(self._db.open_table(name), schema)
         except (ValueError, FileNotFoundError):
             try:
                 table = self._db.create_table(name, schema=schema)
@@ -309,6 +313,27 @@ class Store:
                 return table
             except (ValueError, OSError):  # created concurrently
                 return self._db.open_table(name)
+
+    def _upgrade(self, table: lancedb.table.Table, schema: pa.Schema) -> lancedb.table.Table:
+        """Add ``schema``'s fields that ``table`` lacks, as all-null columns."""
+        have = set(table.schema.names)
+        missing = [f for f in schema if f.name not in have]
+        if not missing:
+            return table
+        strict = [f.name for f in missing if not f.nullable]
+        if strict:
+            raise FailedPrecondition(
+                f"system table '{table.name}' under {self.root} lacks the non-nullable column(s) "
+                f"{', '.join(strict)}: it was written by an incompatible version of assay")
+        try:
+            table.add_columns(missing)
+            log.info("system table %s: added column(s) %s", table.name, ", ".join(f.name for f in missing))
+        except Exception:  # another process added them first: fine if they are there now
+            table = self._db.open_table(table.name)
+            still = [f.name for f in schema if f.name not in set(table.schema.names)]
+            if still:
+                raise
+        return table
 
     def collection(self, name: str) -> Collection:
         check_collection_name(name)

@@ -71,6 +71,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -527,6 +528,7 @@ def kcenter_greedy(
     prune: bool = True,
     device: str | None = None,
     stats: dict[str, Any] | None = None,
+    on_pick: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-center greedy (coreset) selection of ``size`` pool rows, exact, never ``N x N``.
 
@@ -569,6 +571,8 @@ def kcenter_greedy(
             unpruned algorithm computes: ``N`` per update), ``pruned_fraction``
             (``1 - evaluations / full_evaluations``), ``reference_evaluations``
             (``N * L``), ``seconds``, ``device`` and ``threads``.
+        on_pick: called as ``on_pick(done, size)`` before each pick and after the last (a
+            long selection reports progress and can be cancelled by raising in it).
 
     Returns:
         ``(picks, radii)``: ``picks`` ``(size,)`` int64 row indices in pick order;
@@ -643,6 +647,8 @@ def kcenter_greedy(
         # the O(N) per-point test is retried with exponential backoff while it keeps >= 90 %
         next_filter, backoff = 0, 1
         for i in range(size):
+            if on_pick is not None:
+                on_pick(i, size)
             if i == 0:
                 if start is not None:
                     p = start
@@ -710,6 +716,8 @@ def kcenter_greedy(
                     np.maximum(radius[:cid], top_sel[:cid], out=radius[:cid])
                     radius[cid] = top_sel[cid]
                     np.maximum(radius[: cid + 1], 0.0, out=radius[: cid + 1])
+        if on_pick is not None:
+            on_pick(size, size)
         if stats is not None:
             full = n * updates
             stats.update({
@@ -737,6 +745,7 @@ def badge_select(
     *,
     seed: int = 0,
     labels_from: Literal["argmax"] = "argmax",
+    on_pick: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """BADGE (Ash et al. 2020): k-means++ seeding on gradient embeddings, never materialised.
 
@@ -770,6 +779,7 @@ def badge_select(
         size: number of picks, ``0 <= size <= N``.
         seed: seed of the k-means++ draws.
         labels_from: how the hallucinated label is chosen; only ``"argmax"``.
+        on_pick: called as ``on_pick(done, size)`` before each pick and after the last.
 
     Returns:
         ``(size,)`` int64 row indices in pick order.
@@ -809,7 +819,7 @@ def badge_select(
     d2 = np.full(n, np.inf)
     hdot, adot = _ParallelRowDots(h, _n_threads()), _ParallelRowDots(a, _n_threads())
     try:
-        _badge_loop(a, h, gg, size, rng, chosen, d2, picks, hdot, adot)
+        _badge_loop(a, h, gg, size, rng, chosen, d2, picks, hdot, adot, on_pick)
     finally:
         hdot.close()
         adot.close()
@@ -818,9 +828,12 @@ def badge_select(
 
 def _badge_loop(a: np.ndarray, h: np.ndarray, gg: np.ndarray, size: int,
                 rng: np.random.Generator, chosen: np.ndarray, d2: np.ndarray,
-                picks: np.ndarray, hdot: _ParallelRowDots, adot: _ParallelRowDots) -> None:
+                picks: np.ndarray, hdot: _ParallelRowDots, adot: _ParallelRowDots,
+                on_pick: Callable[[int, int], None] | None = None) -> None:
     n = len(gg)
     for i in range(size):
+        if on_pick is not None:
+            on_pick(i, size)
         if i == 0:
             c = int(np.argmax(gg))
         else:
@@ -844,6 +857,8 @@ def _badge_loop(a: np.ndarray, h: np.ndarray, gg: np.ndarray, size: int,
         np.maximum(new, 0.0, out=new)
         np.minimum(d2, new, out=d2)
         d2[chosen] = 0.0
+    if on_pick is not None:
+        on_pick(size, size)
 
 
 # ----------------------------------------------------------------------------- Cluster-Margin

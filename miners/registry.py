@@ -341,7 +341,8 @@ register(MinerSpec(
 
 def _coreset(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     ref = a.get("reference_vectors")
-    picks, radii = diversity.kcenter_greedy(a["vectors"], size, reference=ref if ref is not None and len(ref) else None)
+    picks, radii = diversity.kcenter_greedy(a["vectors"], size, reference=ref if ref is not None and len(ref) else None,
+                                            on_pick=p.get("on_pick"))
     radii = np.asarray(radii, dtype=np.float64)
     if len(picks) and not np.isfinite(radii[0]):
         # Without a reference set the first centre is the point farthest from the pool mean:
@@ -361,7 +362,8 @@ register(MinerSpec(
 
 
 def _badge(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    picks = np.asarray(diversity.badge_select(a["probs"], a["vectors"], size, seed=p["seed"]))
+    picks = np.asarray(diversity.badge_select(a["probs"], a["vectors"], size, seed=p["seed"],
+                                              on_pick=p.get("on_pick")))
     # k-means++ is a sampling procedure: the score is the pick order (first = 1.0)
     return picks, 1.0 - np.arange(len(picks)) / max(1, len(picks))
 

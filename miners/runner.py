@@ -66,6 +66,8 @@ class MiningOutput:
     timings: dict[str, float]
     # per result: the id of a related row (the seed it is nearest to, the row it duplicates)
     related: list[str | None] | None = None
+    # the k-NN graphs the run used, by role ("pool", "query", "reference"): GraphInfo dicts
+    graph: dict[str, dict[str, Any]] | None = None
 
 
 def miner_spec(name: str) -> MinerSpec:
@@ -500,51 +502,94 @@ def _top(scores: np.ndarray, row_keys: np.ndarray, size: int, rec: RunRecord, pa
     return top.result()[2].get("pos", np.zeros(0, dtype=np.int64))
 
 
+def _phase(progress: Callable[[float, str], None], lo: float, hi: float) -> Callable[[float, str], None]:
+    """``progress`` for a phase that spans [lo, hi] of the run's bar."""
+    return lambda f, m: progress(lo + (hi - lo) * min(1.0, max(0.0, f)), m)
+
+
+def _pick_progress(progress: Callable[[float, str], None], check: Callable[[], None], what: str,
+                   lo: float, hi: float) -> Callable[[int, int], None]:
+    """A per-pick callback for batch selectors: cancel checked every pick, progress (with an
+    ETA) at most every 0.5 s."""
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def on_pick(done: int, total: int) -> None:
+        check()
+        now = time.perf_counter()
+        if now - last[0] >= 0.5 or done == total:
+            last[0] = now
+            el = now - t0
+            eta = f", ETA {el * (total - done) / done:.0f} s" if done else ""
+            progress(lo + (hi - lo) * done / max(1, total), f"{what}: {done:,} of {total:,} picks{eta}")
+
+    return on_pick
+
+
 def _run_gathered(col: Collection, rec: RunRecord, spec: MinerSpec, params: dict[str, Any],
                   progress: Callable[[float, str], None], check: Callable[[], None]) -> MiningOutput:
-    from miners.vectors import knn_graph, load_pool
+    from miners.vectors import graph, load_pool
 
     t0 = time.perf_counter()
-    progress(0.02, "loading the pool's vectors")
+    needs_ref = bool(rec.reference_where) and ("reference_vectors" in spec.inputs or "query_graph" in spec.inputs)
+    graphs_in = [g for g in ("pool_graph", "query_graph", "reference_graph") if g in spec.inputs]
+    # the bar: loading (pool, reference), the graphs, then scoring or picking
+    load_hi = 0.1 if graphs_in else 0.3
+    ref_lo = load_hi * (0.7 if needs_ref else 1.0)
+    progress(0.0, "loading the pool's vectors")
     pool = load_pool(col, rec.version, rec.space, rec.where or None, model=rec.model or None,
-                     with_probs="probs" in spec.inputs, check=check)
+                     with_probs="probs" in spec.inputs, check=check, progress=_phase(progress, 0.0, ref_lo))
     if len(pool) == 0:
         raise FailedPrecondition(f"none of the {pool.scanned:,} pool rows has a vector in space '{rec.space}'")
     arrays: dict[str, Any] = {"vectors": pool.vectors, "row_keys": pool.row_keys, "probs": pool.probs}
     ref = None
-    if rec.reference_where and ("reference_vectors" in spec.inputs or "query_graph" in spec.inputs):
-        progress(0.1, "loading the reference set's vectors")
-        ref = load_pool(col, rec.version, rec.space, rec.reference_where, check=check)
+    if needs_ref:
+        progress(ref_lo, "loading the reference set's vectors")
+        ref = load_pool(col, rec.version, rec.space, rec.reference_where, check=check,
+                        progress=_phase(progress, ref_lo, load_hi))
         arrays["reference_vectors"] = ref.vectors
     timings = {"load_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
     k = params.get("k", 20)
+    graph_hi = 0.9 if graphs_in else load_hi
+    spans = np.linspace(load_hi, graph_hi, len(graphs_in) + 1) if graphs_in else [load_hi]
+    bars = {name: _phase(progress, spans[i], spans[i + 1]) for i, name in enumerate(graphs_in)}
+    infos: dict[str, dict[str, Any]] = {}
     try:
         if "pool_graph" in spec.inputs:
-            progress(0.2, f"k-NN graph of {len(pool):,} pool rows (k={k})")
-            arrays["pool_graph"] = knn_graph(col, rec.version, rec.space, rec.where or None, min(k, len(pool) - 1),
-                                             pool.vectors, searched=pool, exclude_self=True, check=check) \
-                if len(pool) > 1 else (np.full((1, 0), -1), np.zeros((1, 0)))
+            progress(spans[0], f"k-NN graph of {len(pool):,} pool rows (k={k})")
+            if len(pool) > 1:
+                g = graph(col, rec.version, rec.space, rec.where or None, min(k, len(pool) - 1), pool.vectors,
+                          searched=pool, exclude_self=True, check=check, progress=bars["pool_graph"])
+                arrays["pool_graph"] = (g.indices, g.distances)
+                infos["pool"] = g.info.to_dict()
+            else:
+                arrays["pool_graph"] = (np.full((1, 0), -1), np.zeros((1, 0)))
         if "query_graph" in spec.inputs:
             if ref is None or len(ref) == 0:
                 raise FailedPrecondition(f"the reference filter {rec.reference_where!r} has no vectors in "
                                          f"space '{rec.space}'")
-            progress(0.4, f"k-NN of {len(pool):,} pool rows among {len(ref):,} reference rows")
-            arrays["query_graph"] = knn_graph(col, rec.version, rec.space, rec.reference_where, min(k, len(ref)),
-                                              pool.vectors, searched=ref, check=check)
+            g = graph(col, rec.version, rec.space, rec.reference_where, min(k, len(ref)), pool.vectors,
+                      searched=ref, check=check, progress=bars["query_graph"])
+            arrays["query_graph"] = (g.indices, g.distances)
+            infos["query"] = g.info.to_dict()
             if "reference_graph" in spec.inputs:
                 if len(ref) < 2:
                     raise FailedPrecondition("LOF novelty needs at least 2 reference rows")
-                arrays["reference_graph"] = knn_graph(col, rec.version, rec.space, rec.reference_where,
-                                                      min(k, len(ref) - 1), ref.vectors, searched=ref,
-                                                      exclude_self=True, check=check)
+                g = graph(col, rec.version, rec.space, rec.reference_where, min(k, len(ref) - 1), ref.vectors,
+                          searched=ref, exclude_self=True, check=check, progress=bars["reference_graph"])
+                arrays["reference_graph"] = (g.indices, g.distances)
+                infos["reference"] = g.info.to_dict()
         timings["graph_s"] = time.perf_counter() - t1
         check()
         t2 = time.perf_counter()
-        progress(0.7, "scoring" if spec.select is None else "selecting")
+        progress(graph_hi, f"scoring {len(pool):,} rows" if spec.select is None
+                 else f"picking {min(rec.size, len(pool)):,} of {len(pool):,} rows")
         related_rows = None
         if spec.select is not None:
-            picks, scores = spec.select(arrays, min(rec.size, len(pool)), {**params, "seed": rec.seed})
+            select_params = {**params, "seed": rec.seed,
+                             "on_pick": _pick_progress(progress, check, f"{spec.name}", graph_hi, 0.99)}
+            picks, scores = spec.select(arrays, min(rec.size, len(pool)), select_params)
             picks, scores = np.asarray(picks, dtype=np.int64), np.asarray(scores, dtype=np.float64)
         else:
             result = spec.score(arrays, params)
@@ -552,6 +597,8 @@ def _run_gathered(col: Collection, rec: RunRecord, spec: MinerSpec, params: dict
                 all_scores, related_all = np.asarray(result["scores"], np.float64), result.get("related")
             else:
                 all_scores, related_all = np.asarray(result, np.float64), None
+            check()
+            progress(0.97, f"keeping the top {min(rec.size, len(pool)):,} of {len(pool):,} scores")
             picks = _top(all_scores, pool.row_keys, rec.size, rec, params, spec.supports_common)
             scores = all_scores[picks]
             if related_all is not None:
@@ -564,7 +611,7 @@ def _run_gathered(col: Collection, rec: RunRecord, spec: MinerSpec, params: dict
     if related_rows is not None:
         related = [pool.ids[r] if r >= 0 else None for r in related_rows]
     return MiningOutput(ids=list(pool.ids[picks]), scores=scores, rows_scanned=pool.scanned,
-                        rows_skipped=pool.skipped, timings=timings, related=related)
+                        rows_skipped=pool.skipped, timings=timings, related=related, graph=infos or None)
 
 
 # -- direct miners: seeds, chains -----------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A run record holds everything needed to reproduce it — miner, parameters, model/space,
 pool and reference filters, size, seed, and the collection version it read — plus its
-status, progress, row counts and timings. Results (``run_id, id, rank, score``) are
+status, progress, row counts, timings and the k-NN graphs it used (method, recall@k). Results (``run_id, id, rank, score``) are
 written in a single append once the run has finished, and the record is marked
 SUCCEEDED only after that append: a run is never half-written. Results of runs that are
 not SUCCEEDED are never served.
@@ -56,6 +56,10 @@ _RUNS_SCHEMA = pa.schema([
     pa.field("timings", pa.string()),
     pa.field("created_at", pa.float64()),
     pa.field("finished_at", pa.float64()),
+    # JSON: the k-NN graphs the run used, by role ("pool", "query", "reference"): method, k,
+    # recall@k on a sample, sample size, seconds (miners.knn.GraphInfo); null for other miners.
+    # Added after the first release: RunStore's system_table adds it to older data roots.
+    pa.field("graph", pa.string()),
 ])
 _RESULTS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
@@ -90,11 +94,13 @@ class RunRecord:
     timings: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     finished_at: float = 0.0
+    graph: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
         row["params"] = json.dumps(self.params, sort_keys=True)
         row["timings"] = json.dumps(self.timings)
+        row["graph"] = json.dumps(self.graph, sort_keys=True) if self.graph else None
         return row
 
     @classmethod
@@ -102,6 +108,7 @@ class RunRecord:
         data = {k: v for k, v in row.items() if v is not None}
         data["params"] = json.loads(data.get("params") or "{}")
         data["timings"] = json.loads(data.get("timings") or "{}")
+        data["graph"] = json.loads(data.get("graph") or "{}")
         return cls(**data)
 
 

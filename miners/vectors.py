@@ -5,11 +5,15 @@
   prediction arrays the miner also needs. Vectors go to a NumPy array, or to a memory-mapped
   file under the system temp folder when they would exceed ``MEMMAP_ABOVE_BYTES`` — a 10M ×
   384 pool (15 GB) is paged by the OS instead of held in RAM.
-* :func:`knn_graph` gives the k nearest neighbours of a set of query vectors among a
-  collection's rows (the pool itself, or a reference set): a blocked exact pass when the
-  searched set is small (``EXACT_MAX_ROWS``), else the space's ANN index through LanceDB with
-  the SQL filter as prefilter. Graphs are cached per (table, version, space, filter, k,
-  queries) in this process and reused across runs.
+* :func:`graph` (and :func:`knn_graph`, its arrays only) gives the k nearest neighbours of a
+  set of query vectors among rows the run has loaded (the pool itself, or a reference set):
+  the k-NN graph engine :func:`miners.knn.knn_search` on the loaded vectors — the filter is
+  already applied, so nothing is prefiltered — exact where that is cheaper, else FAISS IVF,
+  with its recall@k measured on a sample and its method in :class:`miners.knn.GraphInfo`.
+  Without loaded rows (``searched=None``: a few seeds against a large indexed pool) it asks
+  the space's ANN index through LanceDB, SQL filter as prefilter: interactive search stays
+  with LanceDB. Graphs are cached per (table, version, space, filter, queries) in this
+  process; a graph built for k serves every k' <= k (its first k' columns).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.schema import EMB_PREFIX, PRED_PREFIX
-from indexing.settings import EXACT_MAX_ROWS, MEMMAP_ABOVE_BYTES
+from indexing.settings import (
+    EXACT_MAX_ROWS,  # noqa: F401 -- read here by the knn miner and scoring
+    MEMMAP_ABOVE_BYTES,
+)
 from indexing.settings import KNN_CACHE_ENTRIES as CACHE_ENTRIES
+from indexing.settings import KNN_CACHE_MAX_BYTES as CACHE_MAX_BYTES
 from indexing.settings import KNN_QUERY_BATCH as ANN_QUERY_BATCH
 from indexing.settings import POOL_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
-from miners.density import exact_knn_graph
+from miners.knn import GraphInfo, KnnResult, knn_search
 
 
 @dataclass
@@ -55,10 +65,12 @@ def _list_matrix(arr: pa.Array, width: int, dtype: Any) -> np.ndarray:
 
 
 def load_pool(col: Collection, version: int, space: str, where: str | None, *, model: str | None = None,
-              with_probs: bool = False, check: Any = lambda: None) -> Pool:
+              with_probs: bool = False, check: Any = lambda: None,
+              progress: Callable[[float, str], None] | None = None) -> Pool:
     """Stream the vectors (and, with ``with_probs``, ``pred_<model>`` probabilities or
     softmaxed logits) of the rows matching ``where`` at ``version``. Rows missing any of them
-    are counted in ``skipped``."""
+    are counted in ``skipped``. ``progress(fraction, message)`` after each chunk: rows read
+    of the total, with an ETA."""
     from miners.uncertainty import softmax
 
     spec = col.space(space)
@@ -82,9 +94,13 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *, m
     keys: list[np.ndarray] = []
     probs_parts: list[np.ndarray] = []
     n = scanned = 0
+    t0 = time.perf_counter()
     for batch in query.to_batches(CHUNK_ROWS):
         check()
         scanned += batch.num_rows
+        if progress is not None:
+            progress(scanned / max(1, total), f"loading vectors: {scanned:,} of {total:,} rows"
+                     f"{_eta(scanned, total, time.perf_counter() - t0)}")
         valid = ~np.asarray(batch.column("v").is_null().to_numpy(zero_copy_only=False))
         if with_probs:
             has_p = ~np.asarray(batch.column("probs").is_null().to_numpy(zero_copy_only=False))
@@ -123,48 +139,89 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *, m
 
 # -- the k-NN graph ---------------------------------------------------------------------------
 
-_CACHE: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_CACHE: OrderedDict[tuple, KnnResult] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_key(col: Collection, version: int, space: str, where: str | None, k: int,
+def _cache_key(col: Collection, version: int, space: str, where: str | None,
                queries: np.ndarray, exclude_self: bool) -> tuple:
-    # The key already pins table, version, space, filter and k; the queries are told apart by
-    # their shape and ~1k evenly spaced rows (hashing a 1M-row pool whole would cost seconds).
+    # The key pins table, version, space and filter (not k: a larger k serves a smaller one);
+    # the queries are told apart by their shape and ~1k evenly spaced rows (hashing a 1M-row
+    # pool whole would cost seconds).
     sample = np.ascontiguousarray(queries[:: max(1, len(queries) // 1024)])
     digest = hashlib.blake2b(sample.tobytes(), digest_size=16)
     digest.update(str(queries.shape).encode())
-    return (col.store.root, col.name, version, space, where or "", k, exclude_self, digest.hexdigest())
+    return (col.store.root, col.name, version, space, where or "", exclude_self, digest.hexdigest())
+
+
+def _cached(key: tuple, k: int) -> KnnResult | None:
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is None or hit.info.k < k:
+            return None
+        _CACHE.move_to_end(key)
+    out = hit.sliced(k)
+    if out is hit:
+        out = KnnResult(hit.indices, hit.distances, GraphInfo(**{**hit.info.to_dict(), "cached": True}),
+                        hit.sample)
+    return out
+
+
+def _remember(key: tuple, result: KnnResult) -> None:
+    with _CACHE_LOCK:
+        old = _CACHE.get(key)
+        if old is not None and old.info.k > result.info.k:
+            return  # the cached graph serves more
+        _CACHE[key] = result
+        _CACHE.move_to_end(key)
+        size = sum(r.indices.nbytes + r.distances.nbytes for r in _CACHE.values())
+        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_ENTRIES or size > CACHE_MAX_BYTES):
+            _, dropped = _CACHE.popitem(last=False)
+            size -= dropped.indices.nbytes + dropped.distances.nbytes
+
+
+def graph(col: Collection, version: int, space: str, where: str | None, k: int, queries: np.ndarray,
+          *, searched: Pool | None = None, exclude_self: bool = False, check: Any = lambda: None,
+          progress: Callable[[float, str], None] | None = None, target_recall: float = 0.95) -> KnnResult:
+    """k nearest rows (matching ``where`` at ``version``) of each query vector, with how the
+    graph was built. With ``searched`` (the rows, loaded): indices into ``searched``, from
+    :func:`miners.knn.knn_search` on its vectors; ``exclude_self`` drops each query's own row
+    when the queries are the searched rows themselves (query i is row i). Without: stable
+    row ids from the space's ANN index through LanceDB. Euclidean distances, ascending."""
+    key = _cache_key(col, version, space, where, queries, exclude_self)
+    hit = _cached(key, k)
+    if hit is not None:
+        if progress is not None:
+            progress(1.0, f"k-NN graph (k={k}) reused from the cache ({hit.info.method})")
+        return hit
+    spec = col.space(space)
+    if spec.metric == "dot":
+        raise ValueError(f"space '{space}' uses the dot metric; k-NN graph miners need l2 or cosine")
+    report = progress or (lambda f, m: None)
+    if searched is not None:
+        # Euclidean on the loaded vectors (unit vectors for cosine spaces, see load_pool)
+        own = exclude_self and queries is searched.vectors
+        result = knn_search(searched.vectors, k, queries=None if own else queries,
+                            self_ids=None if own or not exclude_self else np.arange(len(queries)),
+                            exclude_self=own, target_recall=target_recall, progress=report, check=check)
+    else:
+        t0 = time.perf_counter()
+        idx, dist = _ann_graph(col, version, spec, where, k, queries, None, exclude_self, check)
+        result = KnnResult(idx, dist, GraphInfo(
+            method=f"lancedb-ann nprobes={spec.index.nprobes} refine_factor={spec.index.refine_factor}",
+            k=k, rows=0, queries=len(queries), recall=None, recall_sample=0, target_recall=target_recall,
+            search_s=time.perf_counter() - t0))
+    _remember(key, result)
+    return result
 
 
 def knn_graph(col: Collection, version: int, space: str, where: str | None, k: int, queries: np.ndarray,
               *, searched: Pool | None = None, exclude_self: bool = False,
               check: Any = lambda: None) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest rows (matching ``where`` at ``version``) of each query vector, as
-    (indices into ``searched`` when it is given — else row positions of the ANN result —,
-    Euclidean distances), ascending. ``exclude_self`` drops each query's own row when the
-    queries are the searched rows themselves (query i is row i)."""
-    key = _cache_key(col, version, space, where, k, queries, exclude_self)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    spec = col.space(space)
-    if spec.metric == "dot":
-        raise ValueError(f"space '{space}' uses the dot metric; k-NN graph miners need l2 or cosine")
-    if searched is not None and (len(searched) <= EXACT_MAX_ROWS or col.vector_index(space) is None):
-        # Euclidean on the loaded vectors (unit vectors for cosine spaces, see load_pool)
-        if exclude_self:
-            graph = exact_knn_graph(searched.vectors, k, exclude_self=True)
-        else:
-            graph = exact_knn_graph(searched.vectors, k, queries=queries, exclude_self=False)
-    else:
-        graph = _ann_graph(col, version, spec, where, k, queries, searched, exclude_self, check)
-    with _CACHE_LOCK:
-        _CACHE[key] = graph
-        while len(_CACHE) > CACHE_ENTRIES:
-            _CACHE.popitem(last=False)
-    return graph
+    """(indices, distances) of :func:`graph`."""
+    result = graph(col, version, space, where, k, queries, searched=searched, exclude_self=exclude_self,
+                   check=check)
+    return result.indices, result.distances
 
 
 def _ann_graph(col: Collection, version: int, spec: Any, where: str | None, k: int, queries: np.ndarray,
@@ -204,6 +261,12 @@ def _ann_graph(col: Collection, version: int, spec: Any, where: str | None, k: i
         indices[start + qi[ok], rank[ok]] = target[ok]
         distances[start + qi[ok], rank[ok]] = dist[ok]
     return indices, distances
+
+
+def _eta(done: float, total: float, elapsed: float) -> str:
+    from miners.knn import _eta as eta
+
+    return eta(done, total, elapsed)
 
 
 def _euclidean(lance_distance: np.ndarray, spec: Any) -> np.ndarray:

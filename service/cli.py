@@ -240,6 +240,12 @@ def cmd_mine(args: argparse.Namespace) -> int:
         run = job.run()
         print(f"run {job.run_id}: {run.get('results', 0)} results from {run.get('rows_scanned', 0)} rows "
               f"(version {run.get('version')}, {run.get('rows_skipped', 0)} without inputs)", file=sys.stderr)
+        for role, g in (run.get("graph") or {}).items():
+            recall = "exact" if g.get("recall_sample", 0) == 0 and g.get("recall") == 1.0 else (
+                f"recall@{g.get('k')} {g['recall']:.3f} on {g.get('recall_sample')} sampled rows"
+                if g.get("recall") is not None else "recall not measured")
+            print(f"  {role} k-NN graph: {g.get('method')}, {recall}"
+                  + (" (below the target)" if g.get("below_target") else ""), file=sys.stderr)
         if args.output:
             _write_table(table, args.output)
             print(f"wrote {args.output}", file=sys.stderr)

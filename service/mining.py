@@ -86,7 +86,7 @@ class MiningService:
             timings = {**out.timings, "write_s": time.perf_counter() - t0}
             rec = self.runs.update(rec, state="SUCCEEDED", progress=1.0, results=len(out.ids),
                                    rows_scanned=out.rows_scanned, rows_skipped=out.rows_skipped,
-                                   timings=timings, finished_at=time.time())
+                                   timings=timings, graph=out.graph or {}, finished_at=time.time())
         except JobCancelled:
             self.runs.update_or_keep(rec, state="CANCELLED", finished_at=time.time(), error="cancelled")
             raise
@@ -128,6 +128,14 @@ def run_to_proto(rec: RunRecord, jobs: JobManager) -> mining_pb2.MiningRun:
         created_at=rec.created_at, finished_at=rec.finished_at,
     )
     msg.params.update(rec.params)
+    for role, info in (rec.graph or {}).items():
+        g = msg.graph[role]
+        for name in ("method", "k", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist",
+                     "nprobe", "build_s", "recall_s", "search_s", "device", "cached"):
+            if info.get(name) is not None:
+                setattr(g, name, info[name])
+        if info.get("recall") is not None:
+            g.recall = float(info["recall"])
     if rec.job_id:
         # the job record may have been pruned; the run record stands alone
         with contextlib.suppress(AssayError):

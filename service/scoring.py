@@ -6,13 +6,15 @@ exported edge scorer runs — and decides keep/drop against thresholds. Novelty 
 against the collection's reference set (``reference_where``) at one version, pinned when the
 stream starts:
 
-* up to ``miners.vectors.EXACT_MAX_ROWS`` reference rows, or without a vector index, the
-  reference vectors are loaded once (cached per version, space, filter) and searched exactly
-  (:func:`miners.density.exact_knn_graph`), exactly as the novelty miner and the edge
-  scorer do — the three agree to the last bit;
-* above that, each batch is searched through the space's ANN index with the filter as a
-  prefilter (LanceDB), and LOF reads the reference set's own graph from
-  :func:`miners.vectors.knn_graph` (shared with the novelty miner's cache).
+* up to ``miners.vectors.EXACT_MAX_ROWS`` reference rows the reference vectors are loaded
+  once (cached per version, space, filter) and searched exactly
+  (:func:`miners.density.exact_knn_graph`), exactly as the edge scorer does — the two agree
+  to the last bit;
+* above that, the loaded reference vectors get an IVF index of the k-NN graph engine
+  (:func:`miners.knn.tuned_index`: FAISS, ``nprobe`` tuned for recall@k >= 0.95 on a sample
+  of the reference rows), built once per cached reference, and each batch is searched in
+  it; LOF reads the reference set's own graph from :func:`miners.vectors.graph` (shared
+  with the novelty miner's cache).
 
 ``Calibrate`` scores stored rows (``where``, a seeded sample of at most ``max_rows``) the same
 way and returns the thresholds of :func:`miners.edge.calibrate_thresholds`; a row that is also
@@ -44,13 +46,12 @@ from indexing.settings import REFERENCE_SIZE as DEFAULT_REFERENCE_SIZE
 from indexing.settings import SCORER_EXPORT_CHUNK as EXPORT_CHUNK
 from indexing.settings import SCORING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.settings import SCORING_MAX_K as MAX_K
-from indexing.settings import SCORING_QUERY_BATCH as ANN_QUERY_BATCH
 from indexing.store import Collection, Store
-from miners import edge
+from miners import edge, knn
 from miners.detection import AGGREGATIONS, BOX_METHODS
 from miners.topk import row_uniforms
 from miners.uncertainty import ROW_SUM_TOLERANCE
-from miners.vectors import EXACT_MAX_ROWS, Pool, knn_graph, load_pool
+from miners.vectors import EXACT_MAX_ROWS, Pool, graph, load_pool
 from protos.assay.v1 import scoring_pb2, scoring_pb2_grpc
 from service.arrow_ipc import ipc_to_table, table_to_ipc
 
@@ -433,13 +434,6 @@ def _normalize(space: SpaceSpec) -> bool:
 # --------------------------------------------------------------------------- reference
 
 
-def _euclidean(lance_distance: np.ndarray, metric: str) -> np.ndarray:
-    """LanceDB reports squared L2 and 1 - cos; novelty works on Euclidean distances."""
-    if metric == "l2":
-        return np.sqrt(np.clip(lance_distance, 0.0, None))
-    return np.sqrt(np.clip(2.0 * lance_distance, 0.0, None))
-
-
 class ServerReference:
     """The reference set of a (collection, version, space, filter) for novelty."""
 
@@ -456,19 +450,24 @@ class ServerReference:
                 + (f" (reference filter {where!r})" if where else "") + ": novelty has nothing to compare with")
         if method == "lof" and self.rows < 2:
             raise FailedPrecondition("LOF novelty needs at least 2 reference rows with vectors")
-        self.exact = self.rows <= EXACT_MAX_ROWS or col.vector_index(space.name) is None
-        self.pool: Pool | None = None
+        self.exact = self.rows <= EXACT_MAX_ROWS
+        self.pool: Pool = load_pool(col, version, space.name, where)
         self.novelty: edge.NoveltyReference | None = None
-        if self.exact or method == "lof":
-            self.pool = load_pool(col, version, space.name, where)
-            graph = None
-            if method == "lof":  # the novelty miner's reference graph (and its cache)
-                graph = knn_graph(col, version, space.name, where, min(k, len(self.pool) - 1), self.pool.vectors,
-                                  searched=self.pool, exclude_self=True)
+        self.index: knn.IvfIndex | None = None
+        self.info: knn.GraphInfo | None = None
+        ref_graph = None
+        if method == "lof":  # the novelty miner's reference graph (and its cache)
+            ref_graph = graph(col, version, space.name, where, min(k, len(self.pool) - 1), self.pool.vectors,
+                              searched=self.pool, exclude_self=True)
+            ref_graph = (ref_graph.indices, ref_graph.distances)
+        if self.exact:
             self.novelty = edge.NoveltyReference(self.pool.vectors, k=k, method=method, how=how,
-                                                 reference_graph=graph)
-            by_key = np.argsort(self.pool.row_keys, kind="stable")
-            self._sorted_keys, self._by_key = self.pool.row_keys[by_key], by_key
+                                                 reference_graph=ref_graph)
+        else:
+            self.index, self.info = knn.tuned_index(self.pool.vectors, min(k, len(self.pool)))
+            self._ref_graph = ref_graph
+        by_key = np.argsort(self.pool.row_keys, kind="stable")
+        self._sorted_keys, self._by_key = self.pool.row_keys[by_key], by_key
 
     def _positions(self, row_keys: np.ndarray) -> np.ndarray:
         """Pool position of each stable row id (-1: not a reference row)."""
@@ -480,53 +479,15 @@ class ServerReference:
     def scores(self, queries: np.ndarray, self_rows: np.ndarray | None = None) -> np.ndarray:
         """Novelty of prepared query vectors; ``self_rows``: the stable row id of each query
         when it is a stored row (left out of its own neighbours)."""
+        self_index = None if self_rows is None else self._positions(self_rows)
         if self.exact:
             assert self.novelty is not None
-            self_index = None if self_rows is None else self._positions(self_rows)
             return self.novelty.scores(queries, self_index)
+        assert self.index is not None
         kq = min(self.k, self.rows)
-        rows, dist = self._ann(queries, kq, self_rows)
-        if self.method == "lof":
-            assert self.novelty is not None
-            idx = np.where(rows >= 0, self._positions(np.where(rows >= 0, rows, 0).astype(np.uint64)), -1)
-            # a neighbour written after the pinned version's pool was loaded cannot be placed: drop it
-            dist = np.where(idx >= 0, dist, np.inf)
-            order = np.argsort(idx < 0, axis=1, kind="stable")
-            idx, dist = np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
-            return edge.novelty_scores(idx, dist, method="lof", reference_graph=self.novelty.graph())
-        return edge.novelty_scores(rows, dist, method="knn_distance", how=self.how)
-
-    def _ann(self, queries: np.ndarray, k: int, self_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """(stable row ids, Euclidean distances), (M, k), through the ANN index; -1 / inf pad."""
-        spec = self.space
-        fetch = k + 1 if self_rows is not None else k
-        n = len(queries)
-        rows_out = np.full((n, k), -1, dtype=np.int64)
-        dist_out = np.full((n, k), np.inf)
-        for start in range(0, n, ANN_QUERY_BATCH):
-            q = np.ascontiguousarray(queries[start:start + ANN_QUERY_BATCH], dtype=np.float32)
-            builder = (self.table.search(q if len(q) > 1 else q[0], vector_column_name=spec.column)
-                       .distance_type(spec.metric).limit(fetch).select(["_distance"]).with_row_id(True)
-                       .nprobes(spec.index.nprobes).refine_factor(spec.index.refine_factor))
-            if self.where:
-                builder = builder.where(self.where, prefilter=True)
-            res = builder.to_arrow()
-            qi = (np.asarray(res.column("query_index").to_numpy(zero_copy_only=False), dtype=np.int64)
-                  if "query_index" in res.column_names else np.zeros(res.num_rows, dtype=np.int64))
-            rid = np.asarray(res.column("_rowid").to_numpy(zero_copy_only=False), dtype=np.uint64)
-            d = _euclidean(np.asarray(res.column("_distance").to_numpy(zero_copy_only=False), np.float64),
-                           spec.metric)
-            if self_rows is not None:
-                keep = rid != self_rows[start + qi]
-                qi, rid, d = qi[keep], rid[keep], d[keep]
-            order = np.lexsort((d, qi))
-            qi, rid, d = qi[order], rid[order], d[order]
-            first = np.r_[0, np.flatnonzero(np.diff(qi)) + 1] if len(qi) else np.zeros(0, dtype=np.int64)
-            rank = np.arange(len(qi)) - np.repeat(first, np.diff(np.r_[first, len(qi)])) if len(qi) else qi
-            ok = rank < k
-            rows_out[start + qi[ok], rank[ok]] = rid[ok].astype(np.int64)
-            dist_out[start + qi[ok], rank[ok]] = d[ok]
-        return rows_out, dist_out
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        idx, dist = self.index.search(q, kq, self_index)
+        return edge.novelty_scores(idx, dist, method=self.method, how=self.how, reference_graph=self._ref_graph)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -751,8 +712,7 @@ class ScoringService:
         source_rows = 0
         if session.space is not None:
             srv = session.reference
-            pool = srv.pool if srv.pool is not None else load_pool(session.col, session.version, session.space.name,
-                                                                    session.where)
+            pool = srv.pool
             source_rows = len(pool)
             vectors, kind = pool.vectors, "all"
             ref_keys = pool.row_keys
@@ -762,10 +722,10 @@ class ScoringService:
             elif reference == "sample" and len(pool) > reference_size:
                 pick = np.sort(np.random.default_rng(seed).choice(len(pool), reference_size, replace=False))
                 vectors, kind, ref_keys = pool.vectors[pick], "sample", pool.row_keys[pick]
-            graph = srv.novelty.reference_graph if kind == "all" and srv.novelty is not None else None
+            ref_graph = srv.novelty.reference_graph if kind == "all" and srv.novelty is not None else None
             try:
                 novelty_ref = edge.NoveltyReference(np.array(vectors, dtype=np.float32), k=cfg.k, method=cfg.novelty,
-                                                    how=cfg.how, reference_graph=graph)
+                                                    how=cfg.how, reference_graph=ref_graph)
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from exc
         meta = {"collection": session.col.name, "collection_version": session.version,

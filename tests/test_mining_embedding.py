@@ -253,11 +253,12 @@ def test_bad_embedding_requests(client, digits, kw, error, needle):
 
 
 def test_ann_graph_path_agrees_with_exact(tmp_path, monkeypatch):
-    """Above EXACT_MAX_ROWS the graph comes from the space's ANN index through LanceDB."""
+    """Above the engine's exact threshold the pool graph comes from FAISS IVF (miners.knn);
+    above EXACT_MAX_ROWS the knn miner's seeds go through the space's ANN index (LanceDB)."""
     from conftest import clustered
 
     from indexing.store import Store
-    from miners import vectors
+    from miners import knn, vectors
     from miners.runner import MiningRequest, run_mining, validate_request
     from miners.runs import RunRecord
 
@@ -280,6 +281,8 @@ def test_ann_graph_path_agrees_with_exact(tmp_path, monkeypatch):
     exact_knn = mine("knn", 20, seed_ids=["r0100", "r0200"])
     vectors._CACHE.clear()
     monkeypatch.setattr(vectors, "EXACT_MAX_ROWS", 100)
+    monkeypatch.setattr(knn, "EXACT_MAX_PAIRS", 0)
+    monkeypatch.setattr(knn, "MIN_IVF_ROWS", 0)
     ann_lof = mine("lof", 10, k=10)
     ann_knn = mine("knn", 20, seed_ids=["r0100", "r0200"])
     assert set(exact_lof) == {f"r{i:04d}" for i in range(10)} == set(ann_lof)

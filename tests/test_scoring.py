@@ -185,7 +185,9 @@ def test_compact_edge_references_keep_the_budget(tmp_path, col, held_out):
 
 
 def test_ann_path_is_close_to_exact(monkeypatch, client, held_out):
-    """Above EXACT_MAX_ROWS (lowered here) the reference is searched through the vector index."""
+    """Above EXACT_MAX_ROWS (lowered here) the reference is searched in an IVF index of the
+    k-NN graph engine, tuned for recall@k >= 0.95: a k-th neighbour distance can only come
+    out longer than the exact one (a missed neighbour), and rarely does."""
     import service.scoring
 
     col = client.create_collection("indexed", spaces={"e": {"dim": D, "metric": "l2"}})
@@ -196,7 +198,8 @@ def test_ann_path_is_close_to_exact(monkeypatch, client, held_out):
     items = {"embedding": held_out["embedding"][:500]}
     exact = edge.NoveltyReference(ref, k=10).scores(held_out["embedding"][:500])
     ann = col.score(items, space="e").column("novelty").to_numpy()
-    assert np.mean(np.isclose(ann, exact, rtol=1e-4)) > 0.9
+    assert (ann >= exact * (1 - 1e-5)).all()
+    assert np.mean(np.isclose(ann, exact, rtol=1e-4)) > 0.8 and np.median(ann / exact - 1) < 1e-5
     lof = col.score(items, space="e", novelty="lof").column("novelty").to_numpy()
     exact_lof = edge.NoveltyReference(ref, k=10, method="lof").scores(held_out["embedding"][:500])
     assert np.isfinite(lof).all() and np.corrcoef(lof, exact_lof)[0, 1] > 0.95

@@ -127,7 +127,8 @@ class Job(JobView):
 
 class MiningJob(Job):
     """A mining run's job: a :class:`Job` (wait, watch, cancel) plus the run's ``run_id``,
-    ``run()`` (its record: miner, parameters, version read, row counts, timings) and
+    ``run()`` (its record: miner, parameters, version read, row counts, timings, and
+    ``graph``: the k-NN graphs it used by role — method, k, recall@k on a sample) and
     ``results(columns)`` (``id, rank, score`` + collection columns, as a pyarrow Table)."""
 
     def __init__(self, client: Any, run: mining_pb2.MiningRun) -> None:

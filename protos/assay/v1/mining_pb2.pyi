@@ -87,7 +87,7 @@ class RunRef(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class MiningRun(_message.Message):
-    __slots__ = ("run_id", "job", "collection", "miner", "model", "space", "where", "reference_where", "size", "seed", "reverse", "params", "version", "state", "rows_scanned", "rows_skipped", "results", "error", "timings", "created_at", "finished_at")
+    __slots__ = ("run_id", "job", "collection", "miner", "model", "space", "where", "reference_where", "size", "seed", "reverse", "params", "version", "state", "rows_scanned", "rows_skipped", "results", "error", "timings", "created_at", "finished_at", "graph")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,13 @@ class MiningRun(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class GraphEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: GraphInfo
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[GraphInfo, _Mapping]] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +123,7 @@ class MiningRun(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     job: _jobs_pb2.Job
     collection: str
@@ -137,7 +145,42 @@ class MiningRun(_message.Message):
     timings: _containers.ScalarMap[str, float]
     created_at: float
     finished_at: float
-    def __init__(self, run_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., collection: _Optional[str] = ..., miner: _Optional[str] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_jobs_pb2.JobState, str]] = ..., rows_scanned: _Optional[int] = ..., rows_skipped: _Optional[int] = ..., results: _Optional[int] = ..., error: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    graph: _containers.MessageMap[str, GraphInfo]
+    def __init__(self, run_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., collection: _Optional[str] = ..., miner: _Optional[str] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_jobs_pb2.JobState, str]] = ..., rows_scanned: _Optional[int] = ..., rows_skipped: _Optional[int] = ..., results: _Optional[int] = ..., error: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., graph: _Optional[_Mapping[str, GraphInfo]] = ...) -> None: ...
+
+class GraphInfo(_message.Message):
+    __slots__ = ("method", "k", "recall", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist", "nprobe", "build_s", "recall_s", "search_s", "device", "cached")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    RECALL_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RECALL_FIELD_NUMBER: _ClassVar[int]
+    BELOW_TARGET_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    NLIST_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    BUILD_S_FIELD_NUMBER: _ClassVar[int]
+    RECALL_S_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_S_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    k: int
+    recall: float
+    recall_sample: int
+    target_recall: float
+    below_target: bool
+    rows: int
+    queries: int
+    nlist: int
+    nprobe: int
+    build_s: float
+    recall_s: float
+    search_s: float
+    device: str
+    cached: bool
+    def __init__(self, method: _Optional[str] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ..., recall_sample: _Optional[int] = ..., target_recall: _Optional[float] = ..., below_target: _Optional[bool] = ..., rows: _Optional[int] = ..., queries: _Optional[int] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., build_s: _Optional[float] = ..., recall_s: _Optional[float] = ..., search_s: _Optional[float] = ..., device: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("collection", "limit")

@@ -1,0 +1,361 @@
+"""The k-NN graph engine (miners/knn.py) and its plumbing: exact = exact_knn_graph, the IVF
+paths' recall checked against scikit-learn's exact neighbours, memory-mapped and filtered
+pools, the graph cache (k' <= k), cancel and progress mid-graph, the run record's `graph`
+through the client, and an old data root whose `_runs` table predates that column."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import clustered
+from sklearn.neighbors import NearestNeighbors
+
+from indexing.store import Store
+from miners import knn, vectors
+from miners.density import exact_knn_graph
+from miners.runner import MiningRequest, run_mining, validate_request
+from miners.runs import _RUNS_SCHEMA, RunRecord, RunStore
+from service.client import CancelledError, Client
+from service.server import ServerConfig, start_server
+
+
+def _sk_graph(x: np.ndarray, k: int, queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's exact neighbours (float64 brute force), self excluded when queries is None."""
+    nn = NearestNeighbors(n_neighbors=k + (queries is None), algorithm="brute").fit(x.astype(np.float64))
+    d, i = nn.kneighbors(x.astype(np.float64) if queries is None else queries.astype(np.float64))
+    if queries is None:  # no duplicates in these data: self is the first
+        assert (i[:, 0] == np.arange(len(x))).all()
+        d, i = d[:, 1:], i[:, 1:]
+    return i, d
+
+
+def _true_recall(result: knn.KnnResult, exact_d: np.ndarray) -> float:
+    return knn.recall_at_k(result.distances, exact_d)
+
+
+# ------------------------------------------------------------------------ the engine alone
+
+
+def test_exact_path_equals_exact_knn_graph():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1500, 24)).astype(np.float32)
+    q = rng.standard_normal((300, 24)).astype(np.float32)
+    own = knn.knn_search(x, 12)
+    assert own.info.method == "exact" and own.info.recall == 1.0 and own.info.recall_sample == 0
+    ei, ed = exact_knn_graph(x, 12)
+    np.testing.assert_array_equal(own.indices, ei)
+    np.testing.assert_array_equal(own.distances, ed)
+    other = knn.knn_search(x, 7, queries=q)
+    qi, qd = exact_knn_graph(x, 7, queries=q, exclude_self=False)
+    np.testing.assert_array_equal(other.indices, qi)
+    np.testing.assert_array_equal(other.distances, qd)
+    si, sd = _sk_graph(x, 12)  # an independent implementation
+    np.testing.assert_array_equal(own.indices, si)
+    np.testing.assert_allclose(own.distances, sd, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_search_tiles_a_large_base_like_one_pass(monkeypatch):
+    """The blocked exact pass over base chunks (how a memory-mapped base is walked) merges to
+    the lists of a single exact_knn_graph call, self left out by id."""
+    monkeypatch.setattr(knn, "BASE_CHUNK", 300)
+    x = clustered(1000, 16, clusters=10, seed=4)
+    i, d = knn.exact_search(x, x[:200], 9, self_ids=np.arange(200))
+    ei, ed = exact_knn_graph(x, 9)
+    np.testing.assert_array_equal(i, ei[:200])
+    np.testing.assert_array_equal(d, ed[:200])
+    # fewer base rows than k: padded with -1 / inf
+    pi, pd = knn.exact_search(x[:4], x[:2], 6, self_ids=np.arange(2))
+    assert (pi[:, 3:] == -1).all() and np.isinf(pd[:, 3:]).all() and not (pi[:, :3] == [[0], [1]]).any()
+
+
+@pytest.mark.parametrize("method", ["ivf-flat", "ivf-sq8"])
+def test_ivf_paths_reach_the_recall_they_report(method):
+    x = clustered(6000, 32, clusters=40, seed=1, spread=0.6)
+    res = knn.knn_search(x, 10, method=method)
+    info = res.info
+    assert info.method.startswith("faiss-ivf-flat" if method == "ivf-flat" else "faiss-ivf-sq8+rerank")
+    assert f"nlist={info.nlist} nprobe={info.nprobe}" in info.method and info.recall_sample == 500
+    si, sd = _sk_graph(x, 10)
+    # the recorded recall is the sample's, re-measured here from scikit-learn's neighbours
+    rows = res.sample[0]
+    assert info.recall == pytest.approx(knn.recall_at_k(res.distances[rows], sd[rows]), abs=1e-12)
+    assert info.recall >= 0.95 and not info.below_target
+    assert _true_recall(res, sd) >= 0.95  # and the whole graph is as good
+    # listed neighbours carry their true distances, rows ascending, never self
+    listed = res.indices >= 0
+    true = np.linalg.norm(x[np.where(listed, res.indices, 0)].astype(np.float64) - x[:, None, :], axis=2)
+    np.testing.assert_allclose(res.distances[listed], true[listed], rtol=1e-5)
+    assert (np.diff(res.distances, axis=1) >= 0).all()
+    assert not (res.indices == np.arange(len(x))[:, None]).any()
+    # set overlap with the exact lists agrees with the tie-aware recall (no ties here)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.indices, si, strict=True)])
+    assert overlap == pytest.approx(_true_recall(res, sd), abs=1e-3)
+
+
+def test_queries_against_a_reference_and_self_ids():
+    ref = clustered(8000, 16, clusters=30, seed=2, spread=0.5)
+    pool = clustered(5000, 16, clusters=30, seed=2, spread=0.7)  # same centres, wider
+    res = knn.knn_search(ref, 5, queries=pool)
+    assert res.info.method.startswith("faiss-ivf") and res.info.queries == 5000 and res.info.rows == 8000
+    _, sd = _sk_graph(ref, 5, queries=pool)
+    assert res.info.recall >= 0.95 and _true_recall(res, sd) >= 0.95
+    # queries that are reference rows leave themselves out (self_ids), others do not
+    q = ref[:50]
+    ids = np.where(np.arange(50) % 2 == 0, np.arange(50), -1)
+    out = knn.knn_search(ref, 5, queries=q, self_ids=ids, method="exact")
+    own = out.indices == np.arange(50)[:, None]
+    assert not own[::2].any() and own[1::2, 0].all()
+
+
+def test_memmapped_base_gives_the_same_graph(tmp_path):
+    x = clustered(7000, 24, clusters=30, seed=5, spread=0.6)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    ro = np.load(tmp_path / "x.npy", mmap_mode="r")
+    for method in ("exact", "ivf-flat", "ivf-sq8"):
+        a = knn.knn_search(x, 8, method=method)
+        b = knn.knn_search(ro, 8, method=method)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.distances, b.distances)
+        assert a.info.method == b.info.method and a.info.recall == b.info.recall
+
+
+def test_sliced_graph_reports_its_own_recall():
+    x = clustered(6000, 32, clusters=40, seed=7, spread=0.6)
+    res = knn.knn_search(x, 16)
+    small = res.sliced(6)
+    np.testing.assert_array_equal(small.indices, res.indices[:, :6])
+    _, sd = _sk_graph(x, 6)
+    rows = res.sample[0]
+    assert small.info.k == 6 and small.info.cached
+    assert small.info.recall == pytest.approx(knn.recall_at_k(small.distances[rows], sd[rows]), abs=1e-12)
+    with pytest.raises(ValueError, match="k=16 cannot serve k=20"):
+        res.sliced(20)
+
+
+@pytest.mark.slow  # importing torch alone takes ~10 s on a busy 2-core machine
+def test_torch_exact_path_on_the_cpu():
+    """The GPU path's code (torch, blocked, top-k merged over base chunks), run on the CPU."""
+    x = clustered(900, 16, clusters=12, seed=8)
+    q = clustered(70, 16, clusters=12, seed=9)
+    i, d = knn._torch_exact(x, x, 7, self_ids=np.arange(len(x)), device="cpu", block=128, chunk=200)
+    ei, ed = exact_knn_graph(x, 7)
+    np.testing.assert_array_equal(i, ei)
+    np.testing.assert_allclose(d, ed, rtol=1e-12)
+    i, d = knn._torch_exact(x, q, 5, self_ids=None, device="cpu", block=32, chunk=256)
+    ei, ed = exact_knn_graph(x, 5, queries=q, exclude_self=False)
+    np.testing.assert_array_equal(i, ei)
+
+
+def test_progress_moves_and_cancel_stops_between_blocks(monkeypatch):
+    monkeypatch.setattr(knn, "BLOCK_SECONDS", 0.01)
+    x = clustered(8000, 32, clusters=40, seed=3, spread=0.6)
+    seen: list[tuple[float, str]] = []
+    knn.knn_search(x, 10, progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and len(set(fractions)) > 20 and fractions[-1] == 1.0
+    phases = " ".join(m for _, m in seen)
+    for word in ("training", "adding rows", "recall check", "tuning nprobe", "k-NN graph (faiss-ivf"):
+        assert word in phases
+    assert any("ETA" in m for _, m in seen if m.startswith("k-NN graph"))
+
+    class Stop(Exception):
+        pass
+
+    calls = {"graph": 0}
+
+    def progress(f: float, m: str) -> None:
+        if m.startswith("k-NN graph"):
+            calls["graph"] += 1
+
+    def check() -> None:
+        if calls["graph"] >= 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        knn.knn_search(x, 10, progress=progress, check=check)
+    assert calls["graph"] == 3  # stopped at the first check after the third block
+
+
+def test_bad_arguments():
+    x = np.zeros((10, 4), np.float32)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        knn.knn_search(x, 0)
+    with pytest.raises(ValueError, match="float32"):
+        knn.knn_search(x.astype(np.float64), 3)
+    with pytest.raises(ValueError, match=r"queries must be \(M, 4\)"):
+        knn.knn_search(x, 3, queries=np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="method must be"):
+        knn.knn_search(x, 3, method="hnsw")
+    with pytest.raises(ValueError, match="self_ids must have one entry per query"):
+        knn.knn_search(x, 3, queries=x[:2], self_ids=np.arange(3))
+
+
+# ---------------------------------------------------------------- runs on real collections
+
+
+def _store_with(tmp_path, n: int, dim: int = 32, seed: int = 0) -> tuple[Store, object, np.ndarray]:
+    store = Store(str(tmp_path / "data"))
+    x = clustered(n, dim, clusters=40, seed=seed, spread=0.6)
+    col = store.create_collection("c", spaces={"v": {"dim": dim, "metric": "l2"}})
+    col.upsert({"id": [f"r{i:05d}" for i in range(n)], "emb_v": x, "half": np.arange(n) % 2})
+    return store, col, x
+
+
+def _mine(col, miner: str, size: int, where: str | None = None, **params) -> tuple[RunRecord, object]:
+    req = MiningRequest(collection=col.name, miner=miner, size=size, space="v", where=where, params=params)
+    _, clean = validate_request(col, req)
+    rec = RunRecord(run_id=miner, collection=col.name, miner=miner, size=size, seed=0, version=col.version,
+                    space="v", where=where or "", params=clean)
+    return rec, run_mining(col, rec)
+
+
+def test_filtered_and_memmapped_pools(tmp_path, monkeypatch):
+    vectors._CACHE.clear()
+    store, col, x = _store_with(tmp_path, 12000)
+    ids = np.array([f"r{i:05d}" for i in range(len(x))])
+    # a filtered pool: the graph is built among the filter's rows only (no prefilter needed)
+    pool = vectors.load_pool(col, col.version, "v", "half = 1")
+    assert len(pool) == 6000 and set(pool.ids) == set(ids[1::2])
+    res = vectors.graph(col, col.version, "v", "half = 1", 10, pool.vectors, searched=pool, exclude_self=True)
+    assert res.info.method.startswith("faiss-ivf-flat") and res.info.rows == 6000
+    xs = x[np.searchsorted(ids, pool.ids.astype(str))]
+    si, sd = _sk_graph(xs, 10)
+    assert res.info.recall >= 0.95 and _true_recall(res, sd) >= 0.95
+    # the same pool memory-mapped (threshold forced low) gives the same graph
+    vectors._CACHE.clear()
+    monkeypatch.setattr(vectors, "MEMMAP_ABOVE_BYTES", 1024)
+    mm = vectors.load_pool(col, col.version, "v", "half = 1")
+    assert isinstance(mm.vectors, np.memmap)
+    np.testing.assert_array_equal(np.asarray(mm.vectors), pool.vectors)
+    res2 = vectors.graph(col, col.version, "v", "half = 1", 10, mm.vectors, searched=mm, exclude_self=True)
+    np.testing.assert_array_equal(res2.indices, res.indices)
+    np.testing.assert_array_equal(res2.distances, res.distances)
+    # through the runner: typicality on the filtered, memory-mapped pool picks the densest rows
+    rec, out = _mine(col, "typicality", 20, where="half = 1", k=10)
+    assert set(out.ids) <= set(ids[1::2]) and out.graph["pool"]["method"].startswith("faiss-ivf-flat")
+    mean = np.where(np.isfinite(sd), sd, 0).mean(axis=1)
+    assert len(set(out.ids) & set(pool.ids[np.argsort(mean)[:20]])) >= 17
+
+
+def test_a_graph_for_k_serves_smaller_k(tmp_path):
+    vectors._CACHE.clear()
+    store, col, x = _store_with(tmp_path, 6000, seed=2)
+    _, first = _mine(col, "typicality", 5, k=20)
+    _, second = _mine(col, "near_duplicates", 5, k=10, threshold=0.5)
+    g1, g2 = first.graph["pool"], second.graph["pool"]
+    assert not g1["cached"] and g1["k"] == 20 and g2["cached"] and g2["k"] == 10
+    assert g2["method"] == g1["method"] and g2["recall"] >= 0.95
+    pool = vectors.load_pool(col, col.version, "v", None)
+    big = vectors.graph(col, col.version, "v", None, 20, pool.vectors, searched=pool, exclude_self=True)
+    small = vectors.graph(col, col.version, "v", None, 10, pool.vectors, searched=pool, exclude_self=True)
+    assert small.info.cached
+    np.testing.assert_array_equal(small.indices, big.indices[:, :10])
+    np.testing.assert_array_equal(small.distances, big.distances[:, :10])
+    _, sd = _sk_graph(x, 10)
+    rows = big.sample[0]
+    assert small.info.recall == pytest.approx(knn.recall_at_k(small.distances[rows], sd[rows]), abs=1e-12)
+    # a larger k is built anew, and then serves the smaller ones
+    larger = vectors.graph(col, col.version, "v", None, 30, pool.vectors, searched=pool, exclude_self=True)
+    assert not larger.info.cached and larger.info.k == 30
+    assert vectors.graph(col, col.version, "v", None, 20, pool.vectors, searched=pool,
+                         exclude_self=True).info.cached
+
+
+def test_old_data_root_gains_the_graph_column(tmp_path):
+    """A `_runs` table written before the `graph` field existed opens, reads and takes new
+    runs (system_table adds the missing nullable column)."""
+    root = tmp_path / "old"
+    old_schema = pa.schema([f for f in _RUNS_SCHEMA if f.name != "graph"])
+    db = lancedb.connect(str(root))
+    table = db.create_table("_runs", schema=old_schema)
+    row = {f.name: None for f in old_schema}
+    row.update(run_id="old1", collection="c", miner="lof", size=5, seed=0, version=1, state="SUCCEEDED",
+               params="{}", timings=json.dumps({"total_s": 1.0}), created_at=1.0, progress=1.0)
+    table.add(pa.Table.from_pylist([row], schema=old_schema))
+    runs = RunStore(Store(str(root)))
+    old = runs.get("old1")
+    assert old.graph == {} and old.timings == {"total_s": 1.0} and old.state == "SUCCEEDED"
+    info = {"pool": {"method": "exact", "k": 5, "recall": 1.0}}
+    new = runs.new_run(collection="c", miner="lof", size=3, seed=0, version=1, graph=info)
+    assert runs.get(new.run_id).graph == info
+    assert {r.run_id for r in runs.list("c")} == {"old1", new.run_id}
+    assert "graph" in lancedb.connect(str(root)).open_table("_runs").schema.names
+    RunStore(Store(str(root)))  # and opens again without change
+
+
+# ---------------------------------------------------------------------- through the server
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    srv = start_server(ServerConfig(data=str(tmp_path_factory.mktemp("knn")), port=0, grace_s=2))
+    with Client(srv.address, timeout=120) as c:
+        yield c
+    srv.stop(1)
+
+
+def test_run_record_carries_the_graph_through_the_client(client):
+    x = clustered(6000, 32, clusters=40, seed=11, spread=0.6)
+    col = client.create_collection("g", spaces={"v": {"dim": 32, "metric": "cosine"}})
+    col.upsert({"id": [f"r{i}" for i in range(len(x))], "emb_v": x, "split": np.where(np.arange(6000) < 300,
+                                                                                        "ref", "pool")})
+    job = col.mine("lof", 10, space="v", params={"k": 15})
+    snapshots = [(s.progress, s.message) for s in job.watch(timeout=120)]
+    job.wait(timeout=120)
+    run = job.run()
+    g = run["graph"]["pool"]
+    assert g["method"].startswith("faiss-ivf-flat nlist=") and g["k"] == 15 and g["recall_sample"] == 500
+    assert g["recall"] >= 0.95 and g["rows"] == g["queries"] == 6000 and g["device"] == "cpu"
+    assert g["search_s"] > 0 and g["build_s"] > 0 and not g["below_target"]
+    progress = [p for p, _ in snapshots]
+    assert progress == sorted(progress) and len(set(progress)) >= 3
+    # novelty: the pool among the 300 reference rows (exact) and the reference's own graph
+    nov = col.mine("novelty", 5, space="v", where="split = 'pool'", reference_where="split = 'ref'",
+                   params={"k": 5}).wait(timeout=120).run()["graph"]
+    assert set(nov) == {"query", "reference"}
+    assert nov["query"]["method"] == "exact" and nov["query"]["recall"] == 1.0 and nov["query"]["rows"] == 300
+    assert nov["reference"]["k"] == 5 and nov["reference"]["queries"] == 300
+    # miners without a graph leave it empty
+    assert col.mine("coreset", 5, space="v").wait(timeout=120).run()["graph"] == {}
+
+
+def test_cli_prints_the_graph(client, capsys):
+    from service.cli import main
+
+    assert main(["mine", "g", "typicality", "--size", "3", "--space", "v", "--param", "k=8", "--quiet",
+                 "--server", client.target]) == 0
+    err = capsys.readouterr().err
+    assert "pool k-NN graph: faiss-ivf-flat nlist=" in err and "recall@8 " in err and "on 500 sampled rows" in err
+
+
+def test_cancel_mid_graph_ends_the_run_within_seconds(client):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120_000, 48)).astype(np.float32)  # no structure: a slow graph
+    col = client.create_collection("big", spaces={"v": {"dim": 48, "metric": "l2"}})
+    col.upsert({"id": [f"r{i}" for i in range(len(x))], "emb_v": x}, batch_rows=40_000)
+    job = col.mine("typicality", 10, space="v", params={"k": 20})
+    messages: list[tuple[float, str]] = []
+    cancelled_at = None
+    for snap in job.watch(timeout=300):
+        messages.append((snap.progress, snap.message))
+        if snap.message.startswith("k-NN graph (faiss") and "of 120,000 rows" in snap.message:
+            cancelled_at = time.monotonic()
+            job.cancel()
+            break
+    assert cancelled_at is not None, messages
+    with pytest.raises(CancelledError):
+        job.wait(timeout=60)
+    took = time.monotonic() - cancelled_at
+    assert job.state == "CANCELLED" and job.run()["state"] == "CANCELLED"
+    assert took < 20, f"cancel took {took:.1f} s"  # blocks are ~1.5 s; generous for a busy machine
+    progress = [p for p, _ in messages]
+    assert progress == sorted(progress) and len(set(progress)) >= 5
+    phases = " ".join(m for _, m in messages)
+    assert "loading vectors" in phases and ("training" in phases or "adding rows" in phases)
