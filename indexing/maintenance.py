@@ -18,9 +18,9 @@ So maintenance is scheduled, per collection, by one thread of the :class:`Store`
   fragments of one tier: at most ~256k rows), so the pause is short; bigger fragments
   (bulk batches, what the tiers produce) are excluded and never rewritten under load — a
   bulk ingest is not slowed by compaction.
-* **Full compaction when the collection is quiet** (no commit for ``quiet_s``): bigger
-  fragments, deleted rows materialised — without the slot; if a write preempts it, it is
-  retried at the next quiet moment.
+* **Full compaction when the collection is quiet** (no commit for ``quiet_s``) and has at
+  least ``fanout`` fragments: small fragments and deleted rows — without the slot; if a
+  write preempts it, it is retried at the next quiet moment.
 * **Index maintenance**: new rows are added to the existing indexes when the collection is
   quiet, or once ``index_min_rows`` are unindexed, or ``index_every_s`` after the last
   update; a space's vector index is built (minutes of CPU for a big space, never holding
@@ -147,11 +147,14 @@ class Maintainer:
                 col.compact_tiers(p)
             quiet = now - st.last_commit >= p.quiet_s
             if not st.compacted_at_rest and quiet:
+                # Only work worth a new version: a collection a few writes old is left as it
+                # is (a new version would only turn over what readers cached per version).
                 st.compacted_at_rest = True
-                if col.fragment_count() > 1:
+                if col.fragment_count() >= p.fanout:
                     col.compact_all()
-                st.last_index, st.unindexed_commits = now, 0
-                col.update_indexes(build=True)
+                if col.unindexed_rows() >= p.index_min_rows or col.vector_index_due():
+                    st.last_index, st.unindexed_commits = now, 0
+                    col.update_indexes(build=True)
             elif st.unindexed_commits and (now - st.last_index >= p.index_every_s
                                            or col.unindexed_rows() >= max(p.index_min_rows,
                                                                           col.row_count() // 4)):

@@ -1222,15 +1222,24 @@ class Collection:
                 self._table.to_lance().optimize.optimize_indices()
         self._table.checkout_latest()
         self._invalidate()
-        built: list[str] = []
-        for name, spec in self.spaces.items() if build else ():
+        built = self._spaces_due_an_index() if build else []
+        for name in built:
+            self.build_index(name)
+        return built
+
+    def _spaces_due_an_index(self) -> list[str]:
+        """Spaces whose policy asks for a vector index they do not have yet."""
+        due = []
+        for name, spec in self.spaces.items():
             if spec.index.kind == "flat" or self.vector_index(name) is not None:
                 continue
-            rows = self._table.count_rows(f"{spec.column} IS NOT NULL")
-            if spec.index.kind != "auto" or rows >= spec.index.threshold_rows:
-                self.build_index(name)
-                built.append(name)
-        return built
+            if spec.index.kind != "auto" or \
+                    self._table.count_rows(f"{spec.column} IS NOT NULL") >= spec.index.threshold_rows:
+                due.append(name)
+        return due
+
+    def vector_index_due(self) -> bool:
+        return bool(self._spaces_due_an_index())
 
     def cleanup_versions(self, older_than: timedelta | None = None) -> int:
         """Remove versions older than ``older_than`` (default: the store's setting), except
