@@ -375,7 +375,8 @@ def energy_scores(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         raise ValueError(f"logits must be a 2-D array of shape (N, C); got shape {z.shape}")
     if z.size and not np.isfinite(z).all():
         bad = np.argwhere(~np.isfinite(z))[0]
-        raise ValueError(f"logits must be finite; row {int(bad[0])}, column {int(bad[1])} is {z[bad[0], bad[1]]}")
+        raise ValueError(f"logits must be finite; row {int(bad[0])}, column {int(bad[1])} is "
+                         f"{z[bad[0], bad[1]]}")
     if z.shape[1] < 1:
         raise ValueError("logits must have at least one class (C >= 1); got C=0")
     try:

@@ -20,9 +20,11 @@ import numpy as np
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.filters import ids_predicate
+from miners import vectors
 from miners.density import aggregate_seed_neighbours
 from miners.inputs import RunContext
 from miners.runs import STAGE_FIELDS, MiningOutput
+from miners.vectors import ids_of_rows, knn_graph, load_pool
 
 # -- knn: seeds ------------------------------------------------------------------------------
 
@@ -43,8 +45,6 @@ def knn_validate(ctx: RunContext) -> None:
 
 
 def knn_run(ctx: RunContext) -> MiningOutput:
-    from miners.vectors import EXACT_MAX_ROWS, ids_of_rows, knn_graph, load_pool
-
     t0 = time.perf_counter()
     col, rec, params, check = ctx.col, ctx.run, ctx.params, ctx.check
     spec = col.space(rec.space)
@@ -72,7 +72,8 @@ def knn_run(ctx: RunContext) -> MiningOutput:
     exclude = set(params["seed_ids"])
     k = min(rec.size + len(exclude), max(1, pool_rows))
     ctx.progress(0.2, f"searching {len(queries)} seed(s) among {pool_rows:,} rows")
-    if pool_rows <= EXACT_MAX_ROWS or col.vector_index(rec.space) is None:
+    # read at call time: the exact/ANN threshold (miners.vectors.EXACT_MAX_ROWS, set in indexing/settings.py)
+    if pool_rows <= vectors.EXACT_MAX_ROWS or col.vector_index(rec.space) is None:
         pool = load_pool(col, rec.version, rec.space, where, check=check)
         indices, distances = knn_graph(col, rec.version, rec.space, where, min(k, len(pool)), queries,
                                        searched=pool, check=check)

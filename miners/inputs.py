@@ -24,10 +24,10 @@ Adding an input kind: one :class:`Input` subclass and one line in :data:`INPUTS`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,9 +39,7 @@ from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec
 from indexing.store import Collection
 from miners.runs import MiningOutput, RunSpec
 from miners.topk import row_uniforms
-
-if TYPE_CHECKING:
-    from miners.vectors import Pool
+from miners.vectors import Pool, graph, load_pool
 
 Progress = Callable[[float, str], None]
 
@@ -175,7 +173,8 @@ class _PredInput(Input):
 
 class Probs(_PredInput):
     name = "probs"
-    help = "class probabilities: pred_<model>.probs, or softmax(logits / logits_temperature) where only logits are stored"
+    help = ("class probabilities: pred_<model>.probs, or softmax(logits / logits_temperature) where "
+            "only logits are stored")
     classes = True
     row_arrays = ("probs",)
 
@@ -369,8 +368,6 @@ class PoolGraph(_Graph):
     role = "pool"
 
     def gather(self, g: Gathered) -> None:
-        from miners.vectors import graph
-
         ctx, pool, k = g.ctx, g.pool, self.k(g)
         ctx.progress(g.spans[self.name][0], f"k-NN graph of {len(pool):,} pool rows (k={k})")
         if len(pool) > 1:
@@ -389,8 +386,6 @@ class QueryGraph(_Graph):
     role = "query"
 
     def gather(self, g: Gathered) -> None:
-        from miners.vectors import graph
-
         ctx, ref = g.ctx, g.reference
         if ref is None or len(ref) == 0:
             raise FailedPrecondition(f"the reference filter {ctx.run.reference_where!r} has no vectors in "
@@ -408,8 +403,6 @@ class ReferenceGraph(_Graph):
     role = "reference"
 
     def gather(self, g: Gathered) -> None:
-        from miners.vectors import graph
-
         ctx, ref = g.ctx, g.reference
         if ref is None or len(ref) < 2:
             raise FailedPrecondition("LOF novelty needs at least 2 reference rows")
@@ -538,8 +531,6 @@ class Gathered:
         return _phase(self.ctx.progress, *self.spans[name])
 
     def load(self) -> None:
-        from miners.vectors import load_pool
-
         ctx = self.ctx
         ctx.progress(0.0, "loading the pool's vectors")
         ride = [Bound(i, ctx) for i in self.inputs if i.phase == "ride"]
@@ -561,12 +552,6 @@ class Gathered:
         for inp in self.inputs:
             if inp.phase == "graph":
                 inp.gather(self)
-
-
-def check_names(names: Mapping[str, Any] | Sequence[str]) -> None:
-    unknown = [n for n in names if n not in INPUTS]
-    if unknown:
-        raise ValueError(f"unknown input(s) {', '.join(unknown)} (known: {', '.join(INPUTS)})")
 
 
 __all__ = ["INPUTS", "Bound", "Gathered", "Input", "RunContext", "condition", "decode_chunk", "projection",
