@@ -36,8 +36,9 @@ __all__ = ["efficiency_report", "fresh_seed", "labels_saved", "paired_test", "ra
 
 
 def fresh_seed() -> int:
-    """A new seed (63 random bits from ``secrets``: fits a signed 64-bit column)."""
-    return secrets.randbits(63)
+    """A new seed (53 random bits from ``secrets``, as the server draws them: a JSON-safe
+    integer that fits a signed 64-bit column)."""
+    return secrets.randbits(53)
 
 
 def random_rows(n: int, size: int, *, seed: int | None = None,
