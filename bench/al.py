@@ -481,7 +481,8 @@ class LogRegLearner:
     def fit(self, X: np.ndarray, y: np.ndarray, seed: int) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        if self.model is None:
+        if self.model is None or not np.array_equal(self.model.classes_, np.unique(y)):
+            # a new class seen (cold start): the previous coefficients no longer fit
             self.model = LogisticRegression(C=self.C, max_iter=2000, warm_start=True)
         self.model.fit(X, y)
 
@@ -674,9 +675,8 @@ class Strategy:
     ``prefilter``: a first run of another miner (name, size as a multiple of ``b``) whose
     picks are the pool of the main run (a two-stage hybrid, each stage a mining run).
     ``classes``: the miner gets the number of classes (``params["classes"]``).
-    ``seals_k``: SEALS — the pool of the run is restricted to the ``seals_k`` nearest
-    unlabeled rows of each labeled row (``miners.select.seals_candidates`` on the same
-    embeddings, computed here until the runner offers ``candidates="knn_of_labeled"``)."""
+    ``seals_k``: SEALS — the run's pool is restricted to the ``seals_k`` nearest unlabeled
+    rows of each labeled row (the run option ``candidates="knn_of_labeled"``)."""
 
     name: str
     miner: str
@@ -899,16 +899,6 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
                 job.wait(timeout=600)
                 picked = job.results(columns=["id"]).column("id").to_pylist()
             else:
-                if strategy.seals_k is not None and len(lab):
-                    from miners.select import seals_candidates
-
-                    emb = out.get("emb", split.X_pool)
-                    unl = np.flatnonzero(~ledger.labeled)
-                    cand_rows = unl[seals_candidates(np.ascontiguousarray(emb[unl], np.float32),
-                                                     np.ascontiguousarray(emb[lab], np.float32), strategy.seals_k)]
-                    if len(cand_rows) < size:  # fewer candidates than the batch: the whole pool
-                        cand_rows = unl
-                    where = f"{where} AND id IN ({', '.join(repr(ids[i]) for i in cand_rows)})"
                 if strategy.prefilter is not None:
                     first_miner, factor = strategy.prefilter
                     job = col.mine(first_miner, min(factor * size, ledger.n_unlabeled), model=MODEL,
@@ -919,10 +909,13 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
                 params = dict(strategy.params(cfg.batch))
                 if strategy.classes:
                     params["classes"] = ds.n_classes
+                seals = strategy.seals_k is not None and len(lab) > 0
                 job = col.mine(strategy.miner, size, model=MODEL if needs & {"probs", "samples"} else None,
                                space=SPACE if uses_emb else None, where=where,
                                reference_where="label IS NOT NULL" if strategy.reference else None,
-                               params=params or None, seed=seed * 1000 + rnd, timeout=120)
+                               params=params or None, seed=seed * 1000 + rnd, timeout=120,
+                               candidates="knn_of_labeled" if seals else None,
+                               candidates_k=strategy.seals_k if seals else None)
                 job.wait(timeout=600)
                 picked = job.results(columns=["id"]).column("id").to_pylist()
             t4 = time.perf_counter()

@@ -7,7 +7,9 @@ the same held-out data, and repeat over several seeds. This module holds the pur
 
 * :func:`random_rows` / :func:`random_control` — the control group (rows of a pool, or ids
   through the client's ``random`` miner), with the seed drawn from ``secrets`` when none is
-  given and returned, so the comparison can be reproduced.
+  given and returned, so the comparison can be reproduced; :func:`control_group` — the
+  control group of a mining run's picks or a tag's rows (same size, same pool, the
+  selected rows left out, a fresh seed drawn by the server and recorded in its run).
 * :func:`efficiency_report` — given the metric of the selected set and of its control for
   each seed (accuracy, F1, mAP: higher is better; or a loss: lower is better), the per-seed
   improvement ``delta_s = m_sel - m_rand`` (``m_rand - m_sel`` for a loss), the **efficiency
@@ -32,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["efficiency_report", "fresh_seed", "labels_saved", "paired_test", "random_control", "random_rows"]
+__all__ = ["control_group", "efficiency_report", "fresh_seed", "labels_saved", "paired_test", "random_control",
+           "random_rows"]
 
 
 def fresh_seed() -> int:
@@ -64,6 +67,44 @@ def random_control(collection: Any, size: int, *, where: str | None = None, seed
     job = collection.mine("random", size, where=where, seed=seed)
     job.wait(timeout=timeout)
     return job.results(columns=["id"]).column("id").to_pylist(), seed
+
+
+def control_group(collection: Any, *, run_id: str | None = None, tag: str | None = None,
+                  where: str | None = None, seed: int | None = None, timeout: float = 600) -> dict[str, Any]:
+    """A random control group for a selection: the picks of mining run ``run_id``, or the
+    rows tagged ``tag``. Same size, drawn from the same pool — the run's pool filter (for a
+    tag: ``where``, default every row) — leaving the selected rows out, by the server's
+    ``random`` miner with a fresh seed unless one is given. The seed is recorded in the
+    control run (its ``run_id`` is returned) so the group can be drawn again.
+
+    Returns ``{"selected": ids, "control": ids, "seed": s, "control_run_id": id,
+    "pool": the filter used}``. Label both groups, train (or fine-tune) the same model on
+    each, evaluate on the same held-out data, and pass the two metrics per seed to
+    :func:`efficiency_report`."""
+    from indexing.filters import ids_predicate, sql_quote
+
+    if (run_id is None) == (tag is None):
+        raise ValueError("give run_id (a mining run's picks) or tag (a tag's rows), not both")
+    if run_id is not None:
+        job = collection.client.mining_job(run_id)
+        run = job.run()
+        selected = job.results(columns=["id"]).column("id").to_pylist()
+        pool = where if where is not None else (run.get("where") or None)
+    else:
+        tagged = f"array_has_any(tags, [{sql_quote(tag)}])"
+        selected = [i for page in collection.scan(tagged, columns=["id"]) for i in page.column("id").to_pylist()]
+        pool = where
+    if not selected:
+        raise ValueError(f"nothing selected: {'run ' + run_id if run_id else 'tag ' + repr(tag)} has no rows")
+    rest = f"NOT ({ids_predicate(selected)})"
+    control_where = f"({pool}) AND {rest}" if pool else rest
+    job = collection.mine("random", len(selected), where=control_where, seed=seed)
+    job.wait(timeout=timeout)
+    control = job.results(columns=["id"]).column("id").to_pylist()
+    if len(control) < len(selected):
+        raise ValueError(f"the pool {pool!r} holds only {len(control)} rows besides the {len(selected)} selected")
+    return {"selected": selected, "control": control, "seed": int(job.run()["seed"]), "control_run_id": job.run_id,
+            "pool": pool}
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -151,3 +192,46 @@ def labels_saved(selected_labels: int, selected_metric: float, random_labels: Se
         f = (selected_metric - m[i - 1]) / (m[i] - m[i - 1])
         need = n[i - 1] + f * (n[i] - n[i - 1])
     return float(need - selected_labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.efficiency control --server H:P --collection C (--run ID | --tag T)``
+    prints the control group (JSON); ``python -m bench.efficiency report --selected 0.91,0.93,...
+    --control 0.88,0.90,... [--metric accuracy]`` prints the efficiency report (JSON)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("control", help="draw the random control group of a run or a tag")
+    c.add_argument("--server", required=True)
+    c.add_argument("--token")
+    c.add_argument("--collection", required=True)
+    c.add_argument("--run")
+    c.add_argument("--tag")
+    c.add_argument("--where")
+    c.add_argument("--seed", type=int)
+    r = sub.add_parser("report", help="the selected set against its control, one metric per seed each")
+    r.add_argument("--selected", required=True, help="comma-separated metric values, one per seed")
+    r.add_argument("--control", required=True, help="the same for the control groups, same seeds")
+    r.add_argument("--metric", default="accuracy", help="its name; *loss*/*error* are lower-is-better")
+    r.add_argument("--seeds", default=None, help="the control groups' seeds (recorded in the report)")
+    args = p.parse_args(argv)
+    if args.cmd == "control":
+        from service.client import Client
+
+        with Client(args.server, token=args.token) as client:
+            out = control_group(client.collection(args.collection), run_id=args.run, tag=args.tag,
+                                where=args.where, seed=args.seed)
+    else:
+        def floats(text: str) -> list[float]:
+            return [float(v) for v in text.split(",") if v.strip()]
+
+        seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else None
+        out = efficiency_report(floats(args.selected), floats(args.control), metric=args.metric, seeds=seeds)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

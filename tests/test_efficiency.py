@@ -57,3 +57,48 @@ def test_labels_saved_interpolates_randoms_curve():
     assert labels_saved(80, 0.95, [60, 80, 100], [0.8, 0.85, 0.9]) is None
     assert labels_saved(50, 0.30, [40, 60], [0.5, 0.2], higher_is_better=False) == pytest.approx(
         40 + (0.5 - 0.3) / 0.3 * 20 - 50)
+
+
+def test_control_group_of_a_run_and_of_a_tag_through_the_server(tmp_path, capsys):
+    """Same size, same pool, the selected rows left out, a fresh seed each time that the
+    control run records and that draws the same group again."""
+    import json
+
+    import pyarrow as pa
+
+    from bench.efficiency import control_group, main
+    from service.client import Client
+    from service.server import ServerConfig, start_server
+
+    srv = start_server(ServerConfig(data=str(tmp_path), port=0, grace_s=1))
+    try:
+        with Client(srv.address, timeout=60) as client:
+            rng = np.random.default_rng(0)
+            p = rng.dirichlet(np.ones(3), 200).astype(np.float32)
+            col = client.create_collection("c", models={"m": ["a", "b", "c"]})
+            col.upsert(pa.table({"id": [f"r{i:03d}" for i in range(200)],
+                                 "label": [None if i >= 40 else "a" for i in range(200)],
+                                 "pred_m": pa.StructArray.from_arrays([pa.array(p.tolist(), pa.list_(pa.float32()))],
+                                                                      ["probs"])}))
+            job = col.mine("margin", 15, model="m", where="label IS NULL")
+            job.wait(timeout=60)
+            a = control_group(col, run_id=job.run_id)
+            b = control_group(col, run_id=job.run_id)
+            assert len(a["control"]) == len(a["selected"]) == 15 and a["pool"] == "label IS NULL"
+            assert not set(a["control"]) & set(a["selected"])
+            assert all(int(i[1:]) >= 40 for i in a["control"])  # the run's pool: unlabeled rows
+            assert a["seed"] != b["seed"] and a["control"] != b["control"]
+            assert control_group(col, run_id=job.run_id, seed=a["seed"])["control"] == a["control"]
+            job.tag("picked")
+            t = control_group(col, tag="picked", where="label IS NULL")
+            assert sorted(t["selected"]) == sorted(a["selected"]) and len(t["control"]) == 15
+            assert not set(t["control"]) & set(t["selected"])
+            with pytest.raises(ValueError, match="not both"):
+                control_group(col, run_id=job.run_id, tag="picked")
+            assert main(["control", "--server", srv.address, "--collection", "c", "--run", job.run_id]) == 0
+            assert len(json.loads(capsys.readouterr().out)["control"]) == 15
+    finally:
+        srv.stop(1)
+    assert main(["report", "--selected", "0.9,0.92,0.91", "--control", "0.85,0.86,0.84"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["seeds"] == 3 and rep["wins"] == 3 and rep["p_wilcoxon"] == pytest.approx(0.25)

@@ -237,3 +237,44 @@ def test_seals_candidates_restrict_the_pool_to_the_labeled_sets_neighbours(data)
         col.mine("margin", 5, model="lr", space="px", candidates="everything")
     with pytest.raises(FailedPreconditionError, match="labeled set"):
         col.mine("margin", 5, model="lr", space="px", candidates="knn_of_labeled", reference_where="split = 'x'")
+
+
+def test_typiclust_equals_the_function_called_directly(data):
+    from miners.coldstart import typiclust_select
+
+    col, x, _, _, ids, _ = data
+    unl, lab = np.arange(N_TRAIN, len(x)), np.arange(N_TRAIN)
+    job = _run(col, "typiclust", 6, space="px", where="label IS NULL", reference_where="label IS NOT NULL", seed=9)
+    want = typiclust_select(x[unl], 6, labeled=x[lab], seed=9)
+    assert job.results()["id"].to_pylist() == ids[unl[want.rows]].tolist()
+    np.testing.assert_allclose(job.results()["score"].to_numpy(), want.typicality, rtol=1e-9)
+    assert job.run()["stats"]["clusters"] == want.n_clusters
+
+
+def test_labeled_outliers_rank_the_labeled_rows_only(data):
+    from miners.label_issues import labeled_outliers
+
+    col, x, _, _, ids, _ = data
+    lab = np.arange(N_TRAIN)
+    job = _run(col, "labeled_outliers", 5, space="px", params={"k": 10})
+    want = labeled_outliers(x[lab], k=10)
+    order = lab[np.lexsort((lab, -want))[:5]]
+    assert job.results()["id"].to_pylist() == ids[order].tolist()
+    np.testing.assert_allclose(job.results()["score"].to_numpy(), want[order - lab[0]], rtol=1e-6)
+
+
+def test_select_with_a_graph_miner_objective_and_a_stop_distance(data):
+    from miners.density import exact_knn_graph, typicality_scores
+
+    col, x, _, _, ids, _ = data
+    unl = np.arange(N_TRAIN, len(x))
+    job = _run(col, "select", 10, space="px", where="label IS NULL", seed=1, params={
+        "objectives": [{"miner": "typicality", "params": {"k": 10}}], "stop_distance": 1.5})
+    _, dist = exact_knn_graph(x[unl], 10)
+    want = select(10, objectives=[Objective(typicality_scores(dist), 1.0, "rank")], vectors=x[unl],
+                  stop_distance=1.5, seed=1)
+    got = job.results()["id"].to_pylist()
+    assert got == ids[unl[want.rows]].tolist()
+    picked = x[unl[want.rows]].astype(np.float64)
+    gaps = np.sqrt(((picked[:, None] - picked[None]) ** 2).sum(-1))[np.triu_indices(len(picked), 1)]
+    assert gaps.min() >= 1.5 - 1e-6  # no two picks closer than the stop distance
