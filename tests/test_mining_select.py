@@ -278,3 +278,37 @@ def test_select_with_a_graph_miner_objective_and_a_stop_distance(data):
     picked = x[unl[want.rows]].astype(np.float64)
     gaps = np.sqrt(((picked[:, None] - picked[None]) ** 2).sum(-1))[np.triu_indices(len(picked), 1)]
     assert gaps.min() >= 1.5 - 1e-6  # no two picks closer than the stop distance
+
+
+def test_exact_duplicates_of_text_and_of_file_content(tmp_path):
+    """Content hashes: equal texts, and files with equal bytes under different names."""
+    from indexing.errors import InvalidArgument
+    from indexing.store import Store
+    from miners.runner import run_mining, validate_request
+    from miners.runs import RunSpec
+
+    files = []
+    for i, body in enumerate([b"cat", b"dog", b"cat", b"bird", b"dog"]):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(body)
+        files.append(str(path))
+    store = Store(str(tmp_path / "data"), optimize_every=0)
+    col = store.create_collection("t")
+    col.upsert([{"id": f"i{i}", "text": t, "uri": files[i]}
+                for i, t in enumerate(["a", "b", "a", "a", None])])
+
+    def run(**params):
+        req = RunSpec(collection="t", miner="exact_duplicates", size=10, params=params)
+        _, validated = validate_request(col, req)
+        return run_mining(col, RunSpec(collection="t", miner="exact_duplicates", size=10, params=validated,
+                                       version=col.version))
+
+    text = run(of="text")
+    assert text.ids == ["i2", "i3"] and text.related == ["i0", "i0"]  # i4 has no text: not compared
+    assert text.stats["groups"] == 1 and text.rows_skipped == 1
+    content = run(of="file", output="groups")
+    assert dict(zip(content.ids, content.related, strict=True)) == {"i0": "i0", "i2": "i0", "i1": "i1",
+                                                                   "i4": "i1"}
+    np.testing.assert_array_equal(content.scores, [2, 2, 2, 2])
+    with pytest.raises(InvalidArgument, match="'of'"):
+        run(of="pixels")
