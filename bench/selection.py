@@ -23,8 +23,9 @@ same run:
   eager pass costs the same per pick, so the ratio is per pick).
 * ``confident``: ``find_label_issues`` on ``n`` rows x 10 classes with 10 % flipped labels
   (precision and recall of the flips).
-* ``typiclust`` / ``probcover``: 100 picks from ``min(n, 100,000)`` rows (ProbCover: 20,000
-  rows; the ball graph is exact, ``O(N^2 d)``).
+* ``typiclust`` / ``probcover``: 100 picks from ``--typiclust-rows`` (100,000) /
+  ``--probcover-rows`` (20,000; the ball graph is exact, ``O(N^2 d)``) rows; ``--quick``:
+  20,000 / 5,000.
 """
 
 from __future__ import annotations
@@ -164,12 +165,12 @@ def run_coldstart(args: argparse.Namespace, x: np.ndarray, report: Report, which
     from miners.coldstart import probcover_select, typiclust_select
 
     if which == "typiclust":
-        sub = x[: min(len(x), 100_000)]
+        sub = x[: min(len(x), args.typiclust_rows)]
         dt, r = timed(f"typiclust {len(sub):,} rows, 100 picks", lambda: typiclust_select(sub, 100, seed=0))
         report.add(f"TypiClust, 100 picks of {len(sub):,}", dt, None, kind="info", unit="s")
         report.details["typiclust"] = {"seconds": dt, "rows": len(sub)}
     else:
-        sub = x[: min(len(x), 20_000)]
+        sub = x[: min(len(x), args.probcover_rows)]
         dt, r = timed(f"probcover {len(sub):,} rows, 100 picks",
                       lambda: probcover_select(sub, 100, n_classes=10, seed=0))
         report.add(f"ProbCover (delta by purity), 100 picks of {len(sub):,}", dt, None, kind="info", unit="s")
@@ -185,11 +186,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=100_000)
     p.add_argument("--eps", type=float, default=0.001, help="SemDeDup eps")
     p.add_argument("--only", default=",".join(ALL))
-    p.add_argument("--quick", action="store_true", help="100,000 rows, batch 10,000")
+    p.add_argument("--typiclust-rows", type=int, default=100_000, help="rows TypiClust picks from")
+    p.add_argument("--probcover-rows", type=int, default=20_000,
+                   help="rows ProbCover picks from (its ball graph is exact: O(N^2 d))")
+    p.add_argument("--quick", action="store_true",
+                   help="100,000 rows, batch 10,000; TypiClust on 20,000 rows, ProbCover on 5,000")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.batch = 100_000, 10_000
+        args.typiclust_rows, args.probcover_rows = 20_000, 5_000
     return args
 
 
