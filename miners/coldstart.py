@@ -75,6 +75,7 @@ Check = Callable[[], None]
 _EXACT_CLUSTER_ROWS = 20_000
 _RANGE_BLOCK = 4096
 _MAX_EDGES = 1 << 31
+_PAIR_VALUES = 1 << 23  # float64 values per chunk of the exact pair test (64 MB)
 
 
 def _noop_progress(fraction: float, message: str) -> None:
@@ -289,13 +290,14 @@ def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_ed
         lims, _, idx = index.range_search(xa[s:e], radius)
         idx = idx.astype(np.int64)
         rows = np.repeat(np.arange(s, e), np.diff(lims).astype(np.int64))
-        # exact float64 test of the candidate pairs
-        q = xa[rows].astype(np.float64)
-        c = xa[idx].astype(np.float64)
-        diff = q - c
-        d2 = np.einsum("ij,ij->i", diff, diff)
-        keep = d2 <= r2
-        del q, c, diff
+        # exact float64 test of the candidate pairs, a bounded number of pairs at a time
+        # (all of a block's pairs at once took ~20 GB for balls of thousands of 384-d rows)
+        keep = np.empty(len(idx), dtype=bool)
+        step = max(1024, _PAIR_VALUES // max(1, xa.shape[1]))
+        for p0 in range(0, len(idx), step):
+            p1 = min(len(idx), p0 + step)
+            diff = xa[rows[p0:p1]].astype(np.float64) - xa[idx[p0:p1]]
+            keep[p0:p1] = np.einsum("ij,ij->i", diff, diff) <= r2
         rows, idx = rows[keep], idx[keep]
         # per query, sort its ball by row index
         o = np.lexsort((idx, rows))
