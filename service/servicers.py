@@ -297,7 +297,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 raise type(exc)(f"batch {seq}: {exc.message}", field=exc.field, row=exc.row) from exc
             yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
                                        version=res.version, generated_ids=res.generated_ids,
-                                       new_columns=res.new_columns)
+                                       new_columns=res.new_columns, assigned_ids=res.assigned_ids,
+                                       assigned_rows=res.assigned_rows)
 
     def _validated(self, request_iterator: Iterator[Any]) -> Iterator[tuple[int, Collection, pa.Table, Any]]:
         """(seq, collection, table, validated batch) of each upsert message, in order."""

@@ -315,7 +315,10 @@ class AsyncCollection(AsyncCollectionBase):
         (and under max_message_bytes). ``data``: Arrow Table/RecordBatch, DataFrame, dict of
         columns, list of row dicts, or an iterable of those (converted chunk by chunk).
         A batch the server rejects raises InvalidArgumentError; the batches before it are
-        committed (``err.details["committed"]``)."""
+        committed (``err.details["committed"]``). Rows without an ``id`` get one from the
+        server: the summary's ``assigned_ids`` lists them in the input's row order
+        (``assigned_rows``: their positions), so ``col.upsert(rows).assigned_ids`` are the
+        ids of rows sent without any."""
         return await self.client._upsert(self.name, data, batch_rows, progress, timeout)
 
     async def search(
