@@ -84,3 +84,15 @@ def test_async_client_returns_the_generated_ids(server):
 
     ids, texts = asyncio.run(go())
     assert len(ids) == 3 and texts == ["p", "q", "r"]
+
+
+def test_a_rejected_upsert_names_its_field_and_row_for_programs(client):
+    from service.client import InvalidArgumentError
+
+    col = client.create_collection("located", spaces={"v": {"dim": 3, "metric": "l2"}}, if_not_exists=True)
+    rows = [{"id": f"r{i}", "emb_v": [1.0, 2.0, 3.0]} for i in range(5)]
+    rows[3]["emb_v"] = [1.0, float("nan"), 3.0]
+    with pytest.raises(InvalidArgumentError) as err:
+        col.upsert(rows)
+    assert err.value.row == 3 and err.value.field == "emb_v"
+    assert "row 3" in err.value.message
