@@ -558,9 +558,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.collection(args.collection).export(
             args.output, args.format, model=args.model, dataset=args.dataset, dataset_version=args.version,
-            fields=_csv_list(args.fields) or (), min_score=args.min_score, **_selection(args))
-    extra = f", {result['annotations']} annotations" if result.get("format") == "coco" else ""
+            fields=_csv_list(args.fields) or (), min_score=args.min_score, image_url=args.image_url,
+            mask_field=args.mask_field, **_selection(args))
+    extra = f", {result['annotations']} annotations" if result.get("format") in ("coco", "label-studio") else ""
     print(f"wrote {result['rows']} rows{extra} to {result['path']} ({result['format']})")
+    if result.get("label_config_path"):
+        print(f"the labeling config for them: {result['label_config_path']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.collection(args.collection).import_labels(args.file, args.format, dry_run=args.dry_run)
+    if args.json:
+        _print_json(report)
+        return 0
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{args.collection}: {report['items']} items in {args.file} ({report['format']}): "
+          f"{report['matched']} matched, {verb} {report['changed']}, {report['unchanged']} unchanged, "
+          f"{report['not_annotated']} not annotated, {len(report['unmatched'])} not matched")
+    for item in report["unmatched"][:20]:
+        print(f"  not matched: {item['item']}: {item['reason']}", file=sys.stderr)
+    if len(report["unmatched"]) > 20:
+        print(f"  ... and {len(report['unmatched']) - 20} more (--json lists them all)", file=sys.stderr)
     return 0
 
 
@@ -661,10 +681,24 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     _add_selection(p, required=False, dataset=True)
     p.add_argument("--version", help="with --dataset: the dataset version")
     p.add_argument("--model", help="pre-labels from this model (COCO: its boxes)")
-    p.add_argument("--format", choices=["csv", "jsonl", "coco"], help="default: from the file extension")
+    p.add_argument("--format", choices=["csv", "jsonl", "coco", "label-studio"],
+                   help="default: from the file extension (.json = COCO)")
     p.add_argument("--fields", help="extra columns, comma-separated (CSV / JSONL)")
-    p.add_argument("--min-score", type=float, default=0.0, help="COCO: leave out boxes below this score")
+    p.add_argument("--min-score", type=float, default=0.0, help="COCO, Label Studio: leave out boxes below this score")
+    p.add_argument("--image-url", help="Label Studio: image URL template of {uri} {path} {name} {id} "
+                                       "(default the uri), e.g. '/data/local-files/?d=imgs/{name}'")
+    p.add_argument("--mask-field", help="Label Studio: a column of mask PNG paths (value k = class k-1) "
+                                        "exported as brush pre-annotations")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", parents=[remote],
+                       help="labels / boxes back from Label Studio (JSON), CVAT (XML) or COCO")
+    p.add_argument("collection")
+    p.add_argument("file", help="a Label Studio JSON export, a CVAT for images 1.1 XML or a COCO JSON file")
+    p.add_argument("--format", choices=["label-studio", "cvat", "coco"], help="default: from the file")
+    p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.set_defaults(func=cmd_import)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
