@@ -183,6 +183,7 @@ def export_label_studio(
         else:
             projection["probs"] = f"{spec.column}.probs"
             projection["logits"] = f"{spec.column}.logits"
+            projection["samples"] = f"{spec.column}.samples"
     missing = [0]
     batches = _rows(col, projection, ids=ids, where=where, version=version, batch_size=batch_size,
                     missing=missing)
@@ -219,7 +220,7 @@ def _tasks(b: pa.RecordBatch, spec: Any, classes: list[str], image_url: str | No
     top = conf = None
     if spec is not None and spec.task != "detection":
         top, conf = np.full(rows, -1, dtype=np.int64), np.zeros(rows)
-        keep, probs = prediction_probs(cols["probs"], cols["logits"], spec.num_classes)
+        keep, probs = prediction_probs(cols["probs"], cols["logits"], spec.num_classes, samples=cols["samples"])
         top[keep], conf[keep] = probs.argmax(axis=1), probs.max(axis=1)
     box_lists = cols["boxes"].to_pylist() if "boxes" in cols else None
     ids = cols["id"].to_pylist()
