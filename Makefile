@@ -30,7 +30,7 @@ browser:
 
 # Label Studio for the labeling round trip (tests/test_label_studio.py): its own virtual
 # environment (it pins Django and many web packages: kept out of uv.lock) and a migrated
-# SQLite data folder the test copies (starting on it takes ~30 s instead of ~2 min), both under
+# SQLite data folder the test copies (so that starting skips the migrations: ~50 s here), both under
 # .cache/label-studio/ (ignored by git). `make test` sets it up when ASSAY_REQUIRE_LABEL_STUDIO=1
 # (.ci/run sets it); elsewhere run `make label-studio` once, or the test skips.
 LABEL_STUDIO_VERSION := 1.23.2
