@@ -19,9 +19,11 @@ Without the Label Studio install the tests are skipped, unless ``ASSAY_REQUIRE_L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -135,11 +137,14 @@ def label_studio(tmp_path_factory) -> LabelStudio:
         assert ls.api("GET", "/api/current-user/whoami")["email"] == "annotator@example.com"
         yield ls
     finally:
-        proc.terminate()
+        # its own session: end the whole group (a server that spawned a worker leaves none)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
 
