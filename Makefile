@@ -5,10 +5,12 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env browser demo test lint bench bench-quick bench-full protos client settings clean
+.PHONY: env browser label-studio label-studio-if-required demo test lint bench bench-quick bench-full protos client settings clean
 
 env: .venv/.assay-synced
 
+# `uv sync` installs the package with every extra: the dev group (the default group) holds
+# assay[all] (pyproject.toml). `pip install assay` alone is the light client.
 .venv/.assay-synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
@@ -26,7 +28,33 @@ browser:
 	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "could not install chromium: the browser tests will be skipped"; }
 
-test: env browser
+# Label Studio for the labeling round trip (tests/test_label_studio.py): its own virtual
+# environment (it pins Django and many web packages: kept out of uv.lock) and a migrated
+# SQLite data folder the test copies (so that starting skips the migrations: ~50 s here), both under
+# .cache/label-studio/ (ignored by git). `make test` sets it up when ASSAY_REQUIRE_LABEL_STUDIO=1
+# (.ci/run sets it); elsewhere run `make label-studio` once, or the test skips.
+LABEL_STUDIO_VERSION := 1.23.2
+LABEL_STUDIO_HOME := .cache/label-studio
+# offline and quiet: no version check against PyPI, no analytics, no Sentry reports
+# (and its data folder set before its settings load, so that nothing is written under ~)
+LABEL_STUDIO_ENV := LABEL_STUDIO_LATEST_VERSION_CHECK=false LABEL_STUDIO_COLLECT_ANALYTICS=false \
+	SENTRY_DSN= FRONTEND_SENTRY_DSN= LABEL_STUDIO_BASE_DATA_DIR=$(abspath $(LABEL_STUDIO_HOME)/db)
+
+label-studio: $(LABEL_STUDIO_HOME)/.ready-$(LABEL_STUDIO_VERSION)
+
+$(LABEL_STUDIO_HOME)/.ready-$(LABEL_STUDIO_VERSION):
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	rm -rf $(LABEL_STUDIO_HOME)
+	$(UV) venv --quiet --python python3 $(LABEL_STUDIO_HOME)/venv
+	$(UV) pip install --quiet --python $(LABEL_STUDIO_HOME)/venv/bin/python "label-studio==$(LABEL_STUDIO_VERSION)"
+	$(LABEL_STUDIO_ENV) $(LABEL_STUDIO_HOME)/venv/bin/label-studio version \
+		--data-dir $(LABEL_STUDIO_HOME)/db >$(LABEL_STUDIO_HOME)/migrate.log 2>&1
+	@touch $@
+
+label-studio-if-required:
+	@if [ "$${ASSAY_REQUIRE_LABEL_STUDIO:-}" = 1 ]; then $(MAKE) --no-print-directory label-studio; fi
+
+test: env browser label-studio-if-required
 	$(UV) run --frozen python -m protos.generate --check
 	$(UV) run --frozen python -m service.client.generate --check
 	$(UV) run --frozen python -m indexing.settings --check README.md

@@ -167,7 +167,8 @@ def _prelabels(batch: pa.RecordBatch, spec: ModelSpec) -> tuple[pa.Array, pa.Arr
                 cls[rows[ok]] = np.asarray(values, dtype=np.float64).reshape(-1, c).argmax(axis=1)
         conf_mask = ~has
     else:
-        keep, p = prediction_probs(batch.column("__probs"), batch.column("__logits"), c)
+        keep, p = prediction_probs(batch.column("__probs"), batch.column("__logits"), c,
+                                   samples=batch.column("__samples"))
         cls[keep] = p.argmax(axis=1)
         conf[keep] = p.max(axis=1)
         conf_mask = np.ones(n, dtype=bool)
@@ -182,7 +183,8 @@ def _projection(fields: list[str], spec: ModelSpec | None) -> dict[str, str]:
         if spec.task == "detection":
             proj["__boxes"] = f"{spec.column}.boxes"
         else:
-            proj.update(__probs=f"{spec.column}.probs", __logits=f"{spec.column}.logits")
+            proj.update(__probs=f"{spec.column}.probs", __logits=f"{spec.column}.logits",
+                        __samples=f"{spec.column}.samples")
     return proj
 
 

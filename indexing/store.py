@@ -141,6 +141,10 @@ class UpsertResult:
     version: int
     generated_ids: int = 0
     new_columns: list[str] = field(default_factory=list)
+    # The ids the store generated for rows that came without one, and those rows' numbers
+    # in the batch (both in row order): how a caller learns the ids of what it inserted.
+    assigned_ids: list[str] = field(default_factory=list)
+    assigned_rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -715,7 +719,10 @@ class Collection:
                 present.update(mine)
             w.finish(UpsertResult(inserted=inserted, updated=n - inserted, version=version,
                                   generated_ids=p.generated_ids,
-                                  new_columns=[f.name for f in added]))
+                                  new_columns=[f.name for f in added],
+                                  assigned_ids=p.table.column("id").take(p.generated_rows).to_pylist()
+                                  if p.generated_rows else [],
+                                  assigned_rows=list(p.generated_rows)))
 
     def _commit_updates(self, writes: Sequence[PendingWrite]) -> None:
         tables = [w.payload for w in writes]

@@ -174,23 +174,28 @@ class _PredInput(Input):
 class Probs(_PredInput):
     name = "probs"
     help = ("class probabilities: pred_<model>.probs, or softmax(logits / logits_temperature) where "
-            "only logits are stored")
+            "only logits are stored, or the mean of the samples where only samples are stored")
     classes = True
     row_arrays = ("probs",)
 
     def columns(self, ctx: RunContext) -> dict[str, str]:
-        return {"probs": self.path(ctx, "probs"), "logits": self.path(ctx, "logits")}
+        return {"probs": self.path(ctx, "probs"), "logits": self.path(ctx, "logits"),
+                "samples": self.path(ctx, "samples")}
 
     def condition(self, ctx: RunContext) -> str | None:
-        return f"({self.path(ctx, 'probs')} IS NOT NULL OR {self.path(ctx, 'logits')} IS NOT NULL)"
+        return (f"({self.path(ctx, 'probs')} IS NOT NULL OR {self.path(ctx, 'logits')} IS NOT NULL"
+                f" OR array_length({self.path(ctx, 'samples')}) > 0)")
 
     def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
-        return valid_mask(batch.column("probs")) | valid_mask(batch.column("logits"))
+        samples = batch.column("samples")
+        has_s = np.asarray(pc.fill_null(pc.list_value_length(samples), 0).to_numpy(zero_copy_only=False)) > 0
+        return valid_mask(batch.column("probs")) | valid_mask(batch.column("logits")) | has_s
 
     def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
                ctx: RunContext) -> dict[str, Any]:
         _, probs = prediction_probs(_take(batch.column("probs"), rows), _take(batch.column("logits"), rows),
-                                    ctx.num_classes, ctx.params.get("logits_temperature", 1.0))
+                                    ctx.num_classes, ctx.params.get("logits_temperature", 1.0),
+                                    samples=_take(batch.column("samples"), rows))
         return {"probs": probs, "classes": lambda: probs.argmax(axis=1)}
 
 

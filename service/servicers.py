@@ -297,7 +297,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 raise type(exc)(f"batch {seq}: {exc.message}", field=exc.field, row=exc.row) from exc
             yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
                                        version=res.version, generated_ids=res.generated_ids,
-                                       new_columns=res.new_columns)
+                                       new_columns=res.new_columns, assigned_ids=res.assigned_ids,
+                                       assigned_rows=res.assigned_rows)
 
     def _validated(self, request_iterator: Iterator[Any]) -> Iterator[tuple[int, Collection, pa.Table, Any]]:
         """(seq, collection, table, validated batch) of each upsert message, in order."""
@@ -590,11 +591,14 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         import tempfile
 
         from indexing.export import export_coco, export_rows
+        from indexing.labelstudio import export_label_studio
 
         col = self.store.collection(request.collection)
         fmt = request.format or "csv"
-        if fmt not in ("csv", "jsonl", "coco"):
-            raise InvalidArgument(f"export format must be csv, jsonl or coco, got {fmt!r}")
+        if fmt not in ("csv", "jsonl", "coco", "label-studio"):
+            raise InvalidArgument(f"export format must be csv, jsonl, coco or label-studio, got {fmt!r}")
+        if (request.image_url or request.mask_field) and fmt != "label-studio":
+            raise InvalidArgument("image_url and mask_field apply to Label Studio exports (format label-studio)")
         chosen = [bool(request.where), bool(request.ids), bool(request.run_id), bool(request.dataset)]
         if sum(chosen) > 1:
             raise InvalidArgument("export takes at most one of where, ids, run_id, dataset")
@@ -616,8 +620,14 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             raise FailedPrecondition("nothing to export: the selection is empty")
         tmp = tempfile.mkdtemp(prefix="assay-export-")
         try:
-            path = os.path.join(tmp, f"export.{'json' if fmt == 'coco' else fmt}")
-            if fmt == "coco":
+            path = os.path.join(tmp, f"export.{'json' if fmt in ('coco', 'label-studio') else fmt}")
+            config = ""
+            if fmt == "label-studio":
+                report, config = export_label_studio(
+                    col, path, model=request.model or None, ids=ids, where=request.where or None,
+                    version=version, image_url=request.image_url or None,
+                    mask_field=request.mask_field or None, min_score=request.min_score)
+            elif fmt == "coco":
                 if not request.model:
                     raise InvalidArgument("a COCO export needs the detection model (model)")
                 report = export_coco(col, request.model, path, ids=ids, where=request.where or None,
@@ -630,7 +640,8 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                     if not context.is_active():
                         return
                     yield query_pb2.ExportChunk(data=chunk)
-            yield query_pb2.ExportChunk(rows=report.rows, annotations=report.annotations, last=True)
+            yield query_pb2.ExportChunk(rows=report.rows, annotations=report.annotations, last=True,
+                                        label_config=config)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

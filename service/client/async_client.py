@@ -25,6 +25,7 @@ from service.client.convert import (
 from service.client.errors import DeadlineExceededError, UnavailableError
 from service.client.files import ExportFile
 from service.client.jobs import JobView, Waiter
+from service.client.labeling import LabelImport, chunks, read_labels
 from service.client.rpc import (
     Page,
     export_format,
@@ -315,7 +316,10 @@ class AsyncCollection(AsyncCollectionBase):
         (and under max_message_bytes). ``data``: Arrow Table/RecordBatch, DataFrame, dict of
         columns, list of row dicts, or an iterable of those (converted chunk by chunk).
         A batch the server rejects raises InvalidArgumentError; the batches before it are
-        committed (``err.details["committed"]``)."""
+        committed (``err.details["committed"]``). Rows without an ``id`` get one from the
+        server: the summary's ``assigned_ids`` lists them in the input's row order
+        (``assigned_rows``: their positions), so ``col.upsert(rows).assigned_ids`` are the
+        ids of rows sent without any."""
         return await self.client._upsert(self.name, data, batch_rows, progress, timeout)
 
     async def search(
@@ -586,6 +590,8 @@ class AsyncCollection(AsyncCollectionBase):
         fields: Iterable[str] = (),
         min_score: float = 0.0,
         params: Mapping[str, Any] | None = None,
+        image_url: str | None = None,
+        mask_field: str | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """Export rows for labeling to ``path``: CSV / JSONL (``id, uri, text, label``,
@@ -593,7 +599,14 @@ class AsyncCollection(AsyncCollectionBase):
         JSON (``model``'s boxes; format from the extension: .csv, .jsonl, .json). Which rows:
         at most one of ``where``, ``ids``, ``run_id``, ``dataset`` (+ ``dataset_version``);
         none = all. The file is streamed to a temporary name next to ``path`` and renamed
-        when complete. Returns ``{rows, annotations, path, format}``."""
+        when complete. Returns ``{rows, annotations, path, format}``.
+
+        ``format="label-studio"``: Label Studio tasks (JSON) with ``model``'s pre-annotations
+        (its top class, or its boxes; masks from ``mask_field``, a column of mask PNG paths),
+        image URLs from ``image_url`` (a template of ``{uri}``, ``{path}``, ``{name}``,
+        ``{id}``); the matching labeling config is written next to them
+        (``<name>.label_config.xml``, also in the result's ``label_config``). See
+        :mod:`indexing.labelstudio`; :meth:`import_labels` reads the annotations back."""
         fmt = export_format(path, format)
         rpc = rpc_export(
             self.name,
@@ -607,11 +620,52 @@ class AsyncCollection(AsyncCollectionBase):
             fields=fields,
             min_score=min_score,
             params=params,
+            image_url=image_url,
+            mask_field=mask_field,
         )
         with ExportFile(path, fmt) as out:
             async for chunk in self.client._stream(rpc, timeout):
                 out.write(chunk)
         return out.result or {}
+
+    async def import_labels(
+        self,
+        path: str | os.PathLike[str],
+        format: str | None = None,
+        *,
+        dry_run: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Write the labels and boxes of a labeling tool's export back: a Label Studio JSON
+        export, a CVAT for images 1.1 XML file or a COCO file (``format`` "label-studio",
+        "cvat", "coco"; default from the file). Items are matched to rows by the id assay
+        exported with them, else by uri, else by file name (see
+        :mod:`service.client.labeling`); only rows whose ``label`` or ``gt_boxes`` change
+        are written, so importing a file again changes nothing. Returns a report: ``items``,
+        ``matched``, ``changed``, ``unchanged``, ``not_annotated``, ``labels``, ``boxes``,
+        ``unmatched`` (item and reason, nothing written for them), ``version``;
+        ``dry_run`` reports without writing."""
+        fmt, records = read_labels(path, format)
+        plan = LabelImport(fmt, records)
+        columns = ["id", "uri", "label", "gt_boxes"]
+        for part in chunks(plan.wanted_ids):
+            plan.found(await self.take(part, columns, timeout=timeout), "id")
+        for part in chunks(plan.wanted_uris):
+            plan.found(
+                await self.query("uri IN (:uris)", columns, params={"uris": part}, timeout=timeout),
+                "uri",
+            )
+        if plan.needs_scan:
+            async for page in self.scan(None, ["id", "uri"], timeout=timeout):
+                plan.scanned(page)
+            for part in chunks(plan.match_scanned()):
+                plan.found(await self.take(part, columns, timeout=timeout), "id")
+        plan.finish_unmatched()
+        table, counts = plan.changes()
+        version = None
+        if table is not None and (not dry_run):
+            version = (await self.upsert(table, timeout=timeout)).version
+        return plan.report(counts, os.fspath(path), dry_run, version)
 
     async def take(
         self,

@@ -356,8 +356,8 @@ def export_format(path: str | os.PathLike[str], format: str | None) -> str:  # n
         if format is None:
             raise invalid(f"cannot tell the export format of {os.fspath(path)!r}: name it "
                           ".csv, .jsonl or .json (COCO), or pass format=")
-    if format not in ("csv", "jsonl", "coco"):
-        raise invalid(f"export format {format!r} is not one of csv, jsonl, coco")
+    if format not in ("csv", "jsonl", "coco", "label-studio"):
+        raise invalid(f"export format {format!r} is not one of csv, jsonl, coco, label-studio")
     return format
 
 
@@ -365,7 +365,8 @@ def rpc_export(collection: str, format: str, *, model: str | None = None,  # noq
                where: str | None = None, ids: str | Iterable[str] | None = None,
                run_id: Any = None, dataset: str | None = None,
                dataset_version: int | str | None = None, fields: Iterable[str] = (),
-               min_score: float = 0.0, params: Mapping[str, Any] | None = None) -> Rpc:
+               min_score: float = 0.0, params: Mapping[str, Any] | None = None,
+               image_url: str | None = None, mask_field: str | None = None) -> Rpc:
     run_id = _run_id(run_id)
     named = [k for k, v in (("where", where), ("ids", ids), ("run_id", run_id), ("dataset", dataset))
              if v is not None]
@@ -380,7 +381,8 @@ def rpc_export(collection: str, format: str, *, model: str | None = None,  # noq
         where=bound(where, params) or "", ids=_some_ids(ids, "export"),
         run_id=run_id or "", dataset=dataset or "",
         dataset_version=_version(dataset_version, "dataset_version"),
-        fields=_columns(fields), min_score=min_score)
+        fields=_columns(fields), min_score=min_score, image_url=image_url or "",
+        mask_field=mask_field or "")
     return Rpc("query", "Export", request)
 
 
