@@ -72,12 +72,12 @@ test: env browser label-studio-if-required
 lint: env
 	$(UV) run --frozen ruff check .
 
-BENCHES := store service mining_scan uncertainty density diversity embedding web soak
+BENCHES := store service mining_scan uncertainty density diversity embedding web soak_writes soak
 
 # bench: every benchmark (BENCHES with --quick, the soak, the reduced active-learning plan) in
 # about 20 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).
 # bench-quick: the scripts only, --quick (~4 minutes). bench-full: default sizes and the full
-# active-learning protocol (hours). Extra options: make bench BENCH_ARGS="--skip soak".
+# active-learning protocol (hours). Extra options: make bench BENCH_ARGS="--skip soak,soak_writes".
 bench: env
 	$(UV) run --frozen python -m bench.run_all --benches "$(BENCHES)" $(BENCH_ARGS)
 
