@@ -275,12 +275,21 @@ def _candidates(keys: np.ndarray, rows: np.ndarray, sel: np.ndarray, k: int, sco
 
 
 def _labeled_class_counts(col: Collection, rec: RunSpec, model_spec: Any) -> np.ndarray:
-    """Labeled rows per class of the model, at the run's version (for inverse-frequency budgets)."""
+    """Labeled examples per class of the model, at the run's version (for inverse-frequency
+    budgets): for a classifier, the rows whose ``label`` is that class; for a detection model,
+    the ground-truth boxes (``gt_boxes``) of that class — a detector is trained on boxes, and
+    an image label says nothing about which objects it holds. Values that are not one of
+    the model's classes are not counted."""
     counts = np.zeros(model_spec.num_classes, dtype=np.int64)
     index = {name: i for i, name in enumerate(model_spec.classes)}
     table = col.at_version(rec.version)
-    for batch in table.search().where("label IS NOT NULL").select(["label"]).limit(None).to_batches(CHUNK_ROWS):
-        vc = pc.value_counts(batch.column("label"))
+    column = "gt_boxes" if model_spec.task == "detection" else "label"
+    query = table.search().where(f"{column} IS NOT NULL").select([column]).limit(None)
+    for batch in query.to_batches(CHUNK_ROWS):
+        values = batch.column(column)
+        if column == "gt_boxes":
+            values = pc.list_flatten(values).field("label")
+        vc = pc.value_counts(values)
         for value, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True):
             if value in index:
                 counts[index[value]] += n
