@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.filters import check_filter
+from indexing.objects import expand
 from indexing.settings import MAX_SIZE, MINING_THREADS
 from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
@@ -132,9 +133,12 @@ def run_mining(
     chunk_rows: int | None = None,
 ) -> MiningOutput:
     """Execute a validated run on the collection version pinned in ``rec``."""
-    # What runs is what was validated: the filters in their checked form (indexing.filters).
-    rec = replace(rec, where=check_filter(rec.where or None) or "",
-                  reference_where=check_filter(rec.reference_where or None) or "")
+    # What runs is what was validated: the filters in their checked form (indexing.filters),
+    # their any_object(...) box clauses expanded on the run's pinned version (so the boxes
+    # judged are those of the rows mined; the record keeps the user's filter).
+    pinned = col.table if rec.version is None else col.at_version(rec.version)
+    rec = replace(rec, where=check_filter(expand(pinned, rec.where or None, check=check)) or "",
+                  reference_where=check_filter(expand(pinned, rec.reference_where or None, check=check)) or "")
     spec = miner_spec(rec.miner)
     ctx = RunContext(col, rec, dict(rec.params), progress, check,
                      validate_stage=lambda sub: validate_request(col, sub),

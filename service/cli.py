@@ -25,6 +25,8 @@ Through a running server (``--server``, else $ASSAY_SERVER, else 127.0.0.1:50051
     assay miners                          the miners and their parameters
     assay mine COLLECTION MINER --size N [--model M] [--where SQL] [--param k=v]...
                [--seed S] [--reverse] [--columns a,b] [--output results.csv|.parquet|.jsonl]
+               [--objects-where SQL]          (also on query and export: images with a box
+                                          where SQL holds, over the object columns)
     assay runs [COLLECTION]               recent mining runs
     assay query COLLECTION [--where SQL] [--param k=v]... [--columns a,b] [--limit N]
                [--version V] [--output rows.parquet|.csv|.jsonl]
@@ -228,12 +230,16 @@ def cmd_miners(args: argparse.Namespace) -> int:
     return 0
 
 
+OBJECTS_WHERE_HELP = ("keep images with a box where this holds: SQL over id, source, box, class, score, "
+                      "probs, x1, y1, x2, y2, width, height, area (e.g. \"source = 'det' AND score < 0.6\")")
+
+
 def cmd_mine(args: argparse.Namespace) -> int:
     with _client(args) as client:
         col = client.collection(args.collection)
         job = col.mine(args.miner, args.size, model=args.model, space=args.space, where=args.where,
                        reference_where=args.reference_where, params=dict(args.param or []), seed=args.seed,
-                       reverse=args.reverse)
+                       reverse=args.reverse, objects_where=args.objects_where)
         job.wait(progress=not args.quiet)
         columns = [c for c in (args.columns or "").split(",") if c]
         table = job.results(columns=columns or None)
@@ -429,7 +435,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     with _client(args) as client:
         table = client.collection(args.collection).query(
             args.where, columns=_csv_list(args.columns), limit=args.limit, offset=args.offset,
-            version=args.version, params=_sql_params(args))
+            version=args.version, params=_sql_params(args), objects_where=args.objects_where)
     if args.output:
         _write_table(table, args.output)
         print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
@@ -492,7 +498,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.collection(args.collection).export(
             args.output, args.format, model=args.model, dataset=args.dataset, dataset_version=args.version,
-            fields=_csv_list(args.fields) or (), min_score=args.min_score, **_selection(args))
+            fields=_csv_list(args.fields) or (), min_score=args.min_score, objects_where=args.objects_where,
+            **_selection(args))
     extra = f", {result['annotations']} annotations" if result.get("format") == "coco" else ""
     print(f"wrote {result['rows']} rows{extra} to {result['path']} ({result['format']})")
     return 0
@@ -560,6 +567,7 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--version", help="read this collection version (number or tag)")
     p.add_argument("--output", help="write .parquet, .csv or .jsonl instead of printing")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("stats", parents=[remote], help="analytics: labels, confused, confusion, uncertainty, histogram")
@@ -595,6 +603,7 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["csv", "jsonl", "coco"], help="default: from the file extension")
     p.add_argument("--fields", help="extra columns, comma-separated (CSV / JSONL)")
     p.add_argument("--min-score", type=float, default=0.0, help="COCO: leave out boxes below this score")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_export)
 
 
@@ -660,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", help="collection columns to add to id, rank, score (comma-separated)")
     p.add_argument("--output", help="write the results to .csv, .parquet or .jsonl instead of printing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_mine)
     p = sub.add_parser("runs", parents=[remote], help="list recent mining runs")
     p.add_argument("collection", nargs="?")

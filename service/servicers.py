@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 from google.protobuf import json_format
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec
+from indexing.filters import with_objects
+from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec, light_columns
 from indexing.settings import EXPORT_CHUNK_BYTES as _EXPORT_CHUNK
 from indexing.settings import server_default
 from indexing.store import Collection, Store
@@ -499,8 +500,11 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                 return
             sent += 1
             yield common_pb2.ArrowPage(arrow_ipc=table_to_ipc(batch), rows=batch.num_rows, version=version)
-        if not sent:  # nothing matched: one empty page still carries the schema
-            empty = col.query(request.where or None, columns, limit=0)
+        if not sent:  # nothing matched: one empty page still carries the schema (of the version read;
+            # not a query with limit=0, which Lance reads as "no limit")
+            table = col.table if at is None else col.at_version(version)
+            names = columns or light_columns(table.schema)
+            empty = pa.schema([table.schema.field(c) for c in names]).empty_table()
             yield common_pb2.ArrowPage(arrow_ipc=table_to_ipc(empty), rows=0, version=version)
 
     def Count(self, request, context):  # noqa: N802
@@ -552,7 +556,15 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         where = request.where or None
         version = version_arg(request.version)
         kind = request.kind
-        if kind == "label_distribution":
+        objects_where = request.objects_where or None
+        per_object = kind == "objects" or (kind == "histogram" and request.field.startswith("objects."))
+        if not per_object:  # image-level: the images with such an object
+            where = with_objects(where, objects_where)
+        if kind == "objects":
+            table = col.objects(where, objects_where, source=request.model or None,
+                                columns=list(request.columns) or None, limit=request.limit or None,
+                                version=version)
+        elif kind == "label_distribution":
             table = analytics.label_distribution(col, where, list(request.group_by) or None, version=version)
         elif kind in ("confused_pairs", "confusion", "class_uncertainty"):
             if not request.model:
@@ -578,11 +590,13 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             if has[0] != has[1]:
                 raise InvalidArgument("give both range_min and range_max, or neither")
             rng = (request.range_min, request.range_max) if all(has) else None
-            table = analytics.histogram(col, request.field, bins=bins, where=where, range=rng, version=version)
+            table = analytics.histogram(
+                col, request.field, bins=bins, where=where, range=rng, version=version,
+                **({"source": request.model or None, "objects_where": objects_where} if per_object else {}))
         else:
             raise InvalidArgument(
                 f"unknown aggregate kind {kind!r} (known: label_distribution, confused_pairs, confusion, "
-                "class_uncertainty, histogram)")
+                "class_uncertainty, histogram, objects)")
         return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
 
     def Export(self, request, context):  # noqa: N802

@@ -127,3 +127,224 @@ def test_edge_scorer_keep_takes_the_box_format_score_takes(client):
     assert scorer.keep(boxes=items).tolist() == [True, False, False]
     with pytest.raises(ValueError, match="item 0, box 1: no probs"):
         scorer.keep(boxes=[[_box(0, 0, 1, 1, 0.5, [0.5, 0.5]), _box(0, 0, 1, 1, 0.5, None)]])
+
+
+# -- objects as rows -------------------------------------------------------------------------
+
+COCO = ["chair", "remote", "cell phone"]
+PRED = "source = 'det' AND class IN ('chair', 'remote', 'cell phone') AND area BETWEEN 1e2 AND 1e4 AND score < 0.6"
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _scene(rng: np.random.Generator, i: int) -> dict:
+    """One image: 0-4 predicted boxes (20% without probs), sometimes no prediction at all,
+    and ground-truth boxes on a third of the images."""
+    row: dict = {"id": f"img{i:03d}", "split": "pool" if i % 4 else "val"}
+    if rng.random() < 0.1:
+        row["pred_det"] = None
+    else:
+        boxes = []
+        for _ in range(int(rng.integers(0, 5))):
+            x1, y1 = rng.uniform(0, 200, 2)
+            w, h = rng.uniform(2, 150, 2)
+            probs = rng.dirichlet(np.ones(3)).tolist() if rng.random() < 0.8 else None
+            boxes.append(_box(x1, y1, w, h, float(rng.random()), probs))
+        row["pred_det"] = {"boxes": boxes}
+    if i % 3 == 0:
+        row["gt_boxes"] = [{"x1": 1.0, "y1": 2.0, "x2": 1.0 + 10 * (j + 1), "y2": 12.0, "label": COCO[(i + j) % 3]}
+                           for j in range(int(rng.integers(1, 3)))]
+    return row
+
+
+def _py_objects(rows: list[dict]) -> list[dict]:
+    """The object rows of ``rows`` computed directly from their definition (float32 as stored)."""
+    out = []
+    for r in rows:
+        for k, b in enumerate(((r.get("pred_det") or {}).get("boxes")) or []):
+            x1, y1, x2, y2 = (_f32(b[f]) for f in ("x1", "y1", "x2", "y2"))
+            probs = b.get("probs")
+            cls = COCO[int(np.argmax(np.asarray(probs, np.float32)))] if probs is not None else None
+            out.append({"id": r["id"], "source": "det", "box": k, "class": cls, "score": _f32(b["score"]),
+                        "x1": x1, "y1": y1, "x2": x2, "y2": y2, "width": x2 - x1, "height": y2 - y1,
+                        "area": (x2 - x1) * (y2 - y1)})
+        for k, b in enumerate(r.get("gt_boxes") or []):
+            x1, y1, x2, y2 = (_f32(b[f]) for f in ("x1", "y1", "x2", "y2"))
+            out.append({"id": r["id"], "source": "gt", "box": k, "class": b["label"], "score": None,
+                        "x1": x1, "y1": y1, "x2": x2, "y2": y2, "width": x2 - x1, "height": y2 - y1,
+                        "area": (x2 - x1) * (y2 - y1)})
+    return out
+
+
+def _matching_ids(rows: list[dict], keep) -> set[str]:
+    return {o["id"] for o in _py_objects(rows) if keep(o)}
+
+
+def _pred(o: dict) -> bool:
+    return (o["source"] == "det" and o["class"] in COCO and 1e2 <= o["area"] <= 1e4
+            and o["score"] is not None and o["score"] < 0.6)
+
+
+@pytest.fixture(scope="module")
+def scenes(client):
+    col = client.create_collection("scenes", models={"det": {"classes": COCO, "task": "detection"},
+                                                     "m": ["a", "b"]})
+    rng = np.random.default_rng(7)
+    rows = [_scene(rng, i) for i in range(60)]
+    col.upsert(rows)
+    return col, rows
+
+
+def _key(o: dict) -> tuple:
+    return (o["id"], o["source"], o["box"])
+
+
+def test_object_rows_equal_a_direct_flattening(scenes):
+    col, rows = scenes
+    got = col.objects().to_pylist()
+    want = _py_objects(rows)
+    assert len(got) == len(want) and any(o["class"] is None for o in got)
+    by_key = {_key(o): o for o in got}
+    for w in want:
+        g = by_key[_key(w)]
+        for name in ("class", "score", "x1", "y1", "x2", "y2"):
+            assert g[name] == w[name], (w, name)
+        for name in ("width", "height", "area"):
+            assert g[name] == pytest.approx(w[name], rel=1e-12)
+    det_probs = {(r["id"], k): b.get("probs") for r in rows for k, b in
+                 enumerate(((r.get("pred_det") or {}).get("boxes")) or [])}
+    for g in got:
+        if g["source"] == "det" and det_probs[(g["id"], g["box"])] is not None:
+            np.testing.assert_allclose(g["probs"], det_probs[(g["id"], g["box"])], rtol=1e-6)
+    # one source, a projection, a limit
+    gt = col.objects(source="gt", columns=["id", "class", "area"])
+    assert gt.column_names == ["id", "class", "area"]
+    assert gt.num_rows == sum(o["source"] == "gt" for o in want)
+    assert col.objects(limit=5).num_rows == 5
+
+
+def test_objects_where_equals_a_direct_computation(scenes, tmp_path):
+    col, rows = scenes
+    want = _matching_ids(rows, _pred)
+    assert 0 < len(want) < len(rows)
+    assert col.count(objects_where=PRED) == len(want)
+    assert set(col.query(objects_where=PRED, columns=["id"])["id"].to_pylist()) == want
+    # combined with an ordinary filter, and written inside where as any_object(...)
+    pool = {r["id"] for r in rows if r["split"] == "pool"}
+    assert set(col.query("split = 'pool'", objects_where=PRED, columns=["id"])["id"].to_pylist()) == want & pool
+    negated = set(col.query(f"NOT any_object({PRED})", columns=["id"])["id"].to_pylist())
+    assert negated == {r["id"] for r in rows} - want
+    # the object rows kept by the same predicate belong to exactly those images
+    objs = col.objects(objects_where=PRED)
+    assert set(objs["id"].to_pylist()) == want and objs.num_rows == sum(map(_pred, _py_objects(rows)))
+    # a mining run only sees those images
+    picked = _mine(col, "detection", 100, model="det", objects_where=PRED, params={"method": "one_minus_score"})
+    with_boxes = {r["id"] for r in rows if (r.get("pred_det") or {}).get("boxes") is not None}
+    assert set(picked) == want & with_boxes
+    # an export writes those rows
+    out = col.export(tmp_path / "small.csv", objects_where=PRED, model="det")
+    assert out["rows"] == len(want)
+    # a predicate over gt boxes: images with a ground-truth remote
+    gt_remote = _matching_ids(rows, lambda o: o["source"] == "gt" and o["class"] == "remote")
+    assert col.count(objects_where="source = 'gt' AND class = 'remote'") == len(gt_remote) > 0
+
+
+def test_objects_histogram_equals_numpy(scenes):
+    col, rows = scenes
+    areas = [o["area"] for o in _py_objects(rows) if o["source"] == "det"]
+    hist = col.histogram("objects.area", bins=7, source="det")
+    counts, edges = np.histogram(np.asarray(areas, dtype=np.float64), bins=7)
+    assert hist["count"].to_pylist() == counts.tolist()
+    np.testing.assert_allclose(hist["bin_start"].to_numpy(), edges[:-1])
+    scores = [o["score"] for o in _py_objects(rows) if _pred(o)]
+    hist = col.histogram("objects.score", bins=4, range=(0.0, 0.6), objects_where=PRED)
+    assert hist["count"].to_pylist() == np.histogram(scores, bins=4, range=(0.0, 0.6))[0].tolist()
+
+
+@pytest.mark.parametrize(("kw", "needle"), [
+    (dict(objects_where="nope < 3"), "unknown object column 'nope'"),
+    (dict(objects_where="score < 0.5; DROP TABLE x"), "objects_where"),
+    (dict(objects_where="score <"), "objects_where"),
+    (dict(objects_where="score < 0.5) OR (1 = 1"), "objects_where"),
+    (dict(where="any_object(widht > 3)"), "unknown object column 'widht'"),
+])
+def test_bad_object_predicates_are_refused(scenes, kw, needle):
+    from service.client import InvalidArgumentError
+
+    col, _ = scenes
+    with pytest.raises(InvalidArgumentError, match=needle) as err:
+        col.count(**kw)
+    if "unknown" in needle:
+        assert "area" in str(err.value)  # the allowed columns are listed
+    with pytest.raises(InvalidArgumentError, match="object"):
+        col.objects(**kw)
+    with pytest.raises(InvalidArgumentError):
+        col.mine("detection", 3, model="det", **kw)
+    with pytest.raises(InvalidArgumentError, match="unknown object column"):
+        col.objects(columns=["id", "areaa"])
+    with pytest.raises(InvalidArgumentError, match="source 'm' has no boxes"):
+        col.objects(source="m")
+    with pytest.raises(InvalidArgumentError, match="objects.label"):
+        col.histogram("objects.label")
+
+
+def test_object_rows_follow_the_image_rows_at_every_version(client):
+    col = client.create_collection("versions", models={"det": {"classes": COCO, "task": "detection"}})
+    rng = np.random.default_rng(3)
+    v1_rows = [_scene(rng, i) for i in range(12)]
+    col.upsert(v1_rows)
+    v1 = col.describe()["version"]
+    changed = {"id": v1_rows[0]["id"], "pred_det": {"boxes": [_box(0, 0, 20, 20, 0.1, [0.9, 0.05, 0.05])]}}
+    col.upsert([changed])
+    col.delete(ids=[v1_rows[1]["id"]])
+    v3_rows = [changed] + v1_rows[2:]
+
+    def as_set(table) -> set:
+        return {(o["id"], o["source"], o["box"], o["class"], o["area"]) for o in table.to_pylist()}
+
+    def py(rs) -> set:
+        return {(o["id"], o["source"], o["box"], o["class"], o["area"]) for o in _py_objects(rs)}
+
+    # the changed row lost its gt boxes? no: an upsert of some columns keeps the others
+    v3_rows[0] = {**v1_rows[0], **changed}
+    assert as_set(col.objects(version=v1)) == py(v1_rows)
+    assert as_set(col.objects()) == py(v3_rows)
+    small_chair = "source = 'det' AND class = 'chair' AND area <= 400 AND score < 0.2"
+    assert col.count(objects_where=small_chair) == len(_matching_ids(v3_rows, lambda o: o["source"] == "det"
+                                                                     and o["class"] == "chair"
+                                                                     and o["area"] <= 400 and o["score"] < 0.2))
+    assert v1_rows[0]["id"] in set(col.query(objects_where=small_chair, columns=["id"])["id"].to_pylist())
+    # at the old version the filter is judged on the old boxes
+    old = _matching_ids(v1_rows, lambda o: o["source"] == "det" and o["class"] == "chair"
+                        and o["area"] <= 400 and o["score"] < 0.2)
+    assert col.count(objects_where=small_chair, version=v1) == len(old)
+    assert set(col.query(objects_where=small_chair, columns=["id"], version=v1)["id"].to_pylist()) == old
+
+
+def test_cli_objects_where_mines_queries_and_exports(server, scenes, tmp_path, capsys):
+    import csv
+
+    from service.cli import main
+
+    col, rows = scenes
+    want = _matching_ids(rows, _pred)
+    with_boxes = {r["id"] for r in rows if (r.get("pred_det") or {}).get("boxes") is not None}
+    picked = tmp_path / "picked.csv"
+    assert main(["mine", "scenes", "detection", "--size", "100", "--model", "det", "--param",
+                 "method=one_minus_score", "--objects-where", PRED, "--output", str(picked), "--quiet",
+                 "--server", server.address]) == 0
+    assert {r["id"] for r in csv.DictReader(picked.open())} == want & with_boxes
+    queried = tmp_path / "rows.csv"
+    assert main(["query", "scenes", "--where", "split = 'pool'", "--objects-where", PRED, "--columns", "id",
+                 "--output", str(queried), "--server", server.address]) == 0
+    pool = {r["id"] for r in rows if r["split"] == "pool"}
+    assert {r["id"] for r in csv.DictReader(queried.open())} == want & pool
+    exported = tmp_path / "labels.jsonl"
+    assert main(["export", "scenes", str(exported), "--model", "det", "--objects-where", PRED,
+                 "--server", server.address]) == 0
+    assert len(exported.read_text().splitlines()) == len(want)
+    capsys.readouterr()
+    assert main(["query", "scenes", "--objects-where", "colour = 'red'", "--server", server.address]) == 2
+    assert "unknown object column 'colour'" in capsys.readouterr().err

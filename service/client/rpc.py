@@ -20,6 +20,8 @@ import pyarrow as pa
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
+from indexing.errors import InvalidArgument
+from indexing.filters import with_objects
 from protos.assay.v1 import (
     collections_pb2,
     common_pb2,
@@ -231,6 +233,16 @@ def rpc_search(
     return Rpc("search", "Search", request, partial(parse_search, single=single))
 
 
+def objects_filter(where: str | None, objects_where: str | None) -> str | None:
+    """``where`` restricted to images with an object matching ``objects_where`` (SQL over the
+    object columns: id, source, box, class, score, probs, x1, y1, x2, y2, width, height,
+    area): ``(<where>) AND any_object(<objects_where>)``, read by the server."""
+    try:
+        return with_objects(where, objects_where)
+    except InvalidArgument as exc:
+        raise invalid(str(exc)) from None
+
+
 def rpc_scan(collection: str, where: str | None, columns: Iterable[str] | None, page_rows: int,
              limit: int | None = None, offset: int = 0, version: int | str | None = None,
              params: Mapping[str, Any] | None = None) -> Rpc:
@@ -274,7 +286,7 @@ def rpc_page(collection: str, where: str | None, columns: Iterable[str] | None, 
 
 
 AGGREGATES: Final = ("label_distribution", "confused_pairs", "confusion", "class_uncertainty",
-                     "histogram")
+                     "histogram", "objects")
 
 
 def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
@@ -283,14 +295,17 @@ def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
                   top: int | None = None, measure: str | None = None,
                   version: int | str | None = None,
                   range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name
-                  errors_only: bool = False, params: Mapping[str, Any] | None = None) -> Rpc:
+                  errors_only: bool = False, params: Mapping[str, Any] | None = None,
+                  objects_where: str | None = None, columns: Iterable[str] | None = None,
+                  limit: int | None = None) -> Rpc:
     """An analytics table (see AggregateRequest.kind) as a pyarrow Table."""
     if kind not in AGGREGATES:
         raise invalid(f"aggregate kind {kind!r} is not one of {', '.join(AGGREGATES)}")
     request = _message(
         query_pb2.AggregateRequest, kind, collection=collection, kind=kind, model=model,
         where=bound(where, params), field=field, group_by=_columns(group_by), bins=bins, top=top,
-        measure=measure, version=_version(version), errors_only=errors_only)
+        measure=measure, version=_version(version), errors_only=errors_only,
+        objects_where=objects_where, columns=_columns(columns), limit=limit)
     if range is not None:
         try:
             lo, hi = range
