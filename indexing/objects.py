@@ -45,8 +45,8 @@ from indexing.errors import InvalidArgument
 from indexing.filters import check_filter, ids_predicate, object_clauses, validate_filter
 from indexing.schema import FLOAT_LIST, PRED_PREFIX, ModelSpec, models_of
 
-__all__ = ["GT_SOURCE", "OBJECT_COLUMNS", "OBJECT_SCHEMA", "NUMERIC_COLUMNS", "expand", "object_batches",
-           "object_rows", "objects", "sources", "check_predicate"]
+__all__ = ["GT_SOURCE", "OBJECT_COLUMNS", "OBJECT_SCHEMA", "NUMERIC_COLUMNS", "box_confusion", "check_predicate",
+           "expand", "match_boxes", "object_batches", "object_classes", "object_rows", "objects", "sources"]
 
 GT_SOURCE = "gt"
 OBJECT_SCHEMA = pa.schema([
@@ -259,3 +259,111 @@ def objects(table: Any, where: str | None = None, objects_where: str | None = No
         n += part.num_rows
     schema = pa.schema([OBJECT_SCHEMA.field(c) for c in cols])
     return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
+
+
+# -- box-level analytics ---------------------------------------------------------------------
+
+
+def object_classes(table: Any, where: str | None = None, objects_where: str | None = None, *,
+                   source: str | Sequence[str] | None = None) -> pa.Table:
+    """Box-level label distribution: ``source``, ``class``, ``count`` of the object rows
+    (as :func:`object_batches` selects them), sorted by source then count descending then
+    class; boxes without a class (no probs) count under a null class."""
+    counts: dict[tuple[str, str | None], int] = {}
+    for part in object_batches(table, where, objects_where, source=source, columns=["source", "class"]):
+        if not part.num_rows:
+            continue
+        grouped = part.group_by(["source", "class"], use_threads=False).aggregate([([], "count_all")])
+        for s, c, n in zip(grouped.column("source").to_pylist(), grouped.column("class").to_pylist(),
+                           grouped.column("count_all").to_pylist(), strict=True):
+            counts[(s, c)] = counts.get((s, c), 0) + n
+    order = sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1], kv[0][1] is None, kv[0][1] or ""))
+    return pa.table({"source": pa.array([k[0] for k, _ in order], pa.string()),
+                     "class": pa.array([k[1] for k, _ in order], pa.string()),
+                     "count": pa.array([n for _, n in order], pa.int64())})
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (P, 4) with every box of ``b`` (G, 4); 0 for a zero union."""
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def match_boxes(pred: np.ndarray, pred_scores: np.ndarray, gt: np.ndarray,
+                iou: float = 0.5) -> np.ndarray:
+    """Greedy matching of one image's predicted boxes to its ground-truth boxes: the index
+    of the matched gt box for each prediction, -1 when unmatched.
+
+    Predictions are visited by score descending (ties: lower index first); each takes the
+    still-unmatched gt box with the highest IoU among those with ``IoU >= iou`` (ties: lower
+    gt index). Matching ignores classes, so a box found with the wrong class shows up as a
+    confusion rather than as one missed and one spurious box (FiftyOne's
+    ``classwise=False``; the COCO evaluation is the class-wise variant)."""
+    out = np.full(len(pred), -1, dtype=np.int64)
+    if not len(pred) or not len(gt):
+        return out
+    m = _iou_matrix(np.asarray(pred, np.float64), np.asarray(gt, np.float64))
+    free = np.ones(len(gt), dtype=bool)
+    for p in np.lexsort((np.arange(len(pred)), -np.asarray(pred_scores, np.float64))):
+        cand = np.where(free & (m[p] >= iou), m[p], -1.0)
+        g = int(np.argmax(cand))
+        if cand[g] >= 0:
+            out[p] = g
+            free[g] = False
+    return out
+
+
+def box_confusion(table: Any, model: ModelSpec, where: str | None = None, *, iou: float = 0.5,
+                  chunk_rows: int = CHUNK_ROWS) -> pa.Table:
+    """Box-level confusion of a detection model against ``gt_boxes``: ``label`` (the gt
+    class; null = a spurious prediction, matched to no gt box), ``predicted`` (the box's
+    top-1 class; null = a missed gt box, matched by no prediction), ``count``.
+
+    Only images with both the model's boxes and ``gt_boxes`` (labeled and predicted) take
+    part; boxes are matched per image by :func:`match_boxes` at ``iou``. A prediction
+    without probs has no class: it is counted under ``predicted = "(no class)"``. ``where``
+    is the checked Lance form (``any_object`` clauses already expanded)."""
+    if model.task != "detection":
+        raise InvalidArgument(f"box confusion needs a detection model; '{model.name}' is a {model.task} model")
+    if not 0.0 < iou <= 1.0:
+        raise InvalidArgument(f"iou must be in (0, 1], got {iou}")
+    path = f"{PRED_PREFIX}{model.name}.boxes"
+    cond = f"{path} IS NOT NULL AND gt_boxes IS NOT NULL"
+    q = table.search().select({"id": "id", "p": path, "g": "gt_boxes"}).limit(None)
+    q = q.where(f"({where}) AND {cond}" if where else cond)
+    counts: dict[tuple[str | None, str | None], int] = {}
+
+    def add(key: tuple[str | None, str | None]) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    for batch in q.to_batches(chunk_rows):
+        ids = batch.column("id")
+        p = object_rows(ids, batch.column("p"), model.name, model).to_pydict()
+        g = object_rows(ids, batch.column("g"), GT_SOURCE, None).to_pydict()
+        p_img = np.asarray(pc.list_parent_indices(batch.column("p")).to_numpy(zero_copy_only=False), np.int64)
+        g_img = np.asarray(pc.list_parent_indices(batch.column("g")).to_numpy(zero_copy_only=False), np.int64)
+        p_xy = np.stack([np.asarray(p[k], np.float64) for k in ("x1", "y1", "x2", "y2")], axis=1) \
+            if len(p_img) else np.zeros((0, 4))
+        g_xy = np.stack([np.asarray(g[k], np.float64) for k in ("x1", "y1", "x2", "y2")], axis=1) \
+            if len(g_img) else np.zeros((0, 4))
+        p_score = np.asarray(p["score"], np.float64)
+        for image in range(batch.num_rows):
+            ps = np.flatnonzero(p_img == image)
+            gs = np.flatnonzero(g_img == image)
+            matched = match_boxes(p_xy[ps], p_score[ps], g_xy[gs], iou)
+            for k, j in zip(ps, matched, strict=True):
+                add((g["class"][gs[j]] if j >= 0 else None, p["class"][k] or "(no class)"))
+            taken = set(matched[matched >= 0].tolist())
+            for j, k in enumerate(gs):
+                if j not in taken:
+                    add((g["class"][k], None))
+    order = sorted(counts.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or "", kv[0][1] is None,
+                                                   kv[0][1] or ""))
+    return pa.table({"label": pa.array([k[0] for k, _ in order], pa.string()),
+                     "predicted": pa.array([k[1] for k, _ in order], pa.string()),
+                     "count": pa.array([n for _, n in order], pa.int64())})

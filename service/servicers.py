@@ -27,6 +27,7 @@ from google.protobuf import json_format
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from indexing.filters import with_objects
+from indexing.objects import box_confusion, object_classes
 from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec, light_columns
 from indexing.settings import EXPORT_CHUNK_BYTES as _EXPORT_CHUNK
 from indexing.settings import server_default
@@ -557,13 +558,23 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         version = version_arg(request.version)
         kind = request.kind
         objects_where = request.objects_where or None
-        per_object = kind == "objects" or (kind == "histogram" and request.field.startswith("objects."))
+        per_object = kind in ("objects", "object_classes") or (
+            kind == "histogram" and request.field.startswith("objects."))
         if not per_object:  # image-level: the images with such an object
             where = with_objects(where, objects_where)
         if kind == "objects":
             table = col.objects(where, objects_where, source=request.model or None,
                                 columns=list(request.columns) or None, limit=request.limit or None,
                                 version=version)
+        elif kind == "object_classes":
+            table = object_classes(col.table if version is None else col.at_version(version), where,
+                                   objects_where, source=request.model or None)
+        elif kind == "box_confusion":
+            if not request.model:
+                raise InvalidArgument("aggregate 'box_confusion' needs a model (a detection model)")
+            read = col.table if version is None else col.at_version(version)
+            table = box_confusion(read, col.model(request.model), col.validate_filter(where, read),
+                                  iou=request.iou or 0.5)
         elif kind == "label_distribution":
             table = analytics.label_distribution(col, where, list(request.group_by) or None, version=version)
         elif kind in ("confused_pairs", "confusion", "class_uncertainty"):
@@ -596,7 +607,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         else:
             raise InvalidArgument(
                 f"unknown aggregate kind {kind!r} (known: label_distribution, confused_pairs, confusion, "
-                "class_uncertainty, histogram, objects)")
+                "class_uncertainty, histogram, objects, object_classes, box_confusion)")
         return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
 
     def Export(self, request, context):  # noqa: N802

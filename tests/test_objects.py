@@ -348,3 +348,128 @@ def test_cli_objects_where_mines_queries_and_exports(server, scenes, tmp_path, c
     capsys.readouterr()
     assert main(["query", "scenes", "--objects-where", "colour = 'red'", "--server", server.address]) == 2
     assert "unknown object column 'colour'" in capsys.readouterr().err
+
+
+# -- box-level analytics ---------------------------------------------------------------------
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(iw, 0.0) * max(ih, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _naive_confusion(rows: list[dict], iou: float = 0.5) -> dict:
+    """Box confusion from its definition, pair by pair in plain Python."""
+    out: dict = {}
+    for r in rows:
+        boxes, gts = (r.get("pred_det") or {}).get("boxes"), r.get("gt_boxes")
+        if boxes is None or gts is None:
+            continue
+        xy = lambda b: [_f32(b[k]) for k in ("x1", "y1", "x2", "y2")]  # noqa: E731
+        taken: set[int] = set()
+        order = sorted(range(len(boxes)), key=lambda k: (-_f32(boxes[k]["score"]), k))
+        for k in order:
+            best, best_iou = None, -1.0
+            for j, g in enumerate(gts):
+                v = _iou(xy(boxes[k]), xy(g))
+                if j not in taken and v >= iou and v > best_iou:
+                    best, best_iou = j, v
+            probs = boxes[k].get("probs")
+            cls = COCO[int(np.argmax(np.asarray(probs, np.float32)))] if probs is not None else "(no class)"
+            key = (gts[best]["label"] if best is not None else None, cls)
+            out[key] = out.get(key, 0) + 1
+            if best is not None:
+                taken.add(best)
+        for j, g in enumerate(gts):
+            if j not in taken:
+                out[(g["label"], None)] = out.get((g["label"], None), 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def labeled(client):
+    """Images with gt boxes and predictions near them (jittered, sometimes the wrong class,
+    sometimes missing), plus spurious boxes; some images unlabeled or unpredicted."""
+    col = client.create_collection("labeled", models={"det": {"classes": COCO, "task": "detection"}})
+    rng = np.random.default_rng(11)
+    rows = []
+    for i in range(80):
+        gts, preds = [], []
+        for _ in range(int(rng.integers(0, 4))):
+            x1, y1 = rng.uniform(0, 300, 2)
+            w, h = rng.uniform(10, 80, 2)
+            c = int(rng.integers(0, 3))
+            gts.append({"x1": x1, "y1": y1, "x2": x1 + w, "y2": y1 + h, "label": COCO[c]})
+            if rng.random() < 0.8:  # found, mostly with the right class, box jittered
+                jx, jy = rng.normal(0, 0.15, 2) * (w, h)
+                pc = c if rng.random() < 0.7 else int(rng.integers(0, 3))
+                p = np.full(3, 0.1)
+                p[pc] = 0.8
+                preds.append(_box(x1 + jx, y1 + jy, w, h, float(rng.random()),
+                                  p.tolist() if rng.random() < 0.9 else None))
+        for _ in range(int(rng.integers(0, 2))):  # spurious
+            x1, y1 = rng.uniform(400, 600, 2)
+            preds.append(_box(x1, y1, 20, 20, float(rng.random()), rng.dirichlet(np.ones(3)).tolist()))
+        row = {"id": f"l{i:03d}", "pred_det": {"boxes": preds}, "gt_boxes": gts}
+        if i % 9 == 0:
+            row["gt_boxes"] = None
+        if i % 13 == 0:
+            row["pred_det"] = None
+        rows.append(row)
+    col.upsert(rows)
+    return col, rows
+
+
+def test_box_confusion_equals_a_direct_matching(labeled):
+    col, rows = labeled
+    for iou in (0.5, 0.3):
+        got = {(r["label"], r["predicted"]): r["count"] for r in col.box_confusion("det", iou=iou).to_pylist()}
+        want = _naive_confusion(rows, iou)
+        assert got == want
+    keys = set(got)
+    assert any(k[0] is None for k in keys) and any(k[1] is None for k in keys)  # spurious and missed
+    assert any(k[0] and k[1] and k[0] != k[1] and k[1] != "(no class)" for k in keys)  # confusions
+    # a filter restricts the images
+    first = {r["id"] for r in rows[:40]}
+    got = {(r["label"], r["predicted"]): r["count"]
+           for r in col.box_confusion("det", where="id < 'l040'").to_pylist()}
+    assert got == _naive_confusion([r for r in rows if r["id"] in first])
+
+
+def test_box_confusion_hand_built():
+    from indexing.objects import match_boxes
+
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)
+    pred = np.array([[20, 20, 30, 31], [0, 0, 10, 9], [1, 0, 10, 10], [100, 100, 110, 110]], float)
+    # the most confident prediction takes gt 0; the next one overlapping gt 0 finds it taken
+    assert match_boxes(pred, np.array([0.5, 0.9, 0.8, 0.7]), gt).tolist() == [1, 0, -1, -1]
+    assert match_boxes(pred, np.array([0.5, 0.7, 0.8, 0.7]), gt).tolist() == [1, -1, 0, -1]
+    assert match_boxes(pred[:0], np.zeros(0), gt).tolist() == []
+
+
+def test_object_classes_and_bad_confusion_requests(labeled, client):
+    from collections import Counter
+
+    from service.client import InvalidArgumentError
+
+    col, rows = labeled
+    got = {(r["source"], r["class"]): r["count"] for r in col.object_classes().to_pylist()}
+    objs = []
+    for r in rows:
+        for b in ((r.get("pred_det") or {}).get("boxes")) or []:
+            p = b.get("probs")
+            objs.append(("det", COCO[int(np.argmax(np.asarray(p, np.float32)))] if p is not None else None))
+        objs += [("gt", g["label"]) for g in r.get("gt_boxes") or []]
+    assert got == dict(Counter(objs))
+    only_gt = {r["class"]: r["count"] for r in col.object_classes(source="gt", objects_where="area > 1000").to_pylist()}
+    assert only_gt == dict(Counter(g["label"] for r in rows for g in r.get("gt_boxes") or []
+                                   if (_f32(g["x2"]) - _f32(g["x1"])) * (_f32(g["y2"]) - _f32(g["y1"])) > 1000))
+    other = client.create_collection("clf", models={"m": ["a", "b"]})
+    other.upsert([{"id": "x", "pred_m": {"probs": [0.5, 0.5]}}])
+    with pytest.raises(InvalidArgumentError, match="needs a detection model"):
+        other.box_confusion("m")
+    with pytest.raises(InvalidArgumentError, match="iou"):
+        col.box_confusion("det", iou=1.5)

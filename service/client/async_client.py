@@ -620,6 +620,55 @@ class AsyncCollection(AsyncCollectionBase):
         )
         return await self.client._unary(rpc, timeout)
 
+    async def object_classes(
+        self,
+        where: str | None = None,
+        objects_where: str | None = None,
+        *,
+        source: str | None = None,
+        version: int | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> pa.Table:
+        """Box-level label distribution: ``source``, ``class``, ``count`` over the object rows
+        :meth:`objects` would return (boxes without probs count under a null class)."""
+        rpc = rpc_aggregate(
+            self.name,
+            "object_classes",
+            where=where,
+            objects_where=objects_where,
+            model=source,
+            version=version,
+            params=params,
+        )
+        return await self.client._unary(rpc, timeout)
+
+    async def box_confusion(
+        self,
+        model: str,
+        where: str | None = None,
+        iou: float = 0.5,
+        *,
+        version: int | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> pa.Table:
+        """Box-level confusion of detection ``model`` against ``gt_boxes``: ``label``,
+        ``predicted``, ``count``. Per image (with both boxes and gt_boxes), predictions by
+        score descending each take the free gt box of highest IoU >= ``iou``, whatever its
+        class; a null ``label`` is a spurious prediction, a null ``predicted`` a missed gt
+        box; a prediction without probs is ``"(no class)"``."""
+        rpc = rpc_aggregate(
+            self.name,
+            "box_confusion",
+            model=model,
+            where=where,
+            iou=iou,
+            version=version,
+            params=params,
+        )
+        return await self.client._unary(rpc, timeout)
+
     async def tag_items(
         self,
         ids: str | Iterable[str] | None = None,

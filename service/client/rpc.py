@@ -286,7 +286,7 @@ def rpc_page(collection: str, where: str | None, columns: Iterable[str] | None, 
 
 
 AGGREGATES: Final = ("label_distribution", "confused_pairs", "confusion", "class_uncertainty",
-                     "histogram", "objects")
+                     "histogram", "objects", "object_classes", "box_confusion")
 
 
 def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
@@ -297,7 +297,7 @@ def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
                   range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name
                   errors_only: bool = False, params: Mapping[str, Any] | None = None,
                   objects_where: str | None = None, columns: Iterable[str] | None = None,
-                  limit: int | None = None) -> Rpc:
+                  limit: int | None = None, iou: float | None = None) -> Rpc:
     """An analytics table (see AggregateRequest.kind) as a pyarrow Table."""
     if kind not in AGGREGATES:
         raise invalid(f"aggregate kind {kind!r} is not one of {', '.join(AGGREGATES)}")
@@ -305,7 +305,7 @@ def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
         query_pb2.AggregateRequest, kind, collection=collection, kind=kind, model=model,
         where=bound(where, params), field=field, group_by=_columns(group_by), bins=bins, top=top,
         measure=measure, version=_version(version), errors_only=errors_only,
-        objects_where=objects_where, columns=_columns(columns), limit=limit)
+        objects_where=objects_where, columns=_columns(columns), limit=limit, iou=iou)
     if range is not None:
         try:
             lo, hi = range

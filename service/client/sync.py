@@ -475,6 +475,27 @@ class Collection:
                             columns=columns, limit=limit, version=version, params=params)
         return self.client._unary(rpc, timeout)
 
+    def object_classes(self, where: str | None = None, objects_where: str | None = None, *,
+                       source: str | None = None, version: int | str | None = None,
+                       params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> pa.Table:
+        """Box-level label distribution: ``source``, ``class``, ``count`` over the object rows
+        :meth:`objects` would return (boxes without probs count under a null class)."""
+        rpc = rpc_aggregate(self.name, "object_classes", where=where, objects_where=objects_where, model=source,
+                            version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def box_confusion(self, model: str, where: str | None = None, iou: float = 0.5, *,
+                      version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                      timeout: Timeout = DEFAULT) -> pa.Table:
+        """Box-level confusion of detection ``model`` against ``gt_boxes``: ``label``,
+        ``predicted``, ``count``. Per image (with both boxes and gt_boxes), predictions by
+        score descending each take the free gt box of highest IoU >= ``iou``, whatever its
+        class; a null ``label`` is a spurious prediction, a null ``predicted`` a missed gt
+        box; a prediction without probs is ``"(no class)"``."""
+        rpc = rpc_aggregate(self.name, "box_confusion", model=model, where=where, iou=iou, version=version,
+                            params=params)
+        return self.client._unary(rpc, timeout)
+
     def tag_items(self, ids: str | Iterable[str] | None = None, where: str | None = None,
                   run_id: Any = None, add: str | Iterable[str] = (),
                   remove: str | Iterable[str] = (), params: Mapping[str, Any] | None = None, *,

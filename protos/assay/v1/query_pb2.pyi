@@ -61,7 +61,7 @@ class PageResponse(_message.Message):
     def __init__(self, page: _Optional[_Union[_common_pb2.ArrowPage, _Mapping]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("collection", "kind", "model", "where", "field", "group_by", "bins", "top", "measure", "version", "range_min", "range_max", "errors_only", "objects_where", "columns", "limit")
+    __slots__ = ("collection", "kind", "model", "where", "field", "group_by", "bins", "top", "measure", "version", "range_min", "range_max", "errors_only", "objects_where", "columns", "limit", "iou")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class AggregateRequest(_message.Message):
     OBJECTS_WHERE_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
     collection: str
     kind: str
     model: str
@@ -94,7 +95,8 @@ class AggregateRequest(_message.Message):
     objects_where: str
     columns: _containers.RepeatedScalarFieldContainer[str]
     limit: int
-    def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ..., objects_where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ...) -> None: ...
+    iou: float
+    def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ..., objects_where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., iou: _Optional[float] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("collection", "format", "model", "where", "ids", "run_id", "dataset", "dataset_version", "fields", "min_score")
