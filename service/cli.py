@@ -600,7 +600,8 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     _add_selection(p, required=False, dataset=True)
     p.add_argument("--version", help="with --dataset: the dataset version")
     p.add_argument("--model", help="pre-labels from this model (COCO: its boxes)")
-    p.add_argument("--format", choices=["csv", "jsonl", "coco"], help="default: from the file extension")
+    p.add_argument("--format", choices=["csv", "jsonl", "coco", "objects_csv", "objects_jsonl", "yolo"],
+                   help="default: from the file extension (.zip = yolo); objects_*: one line per box")
     p.add_argument("--fields", help="extra columns, comma-separated (CSV / JSONL)")
     p.add_argument("--min-score", type=float, default=0.0, help="COCO: leave out boxes below this score")
     p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)

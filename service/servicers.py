@@ -614,12 +614,16 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         import shutil
         import tempfile
 
-        from indexing.export import export_coco, export_rows
+        from indexing.export import export_coco, export_objects, export_rows, export_yolo
 
         col = self.store.collection(request.collection)
         fmt = request.format or "csv"
-        if fmt not in ("csv", "jsonl", "coco"):
-            raise InvalidArgument(f"export format must be csv, jsonl or coco, got {fmt!r}")
+        if fmt not in ("csv", "jsonl", "coco", "objects_csv", "objects_jsonl", "yolo"):
+            raise InvalidArgument(f"export format must be csv, jsonl, coco, objects_csv, objects_jsonl or yolo, "
+                                  f"got {fmt!r}")
+        if request.objects_where and fmt not in ("objects_csv", "objects_jsonl", "yolo"):
+            raise InvalidArgument("export objects_where keeps boxes of a per-box export (objects_csv, "
+                                  "objects_jsonl, yolo); for rows, filter with where=\"any_object(...)\"")
         chosen = [bool(request.where), bool(request.ids), bool(request.run_id), bool(request.dataset)]
         if sum(chosen) > 1:
             raise InvalidArgument("export takes at most one of where, ids, run_id, dataset")
@@ -641,8 +645,17 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             raise FailedPrecondition("nothing to export: the selection is empty")
         tmp = tempfile.mkdtemp(prefix="assay-export-")
         try:
-            path = os.path.join(tmp, f"export.{'json' if fmt == 'coco' else fmt}")
-            if fmt == "coco":
+            path = os.path.join(tmp, f"export.{fmt}")
+            objects_where = request.objects_where or None
+            if fmt == "yolo":
+                if not request.model:
+                    raise InvalidArgument("a YOLO export needs the detection model (model)")
+                report = export_yolo(col, request.model, path, ids=ids, where=request.where or None,
+                                     objects_where=objects_where, min_score=request.min_score, version=version)
+            elif fmt in ("objects_csv", "objects_jsonl"):
+                report = export_objects(col, path, format=fmt, ids=ids, where=request.where or None,
+                                        objects_where=objects_where, source=request.model or None, version=version)
+            elif fmt == "coco":
                 if not request.model:
                     raise InvalidArgument("a COCO export needs the detection model (model)")
                 report = export_coco(col, request.model, path, ids=ids, where=request.where or None,

@@ -473,3 +473,58 @@ def test_object_classes_and_bad_confusion_requests(labeled, client):
         other.box_confusion("m")
     with pytest.raises(InvalidArgumentError, match="iou"):
         col.box_confusion("det", iou=1.5)
+
+
+# -- per-box exports -------------------------------------------------------------------------
+
+
+def test_per_box_exports_equal_the_object_rows(scenes, tmp_path):
+    import csv
+    import json
+
+    col, rows = scenes
+    out = col.export(tmp_path / "boxes.jsonl", format="objects_jsonl", objects_where=PRED)
+    lines = [json.loads(x) for x in (tmp_path / "boxes.jsonl").read_text().splitlines()]
+    assert lines == col.objects(objects_where=PRED).to_pylist()
+    assert out["rows"] == len(lines) == sum(map(_pred, _py_objects(rows)))
+    out = col.export(tmp_path / "gt.csv", format="objects_csv", model="gt", where="split = 'val'")
+    got = list(csv.DictReader((tmp_path / "gt.csv").open()))
+    want = [o for o in _py_objects(rows) if o["source"] == "gt" and
+            next(r for r in rows if r["id"] == o["id"])["split"] == "val"]
+    assert out["rows"] == len(got) == len(want) > 0
+    assert sorted((g["id"], int(g["box"]), g["class"], float(g["area"])) for g in got) == \
+        sorted((w["id"], w["box"], w["class"], w["area"]) for w in want)
+    det = col.export(tmp_path / "det.csv", format="objects_csv", model="det", ids=["img001", "img002", "zzz"])
+    assert det["rows"] == sum(o["source"] == "det" and o["id"] in ("img001", "img002") for o in _py_objects(rows))
+
+
+def test_yolo_export_normalises_by_the_image_size(client, tmp_path):
+    import zipfile
+
+    from PIL import Image
+
+    col = client.create_collection("yolo", models={"det": {"classes": COCO, "task": "detection"}})
+    sizes = {"a": (200, 100), "b": (64, 48), "c": (50, 50)}
+    rows = []
+    for name, (w, h) in sizes.items():
+        path = tmp_path / f"{name}.png"
+        Image.new("RGB", (w, h)).save(path)
+        rows.append({"id": f"id-{name}", "uri": str(path)})
+    rows[0]["pred_det"] = {"boxes": [_box(10, 20, 50, 30, 0.9, [0.1, 0.8, 0.1]),
+                                     _box(0, 0, 200, 100, 0.2, [0.7, 0.2, 0.1]),
+                                     _box(5, 5, 5, 5, 0.9, None)]}  # no class: left out
+    rows[1]["pred_det"] = {"boxes": [_box(32, 24, 16, 12, 0.5, [0.2, 0.2, 0.6])]}
+    col.upsert(rows)
+    out = col.export(tmp_path / "labels.zip", model="det", min_score=0.3)
+    assert out == {"rows": 3, "annotations": 2, "path": str(tmp_path / "labels.zip"), "format": "yolo"}
+    with zipfile.ZipFile(tmp_path / "labels.zip") as z:
+        assert z.read("classes.txt").decode().splitlines() == COCO
+        a = [list(map(float, line.split())) for line in z.read("labels/a.txt").decode().splitlines()]
+        np.testing.assert_allclose(a, [[1, (10 + 25) / 200, (20 + 15) / 100, 50 / 200, 30 / 100]], atol=1e-6)
+        b = [list(map(float, line.split())) for line in z.read("labels/b.txt").decode().splitlines()]
+        np.testing.assert_allclose(b, [[2, 40 / 64, 30 / 48, 16 / 64, 12 / 48]], atol=1e-6)
+        assert z.read("labels/c.txt") == b""  # no boxes: a negative
+    col.upsert([{"id": "no-file", "uri": str(tmp_path / "missing.png")}])
+    with pytest.raises(FailedPreconditionError, match="'no-file'"):
+        col.export(tmp_path / "again.zip", model="det")
+    assert not (tmp_path / "again.zip").exists()

@@ -360,7 +360,9 @@ def rpc_tag_items(collection: str, ids: str | Iterable[str] | None, where: str |
     return Rpc("ingest", "TagItems", request, lambda r: int(r.rows))
 
 
-EXPORT_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "coco"}
+EXPORT_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "coco", ".zip": "yolo"}
+# One line per box, or YOLO labels: objects_where keeps boxes there (rows elsewhere).
+BOX_EXPORTS: Final = ("objects_csv", "objects_jsonl", "yolo")
 
 
 def export_format(path: str | os.PathLike[str], format: str | None) -> str:  # noqa: A002
@@ -370,9 +372,9 @@ def export_format(path: str | os.PathLike[str], format: str | None) -> str:  # n
         format = EXPORT_FORMATS.get(ext)
         if format is None:
             raise invalid(f"cannot tell the export format of {os.fspath(path)!r}: name it "
-                          ".csv, .jsonl or .json (COCO), or pass format=")
-    if format not in ("csv", "jsonl", "coco"):
-        raise invalid(f"export format {format!r} is not one of csv, jsonl, coco")
+                          ".csv, .jsonl, .json (COCO) or .zip (YOLO), or pass format=")
+    if format not in ("csv", "jsonl", "coco", *BOX_EXPORTS):
+        raise invalid(f"export format {format!r} is not one of csv, jsonl, coco, {', '.join(BOX_EXPORTS)}")
     return format
 
 
@@ -380,7 +382,8 @@ def rpc_export(collection: str, format: str, *, model: str | None = None,  # noq
                where: str | None = None, ids: str | Iterable[str] | None = None,
                run_id: Any = None, dataset: str | None = None,
                dataset_version: int | str | None = None, fields: Iterable[str] = (),
-               min_score: float = 0.0, params: Mapping[str, Any] | None = None) -> Rpc:
+               min_score: float = 0.0, params: Mapping[str, Any] | None = None,
+               objects_where: str | None = None) -> Rpc:
     run_id = _run_id(run_id)
     named = [k for k, v in (("where", where), ("ids", ids), ("run_id", run_id), ("dataset", dataset))
              if v is not None]
@@ -388,14 +391,14 @@ def rpc_export(collection: str, format: str, *, model: str | None = None,  # noq
         raise invalid(f"export: give at most one of where, ids, run_id, dataset (got {', '.join(named)})")
     if dataset_version is not None and dataset is None:
         raise invalid("export: dataset_version needs dataset")
-    if format == "coco" and not model:
-        raise invalid("export: COCO needs model= (the detection model whose boxes to write)")
+    if format in ("coco", "yolo") and not model:
+        raise invalid(f"export: {format.upper()} needs model= (the detection model whose boxes to write)")
     request = _message(
         query_pb2.ExportRequest, "export", collection=collection, format=format, model=model or "",
         where=bound(where, params) or "", ids=_some_ids(ids, "export"),
         run_id=run_id or "", dataset=dataset or "",
         dataset_version=_version(dataset_version, "dataset_version"),
-        fields=_columns(fields), min_score=min_score)
+        fields=_columns(fields), min_score=min_score, objects_where=objects_where)
     return Rpc("query", "Export", request)
 
 

@@ -32,6 +32,7 @@ from service.client.errors import DeadlineExceededError, UnavailableError, inval
 from service.client.files import ExportFile, ScorerFile
 from service.client.jobs import JobView, Waiter
 from service.client.rpc import (
+    BOX_EXPORTS,
     Page,
     export_format,
     objects_filter,
@@ -517,11 +518,17 @@ class Collection:
         ``fields``, and with a ``model`` its ``predicted`` class and ``confidence``) or COCO
         JSON (``model``'s boxes; format from the extension: .csv, .jsonl, .json). Which rows:
         at most one of ``where``, ``ids``, ``run_id``, ``dataset`` (+ ``dataset_version``);
-        none = all; ``objects_where`` keeps the images with a box matching it. The file is
-        streamed to a temporary name next to ``path`` and renamed when complete. Returns
-        ``{rows, annotations, path, format}``."""
+        none = all; ``objects_where`` keeps the images with a box matching it. Per box:
+        ``format="objects_csv"|"objects_jsonl"`` writes one line per box (:meth:`objects`'
+        columns; ``model`` = the source, default all; ``objects_where`` keeps boxes), and
+        ``"yolo"`` (or a ``.zip`` path) a zip of YOLO txt labels of ``model``'s boxes
+        (``classes.txt``, ``labels/<image>.txt``; sizes read from the local images). The
+        file is streamed to a temporary name next to ``path`` and renamed when complete.
+        Returns ``{rows, annotations, path, format}``."""
         fmt = export_format(path, format)
-        rpc = rpc_export(self.name, fmt, model=model, where=objects_filter(where, objects_where), ids=ids, run_id=run_id,
+        per_box = fmt in BOX_EXPORTS
+        rpc = rpc_export(self.name, fmt, model=model, where=where if per_box else objects_filter(where, objects_where),
+                         objects_where=objects_where if per_box else None, ids=ids, run_id=run_id,
                          dataset=dataset, dataset_version=dataset_version, fields=fields,
                          min_score=min_score, params=params)
         with ExportFile(path, fmt) as out:

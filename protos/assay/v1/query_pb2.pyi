@@ -99,7 +99,7 @@ class AggregateRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ..., objects_where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., iou: _Optional[float] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("collection", "format", "model", "where", "ids", "run_id", "dataset", "dataset_version", "fields", "min_score")
+    __slots__ = ("collection", "format", "model", "where", "ids", "run_id", "dataset", "dataset_version", "fields", "min_score", "objects_where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class ExportRequest(_message.Message):
     DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     format: str
     model: str
@@ -120,7 +121,8 @@ class ExportRequest(_message.Message):
     dataset_version: str
     fields: _containers.RepeatedScalarFieldContainer[str]
     min_score: float
-    def __init__(self, collection: _Optional[str] = ..., format: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_version: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ...) -> None: ...
+    objects_where: str
+    def __init__(self, collection: _Optional[str] = ..., format: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_version: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ..., objects_where: _Optional[str] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
     __slots__ = ("data", "rows", "annotations", "last")
