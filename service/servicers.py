@@ -194,6 +194,14 @@ def _columns(req_columns: Any) -> list[str] | None:
     return list(req_columns) or None
 
 
+def _empty_page(col: Collection, version: int | None, columns: list[str] | None) -> pa.Table:
+    """No rows, with the columns of the version read (not a query with limit=0: Lance reads
+    that as "no limit", and it would read the current version)."""
+    table = col.table if version is None else col.at_version(version)
+    names = columns or light_columns(table.schema)
+    return pa.schema([table.schema.field(c) for c in names]).empty_table()
+
+
 # -- servicers -------------------------------------------------------------------------
 
 class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
@@ -501,11 +509,8 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                 return
             sent += 1
             yield common_pb2.ArrowPage(arrow_ipc=table_to_ipc(batch), rows=batch.num_rows, version=version)
-        if not sent:  # nothing matched: one empty page still carries the schema (of the version read;
-            # not a query with limit=0, which Lance reads as "no limit")
-            table = col.table if at is None else col.at_version(version)
-            names = columns or light_columns(table.schema)
-            empty = pa.schema([table.schema.field(c) for c in names]).empty_table()
+        if not sent:  # nothing matched: one empty page still carries the schema
+            empty = _empty_page(col, None if at is None else version, columns)
             yield common_pb2.ArrowPage(arrow_ipc=table_to_ipc(empty), rows=0, version=version)
 
     def Count(self, request, context):  # noqa: N802
@@ -542,7 +547,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             raise FailedPrecondition(
                 f"cursor expired: version {version} of collection '{col.name}' has been cleaned up; "
                 "start again without a cursor") from exc
-        table = pa.Table.from_batches(batches) if batches else col.query(where, columns, limit=0)
+        table = pa.Table.from_batches(batches) if batches else _empty_page(col, version, columns)
         more = table.num_rows > page
         table = table.slice(0, page)
         next_cursor = _make_cursor(version, offset + table.num_rows, digest) if more else ""
