@@ -590,3 +590,52 @@ def test_object_rows_stay_consistent_under_concurrent_upserts(client):
         t.join()
     assert not errors
     assert len(seen) >= 2
+
+
+_WRITER = """
+import sys
+import numpy as np
+import pyarrow as pa
+from indexing.store import Store
+sys.path.insert(0, {tests!r})
+from test_objects import COCO, _scene
+col = Store({root!r}).create_collection("crash", models={{"det": {{"classes": COCO, "task": "detection"}}}})
+rng = np.random.default_rng(1)
+col.upsert(pa.Table.from_pylist([_scene(rng, i) for i in range(50)]))
+print("ready", flush=True)
+for step in range(10_000):
+    col.upsert(pa.Table.from_pylist([_scene(rng, int(i)) for i in rng.choice(400, 40, replace=False)]))
+"""
+
+
+@pytest.mark.slow
+def test_object_rows_match_the_image_rows_after_a_crash_mid_write(tmp_path):
+    """A writer process killed with SIGKILL in the middle of its upserts: at the version the
+    store opens on (and every older one), object rows are the flattening of the image rows."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from indexing.store import Store
+
+    root = str(tmp_path / "data")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=root, tests=tests)],
+                            stdout=subprocess.PIPE, cwd=os.path.dirname(tests))
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(1.5)  # a few more commits, then die mid-write
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    col = Store(root).collection("crash")
+    versions = [v["version"] for v in col.versions()]
+    assert len(versions) >= 3
+    for v in [versions[-1], versions[len(versions) // 2]]:
+        table = col.at_version(v)
+        rows = table.search().select(["id", "pred_det", "gt_boxes"]).limit(None).to_arrow().to_pylist()
+        got = {(o["id"], o["source"], o["box"], o["class"], o["area"]) for o in col.objects(version=v).to_pylist()}
+        assert got == {(o["id"], o["source"], o["box"], o["class"], o["area"]) for o in _py_objects(rows)}
+        assert col.count(f"any_object({PRED})", version=v) == len(_matching_ids(rows, _pred))
