@@ -31,7 +31,7 @@ Through a running server (``--server``, else $ASSAY_SERVER, else 127.0.0.1:50051
     assay query COLLECTION [--where SQL] [--param k=v]... [--columns a,b] [--limit N]
                [--version V] [--output rows.parquet|.csv|.jsonl]
                                           rows matching a filter (:k placeholders bound safely)
-    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram} [--model M]
+    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram,box-classes,box-confusion} [--model M]
                [--field F] [--group-by F] [--where SQL] [--param k=v]... [--json]
                                           analytics tables
     assay tag COLLECTION --add to-label [--remove T] (--run R | --ids a,b | --where SQL)
@@ -444,11 +444,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-STATS = ("labels", "confused", "confusion", "uncertainty", "histogram")
+STATS = ("labels", "confused", "confusion", "uncertainty", "histogram", "box-classes", "box-confusion")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    need_model = args.kind in ("confused", "confusion", "uncertainty")
+    need_model = args.kind in ("confused", "confusion", "uncertainty", "box-confusion")
     if need_model and not args.model:
         raise SystemExit(f"assay stats {args.kind}: --model is required")
     if args.kind == "histogram" and not args.field:
@@ -472,6 +472,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
             table = col.confusion(args.model, args.where, errors_only=args.errors_only, **common)
         elif args.kind == "uncertainty":
             table = col.class_uncertainty(args.model, args.where, measure=args.measure, **common)
+        elif args.kind == "box-classes":  # --model: one source (a detection model or gt)
+            table = col.object_classes(args.where, args.objects_where, source=args.model, **common)
+        elif args.kind == "box-confusion":
+            table = col.box_confusion(args.model, args.where, iou=args.iou, **common)
+        elif args.field.startswith("objects."):  # one value per box; --model: the source
+            table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, source=args.model,
+                                  objects_where=args.objects_where, **common)
         else:
             table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, **common)
     if args.json:
@@ -574,7 +581,8 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("collection")
     p.add_argument("kind", choices=STATS)
     p.add_argument("--model", help="confused / confusion / uncertainty: the model")
-    p.add_argument("--field", help="histogram: a numeric column or a path such as pred_m.loss")
+    p.add_argument("--field", help="histogram: a numeric column, a path such as pred_m.loss, or objects.<column> "
+                   "(one value per box; --model: its source)")
     p.add_argument("--group-by", action="append", help="labels: also group by these columns (comma-separated)")
     p.add_argument("--where", help="SQL filter; write :name for values given with --param")
     p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE", help="a value for :NAME")
@@ -583,6 +591,9 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=20, help="confused: the most frequent pairs")
     p.add_argument("--measure", default="entropy", help="uncertainty: entropy, margin, least_confidence, ratio")
     p.add_argument("--errors-only", action="store_true", help="confusion: only label != predicted")
+    p.add_argument("--objects-where", help="box-classes, histogram of objects.<column>: the boxes kept (SQL over "
+                   "the object columns)")
+    p.add_argument("--iou", type=float, default=0.5, help="box-confusion: IoU for a prediction to match a gt box")
     p.add_argument("--version", help="read this collection version (number or tag)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=cmd_stats)

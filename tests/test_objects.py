@@ -639,3 +639,24 @@ def test_object_rows_match_the_image_rows_after_a_crash_mid_write(tmp_path):
         got = {(o["id"], o["source"], o["box"], o["class"], o["area"]) for o in col.objects(version=v).to_pylist()}
         assert got == {(o["id"], o["source"], o["box"], o["class"], o["area"]) for o in _py_objects(rows)}
         assert col.count(f"any_object({PRED})", version=v) == len(_matching_ids(rows, _pred))
+
+
+def test_cli_box_stats(server, labeled, capsys):
+    import json
+
+    from service.cli import main
+
+    col, rows = labeled
+    assert main(["stats", "labeled", "box-confusion", "--model", "det", "--json", "--server", server.address]) == 0
+    got = {(r["label"], r["predicted"]): r["count"] for r in json.loads(capsys.readouterr().out)}
+    assert got == _naive_confusion(rows)
+    assert main(["stats", "labeled", "box-classes", "--model", "gt", "--objects-where", "class = 'chair'", "--json",
+                 "--server", server.address]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"source": "gt", "class": "chair", "count": sum(g["label"] == "chair" for r in rows
+                                                         for g in r.get("gt_boxes") or [])}]
+    assert main(["stats", "labeled", "histogram", "--field", "objects.score", "--model", "det", "--bins", "5",
+                 "--range", "0,1", "--json", "--server", server.address]) == 0
+    scores = [_f32(b["score"]) for r in rows for b in ((r.get("pred_det") or {}).get("boxes") or [])]
+    assert [r["count"] for r in json.loads(capsys.readouterr().out)] == \
+        np.histogram(scores, bins=5, range=(0, 1))[0].tolist()
