@@ -98,8 +98,9 @@ def stream(
     """Batches (of ``batch_size``, default ``BATCH_ROWS``) of ``projection`` (output name ->
     column or nested path such as ``pred_m.probs``) for the rows matching ``where``. The
     filter is validated now, not on the first ``next()``."""
-    where = check_filter(col, where)
-    q = _table(col, version).search().select(dict(projection)).limit(None)
+    table = _table(col, version) if version is not None or where is None else col.read_table(None, where)
+    where = col.validate_filter(where, table)  # box clauses expanded on the version read
+    q = table.search().select(dict(projection)).limit(None)
     if where:
         q = q.where(where)
     return iter(q.to_batches(batch_size or BATCH_ROWS))

@@ -120,10 +120,10 @@ def object_rows(ids: pa.Array, boxes: pa.Array, source: str, spec: ModelSpec | N
         _f32(x1), _f32(y1), _f32(x2), _f32(y2), w, h, pc.multiply(w, h)], schema=OBJECT_SCHEMA)
 
 
-def _chunks(table: Any, where: str | None, picked: Mapping[str, tuple[str, ModelSpec | None]],
-            chunk_rows: int) -> Iterator[pa.Table]:
-    """Object rows of the image rows matching ``where`` (already in Lance's checked form),
-    one table per chunk of image rows."""
+def _image_chunks(table: Any, where: str | None, picked: Mapping[str, tuple[str, ModelSpec | None]],
+                  chunk_rows: int) -> Iterator[tuple[pa.Array, pa.Table]]:
+    """(image ids, their object rows) of the image rows matching ``where`` (already in
+    Lance's checked form), one chunk of image rows at a time."""
     projection = {"id": "id", **{f"b{i}": path for i, (path, _) in enumerate(picked.values())}}
     q = table.search().select(projection).limit(None)
     if where:
@@ -131,7 +131,14 @@ def _chunks(table: Any, where: str | None, picked: Mapping[str, tuple[str, Model
     for batch in q.to_batches(chunk_rows):
         parts = [object_rows(batch.column("id"), batch.column(f"b{i}"), name, spec)
                  for i, (name, (_, spec)) in enumerate(picked.items())]
-        yield pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        yield batch.column("id"), (pa.concat_tables(parts) if len(parts) > 1 else parts[0])
+
+
+def _chunks(table: Any, where: str | None, picked: Mapping[str, tuple[str, ModelSpec | None]],
+            chunk_rows: int) -> Iterator[pa.Table]:
+    """Object rows of the image rows matching ``where``, one table per chunk of image rows."""
+    for _, objs in _image_chunks(table, where, picked, chunk_rows):
+        yield objs
 
 
 class _Duck:
@@ -185,9 +192,15 @@ def check_predicate(predicate: str, what: str = "objects_where") -> str:
 def expand(table: Any, where: str | None, *, chunk_rows: int = CHUNK_ROWS,
            check: Any = None) -> str | None:
     """``where`` with every ``any_object(<predicate>)`` clause replaced by the ids of the
-    images of ``table`` (one pinned version) holding a matching object: ``id IN (...)``, or
-    ``1 = 0`` when none does. One streamed scan of the box columns serves every clause.
-    A filter without such a clause comes back unchanged."""
+    images of ``table`` (one pinned version) holding a matching object: ``id IN (...)`` —
+    or, when more than half of the images match, ``NOT (id IN (<the others>))``, exact on
+    that version and a shorter filter for Lance to parse (an 80k-id list costs seconds);
+    ``1 = 0`` / ``1 = 1`` when none / all do. One streamed scan of the box columns serves
+    every clause. A filter without such a clause comes back unchanged. The filter must run
+    on the same version (``Collection`` pins it).
+
+    Scale: the filter text grows with min(matching, other) images (about 12 bytes an id),
+    so a box filter suits pools up to a few hundred thousand images per call."""
     if where is None:
         return None
     clauses = object_clauses(where)
@@ -195,25 +208,38 @@ def expand(table: Any, where: str | None, *, chunk_rows: int = CHUNK_ROWS,
         return where
     preds = [check_predicate(inner, "objects_where (any_object)") for _, _, inner in clauses]
     picked = sources(table.schema)
-    found: list[set[str]] = [set() for _ in clauses]
+    # per clause: the matching and the other image ids, as compact Arrow chunks
+    found: list[tuple[list[pa.Array], list[pa.Array]]] = [([], []) for _ in clauses]
     duck = _Duck()
     try:
-        for objs in _chunks(table, None, picked, chunk_rows):
+        for image_ids, objs in _image_chunks(table, None, picked, chunk_rows):
             if check is not None:
                 check()
-            if not objs.num_rows:
-                continue
-            for ids, pred in zip(found, preds, strict=True):
-                hit = duck.run(f"SELECT DISTINCT id FROM objects WHERE {pred}", objs)
-                ids.update(hit.column("id").to_pylist())
+            for (hits, others), pred in zip(found, preds, strict=True):
+                if objs.num_rows:
+                    hit = duck.run(f"SELECT DISTINCT id FROM objects WHERE {pred}", objs).column("id")
+                    mask = pc.is_in(image_ids, value_set=hit.combine_chunks())
+                else:
+                    mask = pa.array(np.zeros(len(image_ids), dtype=bool))
+                hits.append(image_ids.filter(mask))
+                others.append(image_ids.filter(pc.invert(mask)))
     except duckdb.Error as exc:  # passed the dry run, failed on data (e.g. a bad cast)
         raise InvalidArgument(f"objects_where (any_object): {str(exc).splitlines()[0]}") from None
     finally:
         duck.close()
     out, at = [], 0
-    for (start, end, _), ids in zip(clauses, found, strict=True):
+    for (start, end, _), (hits, others) in zip(clauses, found, strict=True):
+        matched = [i for a in hits for i in a.to_pylist()]
+        rest = [i for a in others for i in a.to_pylist()]
         out.append(where[at:start])
-        out.append(f"({ids_predicate(sorted(ids))})" if ids else "(1 = 0)")
+        if not matched:
+            out.append("(1 = 0)")
+        elif not rest:
+            out.append("(1 = 1)")
+        elif len(matched) <= len(rest):
+            out.append(f"({ids_predicate(matched)})")
+        else:
+            out.append(f"(NOT ({ids_predicate(rest)}))")
         at = end
     out.append(where[at:])
     return "".join(out)

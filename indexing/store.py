@@ -917,8 +917,18 @@ class Collection:
             )
         return cols
 
+    def read_table(self, version: int | str | None, where: str | None) -> Any:
+        """The table a read runs on: ``version``, else the current one — pinned when the
+        filter has box clauses, so they are expanded on the version the filter then runs on
+        even while others write."""
+        if version is not None:
+            return self.at_version(version)
+        if where is not None and object_clauses(where):
+            return self.at_version(self._table.version)
+        return self._table
+
     def count(self, where: str | None = None, *, version: int | str | None = None) -> int:
-        table = self._table if version is None else self.at_version(version)
+        table = self.read_table(version, where)
         where = self.validate_filter(where, table)
         return table.count_rows(where)
 
@@ -934,7 +944,7 @@ class Collection:
     ) -> Iterator[pa.RecordBatch]:
         """Stream the rows matching ``where`` as Arrow batches (never the whole table)."""
         cols = self._check_columns(columns)
-        table = self._table if version is None else self.at_version(version)
+        table = self.read_table(version, where)
         where = self.validate_filter(where, table)
         if (limit is not None and limit < 0) or offset < 0 or batch_size < 1:
             raise InvalidArgument("limit and offset must be >= 0 and batch_size >= 1")
@@ -956,7 +966,7 @@ class Collection:
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise InvalidArgument(f"limit must be an integer >= 0, got {limit!r}")
         _check_row_count(limit, 0)
-        table = self._table if version is None else self.at_version(version)
+        table = self.at_version(self._table.version if version is None else version)  # one version throughout
         return object_table(table, where, objects_where, source=source, columns=columns, limit=limit)
 
     def at_version(self, version: int | str) -> lancedb.table.Table:
@@ -986,11 +996,12 @@ class Collection:
         offset: int = 0,
     ) -> pa.Table:
         cols = self._check_columns(columns)
-        where = self.validate_filter(where)
+        table = self.read_table(None, where)
+        where = self.validate_filter(where, table)
         if (limit is not None and limit < 0) or offset < 0:
             raise InvalidArgument("limit and offset must be >= 0")
         _check_row_count(limit, offset)
-        return self._select(where, cols, limit=limit, offset=offset)
+        return self._select(where, cols, limit=limit, offset=offset, table=table)
 
     def take(self, ids: Sequence[str], columns: Sequence[str] | None = None, *,
              version: int | str | None = None) -> pa.Table:

@@ -7,6 +7,7 @@ computation on the small hand-built images."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from miners.detection import box_uncertainty, class_balanced_select
@@ -246,6 +247,11 @@ def test_objects_where_equals_a_direct_computation(scenes, tmp_path):
     # an export writes those rows
     out = col.export(tmp_path / "small.csv", objects_where=PRED, model="det")
     assert out["rows"] == len(want)
+    # most images match: the filter names the others (NOT IN), still exact
+    anybox = {o["id"] for o in _py_objects(rows)}
+    assert len(anybox) > len(rows) / 2
+    assert set(col.query(objects_where="box >= 0", columns=["id"])["id"].to_pylist()) == anybox
+    assert col.count("NOT any_object(box >= 0)") == len(rows) - len(anybox)
     # a predicate over gt boxes: images with a ground-truth remote
     gt_remote = _matching_ids(rows, lambda o: o["source"] == "gt" and o["class"] == "remote")
     assert col.count(objects_where="source = 'gt' AND class = 'remote'") == len(gt_remote) > 0
@@ -660,3 +666,17 @@ def test_cli_box_stats(server, labeled, capsys):
     scores = [_f32(b["score"]) for r in rows for b in ((r.get("pred_det") or {}).get("boxes") or [])]
     assert [r["count"] for r in json.loads(capsys.readouterr().out)] == \
         np.histogram(scores, bins=5, range=(0, 1))[0].tolist()
+
+
+def test_expand_names_the_smaller_side(store):
+    from indexing.objects import expand
+
+    col = store.create_collection("ex", models={"det": {"classes": COCO, "task": "detection"}})
+    col.upsert(pa.Table.from_pylist([
+        {"id": f"r{i}", "pred_det": {"boxes": [_box(0, 0, 10, 10, i / 10, [1.0, 0.0, 0.0])]}} for i in range(10)]))
+    table = col.table
+    assert expand(table, "any_object(score < 0.2)") == "(id IN ('r0', 'r1'))"
+    assert expand(table, "any_object(score >= 0.2)") == "(NOT (id IN ('r0', 'r1')))"
+    assert expand(table, "any_object(score >= 0)") == "(1 = 1)"
+    assert expand(table, "x = 1 AND any_object(score > 5)") == "x = 1 AND (1 = 0)"
+    assert expand(table, "'any_object(score > 5)' = text") == "'any_object(score > 5)' = text"
