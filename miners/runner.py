@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
-from indexing.filters import check_filter
+from indexing.filters import check_filter, object_clauses
 from indexing.objects import expand
 from indexing.settings import MAX_SIZE, MINING_THREADS
 from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
@@ -136,9 +136,13 @@ def run_mining(
     # What runs is what was validated: the filters in their checked form (indexing.filters),
     # their any_object(...) box clauses expanded on the run's pinned version (so the boxes
     # judged are those of the rows mined; the record keeps the user's filter).
-    pinned = col.table if rec.version is None else col.at_version(rec.version)
-    rec = replace(rec, where=check_filter(expand(pinned, rec.where or None, check=check)) or "",
-                  reference_where=check_filter(expand(pinned, rec.reference_where or None, check=check)) or "")
+    def expanded(where: str | None) -> str | None:
+        if not where or not object_clauses(where):
+            return where
+        return expand(col.table if rec.version is None else col.at_version(rec.version), where, check=check)
+
+    rec = replace(rec, where=check_filter(expanded(rec.where or None)) or "",
+                  reference_where=check_filter(expanded(rec.reference_where or None)) or "")
     spec = miner_spec(rec.miner)
     ctx = RunContext(col, rec, dict(rec.params), progress, check,
                      validate_stage=lambda sub: validate_request(col, sub),
