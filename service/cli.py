@@ -29,15 +29,17 @@ command line; a read never creates a data folder. ``serve`` and ``demo`` run on
     assay miners                          the miners and their parameters
     assay mine COLLECTION MINER --size N [--model M] [--where SQL] [--where-param k=v]...
                [--param k=v]... [--seed S] [--reverse] [--columns a,b]
-               [--output results.csv|.parquet|.jsonl]
+               [--output results.csv|.parquet|.jsonl] [--objects-where SQL]
                                           --where-param binds :k in --where; --param is a
-                                          miner parameter
+                                          miner parameter; --objects-where (also on query
+                                          and export): images with a box where SQL holds,
+                                          over the object columns
     assay runs [COLLECTION]               recent mining runs
     assay query COLLECTION [--where SQL] [--where-param k=v]... [--columns a,b] [--limit N]
                [--version V] [--output rows.parquet|.csv|.jsonl]
                                           rows matching a filter (:k placeholders bound safely)
-    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram} [--model M]
-               [--field F] [--group-by F] [--where SQL] [--where-param k=v]... [--json]
+    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram,box-classes,box-confusion}
+               [--model M] [--field F] [--group-by F] [--where SQL] [--where-param k=v]... [--json]
                                           analytics tables
     assay tag COLLECTION --add to-label [--remove T] (--run R | --ids a,b | --where SQL)
     assay export COLLECTION OUTPUT [--run R | --ids a,b | --where SQL | --dataset D [--version V]]
@@ -294,12 +296,17 @@ def cmd_miners(args: argparse.Namespace) -> int:
     return 0
 
 
+OBJECTS_WHERE_HELP = ("keep images with a box where this holds: SQL over id, source, box, class, score, "
+                      "probs, x1, y1, x2, y2, width, height, area (e.g. \"source = 'det' AND score < 0.6\")")
+
+
 def cmd_mine(args: argparse.Namespace) -> int:
     with _client(args) as client:
         col = client.collection(args.collection)
         job = col.mine(args.miner, args.size, model=args.model, space=args.space, where=args.where,
                        reference_where=args.reference_where, params=dict(args.param or []), seed=args.seed,
-                       reverse=args.reverse, where_params=dict(args.where_param) if args.where_param else None)
+                       reverse=args.reverse, where_params=dict(args.where_param) if args.where_param else None,
+                       objects_where=args.objects_where)
         job.wait(progress=not args.quiet)
         columns = [c for c in (args.columns or "").split(",") if c]
         table = job.results(columns=columns or None)
@@ -495,7 +502,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     with _client(args) as client:
         table = client.collection(args.collection).query(
             args.where, columns=_csv_list(args.columns), limit=args.limit, offset=args.offset,
-            version=args.version, params=_sql_params(args))
+            version=args.version, params=_sql_params(args), objects_where=args.objects_where)
     if args.output:
         _write_table(table, args.output)
         print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
@@ -504,11 +511,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-STATS = ("labels", "confused", "confusion", "uncertainty", "histogram")
+STATS = ("labels", "confused", "confusion", "uncertainty", "histogram", "box-classes", "box-confusion")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    need_model = args.kind in ("confused", "confusion", "uncertainty")
+    need_model = args.kind in ("confused", "confusion", "uncertainty", "box-confusion")
     if need_model and not args.model:
         raise SystemExit(f"assay stats {args.kind}: --model is required")
     if args.kind == "histogram" and not args.field:
@@ -532,6 +539,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
             table = col.confusion(args.model, args.where, errors_only=args.errors_only, **common)
         elif args.kind == "uncertainty":
             table = col.class_uncertainty(args.model, args.where, measure=args.measure, **common)
+        elif args.kind == "box-classes":  # --model: one source (a detection model or gt)
+            table = col.object_classes(args.where, args.objects_where, source=args.model, **common)
+        elif args.kind == "box-confusion":
+            table = col.box_confusion(args.model, args.where, iou=args.iou, **common)
+        elif args.field.startswith("objects."):  # one value per box; --model: the source
+            table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, source=args.model,
+                                  objects_where=args.objects_where, **common)
         else:
             table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, **common)
     if args.json:
@@ -559,7 +573,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = client.collection(args.collection).export(
             args.output, args.format, model=args.model, dataset=args.dataset, dataset_version=args.version,
             fields=_csv_list(args.fields) or (), min_score=args.min_score, image_url=args.image_url,
-            mask_field=args.mask_field, **_selection(args))
+            mask_field=args.mask_field, objects_where=args.objects_where, **_selection(args))
     extra = f", {result['annotations']} annotations" if result.get("format") in ("coco", "label-studio") else ""
     print(f"wrote {result['rows']} rows{extra} to {result['path']} ({result['format']})")
     if result.get("label_config_path"):
@@ -648,13 +662,15 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--version", help="read this collection version (number or tag)")
     p.add_argument("--output", help="write .parquet, .csv or .jsonl instead of printing")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("stats", parents=[remote], help="analytics: labels, confused, confusion, uncertainty, histogram")
     p.add_argument("collection")
     p.add_argument("kind", choices=STATS)
     p.add_argument("--model", help="confused / confusion / uncertainty: the model")
-    p.add_argument("--field", help="histogram: a numeric column or a path such as pred_m.loss")
+    p.add_argument("--field", help="histogram: a numeric column, a path such as pred_m.loss, or objects.<column> "
+                   "(one value per box; --model: its source)")
     p.add_argument("--group-by", action="append", help="labels: also group by these columns (comma-separated)")
     p.add_argument("--where", help="SQL filter; write :name for values given with --param")
     p.add_argument("--where-param", "--param", dest="param", action="append", type=_param,
@@ -664,6 +680,9 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=20, help="confused: the most frequent pairs")
     p.add_argument("--measure", default="entropy", help="uncertainty: entropy, margin, least_confidence, ratio")
     p.add_argument("--errors-only", action="store_true", help="confusion: only label != predicted")
+    p.add_argument("--objects-where", help="box-classes, histogram of objects.<column>: the boxes kept (SQL over "
+                   "the object columns)")
+    p.add_argument("--iou", type=float, default=0.5, help="box-confusion: IoU for a prediction to match a gt box")
     p.add_argument("--version", help="read this collection version (number or tag)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=cmd_stats)
@@ -681,14 +700,17 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     _add_selection(p, required=False, dataset=True)
     p.add_argument("--version", help="with --dataset: the dataset version")
     p.add_argument("--model", help="pre-labels from this model (COCO: its boxes)")
-    p.add_argument("--format", choices=["csv", "jsonl", "coco", "label-studio"],
-                   help="default: from the file extension (.json = COCO)")
+    p.add_argument("--format", choices=["csv", "jsonl", "coco", "label-studio", "objects_csv", "objects_jsonl",
+                                        "yolo"],
+                   help="default: from the file extension (.json = COCO, .zip = yolo); objects_*: one line per box")
     p.add_argument("--fields", help="extra columns, comma-separated (CSV / JSONL)")
-    p.add_argument("--min-score", type=float, default=0.0, help="COCO, Label Studio: leave out boxes below this score")
+    p.add_argument("--min-score", type=float, default=0.0,
+                   help="COCO, YOLO, Label Studio: leave out boxes below this score")
     p.add_argument("--image-url", help="Label Studio: image URL template of {uri} {path} {name} {id} "
                                        "(default the uri), e.g. '/data/local-files/?d=imgs/{name}'")
     p.add_argument("--mask-field", help="Label Studio: a column of mask PNG paths (value k = class k-1) "
                                         "exported as brush pre-annotations")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", parents=[remote],
@@ -770,6 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", help="collection columns to add to id, rank, score (comma-separated)")
     p.add_argument("--output", help="write the results to .csv, .parquet or .jsonl instead of printing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_mine)
     p = sub.add_parser("runs", parents=[remote], help="list recent mining runs")
     p.add_argument("collection", nargs="?")

@@ -33,8 +33,10 @@ from service.client.files import ExportFile, ScorerFile
 from service.client.jobs import JobView, Waiter
 from service.client.labeling import LabelImport, chunks, read_labels
 from service.client.rpc import (
+    BOX_EXPORTS,
     Page,
     export_format,
+    objects_filter,
     rpc_add_model,
     rpc_add_space,
     rpc_aggregate,
@@ -355,25 +357,31 @@ class Collection:
 
     def scan(self, where: str | None = None, columns: Iterable[str] | None = None,
              page_rows: int = 8192, *, version: int | str | None = None,
-             params: Mapping[str, Any] | None = None,
+             params: Mapping[str, Any] | None = None, objects_where: str | None = None,
              timeout: float | None = None) -> Iterator[pa.Table]:
         """The rows matching ``where`` (``params`` bound into it), page by page, at
-        ``version`` (a number or tag; default the current one)."""
-        rpc = rpc_scan(self.name, where, columns, page_rows, version=version, params=params)
+        ``version`` (a number or tag; default the current one). ``objects_where`` keeps the
+        images with a box matching it (SQL over the object columns, see :meth:`objects`)."""
+        rpc = rpc_scan(self.name, objects_filter(where, objects_where), columns, page_rows, version=version,
+                       params=params)
         return self.client._stream(rpc, timeout)
 
     def query(self, where: str | None = None, columns: Iterable[str] | None = None,
               limit: int | None = None, offset: int = 0, page_rows: int = 8192, *,
               version: int | str | None = None, params: Mapping[str, Any] | None = None,
-              timeout: float | None = None) -> pa.Table:
+              objects_where: str | None = None, timeout: float | None = None) -> pa.Table:
         """The rows matching ``where`` as one table (default columns: all but vectors and
-        predictions)."""
-        rpc = rpc_scan(self.name, where, columns, page_rows, limit, offset, version, params)
+        predictions); ``objects_where`` as for :meth:`scan`."""
+        rpc = rpc_scan(self.name, objects_filter(where, objects_where), columns, page_rows, limit, offset,
+                       version, params)
         return concat_pages(list(self.client._stream(rpc, timeout)))
 
     def count(self, where: str | None = None, *, version: int | str | None = None,
-              params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> int:
-        return self.client._unary(rpc_count(self.name, where, version, params), timeout)
+              params: Mapping[str, Any] | None = None, objects_where: str | None = None,
+              timeout: Timeout = DEFAULT) -> int:
+        """Rows matching ``where`` (and with a box matching ``objects_where``)."""
+        return self.client._unary(rpc_count(self.name, objects_filter(where, objects_where), version, params),
+                                  timeout)
 
     def page(self, where: str | None = None, columns: Iterable[str] | None = None,
              page_rows: int = 1000, cursor: str | None = None, version: int | str | None = None,
@@ -442,12 +450,55 @@ class Collection:
     def histogram(self, field: str, bins: int = 20, where: str | None = None,
                   range: tuple[float, float] | None = None, *,  # noqa: A002
                   version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                  source: str | None = None, objects_where: str | None = None,
                   timeout: Timeout = DEFAULT) -> pa.Table:
         """Equal-width histogram of a numeric field (or a path such as ``pred_m.loss``):
         ``bin_start``, ``bin_end``, ``count``, binned as numpy.histogram; what was not
-        binned is in :func:`histogram_stats` of the table."""
+        binned is in :func:`histogram_stats` of the table.
+
+        ``field="objects.<column>"`` (``objects.area``, ``objects.score``...) bins one value
+        per box (:meth:`objects`) of ``source`` (a detection model or ``"gt"``; default
+        every source) matching ``objects_where``, in the images matching ``where``."""
         rpc = rpc_aggregate(self.name, "histogram", field=field, bins=bins, where=where,
-                            range=range, version=version, params=params)
+                            range=range, version=version, params=params, model=source,
+                            objects_where=objects_where)
+        return self.client._unary(rpc, timeout)
+
+    def objects(self, where: str | None = None, objects_where: str | None = None, *,
+                source: str | None = None, columns: Iterable[str] | None = None,
+                limit: int | None = None, version: int | str | None = None,
+                params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> pa.Table:
+        """Boxes as rows: one row per box of ``source`` (a detection model's name, or
+        ``"gt"`` for ``gt_boxes``; default every source) in the images matching ``where``,
+        keeping those matching ``objects_where`` (SQL over the object columns). Columns:
+        ``id`` (the image), ``source``, ``box`` (index in the image's list), ``class`` (top-1
+        of probs; the gt label), ``score``, ``probs``, ``x1``, ``y1``, ``x2``, ``y2``,
+        ``width``, ``height``, ``area``; ``columns`` picks some. Derived from the image rows
+        of the version read, so always consistent with them. ``where`` may itself hold
+        ``any_object(<predicate>)``: images with any box where the predicate holds."""
+        rpc = rpc_aggregate(self.name, "objects", where=where, objects_where=objects_where, model=source,
+                            columns=columns, limit=limit, version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def object_classes(self, where: str | None = None, objects_where: str | None = None, *,
+                       source: str | None = None, version: int | str | None = None,
+                       params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> pa.Table:
+        """Box-level label distribution: ``source``, ``class``, ``count`` over the object rows
+        :meth:`objects` would return (boxes without probs count under a null class)."""
+        rpc = rpc_aggregate(self.name, "object_classes", where=where, objects_where=objects_where, model=source,
+                            version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def box_confusion(self, model: str, where: str | None = None, iou: float = 0.5, *,
+                      version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                      timeout: Timeout = DEFAULT) -> pa.Table:
+        """Box-level confusion of detection ``model`` against ``gt_boxes``: ``label``,
+        ``predicted``, ``count``. Per image (with both boxes and gt_boxes), predictions by
+        score descending each take the free gt box of highest IoU >= ``iou``, whatever its
+        class; a null ``label`` is a spurious prediction, a null ``predicted`` a missed gt
+        box; a prediction without probs is ``"(no class)"``."""
+        rpc = rpc_aggregate(self.name, "box_confusion", model=model, where=where, iou=iou, version=version,
+                            params=params)
         return self.client._unary(rpc, timeout)
 
     def tag_items(self, ids: str | Iterable[str] | None = None, where: str | None = None,
@@ -466,14 +517,19 @@ class Collection:
                dataset: str | None = None, dataset_version: int | str | None = None,
                fields: Iterable[str] = (), min_score: float = 0.0,
                params: Mapping[str, Any] | None = None, image_url: str | None = None,
-               mask_field: str | None = None,
+               mask_field: str | None = None, objects_where: str | None = None,
                timeout: float | None = None) -> dict[str, Any]:
         """Export rows for labeling to ``path``: CSV / JSONL (``id, uri, text, label``,
         ``fields``, and with a ``model`` its ``predicted`` class and ``confidence``) or COCO
         JSON (``model``'s boxes; format from the extension: .csv, .jsonl, .json). Which rows:
         at most one of ``where``, ``ids``, ``run_id``, ``dataset`` (+ ``dataset_version``);
-        none = all. The file is streamed to a temporary name next to ``path`` and renamed
-        when complete. Returns ``{rows, annotations, path, format}``.
+        none = all; ``objects_where`` keeps the images with a box matching it. Per box:
+        ``format="objects_csv"|"objects_jsonl"`` writes one line per box (:meth:`objects`'
+        columns; ``model`` = the source, default all; ``objects_where`` keeps boxes), and
+        ``"yolo"`` (or a ``.zip`` path) a zip of YOLO txt labels of ``model``'s boxes
+        (``classes.txt``, ``labels/<image>.txt``; sizes read from the local images). The
+        file is streamed to a temporary name next to ``path`` and renamed when complete.
+        Returns ``{rows, annotations, path, format}``.
 
         ``format="label-studio"``: Label Studio tasks (JSON) with ``model``'s pre-annotations
         (its top class, or its boxes; masks from ``mask_field``, a column of mask PNG paths),
@@ -482,7 +538,9 @@ class Collection:
         (``<name>.label_config.xml``, also in the result's ``label_config``). See
         :mod:`indexing.labelstudio`; :meth:`import_labels` reads the annotations back."""
         fmt = export_format(path, format)
-        rpc = rpc_export(self.name, fmt, model=model, where=where, ids=ids, run_id=run_id,
+        per_box = fmt in BOX_EXPORTS
+        rpc = rpc_export(self.name, fmt, model=model, where=where if per_box else objects_filter(where, objects_where),
+                         objects_where=objects_where if per_box else None, ids=ids, run_id=run_id,
                          dataset=dataset, dataset_version=dataset_version, fields=fields,
                          min_score=min_score, params=params, image_url=image_url,
                          mask_field=mask_field)
@@ -562,13 +620,16 @@ class Collection:
              where: str | None = None, reference_where: str | None = None,
              params: Mapping[str, Any] | None = None, seed: int | None = None, reverse: bool = False,
              version: int | None = None, where_params: Mapping[str, Any] | None = None,
-             timeout: Timeout = DEFAULT) -> MiningJob:
+             objects_where: str | None = None, timeout: Timeout = DEFAULT) -> MiningJob:
         """Start a mining run: the ``size`` pool rows (``where``) ``miner`` ranks highest
         (lowest with ``reverse``), read at ``version`` (default: the current one).
         ``params`` are the miner's parameters; ``where_params`` are bound into ``where`` and
         ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
-        ``job.results()``; ``job.tag("to-label")`` tags the selected rows."""
-        rpc = rpc_start_mining(self.name, miner, size, model=model, space=space, where=where,
+        ``job.results()``; ``job.tag("to-label")`` tags the selected rows. ``objects_where``
+        restricts the pool to images with a box matching it (SQL over the object columns,
+        see :meth:`objects`), judged at the run's version."""
+        rpc = rpc_start_mining(self.name, miner, size, model=model, space=space,
+                               where=objects_filter(where, objects_where),
                                reference_where=reference_where, params=params, seed=seed,
                                reverse=reverse, version=version, where_params=where_params)
         return MiningJob(self.client, self.client._unary(rpc, timeout))
