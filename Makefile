@@ -5,10 +5,12 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env browser demo test lint bench bench-quick bench-full protos client settings clean
+.PHONY: env browser label-studio label-studio-if-required demo test lint bench bench-quick bench-full protos client settings clean
 
 env: .venv/.assay-synced
 
+# `uv sync` installs the package with every extra: the dev group (the default group) holds
+# assay[all] (pyproject.toml). `pip install assay` alone is the light client.
 .venv/.assay-synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
@@ -26,7 +28,41 @@ browser:
 	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "could not install chromium: the browser tests will be skipped"; }
 
-test: env browser
+# Label Studio for the labeling round trip (tests/test_label_studio.py): its own virtual
+# environment (it pins Django and many web packages: kept out of uv.lock) and a migrated
+# SQLite data folder the test copies (so that starting skips the migrations: ~50 s here), both under
+# .cache/label-studio/ (ignored by git). `make test` sets it up when ASSAY_REQUIRE_LABEL_STUDIO=1
+# (.ci/run sets it); elsewhere run `make label-studio` once, or the test skips.
+LABEL_STUDIO_VERSION := 1.23.2
+LABEL_STUDIO_HOME := .cache/label-studio
+# offline and quiet: no version check against PyPI, no analytics, no Sentry reports
+# (and its data folder set before its settings load, so that nothing is written under ~)
+LABEL_STUDIO_ENV := LABEL_STUDIO_LATEST_VERSION_CHECK=false LABEL_STUDIO_COLLECT_ANALYTICS=false \
+	SENTRY_DSN= FRONTEND_SENTRY_DSN= LABEL_STUDIO_BASE_DATA_DIR=$(abspath $(LABEL_STUDIO_HOME)/db)
+
+label-studio: $(LABEL_STUDIO_HOME)/.ready-$(LABEL_STUDIO_VERSION)
+
+$(LABEL_STUDIO_HOME)/.ready-$(LABEL_STUDIO_VERSION):
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	rm -rf $(LABEL_STUDIO_HOME)
+	$(UV) venv --quiet --python python3 $(LABEL_STUDIO_HOME)/venv
+	$(UV) pip install --quiet --python $(LABEL_STUDIO_HOME)/venv/bin/python "label-studio==$(LABEL_STUDIO_VERSION)"
+	$(LABEL_STUDIO_ENV) $(LABEL_STUDIO_HOME)/venv/bin/label-studio version \
+		--data-dir $(LABEL_STUDIO_HOME)/db >$(LABEL_STUDIO_HOME)/migrate.log 2>&1
+	@touch $@
+
+# With ASSAY_REQUIRE_LABEL_STUDIO=1 (.ci/run) the install (minutes: mostly downloads) runs in
+# the background while the suite runs; tests/test_label_studio.py runs last and waits for it
+# (the marker .ready-<version>, or label-studio.failed with the log beside it).
+label-studio-if-required:
+	@if [ "$${ASSAY_REQUIRE_LABEL_STUDIO:-}" = 1 ] && [ ! -f $(LABEL_STUDIO_HOME)/.ready-$(LABEL_STUDIO_VERSION) ]; then \
+	  mkdir -p .cache && rm -f .cache/label-studio.failed && \
+	  echo "installing Label Studio $(LABEL_STUDIO_VERSION) in the background (log: .cache/label-studio-install.log)" && \
+	  { nice -n 10 $(MAKE) --no-print-directory label-studio >.cache/label-studio-install.log 2>&1 \
+	    || touch .cache/label-studio.failed; } & \
+	fi
+
+test: env browser label-studio-if-required
 	$(UV) run --frozen python -m protos.generate --check
 	$(UV) run --frozen python -m service.client.generate --check
 	$(UV) run --frozen python -m indexing.settings --check README.md
@@ -36,12 +72,12 @@ test: env browser
 lint: env
 	$(UV) run --frozen ruff check .
 
-BENCHES := store service mining_scan uncertainty density diversity selection embedding web soak
+BENCHES := store service mining_scan uncertainty density diversity selection embedding web soak_writes soak
 
 # bench: every benchmark (BENCHES with --quick, the soak, the reduced active-learning plan) in
 # about 20 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).
 # bench-quick: the scripts only, --quick (~4 minutes). bench-full: default sizes and the full
-# active-learning protocol (hours). Extra options: make bench BENCH_ARGS="--skip soak".
+# active-learning protocol (hours). Extra options: make bench BENCH_ARGS="--skip soak,soak_writes".
 bench: env
 	$(UV) run --frozen python -m bench.run_all --benches "$(BENCHES)" $(BENCH_ARGS)
 

@@ -60,7 +60,7 @@ What it does
 
 The table is printed at the end (``--json`` writes it as data, with the progress trace
 of every run). ``--quick`` is the issue's quick size, 1M rows; the default is 10M.
-``python -m bench.run_all --benches scale --skip soak,al --script-args "..."`` runs it
+``python -m bench.run_all --benches scale --skip soak,soak_writes,al --script-args "..."`` runs it
 under ``make bench`` (see the README); it is not in the default list (too long).
 """
 

@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from indexing import objects as object_rows
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.measures import PROB_MEASURES
 from indexing.predictions import box_probs, prediction_probs, valid_mask
@@ -97,8 +98,9 @@ def stream(
     """Batches (of ``batch_size``, default ``BATCH_ROWS``) of ``projection`` (output name ->
     column or nested path such as ``pred_m.probs``) for the rows matching ``where``. The
     filter is validated now, not on the first ``next()``."""
-    where = check_filter(col, where)
-    q = _table(col, version).search().select(dict(projection)).limit(None)
+    table = _table(col, version) if version is not None or where is None else col.read_table(None, where)
+    where = col.validate_filter(where, table)  # box clauses expanded on the version read
+    q = table.search().select(dict(projection)).limit(None)
     if where:
         q = q.where(where)
     return iter(q.to_batches(batch_size or BATCH_ROWS))
@@ -425,14 +427,33 @@ def histogram(
     range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name for it
     *,
     version: int | str | None = None,
+    source: str | Sequence[str] | None = None,
+    objects_where: str | None = None,
 ) -> pa.Table:
     """Equal-width histogram of a numeric field: ``bin_start``, ``bin_end``, ``count``
     (``bins`` rows, empty bins included), binned exactly as ``numpy.histogram`` on float64.
 
+    ``field`` may be an object column, ``objects.<column>`` (``objects.area``,
+    ``objects.score``...; see :mod:`indexing.objects`): one value per box of the images
+    matching ``where``, of ``source`` (a detection model or ``"gt"``; default all) and
+    matching ``objects_where``. Otherwise ``source``/``objects_where`` are refused.
+
     Without ``range`` a first streamed pass finds min and max. NULL, NaN/inf and
     out-of-range values are counted in the schema metadata (:func:`histogram_stats`).
     """
-    _numeric_field(col, field, version)
+    per_object = isinstance(field, str) and field.startswith("objects.")
+    box_source = source  # the name `source` is the stream factory below
+    if per_object:
+        column = field.split(".", 1)[1]
+        if column not in object_rows.NUMERIC_COLUMNS:
+            raise InvalidArgument(f"histogram: '{field}' is not a numeric object column; numeric object "
+                                  f"columns: {', '.join('objects.' + c for c in object_rows.NUMERIC_COLUMNS)}")
+    else:
+        if source is not None or objects_where is not None:
+            raise InvalidArgument("histogram: source and objects_where need an object field "
+                                  "('objects.<column>'); to keep images with such objects use "
+                                  "where=\"... AND any_object(...)\"")
+        _numeric_field(col, field, version)
     if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= MAX_BINS:
         raise InvalidArgument(f"bins must be an integer in [1, {MAX_BINS}], got {bins!r}")
     if range is not None:
@@ -444,7 +465,8 @@ def histogram(
             raise InvalidArgument(f"range must be finite with low <= high, got {range!r}")
         if lo == hi:  # numpy widens an empty range the same way
             lo, hi = lo - 0.5, hi + 0.5
-    check_filter(col, where)  # before any pass
+    if not per_object:
+        check_filter(col, where)  # before any pass (object batches check theirs on creation)
     proj = {"x": field}
     finite = "x IS NOT NULL AND isfinite(x::DOUBLE)"
     # One pass for what is not binned (and min/max when no range is given), one to bin.
@@ -455,7 +477,13 @@ def histogram(
                  f"count(*) FILTER (WHERE {finite} AND x::DOUBLE > $2)::BIGINT AS above FROM rows")
 
     def source() -> _Source:
-        batches = stream(col, proj, where, version=version)
+        if per_object:
+            table = _table(col, version)
+            batches = (pa.RecordBatch.from_arrays([t.column(column).combine_chunks()], names=["x"])
+                       for t in object_rows.object_batches(table, where, objects_where, source=box_source,
+                                                           columns=[column]))
+        else:
+            batches = stream(col, proj, where, version=version)
         first = next(batches, None)
         schema = first.schema if first is not None else pa.schema([("x", pa.float64())])
 

@@ -44,6 +44,16 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+
+def _quiet_model_loading() -> None:
+    """No "Loading weights" bars from transformers: a model loads inside a server, a job or
+    the demo, whose output they would interleave with (and they are noise in logs)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # an embedder without transformers
+        return
+    hf_logging.disable_progress_bar()
+
 class _LazyModel(ABC):
     """Shared by the embedders: the model is loaded once, on first use, by ``load()``
     (which also sets ``_dim``); ``device`` resolves without loading it."""
@@ -176,6 +186,7 @@ class TextEmbedder(_LazyModel):
             try:
                 from sentence_transformers import SentenceTransformer
 
+                _quiet_model_loading()
                 model = SentenceTransformer(path, device=device)
                 if device.startswith("cuda"):
                     model.half()  # fp16 halves memory and roughly doubles GPU throughput

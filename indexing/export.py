@@ -1,4 +1,5 @@
-"""Export rows for labeling: CSV / JSON Lines with model pre-labels, and COCO detection JSON.
+"""Export rows for labeling: CSV / JSON Lines with model pre-labels, COCO detection JSON,
+per-box CSV / JSON Lines (:func:`export_objects`) and YOLO txt labels (:func:`export_yolo`).
 
 Exports stream: rows are read from Lance in batches (only the needed columns, nested
 prediction fields projected) and written batch by batch; COCO annotations are spooled to a
@@ -54,6 +55,7 @@ from indexing import analytics
 from indexing.analytics import stream
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.filters import ids_predicate
+from indexing.objects import OBJECT_SCHEMA, object_batches
 from indexing.predictions import box_probs, prediction_probs
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec, is_user_scalar
 from indexing.store import ID_CHUNK
@@ -63,7 +65,8 @@ BASE_EXPORT_COLUMNS = ("id", "uri", "text", "label")
 PRELABEL_COLUMNS = ("predicted", "confidence")
 UNKNOWN_CATEGORY = {"id": 0, "name": "unknown", "supercategory": "none"}
 
-__all__ = ["ExportReport", "coco_boxes", "export_coco", "export_rows", "read_export"]
+__all__ = ["ExportReport", "coco_boxes", "export_coco", "export_objects", "export_rows", "export_yolo",
+           "read_export"]
 
 
 @dataclass
@@ -167,7 +170,8 @@ def _prelabels(batch: pa.RecordBatch, spec: ModelSpec) -> tuple[pa.Array, pa.Arr
                 cls[rows[ok]] = np.asarray(values, dtype=np.float64).reshape(-1, c).argmax(axis=1)
         conf_mask = ~has
     else:
-        keep, p = prediction_probs(batch.column("__probs"), batch.column("__logits"), c)
+        keep, p = prediction_probs(batch.column("__probs"), batch.column("__logits"), c,
+                                   samples=batch.column("__samples"))
         cls[keep] = p.argmax(axis=1)
         conf[keep] = p.max(axis=1)
         conf_mask = np.ones(n, dtype=bool)
@@ -182,7 +186,8 @@ def _projection(fields: list[str], spec: ModelSpec | None) -> dict[str, str]:
         if spec.task == "detection":
             proj["__boxes"] = f"{spec.column}.boxes"
         else:
-            proj.update(__probs=f"{spec.column}.probs", __logits=f"{spec.column}.logits")
+            proj.update(__probs=f"{spec.column}.probs", __logits=f"{spec.column}.logits",
+                        __samples=f"{spec.column}.samples")
     return proj
 
 
@@ -418,3 +423,138 @@ def coco_boxes(path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
         out[image_row[a["image_id"]]].append({"x1": x, "y1": y, "x2": x + w, "y2": y + h, "score": a.get("score"),
                                               "label": names[a["category_id"]]})
     return out
+
+
+# -- per box ---------------------------------------------------------------------------------
+
+OBJECT_FORMATS = ("objects_csv", "objects_jsonl")
+
+
+def _object_parts(col: Any, table: Any, *, ids: Sequence[str] | None, where: str | None,
+                  objects_where: str | None, source: str | None, missing: list[int]) -> Iterator[pa.Table]:
+    """Object rows (indexing.objects) of the selected images, chunk by chunk."""
+    if ids is not None and where is not None:
+        raise InvalidArgument("give ids or where, not both")
+    if ids is None:
+        yield from object_batches(table, where, objects_where, source=source)
+        return
+    wanted = _check_ids(ids)
+    for s in range(0, len(wanted), ID_CHUNK):
+        part = ids_predicate(wanted[s:s + ID_CHUNK])
+        missing[0] += len(wanted[s:s + ID_CHUNK]) - table.count_rows(part)
+        yield from object_batches(table, part, objects_where, source=source)
+
+
+def export_objects(
+    col: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str,  # noqa: A002 - the natural name
+    ids: Sequence[str] | None = None,
+    where: str | None = None,
+    objects_where: str | None = None,
+    source: str | None = None,
+    version: int | str | None = None,
+) -> ExportReport:
+    """One line per box (the object rows of :mod:`indexing.objects`: ``id``, ``source``,
+    ``box``, ``class``, ``score``, ``probs``, ``x1``..``y2``, ``width``, ``height``,
+    ``area``) of the selected images, keeping the boxes of ``source`` (default every source)
+    that match ``objects_where``: ``objects_csv`` (``probs`` as a JSON list) or
+    ``objects_jsonl``. ``rows`` = boxes written."""
+    if format not in OBJECT_FORMATS:
+        raise InvalidArgument(f"format {format!r} is not one of {', '.join(OBJECT_FORMATS)}")
+    t0 = time.perf_counter()
+    table = _table(col, version)
+    missing = [0]
+    rows = 0
+    with _atomic(path, "wb" if format == "objects_csv" else "w") as fh:
+        writer = None
+        for part in _object_parts(col, table, ids=ids, where=where, objects_where=objects_where,
+                                  source=source, missing=missing):
+            if format == "objects_jsonl":
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part.to_pylist())
+            else:
+                probs = pa.array([None if p is None else json.dumps(p) for p in part.column("probs").to_pylist()],
+                                 pa.string())
+                part = part.set_column(part.column_names.index("probs"), "probs", probs)
+                if writer is None:
+                    writer = pacsv.CSVWriter(fh, part.schema)
+                writer.write_table(part)
+            rows += part.num_rows
+        if format == "objects_csv":
+            if writer is None:  # no box: a header only
+                schema = OBJECT_SCHEMA.set(OBJECT_SCHEMA.get_field_index("probs"), pa.field("probs", pa.string()))
+                writer = pacsv.CSVWriter(fh, schema)
+            writer.close()
+    return ExportReport(path=os.fspath(path), format=format, rows=rows, annotations=rows, missing=missing[0],
+                        version=version, seconds=time.perf_counter() - t0)
+
+
+def export_yolo(
+    col: Any,
+    model: str,
+    path: str | os.PathLike[str],
+    *,
+    ids: Sequence[str] | None = None,
+    where: str | None = None,
+    objects_where: str | None = None,
+    min_score: float = 0.0,
+    version: int | str | None = None,
+) -> ExportReport:
+    """YOLO txt labels of ``model``'s boxes, as one zip: ``classes.txt`` (the model's
+    classes, one per line: line ``k`` is class index ``k``) and ``labels/<name>.txt`` per
+    selected image (``<name>`` = the uri's file name without its extension, else the id; an
+    image without boxes gets an empty file, YOLO's negative). Each line is ``class x_center
+    y_center width height`` with coordinates divided by the image's width and height (read
+    from the image header at its local uri; an image whose size cannot be read is refused
+    naming its id). Boxes without probs (no class), scoring below ``min_score`` or not
+    matching ``objects_where`` are left out. ``rows`` = images, ``annotations`` = lines."""
+    import zipfile
+
+    t0 = time.perf_counter()
+    spec = col.model(model)
+    if spec.task != "detection":
+        raise InvalidArgument(f"a YOLO export needs a detection model; '{model}' is a {spec.task} model")
+    table = _table(col, version)
+    index = {c: i for i, c in enumerate(spec.classes)}
+    missing = [0]
+    images = lines = 0
+    with _atomic(path, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("classes.txt", "".join(c + "\n" for c in spec.classes))
+        batches = _rows(col, {"id": "id", "uri": "uri"}, ids=ids, where=where, version=version,
+                        batch_size=None, missing=missing)
+        names: set[str] = set()
+        for batch in batches:
+            chunk_ids = batch.column("id").to_pylist()
+            boxes: dict[str, list[dict[str, Any]]] = {}
+            for part in object_batches_for(table, chunk_ids, objects_where, model):
+                for r in part.to_pylist():
+                    boxes.setdefault(r["id"], []).append(r)
+            for row_id, uri in zip(chunk_ids, batch.column("uri").to_pylist(), strict=True):
+                size = _image_size(uri)
+                if size is None:
+                    raise FailedPrecondition(
+                        f"row {row_id!r}: the size of image {uri!r} cannot be read (a local image file is "
+                        "needed); YOLO labels are divided by the image's width and height")
+                w, h = size
+                name = os.path.splitext(os.path.basename(uri))[0] if uri else row_id
+                if name in names:  # two images of the same file name: keep both apart
+                    name = f"{name}__{row_id}"
+                names.add(name)
+                out = []
+                for b in boxes.get(row_id, []):
+                    if b["class"] is None or b["score"] < min_score:
+                        continue
+                    out.append(f"{index[b['class']]} {(b['x1'] + b['x2']) / 2 / w:.6f} "
+                               f"{(b['y1'] + b['y2']) / 2 / h:.6f} {b['width'] / w:.6f} {b['height'] / h:.6f}\n")
+                zf.writestr(f"labels/{name}.txt", "".join(out))
+                images += 1
+                lines += len(out)
+    return ExportReport(path=os.fspath(path), format="yolo", rows=images, annotations=lines, missing=missing[0],
+                        version=version, seconds=time.perf_counter() - t0)
+
+
+def object_batches_for(table: Any, ids: Sequence[str], objects_where: str | None, source: str) -> Iterator[pa.Table]:
+    """The object rows of ``source`` of the images ``ids`` (matching ``objects_where``)."""
+    for s in range(0, len(ids), ID_CHUNK):
+        yield from object_batches(table, ids_predicate(ids[s:s + ID_CHUNK]), objects_where, source=source)

@@ -15,6 +15,10 @@ This module is where such a filter is read, checked and built:
   must be sent; :func:`validate_filter` also plans it on a table.
   ``indexing.store.Collection.validate_filter`` is that, memoised per table version.
 * :func:`sql_quote` and :func:`ids_predicate` build filters from values.
+* :func:`object_clauses` finds the ``any_object(<predicate>)`` clauses of a filter (an image
+  with any box where the predicate holds; ``indexing.objects.expand`` turns them into id
+  predicates at the version read) and :func:`with_objects` builds one from an
+  ``objects_where`` option.
 
 Standard library only (the light client imports it).
 """
@@ -29,7 +33,8 @@ from indexing.errors import InvalidArgument
 
 __all__ = [
     "CODE", "COMMENT", "IDENTIFIER", "STRING", "Segment", "check_filter", "ids_predicate",
-    "lance_message", "placeholders", "scan", "sql_quote", "substitute", "validate_filter",
+    "lance_message", "object_clauses", "placeholders", "scan", "sql_quote", "substitute",
+    "validate_filter", "with_objects",
 ]
 
 CODE: Final = "code"
@@ -210,3 +215,44 @@ def sql_quote(value: str) -> str:
 def ids_predicate(ids: Iterable[str]) -> str:
     """``id IN ('a', 'b', ...)`` for these ids (give at least one)."""
     return "id IN (" + ", ".join(sql_quote(i) for i in ids) + ")"
+
+
+OBJECT_FUNCTION: Final = "any_object"
+_OBJECT_CALL: Final = re.compile(r"\bany_object\s*\(", re.IGNORECASE)
+
+
+def object_clauses(where: str) -> list[tuple[int, int, str]]:
+    """``(start, end, predicate)`` of each ``any_object(<predicate>)`` clause in ``where``'s
+    code (not inside literals, quoted identifiers or comments); ``where[start:end]`` is the
+    whole clause. InvalidArgument for a clause without its closing parenthesis."""
+    if "any_object" not in where.lower():
+        return []
+    # string literals and identifiers blanked out: their parentheses and words do not count
+    masked = "".join(seg.text if seg.kind == CODE else " " * len(seg.text) for seg in scan(where))
+    out: list[tuple[int, int, str]] = []
+    at = 0
+    while (m := _OBJECT_CALL.search(masked, at)) is not None:
+        depth, i = 1, m.end()
+        while i < len(masked) and depth:
+            depth += (masked[i] == "(") - (masked[i] == ")")
+            i += 1
+        if depth:
+            raise InvalidArgument(f"filter {where!r}: any_object( has no closing parenthesis")
+        out.append((m.start(), i, where[m.end():i - 1]))
+        at = i
+    return out
+
+
+def with_objects(where: str | None, objects_where: str | None) -> str | None:
+    """``where`` restricted to images with an object matching ``objects_where`` (SQL over
+    the object columns, see ``indexing.objects``): ``(<where>) AND any_object(<objects_where>)``."""
+    if objects_where is None or objects_where == "":
+        return where
+    if not isinstance(objects_where, str) or not objects_where.strip():
+        raise InvalidArgument("objects_where must be a non-empty SQL predicate over the object columns")
+    try:
+        check_filter(objects_where)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"objects_where: {exc}") from None
+    clause = f"{OBJECT_FUNCTION}({objects_where}\n)"
+    return clause if where is None or where == "" else f"({where}\n) AND {clause}"

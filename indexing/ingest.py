@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,9 @@ from indexing.schema import (
     is_user_scalar,
 )
 from indexing.settings import CSV_BLOCK_BYTES as _CSV_BLOCK
-from indexing.store import Collection, Store
+
+if TYPE_CHECKING:  # a store, or any object of its shape (service.remote_store: a server)
+    from indexing.store import Collection, Store
 
 log = logging.getLogger("assay.ingest")
 
@@ -454,12 +456,9 @@ def ingest(
         batches = _jsonl_batches(str(src_path), batch_rows, report)
     normalise = _Normaliser(id_field, _clean_name(src_path.stem), report)
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()  # rows/s counts reading, embedding and writing, not model loading
 
-    bar = tqdm(total=total, unit="rows", desc=f"ingest {collection}", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = _bar(total, f"ingest {collection}") if progress else _NoBar()
     try:
         for batch in batches:
             report.batches += 1
@@ -600,6 +599,23 @@ def _embed_images(emb: ClipEmbedder, uris: list[Any], keep: np.ndarray, bad: Any
             vecs = emb.embed_images([img for _, img in loaded])
             out[[i for i, _ in loaded]] = vecs
     return out
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int | None, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="rows", desc=desc, dynamic_ncols=True, smoothing=0.1)
 
 
 def write_errors(report: IngestReport, path: str | os.PathLike[str]) -> None:

@@ -320,6 +320,12 @@ REINDEX_BAD_SHOWN: Final = _define("REINDEX_BAD_SHOWN", 100, "bad rows listed in
 MAINTENANCE_WAIT_S: Final = _define("MAINTENANCE_WAIT_S", 30.0, "at shutdown, a running "
                                     "compaction or index build is waited for max(grace, this)",
                                     "service")
+MALLOC_MMAP_THRESHOLD: Final = _define("MALLOC_MMAP_THRESHOLD", 256 << 10, "allocations of at "
+                                       "least this many bytes are mmapped and returned when "
+                                       "freed (glibc; 0: glibc's dynamic threshold)", "service")
+MALLOC_TRIM_EVERY_S: Final = _define("MALLOC_TRIM_EVERY_S", 30.0, "seconds between returns of the "
+                                     "heap's free pages to the system (glibc malloc_trim; 0: "
+                                     "never)", "service")
 
 # -- the web page and notebook grids -----------------------------------------------------------
 

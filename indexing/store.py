@@ -41,10 +41,12 @@ from indexing.errors import (
     InvalidArgument,
     NotFound,
 )
-from indexing.filters import ids_predicate, validate_filter
+from indexing.filters import ids_predicate, object_clauses, validate_filter
 from indexing.group_commit import GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids
 from indexing.maintenance import Maintainer, MaintenancePolicy, fragments_to_keep
+from indexing.objects import expand
+from indexing.objects import objects as object_table
 from indexing.schema import (
     EMB_PREFIX,
     MODEL_META_KEY,
@@ -141,6 +143,10 @@ class UpsertResult:
     version: int
     generated_ids: int = 0
     new_columns: list[str] = field(default_factory=list)
+    # The ids the store generated for rows that came without one, and those rows' numbers
+    # in the batch (both in row order): how a caller learns the ids of what it inserted.
+    assigned_ids: list[str] = field(default_factory=list)
+    assigned_rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -715,7 +721,10 @@ class Collection:
                 present.update(mine)
             w.finish(UpsertResult(inserted=inserted, updated=n - inserted, version=version,
                                   generated_ids=p.generated_ids,
-                                  new_columns=[f.name for f in added]))
+                                  new_columns=[f.name for f in added],
+                                  assigned_ids=p.table.column("id").take(p.generated_rows).to_pylist()
+                                  if p.generated_rows else [],
+                                  assigned_rows=list(p.generated_rows)))
 
     def _commit_updates(self, writes: Sequence[PendingWrite]) -> None:
         tables = [w.payload for w in writes]
@@ -888,11 +897,19 @@ class Collection:
 
     # -- reads ---------------------------------------------------------------------
 
-    def validate_filter(self, where: str | None) -> str | None:
+    def validate_filter(self, where: str | None, table: Any = None) -> str | None:
         """Check a SQL filter against this table before it runs; InvalidArgument if bad.
         Returns the filter in the form it must be sent to Lance — run that, never the
         text given (see :func:`indexing.filters.check_filter`). Planning is memoised per
-        table version."""
+        table version.
+
+        ``any_object(<predicate>)`` clauses (:mod:`indexing.objects`) are expanded to id
+        predicates on ``table`` — the version the filter will run on (default: the current
+        one) — so box predicates see the same rows as the rest of the filter. Such a filter
+        depends on the data, so it is not memoised."""
+        if where is not None and object_clauses(where):
+            target = self._table if table is None else table  # the version that will be read
+            return validate_filter(target, expand(target, where))
         return validate_filter(self._table, where, self._cached)
 
     def _check_columns(self, columns: Sequence[str] | None) -> list[str]:
@@ -907,9 +924,19 @@ class Collection:
             )
         return cols
 
+    def read_table(self, version: int | str | None, where: str | None) -> Any:
+        """The table a read runs on: ``version``, else the current one — pinned when the
+        filter has box clauses, so they are expanded on the version the filter then runs on
+        even while others write."""
+        if version is not None:
+            return self.at_version(version)
+        if where is not None and object_clauses(where):
+            return self.at_version(self._table.version)
+        return self._table
+
     def count(self, where: str | None = None, *, version: int | str | None = None) -> int:
-        where = self.validate_filter(where)
-        table = self._table if version is None else self.at_version(version)
+        table = self.read_table(version, where)
+        where = self.validate_filter(where, table)
         return table.count_rows(where)
 
     def scan(
@@ -924,17 +951,30 @@ class Collection:
     ) -> Iterator[pa.RecordBatch]:
         """Stream the rows matching ``where`` as Arrow batches (never the whole table)."""
         cols = self._check_columns(columns)
-        where = self.validate_filter(where)
+        table = self.read_table(version, where)
+        where = self.validate_filter(where, table)
         if (limit is not None and limit < 0) or offset < 0 or batch_size < 1:
             raise InvalidArgument("limit and offset must be >= 0 and batch_size >= 1")
         _check_row_count(limit, offset)
-        table = self._table if version is None else self.at_version(version)
         q = table.search().select(cols).limit(limit)
         if where:
             q = q.where(where)
         if offset:
             q = q.offset(offset)
         yield from q.to_batches(batch_size)
+
+    def objects(self, where: str | None = None, objects_where: str | None = None, *,
+                source: str | Sequence[str] | None = None, columns: Sequence[str] | None = None,
+                limit: int | None = None, version: int | str | None = None) -> pa.Table:
+        """Object rows (:mod:`indexing.objects`) of the images matching ``where`` (which may
+        hold ``any_object(...)`` clauses), keeping the objects matching ``objects_where``
+        from ``source`` (a detection model's name or ``"gt"``; default all), projected to
+        ``columns``; at most ``limit`` rows, read at ``version`` (default: current)."""
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise InvalidArgument(f"limit must be an integer >= 0, got {limit!r}")
+        _check_row_count(limit, 0)
+        table = self.at_version(self._table.version if version is None else version)  # one version throughout
+        return object_table(table, where, objects_where, source=source, columns=columns, limit=limit)
 
     def at_version(self, version: int | str) -> lancedb.table.Table:
         """A read-only handle on an old version (number or tag) of this collection."""
@@ -963,11 +1003,12 @@ class Collection:
         offset: int = 0,
     ) -> pa.Table:
         cols = self._check_columns(columns)
-        where = self.validate_filter(where)
+        table = self.read_table(None, where)
+        where = self.validate_filter(where, table)
         if (limit is not None and limit < 0) or offset < 0:
             raise InvalidArgument("limit and offset must be >= 0")
         _check_row_count(limit, offset)
-        return self._select(where, cols, limit=limit, offset=offset)
+        return self._select(where, cols, limit=limit, offset=offset, table=table)
 
     def take(self, ids: Sequence[str], columns: Sequence[str] | None = None, *,
              version: int | str | None = None) -> pa.Table:

@@ -50,6 +50,8 @@ class PreparedBatch:
     new_fields: list[pa.Field] = field(default_factory=list)
     new_spaces: list[SpaceSpec] = field(default_factory=list)
     generated_ids: int = 0
+    # Rows of the batch whose id the store generated (no `id` column, or a null id), in order.
+    generated_rows: list[int] = field(default_factory=list)
 
 
 def to_arrow_table(data: Any) -> pa.Table:
@@ -107,7 +109,8 @@ def prepare_upsert(
         check_identifier(n, "column name")
 
     out = PreparedBatch(table=table)
-    ids, out.generated_ids = _prepare_ids(table)
+    ids, out.generated_rows = _prepare_ids(table)
+    out.generated_ids = len(out.generated_rows)
     id_list = ids  # used to name rows in messages
     columns: dict[str, pa.Array] = {"id": ids}
 
@@ -190,23 +193,24 @@ def _row_name(ids: pa.Array, row: int) -> str:
     return f"row {row} (id {ids[row].as_py()!r})"
 
 
-def _prepare_ids(table: pa.Table) -> tuple[pa.Array, int]:
+def _prepare_ids(table: pa.Table) -> tuple[pa.Array, list[int]]:
+    """The batch's ids, and the rows whose id was generated here (uuid4 hex)."""
     n = table.num_rows
     if "id" not in table.column_names:
-        return pa.array([uuid.uuid4().hex for _ in range(n)], pa.string()), n
+        return pa.array([uuid.uuid4().hex for _ in range(n)], pa.string()), list(range(n))
     col = table.column("id").combine_chunks()
     if pa.types.is_large_string(col.type) or pa.types.is_null(col.type):
         col = col.cast(pa.string())
     if not pa.types.is_string(col.type):
         raise InvalidArgument(f"column 'id' must be strings, got {col.type}", field="id")
-    generated = 0
+    generated: list[int] = []
     if col.null_count:
         # Rows without an id get a fresh one, like rows of a batch with no id column.
         py = col.to_pylist()
         for i, v in enumerate(py):
             if v is None:
                 py[i] = uuid.uuid4().hex
-                generated += 1
+                generated.append(i)
         col = pa.array(py, pa.string())
     empty = pc.equal(pc.utf8_length(col), 0)
     if pc.any(empty).as_py():

@@ -407,6 +407,10 @@ def class_balanced_select(
 ) -> np.ndarray:
     """Pick ``min(size, N)`` items with the budget split across predicted classes.
 
+    ``classes[i] = -1`` marks an item without a predicted class (a detection image with no
+    boxes): it takes part in no class quota and competes, by score, only for the slots the
+    quotas leave free.
+
     Weights: ``"equal"``: ``w_c = 1``; ``"inverse_frequency"``: ``w_c = 1 / max(f_c, 1)``
     where ``f = class_counts`` (e.g. labelled counts per class; a class with no labels counts
     as one) or, when ``class_counts`` is None, the counts of ``classes`` in this pool.
@@ -435,11 +439,13 @@ def class_balanced_select(
         raise ValueError(f"size must be >= 0, got {size}")
     if mode not in BALANCE_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {BALANCE_MODES}")
-    if c.size and (c.min() < 0 or c.max() >= num_classes):
+    if c.size and (c.min() < -1 or c.max() >= num_classes):
         raise ValueError(
-            f"classes must lie in [0, {num_classes}), got range [{c.min()}, {c.max()}]"
+            f"classes must lie in [0, {num_classes}) or be -1 (no class), "
+            f"got range [{c.min()}, {c.max()}]"
         )
-    capacity = np.bincount(c, minlength=num_classes).astype(np.int64)
+    classless = c < 0
+    capacity = np.bincount(c[~classless], minlength=num_classes).astype(np.int64)
     if mode == "equal":
         weights = np.ones(num_classes)
     else:
@@ -459,13 +465,14 @@ def class_balanced_select(
     quota = _balanced_quotas(weights, capacity, size)
 
     order = np.lexsort((np.arange(n), -s))  # score desc, index asc
-    cls_o = c[order]
+    # classless items sort into a group of their own after the classes, with no quota
+    cls_o = np.where(c[order] < 0, num_classes, c[order])
     # rank of each item within its class, in score order
     by_class = np.argsort(cls_o, kind="stable")
-    class_start = np.concatenate(([0], np.cumsum(capacity)[:-1]))
+    class_start = np.concatenate(([0], np.cumsum(capacity)))
     rank = np.empty(n, dtype=np.int64)
     rank[by_class] = np.arange(n) - class_start[cls_o[by_class]]
-    taken = rank < quota[cls_o]
+    taken = rank < np.append(quota, 0)[cls_o]
     free = size - int(taken.sum())
     if free > 0:
         fill = np.flatnonzero(~taken)[:free]

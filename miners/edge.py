@@ -175,14 +175,39 @@ def prediction_scores(
     return out
 
 
+def _box_arrays(item: Any, i: int) -> Mapping[str, Any]:
+    """One item's detections as ``{boxes, scores, probs}`` arrays, from either accepted form."""
+    if isinstance(item, Mapping):
+        if "boxes" not in item or "scores" not in item:
+            raise ValueError(f"item {i}: a mapping of detections needs 'boxes' and 'scores' "
+                             "(or give a list of {x1, y1, x2, y2, score, probs} boxes)")
+        return item
+    if isinstance(item, np.ndarray) or not isinstance(item, Sequence) or isinstance(item, str):
+        raise ValueError(f"item {i}: expected a list of {{x1, y1, x2, y2, score, probs}} boxes or a "
+                         f"mapping with 'boxes' and 'scores', got {type(item).__name__}")
+    for k, box in enumerate(item):
+        missing = [f for f in ("x1", "y1", "x2", "y2", "score") if not isinstance(box, Mapping) or f not in box]
+        if missing:
+            raise ValueError(f"item {i}, box {k}: missing {', '.join(missing)} "
+                             "(a box is {x1, y1, x2, y2, score, probs})")
+    with_probs = [box.get("probs") is not None for box in item]
+    if any(with_probs) and not all(with_probs):
+        k = with_probs.index(False)
+        raise ValueError(f"item {i}, box {k}: no probs; every box needs class probabilities, or none does")
+    return {"boxes": [[box["x1"], box["y1"], box["x2"], box["y2"]] for box in item],
+            "scores": [box["score"] for box in item],
+            "probs": [box["probs"] for box in item] if item and all(with_probs) else None}
+
+
 def detection_item_scores(boxes: Sequence[Any] | None, *, method: str = "entropy", aggregate: str = "sum",
                           nms_iou: float | None = 0.5) -> np.ndarray:
     """``detection`` score of each item from its boxes.
 
-    ``boxes``: one entry per item — ``None`` (no detections known: NaN), or a mapping with
-    ``boxes`` ``(B, 4)`` (x1, y1, x2, y2), ``scores`` ``(B,)`` and optionally ``probs`` ``(B, C)``
-    (an empty detection list scores 0). The score is the detection miner's:
-    :func:`miners.detection.detection_scores`.
+    ``boxes``: one entry per item — ``None`` (no detections known: NaN), a mapping with
+    ``boxes`` ``(B, 4)`` (x1, y1, x2, y2), ``scores`` ``(B,)`` and optionally ``probs`` ``(B, C)``,
+    or — the format ``Collection.score`` and the stored ``pred_<model>.boxes`` use — a list of
+    box mappings ``{x1, y1, x2, y2, score, probs}`` (an empty detection list scores 0). The
+    score is the detection miner's: :func:`miners.detection.detection_scores`.
     """
     if boxes is None:
         return np.zeros(0)
@@ -194,7 +219,7 @@ def detection_item_scores(boxes: Sequence[Any] | None, *, method: str = "entropy
     coords, scores, probs, owner = [], [], [], []
     with_probs = None
     for j, i in enumerate(present):
-        b = boxes[i]
+        b = _box_arrays(boxes[i], i)
         xy = np.asarray(b["boxes"], dtype=np.float64).reshape(-1, 4)
         sc = np.asarray(b["scores"], dtype=np.float64).reshape(-1)
         pr = b.get("probs") if isinstance(b, Mapping) else None

@@ -39,7 +39,7 @@ from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec
 from indexing.store import Collection
 from miners.runs import MiningOutput, RunSpec
 from miners.topk import row_uniforms
-from miners.vectors import Pool, graph, load_pool
+from miners.vectors import Pool, graph, ids_of_rows, load_pool
 
 Progress = Callable[[float, str], None]
 
@@ -176,23 +176,28 @@ class _PredInput(Input):
 class Probs(_PredInput):
     name = "probs"
     help = ("class probabilities: pred_<model>.probs, or softmax(logits / logits_temperature) where "
-            "only logits are stored")
+            "only logits are stored, or the mean of the samples where only samples are stored")
     classes = True
     row_arrays = ("probs",)
 
     def columns(self, ctx: RunContext) -> dict[str, str]:
-        return {"probs": self.path(ctx, "probs"), "logits": self.path(ctx, "logits")}
+        return {"probs": self.path(ctx, "probs"), "logits": self.path(ctx, "logits"),
+                "samples": self.path(ctx, "samples")}
 
     def condition(self, ctx: RunContext) -> str | None:
-        return f"({self.path(ctx, 'probs')} IS NOT NULL OR {self.path(ctx, 'logits')} IS NOT NULL)"
+        return (f"({self.path(ctx, 'probs')} IS NOT NULL OR {self.path(ctx, 'logits')} IS NOT NULL"
+                f" OR array_length({self.path(ctx, 'samples')}) > 0)")
 
     def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
-        return valid_mask(batch.column("probs")) | valid_mask(batch.column("logits"))
+        samples = batch.column("samples")
+        has_s = np.asarray(pc.fill_null(pc.list_value_length(samples), 0).to_numpy(zero_copy_only=False)) > 0
+        return valid_mask(batch.column("probs")) | valid_mask(batch.column("logits")) | has_s
 
     def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
                ctx: RunContext) -> dict[str, Any]:
         _, probs = prediction_probs(_take(batch.column("probs"), rows), _take(batch.column("logits"), rows),
-                                    ctx.num_classes, ctx.params.get("logits_temperature", 1.0))
+                                    ctx.num_classes, ctx.params.get("logits_temperature", 1.0),
+                                    samples=_take(batch.column("samples"), rows))
         return {"probs": probs, "classes": lambda: probs.argmax(axis=1)}
 
 
@@ -218,10 +223,30 @@ class Samples(_PredInput):
 
 
 class Boxes(_PredInput):
+    """Detections. A run whose ``method`` needs class probabilities (``entropy``,
+    ``margin``) refuses the pool with FailedPrecondition naming the first image (its id) and
+    box whose ``probs`` are missing or of the wrong length — the fix is to store them or to
+    run ``method="one_minus_score"``; under any other method boxes without probs are scored
+    without them (every box then counts as class 0 for entropy-NMS)."""
+
     name = "boxes"
     child = "boxes"
     help = "detections: pred_<model>.boxes (x1, y1, x2, y2, score, per-class probs)"
     classes = True
+    PROBS_METHODS = ("entropy", "margin")
+
+    @staticmethod
+    def _refuse_box(ctx: RunContext, row_keys: np.ndarray, box_image: np.ndarray, lengths: np.ndarray,
+                    c: int) -> None:
+        b = int(np.flatnonzero(lengths != c)[0])
+        image = int(box_image[b])
+        first = int(np.flatnonzero(box_image == image)[0])
+        row_id = ids_of_rows(ctx.table, row_keys[image:image + 1])[0]
+        got = "no probs" if lengths[b] == 0 else f"{int(lengths[b])} probs"
+        raise FailedPrecondition(
+            f"row {row_id!r}: {PRED_PREFIX}{ctx.model}.boxes[{b - first}].probs has {got}; "
+            f"method={ctx.params.get('method')!r} needs {c} class probabilities on every box "
+            f"(the model's classes): store them, or run method='one_minus_score'")
 
     def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
                ctx: RunContext) -> dict[str, Any]:
@@ -238,7 +263,11 @@ class Boxes(_PredInput):
         box_probs = None
         if len(flat):
             probs = flat.field("probs")
-            if probs.null_count == 0:
+            lengths = np.asarray(pc.fill_null(pc.list_value_length(probs), 0).to_numpy(zero_copy_only=False))
+            needs = ctx.params.get("method") in self.PROBS_METHODS
+            if needs and (lengths != c).any():
+                self._refuse_box(ctx, row_keys, box_image, lengths, c)
+            if probs.null_count == 0 and (lengths == c).all():
                 box_probs = np.asarray(pc.list_flatten(probs).to_numpy(zero_copy_only=False),
                                        dtype=np.float64).reshape(-1, c)
         # an image's predicted class: the class of its most confident box (-1: no boxes)

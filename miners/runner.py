@@ -39,7 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
-from indexing.filters import check_filter, ids_predicate
+from indexing.filters import check_filter, ids_predicate, object_clauses
+from indexing.objects import expand
 from indexing.settings import MAX_SIZE, MINING_THREADS, SEALS_K
 from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
@@ -191,9 +192,16 @@ def run_mining(
     chunk_rows: int | None = None,
 ) -> MiningOutput:
     """Execute a validated run on the collection version pinned in ``rec``."""
-    # What runs is what was validated: the filters in their checked form (indexing.filters).
-    rec = replace(rec, where=check_filter(rec.where or None) or "",
-                  reference_where=check_filter(rec.reference_where or None) or "")
+    # What runs is what was validated: the filters in their checked form (indexing.filters),
+    # their any_object(...) box clauses expanded on the run's pinned version (so the boxes
+    # judged are those of the rows mined; the record keeps the user's filter).
+    def expanded(where: str | None) -> str | None:
+        if not where or not object_clauses(where):
+            return where
+        return expand(col.table if rec.version is None else col.at_version(rec.version), where, check=check)
+
+    rec = replace(rec, where=check_filter(expanded(rec.where or None)) or "",
+                  reference_where=check_filter(expanded(rec.reference_where or None)) or "")
     if rec.seed is None:
         rec = replace(rec, seed=0)
     spec = miner_spec(rec.miner)
@@ -377,12 +385,21 @@ def _candidates(keys: np.ndarray, rows: np.ndarray, sel: np.ndarray, k: int, sco
 
 
 def _labeled_class_counts(col: Collection, rec: RunSpec, model_spec: Any) -> np.ndarray:
-    """Labeled rows per class of the model, at the run's version (for inverse-frequency budgets)."""
+    """Labeled examples per class of the model, at the run's version (for inverse-frequency
+    budgets): for a classifier, the rows whose ``label`` is that class; for a detection model,
+    the ground-truth boxes (``gt_boxes``) of that class — a detector is trained on boxes, and
+    an image label says nothing about which objects it holds. Values that are not one of
+    the model's classes are not counted."""
     counts = np.zeros(model_spec.num_classes, dtype=np.int64)
     index = {name: i for i, name in enumerate(model_spec.classes)}
     table = col.at_version(rec.version)
-    for batch in table.search().where("label IS NOT NULL").select(["label"]).limit(None).to_batches(CHUNK_ROWS):
-        vc = pc.value_counts(batch.column("label"))
+    column = "gt_boxes" if model_spec.task == "detection" else "label"
+    query = table.search().where(f"{column} IS NOT NULL").select([column]).limit(None)
+    for batch in query.to_batches(CHUNK_ROWS):
+        values = batch.column(column)
+        if column == "gt_boxes":
+            values = pc.list_flatten(values).field("label")
+        vc = pc.value_counts(values)
         for value, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True):
             if value in index:
                 counts[index[value]] += n

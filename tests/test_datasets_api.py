@@ -488,7 +488,11 @@ def test_hostile_filters_are_refused_by_every_rpc_and_change_nothing(client, tmp
     ds = client.create_dataset("hset", "hostile")
     ds.add(ids=["r001"])
     ds.commit("one")
+    # settle the background maintenance first (its quiet-time index build is a commit of its
+    # own, not a write by a refused call), then hold the version and the rows
+    col.optimize().wait(timeout=120)
     version = col.describe()["version"]
+    rows = col.query(None, columns=["id", "label", "n", "tags"]).sort_by("id")
     status = ds.status()
     calls = {
         "count": lambda w: col.count(w),
@@ -513,6 +517,7 @@ def test_hostile_filters_are_refused_by_every_rpc_and_change_nothing(client, tmp
             with pytest.raises(InvalidArgumentError):
                 call(where)
                 pytest.fail(f"{name} ran {where!r}")
+    assert col.query(None, columns=["id", "label", "n", "tags"]).sort_by("id").equals(rows)
     assert col.describe()["version"] == version
     assert ds.status() == status
     assert not (tmp_path / "h.csv").exists()

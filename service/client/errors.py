@@ -36,6 +36,21 @@ class AssayClientError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
+    @property
+    def field(self) -> str | None:
+        """The request field the server's error names (``"emb_clip"``, ``"id"``), if any."""
+        value = self.details.get("metadata", {}).get("assay-field")
+        return None if value is None else str(value)
+
+    @property
+    def row(self) -> int | None:
+        """The row (of the upsert batch, 0-based) the server's error names, if any."""
+        value = self.details.get("metadata", {}).get("assay-row")
+        try:
+            return None if value is None else int(value)
+        except ValueError:
+            return None
+
 
 class InvalidArgumentError(AssayClientError, ValueError):
     """INVALID_ARGUMENT (also raised client-side for malformed arguments)."""

@@ -43,6 +43,8 @@ class ExportFile:
         if chunk.last:
             self.result = {"rows": int(chunk.rows), "annotations": int(chunk.annotations),
                            "path": self.path, "format": self.format}
+            if chunk.label_config:
+                self.result["label_config"] = chunk.label_config
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:
         self.fh.close()
@@ -54,6 +56,12 @@ class ExportFile:
                 os.unlink(self.tmp)
             return
         os.replace(self.tmp, self.target)
+        if self.result and self.result.get("label_config"):
+            # the labeling config that matches the tasks, next to them: tasks.label_config.xml
+            config = os.path.splitext(self.target)[0] + ".label_config.xml"
+            with open(config, "w", encoding="utf-8") as fh:
+                fh.write(self.result["label_config"])
+            self.result["label_config_path"] = config
 
 
 class ScorerFile:

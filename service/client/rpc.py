@@ -20,6 +20,8 @@ import pyarrow as pa
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
+from indexing.errors import InvalidArgument
+from indexing.filters import with_objects
 from protos.assay.v1 import (
     collections_pb2,
     common_pb2,
@@ -231,6 +233,16 @@ def rpc_search(
     return Rpc("search", "Search", request, partial(parse_search, single=single))
 
 
+def objects_filter(where: str | None, objects_where: str | None) -> str | None:
+    """``where`` restricted to images with an object matching ``objects_where`` (SQL over the
+    object columns: id, source, box, class, score, probs, x1, y1, x2, y2, width, height,
+    area): ``(<where>) AND any_object(<objects_where>)``, read by the server."""
+    try:
+        return with_objects(where, objects_where)
+    except InvalidArgument as exc:
+        raise invalid(str(exc)) from None
+
+
 def rpc_scan(collection: str, where: str | None, columns: Iterable[str] | None, page_rows: int,
              limit: int | None = None, offset: int = 0, version: int | str | None = None,
              params: Mapping[str, Any] | None = None) -> Rpc:
@@ -274,7 +286,7 @@ def rpc_page(collection: str, where: str | None, columns: Iterable[str] | None, 
 
 
 AGGREGATES: Final = ("label_distribution", "confused_pairs", "confusion", "class_uncertainty",
-                     "histogram")
+                     "histogram", "objects", "object_classes", "box_confusion")
 
 
 def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
@@ -283,14 +295,17 @@ def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
                   top: int | None = None, measure: str | None = None,
                   version: int | str | None = None,
                   range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name
-                  errors_only: bool = False, params: Mapping[str, Any] | None = None) -> Rpc:
+                  errors_only: bool = False, params: Mapping[str, Any] | None = None,
+                  objects_where: str | None = None, columns: Iterable[str] | None = None,
+                  limit: int | None = None, iou: float | None = None) -> Rpc:
     """An analytics table (see AggregateRequest.kind) as a pyarrow Table."""
     if kind not in AGGREGATES:
         raise invalid(f"aggregate kind {kind!r} is not one of {', '.join(AGGREGATES)}")
     request = _message(
         query_pb2.AggregateRequest, kind, collection=collection, kind=kind, model=model,
         where=bound(where, params), field=field, group_by=_columns(group_by), bins=bins, top=top,
-        measure=measure, version=_version(version), errors_only=errors_only)
+        measure=measure, version=_version(version), errors_only=errors_only,
+        objects_where=objects_where, columns=_columns(columns), limit=limit, iou=iou)
     if range is not None:
         try:
             lo, hi = range
@@ -345,7 +360,9 @@ def rpc_tag_items(collection: str, ids: str | Iterable[str] | None, where: str |
     return Rpc("ingest", "TagItems", request, lambda r: int(r.rows))
 
 
-EXPORT_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "coco"}
+EXPORT_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "coco", ".zip": "yolo"}
+# One line per box, or YOLO labels: objects_where keeps boxes there (rows elsewhere).
+BOX_EXPORTS: Final = ("objects_csv", "objects_jsonl", "yolo")
 
 
 def export_format(path: str | os.PathLike[str], format: str | None) -> str:  # noqa: A002
@@ -355,9 +372,10 @@ def export_format(path: str | os.PathLike[str], format: str | None) -> str:  # n
         format = EXPORT_FORMATS.get(ext)
         if format is None:
             raise invalid(f"cannot tell the export format of {os.fspath(path)!r}: name it "
-                          ".csv, .jsonl or .json (COCO), or pass format=")
-    if format not in ("csv", "jsonl", "coco"):
-        raise invalid(f"export format {format!r} is not one of csv, jsonl, coco")
+                          ".csv, .jsonl, .json (COCO) or .zip (YOLO), or pass format=")
+    if format not in ("csv", "jsonl", "coco", "label-studio", *BOX_EXPORTS):
+        raise invalid(f"export format {format!r} is not one of csv, jsonl, coco, label-studio, "
+                      f"{', '.join(BOX_EXPORTS)}")
     return format
 
 
@@ -365,7 +383,9 @@ def rpc_export(collection: str, format: str, *, model: str | None = None,  # noq
                where: str | None = None, ids: str | Iterable[str] | None = None,
                run_id: Any = None, dataset: str | None = None,
                dataset_version: int | str | None = None, fields: Iterable[str] = (),
-               min_score: float = 0.0, params: Mapping[str, Any] | None = None) -> Rpc:
+               min_score: float = 0.0, params: Mapping[str, Any] | None = None,
+               image_url: str | None = None, mask_field: str | None = None,
+               objects_where: str | None = None) -> Rpc:
     run_id = _run_id(run_id)
     named = [k for k, v in (("where", where), ("ids", ids), ("run_id", run_id), ("dataset", dataset))
              if v is not None]
@@ -373,14 +393,15 @@ def rpc_export(collection: str, format: str, *, model: str | None = None,  # noq
         raise invalid(f"export: give at most one of where, ids, run_id, dataset (got {', '.join(named)})")
     if dataset_version is not None and dataset is None:
         raise invalid("export: dataset_version needs dataset")
-    if format == "coco" and not model:
-        raise invalid("export: COCO needs model= (the detection model whose boxes to write)")
+    if format in ("coco", "yolo") and not model:
+        raise invalid(f"export: {format.upper()} needs model= (the detection model whose boxes to write)")
     request = _message(
         query_pb2.ExportRequest, "export", collection=collection, format=format, model=model or "",
         where=bound(where, params) or "", ids=_some_ids(ids, "export"),
         run_id=run_id or "", dataset=dataset or "",
         dataset_version=_version(dataset_version, "dataset_version"),
-        fields=_columns(fields), min_score=min_score)
+        fields=_columns(fields), min_score=min_score, image_url=image_url or "",
+        mask_field=mask_field or "", objects_where=objects_where)
     return Rpc("query", "Export", request)
 
 

@@ -31,9 +31,12 @@ from service.client.convert import (
 from service.client.errors import DeadlineExceededError, UnavailableError, invalid
 from service.client.files import ExportFile, ScorerFile
 from service.client.jobs import JobView, Waiter
+from service.client.labeling import LabelImport, chunks, read_labels
 from service.client.rpc import (
+    BOX_EXPORTS,
     Page,
     export_format,
+    objects_filter,
     rpc_add_model,
     rpc_add_space,
     rpc_aggregate,
@@ -319,7 +322,10 @@ class Collection:
         (and under max_message_bytes). ``data``: Arrow Table/RecordBatch, DataFrame, dict of
         columns, list of row dicts, or an iterable of those (converted chunk by chunk).
         A batch the server rejects raises InvalidArgumentError; the batches before it are
-        committed (``err.details["committed"]``)."""
+        committed (``err.details["committed"]``). Rows without an ``id`` get one from the
+        server: the summary's ``assigned_ids`` lists them in the input's row order
+        (``assigned_rows``: their positions), so ``col.upsert(rows).assigned_ids`` are the
+        ids of rows sent without any."""
         return self.client._upsert(self.name, data, batch_rows, progress, timeout)
 
     def search(
@@ -351,25 +357,31 @@ class Collection:
 
     def scan(self, where: str | None = None, columns: Iterable[str] | None = None,
              page_rows: int = 8192, *, version: int | str | None = None,
-             params: Mapping[str, Any] | None = None,
+             params: Mapping[str, Any] | None = None, objects_where: str | None = None,
              timeout: float | None = None) -> Iterator[pa.Table]:
         """The rows matching ``where`` (``params`` bound into it), page by page, at
-        ``version`` (a number or tag; default the current one)."""
-        rpc = rpc_scan(self.name, where, columns, page_rows, version=version, params=params)
+        ``version`` (a number or tag; default the current one). ``objects_where`` keeps the
+        images with a box matching it (SQL over the object columns, see :meth:`objects`)."""
+        rpc = rpc_scan(self.name, objects_filter(where, objects_where), columns, page_rows, version=version,
+                       params=params)
         return self.client._stream(rpc, timeout)
 
     def query(self, where: str | None = None, columns: Iterable[str] | None = None,
               limit: int | None = None, offset: int = 0, page_rows: int = 8192, *,
               version: int | str | None = None, params: Mapping[str, Any] | None = None,
-              timeout: float | None = None) -> pa.Table:
+              objects_where: str | None = None, timeout: float | None = None) -> pa.Table:
         """The rows matching ``where`` as one table (default columns: all but vectors and
-        predictions)."""
-        rpc = rpc_scan(self.name, where, columns, page_rows, limit, offset, version, params)
+        predictions); ``objects_where`` as for :meth:`scan`."""
+        rpc = rpc_scan(self.name, objects_filter(where, objects_where), columns, page_rows, limit, offset,
+                       version, params)
         return concat_pages(list(self.client._stream(rpc, timeout)))
 
     def count(self, where: str | None = None, *, version: int | str | None = None,
-              params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> int:
-        return self.client._unary(rpc_count(self.name, where, version, params), timeout)
+              params: Mapping[str, Any] | None = None, objects_where: str | None = None,
+              timeout: Timeout = DEFAULT) -> int:
+        """Rows matching ``where`` (and with a box matching ``objects_where``)."""
+        return self.client._unary(rpc_count(self.name, objects_filter(where, objects_where), version, params),
+                                  timeout)
 
     def page(self, where: str | None = None, columns: Iterable[str] | None = None,
              page_rows: int = 1000, cursor: str | None = None, version: int | str | None = None,
@@ -438,12 +450,55 @@ class Collection:
     def histogram(self, field: str, bins: int = 20, where: str | None = None,
                   range: tuple[float, float] | None = None, *,  # noqa: A002
                   version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                  source: str | None = None, objects_where: str | None = None,
                   timeout: Timeout = DEFAULT) -> pa.Table:
         """Equal-width histogram of a numeric field (or a path such as ``pred_m.loss``):
         ``bin_start``, ``bin_end``, ``count``, binned as numpy.histogram; what was not
-        binned is in :func:`histogram_stats` of the table."""
+        binned is in :func:`histogram_stats` of the table.
+
+        ``field="objects.<column>"`` (``objects.area``, ``objects.score``...) bins one value
+        per box (:meth:`objects`) of ``source`` (a detection model or ``"gt"``; default
+        every source) matching ``objects_where``, in the images matching ``where``."""
         rpc = rpc_aggregate(self.name, "histogram", field=field, bins=bins, where=where,
-                            range=range, version=version, params=params)
+                            range=range, version=version, params=params, model=source,
+                            objects_where=objects_where)
+        return self.client._unary(rpc, timeout)
+
+    def objects(self, where: str | None = None, objects_where: str | None = None, *,
+                source: str | None = None, columns: Iterable[str] | None = None,
+                limit: int | None = None, version: int | str | None = None,
+                params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> pa.Table:
+        """Boxes as rows: one row per box of ``source`` (a detection model's name, or
+        ``"gt"`` for ``gt_boxes``; default every source) in the images matching ``where``,
+        keeping those matching ``objects_where`` (SQL over the object columns). Columns:
+        ``id`` (the image), ``source``, ``box`` (index in the image's list), ``class`` (top-1
+        of probs; the gt label), ``score``, ``probs``, ``x1``, ``y1``, ``x2``, ``y2``,
+        ``width``, ``height``, ``area``; ``columns`` picks some. Derived from the image rows
+        of the version read, so always consistent with them. ``where`` may itself hold
+        ``any_object(<predicate>)``: images with any box where the predicate holds."""
+        rpc = rpc_aggregate(self.name, "objects", where=where, objects_where=objects_where, model=source,
+                            columns=columns, limit=limit, version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def object_classes(self, where: str | None = None, objects_where: str | None = None, *,
+                       source: str | None = None, version: int | str | None = None,
+                       params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> pa.Table:
+        """Box-level label distribution: ``source``, ``class``, ``count`` over the object rows
+        :meth:`objects` would return (boxes without probs count under a null class)."""
+        rpc = rpc_aggregate(self.name, "object_classes", where=where, objects_where=objects_where, model=source,
+                            version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
+    def box_confusion(self, model: str, where: str | None = None, iou: float = 0.5, *,
+                      version: int | str | None = None, params: Mapping[str, Any] | None = None,
+                      timeout: Timeout = DEFAULT) -> pa.Table:
+        """Box-level confusion of detection ``model`` against ``gt_boxes``: ``label``,
+        ``predicted``, ``count``. Per image (with both boxes and gt_boxes), predictions by
+        score descending each take the free gt box of highest IoU >= ``iou``, whatever its
+        class; a null ``label`` is a spurious prediction, a null ``predicted`` a missed gt
+        box; a prediction without probs is ``"(no class)"``."""
+        rpc = rpc_aggregate(self.name, "box_confusion", model=model, where=where, iou=iou, version=version,
+                            params=params)
         return self.client._unary(rpc, timeout)
 
     def tag_items(self, ids: str | Iterable[str] | None = None, where: str | None = None,
@@ -461,22 +516,68 @@ class Collection:
                ids: str | Iterable[str] | None = None, run_id: Any = None,
                dataset: str | None = None, dataset_version: int | str | None = None,
                fields: Iterable[str] = (), min_score: float = 0.0,
-               params: Mapping[str, Any] | None = None,
+               params: Mapping[str, Any] | None = None, image_url: str | None = None,
+               mask_field: str | None = None, objects_where: str | None = None,
                timeout: float | None = None) -> dict[str, Any]:
         """Export rows for labeling to ``path``: CSV / JSONL (``id, uri, text, label``,
         ``fields``, and with a ``model`` its ``predicted`` class and ``confidence``) or COCO
         JSON (``model``'s boxes; format from the extension: .csv, .jsonl, .json). Which rows:
         at most one of ``where``, ``ids``, ``run_id``, ``dataset`` (+ ``dataset_version``);
-        none = all. The file is streamed to a temporary name next to ``path`` and renamed
-        when complete. Returns ``{rows, annotations, path, format}``."""
+        none = all; ``objects_where`` keeps the images with a box matching it. Per box:
+        ``format="objects_csv"|"objects_jsonl"`` writes one line per box (:meth:`objects`'
+        columns; ``model`` = the source, default all; ``objects_where`` keeps boxes), and
+        ``"yolo"`` (or a ``.zip`` path) a zip of YOLO txt labels of ``model``'s boxes
+        (``classes.txt``, ``labels/<image>.txt``; sizes read from the local images). The
+        file is streamed to a temporary name next to ``path`` and renamed when complete.
+        Returns ``{rows, annotations, path, format}``.
+
+        ``format="label-studio"``: Label Studio tasks (JSON) with ``model``'s pre-annotations
+        (its top class, or its boxes; masks from ``mask_field``, a column of mask PNG paths),
+        image URLs from ``image_url`` (a template of ``{uri}``, ``{path}``, ``{name}``,
+        ``{id}``); the matching labeling config is written next to them
+        (``<name>.label_config.xml``, also in the result's ``label_config``). See
+        :mod:`indexing.labelstudio`; :meth:`import_labels` reads the annotations back."""
         fmt = export_format(path, format)
-        rpc = rpc_export(self.name, fmt, model=model, where=where, ids=ids, run_id=run_id,
+        per_box = fmt in BOX_EXPORTS
+        rpc = rpc_export(self.name, fmt, model=model, where=where if per_box else objects_filter(where, objects_where),
+                         objects_where=objects_where if per_box else None, ids=ids, run_id=run_id,
                          dataset=dataset, dataset_version=dataset_version, fields=fields,
-                         min_score=min_score, params=params)
+                         min_score=min_score, params=params, image_url=image_url,
+                         mask_field=mask_field)
         with ExportFile(path, fmt) as out:
             for chunk in self.client._stream(rpc, timeout):
                 out.write(chunk)
         return out.result or {}
+
+    def import_labels(self, path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
+                      dry_run: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Write the labels and boxes of a labeling tool's export back: a Label Studio JSON
+        export, a CVAT for images 1.1 XML file or a COCO file (``format`` "label-studio",
+        "cvat", "coco"; default from the file). Items are matched to rows by the id assay
+        exported with them, else by uri, else by file name (see
+        :mod:`service.client.labeling`); only rows whose ``label`` or ``gt_boxes`` change
+        are written, so importing a file again changes nothing. Returns a report: ``items``,
+        ``matched``, ``changed``, ``unchanged``, ``not_annotated``, ``labels``, ``boxes``,
+        ``unmatched`` (item and reason, nothing written for them), ``version``;
+        ``dry_run`` reports without writing."""
+        fmt, records = read_labels(path, format)
+        plan = LabelImport(fmt, records)
+        columns = ["id", "uri", "label", "gt_boxes"]
+        for part in chunks(plan.wanted_ids):
+            plan.found(self.take(part, columns, timeout=timeout), "id")
+        for part in chunks(plan.wanted_uris):
+            plan.found(self.query("uri IN (:uris)", columns, params={"uris": part}, timeout=timeout), "uri")
+        if plan.needs_scan:
+            for page in self.scan(None, ["id", "uri"], timeout=timeout):
+                plan.scanned(page)
+            for part in chunks(plan.match_scanned()):
+                plan.found(self.take(part, columns, timeout=timeout), "id")
+        plan.finish_unmatched()
+        table, counts = plan.changes()
+        version = None
+        if table is not None and not dry_run:
+            version = self.upsert(table, timeout=timeout).version
+        return plan.report(counts, os.fspath(path), dry_run, version)
 
     def take(self, ids: str | Iterable[str], columns: Iterable[str] | None = None, *,
              timeout: Timeout = DEFAULT) -> pa.Table:
@@ -519,18 +620,21 @@ class Collection:
              where: str | None = None, reference_where: str | None = None,
              params: Mapping[str, Any] | None = None, seed: int | None = None, reverse: bool = False,
              version: int | None = None, where_params: Mapping[str, Any] | None = None,
-             candidates: str | None = None, candidates_k: int | None = None,
-             timeout: Timeout = DEFAULT) -> MiningJob:
+             objects_where: str | None = None, candidates: str | None = None,
+             candidates_k: int | None = None, timeout: Timeout = DEFAULT) -> MiningJob:
         """Start a mining run: the ``size`` pool rows (``where``) ``miner`` ranks highest
         (lowest with ``reverse``), read at ``version`` (default: the current one).
         ``params`` are the miner's parameters; ``where_params`` are bound into ``where`` and
         ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
-        ``job.results()``; ``job.tag("to-label")`` tags the selected rows. ``seed`` None: 0,
-        or a fresh seed (recorded in ``job.run()``) for miners that sample (``random``).
+        ``job.results()``; ``job.tag("to-label")`` tags the selected rows. ``objects_where``
+        restricts the pool to images with a box matching it (SQL over the object columns,
+        see :meth:`objects`), judged at the run's version. ``seed`` None: 0, or a fresh seed
+        (recorded in ``job.run()``) for miners that sample (``random``).
         ``candidates="knn_of_labeled"`` (SEALS) mines only the ``candidates_k`` (default 100)
         nearest pool rows of each labeled row (``reference_where``, default
         ``label IS NOT NULL``) in ``space``."""
-        rpc = rpc_start_mining(self.name, miner, size, model=model, space=space, where=where,
+        rpc = rpc_start_mining(self.name, miner, size, model=model, space=space,
+                               where=objects_filter(where, objects_where),
                                reference_where=reference_where, params=params, seed=seed,
                                reverse=reverse, version=version, where_params=where_params,
                                candidates=candidates, candidates_k=candidates_k)

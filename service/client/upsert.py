@@ -147,7 +147,12 @@ def encode_batches(
 
 @dataclass
 class UpsertSummary:
-    """What an upsert did, summed over its acknowledged batches."""
+    """What an upsert did, summed over its acknowledged batches.
+
+    ``assigned_ids``: the ids the server generated for rows sent without one (no ``id``
+    column, or a null id), in the input's row order; ``assigned_rows``: those rows' positions
+    in the input (0-based, over the whole upsert). Rows sent without any ids:
+    ``summary.assigned_ids`` is every row's id, in order."""
 
     inserted: int = 0
     updated: int = 0
@@ -156,6 +161,8 @@ class UpsertSummary:
     generated_ids: int = 0
     rows: int = 0
     new_columns: list[str] = field(default_factory=list)
+    assigned_ids: list[str] = field(default_factory=list)
+    assigned_rows: list[int] = field(default_factory=list)
 
 
 class UpsertRun:
@@ -229,6 +236,12 @@ class UpsertRun:
         s.version = ack.version
         s.generated_ids += ack.generated_ids
         s.new_columns.extend(ack.new_columns)
+        if len(ack.assigned_ids) != len(ack.assigned_rows):
+            raise error_for("INTERNAL", f"upsert: batch {ack.seq} acknowledged "
+                                        f"{len(ack.assigned_ids)} generated ids for "
+                                        f"{len(ack.assigned_rows)} rows")
+        s.assigned_ids.extend(ack.assigned_ids)
+        s.assigned_rows.extend(batch.offset + r for r in ack.assigned_rows)
         s.batches += 1
         s.rows += batch.rows
         self.resume_seq, self.resume_offset = batch.seq + 1, batch.offset + batch.rows
@@ -242,7 +255,9 @@ class UpsertRun:
         if delay is None:
             err = error_from_rpc(exc)
             err.details["committed"] = replace(self.summary,
-                                               new_columns=list(self.summary.new_columns))
+                                               new_columns=list(self.summary.new_columns),
+                                               assigned_ids=list(self.summary.assigned_ids),
+                                               assigned_rows=list(self.summary.assigned_rows))
             raise err from None
         return delay
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61ssay/v1/ingest.proto\x12\x08\x61ssay.v1\"C\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tarrow_ipc\x18\x03 \x01(\x0c\"x\n\tUpsertAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\x04\x12\x0f\n\x07updated\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x15\n\rgenerated_ids\x18\x05 \x01(\x04\x12\x13\n\x0bnew_columns\x18\x06 \x03(\t\"?\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05where\x18\x03 \x01(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\"n\n\x0fTagItemsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05where\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0b\n\x03\x61\x64\x64\x18\x05 \x03(\t\x12\x0e\n\x06remove\x18\x06 \x03(\t\"1\n\x10TagItemsResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x32\xc4\x01\n\x06Ingest\x12:\n\x06Upsert\x12\x17.assay.v1.UpsertRequest\x1a\x13.assay.v1.UpsertAck(\x01\x30\x01\x12;\n\x06\x44\x65lete\x12\x17.assay.v1.DeleteRequest\x1a\x18.assay.v1.DeleteResponse\x12\x41\n\x08TagItems\x12\x19.assay.v1.TagItemsRequest\x1a\x1a.assay.v1.TagItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61ssay/v1/ingest.proto\x12\x08\x61ssay.v1\"C\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tarrow_ipc\x18\x03 \x01(\x0c\"\xa5\x01\n\tUpsertAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08inserted\x18\x02 \x01(\x04\x12\x0f\n\x07updated\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x15\n\rgenerated_ids\x18\x05 \x01(\x04\x12\x13\n\x0bnew_columns\x18\x06 \x03(\t\x12\x14\n\x0c\x61ssigned_ids\x18\x07 \x03(\t\x12\x15\n\rassigned_rows\x18\x08 \x03(\r\"?\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05where\x18\x03 \x01(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\"n\n\x0fTagItemsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05where\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0b\n\x03\x61\x64\x64\x18\x05 \x03(\t\x12\x0e\n\x06remove\x18\x06 \x03(\t\"1\n\x10TagItemsResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x32\xc4\x01\n\x06Ingest\x12:\n\x06Upsert\x12\x17.assay.v1.UpsertRequest\x1a\x13.assay.v1.UpsertAck(\x01\x30\x01\x12;\n\x06\x44\x65lete\x12\x17.assay.v1.DeleteRequest\x1a\x18.assay.v1.DeleteResponse\x12\x41\n\x08TagItems\x12\x19.assay.v1.TagItemsRequest\x1a\x1a.assay.v1.TagItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPSERTREQUEST']._serialized_start=35
   _globals['_UPSERTREQUEST']._serialized_end=102
-  _globals['_UPSERTACK']._serialized_start=104
-  _globals['_UPSERTACK']._serialized_end=224
-  _globals['_DELETEREQUEST']._serialized_start=226
-  _globals['_DELETEREQUEST']._serialized_end=289
-  _globals['_DELETERESPONSE']._serialized_start=291
-  _globals['_DELETERESPONSE']._serialized_end=341
-  _globals['_TAGITEMSREQUEST']._serialized_start=343
-  _globals['_TAGITEMSREQUEST']._serialized_end=453
-  _globals['_TAGITEMSRESPONSE']._serialized_start=455
-  _globals['_TAGITEMSRESPONSE']._serialized_end=504
-  _globals['_INGEST']._serialized_start=507
-  _globals['_INGEST']._serialized_end=703
+  _globals['_UPSERTACK']._serialized_start=105
+  _globals['_UPSERTACK']._serialized_end=270
+  _globals['_DELETEREQUEST']._serialized_start=272
+  _globals['_DELETEREQUEST']._serialized_end=335
+  _globals['_DELETERESPONSE']._serialized_start=337
+  _globals['_DELETERESPONSE']._serialized_end=387
+  _globals['_TAGITEMSREQUEST']._serialized_start=389
+  _globals['_TAGITEMSREQUEST']._serialized_end=499
+  _globals['_TAGITEMSRESPONSE']._serialized_start=501
+  _globals['_TAGITEMSRESPONSE']._serialized_end=550
+  _globals['_INGEST']._serialized_start=553
+  _globals['_INGEST']._serialized_end=749
 # @@protoc_insertion_point(module_scope)

@@ -18,20 +18,24 @@ class UpsertRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., seq: _Optional[int] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...
 
 class UpsertAck(_message.Message):
-    __slots__ = ("seq", "inserted", "updated", "version", "generated_ids", "new_columns")
+    __slots__ = ("seq", "inserted", "updated", "version", "generated_ids", "new_columns", "assigned_ids", "assigned_rows")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INSERTED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GENERATED_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_IDS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_ROWS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     inserted: int
     updated: int
     version: int
     generated_ids: int
     new_columns: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, seq: _Optional[int] = ..., inserted: _Optional[int] = ..., updated: _Optional[int] = ..., version: _Optional[int] = ..., generated_ids: _Optional[int] = ..., new_columns: _Optional[_Iterable[str]] = ...) -> None: ...
+    assigned_ids: _containers.RepeatedScalarFieldContainer[str]
+    assigned_rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., inserted: _Optional[int] = ..., updated: _Optional[int] = ..., version: _Optional[int] = ..., generated_ids: _Optional[int] = ..., new_columns: _Optional[_Iterable[str]] = ..., assigned_ids: _Optional[_Iterable[str]] = ..., assigned_rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("collection", "ids", "where")

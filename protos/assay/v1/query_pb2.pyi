@@ -61,7 +61,7 @@ class PageResponse(_message.Message):
     def __init__(self, page: _Optional[_Union[_common_pb2.ArrowPage, _Mapping]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("collection", "kind", "model", "where", "field", "group_by", "bins", "top", "measure", "version", "range_min", "range_max", "errors_only")
+    __slots__ = ("collection", "kind", "model", "where", "field", "group_by", "bins", "top", "measure", "version", "range_min", "range_max", "errors_only", "objects_where", "columns", "limit", "iou")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,10 @@ class AggregateRequest(_message.Message):
     RANGE_MIN_FIELD_NUMBER: _ClassVar[int]
     RANGE_MAX_FIELD_NUMBER: _ClassVar[int]
     ERRORS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_WHERE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
     collection: str
     kind: str
     model: str
@@ -88,10 +92,14 @@ class AggregateRequest(_message.Message):
     range_min: float
     range_max: float
     errors_only: bool
-    def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ...) -> None: ...
+    objects_where: str
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    limit: int
+    iou: float
+    def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ..., objects_where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., iou: _Optional[float] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("collection", "format", "model", "where", "ids", "run_id", "dataset", "dataset_version", "fields", "min_score")
+    __slots__ = ("collection", "format", "model", "where", "ids", "run_id", "dataset", "dataset_version", "fields", "min_score", "image_url", "mask_field", "objects_where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +110,9 @@ class ExportRequest(_message.Message):
     DATASET_VERSION_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URL_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     format: str
     model: str
@@ -112,19 +123,24 @@ class ExportRequest(_message.Message):
     dataset_version: str
     fields: _containers.RepeatedScalarFieldContainer[str]
     min_score: float
-    def __init__(self, collection: _Optional[str] = ..., format: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_version: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ...) -> None: ...
+    image_url: str
+    mask_field: str
+    objects_where: str
+    def __init__(self, collection: _Optional[str] = ..., format: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_version: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ..., image_url: _Optional[str] = ..., mask_field: _Optional[str] = ..., objects_where: _Optional[str] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
-    __slots__ = ("data", "rows", "annotations", "last")
+    __slots__ = ("data", "rows", "annotations", "last", "label_config")
     DATA_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    LABEL_CONFIG_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     rows: int
     annotations: int
     last: bool
-    def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., annotations: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    label_config: str
+    def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., annotations: _Optional[int] = ..., last: _Optional[bool] = ..., label_config: _Optional[str] = ...) -> None: ...
 
 class CountResponse(_message.Message):
     __slots__ = ("count", "version")
