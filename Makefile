@@ -72,7 +72,7 @@ test: env browser label-studio-if-required
 lint: env
 	$(UV) run --frozen ruff check .
 
-BENCHES := store service mining_scan uncertainty density diversity embedding web soak_writes soak
+BENCHES := store service mining_scan uncertainty density diversity selection embedding web soak_writes soak
 
 # bench: every benchmark (BENCHES with --quick, the soak, the reduced active-learning plan) in
 # about 20 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).

@@ -1,9 +1,10 @@
 """Pool-based active-learning simulation, driven through the assay client against a server.
 
     python -m bench.al [--datasets digits,wine,breast_cancer,repeated_digits] [--dataset PATH.npz]
-                   [--learners logreg,mlp] [--strategies all|key|NAME,...] [--seeds 10]
-                   [--initial-per-class 2] [--batch 10] [--budget 300] [--test-size 0.3]
-                   [--server HOST:PORT [--token T]] [--out DIR] [--quick] [--workers N]
+                   [--collection NAME --space S [--label-column label] [--where SQL] [--test-where SQL]]
+                   [--learners logreg,mlp,package.module:Class] [--strategies all|key|NAME,...]
+                   [--seeds 10] [--initial-per-class 2 | --initial N] [--batch 10] [--budget 300]
+                   [--test-size 0.3] [--server HOST:PORT [--token T]] [--out DIR] [--quick] [--workers N]
 
 Each run is one (dataset, learner, strategy, seed): a stratified split (70/30 by default;
 a user ``.npz`` may bring its own ``X_test``/``y_test``), 2 labels per class to start,
@@ -14,10 +15,27 @@ regression) with the labels so far through ``Collection.upsert``, mine a batch w
 ``where="label IS NULL"`` (the labeled rows are the reference set of coreset-style miners),
 read the results and "label" them. The test rows never enter the collection.
 
+Your data and your model: ``--collection NAME --space S`` reads an existing collection's
+vectors and labels through the client (``--server``; rows with a label and a vector,
+``--where`` to narrow them; ``--test-where`` names a fixed test set, else a stratified split
+per seed), and each run works on a copy of them in a temporary collection. A learner given
+as ``package.module:Class`` is built as ``Class()`` and must have ``fit(X, y)`` and
+``predict_proba(X)`` (``classes_`` when it sees only some classes, as scikit-learn's
+classifiers do); its embedding space is the features.
+
+Cold start: ``--initial N`` starts from ``N`` labels drawn at random from the pool (0 to
+10 in the protocol) instead of ``--initial-per-class``. While fewer than two classes are
+labeled no learner can be trained: the test accuracy is that of predicting the one class
+seen (class 0 with none), and strategies that need the model (probabilities, samples, or a
+learned embedding) pick at random for that round (counted as ``fallback_rounds``);
+model-free strategies (random, TypiClust, ProbCover, coreset on fixed features) run from
+the first round.
+
 Outputs (``--out``): ``al.json`` (every curve and pick, the summary, the machine, the
 configuration), ``al.md`` (the tables: labels to reach 90 % / 95 % test accuracy, median
-and IQR over seeds; accuracy at 50/100/200/300 labels; area under the learning curve;
-the goals) and one learning-curve PNG per dataset and learner.
+and IQR over seeds; accuracy at 50/100/200/300 labels; area under the learning curve; a
+paired test against random over seeds — AULC per seed, Wilcoxon signed-rank and paired t —
+with the number of seeds; the goals) and one learning-curve PNG per dataset and learner.
 
 The helpers for splitting, bookkeeping and metrics are pure functions (tested in
 ``tests/test_al_sim.py``); :func:`simulate` is one run; :func:`main` the command.
@@ -155,6 +173,47 @@ def load_npz(path: str) -> Dataset:
     return Dataset(stem, X, y, classes, X_test, y_test, standardize=True, source=f"{path}, standardised")
 
 
+def load_collection(client: Any, name: str, space: str, *, label_column: str = "label",
+                    where: str | None = None, test_where: str | None = None,
+                    standardize: bool = False) -> Dataset:
+    """An existing collection's vectors (``emb_<space>``) and labels, read through the
+    client: the rows matching ``where`` that have both (``test_where``: those rows are the
+    fixed test set, the others the pool). The simulation then runs on copies in temporary
+    collections; the collection itself is only read."""
+    import pyarrow.compute as pc
+
+    col = client.collection(name)
+    column = f"emb_{space}"
+    cond = f"{column} IS NOT NULL AND {label_column} IS NOT NULL"
+
+    def read(extra: str | None) -> tuple[np.ndarray, np.ndarray]:
+        parts = [p for p in (where, extra, cond) if p]
+        xs, ys = [], []
+        for page in col.scan(" AND ".join(f"({p})" for p in parts), columns=["id", column, label_column]):
+            if not page.num_rows:
+                continue
+            flat = pc.list_flatten(page.column(column).combine_chunks())
+            xs.append(np.asarray(flat.to_numpy(zero_copy_only=False), np.float32).reshape(page.num_rows, -1))
+            ys.append(np.asarray(page.column(label_column).to_pylist(), dtype=object))
+        if not xs:
+            raise ValueError(f"collection {name!r}: no row matches {' AND '.join(parts)!r}")
+        return np.concatenate(xs), np.concatenate(ys)
+
+    if test_where:
+        X, y_raw = read(f"NOT ({test_where})")
+        X_test, y_test_raw = read(test_where)
+        values, codes = np.unique(np.concatenate([y_raw, y_test_raw]).astype(str), return_inverse=True)
+        y, y_test = codes[:len(y_raw)].astype(np.int64), codes[len(y_raw):].astype(np.int64)
+    else:
+        X, y_raw = read(None)
+        values, codes = np.unique(y_raw.astype(str), return_inverse=True)
+        y, X_test, y_test = codes.astype(np.int64), None, None
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", f"{name}_{space}")
+    src = f"collection {name!r}, space {space!r}, labels {label_column!r}" + (f", where {where!r}" if where else "") \
+        + (f", test set {test_where!r}" if test_where else "")
+    return Dataset(stem, X, y, [str(v) for v in values], X_test, y_test, standardize=standardize, source=src)
+
+
 def stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, test indices), stratified by ``y``, both sorted."""
     from sklearn.model_selection import train_test_split
@@ -195,6 +254,14 @@ def initial_labels(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     picks = [rng.choice(np.flatnonzero(y == c), min(per_class, int((y == c).sum())), replace=False)
              for c in np.unique(y)]
     return np.sort(np.concatenate(picks))
+
+
+def initial_random(n: int, count: int, seed: int) -> np.ndarray:
+    """``count`` pool rows drawn uniformly at random (cold start: no class guaranteed)."""
+    if not 0 <= count <= n:
+        raise ValueError(f"initial labels must be in [0, {n}]; got {count}")
+    rng = np.random.default_rng([seed, 104723])
+    return np.sort(rng.choice(n, count, replace=False))
 
 
 def pool_ids(n: int) -> list[str]:
@@ -321,8 +388,49 @@ def summarize_runs(runs: Sequence[Mapping[str, Any]], targets: Sequence[float] =
         row["final_labels"] = int(np.median([r["labels"][-1] for r in rs]))
         for k in ("round_s", "service_s", "fit_s", "mine_s", "upsert_s"):
             row[k] = float(np.median([_timing(r, k) for r in rs]))
+        row["fallback_rounds"] = float(np.median([r.get("fallback_rounds", 0) for r in rs]))
         out.append(row)
+    by_key = {(r["dataset"], r["learner"], r["strategy"]): r for r in out}
+    for row in out:
+        rnd = by_key.get((row["dataset"], row["learner"], "random"))
+        row["vs_random"] = None if rnd is None or row["strategy"] == "random" else vs_random(
+            groups[(row["dataset"], row["learner"], row["strategy"])],
+            groups[(row["dataset"], row["learner"], "random")], targets)
     return out
+
+
+def vs_random(runs: Sequence[Mapping[str, Any]], random_runs: Sequence[Mapping[str, Any]],
+              targets: Sequence[float] = TARGETS) -> dict[str, Any]:
+    """A strategy against random, paired by seed (same split, same initial labels): the AULC
+    differences with wins / ties / losses, the Wilcoxon signed-rank and paired t p-values
+    (``bench.efficiency.paired_test``), and the same for the labels to the first target
+    (fewer is better; a target never reached counts as the budget + 1 batch)."""
+    from bench.efficiency import paired_test
+
+    mine = {r["seed"]: r for r in runs}
+    theirs = {r["seed"]: r for r in random_runs}
+    seeds = sorted(set(mine) & set(theirs))
+    a = [aulc(mine[s]["labels"], mine[s]["acc"]) for s in seeds]
+    b = [aulc(theirs[s]["labels"], theirs[s]["acc"]) for s in seeds]
+    out = {"seeds": seeds, "aulc": paired_test(a, b)}
+
+    def to_target(r: Mapping[str, Any]) -> float:
+        v = labels_to_reach(r["labels"], r["acc"], targets[0])
+        return v if math.isfinite(v) else float(r["labels"][-1]) + 1.0
+
+    # fewer labels is better: compare random's count against the strategy's
+    out[f"to_{round(targets[0] * 100)}"] = paired_test([to_target(theirs[s]) for s in seeds],
+                                                       [to_target(mine[s]) for s in seeds])
+    return out
+
+
+def paired_verdict(test: Mapping[str, Any] | None, alpha: float = 0.05) -> str:
+    """"better" / "worse" (Wilcoxon p < alpha, by the median difference) or "n.s."."""
+    if not test or test.get("p_wilcoxon") is None:
+        return "n.s."
+    if test["p_wilcoxon"] < alpha:
+        return "better" if test["median_diff"] > 0 else "worse"
+    return "n.s."
 
 
 def _timing(run: Mapping[str, Any], key: str) -> float:
@@ -373,7 +481,8 @@ class LogRegLearner:
     def fit(self, X: np.ndarray, y: np.ndarray, seed: int) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        if self.model is None:
+        if self.model is None or not np.array_equal(self.model.classes_, np.unique(y)):
+            # a new class seen (cold start): the previous coefficients no longer fit
             self.model = LogisticRegression(C=self.C, max_iter=2000, warm_start=True)
         self.model.fit(X, y)
 
@@ -480,12 +589,79 @@ class MLPLearner:
         return {k: v for k, v in out.items() if k in needs}
 
 
-def make_learner(name: str, n_classes: int, *, mc_samples: int = 20) -> LogRegLearner | MLPLearner:
+class UserLearner:
+    """A learner given as ``package.module:Class``: ``Class()`` with ``fit(X, y)`` and
+    ``predict_proba(X)`` (columns in the order of its ``classes_`` when it has one, else of
+    the classes ``0 .. C-1``). A new instance is fitted every round; its embedding space is
+    the features (fixed, written once). A ``random_state`` attribute, when it has one, is set
+    to the round's seed."""
+
+    provides = frozenset({"probs", "emb"})
+    dynamic_embedding = False
+
+    def __init__(self, spec: str, n_classes: int) -> None:
+        self.name = spec
+        self.cls = load_learner_class(spec)
+        self.n_classes = n_classes
+        self.model: Any = None
+
+    def fit(self, X: np.ndarray, y: np.ndarray, seed: int) -> None:
+        model = self.cls()
+        if hasattr(model, "random_state"):
+            model.random_state = seed % (2**32)
+        model.fit(X, y)
+        self.model = model
+
+    def probs(self, X: np.ndarray) -> np.ndarray:
+        raw = np.asarray(self.model.predict_proba(X), dtype=np.float64)
+        cols = np.asarray(getattr(self.model, "classes_", np.arange(raw.shape[1])), dtype=np.int64)
+        if raw.ndim != 2 or raw.shape != (len(X), len(cols)):
+            raise ValueError(f"{self.name}.predict_proba returned shape {raw.shape}; expected ({len(X)}, "
+                             f"{len(cols)})")
+        p = np.zeros((len(X), self.n_classes))
+        p[:, cols] = raw
+        return p
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.probs(X).argmax(axis=1)
+
+    def outputs(self, X: np.ndarray, needs: frozenset[str], seed: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if "probs" in needs:
+            out["probs"] = self.probs(X)
+        if "emb" in needs:
+            out["emb"] = X
+        return out
+
+
+def load_learner_class(spec: str) -> Any:
+    """``package.module:Class`` → the class (it must have ``fit`` and ``predict_proba``)."""
+    import importlib
+
+    mod_name, _, cls_name = spec.partition(":")
+    if not mod_name or not cls_name:
+        raise ValueError(f"learner {spec!r}: use logreg, mlp or package.module:Class")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"learner {spec!r}: cannot import {cls_name} from {mod_name} ({exc})") from None
+    if not all(callable(getattr(cls, m, None)) for m in ("fit", "predict_proba")):
+        raise ValueError(f"learner {spec!r}: the class needs fit(X, y) and predict_proba(X)")
+    return cls
+
+
+def is_learner(name: str) -> bool:
+    return name in LEARNERS or ":" in name
+
+
+def make_learner(name: str, n_classes: int, *, mc_samples: int = 20) -> LogRegLearner | MLPLearner | UserLearner:
     if name == "logreg":
         return LogRegLearner(n_classes)
     if name == "mlp":
         return MLPLearner(n_classes, mc_samples=mc_samples)
-    raise ValueError(f"unknown learner {name!r}: use {', '.join(LEARNERS)}")
+    if ":" in name:
+        return UserLearner(name, n_classes)
+    raise ValueError(f"unknown learner {name!r}: use {', '.join(LEARNERS)} or package.module:Class")
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -497,7 +673,10 @@ class Strategy:
     ``needs``: the inputs the learner must upsert (probs, samples, emb); ``reference``: the
     labeled rows are the miner's reference set; ``params(b)`` for batch size ``b``.
     ``prefilter``: a first run of another miner (name, size as a multiple of ``b``) whose
-    picks are the pool of the main run (a two-stage hybrid, each stage a mining run)."""
+    picks are the pool of the main run (a two-stage hybrid, each stage a mining run).
+    ``classes``: the miner gets the number of classes (``params["classes"]``).
+    ``seals_k``: SEALS — the run's pool is restricted to the ``seals_k`` nearest unlabeled
+    rows of each labeled row (the run option ``candidates="knn_of_labeled"``)."""
 
     name: str
     miner: str
@@ -507,6 +686,8 @@ class Strategy:
     params: Callable[[int], dict[str, Any]] = field(default=lambda b: {})
     note: str = ""
     prefilter: tuple[str, int] | None = None
+    classes: bool = False
+    seals_k: int | None = None
 
 
 def _S(name: str, miner: str, family: str, needs: Iterable[str] = (), **kw: Any) -> Strategy:
@@ -538,9 +719,21 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     # could not be seeded with the labeled rows.
     _S("margin_coreset", "coreset", "hybrid", ["emb", "probs"], reference=True, prefilter=("margin", 5),
        note="top 5b by margin, then k-center greedy seeded with the labeled rows"),
+    _S("typiclust", "typiclust", "cold_start", ["emb"], reference=True,
+       note="TypiClust: k-means into |labeled| + b clusters, the most typical row of each uncovered cluster"),
+    _S("probcover", "probcover", "cold_start", ["emb"], reference=True, classes=True,
+       note="ProbCover: max coverage of delta-balls, delta by the purity rule (alpha 0.95, K = classes)"),
+    _S("select", "select", "hybrid", ["emb", "probs"], reference=True,
+       params=lambda b: {"objectives": [{"miner": "margin", "weight": 1.0}], "diversity": 1.0},
+       note="select: margin (rank-normalised) + distance to the labeled rows and the picks, one greedy pass"),
+    _S("seals_margin", "margin", "hybrid", ["emb", "probs"], seals_k=20,
+       note="SEALS: margin among the 20 nearest unlabeled rows of each labeled row (the paper's k = 100 "
+            "would cover these ~1,300-row pools after a few rounds)"),
 )}
 KEY_STRATEGIES = ("random", "margin", "ratio", "entropy", "bald", "batchbald", "coreset", "badge",
-                  "cluster_margin", "margin_coreset")
+                  "cluster_margin", "margin_coreset", "typiclust", "probcover", "select", "seals_margin")
+# The strategies of issue 21 (and the reference points they are judged against).
+NEW_STRATEGIES = ("random", "margin", "typiclust", "probcover", "select", "seals_margin")
 # Miners deliberately left out: lof, novelty, typicality, near_duplicates, knn, activation
 # rank outliers, typical items, duplicates or neighbours of seeds (curation tools, not
 # acquisition functions); detection, learning_loss and aum read inputs (boxes, a loss head,
@@ -548,7 +741,7 @@ KEY_STRATEGIES = ("random", "margin", "ratio", "entropy", "bald", "batchbald", "
 
 
 def applicable(strategy: Strategy, learner: str) -> bool:
-    provides = LogRegLearner.provides if learner == "logreg" else MLPLearner.provides
+    provides = MLPLearner.provides if learner == "mlp" else LogRegLearner.provides
     return strategy.needs <= provides
 
 
@@ -557,10 +750,13 @@ def resolve_strategies(spec: str) -> list[str]:
         return list(STRATEGIES)
     if spec == "key":
         return list(KEY_STRATEGIES)
+    if spec == "new":
+        return list(NEW_STRATEGIES)
     names = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
-        raise ValueError(f"unknown strategies {', '.join(unknown)}: choose from all, key, {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategies {', '.join(unknown)}: choose from all, key, new, "
+                         f"{', '.join(STRATEGIES)}")
     return names
 
 
@@ -576,6 +772,7 @@ class SimConfig:
     mc_samples: int = 20
     verify: bool = False  # cross-check the ledger against the server every round (tests)
     keep: bool = False  # keep the collection after the run
+    initial: int | None = None  # cold start: this many random labels instead of per class
 
 
 def _list_array(matrix: np.ndarray) -> pa.Array:
@@ -626,7 +823,9 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
     counts, test accuracies), the picks per round (pool indices and ids), timings."""
     split = make_split(ds, seed, cfg.test_size)
     ids = pool_ids(len(split.y_pool))
-    ledger = Ledger(ids, initial_labels(split.y_pool, cfg.initial_per_class, seed))
+    first_labels = (initial_random(len(ids), cfg.initial, seed) if cfg.initial is not None
+                    else initial_labels(split.y_pool, cfg.initial_per_class, seed))
+    ledger = Ledger(ids, first_labels)
     learner = make_learner(learner_name, ds.n_classes, mc_samples=cfg.mc_samples)
     needs = strategy.needs
     uses_emb = "emb" in needs
@@ -637,7 +836,7 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
     t_setup = time.perf_counter()
     if name in client.list_collections():
         client.drop_collection(name)
-    dim = split.X_pool.shape[1] if learner_name == "logreg" else MLPLearner(ds.n_classes).hidden[-1]
+    dim = MLPLearner(ds.n_classes).hidden[-1] if learner_name == "mlp" else split.X_pool.shape[1]
     spaces = {SPACE: {"dim": int(dim), "metric": "l2", "normalized": False}} if uses_emb else None
     col = client.create_collection(name, spaces=spaces, models={MODEL: classes})
     first: dict[str, Any] = {"id": pa.array(ids, pa.string()), "split": pa.array(["pool"] * len(ids))}
@@ -651,14 +850,23 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
     timings: dict[str, list[float]] = {"fit_s": [], "predict_s": [], "upsert_s": [], "mine_s": [],
                                        "service_s": [], "round_s": []}
     redundant: list[int] = []
+    fallback_rounds = 0
+    # model-free: nothing the strategy reads comes from a trained model
+    model_free = not (needs & {"probs", "samples"}) and not (uses_emb and learner.dynamic_embedding)
     rnd = 0
     try:
         while True:
             t0 = time.perf_counter()
             lab = ledger.labeled_indices()
-            learner.fit(split.X_pool[lab], split.y_pool[lab], seed=seed * 10_007 + rnd)
+            trained = len(np.unique(split.y_pool[lab])) >= 2
+            if trained:
+                learner.fit(split.X_pool[lab], split.y_pool[lab], seed=seed * 10_007 + rnd)
             t1 = time.perf_counter()
-            acc = float((learner.predict(split.X_test) == split.y_test).mean())
+            if trained:
+                acc = float((learner.predict(split.X_test) == split.y_test).mean())
+            else:  # cold start: predict the one class seen (class 0 with none)
+                seen = np.bincount(split.y_pool[lab], minlength=ds.n_classes)
+                acc = float((split.y_test == int(np.argmax(seen))).mean())
             labels_curve.append(ledger.n_labeled)
             acc_curve.append(acc)
             timings["fit_s"].append(t1 - t0)
@@ -666,8 +874,10 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
             if left <= 0:
                 break
             size = min(cfg.batch, left)
+            fallback = not trained and not model_free
+            fallback_rounds += int(fallback)
             work = needs if learner.dynamic_embedding else needs - {"emb"}
-            out = learner.outputs(split.X_pool, work, seed=seed * 10_007 + rnd)
+            out = learner.outputs(split.X_pool, work, seed=seed * 10_007 + rnd) if trained else {}
             if "probs" in out:
                 out["probs"] = _renorm(out["probs"])
             if "samples" in out:
@@ -684,19 +894,30 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
             col.upsert(pa.table(cols), batch_rows=20_000)
             t3 = time.perf_counter()
             where = "label IS NULL"
-            if strategy.prefilter is not None:
-                first_miner, factor = strategy.prefilter
-                job = col.mine(first_miner, min(factor * size, ledger.n_unlabeled), model=MODEL,
-                               where=where, seed=seed * 1000 + rnd, timeout=120)
+            if fallback:  # cold start without a model: a random batch
+                job = col.mine("random", size, where=where, seed=seed * 1000 + rnd, timeout=120)
                 job.wait(timeout=600)
-                cand = job.results(columns=["id"]).column("id").to_pylist()
-                where = f"{where} AND id IN ({', '.join(repr(str(i)) for i in cand)})"  # pool ids: p000123
-            job = col.mine(strategy.miner, size, model=MODEL if needs & {"probs", "samples"} else None,
-                           space=SPACE if uses_emb else None, where=where,
-                           reference_where="label IS NOT NULL" if strategy.reference else None,
-                           params=strategy.params(cfg.batch) or None, seed=seed * 1000 + rnd, timeout=120)
-            job.wait(timeout=600)
-            picked = job.results(columns=["id"]).column("id").to_pylist()
+                picked = job.results(columns=["id"]).column("id").to_pylist()
+            else:
+                if strategy.prefilter is not None:
+                    first_miner, factor = strategy.prefilter
+                    job = col.mine(first_miner, min(factor * size, ledger.n_unlabeled), model=MODEL,
+                                   where=where, seed=seed * 1000 + rnd, timeout=120)
+                    job.wait(timeout=600)
+                    cand = job.results(columns=["id"]).column("id").to_pylist()
+                    where = f"{where} AND id IN ({', '.join(repr(str(i)) for i in cand)})"  # pool ids: p000123
+                params = dict(strategy.params(cfg.batch))
+                if strategy.classes:
+                    params["classes"] = ds.n_classes
+                seals = strategy.seals_k is not None and len(lab) > 0
+                job = col.mine(strategy.miner, size, model=MODEL if needs & {"probs", "samples"} else None,
+                               space=SPACE if uses_emb else None, where=where,
+                               reference_where="label IS NOT NULL" if strategy.reference else None,
+                               params=params or None, seed=seed * 1000 + rnd, timeout=120,
+                               candidates="knn_of_labeled" if seals else None,
+                               candidates_k=strategy.seals_k if seals else None)
+                job.wait(timeout=600)
+                picked = job.results(columns=["id"]).column("id").to_pylist()
             t4 = time.perf_counter()
             if len(picked) != size:
                 raise RuntimeError(f"{name} round {rnd}: the miner returned {len(picked)} rows, asked {size}")
@@ -727,7 +948,8 @@ def simulate(client: Any, ds: Dataset, learner_name: str, strategy: Strategy, se
         "picks": ledger.rounds,  # pool indices: the initial set, then one list per round
         "pick_ids": [[ids[i] for i in r] for r in ledger.rounds[1:]],
         "pool_size": len(ids), "test_size": len(split.y_test), "repeats": ds.repeats,
-        "redundant": redundant, "setup_s": setup_s, "timings": timings,
+        "redundant": redundant, "setup_s": setup_s, "timings": timings, "fallback_rounds": fallback_rounds,
+        "initial": len(first_labels),
     }
     if log:
         t90 = labels_to_reach(labels_curve, acc_curve, 0.9)
@@ -755,6 +977,16 @@ def _fmt_acc(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}".lstrip("0")
 
 
+def _fmt_paired(vs: Mapping[str, Any] | None) -> str:
+    if not vs:
+        return "–"
+    t = vs["aulc"]
+    p = "–" if t["p_wilcoxon"] is None else f"{t['p_wilcoxon']:.3f}"
+    verdict = paired_verdict(t)
+    return (f"{t['median_diff']:+.3f} ({t['wins']}/{t['ties']}/{t['losses']}, p={p}"
+            f"{'' if verdict == 'n.s.' else ', ' + verdict})")
+
+
 def render_tables(summary: Sequence[Mapping[str, Any]], budget: int, checkpoints: Sequence[int] = CHECKPOINTS,
                   targets: Sequence[float] = TARGETS) -> str:
     """A markdown table per (dataset, learner); the last column compares labels to the first
@@ -774,7 +1006,8 @@ def render_tables(summary: Sequence[Mapping[str, Any]], budget: int, checkpoints
         lines.append(f"\n### {ds}, {learner} ({seeds_text})\n")
         copies = any(r.get("repeats", 1) > 1 for r in rows)
         head = ["strategy"] + [f"labels to {round(t * 100)}% (IQR)" for t in targets] + \
-               [f"acc@{c}" for c in checkpoints] + ["AULC", f"vs random (labels to {round(targets[0] * 100)}%)"] + \
+               [f"acc@{c}" for c in checkpoints] + ["AULC", f"vs random (labels to {round(targets[0] * 100)}%)",
+                                                    "paired vs random: AULC diff (W/T/L, Wilcoxon p)"] + \
                (["copies picked"] if copies else []) + (["n"] if uneven else [])
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---|" + "---:|" * (len(head) - 1))
@@ -791,7 +1024,8 @@ def render_tables(summary: Sequence[Mapping[str, Any]], budget: int, checkpoints
                 else:
                     ratio = f"{b / a:.2f}×"
             cells = [r["strategy"]] + [_fmt_labels(r[f"to_{round(t * 100)}"], budget) for t in targets] + \
-                    [_fmt_acc(r.get(f"acc_{c}")) for c in checkpoints] + [f"{r['aulc']:.3f}".lstrip("0"), ratio] + \
+                    [_fmt_acc(r.get(f"acc_{c}")) for c in checkpoints] + [f"{r['aulc']:.3f}".lstrip("0"), ratio,
+                                                                         _fmt_paired(r.get("vs_random"))] + \
                     ([f"{r.get('redundant', 0):g}"] if copies else []) + ([str(len(r["seeds"]))] if uneven else [])
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -849,6 +1083,18 @@ def evaluate_goals(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
                       "met": met,
                       "detail": f"best hybrid {lab(bh)} (AULC {bh['aulc']:.3f}); best single {lab(bs)} "
                                 f"(AULC {bs['aulc']:.3f})"})
+    for r in summary:
+        vs = r.get("vs_random")
+        if r["strategy"] in NEW_STRATEGIES and vs and vs["aulc"]["n"] >= 2:
+            t = vs["aulc"]
+            verdict = paired_verdict(t)
+            goals.append({"goal": f"{r['dataset']}/{r['learner']}/{r['strategy']} beats random (AULC, paired "
+                                  f"over {t['n']} seeds, Wilcoxon p < 0.05)",
+                          "met": verdict == "better",
+                          "detail": f"median AULC difference {t['median_diff']:+.4f}, wins/ties/losses "
+                                    f"{t['wins']}/{t['ties']}/{t['losses']}, p = "
+                                    f"{'–' if t['p_wilcoxon'] is None else format(t['p_wilcoxon'], '.4f')} "
+                                    f"({verdict})", "kind": "paired"})
     for r in summary:
         rnd = next((x for x in rows(r["dataset"], r["learner"]) if x["strategy"] == "random"), None)
         if rnd is None or r["strategy"] == "random":
@@ -931,6 +1177,13 @@ def machine_info() -> dict[str, Any]:
             "numpy": np.__version__, "sklearn": sklearn.__version__, "torch": torch.__version__}
 
 
+def start_text(c: Mapping[str, Any]) -> str:
+    if c.get("initial") is not None:
+        return (f"{c['initial']} labels drawn at random (cold start; random picks while fewer than two "
+                "classes are labeled, for strategies that need a model)")
+    return f"{c['initial_per_class']} labels per class"
+
+
 def render_report(doc: Mapping[str, Any]) -> str:
     m, c = doc["machine"], doc["config"]
     rounds = (f" (median round {np.median([r['round_s'] for r in doc['summary']]) * 1e3:.0f} ms, of which the "
@@ -944,7 +1197,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
         f"- machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['cpu_model']}, {m['platform']}; "
         f"python {m['python']}, numpy {m['numpy']}, scikit-learn {m['sklearn']}, torch {m['torch']}",
         f"- protocol: stratified {1 - c['test_size']:.0%}/{c['test_size']:.0%} split per seed, "
-        f"{c['initial_per_class']} labels per class to start, batches of {c['batch']}, budget {c['budget']}, "
+        f"{start_text(c)} to start, batches of {c['batch']}, budget {c['budget']}, "
         f"seeds {c['seeds']}; MC-dropout samples {c['mc_samples']}",
         "- datasets: " + "; ".join(f"{k}: {v}" for k, v in doc["datasets"].items()),
         "- learners: logreg = scikit-learn LogisticRegression (C = 1) on the features, embedding space = "
@@ -957,6 +1210,9 @@ def render_report(doc: Mapping[str, Any]) -> str:
         "- labels to X%: first label count whose test accuracy is ≥ X% (median, IQR over seeds; "
         f">{c['budget']}: not reached within the budget); acc@n: accuracy with the largest labeled set ≤ n "
         "(the last point if the pool ran out first); AULC: mean accuracy over the label range (trapezoids)",
+        "- paired vs random: per seed (same split, same initial labels) the strategy's AULC minus random's; "
+        "median difference, wins/ties/losses, two-sided Wilcoxon signed-rank p (paired t and labels to 90% "
+        "in al.json); better/worse at p < 0.05, else not significant",
         "",
         "## goals",
         "",
@@ -1066,18 +1322,28 @@ def _run_in_process(t: Task) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.al", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default=",".join(BUILTIN_DATASETS),
-                   help=f"comma-separated built-ins ({', '.join(BUILTIN_DATASETS)}); '' for none")
+    p.add_argument("--datasets", default=None,
+                   help=f"comma-separated built-ins ({', '.join(BUILTIN_DATASETS)}); '' for none; default all "
+                        "of them unless --dataset or --collection is given")
     p.add_argument("--dataset", action="append", default=[], metavar="PATH.npz",
                    help="a user dataset: arrays X, y, optional X_test, y_test (repeatable)")
-    p.add_argument("--learners", default="logreg,mlp")
-    p.add_argument("--strategies", default="all", help="all, key, or a comma-separated list")
+    p.add_argument("--collection", default=None, metavar="NAME",
+                   help="run on an existing collection's vectors and labels (needs --server and --space)")
+    p.add_argument("--space", default=None, help="--collection: the embedding space")
+    p.add_argument("--label-column", default="label", help="--collection: the label column")
+    p.add_argument("--where", default=None, help="--collection: only these rows")
+    p.add_argument("--test-where", default=None, help="--collection: these rows are the fixed test set")
+    p.add_argument("--learners", default="logreg,mlp",
+                   help="logreg, mlp and/or package.module:Class (fit(X, y), predict_proba(X))")
+    p.add_argument("--strategies", default="all", help="all, key, new (issue 21's), or a comma-separated list")
     p.add_argument("--plan", default=None, metavar="DS:LEARNER[:STRATEGIES];...",
                    help="run exactly these (dataset, learner, strategies) combinations instead of "
                         "the product of --datasets, --learners and --strategies")
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1")
     p.add_argument("--seed-list", default=None, help="explicit seeds, e.g. 3,7 (overrides --seeds)")
     p.add_argument("--initial-per-class", type=int, default=2)
+    p.add_argument("--initial", type=int, default=None, metavar="N",
+                   help="cold start: N labels drawn at random to start (0 allowed) instead of per class")
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--budget", type=int, default=300)
     p.add_argument("--test-size", type=float, default=0.3)
@@ -1099,8 +1365,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="digits and repeated_digits, key strategies, 3 seeds (a few minutes)")
     args = p.parse_args(argv)
+    if args.datasets is None:
+        args.datasets = "" if (args.dataset or args.collection) else ",".join(BUILTIN_DATASETS)
     if args.quick:
         args.datasets, args.strategies, args.seeds = "digits,repeated_digits", "key", 3
+    if args.collection and not (args.server and args.space):
+        p.error("--collection needs --server (the running assay holding it) and --space")
+    if args.initial is not None and args.initial < 0:
+        p.error("--initial must be >= 0")
     return args
 
 
@@ -1114,9 +1386,15 @@ def plan(args: argparse.Namespace, datasets: Mapping[str, Dataset]) -> list[Task
 def _plan(args: argparse.Namespace, datasets: Mapping[str, Dataset]) -> list[Task]:
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     learners = [x.strip() for x in args.learners.split(",") if x.strip()]
-    bad = [x for x in learners if x not in LEARNERS]
+    bad = [x for x in learners if not is_learner(x)]
     if bad:
-        raise SystemExit(f"unknown learners {bad}: use {', '.join(LEARNERS)}")
+        raise SystemExit(f"unknown learners {bad}: use {', '.join(LEARNERS)} or package.module:Class")
+    for x in learners:
+        if ":" in x:
+            try:
+                load_learner_class(x)
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from None
     if args.plan:
         tasks = []
         for ds, lr, spec in parse_plan(args.plan):
@@ -1178,13 +1456,22 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_dataset(n, repeats=args.repeats, noise=args.noise)
         ds.source_name = n
         datasets[ds.name] = ds
+    if args.collection:
+        from service.client import Client
+
+        with Client(args.server, token=args.token, timeout=120) as client:
+            ds = load_collection(client, args.collection, args.space, label_column=args.label_column,
+                                 where=args.where, test_where=args.test_where)
+        ds.source_name = args.collection
+        datasets[ds.name] = ds
     if not datasets:
-        raise SystemExit("no dataset: give --datasets and/or --dataset PATH.npz")
+        raise SystemExit("no dataset: give --datasets, --dataset PATH.npz or --collection NAME")
     try:
         tasks = plan(args, datasets)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    cfg = SimConfig(args.initial_per_class, args.batch, args.budget, args.test_size, args.mc_samples)
+    cfg = SimConfig(args.initial_per_class, args.batch, args.budget, args.test_size, args.mc_samples,
+                    initial=args.initial)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.json or args.out / "al.json"
     md_path = args.markdown or args.out / "al.md"

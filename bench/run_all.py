@@ -14,7 +14,8 @@ its own process, and writes
   summary and goals); the raw files beside it under ``<out>/latest/``.
 
 Sizes: by default every script runs with ``--quick`` and the simulation with a reduced
-plan (digits with both learners and the key strategies, repeated-noisy digits with
+plan (digits with both learners and the key strategies — issue 21's TypiClust, ProbCover
+and ``select`` with the logistic regression — repeated-noisy digits with
 random / BALD / BatchBALD; 3 seeds, budget 200, 2 worker processes), which together fit
 in about 20 minutes on 2 cores. ``--full`` runs every script at its default size (about 25
 minutes) and the simulation's full protocol (4 datasets × both learners × every strategy ×
@@ -38,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BENCHES = ("store", "service", "mining_scan", "uncertainty", "density", "diversity")
+DEFAULT_BENCHES = ("store", "service", "mining_scan", "uncertainty", "density", "diversity", "selection")
 # The reduced simulation plan of `make bench` (see the module docstring).
-AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_coreset;"
+AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_coreset,typiclust,probcover,select;"
                  "digits:mlp:random,margin,cluster_margin,margin_coreset;"
                  "repeated_digits:mlp:random,bald,batchbald")
 # Each script runs as `python bench/<name>.py` would, except that the repository root comes

@@ -251,6 +251,41 @@ KNN_CACHE_ENTRIES: Final = _define("KNN_CACHE_ENTRIES", 8, "k-NN graphs kept in 
 KNN_CACHE_MAX_BYTES: Final = _define("KNN_CACHE_MAX_BYTES", 4 << 30, "bytes of k-NN graphs kept in "
                                      "memory at most (the newest is always kept)", "mining")
 
+# -- selection, cold start, label issues, deduplication (miners/select.py, coldstart.py, ...) ----
+
+SEALS_K: Final = _define("SEALS_K", 100, "SEALS: nearest unlabeled rows of each labeled row kept as "
+                         "candidates (the paper's k)", "mining")
+SELECT_LAZY_BUDGET: Final = _define("SELECT_LAZY_BUDGET", 4096, "`select`: rows one lazy greedy "
+                                    "step may visit (at least N/64) before every row is brought up "
+                                    "to date and the rest is eager", "mining")
+TYPICLUST_K: Final = _define("TYPICLUST_K", 20, "TypiClust: neighbours of the typicality "
+                             "1 / mean distance (the paper's 20)", "mining")
+TYPICLUST_MIN_CLUSTER: Final = _define("TYPICLUST_MIN_CLUSTER", 5, "TypiClust: clusters smaller "
+                                       "than this are never picked from (the authors' code: 5)",
+                                       "mining")
+TYPICLUST_MAX_CLUSTERS: Final = _define("TYPICLUST_MAX_CLUSTERS", 5000, "TypiClust: k-means "
+                                        "clusters at most (|labeled| + batch beyond: several "
+                                        "picks per cluster, most typical first)", "mining")
+PROBCOVER_PURITY: Final = _define("PROBCOVER_PURITY", 0.95, "ProbCover: the ball radius is the "
+                                  "largest with at least this share of pure balls (alpha)",
+                                  "mining")
+PROBCOVER_PURITY_SAMPLE: Final = _define("PROBCOVER_PURITY_SAMPLE", 20_000, "ProbCover: balls "
+                                         "whose purity is measured (a seeded sample beyond)",
+                                         "mining")
+CLUSTER_MARGIN_MAX_CLUSTERS: Final = _define("CLUSTER_MARGIN_MAX_CLUSTERS", 2048, "Cluster-Margin: "
+                                             "clusters at most, however large the batch (then "
+                                             "several rounds of the round-robin)", "mining")
+CLUSTER_MARGIN_SAMPLE: Final = _define("CLUSTER_MARGIN_SAMPLE", 20_000, "Cluster-Margin: "
+                                       "candidates clustered (the rest is assigned to the "
+                                       "nearest cluster centre) when there are more", "mining")
+SEMDEDUP_EPS: Final = _define("SEMDEDUP_EPS", 0.05, "SemDeDup: pairs with cosine similarity "
+                              "above 1 - eps are semantic duplicates", "mining")
+SEMDEDUP_CLUSTER_ROWS: Final = _define("SEMDEDUP_CLUSTER_ROWS", 1000, "SemDeDup: k-means "
+                                       "clusters = rows / this (rounded, at least 1)", "mining")
+LABEL_ISSUE_MIN_PER_CLASS: Final = _define("LABEL_ISSUE_MIN_PER_CLASS", 1, "confident learning: "
+                                           "labeled rows of a class never all flagged: at least "
+                                           "this many kept", "mining")
+
 # -- scoring at the edge (service.scoring) -----------------------------------------------------
 
 SCORING_MAX_K: Final = _define("SCORING_MAX_K", 1000, "k of novelty scoring at most", "scoring")

@@ -68,6 +68,8 @@ class RunContext:
     check: Callable[[], None] = _no_check
     validate_stage: Callable[[RunSpec], tuple[Any, dict[str, Any]]] | None = None
     mine_stage: Callable[[RunSpec], MiningOutput] | None = None
+    # every pool row's score by a scored miner: (stable row ids, scores) (``select``)
+    score_stage: Callable[[RunSpec], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def model(self) -> str | None:
@@ -441,6 +443,67 @@ class ReferenceGraph(_Graph):
         g.graphs[self.role] = res.info.to_dict()
 
 
+class Labels(Input):
+    name = "labels"
+    help = "the row's label (rows without one are left out): label"
+    row_arrays = ("labels",)
+
+    def columns(self, ctx: RunContext) -> dict[str, str]:
+        return {"label": "label"}
+
+    def condition(self, ctx: RunContext) -> str | None:
+        return "label IS NOT NULL"
+
+    def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
+        return valid_mask(batch.column("label"))
+
+    def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
+               ctx: RunContext) -> dict[str, Any]:
+        return {"labels": np.asarray(_take(batch.column("label"), rows).to_pylist(), dtype=object)}
+
+
+class SplitLabel(Input):
+    name = "split_label"
+    help = ("every row's split (the column named by the split_field parameter, '' for none) and its "
+            "label, null where missing")
+    row_arrays = ("split", "label")
+
+    def columns(self, ctx: RunContext) -> dict[str, str]:
+        field = ctx.params.get("split_field") or ""
+        return {"label": "label", **({"split": field} if field else {})}
+
+    def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
+               ctx: RunContext) -> dict[str, Any]:
+        label = np.asarray(_take(batch.column("label"), rows).to_pylist(), dtype=object)
+        names = batch.schema.names
+        split = np.asarray(_take(batch.column("split"), rows).to_pylist(), dtype=object) if "split" in names \
+            else np.full(len(rows), None, dtype=object)
+        return {"label": label, "split": split}
+
+
+class Content(Input):
+    name = "content"
+    help = "the row's text, or its uri (the string, or the bytes of the file it names), by the 'of' parameter"
+    row_arrays = ("column",)
+
+    @staticmethod
+    def column(ctx: RunContext) -> str:
+        return "text" if ctx.params.get("of") == "text" else "uri"
+
+    def columns(self, ctx: RunContext) -> dict[str, str]:
+        return {"column": self.column(ctx)}
+
+    def condition(self, ctx: RunContext) -> str | None:
+        return f"{self.column(ctx)} IS NOT NULL"
+
+    def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
+        return valid_mask(batch.column("column"))
+
+    def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
+               ctx: RunContext) -> dict[str, Any]:
+        return {"column": np.asarray(_take(batch.column("column"), rows).to_pylist(), dtype=object)}
+
+
 class Seeds(Input):
     name = "seeds"
     help = "seed ids, vectors or texts from the parameters; the pool rows' embeddings"
@@ -459,8 +522,9 @@ class Stages(Input):
 
 #: Every input kind by name, in the order a gathered run loads them.
 INPUTS: dict[str, Input] = {i.name: i for i in (
-    Probs(), Samples(), Boxes(), Loss(), Logits(), Aum(), RowUniforms(), Vectors(), ReferenceVectors(),
-    PoolGraph(), QueryGraph(), ReferenceGraph(), Seeds(), Stages(),
+    Probs(), Samples(), Boxes(), Loss(), Logits(), Aum(), RowUniforms(), Labels(), SplitLabel(), Content(),
+    Vectors(),
+    ReferenceVectors(), PoolGraph(), QueryGraph(), ReferenceGraph(), Seeds(), Stages(),
 )}
 
 
@@ -527,6 +591,38 @@ def decode_chunk(bound: Sequence[Bound], batch: pa.RecordBatch,
     return keep, arrays
 
 
+def scan_arrays(ctx: RunContext, inputs: Sequence[Input], *,
+                per_chunk: Callable[[dict[str, Any]], dict[str, np.ndarray]] | None = None,
+                chunk_rows: int = 65_536) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """The whole pool (``ctx.where`` at the run's version), chunk by chunk, through the
+    inputs' chunk decoders: ``(stable row ids, arrays, rows scanned)`` of the rows that carry
+    every input, each ``row_arrays`` entry concatenated — or, with ``per_chunk``, what it
+    returns for each chunk's arrays (one entry per row: a score, a digest), so that only
+    that is kept. For run hooks that need every row's values but no vectors (confident
+    learning, exact duplicates, ``select``'s objectives); ``ctx.check`` runs between chunks."""
+    bound = [Bound(i, ctx) for i in inputs]
+    query = ctx.table.search().select(projection(bound)).limit(None).with_row_id(True)
+    if ctx.where:
+        query = query.where(ctx.where)
+    keys: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {}
+    scanned = 0
+    for batch in query.to_batches(chunk_rows):
+        ctx.check()
+        scanned += batch.num_rows
+        row_keys = np.asarray(batch.column("_rowid").to_numpy(zero_copy_only=False), dtype=np.uint64)
+        keep, arrays = decode_chunk(bound, batch, row_keys)
+        if not len(keep):
+            continue
+        kept = per_chunk(arrays) if per_chunk is not None else \
+            {n: arrays[n] for b in bound for n in b.row_arrays}
+        keys.append(row_keys[keep])
+        for n, v in kept.items():
+            parts.setdefault(n, []).append(np.asarray(v))
+    out = {n: np.concatenate(chunks) for n, chunks in parts.items()}
+    return (np.concatenate(keys) if keys else np.zeros(0, np.uint64)), out, scanned
+
+
 def _phase(progress: Progress, lo: float, hi: float) -> Progress:
     """``progress`` for a phase that spans [lo, hi] of the run's bar."""
     return lambda f, m: progress(lo + (hi - lo) * min(1.0, max(0.0, f)), m)
@@ -584,4 +680,4 @@ class Gathered:
 
 
 __all__ = ["INPUTS", "Bound", "Gathered", "Input", "RunContext", "condition", "decode_chunk", "projection",
-           "resolve"]
+           "resolve", "scan_arrays"]

@@ -42,7 +42,26 @@ import numpy as np
 
 from indexing import measures
 from indexing.errors import InvalidArgument
-from miners import bayesian, density, detection, direct, diversity, training_dynamics, uncertainty
+from indexing.settings import (
+    LABEL_ISSUE_MIN_PER_CLASS,
+    MAX_SIZE,
+    PROBCOVER_PURITY,
+    SEMDEDUP_EPS,
+    TYPICLUST_K,
+    TYPICLUST_MAX_CLUSTERS,
+    TYPICLUST_MIN_CLUSTER,
+)
+from miners import (
+    bayesian,
+    coldstart,
+    dedup,
+    density,
+    detection,
+    direct,
+    diversity,
+    training_dynamics,
+    uncertainty,
+)
 from miners.inputs import INPUTS, Input, RunContext, resolve
 from miners.runs import STAGE_FIELDS, MiningOutput
 
@@ -148,6 +167,8 @@ class MinerSpec:
     inputs_for: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
     validate_run: Callable[[RunContext], dict[str, Any] | None] | None = None
     run: Callable[[RunContext], MiningOutput] | None = None
+    # a run without a seed draws a fresh one (recorded): a sampling miner's unseeded runs differ
+    fresh_seed: bool = False
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -357,8 +378,10 @@ def random_scores(arrays: Arrays, params: dict[str, Any]) -> np.ndarray:
     return arrays["row_uniforms"]
 
 
-register(MinerSpec("random", "baseline", "uniformly random rows (the baseline every strategy must beat)",
-                   ("row_uniforms",), random_scores, supports_common=False))
+register(MinerSpec("random", "baseline",
+                   "uniformly random rows (the baseline every strategy must beat); without a seed a fresh "
+                   "one is drawn and recorded in the run",
+                   ("row_uniforms",), random_scores, supports_common=False, fresh_seed=True))
 
 
 # -- embedding space (gathered: the pool's vectors, k-NN graphs) ----------------------------
@@ -469,17 +492,22 @@ def _cluster_margin(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray
     m = min(len(margin), max(size, p["candidates"]))
     cand = np.argsort(-margin, kind="stable")[:m]
     picks = cand[np.asarray(diversity.cluster_margin_select(
-        a["vectors"][cand], margin[cand], size, n_clusters=p["clusters"] or None, seed=p["seed"]))]
+        a["vectors"][cand], margin[cand], size, n_clusters=p["clusters"] or None, seed=p["seed"],
+        method=p["method"], progress=p.get("progress"), check=p.get("check")))]
     return picks, margin[picks]
 
 
 register(MinerSpec(
     "cluster_margin", "diversity",
-    "Cluster-Margin: k-means on the top `candidates` by margin, round-robin over clusters (smallest first) "
-    "taking the most uncertain",
+    "Cluster-Margin: the top `candidates` by margin clustered (k-means, or average-linkage HAC, on a sample of "
+    "at most 20,000 then every candidate assigned), round-robin over clusters (smallest first) taking the most "
+    "uncertain; batches of 100k+ on 1M-row pools",
     ("vectors", "probs"), None, select=_cluster_margin, gather=True, supports_common=False,
-    params=(Param("candidates", "int", 2000, "most uncertain rows clustered", min=1, max=1_000_000),
-            Param("clusters", "int", 0, "k-means clusters (0: the batch size)", min=0, max=100_000)),
+    params=(Param("candidates", "int", 2000, "most uncertain rows clustered (at least the batch size)",
+                  min=1, max=MAX_SIZE),
+            Param("clusters", "int", 0, "clusters (0: min(batch size, 2,048))", min=0, max=100_000),
+            Param("method", "choice", "kmeans", "clustering: k-means or the paper's average-linkage HAC",
+                  choices=("kmeans", "hac"))),
 ))
 
 
@@ -554,7 +582,242 @@ register(MinerSpec(
 register(MinerSpec(
     "chain", "mixed",
     "stages run in order, each on the previous stage's picks: e.g. top 1000 by margin → coreset to 100",
-    ("stages",), None, run=direct.chain_run, validate_run=direct.chain_validate,
-    params=(Param("stages", "json", [], "[{miner, size, params}, ...]; the last size defaults to the run's",
+    ("stages",), None, run=direct.chain_run, validate_run=direct.chain_validate, reference="optional",
+    params=(Param("stages", "json", [], "[{miner, size, params, reference_where...}, ...]; the last size "
+                  "defaults to the run's; the run's reference_where reaches the stages that use one",
                   check=_stages),),
+))
+
+
+# -- combined selection, cold start, label issues, deduplication (issue 21) -----------------
+
+def _dict_list(name: str, required: tuple[str, ...] = ()) -> Callable[[Any], list[dict[str, Any]]]:
+    def check(value: Any) -> list[dict[str, Any]]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError(f"parameter '{name}' must be a list of objects")
+        for i, v in enumerate(value):
+            if required and not any(k in v for k in required):
+                raise ValueError(f"parameter '{name}'[{i}] needs one of {', '.join(required)}")
+        return value
+    return check
+
+
+def _targets(value: Any) -> dict[str, Any]:
+    if value == {}:
+        return {}
+    if not isinstance(value, dict) or not isinstance(value.get("field"), str) \
+            or not isinstance(value.get("values"), dict) or not value["values"]:
+        raise ValueError("parameter 'targets' must be {} or {field, values: {value: count or fraction}, "
+                         "kind: count|fraction, fill: true|false}")
+    unknown = set(value) - {"field", "values", "kind", "fill"}
+    if unknown:
+        raise ValueError(f"parameter 'targets': unknown key(s) {', '.join(sorted(unknown))}")
+    if value.get("kind", "count") not in ("count", "fraction"):
+        raise ValueError("parameter 'targets': kind must be count or fraction")
+    for v, n in value["values"].items():
+        if isinstance(n, bool) or not isinstance(n, int | float) or not np.isfinite(n) or n < 0:
+            raise ValueError(f"parameter 'targets': the target of {v!r} must be a number >= 0")
+    return value
+
+
+register(MinerSpec(
+    "select", "mixed",
+    "combined objectives in one greedy pass: weighted scores of any scored miners (rank or min-max "
+    "normalised), hard thresholds on scores or fields, class / metadata targets, and diversity (distance "
+    "to the picks and the reference set, with a stop distance); seeded",
+    ("stages", "vectors", "reference_vectors"), None, run=direct.select_run, validate_run=direct.select_validate,
+    inputs_for=lambda p: ("stages", "vectors", "reference_vectors") if p["diversity"] > 0 or p["stop_distance"] > 0
+    else ("stages",),
+    reference="optional",
+    params=(
+        Param("objectives", "json", [], "[{miner, weight (strength, < 0 prefers low), normalize: rank|minmax|none, "
+              "params, model, space, reverse}, ...]", check=_dict_list("objectives", ("miner",))),
+        Param("thresholds", "json", [], "[{miner, params, min, max} or {field, min, max, in}, ...]: rows outside "
+              "are never picked", check=_dict_list("thresholds", ("miner", "field"))),
+        Param("targets", "json", {}, "{field (a column, or predicted_class), values: {value: count or fraction}, "
+              "kind: count|fraction, fill}: a group closes at its target; other values only fill",
+              check=_targets),
+        Param("diversity", "float", 0.0, "strength of min(1, distance to the nearest pick or reference row / scale)",
+              min=0.0, max=1e6),
+        Param("stop_distance", "float", 0.0, "rows closer than this to a pick or reference row are never picked "
+              "(0: no limit)", min=0.0, max=1e9),
+        Param("distance_scale", "float", 0.0, "the distance that counts as far (0: from the data)", min=0.0, max=1e9),
+    ),
+))
+
+
+def _ref(a: Arrays) -> np.ndarray | None:
+    ref = a.get("reference_vectors")
+    return ref if ref is not None and len(ref) else None
+
+
+def _typiclust(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    res = coldstart.typiclust_select(a["vectors"], size, labeled=_ref(a), k=p["k"], n_clusters=p["clusters"] or None,
+                                     min_cluster=p["min_cluster"], seed=p["seed"], progress=p.get("progress"),
+                                     check=p.get("check"))
+    p["stats"].update(clusters=int(res.n_clusters))
+    # a cluster of identical rows has infinite typicality: report the largest float
+    return res.rows, np.nan_to_num(np.asarray(res.typicality, np.float64), posinf=np.finfo(np.float64).max)
+
+
+register(MinerSpec(
+    "typiclust", "cold_start",
+    "TypiClust: k-means into |reference| + size clusters, the most typical row (1 / mean k-NN distance) of "
+    "each largest cluster without a reference row; for cold start",
+    ("vectors", "reference_vectors"), None, select=_typiclust, gather=True, reference="optional",
+    supports_common=False,
+    params=(Param("k", "int", TYPICLUST_K, "neighbours of the typicality", min=1, max=1000),
+            Param("clusters", "int", 0, "k-means clusters (0: |reference| + size, at most "
+                  f"{TYPICLUST_MAX_CLUSTERS})", min=0, max=1_000_000),
+            Param("min_cluster", "int", TYPICLUST_MIN_CLUSTER, "clusters smaller than this are skipped",
+                  min=1, max=1_000_000)),
+))
+
+
+def _probcover(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    res = coldstart.probcover_select(a["vectors"], size, labeled=_ref(a), delta=p["delta"] or None,
+                                     n_classes=p["classes"] or PROBCOVER_DEFAULT_CLASSES, alpha=p["alpha"],
+                                     seed=p["seed"], progress=p.get("progress"), check=p.get("check"))
+    p["stats"].update(delta=float(res.delta), purity=None if res.purity is None else float(res.purity),
+                      delta_rule="given" if p["delta"] else "purity", covered=float(res.covered),
+                      random_fill=int(res.random_fill), edges=int(res.n_edges))
+    return res.rows, np.asarray(res.gain, np.float64)
+
+
+PROBCOVER_DEFAULT_CLASSES = 10
+
+
+register(MinerSpec(
+    "probcover", "cold_start",
+    "ProbCover: greedy max coverage of delta-balls (rows within delta of a reference row are covered); delta "
+    "by the purity rule (largest delta with alpha of the balls pure under k-means with `classes` clusters), "
+    "recorded in the run's stats",
+    ("vectors", "reference_vectors"), None, select=_probcover, gather=True, reference="optional",
+    supports_common=False,
+    validate_run=lambda ctx: {**ctx.params, "classes": ctx.params["classes"] or ctx.num_classes
+                              or PROBCOVER_DEFAULT_CLASSES},
+    params=(Param("delta", "float", 0.0, "ball radius (0: the purity rule)", min=0.0, max=1e9),
+            Param("classes", "int", 0, f"K of the purity rule (0: the model's classes, else "
+                  f"{PROBCOVER_DEFAULT_CLASSES})", min=0, max=100_000),
+            Param("alpha", "float", PROBCOVER_PURITY, "share of pure balls the rule requires", min=0.01, max=1.0)),
+))
+
+register(MinerSpec(
+    "label_issues", "label_issues",
+    "confident learning (Northcutt et al. 2021) on out-of-sample probabilities: labeled rows whose label is "
+    "likely wrong, ranked by self-confidence or normalised margin (lowest first; the score); the run's stats "
+    "hold the confident joint, per-class thresholds and suggested labels",
+    ("probs", "labels"), None, run=direct.label_issues_run,
+    params=(Param("method", "choice", "prune_by_noise_rate", "how rows are flagged",
+                  choices=("prune_by_noise_rate", "prune_by_class", "both", "confident_joint", "confusion")),
+            Param("rank_by", "choice", "self_confidence", "ranking (lowest first)",
+                  choices=("self_confidence", "normalized_margin")),
+            Param("frac_noise", "float", 1.0, "share of the estimated noise flagged", min=1e-6, max=1.0),
+            Param("min_per_class", "int", LABEL_ISSUE_MIN_PER_CLASS, "rows of each class never flagged",
+                  min=0, max=1_000_000)),
+))
+
+
+def _labeled_outliers(a: Arrays, p: dict[str, Any]) -> np.ndarray:
+    idx, dist = a["pool_graph"]
+    if p["method"] == "lof":
+        return density.lof_scores(idx, dist)
+    return density.knn_distance_scores(dist, how="kth")
+
+
+register(MinerSpec(
+    "labeled_outliers", "label_issues",
+    "outliers among the labeled rows of the pool: LOF (or k-th neighbour distance) on their own k-NN graph",
+    ("vectors", "labels", "pool_graph"), _labeled_outliers, gather=True, supports_common=False,
+    params=(K_PARAM, Param("method", "choice", "lof", "LOF or the distance to the k-th neighbour",
+                           choices=("lof", "knn_distance"))),
+))
+
+
+def _duplicate_leaks(a: Arrays, p: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each pair reported once, on the row with the larger stable row id (related: the
+    other); a row in several pairs keeps its closest."""
+    from miners.label_issues import near_duplicate_issues
+
+    res = near_duplicate_issues(None, p["threshold"], graph=a["pool_graph"],
+                                split=a["split"] if p["split_field"] else None, labels=a["label"], keep=p["report"])
+    n = len(a["pool_graph"][0])
+    scores, related = np.full(n, np.nan), np.full(n, -1, dtype=np.int64)
+    if len(res.pairs):
+        keys = a["row_keys"]
+        i, j = res.pairs[:, 0], res.pairs[:, 1]
+        swap = keys[i] < keys[j]
+        later, earlier = np.where(swap, j, i), np.where(swap, i, j)
+        order = np.lexsort((res.distance, later))
+        first = order[np.r_[True, np.diff(later[order]) != 0]]
+        scores[later[first]], related[later[first]] = -res.distance[first], earlier[first]
+    return {"scores": scores, "related": related}
+
+
+def _leaks_validate(ctx: RunContext) -> None:
+    field_ = ctx.params["split_field"]
+    if field_ and field_ not in ctx.table.schema.names:
+        raise InvalidArgument(f"duplicate_leaks: split_field {field_!r} is not a column of '{ctx.col.name}' "
+                              "(give the column holding train/val/test, or '' for label conflicts only)")
+
+
+def _column_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("parameter 'split_field' must be a column name or ''")
+    return value
+
+
+register(MinerSpec(
+    "duplicate_leaks", "label_issues",
+    "near-duplicate pairs (within `threshold` on the k-NN graph) that cross splits (leaky splits) or carry "
+    "different labels; score = -distance, related_id = the other row of the pair",
+    ("vectors", "split_label", "pool_graph"), _duplicate_leaks, gather=True, supports_common=False,
+    validate_run=_leaks_validate,
+    params=(Param("k", "int", 10, "neighbours examined per row", min=1, max=1000),
+            Param("threshold", "float", 0.05, "largest distance of a near-duplicate pair", min=0.0, max=1e9),
+            Param("split_field", "json", "split", "the column holding the split ('' for none)",
+                  check=_column_name),
+            Param("report", "choice", "any", "pairs reported: crossing splits, with different labels, either, "
+                  "or every near-duplicate pair", choices=("any", "cross_split", "label_conflict", "all"))),
+))
+
+register(MinerSpec(
+    "exact_duplicates", "dedup",
+    "rows with identical content (a hash of the vector, the text, the uri or the file it names): the drop "
+    "list (related_id: the row kept, the oldest), the keep list, or every row of a group; largest groups first",
+    ("vectors", "content"), None, run=direct.exact_duplicates_run,
+    inputs_for=lambda p: ("vectors",) if p["of"] == "vector" else ("content",),
+    params=(Param("of", "choice", "vector", "what is compared", choices=("vector", "text", "uri", "file")),
+            Param("output", "choice", "drop", "drop: the duplicates to remove; keep: the deduplicated rows; "
+                  "groups: every row that has a duplicate", choices=("drop", "keep", "groups"))),
+))
+
+
+def _semdedup(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    res = dedup.semdedup(a["vectors"], eps=p["eps"], n_clusters=p["clusters"] or None, keep=p["keep"],
+                         seed=p["seed"], progress=p.get("progress"), check=p.get("check"))
+    p["stats"].update(clusters=int(res.n_clusters), dropped=int(len(res.dropped)),
+                      kept=int(res.keep.sum()), eps=p["eps"])
+    if p["output"] == "drop":
+        rows = res.dropped
+        rows = rows[np.lexsort((rows, -res.similarity[rows]))][:size]
+        p["stats"]["related"] = res.duplicate_of[rows]
+        return rows, res.similarity[rows]
+    rows = np.flatnonzero(res.keep)
+    rows = rows[np.lexsort((rows, -res.centroid_similarity[rows]))][:size]
+    return rows, res.centroid_similarity[rows]
+
+
+register(MinerSpec(
+    "semdedup", "dedup",
+    "SemDeDup: k-means on the embeddings, then inside each cluster rows with cosine similarity > 1 - eps are "
+    "duplicates; the most prototypical (closest to the centroid) stays. The drop list (related_id: the row "
+    "it duplicates, score: that similarity) or the keep list",
+    ("vectors",), None, select=_semdedup, gather=True, supports_common=False,
+    params=(Param("eps", "float", SEMDEDUP_EPS, "duplicates: cosine similarity > 1 - eps", min=0.0, max=2.0),
+            Param("clusters", "int", 0, "k-means clusters (0: one per ~1,000 rows)", min=0, max=1_000_000),
+            Param("keep", "choice", "prototypical", "the row a group keeps",
+                  choices=("prototypical", "hard", "random")),
+            Param("output", "choice", "drop", "drop: the rows to remove; keep: the deduplicated rows",
+                  choices=("drop", "keep"))),
 ))

@@ -39,14 +39,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
-from indexing.filters import check_filter, object_clauses
+from indexing.filters import check_filter, ids_predicate, object_clauses
 from indexing.objects import expand
-from indexing.settings import MAX_SIZE, MINING_THREADS
+from indexing.settings import MAX_SIZE, MINING_THREADS, SEALS_K
 from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
 from miners import registry
 from miners.detection import class_balanced_select
-from miners.inputs import Bound, Gathered, Input, RunContext, condition, decode_chunk, projection
+from miners.inputs import (
+    Bound,
+    Gathered,
+    Input,
+    RunContext,
+    condition,
+    decode_chunk,
+    projection,
+    scan_arrays,
+)
 from miners.registry import MinerSpec
 from miners.runs import MiningOutput, RunSpec
 from miners.stochastic import stochastic_scores
@@ -73,8 +82,18 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
     spec = miner_spec(req.miner)
     if isinstance(req.size, bool) or not isinstance(req.size, int) or not 1 <= req.size <= MAX_SIZE:
         raise InvalidArgument(f"size must be an integer in [1, {MAX_SIZE}], got {req.size!r}")
-    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
+    if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0):
         raise InvalidArgument(f"seed must be a non-negative integer, got {req.seed!r}")
+    if req.candidates not in CANDIDATES:
+        raise InvalidArgument(f"candidates must be one of {', '.join(repr(c) for c in CANDIDATES)}, "
+                              f"got {req.candidates!r}")
+    if isinstance(req.candidates_k, bool) or not isinstance(req.candidates_k, int) \
+            or not 0 <= req.candidates_k <= MAX_CANDIDATES_K:
+        raise InvalidArgument(f"candidates_k must be an integer in [0, {MAX_CANDIDATES_K}] (0: {SEALS_K}), "
+                              f"got {req.candidates_k!r}")
+    if req.candidates and not req.space:
+        raise InvalidArgument(f"candidates={req.candidates!r} finds the nearest pool rows of the labeled set in "
+                              "an embedding space: give space=...")
     try:
         params = spec.validate(req.params)
     except ValueError as exc:
@@ -94,8 +113,9 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
             raise InvalidArgument(f"miner '{spec.name}' needs an l2 or cosine space; '{req.space}' uses dot")
     elif req.space:
         col.space(req.space)
-    if req.reference_where and spec.reference == "none":
-        raise InvalidArgument(f"miner '{spec.name}' does not use a reference filter")
+    if req.reference_where and spec.reference == "none" and not req.candidates:
+        raise InvalidArgument(f"miner '{spec.name}' does not use a reference filter (only "
+                              "candidates='knn_of_labeled' reads one for such a miner)")
     if spec.reference == "required" and not req.reference_where:
         raise InvalidArgument(f"miner '{spec.name}' needs reference_where (e.g. \"split = 'train'\")")
     reference = col.validate_filter(req.reference_where or None)
@@ -119,7 +139,46 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
             f"no row of the pool has what miner '{spec.name}' reads ({cond}); upsert those columns first")
     if reference and table.count_rows(reference) == 0 and spec.reference == "required":
         raise FailedPrecondition(f"the reference filter {req.reference_where!r} matches no rows")
+    if req.candidates:
+        labeled = col.validate_filter(_labeled_filter(req))
+        if table.count_rows(labeled) == 0:
+            raise FailedPrecondition(f"candidates={req.candidates!r}: the labeled set ({labeled!r}) is empty; "
+                                     "label some rows first or run without candidates")
     return spec, params
+
+
+#: Pool restrictions a run may ask for (``RunSpec.candidates``).
+CANDIDATES = ("", "knn_of_labeled")
+MAX_CANDIDATES_K = 10_000
+
+
+def _labeled_filter(rec: RunSpec) -> str:
+    return rec.reference_where or "label IS NOT NULL"
+
+
+def _seals_where(col: Collection, rec: RunSpec, check: Callable[[], None],
+                 progress: Callable[[float, str], None]) -> tuple[str, dict[str, Any]]:
+    """SEALS (``candidates="knn_of_labeled"``): the run's pool filter narrowed to the
+    ``candidates_k`` nearest pool rows of each labeled row (:func:`miners.select.seals_candidates`
+    over the k-NN graph engine), and the stats to record."""
+    from miners.select import seals_candidates
+    from miners.vectors import load_pool
+
+    k = rec.candidates_k or SEALS_K
+    labeled_where = _labeled_filter(rec)
+    progress(0.0, f"SEALS: the {k} nearest pool rows of each labeled row")
+    pool = load_pool(col, rec.version, rec.space, rec.where or None, check=check)
+    labeled = load_pool(col, rec.version, rec.space, labeled_where, check=check)
+    stats: dict[str, Any] = {}
+    rows = seals_candidates(pool.vectors, labeled.vectors, k, seed=rec.seed or 0, check=check, stats=stats) \
+        if len(pool) else np.zeros(0, np.int64)
+    info = {"k": int(k), "labeled": len(labeled), "pool": len(pool), "candidates": len(rows),
+            "graph": stats.get("graph")}
+    if not len(rows):
+        raise FailedPrecondition(f"SEALS: no pool row is near the labeled set ({labeled_where!r}) in space "
+                                 f"'{rec.space}'")
+    restrict = ids_predicate(pool.ids[rows].tolist())
+    return (f"({rec.where}) AND {restrict}" if rec.where else restrict), info
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -143,16 +202,59 @@ def run_mining(
 
     rec = replace(rec, where=check_filter(expanded(rec.where or None)) or "",
                   reference_where=check_filter(expanded(rec.reference_where or None)) or "")
+    if rec.seed is None:
+        rec = replace(rec, seed=0)
     spec = miner_spec(rec.miner)
+    seals = None
+    if rec.candidates:
+        # the pool is narrowed once here; stages and hooks see the narrowed pool
+        where, seals = _seals_where(col, rec, check, progress)
+        rec = replace(rec, where=where, candidates="", candidates_k=0)
     ctx = RunContext(col, rec, dict(rec.params), progress, check,
                      validate_stage=lambda sub: validate_request(col, sub),
-                     mine_stage=lambda sub: run_mining(col, sub, check=check))
+                     mine_stage=lambda sub: run_mining(col, sub, check=check),
+                     score_stage=lambda sub: score_all(col, sub, check=check))
     if spec.run is not None:
-        return spec.run(ctx)
+        out = spec.run(ctx)
+    else:
+        inputs = spec.input_kinds(ctx.params)
+        out = _run_gathered(ctx, spec, inputs) if spec.gather else \
+            _run_streamed(ctx, spec, inputs, chunk_rows or CHUNK_ROWS)
+    if seals is not None:
+        out.stats = {**(out.stats or {}), "seals": seals}
+    return out
+
+
+def score_all(col: Collection, rec: RunSpec, *, check: Callable[[], None] = lambda: None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Every pool row's score by a scored miner (``score``, no ``select`` / ``run``):
+    ``(stable row ids, scores)``, rows without the miner's inputs left out; ``reverse``
+    negates the scores. What ``select`` combines: memory ``O(N)`` (16 bytes a row)."""
+    if rec.seed is None:
+        rec = replace(rec, seed=0)
+    spec = miner_spec(rec.miner)
+    if spec.score is None or spec.select is not None or spec.run is not None:
+        raise InvalidArgument(f"miner '{spec.name}' selects a batch; only a miner that scores every row can be "
+                              "an objective or a threshold")
+    ctx = RunContext(col, rec, dict(rec.params), check=check)
     inputs = spec.input_kinds(ctx.params)
-    if spec.gather:
-        return _run_gathered(ctx, spec, inputs)
-    return _run_streamed(ctx, spec, inputs, chunk_rows or CHUNK_ROWS)
+    try:
+        if spec.gather:
+            g = Gathered(ctx, inputs)
+            g.load()
+            g.build_graphs()
+            result = spec.score(g.arrays, ctx.params)
+            scores = np.asarray(result["scores"] if isinstance(result, dict) else result, np.float64)
+            keys = g.pool.row_keys
+        else:
+            if ctx.model:
+                ctx.model_spec  # noqa: B018 -- resolved before the scan
+            keys, arrays, _ = scan_arrays(ctx, inputs, per_chunk=lambda a: {
+                "score": np.asarray(spec.score(a, ctx.params), dtype=np.float64)})
+            scores = arrays.get("score", np.zeros(0))
+    except ValueError as exc:
+        raise InvalidArgument(f"miner '{spec.name}': {exc}") from exc
+    return keys, -scores if rec.reverse else scores
 
 
 def _run_streamed(ctx: RunContext, spec: MinerSpec, inputs: list[Input], chunk_rows: int) -> MiningOutput:
@@ -346,6 +448,7 @@ def _run_gathered(ctx: RunContext, spec: MinerSpec, inputs: list[Input]) -> Mini
     g = Gathered(ctx, inputs)
     g.load()
     pool, arrays = g.pool, g.arrays
+    stats: dict[str, Any] = {}
     timings = {"load_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
     try:
@@ -357,7 +460,8 @@ def _run_gathered(ctx: RunContext, spec: MinerSpec, inputs: list[Input]) -> Mini
                  else f"picking {min(rec.size, len(pool)):,} of {len(pool):,} rows")
         related_rows = None
         if spec.select is not None:
-            select_params = {**params, "seed": rec.seed,
+            select_params = {**params, "seed": rec.seed, "stats": stats, "check": check,
+                             "progress": _phase_progress(progress, g.graph_hi, 0.99),
                              "on_pick": _pick_progress(progress, check, f"{spec.name}", g.graph_hi, 0.99)}
             picks, scores = spec.select(arrays, min(rec.size, len(pool)), select_params)
             picks, scores = np.asarray(picks, dtype=np.int64), np.asarray(scores, dtype=np.float64)
@@ -380,5 +484,14 @@ def _run_gathered(ctx: RunContext, spec: MinerSpec, inputs: list[Input]) -> Mini
     related = None
     if related_rows is not None:
         related = [pool.ids[r] if r >= 0 else None for r in related_rows]
+    if spec.select is not None and related_rows is None and "related" in stats:
+        # a batch select may name a related row per pick (the row a duplicate keeps)
+        rel = np.asarray(stats.pop("related"), dtype=np.int64)
+        related = [pool.ids[r] if r >= 0 else None for r in rel]
     return MiningOutput(ids=list(pool.ids[picks]), scores=scores, rows_scanned=pool.scanned,
-                        rows_skipped=pool.skipped, timings=timings, related=related, graph=g.graphs or None)
+                        rows_skipped=pool.skipped, timings=timings, related=related, graph=g.graphs or None,
+                        stats=stats or None)
+
+
+def _phase_progress(progress: Callable[[float, str], None], lo: float, hi: float) -> Callable[[float, str], None]:
+    return lambda f, m: progress(lo + (hi - lo) * min(1.0, max(0.0, f)), m)

@@ -73,13 +73,19 @@ class RunSpec:
     model: str = _request(stage=True, default="")
     space: str = _request(stage=True, default="")
     where: str = _request(default="")
-    reference_where: str = _request(default="")
+    reference_where: str = _request(stage=True, default="")
     size: int = _request(stage=True)
-    seed: int = _request(default=0)
+    # None: not given; the service then records 0, or a fresh seed for a miner that samples
+    # (MinerSpec.fresh_seed: random), so that two unseeded control groups differ
+    seed: int | None = _request(default=None)
     reverse: bool = _request(stage=True, default=False)
     params: dict[str, Any] = _request(stage=True, default_factory=dict)
     # requested: None = the current version; recorded: the version the run reads (pinned)
     version: int | None = _request(default=None)
+    # SEALS: "knn_of_labeled" restricts the pool to the candidates_k (0: SEALS_K) nearest
+    # pool rows of each reference row (reference_where, default "label IS NOT NULL")
+    candidates: str = _request(stage=True, default="")
+    candidates_k: int = _request(stage=True, default=0)
     state: str = "PENDING"
     progress: float = 0.0
     rows_scanned: int = 0
@@ -92,6 +98,8 @@ class RunSpec:
     # the k-NN graphs the run used, by role ("pool", "query", "reference"): method, k,
     # recall@k on a sample, sample size, seconds (miners.knn.GraphInfo); empty for other miners
     graph: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # what the miner reported beyond its picks (ProbCover's radius, label-issue counts...)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         """The ``_runs`` row: dict fields as JSON text (null when empty)."""
@@ -159,6 +167,8 @@ class MiningOutput:
     related: list[str | None] | None = None
     # the k-NN graphs the run used, by role ("pool", "query", "reference"): GraphInfo dicts
     graph: dict[str, dict[str, Any]] | None = None
+    # what the miner reports beyond its picks (RunSpec.stats)
+    stats: dict[str, Any] | None = None
 
 
 class RunStore:

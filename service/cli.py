@@ -306,7 +306,8 @@ def cmd_mine(args: argparse.Namespace) -> int:
         job = col.mine(args.miner, args.size, model=args.model, space=args.space, where=args.where,
                        reference_where=args.reference_where, params=dict(args.param or []), seed=args.seed,
                        reverse=args.reverse, where_params=dict(args.where_param) if args.where_param else None,
-                       objects_where=args.objects_where)
+                       objects_where=args.objects_where, candidates=args.candidates,
+                       candidates_k=args.candidates_k)
         job.wait(progress=not args.quiet)
         columns = [c for c in (args.columns or "").split(",") if c]
         table = job.results(columns=columns or None)
@@ -319,6 +320,9 @@ def cmd_mine(args: argparse.Namespace) -> int:
                 if g.get("recall") is not None else "recall not measured")
             print(f"  {role} k-NN graph: {g.get('method')}, {recall}"
                   + (" (below the target)" if g.get("below_target") else ""), file=sys.stderr)
+        if run.get("stats"):
+            print(f"  seed {run.get('seed', 0)}; stats: {json.dumps(run['stats'], default=str)[:2000]}",
+                  file=sys.stderr)
         if args.output:
             _write_table(table, args.output)
             print(f"wrote {args.output}", file=sys.stderr)
@@ -789,6 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a value for :NAME in --where / --reference-where (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--reverse", action="store_true", help="lowest scores first (most confident)")
+    p.add_argument("--candidates", choices=["knn_of_labeled"],
+                   help="SEALS: mine only the nearest pool rows of the labeled set (--reference-where, "
+                        "default label IS NOT NULL)")
+    p.add_argument("--candidates-k", type=int, help="neighbours per labeled row for --candidates (default 100)")
     p.add_argument("--columns", help="collection columns to add to id, rank, score (comma-separated)")
     p.add_argument("--output", help="write the results to .csv, .parquet or .jsonl instead of printing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import secrets
 import time
 from dataclasses import fields, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
@@ -62,7 +65,9 @@ class MiningService:
             raise ResourceExhausted(f"the job queue is full: {self.jobs.max_queued} jobs are pending or running, "
                                     "the limit (max_jobs); try again later")
         version = col.version if req.version is None else int(col.at_version(req.version).version)
-        rec = self.runs.new_run(replace(req, collection=col.name, params=params, version=version))
+        # 53 bits: the seed reads back as a JSON-safe integer (run_to_dict, web clients)
+        seed = req.seed if req.seed is not None else (secrets.randbits(53) if spec.fresh_seed else 0)
+        rec = self.runs.new_run(replace(req, collection=col.name, params=params, version=version, seed=seed))
         job = self.jobs.start("mine", col.name, {"run_id": rec.run_id})
         return self.runs.update(rec, job_id=job.id)
 
@@ -87,7 +92,8 @@ class MiningService:
             timings = {**out.timings, "write_s": time.perf_counter() - t0}
             rec = self.runs.update(rec, state="SUCCEEDED", progress=1.0, results=len(out.ids),
                                    rows_scanned=out.rows_scanned, rows_skipped=out.rows_skipped,
-                                   timings=timings, graph=out.graph or {}, finished_at=time.time())
+                                   timings=timings, graph=out.graph or {}, stats=_plain(out.stats or {}),
+                                   finished_at=time.time())
         except JobCancelled:
             self.runs.update_or_keep(rec, state="CANCELLED", finished_at=time.time(), error="cancelled")
             raise
@@ -118,6 +124,21 @@ class MiningService:
                 for name in extra:
                     table = table.append_column(name, rows.column(name).take(positions))
         return table
+
+
+def _plain(value: Any) -> Any:
+    """``stats`` as JSON values (NumPy scalars and arrays as Python numbers and lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # -- RunSpec <-> protobuf, field by field and by name ----------------------------------------

@@ -202,3 +202,57 @@ def test_npz_with_its_own_test_set(tmp_path):
     np.savez(tmp_path / "bad.npz", X=X, y=y, X_test=X_test)
     with pytest.raises(ValueError, match="both X_test and y_test"):
         al.load_dataset(str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.parametrize("strategy", ["typiclust", "probcover", "select", "seals_margin"])
+def test_issue21_strategies_run_through_the_server(client, strategy):
+    ds = tiny_dataset()
+    r = al.simulate(client, ds, "logreg", al.STRATEGIES[strategy], 1, CFG)
+    assert r["labels"] == [6, 10, 14, 18, 20] and r["fallback_rounds"] == 0
+    flat = [i for p in r["picks"] for i in p]
+    assert len(flat) == len(set(flat)) == 20
+
+
+def test_cold_start_from_zero_labels(client):
+    ds = tiny_dataset()
+    cfg = al.SimConfig(batch=4, budget=12, verify=True, initial=0)
+    model_free = al.simulate(client, ds, "logreg", al.STRATEGIES["typiclust"], 2, cfg)
+    assert model_free["labels"] == [0, 4, 8, 12] and model_free["fallback_rounds"] == 0
+    needs_model = al.simulate(client, ds, "logreg", al.STRATEGIES["margin"], 2, cfg)
+    # no model until two classes are labeled: the first round is random
+    assert needs_model["labels"] == [0, 4, 8, 12] and needs_model["fallback_rounds"] >= 1
+    assert needs_model["initial"] == 0 and len(needs_model["picks"][0]) == 0
+
+
+def test_an_existing_collection_and_a_user_learner_with_paired_tests(tmp_path):
+    """`--collection` reads the vectors and labels of a collection through the server (it is
+    only read), `--learners module:Class` fits the user's class; the report carries the
+    seeds and the paired test against random."""
+    import pyarrow as pa
+
+    ds = tiny_dataset()
+    server = start_server(ServerConfig(data=str(tmp_path / "data"), host="127.0.0.1", port=0, grace_s=1.0))
+    try:
+        with Client(server.address, timeout=60) as c:
+            col = c.create_collection("mine", spaces={"v": {"dim": 5, "metric": "l2", "normalized": False}})
+            col.upsert(pa.table({"id": [f"x{i}" for i in range(len(ds.y))],
+                                 "label": [ds.classes[v] for v in ds.y],
+                                 "emb_v": pa.FixedSizeListArray.from_arrays(pa.array(ds.X.ravel()), 5)}))
+            got = al.load_collection(c, "mine", "v")
+            np.testing.assert_allclose(got.X, ds.X)
+            assert [got.classes[v] for v in got.y] == [ds.classes[v] for v in ds.y]
+            out = tmp_path / "out"
+            assert al.main(["--collection", "mine", "--space", "v", "--server", server.address,
+                            "--learners", "sklearn.naive_bayes:GaussianNB", "--strategies", "random,typiclust",
+                            "--seeds", "3", "--batch", "4", "--budget", "14", "--out", str(out), "--no-plots"]) == 0
+            assert c.collection("mine").count() == len(ds.y)  # read, not changed
+    finally:
+        server.stop()
+    doc = json.loads((out / "al.json").read_text())
+    assert doc["complete"] and len(doc["runs"]) == 6
+    row = next(r for r in doc["summary"] if r["strategy"] == "typiclust")
+    assert row["learner"] == "sklearn.naive_bayes:GaussianNB" and row["vs_random"]["seeds"] == [0, 1, 2]
+    assert row["vs_random"]["aulc"]["n"] == 3
+    assert "paired vs random" in (out / "al.md").read_text()
+    with pytest.raises(SystemExit, match="fit"):
+        al.main(["--datasets", "wine", "--learners", "json:JSONDecoder", "--out", str(tmp_path / "o2")])

@@ -34,10 +34,15 @@ N, DIM, K, EPOCHS = 60, 4, 4, 3
 SIZE = 5
 IDS = [f"r{i:03d}" for i in range(N)]
 REFERENCE = "split = 'train'"
-#: What a miner needs beyond its defaults to run on the fixture (required seeds, stages).
+#: What a miner needs beyond its defaults to run on the fixture (required seeds, stages) or
+#: to return anything from it.
 NEEDS: dict[str, dict] = {
     "knn": {"seed_ids": ["r003", "r041"]},
     "chain": {"stages": [{"miner": "margin", "size": 20}, {"miner": "coreset"}]},
+    # the fixture has one near-duplicate pair, inside a split and unlabeled, and no exact
+    # duplicate: ask for every pair, and for the keep list
+    "duplicate_leaks": {"report": "all"},
+    "exact_duplicates": {"output": "keep"},
 }
 MINERS = sorted(registry.REGISTRY)
 

@@ -380,3 +380,22 @@ def test_kcenter_gpu_code_paths_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
             got, _ = kcenter_greedy(x, 100, prune=prune, stats=stats, block_rows=700)
             np.testing.assert_array_equal(got, want)
             assert stats["device"] == "torch:cpu"
+
+
+@pytest.mark.parametrize("method", ["kmeans", "hac"])
+def test_cluster_margin_sampled_clustering_then_assignment(monkeypatch, method) -> None:
+    import miners.diversity as div
+
+    # more candidates than the clustering sample: cluster a sample, assign every row to the
+    # nearest centre; well-separated blobs come out as the constructed clusters
+    monkeypatch.setattr(div, "CLUSTER_MARGIN_SAMPLE", 20)
+    x, truth, scores = blobs(3)
+    for size in (3, 10, 35):
+        picks = cluster_margin_select(x, scores, size, n_clusters=3, method=method, seed=1)
+        assert picks.tolist() == expected_round_robin(truth, scores, size)
+    # the default clusters are capped: a batch larger than the cap still round-robins
+    monkeypatch.setattr(div, "CLUSTER_MARGIN_MAX_CLUSTERS", 3)
+    picks = cluster_margin_select(x, scores, 35, method=method, seed=1)
+    assert picks.tolist() == expected_round_robin(truth, scores, 35)
+    with pytest.raises(ValueError, match="method must be"):
+        cluster_margin_select(x, scores, 3, method="ward")

@@ -64,8 +64,17 @@ def _main_row(run_id: str, **over) -> dict:
     return row
 
 
-def test_the_runs_schema_is_derived_and_equals_the_one_main_wrote():
-    assert RUNS_SCHEMA == MAIN_RUNS_SCHEMA
+# Fields added since (issue 21: SEALS candidates, the miner's stats): nullable, so an
+# existing `_runs` gains them as null columns and old records read back with the defaults.
+ADDED_FIELDS = [pa.field("candidates", pa.string()), pa.field("candidates_k", pa.int64()),
+                pa.field("stats", pa.string())]
+
+
+def test_the_runs_schema_is_derived_and_extends_the_one_main_wrote():
+    by_name = {f.name: f for f in RUNS_SCHEMA}
+    assert set(by_name) == set(MAIN_RUNS_SCHEMA.names) | {f.name for f in ADDED_FIELDS}
+    for f in [*MAIN_RUNS_SCHEMA, *ADDED_FIELDS]:
+        assert by_name[f.name] == f, f.name
     assert [f.name for f in fields(RunSpec)] == RUNS_SCHEMA.names
 
 
@@ -86,7 +95,10 @@ def test_a_runs_table_written_by_main_opens_and_takes_new_runs(tmp_path):
     runs.update(new, state="SUCCEEDED", graph=GRAPH)
     assert runs.get(new.run_id).graph == GRAPH and runs.get(new.run_id).params == {"k": 3}
     assert {r.run_id for r in runs.list("c")} == {"old1", "old2", new.run_id}
-    assert lancedb.connect(str(tmp_path)).open_table("_runs").schema == MAIN_RUNS_SCHEMA  # nothing migrated
+    # nothing rewritten: the new fields were appended as null columns
+    assert lancedb.connect(str(tmp_path)).open_table("_runs").schema == pa.schema([*MAIN_RUNS_SCHEMA,
+                                                                                   *ADDED_FIELDS])
+    assert old.seed == 3 and old.stats == {} and old.candidates == "" and old.candidates_k == 0
 
 
 def test_a_new_run_field_reaches_an_existing_root_as_a_null_column(tmp_path):
@@ -135,7 +147,9 @@ def test_a_record_goes_to_the_proto_and_back_to_the_same_request():
 
 def test_unset_request_fields_keep_the_defaults():
     req = run_from_request(rpc_start_mining("c", "margin", 4, model="m").request)
-    assert (req.seed, req.version, req.params, req.where, req.reverse) == (0, None, {}, "", False)
+    # seed None: the server records 0, or a fresh seed for a sampling miner (test_mining_select)
+    assert (req.seed, req.version, req.params, req.where, req.reverse) == (None, None, {}, "", False)
+    assert (req.candidates, req.candidates_k) == ("", 0)
     assert run_from_request(rpc_start_mining("c", "margin", 4, seed=0, version=0).request).version == 0
 
 

@@ -869,6 +869,8 @@ class AsyncCollection(AsyncCollectionBase):
         version: int | None = None,
         where_params: Mapping[str, Any] | None = None,
         objects_where: str | None = None,
+        candidates: str | None = None,
+        candidates_k: int | None = None,
         timeout: Timeout = DEFAULT,
     ) -> AsyncMiningJob:
         """Start a mining run: the ``size`` pool rows (``where``) ``miner`` ranks highest
@@ -877,7 +879,11 @@ class AsyncCollection(AsyncCollectionBase):
         ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
         ``job.results()``; ``job.tag("to-label")`` tags the selected rows. ``objects_where``
         restricts the pool to images with a box matching it (SQL over the object columns,
-        see :meth:`objects`), judged at the run's version."""
+        see :meth:`objects`), judged at the run's version. ``seed`` None: 0, or a fresh seed
+        (recorded in ``job.run()``) for miners that sample (``random``).
+        ``candidates="knn_of_labeled"`` (SEALS) mines only the ``candidates_k`` (default 100)
+        nearest pool rows of each labeled row (``reference_where``, default
+        ``label IS NOT NULL``) in ``space``."""
         rpc = rpc_start_mining(
             self.name,
             miner,
@@ -891,6 +897,8 @@ class AsyncCollection(AsyncCollectionBase):
             reverse=reverse,
             version=version,
             where_params=where_params,
+            candidates=candidates,
+            candidates_k=candidates_k,
         )
         return AsyncMiningJob(self.client, await self.client._unary(rpc, timeout))
 

@@ -620,18 +620,24 @@ class Collection:
              where: str | None = None, reference_where: str | None = None,
              params: Mapping[str, Any] | None = None, seed: int | None = None, reverse: bool = False,
              version: int | None = None, where_params: Mapping[str, Any] | None = None,
-             objects_where: str | None = None, timeout: Timeout = DEFAULT) -> MiningJob:
+             objects_where: str | None = None, candidates: str | None = None,
+             candidates_k: int | None = None, timeout: Timeout = DEFAULT) -> MiningJob:
         """Start a mining run: the ``size`` pool rows (``where``) ``miner`` ranks highest
         (lowest with ``reverse``), read at ``version`` (default: the current one).
         ``params`` are the miner's parameters; ``where_params`` are bound into ``where`` and
         ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
         ``job.results()``; ``job.tag("to-label")`` tags the selected rows. ``objects_where``
         restricts the pool to images with a box matching it (SQL over the object columns,
-        see :meth:`objects`), judged at the run's version."""
+        see :meth:`objects`), judged at the run's version. ``seed`` None: 0, or a fresh seed
+        (recorded in ``job.run()``) for miners that sample (``random``).
+        ``candidates="knn_of_labeled"`` (SEALS) mines only the ``candidates_k`` (default 100)
+        nearest pool rows of each labeled row (``reference_where``, default
+        ``label IS NOT NULL``) in ``space``."""
         rpc = rpc_start_mining(self.name, miner, size, model=model, space=space,
                                where=objects_filter(where, objects_where),
                                reference_where=reference_where, params=params, seed=seed,
-                               reverse=reverse, version=version, where_params=where_params)
+                               reverse=reverse, version=version, where_params=where_params,
+                               candidates=candidates, candidates_k=candidates_k)
         return MiningJob(self.client, self.client._unary(rpc, timeout))
 
     def score_stream(self, items: Any, *, model: str | None = None, space: str | None = None,

@@ -1,0 +1,530 @@
+"""Cold-start selection on embeddings: TypiClust and ProbCover (pure NumPy + FAISS).
+
+With few or no labels a model's uncertainty says little; both methods pick *typical,
+covering* examples from the embedding space alone. Rows are Euclidean vectors (cosine
+spaces: pass unit vectors, as the k-NN graph engine does).
+
+TypiClust (Hacohen, Dekel & Weinshall 2022, "Active learning on a budget")
+--------------------------------------------------------------------------
+1. Cluster ``L ∪ U`` (labeled and pool rows) into ``K = min(|L| + b, max_clusters)``
+   clusters with k-means (:func:`miners.clustering.kmeans`).
+2. Clusters smaller than ``min_cluster`` (the authors' code: 5) are never picked from.
+3. Each pick takes the cluster with the fewest covered rows (labeled rows plus the picks
+   so far), ties to the larger cluster, then the smaller cluster id (so with no labels the
+   largest clusters come first, one pick each, as in the paper's Algorithm 1), and picks its
+   most **typical** pool row not picked yet:
+   ``typicality(x) = (1/k' sum_{x_i in kNN(x)} ||x - x_i||)^(-1)``, the neighbours taken
+   among the cluster's members (the authors' code), ``k' = min(k, |cluster| // 2)``
+   (``k = 20``, the paper). Typicality is computed once per cluster, when it is first
+   picked from; ties go to the smaller row index.
+
+Cost: k-means (``O(N K d)`` to assign) plus, per cluster picked from, its exact k-NN graph
+(``O(n_c^2 d)``, blocked; clusters above 20,000 rows use the k-NN graph engine).
+
+ProbCover (Yehuda, Dekel, Hacohen & Weinshall 2022, "Active learning through a covering
+lens")
+-------------------------------------------------------------------------------------------
+With the ball ``B_delta(x) = {x' : ||x - x'|| <= delta}`` (it contains ``x``), ``x``
+*covers* the rows of its ball. The labeled rows cover their balls from the start; each pick
+is the pool row whose ball holds the most rows not covered yet (ties: the smaller row
+index), and its ball becomes covered — the greedy algorithm for max coverage on the
+``delta``-ball graph (the paper's Algorithm 1). Once every row is covered (no ball holds an
+uncovered row) the remaining picks are drawn uniformly at random from the pool rows left
+(seeded), as the authors' code does.
+
+``delta`` by the paper's purity rule: pseudo-labels from k-means with ``K`` = the number of
+classes; a ball is *pure* when all its rows share the pseudo-label of its centre, i.e. when
+``delta < r(x)``, ``r(x)`` the distance from ``x`` to the nearest row of another
+pseudo-label. ``purity(delta) = #{x : r(x) > delta} / N`` (measured on a seeded sample of
+``purity_sample`` balls; ``r`` itself is exact, over all rows) is non-increasing; the
+chosen ``delta`` is the largest with ``purity(delta) >= alpha`` (``alpha = 0.95``): with
+``q = ceil(alpha |S|)`` and ``r`` sorted ascending, the supremum is ``rho = r_(|S| - q + 1)``
+and ``delta`` is the largest float below it (``nextafter(rho, 0)``), or the largest value
+of a given grid ``deltas`` below ``rho`` (the paper searches a grid).
+
+Cost: the ball graph is an exact range search (FAISS ``IndexFlatL2.range_search`` in
+blocks of queries, ``O(N^2 d)`` time, never ``N x N`` in memory: ``O(E)`` for its ``E``
+edges, stored as CSR); the greedy touches each edge a constant number of times plus an
+``O(N)`` argmax per pick. ``r(x)`` costs ``O(|S| N d)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from indexing.settings import (
+    PROBCOVER_PURITY,
+    PROBCOVER_PURITY_SAMPLE,
+    TYPICLUST_K,
+    TYPICLUST_MAX_CLUSTERS,
+    TYPICLUST_MIN_CLUSTER,
+)
+from miners.clustering import kmeans
+
+__all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "other_label_distance",
+           "probcover_select", "purity_delta", "typiclust_select"]
+
+Progress = Callable[[float, str], None]
+Check = Callable[[], None]
+_EXACT_CLUSTER_ROWS = 20_000
+_RANGE_BLOCK = 4096
+_MAX_EDGES = 1 << 31
+_PAIR_VALUES = 1 << 23  # float64 values per chunk of the exact pair test (64 MB)
+
+
+def _noop_progress(fraction: float, message: str) -> None:
+    pass
+
+
+def _noop_check() -> None:
+    pass
+
+
+def _matrix(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x) if not isinstance(x, np.memmap) else x
+    if a.ndim != 2 or a.dtype.kind != "f":
+        raise ValueError(f"{name} must be a 2-D float array (rows, d); got {a.dtype} {a.shape}")
+    return a
+
+
+def _stack(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """``[labeled; pool]`` as float32 (labeled rows first) and the number of labeled rows."""
+    x = _matrix(pool, "pool")
+    if labeled is None or len(labeled) == 0:
+        return np.ascontiguousarray(x, dtype=np.float32), 0
+    lab = _matrix(labeled, "labeled")
+    if lab.shape[1] != x.shape[1]:
+        raise ValueError(f"labeled must have the pool's dimension {x.shape[1]}; got {lab.shape[1]}")
+    out = np.empty((len(lab) + len(x), x.shape[1]), dtype=np.float32)
+    out[:len(lab)] = lab
+    out[len(lab):] = x
+    return out, len(lab)
+
+
+def _check_size(size: Any, n: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not 0 <= int(size) <= n:
+        raise ValueError(f"size must be an integer in [0, {n}] (the pool rows); got {size!r}")
+    return int(size)
+
+
+# ----------------------------------------------------------------------------- TypiClust
+
+
+@dataclass
+class TypiClustResult:
+    """``rows``: pool rows in pick order; ``typicality`` of each pick (within its cluster);
+    ``cluster`` of each pick; ``n_clusters``; ``cluster_sizes`` (all rows, labeled ones
+    included)."""
+
+    rows: np.ndarray
+    typicality: np.ndarray
+    cluster: np.ndarray
+    n_clusters: int
+    cluster_sizes: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def cluster_typicality(x: np.ndarray, k: int) -> np.ndarray:
+    """Typicality of every row of ``x`` among the rows of ``x``:
+    ``1 / mean distance to its k' = min(k, n // 2)`` nearest other rows (``+inf`` when they
+    are all at distance 0; a lone row gets 0)."""
+    from miners.density import typicality_scores
+
+    n = len(x)
+    kk = min(int(k), n // 2)
+    if n < 2 or kk < 1:
+        return np.zeros(n)
+    if n <= _EXACT_CLUSTER_ROWS:
+        from miners.density import exact_knn_graph
+
+        _, dist = exact_knn_graph(np.ascontiguousarray(x, dtype=np.float32), kk)
+    else:
+        from miners.knn import knn_search
+
+        dist = knn_search(np.ascontiguousarray(x, dtype=np.float32), kk).distances
+    return typicality_scores(dist)
+
+
+def typiclust_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None = None,
+                     k: int = TYPICLUST_K, n_clusters: int | None = None,
+                     min_cluster: int = TYPICLUST_MIN_CLUSTER, max_clusters: int = TYPICLUST_MAX_CLUSTERS,
+                     seed: int = 0, labels: np.ndarray | None = None, progress: Progress | None = None,
+                     check: Check | None = None) -> TypiClustResult:
+    """TypiClust (module docstring): ``size`` typical pool rows from the largest uncovered
+    clusters.
+
+    Args:
+        pool: ``(N, d)`` float vectors of the unlabeled pool.
+        size: picks, ``0 <= size <= N``.
+        labeled: ``(L, d)`` vectors of the labeled rows (cover their clusters), or None.
+        k: neighbours of the typicality (``k' = min(k, |cluster| // 2)``).
+        n_clusters: k-means clusters (default ``min(L + size, max_clusters, L + N)``).
+        min_cluster: clusters with fewer rows are never picked from.
+        max_clusters: cap of the default ``n_clusters``.
+        seed: k-means seed.
+        labels: ``(L + N,)`` precomputed cluster ids of ``[labeled; pool]`` (skips k-means).
+        progress, check: hooks (k-means, then the picks).
+
+    Returns:
+        :class:`TypiClustResult`. Fewer than ``size`` rows only when every cluster of at
+        least ``min_cluster`` rows has run out of pool rows (then the rest comes from the
+        small clusters, most typical first).
+    """
+    progress = progress or _noop_progress
+    check = check or _noop_check
+    x, n_lab = _stack(pool, labeled)
+    n_pool = len(x) - n_lab
+    size = _check_size(size, n_pool)
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be an integer >= 1; got {k!r}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"row {int(np.argmin(np.isfinite(x).all(axis=1)))} of [labeled; pool] has NaN or "
+                         "infinite values")
+    t0 = time.perf_counter()
+    if labels is not None:
+        lab = np.asarray(labels)
+        if lab.shape != (len(x),) or lab.dtype.kind not in "iu" or (len(lab) and lab.min() < 0):
+            raise ValueError(f"labels must be non-negative integers of shape ({len(x)},) for [labeled; pool]")
+        lab = lab.astype(np.int64)
+        kk = int(lab.max()) + 1 if len(lab) else 0
+    else:
+        kk = n_clusters if n_clusters is not None else min(n_lab + size, max_clusters, len(x))
+        if isinstance(kk, bool) or not isinstance(kk, int | np.integer) or not 1 <= kk <= max(1, len(x)):
+            raise ValueError(f"n_clusters must be an integer in [1, {len(x)}]; got {n_clusters!r}")
+        if size == 0:
+            return TypiClustResult(np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64), 0,
+                                   np.empty(0, np.int64))
+        _, lab, _ = kmeans(x, int(kk), seed=seed, progress=lambda f, m: progress(0.8 * f, m), check=check)
+        kk = int(kk)
+    sizes = np.bincount(lab, minlength=kk)
+    covered = np.bincount(lab[:n_lab], minlength=kk).astype(np.int64)
+    members = np.argsort(lab, kind="stable")
+    starts = np.r_[0, np.cumsum(sizes)]
+    big = sizes >= min_cluster
+    picks: list[int] = []
+    typ_out: list[float] = []
+    cl_out: list[int] = []
+    order_cache: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+    for phase_big in (True, False):
+        active = np.flatnonzero(big if phase_big else ~big)
+        # clusters without pool rows are never chosen
+        while len(picks) < size and len(active):
+            check()
+            # fewest covered, then larger, then smaller id
+            sel = np.lexsort((active, -sizes[active], covered[active]))
+            c = int(active[sel[0]])
+            if c not in order_cache:
+                rows = members[starts[c]:starts[c + 1]]
+                typ = cluster_typicality(x[rows], k)
+                pool_mask = rows >= n_lab
+                cand = rows[pool_mask]
+                ct = typ[pool_mask]
+                o = np.lexsort((cand, -ct))
+                order_cache[c] = (cand[o], ct[o], 0)
+            cand, ct, pos = order_cache[c]
+            if pos >= len(cand):
+                active = active[active != c]
+                continue
+            picks.append(int(cand[pos]) - n_lab)
+            typ_out.append(float(ct[pos]))
+            cl_out.append(c)
+            order_cache[c] = (cand, ct, pos + 1)
+            covered[c] += 1
+            if pos + 1 >= len(cand):
+                active = active[active != c]
+            progress(0.8 + 0.2 * len(picks) / max(1, size), f"TypiClust: {len(picks):,} of {size:,} picks")
+    return TypiClustResult(np.asarray(picks, dtype=np.int64), np.asarray(typ_out), np.asarray(cl_out, np.int64),
+                           int(kk), sizes.astype(np.int64),
+                           {"seconds": time.perf_counter() - t0, "clusters_picked_from": len(order_cache)})
+
+
+# ----------------------------------------------------------------------------- ProbCover
+
+
+@dataclass
+class BallGraph:
+    """The ``delta``-ball graph in CSR form: row ``i``'s ball is
+    ``indices[indptr[i]:indptr[i + 1]]`` (itself included)."""
+
+    indptr: np.ndarray  # (N + 1,) int64
+    indices: np.ndarray  # (E,) int32 or int64
+    delta: float
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.indptr[-1])
+
+
+def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_edges: int = _MAX_EDGES,
+               progress: Progress | None = None, check: Check | None = None) -> BallGraph:
+    """Exact ``delta``-balls of every row of ``x`` among the rows of ``x``
+    (``||x_i - x_j|| <= delta``, FAISS flat range search on squared distances, queries in
+    blocks). Raises ValueError when the balls hold more than ``max_edges`` entries (a
+    smaller ``delta`` is needed)."""
+    import faiss
+
+    progress = progress or _noop_progress
+    check = check or _noop_check
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(xa)
+    index = faiss.IndexFlatL2(xa.shape[1])
+    index.add(xa)
+    # squared radius widened by the float32 error bound so that no pair within delta is
+    # missed; the float64 test below decides
+    r2 = float(delta) ** 2
+    radius = r2 + 2.0 * _f32_error(xa) + 1e-12
+    counts = np.zeros(n, dtype=np.int64)
+    parts: list[np.ndarray] = []
+    total = 0
+    dtype = np.int32 if n < 2**31 else np.int64
+    t0 = time.perf_counter()
+    for s in range(0, n, block):
+        check()
+        e = min(n, s + block)
+        lims, _, idx = index.range_search(xa[s:e], radius)
+        idx = idx.astype(np.int64)
+        rows = np.repeat(np.arange(s, e), np.diff(lims).astype(np.int64))
+        # exact float64 test of the candidate pairs, a bounded number of pairs at a time
+        # (all of a block's pairs at once took ~20 GB for balls of thousands of 384-d rows)
+        keep = np.empty(len(idx), dtype=bool)
+        step = max(1024, _PAIR_VALUES // max(1, xa.shape[1]))
+        for p0 in range(0, len(idx), step):
+            p1 = min(len(idx), p0 + step)
+            diff = xa[rows[p0:p1]].astype(np.float64) - xa[idx[p0:p1]]
+            keep[p0:p1] = np.einsum("ij,ij->i", diff, diff) <= r2
+        rows, idx = rows[keep], idx[keep]
+        # per query, sort its ball by row index
+        o = np.lexsort((idx, rows))
+        rows, idx = rows[o], idx[o]
+        counts[s:e] = np.bincount(rows - s, minlength=e - s)
+        total += len(idx)
+        if total > max_edges:
+            raise ValueError(f"the {delta:g}-balls hold more than {max_edges:,} entries after {e:,} of {n:,} rows; "
+                             "use a smaller delta")
+        parts.append(idx.astype(dtype))
+        el = time.perf_counter() - t0
+        progress(e / max(1, n), f"ball graph (delta {delta:.4g}): {e:,} of {n:,} rows, {total:,} entries"
+                 f"{'' if e == n else f', ETA {el * (n - e) / e:.0f} s'}")
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return BallGraph(indptr, np.concatenate(parts) if parts else np.empty(0, dtype=dtype), float(delta))
+
+
+def _f32_error(x: np.ndarray) -> float:
+    """A bound on the absolute error of a float32 ``|q|^2 + |x|^2 - 2 q.x`` between rows
+    of ``x``: ``(d + 4) 2^-23 * 4 max|x|^2`` (each term is at most ``max|x|^2``; a dot
+    product of ``d`` terms errs by at most ``d u`` of its magnitude, plus the three sums)."""
+    if not len(x):
+        return 0.0
+    top = 0.0
+    for s in range(0, len(x), 65_536):
+        blk = np.asarray(x[s:s + 65_536], dtype=np.float64)
+        top = max(top, float(np.einsum("ij,ij->i", blk, blk).max()))
+    return (x.shape[1] + 4) * 2.0**-23 * 4.0 * top
+
+
+def other_label_distance(x: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None, *,
+                         block: int = 1024, chunk: int = 65_536, progress: Progress | None = None,
+                         check: Check | None = None) -> np.ndarray:
+    """``r(x_i) = min_{j : labels_j != labels_i} ||x_i - x_j||`` for the queried ``rows``
+    (default all), exact: float32 ``|q|^2 + |x|^2 - 2 q.x`` over blocks of queries and
+    chunks of rows keeps, per query and chunk, every other-label row within twice the
+    float32 error bound of the chunk's minimum (the true nearest is among them); their
+    distances are then recomputed in float64. ``+inf`` when every row shares the label.
+    ``O(|rows| N d)`` time, ``O(block * chunk)`` memory."""
+    progress = progress or _noop_progress
+    check = check or _noop_check
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    lab = np.asarray(labels, dtype=np.int64)
+    if lab.shape != (len(xa),):
+        raise ValueError(f"labels must have one entry per row ({len(xa)}); got {lab.shape}")
+    q_rows = np.arange(len(xa)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(xa)
+    xx = np.einsum("ij,ij->i", xa, xa)
+    out = np.full(len(q_rows), np.inf)
+    tol = np.float32(2.0 * _f32_error(xa))
+    t0 = time.perf_counter()
+    for s in range(0, len(q_rows), block):
+        check()
+        qr = q_rows[s:s + block]
+        q, qq, ql = xa[qr], xx[qr], lab[qr]
+        qi_parts, ci_parts = [], []
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            d2 = qq[:, None] + xx[None, c0:c1] - np.float32(2.0) * (q @ xa[c0:c1].T)
+            d2[ql[:, None] == lab[None, c0:c1]] = np.inf
+            lo = d2.min(axis=1)
+            qi, ci = np.nonzero(d2 <= (lo + tol)[:, None])
+            qi_parts.append(qi)
+            ci_parts.append(ci + c0)
+        qi, ci = np.concatenate(qi_parts), np.concatenate(ci_parts)
+        if len(qi):
+            diff = xa[qr[qi]].astype(np.float64) - xa[ci].astype(np.float64)
+            d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+            best = np.full(len(qr), np.inf)
+            np.minimum.at(best, qi, d)
+            out[s:s + len(qr)] = best
+        done = s + len(qr)
+        el = time.perf_counter() - t0
+        progress(done / max(1, len(q_rows)), f"distance to the nearest other pseudo-label: {done:,} of "
+                 f"{len(q_rows):,} rows{'' if done == len(q_rows) else f', ETA {el * (len(q_rows) - done) / done:.0f} s'}")
+    return out
+
+
+def purity_delta(r: np.ndarray, alpha: float = PROBCOVER_PURITY,
+                 deltas: Sequence[float] | None = None) -> tuple[float, float]:
+    """The largest ``delta`` with ``purity(delta) = #{r > delta} / len(r) >= alpha`` and its
+    purity (module docstring). ``r``: each ball's distance to the nearest other-label row."""
+    r = np.sort(np.asarray(r, dtype=np.float64))
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1]; got {alpha!r}")
+    if len(r) == 0:
+        raise ValueError("purity needs at least one ball")
+    q = math.ceil(alpha * len(r) - 1e-9)
+    rho = float(r[len(r) - q])
+    if deltas is None:
+        if not np.isfinite(rho):
+            raise ValueError("every ball is pure at any radius (a single pseudo-label): give delta")
+        delta = float(np.nextafter(rho, 0.0)) if rho > 0 else 0.0
+    else:
+        grid = np.asarray(sorted(float(d) for d in deltas))
+        below = grid[grid < rho]
+        if not len(below):
+            raise ValueError(f"no delta of the grid is below {rho:g}, where purity falls under {alpha:g}")
+        delta = float(below[-1])
+    purity = float(np.count_nonzero(r > delta)) / len(r)
+    return delta, purity
+
+
+@dataclass
+class ProbCoverResult:
+    """``rows``: pool rows in pick order; ``gain``: rows each pick newly covered (0 for the
+    random fill); ``delta`` used and, when chosen by the purity rule, its ``purity``;
+    ``covered``: fraction of ``[labeled; pool]`` rows covered after the picks;
+    ``random_fill``: picks drawn at random once everything was covered; ``n_edges``."""
+
+    rows: np.ndarray
+    gain: np.ndarray
+    delta: float
+    purity: float | None
+    covered: float
+    random_fill: int
+    n_edges: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None = None,
+                     delta: float | None = None, n_classes: int | None = None,
+                     alpha: float = PROBCOVER_PURITY, deltas: Sequence[float] | None = None,
+                     purity_sample: int = PROBCOVER_PURITY_SAMPLE, seed: int = 0,
+                     graph: BallGraph | None = None, progress: Progress | None = None,
+                     check: Check | None = None) -> ProbCoverResult:
+    """ProbCover (module docstring).
+
+    Args:
+        pool: ``(N, d)`` float vectors of the unlabeled pool.
+        size: picks, ``0 <= size <= N``.
+        labeled: ``(L, d)`` labeled vectors (their balls are covered from the start).
+        delta: the ball radius; None: chosen by the purity rule (needs ``n_classes``).
+        n_classes: ``K`` of the k-means pseudo-labels of the purity rule.
+        alpha: the share of pure balls the rule requires (0.95).
+        deltas: optional grid of radii for the rule (the paper's search).
+        purity_sample: balls whose purity is measured (a seeded sample of ``[labeled; pool]``).
+        seed: k-means, the purity sample and the random fill.
+        graph: a precomputed :class:`BallGraph` of ``[labeled; pool]`` (skips the search).
+        progress, check: hooks.
+
+    Returns:
+        :class:`ProbCoverResult`.
+    """
+    progress = progress or _noop_progress
+    check = check or _noop_check
+    x, n_lab = _stack(pool, labeled)
+    n = len(x)
+    n_pool = n - n_lab
+    size = _check_size(size, n_pool)
+    if not np.isfinite(x).all():
+        raise ValueError(f"row {int(np.argmin(np.isfinite(x).all(axis=1)))} of [labeled; pool] has NaN or "
+                         "infinite values")
+    t0 = time.perf_counter()
+    purity = None
+    stats: dict[str, Any] = {}
+    if graph is None:
+        if delta is None:
+            if n_classes is None or isinstance(n_classes, bool) or not isinstance(n_classes, int | np.integer) \
+                    or n_classes < 2:
+                raise ValueError("choosing delta by purity needs n_classes >= 2 (the number of classes); "
+                                 "or give delta")
+            _, pseudo, _ = kmeans(x, min(int(n_classes), n), seed=seed,
+                                  progress=lambda f, m: progress(0.1 * f, m), check=check)
+            rows = None
+            if n > purity_sample:
+                rows = np.sort(np.random.default_rng([seed, 41]).choice(n, purity_sample, replace=False))
+            r = other_label_distance(x, pseudo, rows, progress=lambda f, m: progress(0.1 + 0.3 * f, m),
+                                     check=check)
+            delta, purity = purity_delta(r, alpha, deltas)
+            stats["purity_sample"] = len(r)
+        elif not (np.isfinite(delta) and delta >= 0):
+            raise ValueError(f"delta must be a finite number >= 0; got {delta!r}")
+        graph = ball_graph(x, float(delta), progress=lambda f, m: progress(0.4 + 0.4 * f, m), check=check)
+    elif len(graph.indptr) != n + 1:
+        raise ValueError(f"graph has {len(graph.indptr) - 1} rows; [labeled; pool] has {n}")
+    delta = graph.delta
+    indptr, indices = graph.indptr, graph.indices
+    uncovered = np.ones(n, dtype=bool)
+
+    def cover(centres: np.ndarray) -> np.ndarray:
+        """Mark the balls of ``centres`` covered; returns the rows newly covered."""
+        if not len(centres):
+            return np.empty(0, dtype=np.int64)
+        segs = [indices[indptr[c]:indptr[c + 1]] for c in centres]
+        members = np.unique(np.concatenate(segs)) if segs else np.empty(0, dtype=np.int64)
+        new = members[uncovered[members]]
+        uncovered[new] = False
+        return new
+
+    # degree = uncovered rows in each ball; balls are symmetric, so a row newly covered
+    # lowers the degree of every centre in its own ball
+    deg = np.zeros(n, dtype=np.int64)
+    cover(np.arange(n_lab))
+    unc_idx = uncovered[indices]
+    sizes = np.diff(indptr)
+    nonempty = sizes > 0
+    sums = np.add.reduceat(unc_idx.astype(np.int64), indptr[:-1][nonempty]) if unc_idx.size else np.zeros(0)
+    deg[nonempty] = sums
+    deg[:n_lab] = -1  # labeled rows are never picked
+    picks: list[int] = []
+    gains: list[int] = []
+    rng = np.random.default_rng([seed, 43])
+    random_fill = 0
+    while len(picks) < size:
+        check()
+        c = int(np.argmax(deg))
+        if deg[c] <= 0:
+            left = np.flatnonzero(deg[n_lab:] >= 0) + n_lab
+            fill = rng.choice(left, size - len(picks), replace=False)
+            picks.extend(int(v) for v in fill)
+            gains.extend([0] * len(fill))
+            random_fill = len(fill)
+            break
+        new = cover(np.array([c]))
+        picks.append(c)
+        gains.append(len(new))
+        if len(new):
+            segs = [indices[indptr[v]:indptr[v + 1]] for v in new]
+            dec = np.bincount(np.concatenate(segs), minlength=n)
+            # picked and labeled rows hold negative degrees, which only decrease
+        deg -= dec
+        deg[c] = -1
+        if len(picks) % 64 == 0:
+            progress(0.8 + 0.2 * len(picks) / max(1, size), f"ProbCover: {len(picks):,} of {size:,} picks")
+    stats["seconds"] = time.perf_counter() - t0
+    return ProbCoverResult(np.asarray(picks, dtype=np.int64) - n_lab, np.asarray(gains, dtype=np.int64),
+                           float(delta), purity, float(1.0 - uncovered.mean()) if n else 1.0, random_fill,
+                           graph.n_edges, stats)
