@@ -123,19 +123,8 @@ MIN_IVF_ROWS = 4096
 FLAT_MAX_BYTES = 4 * 2**30
 #: candidates per neighbour taken from SQ8 codes before the exact re-ranking.
 RERANK = 2
-#: k-means: Lloyd iterations, and sampled training rows: at most TRAIN_ROWS and 39 per list.
-TRAIN_ITERATIONS = 6
-TRAIN_ROWS = 100_000
-#: longest stretch of k-means between two cancel checks (estimated at GEMM_FLOPS)
-TRAIN_CHUNK_SECONDS = 2.0
-#: a conservative float32 matrix-product rate of two busy cores, for sizing chunks only
-GEMM_FLOPS = 20e9
-#: rows per coarse-assignment call
-ASSIGN_BLOCK = 16_384
-#: queries per scan block of the ivf-gemm path (their probed lists are scanned together)
-SCAN_BLOCK = 32_768
-#: candidates beyond k kept from the float32 products for the exact re-ranking
-SPARE = 2
+TRAIN_ITERATIONS = 10
+MIN_TRAIN_ROWS = 20_000
 BASE_CHUNK = 65_536
 BLOCK_SECONDS = 1.5
 MAX_BLOCK = 65_536
@@ -219,7 +208,7 @@ class KnnResult:
 
 @dataclass(frozen=True)
 class Plan:
-    kind: str  # "exact", "ivf-gemm", "ivf-flat", "ivf-sq8"
+    kind: str  # "exact", "ivf-flat", "ivf-sq8"
     nlist: int = 0
     train_rows: int = 0
 
@@ -240,31 +229,24 @@ def nlist_for(n: int) -> int:
     return int(min(8192, max(16, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))))
 
 
-METHODS = ("auto", "exact", "ivf-gemm", "ivf-flat", "ivf-sq8")
-
-
 def plan(n_base: int, n_queries: int, dim: int, *, method: str = "auto") -> Plan:
-    """Exact or IVF (and which scan) for a search of ``n_queries`` among ``n_base`` rows."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    """Exact or IVF (and which codes) for a search of ``n_queries`` among ``n_base`` rows."""
+    if method not in ("auto", "exact", "ivf-flat", "ivf-sq8"):
+        raise ValueError(f"method must be auto, exact, ivf-flat or ivf-sq8; got {method!r}")
     if method == "exact" or (method == "auto" and (n_base * n_queries <= EXACT_MAX_PAIRS
                                                      or n_base < MIN_IVF_ROWS)):
         return Plan("exact")
-    return _ivf_plan(n_base, dim, "ivf-gemm" if method == "auto" else method)
-
-
-def train_rows_for(n: int, nlist: int) -> int:
-    """Sampled k-means training rows: ``min(n, TRAIN_ROWS, 39 nlist)`` (at least ``nlist``)."""
-    return int(min(n, max(nlist, min(TRAIN_ROWS, 39 * nlist))))
+    return _ivf_plan(n_base, dim, method)
 
 
 def _ivf_plan(n: int, dim: int, method: str) -> Plan:
     nlist = min(nlist_for(n), max(1, n // 39))
+    train = min(n, max(39 * nlist, MIN_TRAIN_ROWS))
     kind = method
-    if method == "auto-index":  # an index kept for later queries (tuned_index)
+    if method == "auto":
         size = n * dim * 4
         kind = "ivf-flat" if size <= FLAT_MAX_BYTES and 3 * size <= _available_bytes() else "ivf-sq8"
-    return Plan(kind, nlist, train_rows_for(n, nlist))
+    return Plan(kind, nlist, train)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -398,39 +380,10 @@ def _faiss() -> Any:
     return faiss
 
 
-def train_centroids(x: np.ndarray, nlist: int, *, rows: int | None = None, seed: int = 0,
-                    progress: Progress = _noop_progress, check: Check = _noop_check) -> np.ndarray:
-    """``nlist`` k-means centroids of a seeded sample of ``x``'s rows (``train_rows_for``):
-    FAISS's own k-means (``faiss.Kmeans``), ``TRAIN_ITERATIONS`` Lloyd iterations, in one call
-    when they take at most ``TRAIN_CHUNK_SECONDS`` (estimated), else in chunks of iterations
-    continued from the previous centroids, with ``check()`` and progress between chunks."""
-    faiss = _faiss()
-    n, d = x.shape
-    t = min(n, rows or train_rows_for(n, nlist))
-    rng = np.random.default_rng(seed)
-    sample = _rows(x, np.sort(rng.choice(n, t, replace=False))) if t < n else _block(x, 0, n)
-    per_iteration = 2.0 * t * nlist * d / GEMM_FLOPS
-    chunk = int(max(1, min(TRAIN_ITERATIONS, TRAIN_CHUNK_SECONDS // max(per_iteration, 1e-9))))
-    centroids, done, t0 = None, 0, time.perf_counter()
-    while done < TRAIN_ITERATIONS:
-        check()
-        step = min(chunk, TRAIN_ITERATIONS - done)
-        # min_points_per_centroid=1: fewer than 39 rows a list is a choice here, not a mistake
-        km = faiss.Kmeans(d, nlist, niter=step, seed=seed + done, max_points_per_centroid=1 << 30,
-                          min_points_per_centroid=1)
-        km.train(sample, init_centroids=centroids)
-        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-        done += step
-        progress(done / TRAIN_ITERATIONS,
-                 f"training {nlist} IVF lists on {t:,} rows: iteration {done}/{TRAIN_ITERATIONS}"
-                 f"{_eta(done, TRAIN_ITERATIONS, time.perf_counter() - t0)}")
-    return centroids
-
-
 class IvfIndex:
-    """A FAISS IVF index over ``x`` (``codes``: "flat" or "sq8") for queries that come later,
-    its lists from :func:`train_centroids`, filled in chunks; the base stays referenced for
-    the exact re-ranking of SQ8 candidates."""
+    """A FAISS IVF index over ``x`` (``codes``: "flat" or "sq8"), trained on a seeded sample
+    one Lloyd iteration at a time, filled in chunks; the base stays referenced for the exact
+    re-ranking of SQ8 candidates."""
 
     def __init__(self, x: np.ndarray, nlist: int, codes: str = "flat", *, train_rows: int | None = None,
                  seed: int = 0, progress: Progress = _noop_progress, check: Check = _noop_check) -> None:
@@ -439,20 +392,31 @@ class IvfIndex:
         n, d = x.shape
         self.nlist = nlist
         self.nprobe = 1
-        if codes not in ("flat", "sq8"):
-            raise ValueError(f"codes must be 'flat' or 'sq8'; got {codes!r}")
-        centroids = train_centroids(x, nlist, rows=train_rows, seed=seed, progress=_sub(progress, 0.0, 0.3),
-                                    check=check)
+        rng = np.random.default_rng(seed)
+        t = min(n, train_rows or max(39 * nlist, MIN_TRAIN_ROWS))
+        sample = _rows(x, np.sort(rng.choice(n, t, replace=False)) if t < n else np.arange(n))
+        km = faiss.Kmeans(d, nlist, niter=1, seed=seed, max_points_per_centroid=1 << 30)
+        centroids = None
+        t0 = time.perf_counter()
+        for it in range(TRAIN_ITERATIONS):
+            check()
+            km.train(sample, init_centroids=centroids)
+            centroids = km.centroids.copy()
+            km = faiss.Kmeans(d, nlist, niter=1, seed=seed + it + 1, max_points_per_centroid=1 << 30)
+            el = time.perf_counter() - t0
+            progress(0.3 * (it + 1) / TRAIN_ITERATIONS,
+                     f"training {nlist} IVF lists on {t:,} rows: iteration {it + 1}/{TRAIN_ITERATIONS}"
+                     f"{_eta(it + 1, TRAIN_ITERATIONS, el)}")
         self.quantizer = faiss.IndexFlatL2(d)
         self.quantizer.add(centroids)
         if codes == "flat":
             self.index = faiss.IndexIVFFlat(self.quantizer, d, nlist)
-        else:
+        elif codes == "sq8":
             self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit)
-            # the quantizer is trained: only the SQ ranges are fitted, on a seeded sample
-            rng = np.random.default_rng(seed + 1)
-            t = min(n, train_rows or train_rows_for(n, nlist))
-            self.index.train(_rows(x, np.sort(rng.choice(n, t, replace=False))) if t < n else _block(x, 0, n))
+        else:
+            raise ValueError(f"codes must be 'flat' or 'sq8'; got {codes!r}")
+        self.index.train(sample)  # the quantizer is trained: only the SQ ranges are fitted here
+        del sample
         t0 = time.perf_counter()
         for start in range(0, n, BASE_CHUNK):
             check()
@@ -515,291 +479,18 @@ class IvfIndex:
         return idx, dist
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        return _exact_distances(self.x, q, cand)
-
-
-def _exact_distances(x: np.ndarray, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Exact Euclidean distances (float32 differences, float64 result) between each query row
-    and its candidate base rows (``-1``: none, ``+inf``), in sub-blocks of ~128 MiB."""
-    out = np.full(cand.shape, np.inf)
-    step = max(1, (128 << 20) // max(1, cand.shape[1] * q.shape[1] * 4))
-    for s in range(0, len(q), step):
-        c = cand[s:s + step]
-        ok = c >= 0
-        flat = np.where(ok, c, 0).ravel()
-        g = _rows(x, flat).reshape(c.shape[0], c.shape[1], -1)
-        g -= q[s:s + step, None, :]
-        d2 = np.einsum("bcd,bcd->bc", g, g).astype(np.float64)
-        out[s:s + step] = np.where(ok, np.sqrt(np.maximum(d2, 0.0)), np.inf)
-    return out
-
-
-# ------------------------------------------------------------------------------ ivf-gemm
-
-
-def _assign(quantizer: Any, x: np.ndarray, nprobe: int, dtype: type, *, progress: Progress, check: Check,
-            what: str) -> np.ndarray:
-    """The ``nprobe`` nearest lists of every row of ``x`` (nearest first), in blocks."""
-    n = len(x)
-    out = np.empty((n, nprobe), dtype=dtype)
-    t0 = time.perf_counter()
-    for s in range(0, n, ASSIGN_BLOCK):
-        check()
-        e = min(n, s + ASSIGN_BLOCK)
-        out[s:e] = quantizer.search(_block(x, s, e), nprobe)[1]
-        progress(e / n, f"{what}: {e:,} of {n:,} rows{_eta(e, n, time.perf_counter() - t0)}")
-    return out
-
-
-def _list_rank(centroids: np.ndarray, seed: int) -> np.ndarray:
-    """A position for each list such that nearby lists sit close together (lists grouped by a
-    k-means of their centroids into ~sqrt(nlist) groups): queries taken in this order probe
-    overlapping sets of lists, block after block."""
-    nlist, d = centroids.shape
-    rank = np.arange(nlist, dtype=np.int64)
-    groups = int(round(math.sqrt(nlist)))
-    if groups < 4:
-        return rank
-    faiss = _faiss()
-    km = faiss.Kmeans(d, groups, niter=10, seed=seed, max_points_per_centroid=1 << 30, min_points_per_centroid=1)
-    km.train(centroids)
-    grp = km.index.search(centroids, 1)[1][:, 0]
-    order = np.lexsort((np.arange(nlist), grp))
-    rank[order] = np.arange(nlist)
-    return rank
-
-
-class _Lists:
-    """The base rows of each inverted list, as ``[x, |x|^2]`` float32 rows (so that one matrix
-    product with ``[-2q, 1]`` gives ``|q - x|^2 - |q|^2``): a list-ordered copy when it fits
-    (``copy``), else gathered from ``x`` (a memory map: rows read in file order) on demand."""
-
-    def __init__(self, x: np.ndarray, lists: np.ndarray, nlist: int, copy: bool, check: Check) -> None:
-        self.x = x
-        self.order = np.argsort(lists, kind="stable")  # rows by list, ascending inside a list
-        self.start = np.zeros(nlist + 1, dtype=np.int64)
-        np.cumsum(np.bincount(lists, minlength=nlist), out=self.start[1:])
-        self.xa: np.ndarray | None = None
-        if copy:
-            n, d = x.shape
-            self.xa = np.empty((n, d + 1), dtype=np.float32)
-            for s in range(0, n, BASE_CHUNK):
-                check()
-                e = min(n, s + BASE_CHUNK)
-                self.xa[s:e, :d] = _rows(x, self.order[s:e])
-                self.xa[s:e, d] = np.einsum("ij,ij->i", self.xa[s:e, :d], self.xa[s:e, :d])
-
-    def get(self, lst: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.start[lst], self.start[lst + 1]
-        ids = self.order[a:b]
-        if self.xa is not None:
-            return self.xa[a:b], ids
-        d = self.x.shape[1]
-        out = np.empty((len(ids), d + 1), dtype=np.float32)
-        out[:, :d] = self.x[ids]
-        out[:, d] = np.einsum("ij,ij->i", out[:, :d], out[:, :d])
-        return out, ids
-
-
-def _scan_block(qa: np.ndarray, probes: np.ndarray, lists: _Lists, kk: int, tick: Callable[[float], None]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidates of a block of queries ``qa = [-2q, 1]`` among the base rows of their probed
-    lists (``probes``, nearest first), scored by ``g = |q - x|^2 - |q|^2`` (float32 products):
-
-    1. each query's nearest list, whole (queries come sorted by it, so one product per run
-       of queries): its ``kk`` best, whose worst score ``tau`` bounds the ``kk``-th best
-       score over all the query's lists from above;
-    2. every other probed list, with all the block's queries that probe it in one product:
-       only entries below the query's ``tau`` can be among its ``kk`` best, and are kept.
-
-    Returns (query position, base row, score) of every candidate kept.
-    """
-    nq = len(qa)
-    prim = probes[:, 0].astype(np.int64)
-    tau = np.full(nq, np.inf, dtype=np.float32)
-    pos_parts: list[np.ndarray] = []
-    id_parts: list[np.ndarray] = []
-    g_parts: list[np.ndarray] = []
-    cuts = np.flatnonzero(prim[1:] != prim[:-1]) + 1
-    for a, b in zip(np.r_[0, cuts], np.r_[cuts, nq], strict=True):
-        xa, ids = lists.get(int(prim[a]))
-        if len(ids):
-            g = qa[a:b] @ xa.T
-            if len(ids) > kk:
-                part = np.argpartition(g, kk - 1, axis=1)[:, :kk]
-                g = np.take_along_axis(g, part, axis=1)
-                tau[a:b] = g.max(axis=1)
-                sel = ids[part]
-            else:
-                sel = np.broadcast_to(ids, g.shape)
-            pos_parts.append(np.repeat(np.arange(a, b), g.shape[1]))
-            id_parts.append(sel.ravel())
-            g_parts.append(g.ravel())
-        tick(0.1 * b / nq)
-    if probes.shape[1] > 1:
-        rest = probes[:, 1:].ravel()
-        o = np.argsort(rest, kind="stable")
-        by_list = rest[o]
-        qpos = o // (probes.shape[1] - 1)
-        cuts = np.flatnonzero(by_list[1:] != by_list[:-1]) + 1
-        starts, stops = np.r_[0, cuts], np.r_[cuts, len(o)]
-        for j, (a, b) in enumerate(zip(starts, stops, strict=True)):
-            xa, ids = lists.get(int(by_list[a]))
-            if len(ids):
-                pos = qpos[a:b]
-                g = qa[pos] @ xa.T
-                r, c = np.nonzero(g < tau[pos, None])
-                if len(r):
-                    pos_parts.append(pos[r])
-                    id_parts.append(ids[c])
-                    g_parts.append(g[r, c])
-            tick(0.1 + 0.9 * (j + 1) / len(starts))
-    if not pos_parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(pos_parts), np.concatenate(id_parts).astype(np.int64), np.concatenate(g_parts)
-
-
-def _best(nq: int, pos: np.ndarray, ids: np.ndarray, g: np.ndarray, r: int) -> np.ndarray:
-    """The ``r`` lowest-scored candidates of each query (``-1`` padded), from flat triples."""
-    o = np.lexsort((g, pos))
-    pos, ids = pos[o], ids[o]
-    first = np.zeros(nq + 1, dtype=np.int64)
-    np.cumsum(np.bincount(pos, minlength=nq), out=first[1:])
-    rank = np.arange(len(pos)) - first[pos]
-    keep = rank < r
-    out = np.full((nq, r), -1, dtype=np.int64)
-    out[pos[keep], rank[keep]] = ids[keep]
-    return out
-
-
-def _predicted_recall(quantizer: Any, x: np.ndarray, sq: np.ndarray, ex_i: np.ndarray, ladder: list[int]
-                      ) -> list[float]:
-    """Recall@k of the ivf-gemm scan at each ``nprobe`` of the ladder, for the sample queries
-    ``sq`` with exact neighbours ``ex_i``: the scan lists exactly the best ``k`` rows of the
-    probed lists, so it finds an exact neighbour iff that neighbour's list is among the
-    query's ``nprobe`` nearest (ties can only add hits)."""
-    nlist = quantizer.ntotal
-    top = min(nlist, ladder[-1])
-    probes = quantizer.search(sq, top)[1]
-    valid = ex_i >= 0
-    rows = np.unique(ex_i[valid])
-    if len(rows) == 0:
-        return [1.0] * len(ladder)
-    lists = quantizer.search(_rows(x, rows), 1)[1][:, 0]
-    nb_list = lists[np.searchsorted(rows, np.where(valid, ex_i, rows[0]))]
-    rank = np.full(ex_i.shape, top, dtype=np.int64)
-    where = np.full(nlist, top, dtype=np.int64)
-    for i in range(len(sq)):
-        where[probes[i]] = np.arange(top)
-        rank[i] = where[nb_list[i]]
-        where[probes[i]] = top
-    avail = valid.sum(axis=1)
-    ok = avail > 0
-    out = []
-    for p in ladder:
-        hits = ((rank < p) & valid).sum(axis=1)
-        out.append(float(np.mean(hits[ok] / avail[ok])) if ok.any() else 1.0)
-    return out
-
-
-def _ivf_gemm(x: np.ndarray, q: np.ndarray, own: bool, k: int, self_ids: np.ndarray | None, p: Plan, *,
-              target_recall: float, recall_sample: int, seed: int, progress: Progress, check: Check
-              ) -> KnnResult:
-    """The ivf-gemm path (module docstring): k-means lists, nprobe from the sample's predicted
-    recall, every query's probed lists scanned by matrix products, exact re-ranking."""
-    faiss = _faiss()
-    n, d = x.shape
-    m = len(q)
-    nlist = p.nlist
-    t0 = time.perf_counter()
-    # 1. lists (progress 0 - 0.12)
-    centroids = train_centroids(x, nlist, rows=p.train_rows, seed=seed, progress=_sub(progress, 0.0, 0.12),
-                                check=check)
-    quantizer = faiss.IndexFlatL2(d)
-    quantizer.add(centroids)
-    build_s = time.perf_counter() - t0
-    # 2. exact neighbours of the sample, nprobe from their predicted recall (0.12 - 0.2)
-    t1 = time.perf_counter()
-    sample = _pick_sample(m, recall_sample, seed)
-    s_self = None if self_ids is None else self_ids[sample]
-    sq = _rows(q, sample)
-    ex_i, ex_d = exact_search(x, sq, k, self_ids=s_self, progress=_sub(progress, 0.12, 0.19), check=check,
-                              what=f"recall check: exact k-NN of {len(sample):,} sample rows")
-    check()
-    ladder = [r for r in _LADDER if r <= max(1, nlist // 4)] or [1]
-    predicted = _predicted_recall(quantizer, x, sq, ex_i, ladder)
-    step = next((i for i, r in enumerate(predicted) if r >= target_recall), len(ladder) - 1)
-    nprobe = ladder[step]
-    progress(0.2, f"tuning nprobe: {nprobe} of {nlist} lists gives recall@{k} {predicted[step]:.3f} "
-                  f"on the sample (target {target_recall:g})")
-    recall_s = time.perf_counter() - t1
-    # 3. assign rows to lists: the base's nearest list, each query's nprobe nearest (0.2 - 0.4)
-    t2 = time.perf_counter()
-    dtype = np.int16 if nlist <= np.iinfo(np.int16).max else np.int32
-    what = "assigning rows to lists"
-    if own:
-        probes = _assign(quantizer, x, nprobe, dtype, progress=_sub(progress, 0.2, 0.4), check=check, what=what)
-        base_list = probes[:, 0]
-    else:
-        base_list = _assign(quantizer, x, 1, dtype, progress=_sub(progress, 0.2, 0.3), check=check,
-                            what=what)[:, 0]
-        probes = _assign(quantizer, q, nprobe, dtype, progress=_sub(progress, 0.3, 0.4), check=check,
-                         what="assigning queries to lists")
-    size = n * (d + 1) * 4
-    lists = _Lists(x, base_list, nlist, size <= FLAT_MAX_BYTES and 3 * size <= _available_bytes(), check)
-    del base_list
-    build_s += time.perf_counter() - t2
-    # 4. the graph, block after block of queries in list order (0.4 - 1)
-    t3 = time.perf_counter()
-    method = f"ivf-gemm nlist={nlist} nprobe={nprobe}"
-    rank = _list_rank(centroids, seed)
-    qorder = np.argsort(rank[probes[:, 0]], kind="stable")
-    kk = min(n, k + (1 if self_ids is not None else 0))
-    r = min(n, kk + SPARE)
-    idx = np.full((m, k), -1, dtype=np.int64)
-    dist = np.full((m, k), np.inf)
-    last = [time.perf_counter()]
-    for start in range(0, m, SCAN_BLOCK):
-        check()
-        stop = min(m, start + SCAN_BLOCK)
-        rows = qorder[start:stop]
-
-        def tick(f: float, start: int = start, stop: int = stop) -> None:
-            check()
-            now = time.perf_counter()
-            if now - last[0] >= BLOCK_SECONDS:
-                last[0] = now
-                done = start + f * (stop - start)
-                progress(0.4 + 0.6 * done / m, f"k-NN graph ({method}): {done:,.0f} of {m:,} rows"
-                         f"{_eta(done, m, now - t3)}")
-
-        qa = np.empty((len(rows), d + 1), dtype=np.float32)
-        qa[:, :d] = _rows(q, rows)
-        qa[:, :d] *= -2.0
-        qa[:, d] = 1.0
-        pos, ids, g = _scan_block(qa, probes[rows], lists, kk, tick)
-        cand = _best(len(rows), pos, ids, g, r)
-        del pos, ids, g
-        qb = qa[:, :d]
-        qb *= -0.5  # exact: the query rows again
-        bd = _exact_distances(x, qb, cand)
-        bi, bd = _sorted_rows(cand, bd)
-        bi, bd = _drop_self(bi[:, :kk], bd[:, :kk], None if self_ids is None else self_ids[rows], k)
-        idx[rows, :bi.shape[1]] = bi
-        dist[rows, :bi.shape[1]] = bd
-        last[0] = time.perf_counter()
-        progress(0.4 + 0.6 * stop / m, f"k-NN graph ({method}): {stop:,} of {m:,} rows"
-                 f"{_eta(stop, m, last[0] - t3)}")
-    search_s = time.perf_counter() - t3
-    del lists, probes
-    final = recall_at_k(dist[sample], ex_d)
-    info = GraphInfo(method=method, k=k, rows=n, queries=m, recall=final, recall_sample=len(sample),
-                     target_recall=target_recall, nlist=nlist, nprobe=int(nprobe), build_s=build_s,
-                     search_s=search_s, recall_s=recall_s, below_target=final < target_recall)
-    if info.below_target:
-        progress(1.0, f"k-NN graph recall@{k} {final:.3f} is below the target {target_recall:g} "
-                      f"at the largest nprobe tried ({nprobe})")
-    return KnnResult(idx, dist, info, (sample, ex_i, ex_d))
+        """Exact Euclidean distances (float32 differences, float64 result) of the candidates."""
+        out = np.full(cand.shape, np.inf)
+        step = max(1, (128 << 20) // max(1, cand.shape[1] * q.shape[1] * 4))
+        for s in range(0, len(q), step):
+            c = cand[s:s + step]
+            ok = c >= 0
+            flat = np.where(ok, c, 0).ravel()
+            g = _rows(self.x, flat).reshape(c.shape[0], c.shape[1], -1)
+            g -= q[s:s + step, None, :]
+            d2 = np.einsum("bcd,bcd->bc", g, g).astype(np.float64)
+            out[s:s + step] = np.where(ok, np.sqrt(np.maximum(d2, 0.0)), np.inf)
+        return out
 
 
 # -------------------------------------------------------------------------------- search
@@ -930,7 +621,7 @@ def tuned_index(x: np.ndarray, k: int, *, target_recall: float = TARGET_RECALL, 
     stand-in for unseen queries). The info's recall is that sample's."""
     if method not in ("auto", "ivf-flat", "ivf-sq8"):
         raise ValueError(f"method must be auto, ivf-flat or ivf-sq8; got {method!r}")
-    p = _ivf_plan(len(x), x.shape[1], "auto-index" if method == "auto" else method)
+    p = _ivf_plan(len(x), x.shape[1], method)
     t0 = time.perf_counter()
     index = IvfIndex(x, p.nlist, "flat" if p.kind == "ivf-flat" else "sq8", train_rows=p.train_rows, seed=seed,
                      progress=_sub(progress, 0.0, 0.6), check=check)
@@ -1001,9 +692,6 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
                          search_s=time.perf_counter() - t0, device=gpu or "cpu")
         return KnnResult(idx, dist, info)
 
-    if p.kind == "ivf-gemm":
-        return _ivf_gemm(x, q, own, k, self_ids, p, target_recall=target_recall, recall_sample=recall_sample,
-                         seed=seed, progress=progress, check=check)
     # 1. index (15% of the progress bar), 2. exact neighbours of the sample (10%),
     # 3. nprobe tuning (5%), 4. the graph (70%)
     index = IvfIndex(x, p.nlist, "flat" if p.kind == "ivf-flat" else "sq8", train_rows=p.train_rows,
