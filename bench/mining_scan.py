@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import lancedb
@@ -33,8 +34,8 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from indexing.store import Store  # noqa: E402
-from miners.runner import CHUNK_ROWS, MiningRequest, run_mining, validate_request  # noqa: E402
-from miners.runs import RunRecord  # noqa: E402
+from miners.runner import CHUNK_ROWS, run_mining, validate_request  # noqa: E402
+from miners.runs import RunSpec  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -99,10 +100,9 @@ def scan_floor(col: Any, projection: dict[str, str], with_row_id: bool) -> float
 
 
 def mine(col: Any, miner: str, size: int) -> tuple[float, float, dict[str, float]]:
-    req = MiningRequest(collection="pool", miner=miner, size=size, model="m")
+    req = RunSpec(collection="pool", miner=miner, size=size, model="m")
     _, params = validate_request(col, req)
-    rec = RunRecord(run_id="bench", collection="pool", miner=miner, size=size, seed=0, version=col.version,
-                    model="m", params=params)
+    rec = replace(req, run_id="bench", version=col.version, params=params)
     with PeakRss() as mem:
         t0 = time.perf_counter()
         out = run_mining(col, rec)

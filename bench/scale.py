@@ -591,7 +591,8 @@ def plan_miner(info: dict[str, Any], cfg: GenConfig, size: int, seed_ids: list[s
     if "aum" in inputs:
         kw["where"] = LABELED_WHERE  # AUM flags likely mislabeled rows: it reads labeled ones
         plan.note = "on the labeled rows"
-    if "activation" in inputs and "logits" not in have:
+    if ("activation" in inputs or name == "activation") and "logits" not in have:
+        # activation reads logits (source=energy, the default) or vectors (feature_norm)
         kw["params"] = {"source": "feature_norm"}
         plan.note = "source=feature_norm (no logits; --with logits for energy)"
     if name == "knn" or "seeds" in inputs:

@@ -32,10 +32,9 @@ Decisions (documented for clients):
 * **Confused pairs** are unordered: ``class_a``/``class_b`` is the top-1/top-2 pair sorted
   by the model's class order, so "cat vs dog" and "dog vs cat" add up. ``a_top1`` says how
   many of them had ``class_a`` on top. ``mean_margin`` is the mean of ``p1 - p2``.
-* **Uncertainty measures** follow :mod:`miners.uncertainty` (higher = more uncertain):
-  entropy normalised by ``log C`` and clipped to [0, 1], margin ``1 - (p1 - p2)``,
-  least confidence ``1 - p1``, ratio ``p2 / p1``. (Re-implemented: ``indexing`` does not
-  import ``miners``.)
+* **Uncertainty measures** are the miners' own, from :mod:`indexing.measures` (higher = more
+  uncertain): entropy normalised by ``log C`` and clipped to [0, 1], margin ``1 - (p1 - p2)``,
+  least confidence ``1 - p1``, ratio ``p2 / p1`` (:data:`~indexing.measures.PROB_MEASURES`).
 * **Histograms** bin like :func:`numpy.histogram` (equal-width bins over [min, max] or the
   given range; the last bin includes its right edge), computed in float64. NULLs, NaN /
   infinities and values outside an explicit range are not binned; they are counted in the
@@ -54,12 +53,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.measures import PROB_MEASURES
 from indexing.predictions import box_probs, prediction_probs, valid_mask
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec
 from indexing.settings import ANALYTICS_BATCH_ROWS as BATCH_ROWS
 from indexing.settings import MAX_BINS, MAX_TOP
 
-MEASURES = ("entropy", "margin", "least_confidence", "ratio")
+#: The measures :func:`class_uncertainty` takes: every probability measure of the miners.
+MEASURES = tuple(PROB_MEASURES)
 HISTOGRAM_META_KEY = b"assay.histogram"
 
 __all__ = [
@@ -169,15 +170,8 @@ def uncertainty(p: np.ndarray, measure: str) -> np.ndarray:
         raise InvalidArgument(f"measure {measure!r} is not one of {', '.join(MEASURES)}")
     if len(p) == 0:
         return np.zeros(0)
-    if measure == "entropy":
-        h = -(p * np.log(np.maximum(p, np.finfo(np.float64).tiny))).sum(axis=1)
-        return np.clip(h / np.log(p.shape[1]), 0.0, 1.0)
-    _, _, p1, p2 = _top2(p)
-    if measure == "margin":
-        return 1.0 - (p1 - p2)
-    if measure == "least_confidence":
-        return 1.0 - p1
-    return p2 / p1
+    # the rows were validated when they were written (or are a softmax)
+    return PROB_MEASURES[measure].fn(p, validate=False)
 
 
 def _pred_projection(spec: ModelSpec, *, label: bool = False) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 ``pred_<model>`` structs hold ``probs`` or ``logits`` (classification) or ``boxes`` with
 per-class ``probs`` (detection). These turn a batch of them into (rows, (n, C) float64
-probabilities): ``probs`` where set, else ``softmax(logits)`` (max-shifted); rows with
+probabilities): ``probs`` where set, else ``softmax(logits)`` (:mod:`indexing.measures`); rows with
 neither are left out. Analytics, exports, the web page and notebook grids read
 predictions through here. NumPy and pyarrow only (no store, no DuckDB): the notebook
 grid of the light client uses it.
@@ -14,37 +14,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["box_probs", "prediction_probs", "valid_mask"]
+from indexing.measures import softmax
+
+__all__ = ["box_probs", "list_matrix", "prediction_probs", "valid_mask"]
 
 
 def valid_mask(arr: pa.Array) -> np.ndarray:
     return ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _matrix(arr: pa.Array, rows: np.ndarray, c: int) -> np.ndarray:
+def list_matrix(arr: pa.Array, rows: np.ndarray, c: int) -> np.ndarray:
+    """Rows ``rows`` (all non-null, each of length ``c``) of a list<float> array as (n, c) float64."""
     taken = arr if len(rows) == len(arr) else arr.take(pa.array(rows, pa.int64()))
     values = np.asarray(pc.list_flatten(taken).to_numpy(zero_copy_only=False), dtype=np.float64)
     return values.reshape(len(rows), c)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def prediction_probs(probs: pa.Array, logits: pa.Array, c: int) -> tuple[np.ndarray, np.ndarray]:
+def prediction_probs(probs: pa.Array, logits: pa.Array, c: int,
+                     temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(rows with a prediction, their (n, C) float64 probabilities): ``probs`` where set,
-    else ``softmax(logits)``. Rows with neither are left out."""
+    else ``softmax(logits / temperature)``. Rows with neither are left out."""
     has_p, has_l = valid_mask(probs), valid_mask(logits)
     keep = np.flatnonzero(has_p | has_l)
     out = np.empty((len(keep), c), dtype=np.float64)
     from_p = has_p[keep]
     if from_p.any():
-        out[from_p] = _matrix(probs, keep[from_p], c)
+        out[from_p] = list_matrix(probs, keep[from_p], c)
     if (~from_p).any():
-        out[~from_p] = _softmax(_matrix(logits, keep[~from_p], c))
+        out[~from_p] = softmax(list_matrix(logits, keep[~from_p], c), temperature)
     return keep, out
 
 
@@ -56,4 +53,4 @@ def box_probs(boxes: pa.Array, c: int) -> tuple[np.ndarray, np.ndarray]:
     owner = np.asarray(pc.list_parent_indices(boxes).to_numpy(zero_copy_only=False), dtype=np.int64)
     probs = pc.struct_field(flat, "probs")
     keep = np.flatnonzero(valid_mask(probs))
-    return owner[keep], _matrix(probs, keep, c)
+    return owner[keep], list_matrix(probs, keep, c)

@@ -300,7 +300,7 @@ def _prepare_vectors(col: pa.Array, space: SpaceSpec, ids: pa.Array) -> pa.Array
                 row=row,
             )
         norms = np.sqrt(sq)
-        if np.abs(norms - 1.0).max() > UNIT_TOLERANCE:  # unit vectors (most embedders) pass as they are
+        if len(norms) and np.abs(norms - 1.0).max() > UNIT_TOLERANCE:  # unit vectors pass as they are
             values = (values / norms[:, None]).astype(np.float32, copy=False)
     flat = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), space.dim)
     if len(valid) == len(col):

@@ -4,7 +4,9 @@ Input convention: ``samples`` is a float array of shape ``(N, K, C)``: for each 
 items, ``K`` probability vectors over ``C >= 2`` classes, one per MC-dropout pass, ensemble
 member or committee member (``samples[n, k]`` is ``p(y_n | w_k)``). For BatchBALD the
 samples must be *consistent*: index ``k`` is the same model sample ``w_k`` for every item.
-Validation, ``float64`` conversion and ``0 log 0 = 0`` follow :mod:`miners.uncertainty`
+The score functions (BALD, mean entropy, variance, the committee scores) live in
+:mod:`indexing.measures`, the shared leaf of pure measures, and are re-exported here;
+BatchBALD is here. Validation, ``float64`` conversion and ``0 log 0 = 0`` follow :mod:`indexing.measures`
 (``ValueError`` on wrong shape, NaN/inf, negative values or rows not summing to 1 within
 ``1e-3``). All entropies are in nats unless a function says "normalised" (divided by
 ``log C``, range ``[0, 1]``). Every score function returns a ``float64`` array of shape
@@ -20,8 +22,22 @@ from typing import Any
 
 import numpy as np
 
+from indexing.measures import (  # the six scores are re-exported: their home is indexing.measures
+    _ROUNDING_FLOOR,
+    _TINY,
+    _bald_nats,
+    _samples,
+    _snap,
+    _xlogx,
+    bald_scores,
+    consensus_entropy_scores,
+    entropy_nats,
+    kl_to_consensus_scores,
+    mean_entropy_scores,
+    variance_scores,
+    vote_entropy_scores,
+)
 from miners.stochastic import gumbel_noise, stochastic_scores
-from miners.uncertainty import _TINY, _xlogx, entropy_nats, validate_probs
 
 __all__ = [
     "bald_scores",
@@ -32,111 +48,6 @@ __all__ = [
     "variance_scores",
     "vote_entropy_scores",
 ]
-
-
-#: Information scores (nats) below this are float64 rounding noise and reported as 0.
-_ROUNDING_FLOOR = 1e-12
-
-
-def _snap(x: np.ndarray) -> np.ndarray:
-    return np.where(x < _ROUNDING_FLOOR, 0.0, x)
-
-
-def _samples(samples: np.ndarray) -> np.ndarray:
-    return validate_probs(samples, ndim=3, name="samples")
-
-
-def mean_entropy_scores(samples: np.ndarray) -> np.ndarray:
-    """Expected entropy of the samples: ``s_n = (1/K) sum_k H(p_nk) / log C``.
-
-    ``H(p) = -sum_c p_c log p_c``. This is the aleatoric part of BALD, normalised to
-    ``[0, 1]`` (clipped). ``samples``: ``(N, K, C)``. Returns ``(N,)`` float64.
-    """
-    p = _samples(samples)
-    if p.shape[0] == 0:
-        return np.zeros(0)
-    return np.clip(entropy_nats(p).mean(axis=1) / np.log(p.shape[2]), 0.0, 1.0)
-
-
-def variance_scores(samples: np.ndarray) -> np.ndarray:
-    """Mean predictive variance: ``s_n = (1/C) sum_c Var_k[p_nkc]``.
-
-    ``Var_k`` is the population variance over the ``K`` samples (``ddof = 0``:
-    ``(1/K) sum_k (p_nkc - pbar_nc)^2``), so ``K = 1`` gives 0. ``samples``: ``(N, K, C)``.
-    Returns ``(N,)`` float64, ``>= 0``.
-    """
-    p = _samples(samples)
-    if p.shape[0] == 0:
-        return np.zeros(0)
-    return p.var(axis=1).mean(axis=1)
-
-
-def _bald_nats(p: np.ndarray) -> np.ndarray:
-    """``H(mean_k p_k) - mean_k H(p_k)`` per row, unclipped (validated ``(N, K, C)`` input)."""
-    return entropy_nats(p.mean(axis=1)) - entropy_nats(p).mean(axis=1)
-
-
-def bald_scores(samples: np.ndarray) -> np.ndarray:
-    """BALD: mutual information between the label and the model parameters.
-
-    ``s_n = I(y_n; w) = H((1/K) sum_k p_nk) - (1/K) sum_k H(p_nk)`` in nats, in
-    ``[0, log C]``. The result is ``>= 0`` by concavity of the entropy; values below
-    ``1e-12`` nats (rounding noise of the float64 difference, including tiny negatives) are
-    reported as exactly 0. 0 when all samples agree; ``log 2`` for the two samples
-    ``[1, 0]`` and ``[0, 1]``. ``samples``: ``(N, K, C)``. Returns ``(N,)`` float64.
-    """
-    p = _samples(samples)
-    if p.shape[0] == 0:
-        return np.zeros(0)
-    return _snap(_bald_nats(p))
-
-
-def vote_entropy_scores(samples: np.ndarray) -> np.ndarray:
-    """Vote entropy of a committee: normalised entropy of the members' hard votes.
-
-    ``v_nc = (1/K) #{k : argmax_j p_nkj = c}``, ``s_n = -sum_c v_nc log v_nc / log C``.
-    Ties inside one member's prediction go to the lowest class index (``np.argmax``).
-    0 when all members vote alike; the maximum reachable is ``log(min(K, C)) / log C``.
-    ``samples``: ``(N, K, C)``. Returns ``(N,)`` float64 in ``[0, 1]``.
-    """
-    p = _samples(samples)
-    n, k, c = p.shape
-    if n == 0:
-        return np.zeros(0)
-    votes = p.argmax(axis=2)  # (N, K)
-    counts = np.zeros((n, c), dtype=np.float64)
-    rows = np.broadcast_to(np.arange(n)[:, None], votes.shape)
-    np.add.at(counts, (rows.ravel(), votes.ravel()), 1.0)
-    return np.clip(entropy_nats(counts / k) / np.log(c), 0.0, 1.0)
-
-
-def consensus_entropy_scores(samples: np.ndarray) -> np.ndarray:
-    """Consensus entropy: normalised entropy of the mean prediction.
-
-    ``pbar_n = (1/K) sum_k p_nk``, ``s_n = -sum_c pbar_nc log pbar_nc / log C`` in ``[0, 1]``.
-    ``samples``: ``(N, K, C)``. Returns ``(N,)`` float64.
-    """
-    p = _samples(samples)
-    if p.shape[0] == 0:
-        return np.zeros(0)
-    return np.clip(entropy_nats(p.mean(axis=1)) / np.log(p.shape[2]), 0.0, 1.0)
-
-
-def kl_to_consensus_scores(samples: np.ndarray) -> np.ndarray:
-    """Mean KL divergence of each member to the consensus (McCallum & Nigam 1998).
-
-    ``s_n = (1/K) sum_k KL(p_nk || pbar_n)``,
-    ``KL(p || q) = sum_c p_c (log p_c - log q_c)`` with ``0 log 0 = 0``; in nats, ``>= 0``
-    (values below ``1e-12``, i.e. rounding noise, are reported as exactly 0). ``p_nkc > 0`` implies ``pbar_nc > 0``, so the
-    divergence is always finite. Equals BALD when the committee are posterior samples.
-    ``samples``: ``(N, K, C)``. Returns ``(N,)`` float64.
-    """
-    p = _samples(samples)
-    if p.shape[0] == 0:
-        return np.zeros(0)
-    log_mean = np.log(np.maximum(p.mean(axis=1, keepdims=True), _TINY))  # (N, 1, C)
-    kl = (_xlogx(p) - p * log_mean).sum(axis=2)  # (N, K)
-    return _snap(kl.mean(axis=1))
 
 
 # --------------------------------------------------------------------------- BatchBALD

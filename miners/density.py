@@ -37,6 +37,8 @@ from typing import Literal
 
 import numpy as np
 
+from indexing.measures import energy_scores
+
 __all__ = [
     "LOF_EPS",
     "aggregate_seed_neighbours",
@@ -649,33 +651,8 @@ def aggregate_seed_neighbours(
 
 # --------------------------------------------------------------------- activation-based
 
-
-def energy_scores(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Free energy of the logits (Liu et al. 2020, "Energy-based OOD detection"):
-    ``E(x) = -T log sum_c exp(f_c(x) / T)``, computed stably as
-    ``-T (m + log sum_c exp(f_c/T - m))`` with ``m = max_c f_c / T``.
-
-    In-distribution inputs get large logits and so **low** energy (the paper's confidence
-    score is ``-E``); the ``activation`` miner ranks out-of-distribution items first, so this
-    returns ``E`` itself: **higher = more out-of-distribution**.
-
-    Args:
-        logits: ``(N, C)`` finite pre-softmax logits, ``C >= 1``.
-        temperature: ``T > 0``.
-    """
-    z = _float_matrix(logits, "logits", "(N, C)").astype(np.float64)
-    if z.shape[1] < 1:
-        raise ValueError("logits must have at least one class (C >= 1); got C=0")
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        raise ValueError(f"temperature must be a number; got {temperature!r}") from None
-    if not np.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
-    z = z / t
-    m = z.max(axis=1) if z.shape[0] else np.zeros(0)
-    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
-    return -t * lse
+# energy_scores (free energy of logits) is a pure measure of predictions: it lives in
+# indexing.measures with the other scores and is re-exported here.
 
 
 def feature_norm_scores(embeddings: np.ndarray, lowest_first: bool = True) -> np.ndarray:

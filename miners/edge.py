@@ -11,9 +11,8 @@ service (``col.export_scorer("scorer.npz", budget=0.02, ...)`` in the client, or
     out = scorer.score(probs=p, embedding=h)          # dict: entropy, margin, ..., novelty, keep
     send = items[out["keep"]]
 
-This module imports NumPy and the assay miners' NumPy-only formula modules
-(:mod:`miners.uncertainty`, :mod:`miners.bayesian`, :mod:`miners.density`,
-:mod:`miners.detection`) and nothing else — no torch, LanceDB, gRPC or pyarrow. The server's
+This module imports NumPy, the shared measures (:mod:`indexing.measures`) and the miners'
+NumPy-only formula modules (:mod:`miners.density`, :mod:`miners.detection`) and nothing else — no torch, LanceDB, gRPC or pyarrow. The server's
 ``Score`` RPC calls **the same functions** (:func:`prediction_scores`, :func:`novelty_scores`,
 :func:`calibrate_thresholds`, :func:`decide`), so a bundle holding the whole reference set
 gives bit-identical scores to the server's exact path.
@@ -22,10 +21,11 @@ Scores (``float64``, higher = more worth labeling; NaN where an item lacks the i
 
 * from class probabilities ``probs`` ``(N, C)`` — or ``softmax(logits / T)`` for rows
   without probs, or the mean of ``samples`` for rows with samples only: ``least_confidence``,
-  ``margin``, ``ratio``, ``entropy`` (:mod:`miners.uncertainty`);
+  ``margin``, ``ratio``, ``entropy`` (:data:`indexing.measures.PROB_MEASURES`);
 * from MC-dropout / committee ``samples`` ``(N, K, C)``: ``mean_entropy``, ``variance``,
-  ``bald``, ``vote_entropy``, ``consensus_entropy``, ``kl_to_consensus`` (:mod:`miners.bayesian`);
-* from ``logits``: ``energy`` (free energy, :func:`miners.density.energy_scores`);
+  ``bald``, ``vote_entropy``, ``consensus_entropy``, ``kl_to_consensus``
+  (:data:`indexing.measures.SAMPLE_MEASURES`);
+* from ``logits``: ``energy`` (free energy, :data:`indexing.measures.LOGIT_MEASURES`);
 * from detections: ``detection`` (per-box uncertainty, entropy-NMS, per-image aggregate,
   :func:`miners.detection.detection_scores`);
 * from an embedding: ``novelty`` against the reference set — k-NN distance (``kth`` or
@@ -58,7 +58,8 @@ from typing import Any
 
 import numpy as np
 
-from miners import bayesian, density, detection, uncertainty
+from indexing import measures
+from miners import density, detection
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -78,28 +79,16 @@ __all__ = [
 BUNDLE_FORMAT = "assay-edge-scorer"
 BUNDLE_VERSION = 1
 
-PROB_SCORES: tuple[str, ...] = ("least_confidence", "margin", "ratio", "entropy")
-SAMPLE_SCORES: tuple[str, ...] = ("mean_entropy", "variance", "bald", "vote_entropy", "consensus_entropy",
-                                  "kl_to_consensus")
+#: Scores of class probabilities and of samples: the measures of :mod:`indexing.measures`.
+PROB_SCORES: tuple[str, ...] = tuple(measures.PROB_MEASURES)
+SAMPLE_SCORES: tuple[str, ...] = tuple(measures.SAMPLE_MEASURES)
 #: Every score name, in the order the scorers report them.
-SCORE_NAMES: tuple[str, ...] = (*PROB_SCORES, *SAMPLE_SCORES, "energy", "detection", "novelty")
+SCORE_NAMES: tuple[str, ...] = (*PROB_SCORES, *SAMPLE_SCORES, *measures.LOGIT_MEASURES, "detection", "novelty")
 NOVELTY_METHODS = ("knn_distance", "lof")
 KNN_HOW = ("kth", "mean")
 
-_PROB_FNS = {
-    "least_confidence": uncertainty.least_confidence_scores,
-    "margin": uncertainty.margin_scores,
-    "ratio": uncertainty.ratio_scores,
-    "entropy": uncertainty.entropy_scores,
-}
-_SAMPLE_FNS = {
-    "mean_entropy": bayesian.mean_entropy_scores,
-    "variance": bayesian.variance_scores,
-    "bald": bayesian.bald_scores,
-    "vote_entropy": bayesian.vote_entropy_scores,
-    "consensus_entropy": bayesian.consensus_entropy_scores,
-    "kl_to_consensus": bayesian.kl_to_consensus_scores,
-}
+_PROB_FNS = {name: m.fn for name, m in measures.PROB_MEASURES.items()}
+_SAMPLE_FNS = {name: m.fn for name, m in measures.SAMPLE_MEASURES.items()}
 
 
 # ------------------------------------------------------------------------------- scores
@@ -157,14 +146,14 @@ def prediction_scores(
     c = next(iter(classes.values()), 0)
     if has_s.any() and validate:
         s = s.copy()
-        s[has_s] = uncertainty.validate_probs(s[has_s], ndim=3, name="samples")
+        s[has_s] = measures.validate_probs(s[has_s], ndim=3, name="samples")
     if has_p.any() or has_l.any() or has_s.any():
         base = np.full((n, max(c, 2)), np.nan)
         if has_p.any():
-            base[has_p] = uncertainty.validate_probs(p[has_p]) if validate else p[has_p]
+            base[has_p] = measures.validate_probs(p[has_p]) if validate else p[has_p]
         from_l = has_l & ~has_p
         if from_l.any():
-            base[from_l] = uncertainty.softmax(lg[from_l], logits_temperature)
+            base[from_l] = measures.softmax(lg[from_l], logits_temperature)
         from_s = has_s & ~has_p & ~has_l
         if from_s.any():
             base[from_s] = s[from_s].mean(axis=1)
@@ -181,7 +170,7 @@ def prediction_scores(
             out[name] = col
     if has_l.any():
         col = np.full(n, np.nan)
-        col[has_l] = density.energy_scores(lg[has_l], temperature=energy_temperature)
+        col[has_l] = measures.energy_scores(lg[has_l], temperature=energy_temperature)
         out["energy"] = col
     return out
 
@@ -223,7 +212,7 @@ def detection_item_scores(boxes: Sequence[Any] | None, *, method: str = "entropy
         owner.append(np.full(len(xy), j, dtype=np.int64))
     box_probs = np.concatenate(probs) if with_probs else None
     if box_probs is not None:
-        uncertainty.validate_probs(box_probs, name="box probs")
+        measures.validate_probs(box_probs, name="box probs")
     res = detection.detection_scores(
         np.concatenate(owner), np.concatenate(coords), np.concatenate(scores), box_probs, len(present),
         method=method, aggregate=aggregate, nms_iou=nms_iou)

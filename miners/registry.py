@@ -1,21 +1,35 @@
-"""The miner registry: what each miner reads, its parameters, and the function it runs.
+"""The miner registry: each miner describes itself — what it reads, its parameters, the
+function it runs — and the runner, the service and ``assay miners`` read only that.
 
 A miner is a pure function on arrays (in ``miners/<family>.py``, math in its docstring)
-plus a :class:`MinerSpec` declaring
+plus one :func:`register` call of a :class:`MinerSpec` declaring
 
-* ``inputs`` — what the runner must stream from the collection for each row:
+* ``inputs`` — what each row must carry, by input kind (:data:`miners.inputs.INPUTS`):
   ``probs`` (``pred_<model>.probs``, or ``softmax(logits / T)`` where only logits are
   stored), ``samples`` (K MC-dropout passes or committee members), ``boxes`` (detections),
-  ``loss`` (learning-loss head), ``aum`` (``epoch_logits`` and the row's ``label``);
+  ``loss`` (learning-loss head), ``logits``, ``aum`` (``epoch_logits`` and the row's
+  ``label``), ``vectors`` (an embedding space), ``reference_vectors``, the k-NN graphs
+  ``pool_graph`` / ``query_graph`` / ``reference_graph``... Each input kind knows its
+  columns, its "row has it" SQL and its decoder, so the model / space a request must name
+  follows from the inputs;
 * ``params`` — typed, with ranges and defaults, validated before a run starts;
 * ``score`` — chunk arrays → one score per row, higher = more worth labeling; the runner
   keeps a running top-k (so any pool size streams in O(size + chunk) memory), or
-* ``select`` — a batch algorithm (BatchBALD) run on the top ``candidates`` rows by
-  ``score``: the picks depend on each other, so they cannot be made row by row.
+* ``select`` — a batch algorithm whose picks depend on each other: on the top
+  ``candidates`` rows by ``score`` (BatchBALD), or on the whole pool (``gather=True``:
+  coreset, BADGE).
+
+Optional hooks, for miners that do more than score rows: ``inputs_for(params)`` (inputs
+that depend on a parameter: ``activation`` reads logits or vectors), ``validate_run(ctx)``
+(checks beyond each parameter's range, before anything runs: ``knn``'s seeds, ``chain``'s
+stages) and ``run(ctx)`` (a miner that drives its own run: ``knn``, ``chain``;
+:mod:`miners.direct`).
 
 Every scored miner also accepts the shared parameters in :data:`COMMON_PARAMS`:
 ``stochastic`` (power / softmax Gumbel-top-k sampling), ``temperature``,
-``logits_temperature`` and ``balance`` (class-balanced budgets).
+``logits_temperature`` and ``balance`` (class-balanced budgets). A miner's own parameter
+may not reuse one of those names, nor a name the runner passes to ``select`` (``seed``,
+``progress``, ``check``, ``stats``, ``on_pick``): :func:`register` refuses it.
 """
 
 from __future__ import annotations
@@ -26,8 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from indexing import measures
 from indexing.errors import InvalidArgument
-from miners import bayesian, density, detection, diversity, training_dynamics, uncertainty
+from miners import bayesian, density, detection, direct, diversity, training_dynamics, uncertainty
+from miners.inputs import INPUTS, Input, RunContext, resolve
+from miners.runs import STAGE_FIELDS, MiningOutput
 
 Arrays = Mapping[str, Any]
 
@@ -35,7 +52,9 @@ Arrays = Mapping[str, Any]
 @dataclass(frozen=True)
 class Param:
     """A typed miner parameter. ``kind`` is "int", "float", "bool", "choice" or "json"
-    (a structured value checked by ``check``, e.g. a list of seed ids)."""
+    (a structured value checked by ``check``, e.g. a list of seed ids). ``embed_to`` (texts):
+    the server embeds the texts with the space's text embedder and appends the vectors to
+    that parameter before the run is recorded."""
 
     name: str
     kind: str
@@ -45,6 +64,7 @@ class Param:
     max: float | None = None
     choices: tuple[str, ...] = ()
     check: Callable[[Any], Any] | None = None
+    embed_to: str | None = None
 
     def coerce(self, value: Any) -> Any:
         """The validated value; ValueError naming the parameter and the allowed range."""
@@ -104,31 +124,46 @@ COMMON_PARAMS: tuple[Param, ...] = (
 )
 
 
+#: Names the runner gives ``select`` besides the miner's parameters (see ``_batchbald``).
+RESERVED_PARAMS: frozenset[str] = frozenset({"seed", "progress", "check", "stats", "on_pick"})
+
+
 @dataclass(frozen=True)
 class MinerSpec:
-    """``gather``: the miner needs the whole pool at once (vectors, k-NN graphs): the runner
-    loads it (memory-mapped when large) and calls ``score`` (then keeps the top-k) or
-    ``select``. ``direct``: the runner runs it by name (``knn`` seeds, ``chain``)."""
+    """A miner: see the module docstring. ``gather``: the miner needs the whole pool at once
+    (vectors, k-NN graphs): the runner loads it (memory-mapped when large) and calls
+    ``score`` (then keeps the top-k) or ``select``. ``reference``: "none", "optional" or
+    "required" — whether a request may / must give ``reference_where``."""
 
     name: str
     family: str
     description: str
     inputs: tuple[str, ...]
-    score: Callable[[Arrays, dict[str, Any]], np.ndarray] | None
+    score: Callable[[Arrays, dict[str, Any]], np.ndarray | dict[str, np.ndarray]] | None
     params: tuple[Param, ...] = ()
     select: Callable[[Arrays, int, dict[str, Any]], tuple[np.ndarray, np.ndarray]] | None = None
-    needs_model: bool = True
     supports_common: bool = True
     gather: bool = False
-    needs_space: bool = False
-    reference: str = "none"  # "none", "optional" or "required": the reference_where filter
-    direct: bool = False
+    reference: str = "none"
+    inputs_for: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+    validate_run: Callable[[RunContext], dict[str, Any] | None] | None = None
+    run: Callable[[RunContext], MiningOutput] | None = None
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        params = (*self.params, *(COMMON_PARAMS if self.supports_common and self.select is None else ()))
+        params = (*self.params, *(COMMON_PARAMS if self.takes_common else ()))
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "param_index", {p.name: p for p in params})
+
+    @property
+    def takes_common(self) -> bool:
+        """It takes :data:`COMMON_PARAMS`: a scored miner (no batch ``select``, no ``run``)."""
+        return self.supports_common and self.select is None and self.run is None
+
+    @property
+    def own_params(self) -> tuple[Param, ...]:
+        """The miner's own parameters (``params`` ends with the shared ones it takes)."""
+        return self.params[:len(self.params) - len(COMMON_PARAMS)] if self.takes_common else self.params
 
     def validate(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         given = dict(given or {})
@@ -140,18 +175,84 @@ class MinerSpec:
             )
         return {name: p.coerce(given.get(name)) for name, p in self.param_index.items()}
 
+    def input_kinds(self, params: Mapping[str, Any] | None = None) -> list[Input]:
+        """What a run with these (validated) parameters reads; all declared inputs without."""
+        names = self.inputs_for(dict(params)) if self.inputs_for is not None and params is not None \
+            else self.inputs
+        stray = set(names) - set(self.inputs)
+        if stray:
+            raise AssertionError(f"miner '{self.name}': inputs_for gave undeclared input(s) {sorted(stray)}")
+        return resolve(names)
+
+    def needs_model(self, params: Mapping[str, Any] | None = None) -> bool:
+        return any(i.needs_model for i in self.input_kinds(params))
+
+    def needs_space(self, params: Mapping[str, Any] | None = None) -> bool:
+        return any(i.needs_space for i in self.input_kinds(params))
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "description": self.description,
-                "inputs": list(self.inputs), "batch": self.select is not None or self.direct,
-                "params": [p.describe() for p in self.params]}
+                "inputs": list(self.inputs), "batch": self.select is not None or self.run is not None,
+                "reference": self.reference, "params": [p.describe() for p in self.params]}
 
 
 REGISTRY: dict[str, MinerSpec] = {}
 
 
+def _refuse(spec: MinerSpec, why: str) -> None:
+    raise ValueError(f"cannot register miner '{spec.name}': {why}")
+
+
 def register(spec: MinerSpec) -> MinerSpec:
+    """Add a miner. Refused (ValueError) when the name is taken, an input is unknown, a
+    parameter is named twice or reuses a shared / reserved name, a default is out of its own
+    range, or the functions do not fit the inputs (see :class:`MinerSpec`)."""
     if spec.name in REGISTRY:
-        raise ValueError(f"miner '{spec.name}' is already registered")
+        _refuse(spec, "the name is already registered")
+    unknown = [n for n in spec.inputs if n not in INPUTS]
+    if unknown:
+        _refuse(spec, f"unknown input(s) {', '.join(unknown)} (known: {', '.join(INPUTS)})")
+    own = [p.name for p in spec.own_params]
+    twice = sorted({n for n in own if own.count(n) > 1})
+    if twice:
+        _refuse(spec, f"parameter(s) {', '.join(twice)} declared twice")
+    shared = sorted(set(own) & ({p.name for p in COMMON_PARAMS} | RESERVED_PARAMS))
+    if shared:
+        _refuse(spec, f"parameter name(s) {', '.join(shared)} are taken by the shared parameters "
+                      f"({', '.join(p.name for p in COMMON_PARAMS)}) or by the runner "
+                      f"({', '.join(sorted(RESERVED_PARAMS))}); choose another name")
+    for p in spec.own_params:
+        if p.kind not in ("int", "float", "bool", "choice", "json"):
+            _refuse(spec, f"parameter '{p.name}' has kind {p.kind!r} (int, float, bool, choice or json)")
+        if p.kind != "json":
+            try:
+                p.coerce(p.default)
+            except ValueError as exc:
+                _refuse(spec, f"the default of parameter '{p.name}' is invalid: {exc}")
+        if p.embed_to is not None and p.embed_to not in spec.param_index:
+            _refuse(spec, f"parameter '{p.name}' embeds into '{p.embed_to}', which is not a parameter")
+    if spec.reference not in ("none", "optional", "required"):
+        _refuse(spec, f"reference must be 'none', 'optional' or 'required', not {spec.reference!r}")
+    kinds = spec.input_kinds()
+    if spec.run is not None:
+        if spec.score is not None or spec.select is not None:
+            _refuse(spec, "a miner with a run hook has neither score nor select")
+    elif spec.gather:
+        if spec.score is None and spec.select is None:
+            _refuse(spec, "give score or select")
+        if not spec.needs_space():
+            _refuse(spec, "a gathered miner reads the pool's vectors: declare the 'vectors' input")
+    else:
+        if spec.score is None:
+            _refuse(spec, "a streamed miner needs score (select runs on its top `candidates`)")
+        late = [i.name for i in kinds if not i.streams]
+        if late:
+            _refuse(spec, f"input(s) {', '.join(late)} need the whole pool: register with gather=True")
+        if spec.select is not None:
+            if "candidates" not in spec.param_index:
+                _refuse(spec, "a streamed select runs on the top `candidates` rows: declare a 'candidates' parameter")
+            if not any(i.row_arrays for i in kinds):
+                _refuse(spec, "a streamed select needs an input with one array entry per row")
     REGISTRY[spec.name] = spec
     return spec
 
@@ -169,13 +270,8 @@ def _on_probs(fn: Callable[..., np.ndarray]) -> Callable[[Arrays, dict[str, Any]
     return lambda a, p: fn(a["probs"], validate=False)
 
 
-for _name, _fn, _text in (
-    ("least_confidence", uncertainty.least_confidence_scores, "1 − max probability"),
-    ("margin", uncertainty.margin_scores, "1 − (p₁ − p₂): small gap between the top two classes"),
-    ("ratio", uncertainty.ratio_scores, "p₂ / p₁: ratio of confidence of the top two classes"),
-    ("entropy", uncertainty.entropy_scores, "prediction entropy, normalised to [0, 1]"),
-):
-    register(MinerSpec(_name, "uncertainty", _text, ("probs",), _on_probs(_fn)))
+for _m in measures.PROB_MEASURES.values():
+    register(MinerSpec(_m.name, "uncertainty", _m.help, ("probs",), _on_probs(_m.fn)))
 
 
 # -- MC dropout / ensembles / committees (samples: N x K x C) -----------------------------
@@ -184,15 +280,8 @@ def _on_samples(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[Arrays, dic
     return lambda a, p: fn(a["samples"])
 
 
-for _name, _fn, _text in (
-    ("mean_entropy", bayesian.mean_entropy_scores, "mean entropy of the K sampled predictions"),
-    ("variance", bayesian.variance_scores, "variance of class probabilities across the K samples"),
-    ("bald", bayesian.bald_scores, "BALD: mutual information between prediction and model parameters"),
-    ("vote_entropy", bayesian.vote_entropy_scores, "committee: entropy of the members' votes"),
-    ("consensus_entropy", bayesian.consensus_entropy_scores, "committee: entropy of the mean prediction"),
-    ("kl_to_consensus", bayesian.kl_to_consensus_scores, "committee: mean KL divergence of members to the consensus"),
-):
-    register(MinerSpec(_name, "bayesian", _text, ("samples",), _on_samples(_fn)))
+for _m in measures.SAMPLE_MEASURES.values():
+    register(MinerSpec(_m.name, "bayesian", _m.help, ("samples",), _on_samples(_m.fn)))
 
 
 def _batchbald(arrays: Arrays, size: int, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +358,7 @@ def random_scores(arrays: Arrays, params: dict[str, Any]) -> np.ndarray:
 
 
 register(MinerSpec("random", "baseline", "uniformly random rows (the baseline every strategy must beat)",
-                   ("row_uniforms",), random_scores, needs_model=False, supports_common=False))
+                   ("row_uniforms",), random_scores, supports_common=False))
 
 
 # -- embedding space (gathered: the pool's vectors, k-NN graphs) ----------------------------
@@ -287,7 +376,7 @@ register(MinerSpec(
     "embedding_distance", "embedding", "pool items farthest from their nearest reference item",
     ("vectors", "query_graph"), lambda a, p: density.nearest_distance(a["query_graph"][1]),
     params=(Param("k", "int", 1, "reference neighbours looked up (the nearest one scores)", min=1, max=1),),
-    needs_model=False, gather=True, needs_space=True, reference="required",
+    gather=True, reference="required",
 ))
 register(MinerSpec(
     "novelty", "embedding",
@@ -296,17 +385,17 @@ register(MinerSpec(
     params=(K_PARAM,
             Param("method", "choice", "lof", "LOF novelty or plain k-NN distance", choices=("lof", "knn_distance")),
             Param("how", "choice", "kth", "k-NN distance: to the k-th neighbour or the mean", choices=("kth", "mean"))),
-    needs_model=False, gather=True, needs_space=True, reference="required",
+    gather=True, reference="required",
 ))
 register(MinerSpec(
     "lof", "embedding", "Local Outlier Factor inside the pool (k-NN graph from the ANN index or exact)",
     ("vectors", "pool_graph"), lambda a, p: density.lof_scores(*a["pool_graph"]),
-    params=(K_PARAM,), needs_model=False, gather=True, needs_space=True,
+    params=(K_PARAM,), gather=True,
 ))
 register(MinerSpec(
     "typicality", "embedding", "most typical items first: 1 / mean distance to the k nearest (TypiClust)",
     ("vectors", "pool_graph"), lambda a, p: density.typicality_scores(a["pool_graph"][1]),
-    params=(K_PARAM,), needs_model=False, gather=True, needs_space=True,
+    params=(K_PARAM,), gather=True,
 ))
 
 
@@ -335,7 +424,7 @@ register(MinerSpec(
     ("vectors", "pool_graph"), _near_duplicates,
     params=(Param("k", "int", 10, "neighbours examined per row", min=1, max=1000),
             Param("threshold", "float", 0.05, "largest distance that counts as a duplicate", min=0.0, max=1e9)),
-    needs_model=False, gather=True, needs_space=True, supports_common=False,
+    gather=True, supports_common=False,
 ))
 
 
@@ -357,7 +446,7 @@ register(MinerSpec(
     "k-center greedy seeded with the reference set (covering radius as score); exact, "
     "triangle-inequality pruned, never N×N",
     ("vectors", "reference_vectors"), None, select=_coreset,
-    needs_model=False, gather=True, needs_space=True, reference="optional", supports_common=False,
+    gather=True, reference="optional", supports_common=False,
 ))
 
 
@@ -371,7 +460,7 @@ def _badge(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.ndar
 register(MinerSpec(
     "badge", "diversity",
     "BADGE: k-means++ on gradient embeddings (p − onehot(argmax)) ⊗ h, never materialised",
-    ("vectors", "probs"), None, select=_badge, gather=True, needs_space=True, supports_common=False,
+    ("vectors", "probs"), None, select=_badge, gather=True, supports_common=False,
 ))
 
 
@@ -388,7 +477,7 @@ register(MinerSpec(
     "cluster_margin", "diversity",
     "Cluster-Margin: k-means on the top `candidates` by margin, round-robin over clusters (smallest first) "
     "taking the most uncertain",
-    ("vectors", "probs"), None, select=_cluster_margin, gather=True, needs_space=True, supports_common=False,
+    ("vectors", "probs"), None, select=_cluster_margin, gather=True, supports_common=False,
     params=(Param("candidates", "int", 2000, "most uncertain rows clustered", min=1, max=1_000_000),
             Param("clusters", "int", 0, "k-means clusters (0: the batch size)", min=0, max=100_000)),
 ))
@@ -396,21 +485,22 @@ register(MinerSpec(
 
 def _activation(a: Arrays, p: dict[str, Any]) -> np.ndarray:
     if p["source"] == "energy":
-        return density.energy_scores(a["logits"], temperature=p["energy_temperature"])
+        return measures.energy_scores(a["logits"], temperature=p["energy_temperature"])
     return density.feature_norm_scores(a["vectors"])
 
 
 register(MinerSpec(
     "activation", "embedding",
     "out-of-distribution by activation: energy −T·logsumexp(logits/T) (high first), or low feature norm",
-    ("activation",), _activation, needs_model=False,
+    ("logits", "vectors"), _activation,
+    inputs_for=lambda p: ("logits",) if p["source"] == "energy" else ("vectors",),
     params=(Param("source", "choice", "energy", "energy (needs model logits) or feature_norm (needs space)",
                   choices=("energy", "feature_norm")),
             Param("energy_temperature", "float", 1.0, "energy temperature", min=1e-6, max=1e6)),
 ))
 
 
-# -- direct miners (run by the runner: seeds, chains) --------------------------------------
+# -- miners that drive their own run (seeds, chains: miners/direct.py) ----------------------
 
 def _string_list(name: str) -> Callable[[Any], list[str]]:
     def check(value: Any) -> list[str]:
@@ -436,7 +526,7 @@ def _stages(value: Any) -> list[dict[str, Any]]:
     for i, stage in enumerate(value):
         if not isinstance(stage, dict) or "miner" not in stage:
             raise ValueError(f"stage {i}: give at least {{'miner': name}}")
-        unknown = set(stage) - {"miner", "size", "params", "model", "space", "reverse"}
+        unknown = set(stage) - set(STAGE_FIELDS)
         if unknown:
             raise ValueError(f"stage {i}: unknown key(s) {', '.join(sorted(unknown))}")
         if stage["miner"] not in REGISTRY or stage["miner"] == "chain":
@@ -452,11 +542,11 @@ register(MinerSpec(
     "knn", "embedding",
     "nearest pool items to seeds (ids, vectors or texts), aggregated over seeds by min distance or "
     "reciprocal-rank fusion; the seeds themselves are left out",
-    ("seeds",), None, needs_model=False, needs_space=True, direct=True, supports_common=False,
+    ("seeds",), None, run=direct.knn_run, validate_run=direct.knn_validate,
     params=(Param("seed_ids", "json", [], "ids of stored items", check=_string_list("seed_ids")),
             Param("seed_vectors", "json", [], "query vectors", check=_vector_list),
             Param("seed_texts", "json", [], "texts, embedded by the space's text embedder",
-                  check=_string_list("seed_texts")),
+                  check=_string_list("seed_texts"), embed_to="seed_vectors"),
             Param("aggregate", "choice", "min", "combine seeds: min distance or reciprocal-rank fusion",
                   choices=("min", "rrf")),
             Param("rrf_k", "int", 60, "RRF constant", min=1, max=10_000)),
@@ -464,7 +554,7 @@ register(MinerSpec(
 register(MinerSpec(
     "chain", "mixed",
     "stages run in order, each on the previous stage's picks: e.g. top 1000 by margin → coreset to 100",
-    ("stages",), None, needs_model=False, direct=True, supports_common=False,
+    ("stages",), None, run=direct.chain_run, validate_run=direct.chain_validate,
     params=(Param("stages", "json", [], "[{miner, size, params}, ...]; the last size defaults to the run's",
                   check=_stages),),
 ))

@@ -14,8 +14,10 @@ import json
 import logging
 import threading
 import time
+import types
+import typing
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from typing import Any
 
@@ -33,34 +35,6 @@ log = logging.getLogger("assay.runs")
 RUNS_TABLE = "_runs"
 RESULTS_TABLE = "_run_results"
 
-_RUNS_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("job_id", pa.string()),
-    pa.field("collection", pa.string()),
-    pa.field("miner", pa.string()),
-    pa.field("model", pa.string()),
-    pa.field("space", pa.string()),
-    pa.field("where", pa.string()),
-    pa.field("reference_where", pa.string()),
-    pa.field("size", pa.int64()),
-    pa.field("seed", pa.int64()),
-    pa.field("reverse", pa.bool_()),
-    pa.field("params", pa.string()),
-    pa.field("version", pa.int64()),
-    pa.field("state", pa.string()),
-    pa.field("progress", pa.float64()),
-    pa.field("rows_scanned", pa.int64()),
-    pa.field("rows_skipped", pa.int64()),
-    pa.field("results", pa.int64()),
-    pa.field("error", pa.string()),
-    pa.field("timings", pa.string()),
-    pa.field("created_at", pa.float64()),
-    pa.field("finished_at", pa.float64()),
-    # JSON: the k-NN graphs the run used, by role ("pool", "query", "reference"): method, k,
-    # recall@k on a sample, sample size, seconds (miners.knn.GraphInfo); null for other miners.
-    # Added after the first release: RunStore's system_table adds it to older data roots.
-    pa.field("graph", pa.string()),
-])
 _RESULTS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("id", pa.string(), nullable=False),
@@ -70,21 +44,42 @@ _RESULTS_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    run_id: str
-    collection: str
-    miner: str
-    size: int
-    seed: int
-    version: int
-    model: str = ""
-    space: str = ""
-    where: str = ""
-    reference_where: str = ""
-    reverse: bool = False
-    params: dict[str, Any] = field(default_factory=dict)
+def _request(*, stage: bool = False, **kw: Any) -> Any:
+    """A field a caller sets when asking for a run (``StartMiningRequest``); ``stage``: a
+    chain stage may set it per stage (``params.stages[i]``)."""
+    return field(metadata={"request": True, "stage": stage}, **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """One mining run: what to run (the request) and how it went (the record).
+
+    The same object is the request :func:`miners.runner.validate_request` checks, the record
+    :class:`RunStore` persists (the ``_runs`` Arrow schema, :data:`RUNS_SCHEMA`, is derived
+    from these fields: ``str``/``int``/``float``/``bool`` columns, ``dict`` fields as JSON
+    text), each stage of a ``chain`` run (``dataclasses.replace`` of its run), and what the
+    service maps to and from ``MiningRun`` / ``StartMiningRequest`` by field name
+    (``service/mining.py``). Fields marked ``request`` are the ones a caller sets; a field
+    added here with a proto field of the same name travels end to end (add it to the
+    client's ``Collection.mine`` to let callers set it). New fields must have a default:
+    they are added as null columns to the ``_runs`` table of an existing data root, and
+    records written before they existed read back with the default.
+    """
+
+    run_id: str = field(default="", metadata={"key": True})
     job_id: str = ""
+    collection: str = _request()
+    miner: str = _request(stage=True)
+    model: str = _request(stage=True, default="")
+    space: str = _request(stage=True, default="")
+    where: str = _request(default="")
+    reference_where: str = _request(default="")
+    size: int = _request(stage=True)
+    seed: int = _request(default=0)
+    reverse: bool = _request(stage=True, default=False)
+    params: dict[str, Any] = _request(stage=True, default_factory=dict)
+    # requested: None = the current version; recorded: the version the run reads (pinned)
+    version: int | None = _request(default=None)
     state: str = "PENDING"
     progress: float = 0.0
     rows_scanned: int = 0
@@ -94,22 +89,76 @@ class RunRecord:
     timings: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     finished_at: float = 0.0
+    # the k-NN graphs the run used, by role ("pool", "query", "reference"): method, k,
+    # recall@k on a sample, sample size, seconds (miners.knn.GraphInfo); empty for other miners
     graph: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        row["params"] = json.dumps(self.params, sort_keys=True)
-        row["timings"] = json.dumps(self.timings)
-        row["graph"] = json.dumps(self.graph, sort_keys=True) if self.graph else None
+        """The ``_runs`` row: dict fields as JSON text (null when empty)."""
+        row = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _JSON_FIELDS:
+                value = json.dumps(value) if value else None
+            row[f.name] = value
         return row
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> RunRecord:
-        data = {k: v for k, v in row.items() if v is not None}
-        data["params"] = json.loads(data.get("params") or "{}")
-        data["timings"] = json.loads(data.get("timings") or "{}")
-        data["graph"] = json.loads(data.get("graph") or "{}")
+    def from_row(cls, row: dict[str, Any]) -> RunSpec:
+        """A record from a ``_runs`` row; null columns (fields a record written by an older
+        version lacks) take their default, columns this version does not know are ignored."""
+        data = {}
+        for name in _FIELD_NAMES:
+            value = row.get(name)
+            if value is not None:
+                data[name] = json.loads(value) if name in _JSON_FIELDS else value
         return cls(**data)
+
+
+_ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(), dict: pa.string()}
+
+
+def _arrow_type(hint: Any) -> pa.DataType:
+    base = typing.get_origin(hint) or hint
+    if base in (types.UnionType, typing.Union):  # `int | None`
+        (base,) = (a for a in typing.get_args(hint) if a is not type(None))
+        base = typing.get_origin(base) or base
+    return _ARROW_TYPES[base]
+
+
+def _schema() -> pa.Schema:
+    hints = typing.get_type_hints(RunSpec)
+    return pa.schema([pa.field(f.name, _arrow_type(hints[f.name]), nullable=not f.metadata.get("key"))
+                      for f in fields(RunSpec)])
+
+
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RunSpec))
+_JSON_FIELDS = frozenset(f.name for f in fields(RunSpec)
+                         if (typing.get_origin(typing.get_type_hints(RunSpec)[f.name]) or None) is dict)
+#: The ``_runs`` table's schema, derived from :class:`RunSpec`.
+RUNS_SCHEMA: pa.Schema = _schema()
+#: The fields a caller sets (``StartMiningRequest``), and those a chain stage may set per stage.
+REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunSpec) if f.metadata.get("request"))
+STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunSpec) if f.metadata.get("stage"))
+
+# The names this module and miners.runner used before RunSpec (kept for callers and tests).
+RunRecord = RunSpec
+_RUNS_SCHEMA = RUNS_SCHEMA
+
+
+@dataclass
+class MiningOutput:
+    """What :func:`miners.runner.run_mining` returns: the picks in rank order and how it went."""
+
+    ids: list[str]
+    scores: np.ndarray
+    rows_scanned: int
+    rows_skipped: int
+    timings: dict[str, float]
+    # per result: the id of a related row (the seed it is nearest to, the row it duplicates)
+    related: list[str | None] | None = None
+    # the k-NN graphs the run used, by role ("pool", "query", "reference"): GraphInfo dicts
+    graph: dict[str, dict[str, Any]] | None = None
 
 
 class RunStore:
@@ -121,31 +170,36 @@ class RunStore:
         self._writes = 0  # since the last maintenance of the two tables
         self._maintaining = False
         self._last_cleanup = time.monotonic()
-        self._runs = self.store.system_table(RUNS_TABLE, _RUNS_SCHEMA, "run_id")
+        self._runs = self.store.system_table(RUNS_TABLE, RUNS_SCHEMA, "run_id")
         self._results = self.store.system_table(RESULTS_TABLE, _RESULTS_SCHEMA, None)
         # Final states that could not be saved (the disk was full, the object store away):
         # served from memory and saved with the next record that can be.
-        self._unsaved: dict[str, RunRecord] = {}
+        self._unsaved: dict[str, RunSpec] = {}
 
-    def new_run(self, **fields: Any) -> RunRecord:
-        rec = RunRecord(run_id=uuid.uuid4().hex, created_at=time.time(), **fields)
+    def new_run(self, spec: RunSpec | None = None, **changes: Any) -> RunSpec:
+        """Persist a new PENDING run: ``spec`` (or a RunSpec of ``changes``) with ``changes``
+        applied, a fresh run id and its creation time."""
+        base = spec if spec is not None else RunSpec(**changes)
+        rec = replace(base, **(changes if spec is not None else {}), run_id=uuid.uuid4().hex,
+                      created_at=time.time(), state="PENDING")
         self.save(rec)
         return rec
 
-    def save(self, rec: RunRecord) -> None:
+    def save(self, rec: RunSpec) -> None:
         with self._lock:
             pending = {**self._unsaved, rec.run_id: rec}
-            batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=_RUNS_SCHEMA)
+            # the table's own schema: its column order is the one it was created with
+            batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=self._runs.schema)
             self._runs.merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
             self._unsaved.clear()
             self._after_write()
 
-    def update(self, rec: RunRecord, **changes: Any) -> RunRecord:
+    def update(self, rec: RunSpec, **changes: Any) -> RunSpec:
         rec = replace(rec, **changes)
         self.save(rec)
         return rec
 
-    def update_or_keep(self, rec: RunRecord, **changes: Any) -> RunRecord:
+    def update_or_keep(self, rec: RunSpec, **changes: Any) -> RunSpec:
         """:meth:`update`, and if the record cannot be saved now (the fault that ended the
         run is often the one that stops its record being written), keep it in memory: it
         is served from there and saved with the next record that can be."""
@@ -159,24 +213,24 @@ class RunStore:
                 self._unsaved[rec.run_id] = rec
         return rec
 
-    def get(self, run_id: str) -> RunRecord:
+    def get(self, run_id: str) -> RunSpec:
         if (kept := self._unsaved.get(run_id)) is not None:
             return kept
         rows = self._runs.search().where(f"run_id = {sql_quote(run_id)}").limit(None).to_arrow().to_pylist()
         if not rows:
             raise NotFound(f"mining run '{run_id}' not found")
-        return RunRecord.from_row(rows[0])
+        return RunSpec.from_row(rows[0])
 
-    def list(self, collection: str | None = None, limit: int = 100) -> list[RunRecord]:
+    def list(self, collection: str | None = None, limit: int = 100) -> list[RunSpec]:
         q = self._runs.search().limit(None)
         if collection:
             q = q.where(f"collection = {sql_quote(collection)}")
-        runs = [RunRecord.from_row(r) for r in q.to_arrow().to_pylist()]
+        runs = [RunSpec.from_row(r) for r in q.to_arrow().to_pylist()]
         runs = [self._unsaved.get(r.run_id, r) for r in runs]
         runs.sort(key=lambda r: r.created_at, reverse=True)
         return runs[:limit]
 
-    def write_results(self, rec: RunRecord, ids: list[str], scores: np.ndarray,
+    def write_results(self, rec: RunSpec, ids: list[str], scores: np.ndarray,
                       related: list[str | None] | None = None) -> None:
         if not ids:
             return
@@ -242,6 +296,6 @@ class RunStore:
         """Runs left PENDING/RUNNING by a previous process: INTERRUPTED (restartable)."""
         rows = self._runs.search().where("state IN ('PENDING', 'RUNNING')").limit(None).to_arrow().to_pylist()
         for row in rows:
-            self.update(RunRecord.from_row(row), state="INTERRUPTED", finished_at=time.time(),
+            self.update(RunSpec.from_row(row), state="INTERRUPTED", finished_at=time.time(),
                         error="the server stopped while this run was in progress; start it again")
         return len(rows)

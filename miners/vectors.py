@@ -1,8 +1,8 @@
 """Loading what embedding miners need from a collection, and the k-NN graph facility.
 
 * :func:`load_pool` streams the rows matching a filter at a pinned version and returns their
-  ids, stable row ids and vectors (float32, rows without a vector left out), plus any
-  prediction arrays the miner also needs. Vectors go to a NumPy array, or to a memory-mapped
+  ids, stable row ids and vectors (float32, rows without a vector left out), plus what any
+  other input the miner reads along the scan decodes (:class:`miners.inputs.Bound`). Vectors go to a NumPy array, or to a memory-mapped
   file under the system temp folder when they would exceed ``MEMMAP_ABOVE_BYTES`` — a 10M ×
   384 pool (15 GB) is paged by the OS instead of held in RAM.
 * :func:`graph` (and :func:`knn_graph`, its arrays only) gives the k nearest neighbours of a
@@ -24,15 +24,15 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexing.schema import EMB_PREFIX, PRED_PREFIX
+from indexing.schema import EMB_PREFIX
 from indexing.settings import (
     EXACT_MAX_ROWS,  # noqa: F401 -- read here by the knn miner and scoring
     MEMMAP_ABOVE_BYTES,
@@ -52,32 +52,47 @@ class Pool:
     ids: np.ndarray            # object array of str
     row_keys: np.ndarray       # uint64 stable row ids
     vectors: np.ndarray        # (n, d) float32, or a read-only memmap
-    probs: np.ndarray | None = None    # (n, C) float64 when asked for
     scanned: int = 0
     skipped: int = 0
+    # what the ``extra`` decoders gave, one entry per row (e.g. "probs": (n, C) float64)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def probs(self) -> np.ndarray | None:
+        return self.arrays.get("probs")
+
+
+class ChunkDecoder(Protocol):
+    """Another input read along the pool scan (:class:`miners.inputs.Bound`)."""
+
+    @property
+    def columns(self) -> dict[str, str]: ...
+    @property
+    def row_arrays(self) -> tuple[str, ...]: ...
+    def present(self, batch: pa.RecordBatch) -> np.ndarray | None: ...
+    def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray) -> dict[str, Any]: ...
 
 
 def _list_matrix(arr: pa.Array, width: int, dtype: Any) -> np.ndarray:
     return np.asarray(pc.list_flatten(arr).to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
 
 
-def load_pool(col: Collection, version: int, space: str, where: str | None, *, model: str | None = None,
-              with_probs: bool = False, check: Any = lambda: None,
+def load_pool(col: Collection, version: int, space: str, where: str | None, *,
+              extra: Sequence[ChunkDecoder] = (), check: Any = lambda: None,
               progress: Callable[[float, str], None] | None = None) -> Pool:
-    """Stream the vectors (and, with ``with_probs``, ``pred_<model>`` probabilities or
-    softmaxed logits) of the rows matching ``where`` at ``version``. Rows missing any of them
-    are counted in ``skipped``. ``progress(fraction, message)`` after each chunk: rows read
-    of the total, with an ETA."""
-    from miners.uncertainty import softmax
-
+    """Stream the vectors of the rows matching ``where`` at ``version`` — and what each
+    ``extra`` decoder reads (its ``columns``; rows it says lack it are skipped; its
+    ``row_arrays`` land in ``Pool.arrays``). Rows missing any of them are counted in
+    ``skipped``. ``progress(fraction, message)`` after each chunk: rows read of the total,
+    with an ETA."""
     spec = col.space(space)
     table = col.at_version(version)
     proj = {"id": "id", "v": f"{EMB_PREFIX}{space}"}
-    if with_probs:
-        proj.update(probs=f"{PRED_PREFIX}{model}.probs", logits=f"{PRED_PREFIX}{model}.logits")
+    for d in extra:
+        proj.update(d.columns)
     query = table.search().select(proj).limit(None).with_row_id(True)
     if where:
         query = query.where(where)
@@ -92,7 +107,7 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *, m
         out = np.empty((total, spec.dim), dtype=np.float32)
     ids: list[Any] = []
     keys: list[np.ndarray] = []
-    probs_parts: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for d in extra for name in d.row_arrays}
     n = scanned = 0
     t0 = time.perf_counter()
     for batch in query.to_batches(CHUNK_ROWS):
@@ -102,10 +117,10 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *, m
             progress(scanned / max(1, total), f"loading vectors: {scanned:,} of {total:,} rows"
                      f"{_eta(scanned, total, time.perf_counter() - t0)}")
         valid = ~np.asarray(batch.column("v").is_null().to_numpy(zero_copy_only=False))
-        if with_probs:
-            has_p = ~np.asarray(batch.column("probs").is_null().to_numpy(zero_copy_only=False))
-            has_l = ~np.asarray(batch.column("logits").is_null().to_numpy(zero_copy_only=False))
-            valid &= has_p | has_l
+        for d in extra:
+            has = d.present(batch)
+            if has is not None:
+                valid &= has
         rows = np.flatnonzero(valid)
         if not len(rows):
             continue
@@ -113,17 +128,12 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *, m
         m = len(rows)
         out[n:n + m] = _list_matrix(batch.column("v").take(take), spec.dim, np.float32)
         ids.extend(batch.column("id").take(take).to_pylist())
-        keys.append(np.asarray(batch.column("_rowid").take(take).to_numpy(zero_copy_only=False), dtype=np.uint64))
-        if with_probs:
-            c = col.model(model).num_classes
-            p = np.empty((m, c), dtype=np.float64)
-            sub_p, sub_l = has_p[rows], has_l[rows] & ~has_p[rows]
-            if sub_p.any():
-                p[sub_p] = _list_matrix(batch.column("probs").take(pa.array(rows[sub_p], pa.int64())), c, np.float64)
-            if sub_l.any():
-                logits = _list_matrix(batch.column("logits").take(pa.array(rows[sub_l], pa.int64())), c, np.float64)
-                p[sub_l] = softmax(logits)
-            probs_parts.append(p)
+        row_keys = np.asarray(batch.column("_rowid").take(take).to_numpy(zero_copy_only=False), dtype=np.uint64)
+        keys.append(row_keys)
+        for d in extra:
+            decoded = d.decode(batch, rows, row_keys)
+            for name in d.row_arrays:
+                parts[name].append(decoded[name])
         n += m
     vectors = out[:n]
     if spec.metric == "cosine" and not spec.normalized:
@@ -132,9 +142,18 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *, m
         vectors = (vectors / np.where(norms == 0, 1, norms)).astype(np.float32)
     return Pool(
         ids=np.asarray(ids, dtype=object), row_keys=np.concatenate(keys) if keys else np.zeros(0, np.uint64),
-        vectors=vectors, probs=np.concatenate(probs_parts) if with_probs and probs_parts else None,
-        scanned=scanned, skipped=scanned - n,
+        vectors=vectors, scanned=scanned, skipped=scanned - n,
+        arrays={name: np.concatenate(chunks) for name, chunks in parts.items() if chunks},
     )
+
+
+def ids_of_rows(table: Any, row_keys: np.ndarray) -> list[str]:
+    """The ``id`` of each stable row id (in order), read from ``table`` (a pinned version)."""
+    if len(row_keys) == 0:
+        return []
+    found = table.take_row_ids([int(r) for r in row_keys]).select(["id"]).with_row_id().to_arrow()
+    id_of = dict(zip(found.column("_rowid").to_pylist(), found.column("id").to_pylist(), strict=True))
+    return [id_of[int(r)] for r in row_keys]
 
 
 # -- the k-NN graph ---------------------------------------------------------------------------

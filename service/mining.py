@@ -10,11 +10,15 @@ then the record becomes SUCCEEDED.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+from dataclasses import fields, replace
 from typing import Any
 
 import pyarrow as pa
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from indexing.errors import (
     AssayError,
@@ -25,9 +29,9 @@ from indexing.errors import (
 )
 from indexing.store import Collection, Store
 from miners import registry
-from miners.runner import MiningRequest, run_mining, validate_request
-from miners.runs import RunRecord, RunStore
-from protos.assay.v1 import common_pb2, jobs_pb2, mining_pb2, mining_pb2_grpc
+from miners.runner import run_mining, validate_request
+from miners.runs import REQUEST_FIELDS, RunSpec, RunStore
+from protos.assay.v1 import common_pb2, mining_pb2, mining_pb2_grpc
 from service.arrow_ipc import table_to_ipc
 from service.jobs import JobCancelled, JobContext, JobKind, JobManager
 from service.servicers import TextEmbedders, job_to_proto, struct_params
@@ -44,24 +48,21 @@ class MiningService:
         self.runs.mark_interrupted()
         jobs.register("mine", JobKind(run=self._execute, validate=self._validate_job))
 
-    def start(self, req: MiningRequest) -> RunRecord:
+    def start(self, req: RunSpec) -> RunSpec:
         col = self.store.collection(req.collection)
-        _, params = validate_request(col, req)
-        if params.get("seed_texts"):
-            # Embed text seeds now, with the space's embedder: the run record then holds the
-            # vectors, and a rerun does not depend on the model still being around.
-            vectors = self.embedders.for_space(col.space(req.space)).embed(params["seed_texts"])
-            params = {**params, "seed_vectors": [*params["seed_vectors"], *vectors.astype(float).tolist()],
-                      "seed_texts": []}
+        spec, params = validate_request(col, req)
+        for p in spec.params:
+            if p.embed_to and params.get(p.name):
+                # Embed texts now, with the space's embedder (knn's seed_texts): the run record
+                # then holds the vectors, and a rerun does not depend on the model still being around.
+                vectors = self.embedders.for_space(col.space(req.space)).embed(params[p.name])
+                params = {**params, p.embed_to: [*params[p.embed_to], *vectors.astype(float).tolist()],
+                          p.name: []}
         if not self.jobs.has_capacity():
             raise ResourceExhausted(f"the job queue is full: {self.jobs.max_queued} jobs are pending or running, "
                                     "the limit (max_jobs); try again later")
-        rec = self.runs.new_run(
-            collection=col.name, miner=req.miner, size=req.size, seed=req.seed,
-            version=col.version if req.version is None else int(col.at_version(req.version).version),
-            model=req.model or "", space=req.space or "", where=req.where or "",
-            reference_where=req.reference_where or "", reverse=req.reverse, params=params,
-        )
+        version = col.version if req.version is None else int(col.at_version(req.version).version)
+        rec = self.runs.new_run(replace(req, collection=col.name, params=params, version=version))
         job = self.jobs.start("mine", col.name, {"run_id": rec.run_id})
         return self.runs.update(rec, job_id=job.id)
 
@@ -119,28 +120,63 @@ class MiningService:
         return table
 
 
-def run_to_proto(rec: RunRecord, jobs: JobManager) -> mining_pb2.MiningRun:
-    msg = mining_pb2.MiningRun(
-        run_id=rec.run_id, collection=rec.collection, miner=rec.miner, model=rec.model, space=rec.space,
-        where=rec.where, reference_where=rec.reference_where, size=rec.size, seed=rec.seed, reverse=rec.reverse,
-        version=rec.version, state=jobs_pb2.JobState.Value(rec.state), rows_scanned=rec.rows_scanned,
-        rows_skipped=rec.rows_skipped, results=rec.results, error=rec.error, timings=rec.timings,
-        created_at=rec.created_at, finished_at=rec.finished_at,
-    )
-    msg.params.update(rec.params)
-    for role, info in (rec.graph or {}).items():
-        g = msg.graph[role]
-        for name in ("method", "k", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist",
-                     "nprobe", "build_s", "recall_s", "search_s", "device", "cached"):
-            if info.get(name) is not None:
-                setattr(g, name, info[name])
-        if info.get("recall") is not None:
-            g.recall = float(info["recall"])
+# -- RunSpec <-> protobuf, field by field and by name ----------------------------------------
+
+
+def _fill(msg: Message, fd: FieldDescriptor, value: Any) -> None:
+    """Set ``msg.<fd>`` from a RunSpec value: a scalar, an enum by name, a Struct from a
+    dict, a map from a dict (of scalars, or of dicts filling a message by field name)."""
+    name = fd.name
+    if fd.message_type is struct_pb2.Struct.DESCRIPTOR:
+        getattr(msg, name).update(value)
+    elif fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        target, value_fd = getattr(msg, name), fd.message_type.fields_by_name["value"]
+        if value_fd.message_type is None:
+            target.update(value)
+            return
+        for key, sub in value.items():
+            entry = target[key]
+            for sub_fd in value_fd.message_type.fields:
+                if sub.get(sub_fd.name) is not None:
+                    _fill(entry, sub_fd, sub[sub_fd.name])
+    elif fd.enum_type is not None:
+        setattr(msg, name, fd.enum_type.values_by_name[value].number)
+    elif fd.type == FieldDescriptor.TYPE_DOUBLE:
+        setattr(msg, name, float(value))
+    else:
+        setattr(msg, name, value)
+
+
+def run_to_proto(rec: RunSpec, jobs: JobManager) -> mining_pb2.MiningRun:
+    """A run record as ``MiningRun``: every RunSpec field the message has, by name."""
+    msg = mining_pb2.MiningRun()
+    by_name = msg.DESCRIPTOR.fields_by_name
+    for f in fields(RunSpec):
+        value = getattr(rec, f.name)
+        if f.name in by_name and value is not None:
+            _fill(msg, by_name[f.name], value)
+    msg.params_json = json.dumps(rec.params)
     if rec.job_id:
         # the job record may have been pruned; the run record stands alone
         with contextlib.suppress(AssayError):
             msg.job.CopyFrom(job_to_proto(jobs.get(rec.job_id)))
     return msg
+
+
+def run_from_request(request: mining_pb2.StartMiningRequest) -> RunSpec:
+    """The run a ``StartMiningRequest`` asks for: each of its fields is the RunSpec request
+    field of the same name (unset optional fields keep the RunSpec default)."""
+    given: dict[str, Any] = {}
+    for fd in request.DESCRIPTOR.fields:
+        if fd.name not in REQUEST_FIELDS:
+            raise AssertionError(f"StartMiningRequest.{fd.name} is not a RunSpec request field")
+        if fd.message_type is struct_pb2.Struct.DESCRIPTOR:
+            # Struct numbers arrive as floats: give integral ones back their int type.
+            given[fd.name] = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                              for k, v in struct_params(request).items()}
+        elif not fd.has_presence or request.HasField(fd.name):
+            given[fd.name] = getattr(request, fd.name)
+    return RunSpec(**given)
 
 
 def _param_spec(p: registry.Param) -> mining_pb2.ParamSpec:
@@ -166,17 +202,7 @@ class MiningServicer(mining_pb2_grpc.MiningServicer):
         ])
 
     def StartMining(self, request, context):  # noqa: N802
-        params = struct_params(request)
-        # Struct numbers arrive as floats: give integral ones back their int type.
-        params = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in params.items()}
-        req = MiningRequest(
-            collection=request.collection, miner=request.miner, size=int(request.size),
-            model=request.model or None, space=request.space or None, where=request.where or None,
-            reference_where=request.reference_where or None, params=params,
-            seed=int(request.seed) if request.HasField("seed") else 0, reverse=request.reverse,
-            version=int(request.version) if request.HasField("version") else None,
-        )
-        return run_to_proto(self.mining.start(req), self.mining.jobs)
+        return run_to_proto(self.mining.start(run_from_request(request)), self.mining.jobs)
 
     def GetRun(self, request, context):  # noqa: N802
         return run_to_proto(self.mining.runs.get(request.run_id), self.mining.jobs)
@@ -204,4 +230,4 @@ def add_mining_servicer(server: Any, mining: MiningService) -> str:
     return mining_pb2.DESCRIPTOR.services_by_name["Mining"].full_name
 
 
-__all__ = ["MiningService", "add_mining_servicer"]
+__all__ = ["MiningService", "add_mining_servicer", "run_from_request", "run_to_proto"]

@@ -231,7 +231,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "indexing"))
     loaded_heavy, loaded_indexing = out.stdout.strip().splitlines()
     assert loaded_heavy == "[]"
     assert set(ast.literal_eval(loaded_indexing)) <= {"indexing", "indexing.errors", "indexing.filters",
-                                          "indexing.images", "indexing.predictions",
+                                          "indexing.images", "indexing.measures", "indexing.predictions",
                                           "indexing.settings"}, loaded_indexing
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from indexing import measures
 from miners import edge
 from miners.edge import EdgeScorer
 from miners.runner import MiningRequest, run_mining, validate_request
@@ -33,8 +34,8 @@ def traffic(n: int, seed: int) -> dict[str, np.ndarray]:
     embedding near one of 8 centres (3% far outliers)."""
     rng = np.random.default_rng(seed)
     logits = (rng.standard_normal((n, C)) * rng.uniform(0.3, 3, (n, 1))).astype(np.float32)
-    probs = edge.uncertainty.softmax(logits).astype(np.float32)
-    samples = edge.uncertainty.softmax(logits[:, None, :] + rng.standard_normal((n, K, C))).astype(np.float32)
+    probs = measures.softmax(logits).astype(np.float32)
+    samples = measures.softmax(logits[:, None, :] + rng.standard_normal((n, K, C))).astype(np.float32)
     emb = CENTRES[rng.integers(0, len(CENTRES), n)] + rng.standard_normal((n, D))
     out = rng.random(n) < 0.03
     emb[out] += rng.standard_normal((int(out.sum()), D)) * 6

@@ -8,6 +8,7 @@ names the stub and method, holds the request and parses each response message.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -459,39 +460,54 @@ def rpc_list_jobs(collection: str | None, states: Iterable[str | int] | None, li
     return Rpc("jobs", "ListJobs", request, lambda r: list(r.jobs), jobs=True)
 
 
+def _miner_dict(miner: mining_pb2.MinerInfo) -> dict[str, Any]:
+    """A MinerInfo as a dict; an int parameter's default and bounds as ints (a protobuf
+    Value holds numbers as doubles)."""
+    out = message_to_dict(miner)
+    for param in out.get("params", []):
+        if param.get("type") == "int":
+            for key in ("default", "min", "max"):
+                if isinstance(param.get(key), float) and param[key].is_integer():
+                    param[key] = int(param[key])
+    return out
+
+
 def rpc_list_miners() -> Rpc:
     return Rpc("mining", "ListMiners", mining_pb2.ListMinersRequest(),
-               lambda r: [message_to_dict(m) for m in r.miners])
+               lambda r: [_miner_dict(m) for m in r.miners])
 
 
-def rpc_start_mining(collection: str, miner: str, size: int, model: str | None, space: str | None,
-                     where: str | None, reference_where: str | None,
-                     params: Mapping[str, Any] | None, seed: int | None, reverse: bool,
-                     version: int | None = None,
-                     where_params: Mapping[str, Any] | None = None) -> Rpc:
-    """``where_params`` are bound into ``where`` and ``reference_where`` (each placeholder
-    may appear in either; every param must be used by one of them)."""
+#: The fields a mining run is asked for with (``StartMiningRequest``; the server's RunSpec).
+RUN_FIELDS: Final = tuple(f.name for f in mining_pb2.StartMiningRequest.DESCRIPTOR.fields)
+
+
+def rpc_start_mining(collection: str, miner: str, size: int, *,
+                     where_params: Mapping[str, Any] | None = None, **run: Any) -> Rpc:
+    """StartMining: ``run`` holds the other ``StartMiningRequest`` fields by name (``model``,
+    ``space``, ``where``, ``reference_where``, ``params``, ``seed``, ``reverse``,
+    ``version``...); None leaves a field at the server's default. ``where_params`` are
+    bound into ``where`` and ``reference_where`` (each placeholder may appear in either;
+    every param must be used by one of them)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise invalid(f"size must be a positive integer, got {size!r}")
+    unknown = sorted(set(run) - set(RUN_FIELDS))
+    if unknown:
+        raise invalid(f"mine: unknown run field(s) {', '.join(unknown)} (fields: {', '.join(RUN_FIELDS)})")
     if where_params is not None:
-        where, reference_where = bind_two(where, reference_where, where_params)
-    request = mining_pb2.StartMiningRequest(
-        collection=collection, miner=miner, size=size, model=model or "", space=space or "",
-        where=where or "", reference_where=reference_where or "", params=dict_to_struct(params),
-        reverse=reverse)
-    if seed is not None:
-        request.seed = seed
-    if version is not None:
-        request.version = version
+        run["where"], run["reference_where"] = bind_two(run.get("where"), run.get("reference_where"),
+                                                        where_params)
+    run = {k: v for k, v in run.items() if v is not None}
+    if "params" in run:
+        run["params"] = dict_to_struct(run["params"])
+    request = _message(mining_pb2.StartMiningRequest, "mine", collection=collection, miner=miner, size=size,
+                       **run)
     return Rpc("mining", "StartMining", request)
 
 
 def rpc_rerun(run: Mapping[str, Any]) -> Rpc:
-    """StartMining with a recorded run's parameters, on the version it read."""
-    return rpc_start_mining(run["collection"], run["miner"], int(run["size"]), run.get("model"),
-                            run.get("space"), run.get("where"), run.get("reference_where"),
-                            run.get("params"), int(run.get("seed", 0)), bool(run.get("reverse")),
-                            int(run["version"]))
+    """StartMining with a recorded run's fields (:func:`run_to_dict`), on the version it read."""
+    fields = {name: run.get(name) for name in RUN_FIELDS if name not in ("collection", "miner", "size")}
+    return rpc_start_mining(run["collection"], run["miner"], int(run["size"]), **fields)
 
 
 def rpc_run(method: str, run_id: str) -> Rpc:
@@ -510,9 +526,13 @@ def rpc_run_results(run_id: str, columns: Iterable[str] | None, page_rows: int) 
 
 
 def run_to_dict(run: mining_pb2.MiningRun) -> dict[str, Any]:
-    """A MiningRun as a plain dict, the state as its name."""
+    """A MiningRun as a plain dict, the state as its name and the parameters with their
+    JSON types (integers stay integers: ``params_json``)."""
     out = message_to_dict(run)
     out["state"] = jobs_pb2.JobState.Name(run.state)
+    text = out.pop("params_json", "")
+    if text:
+        out["params"] = json.loads(text)
     out.pop("job", None)
     return out
 

@@ -525,8 +525,9 @@ class Collection:
         ``params`` are the miner's parameters; ``where_params`` are bound into ``where`` and
         ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
         ``job.results()``; ``job.tag("to-label")`` tags the selected rows."""
-        rpc = rpc_start_mining(self.name, miner, size, model, space, where, reference_where, params,
-                               seed, reverse, version, where_params)
+        rpc = rpc_start_mining(self.name, miner, size, model=model, space=space, where=where,
+                               reference_where=reference_where, params=params, seed=seed,
+                               reverse=reverse, version=version, where_params=where_params)
         return MiningJob(self.client, self.client._unary(rpc, timeout))
 
     def score_stream(self, items: Any, *, model: str | None = None, space: str | None = None,

@@ -23,7 +23,7 @@ from indexing.datasets import Datasets
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.settings import MAX_GRID, MAX_LABELS, MAX_LIST, MAX_MAP_POINTS, TEXT_SNIPPET
 from indexing.store import Collection, Store
-from miners.runs import RunRecord, RunStore
+from miners.runs import RunSpec, RunStore
 from service.web.gallery import item_dict, top_predictions
 
 # Columns a grid item shows when the collection has them.
@@ -94,7 +94,7 @@ def collection_detail(store: Store, runs: RunStore, datasets: Datasets, name: st
     return info
 
 
-def run_summary(rec: RunRecord) -> dict[str, Any]:
+def run_summary(rec: RunSpec) -> dict[str, Any]:
     keys = ("run_id", "collection", "miner", "size", "seed", "version", "model", "space", "where", "state",
             "progress", "rows_scanned", "results", "error", "created_at", "finished_at", "params", "timings")
     return {k: getattr(rec, k) for k in keys}

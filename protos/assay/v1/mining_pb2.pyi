@@ -87,7 +87,7 @@ class RunRef(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class MiningRun(_message.Message):
-    __slots__ = ("run_id", "job", "collection", "miner", "model", "space", "where", "reference_where", "size", "seed", "reverse", "params", "version", "state", "rows_scanned", "rows_skipped", "results", "error", "timings", "created_at", "finished_at", "graph")
+    __slots__ = ("run_id", "job", "collection", "miner", "model", "space", "where", "reference_where", "size", "seed", "reverse", "params", "version", "state", "rows_scanned", "rows_skipped", "results", "error", "timings", "created_at", "finished_at", "graph", "params_json")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class MiningRun(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     job: _jobs_pb2.Job
     collection: str
@@ -146,7 +147,8 @@ class MiningRun(_message.Message):
     created_at: float
     finished_at: float
     graph: _containers.MessageMap[str, GraphInfo]
-    def __init__(self, run_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., collection: _Optional[str] = ..., miner: _Optional[str] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_jobs_pb2.JobState, str]] = ..., rows_scanned: _Optional[int] = ..., rows_skipped: _Optional[int] = ..., results: _Optional[int] = ..., error: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., graph: _Optional[_Mapping[str, GraphInfo]] = ...) -> None: ...
+    params_json: str
+    def __init__(self, run_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., collection: _Optional[str] = ..., miner: _Optional[str] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_jobs_pb2.JobState, str]] = ..., rows_scanned: _Optional[int] = ..., rows_skipped: _Optional[int] = ..., results: _Optional[int] = ..., error: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., graph: _Optional[_Mapping[str, GraphInfo]] = ..., params_json: _Optional[str] = ...) -> None: ...
 
 class GraphInfo(_message.Message):
     __slots__ = ("method", "k", "recall", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist", "nprobe", "build_s", "recall_s", "search_s", "device", "cached")

@@ -1,0 +1,173 @@
+"""One run record: RunSpec is the request, the persisted record (the `_runs` schema is
+derived from it), each chain stage and the protobuf mapping; data roots written before it
+open unchanged, and integer parameters stay integers end to end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from indexing.store import Store
+from miners.runs import REQUEST_FIELDS, RUNS_SCHEMA, STAGE_FIELDS, RunSpec, RunStore
+from protos.assay.v1 import mining_pb2
+from service.client import Client
+from service.client.rpc import rpc_rerun, rpc_start_mining, run_to_dict
+from service.mining import run_from_request, run_to_proto
+from service.server import ServerConfig, start_server
+
+# `_runs` as main wrote it before RunSpec (miners/runs.py `_RUNS_SCHEMA`, commit ca7b095),
+# written out here so that a change of RunSpec that would need a migration shows up.
+MAIN_RUNS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("job_id", pa.string()),
+    pa.field("collection", pa.string()),
+    pa.field("miner", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("space", pa.string()),
+    pa.field("where", pa.string()),
+    pa.field("reference_where", pa.string()),
+    pa.field("size", pa.int64()),
+    pa.field("seed", pa.int64()),
+    pa.field("reverse", pa.bool_()),
+    pa.field("params", pa.string()),
+    pa.field("version", pa.int64()),
+    pa.field("state", pa.string()),
+    pa.field("progress", pa.float64()),
+    pa.field("rows_scanned", pa.int64()),
+    pa.field("rows_skipped", pa.int64()),
+    pa.field("results", pa.int64()),
+    pa.field("error", pa.string()),
+    pa.field("timings", pa.string()),
+    pa.field("created_at", pa.float64()),
+    pa.field("finished_at", pa.float64()),
+    pa.field("graph", pa.string()),
+])
+GRAPH = {"pool": {"method": "faiss-ivf-flat nlist=64 nprobe=8", "k": 20, "recall": 0.97, "recall_sample": 500,
+                  "target_recall": 0.95, "below_target": False, "rows": 5000, "queries": 5000, "nlist": 64,
+                  "nprobe": 8, "build_s": 0.5, "recall_s": 0.1, "search_s": 0.7, "device": "cpu", "cached": False}}
+
+
+def _main_row(run_id: str, **over) -> dict:
+    """A `_runs` row exactly as main's RunRecord.to_row wrote it (params and graph as sorted
+    JSON, timings as JSON, every column set)."""
+    row = dict(run_id=run_id, job_id="j1", collection="c", miner="lof", model="", space="v", where="label IS NULL",
+               reference_where="", size=10, seed=3, reverse=False, version=4, state="SUCCEEDED", progress=1.0,
+               rows_scanned=100, rows_skipped=2, results=10, error="", created_at=10.0, finished_at=12.0,
+               params=json.dumps({"k": 20, "stochastic": "none", "temperature": 1.0}, sort_keys=True),
+               timings=json.dumps({"load_s": 0.1, "total_s": 0.4}), graph=json.dumps(GRAPH, sort_keys=True))
+    row.update(over)
+    return row
+
+
+def test_the_runs_schema_is_derived_and_equals_the_one_main_wrote():
+    assert RUNS_SCHEMA == MAIN_RUNS_SCHEMA
+    assert [f.name for f in fields(RunSpec)] == RUNS_SCHEMA.names
+
+
+def test_a_runs_table_written_by_main_opens_and_takes_new_runs(tmp_path):
+    db = lancedb.connect(str(tmp_path))
+    table = db.create_table("_runs", schema=MAIN_RUNS_SCHEMA)
+    table.add(pa.Table.from_pylist([_main_row("old1"), _main_row("old2", graph=None, state="FAILED",
+                                                                   error="boom", results=0)],
+                                   schema=MAIN_RUNS_SCHEMA))
+    runs = RunStore(Store(str(tmp_path)))
+    old = runs.get("old1")
+    assert old.params == {"k": 20, "stochastic": "none", "temperature": 1.0}
+    assert isinstance(old.params["k"], int) and isinstance(old.params["temperature"], float)
+    assert (old.graph, old.timings, old.version, old.where) == (GRAPH, {"load_s": 0.1, "total_s": 0.4}, 4,
+                                                                "label IS NULL")
+    assert runs.get("old2").graph == {} and runs.get("old2").error == "boom"
+    new = runs.new_run(RunSpec(collection="c", miner="margin", size=5, model="m", version=4, params={"k": 3}))
+    runs.update(new, state="SUCCEEDED", graph=GRAPH)
+    assert runs.get(new.run_id).graph == GRAPH and runs.get(new.run_id).params == {"k": 3}
+    assert {r.run_id for r in runs.list("c")} == {"old1", "old2", new.run_id}
+    assert lancedb.connect(str(tmp_path)).open_table("_runs").schema == MAIN_RUNS_SCHEMA  # nothing migrated
+
+
+def test_a_new_run_field_reaches_an_existing_root_as_a_null_column(tmp_path):
+    """What adding a (defaulted) RunSpec field does to a data root: `system_table` adds the
+    column, old rows read back with the default, and records keep being written."""
+    store = Store(str(tmp_path))
+    runs = RunStore(store)
+    first = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+    newer = pa.schema([*RUNS_SCHEMA, pa.field("new_field", pa.string())])
+    store.system_table("_runs", newer, "run_id")  # as a version of RunSpec with `new_field` would open it
+    assert "new_field" in lancedb.connect(str(tmp_path)).open_table("_runs").schema.names
+    runs = RunStore(Store(str(tmp_path)))  # this version: the extra column is kept and left null
+    assert runs.get(first.run_id) == first
+    second = runs.new_run(RunSpec(collection="c", miner="entropy", size=3, version=1))
+    assert runs.get(second.run_id).miner == "entropy"
+    rows = lancedb.connect(str(tmp_path)).open_table("_runs").to_arrow()
+    assert rows.column("new_field").null_count == 2
+
+
+def test_the_request_and_the_record_are_the_proto_messages_by_name():
+    request = {f.name for f in mining_pb2.StartMiningRequest.DESCRIPTOR.fields}
+    record = {f.name for f in mining_pb2.MiningRun.DESCRIPTOR.fields}
+    spec = {f.name for f in fields(RunSpec)}
+    assert request == set(REQUEST_FIELDS)
+    # MiningRun: every RunSpec field but the job id (the message carries the whole job) and
+    # progress (the job's), plus the job and params_json
+    assert spec - record == {"job_id", "progress"} and record - spec == {"job", "params_json"}
+    assert set(STAGE_FIELDS) < set(REQUEST_FIELDS)
+
+
+def test_a_record_goes_to_the_proto_and_back_to_the_same_request():
+    rec = RunSpec(run_id="r1", collection="c", miner="novelty", size=12, model="m", space="v", where="label IS NULL",
+                  reference_where="split = 'train'", seed=9, reverse=True, version=7, state="SUCCEEDED",
+                  params={"k": 20, "method": "lof", "temperature": 1.0, "stages": [{"size": 3}]}, rows_scanned=90,
+                  rows_skipped=1, results=12, timings={"load_s": 0.25, "total_s": 1.0}, created_at=5.0,
+                  finished_at=6.0, graph=GRAPH)
+    run = run_to_dict(run_to_proto(rec, jobs=None))
+    for name in set(REQUEST_FIELDS) | {"run_id", "state", "rows_scanned", "rows_skipped", "results", "timings",
+                                       "created_at", "finished_at", "graph"}:
+        assert run[name] == getattr(rec, name), name
+    assert type(run["params"]["k"]) is int and type(run["params"]["temperature"]) is float
+    assert type(run["params"]["stages"][0]["size"]) is int
+    again = run_from_request(rpc_rerun(run).request)
+    assert {n: getattr(again, n) for n in REQUEST_FIELDS} == {n: getattr(rec, n) for n in REQUEST_FIELDS}
+
+
+def test_unset_request_fields_keep_the_defaults():
+    req = run_from_request(rpc_start_mining("c", "margin", 4, model="m").request)
+    assert (req.seed, req.version, req.params, req.where, req.reverse) == (0, None, {}, "", False)
+    assert run_from_request(rpc_start_mining("c", "margin", 4, seed=0, version=0).request).version == 0
+
+
+def test_integer_parameters_stay_integers_through_the_server(tmp_path):
+    srv = start_server(ServerConfig(data=str(tmp_path), port=0, grace_s=1))
+    try:
+        with Client(srv.address) as client:
+            col = client.create_collection("p", spaces={"v": {"dim": 3, "metric": "l2"}}, models={"m": ["a", "b"]})
+            rng = np.random.default_rng(1)
+            col.upsert([{"id": f"r{i}", "emb_v": rng.normal(size=3).tolist(),
+                         "pred_m": {"probs": [p := float(rng.uniform()), 1 - p]}} for i in range(40)])
+            job = col.mine("lof", 5, space="v", params={"k": 7})
+            job.wait(timeout=60)
+            params = job.run()["params"]
+            assert params["k"] == 7 and type(params["k"]) is int
+            assert type(params["temperature"]) is float
+            assert [r["params"]["k"] for r in client.runs("p")] == [7]
+            chain = col.mine("chain", 3, model="m", space="v", params={"stages": [
+                {"miner": "margin", "size": 10}, {"miner": "coreset"}]})
+            chain.wait(timeout=60)
+            assert [type(s["size"]) for s in chain.run()["params"]["stages"]] == [int, int]
+            lof = next(m for m in client.miners() if m["name"] == "lof")
+            k = next(p for p in lof["params"] if p["name"] == "k")
+            assert (k["default"], k["min"], k["max"]) == (20, 1, 1000) and type(k["default"]) is int
+            assert job.rerun().wait(timeout=60).run()["params"] == params
+    finally:
+        srv.stop(1)
+
+
+@pytest.mark.parametrize("bad", [{"nonsense": 1}, {"runid": "x"}])
+def test_the_client_refuses_an_unknown_run_field(bad):
+    from service.client import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+        rpc_start_mining("c", "margin", 3, **bad)
