@@ -35,7 +35,7 @@ IVF settings, from ``N`` (the base rows):
   guideline; 100k rows: 1024, 1M: 4096, 10M: 8192). Small lists fit the cache while
   consecutive queries scan them: at 1M x 384 (``bench/density.py --graph --latent 16``
   data), 4096 lists reached recall@20 0.958 with nprobe 20 in an estimated 232 s of search
-  (+131 s to build), 1024 lists 0.951 with nprobe 8 in 421 s (+9 s) — the coarse step's
+  (+131 s to build, with the earlier 160k-row x 10-iteration training), 1024 lists 0.951 with nprobe 8 in 421 s (+9 s) — the coarse step's
   ``nlist`` distances per query are cheaper than the longer lists' scan. Above 8192 lists,
   training (``~ 39 nlist^2 d`` flops per iteration) would cost more than it saves.
 * training: ``TRAIN_ITERATIONS`` = 6 Lloyd iterations on ``min(39 nlist, TRAIN_ROWS)``
