@@ -41,11 +41,15 @@ The same vectors, L2-normalised (as a cosine space is searched), k=20, a pool's 
 * **assay** -- ``miners.knn.knn_search(x, k)`` with its defaults: exact or FAISS IVF chosen
   from N, ``nprobe`` tuned on a 500-row sample for recall@k >= 0.95, the whole graph
   searched in blocks (what the lof / typicality / near_duplicates miners run);
-* **reference** -- FAISS ``IndexIVFFlat`` with 4096 lists trained on a 100,000-row sample,
-  ``nprobe`` 16, one ``search`` of all rows for k+1 neighbours (self dropped): the
-  ANCHORS.md reference (990k x 384: 276 s, recall@20 0.998 on the issue's data). Below 1M
-  rows the list count follows FAISS's guideline ``4 sqrt(N)`` (a power of two: 1024 at
-  100k), since 4096 lists trained on 100k rows cost minutes for 24 rows a list.
+* **reference** -- FAISS ``IndexIVFFlat`` with the engine's list count (``knn.nlist_for``:
+  4096 at 1M rows) trained by FAISS itself (``index.train``, 10 Lloyd iterations) on a
+  100,000-row sample, all rows added, ``nprobe`` the smallest of the engine's ladder that
+  reaches recall@k >= 0.95 (``knn.TARGET_RECALL``) on the check rows below, then one
+  ``search`` of all rows for k+1 neighbours (self dropped). That ``nprobe`` is an oracle's
+  choice (chosen on the very rows its recall is measured on) and its tuning is not timed:
+  the comparison is the engine at recall >= 0.95 against FAISS IVF-Flat at recall >= 0.95,
+  with every doubt given to FAISS. (The ANCHORS.md figure, IVF4096 nprobe 16 on the issue's
+  data, reached 0.998 there; on this script's data nprobe 16 gives ~0.94 at 1M.)
 
 Both use both cores (``faiss.omp_set_num_threads``). Recall@k of each is measured by this
 script against an exact search (``miners.knn.exact_search``) of 1,000 sampled rows (a
@@ -251,19 +255,22 @@ def run(args: argparse.Namespace, report: Report) -> None:
 # -- the k-NN graph engine against FAISS IVF-Flat -----------------------------------------
 
 
-REF_NLIST = 4096
 REF_TRAIN = 100_000
-REF_NPROBE = 16
 CHECK_SAMPLE = 1000
 
 
 def ref_nlist(n: int) -> int:
-    """4096 lists from 1M rows on (the ANCHORS reference), else 2^round(log2(4 sqrt(n)))."""
-    return REF_NLIST if n >= 900_000 else int(2 ** round(np.log2(4 * np.sqrt(n))))
+    """The engine's list count (``knn.nlist_for``: 2^round(log2(4 sqrt(n))), 4096 at 1M)."""
+    return knn.nlist_for(n)
 
 
-def _faiss_reference(x: np.ndarray, k: int, seed: int) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """IVF4096,Flat trained on a 100k sample, nprobe 16: (build s, search s, indices, distances)."""
+def _faiss_reference(x: np.ndarray, k: int, seed: int, rows: np.ndarray, ex_d: np.ndarray
+                     ) -> tuple[float, float, int, float, np.ndarray, np.ndarray]:
+    """IVF-Flat with the engine's list count, FAISS's own training (``index.train``: 10
+    iterations) on a 100k sample, ``nprobe`` the smallest of the engine's ladder that reaches
+    recall@k >= ``knn.TARGET_RECALL`` on the check rows (an oracle choice: that tuning is not
+    timed), then one ``search`` of all rows: (build s, search s, nprobe, tuning s, indices,
+    distances)."""
     import faiss
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
@@ -276,14 +283,24 @@ def _faiss_reference(x: np.ndarray, k: int, seed: int) -> tuple[float, float, np
     index.train(np.ascontiguousarray(train))
     index.add(x)
     build = time.perf_counter() - t0
-    index.nprobe = REF_NPROBE
+
+    def graph(q: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d2, idx = index.search(q, k + 1)
+        # drop self (or the last one when self was not found), as the engine does
+        idx, dist = knn._drop_self(idx.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float64),
+                                   self_ids, k)
+        return idx, np.where(idx >= 0, dist, np.inf)
+
     t1 = time.perf_counter()
-    d2, idx = index.search(x, k + 1)
-    search = time.perf_counter() - t1
-    # drop self (or the last one when self was not found), as the engine does
-    idx, dist = knn._drop_self(idx.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float64),
-                               np.arange(n, dtype=np.int64), k)
-    return build, search, idx, np.where(idx >= 0, dist, np.inf)
+    ladder = [p for p in knn._LADDER if max(1, nlist // 256) <= p <= nlist]
+    for nprobe in ladder:  # noqa: B007 -- the first that reaches the target is kept
+        index.nprobe = nprobe
+        if knn.recall_at_k(graph(x[rows], rows)[1], ex_d) >= knn.TARGET_RECALL:
+            break
+    tune = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    idx, dist = graph(x, np.arange(n, dtype=np.int64))
+    return build, time.perf_counter() - t2, int(nprobe), tune, idx, dist
 
 
 def run_graph(args: argparse.Namespace, report: Report) -> None:
@@ -315,12 +332,15 @@ def run_graph(args: argparse.Namespace, report: Report) -> None:
           flush=True)
     del res
     with PeakRSS() as mem_r:
-        t_r, (b_r, s_r, _, dist_r) = timed(lambda: _faiss_reference(x, k, args.seed), "faiss")
+        t_r, (b_r, s_r, np_r, tune_r, _, dist_r) = timed(
+            lambda: _faiss_reference(x, k, args.seed, rows, ex_d), "faiss")
+    t_r -= tune_r  # the reference's nprobe is an oracle's choice: its tuning is not charged
     rec_r = knn.recall_at_k(dist_r[rows], ex_d)
-    print(f"faiss IVF{ref_nlist(n)},Flat nprobe {REF_NPROBE}: {t_r:.1f}s (build {b_r:.1f}s, search {s_r:.1f}s), "
-          f"recall@{k} {rec_r:.4f}, peak +{mem_r.extra_mb:.0f} MB", flush=True)
+    print(f"faiss IVF{ref_nlist(n)},Flat nprobe {np_r}: {t_r:.1f}s (build {b_r:.1f}s, search {s_r:.1f}s; "
+          f"nprobe tuning {tune_r:.1f}s not counted), recall@{k} {rec_r:.4f}, peak +{mem_r.extra_mb:.0f} MB",
+          flush=True)
     label = f"{n:,} x {dim}, k={k}"
-    report.add(f"k-NN graph {label}: total s (ref: FAISS IVF{ref_nlist(n)},Flat nprobe {REF_NPROBE})",
+    report.add(f"k-NN graph {label}: total s (ref: FAISS IVF{ref_nlist(n)},Flat nprobe {np_r})",
                t_a, t_r, kind="cost", unit="s")
     report.add("  CPU s, all threads", CPU["assay"], CPU["faiss"], kind="cost", unit="s")
     report.add("  build s (train + add)", info.build_s, b_r, kind="cost", unit="s")
@@ -379,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="20,000 rows (LOF) / 100,000 rows (--graph), for development")
     p.add_argument("--graph", action="store_true",
-                   help="the k-NN graph engine against FAISS IVF-Flat (IVF4096, nprobe 16)")
+                   help="the k-NN graph engine against FAISS IVF-Flat at recall >= 0.95")
     p.add_argument("--crossover", action="store_true", help="exact pass vs IVF path at --crossover-n sizes")
     p.add_argument("--latent", type=int, default=LATENT,
                    help="dimension of the within-cluster spread (the data's intrinsic dimension; "

@@ -208,10 +208,12 @@ def _store_with(tmp_path, n: int, dim: int = 32, seed: int = 0) -> tuple[Store, 
     return store, col, x
 
 
-def _mine(col, miner: str, size: int, where: str | None = None, **params) -> tuple[RunRecord, object]:
+def _mine(col, miner: str, size: int, where: str | None = None, version: int | None = None,
+          **params) -> tuple[RunRecord, object]:
     req = MiningRequest(collection=col.name, miner=miner, size=size, space="v", where=where, params=params)
     _, clean = validate_request(col, req)
-    rec = RunRecord(run_id=miner, collection=col.name, miner=miner, size=size, seed=0, version=col.version,
+    version = col.version if version is None else version
+    rec = RunRecord(run_id=miner, collection=col.name, miner=miner, size=size, seed=0, version=version,
                     space="v", where=where or "", params=clean)
     return rec, run_mining(col, rec)
 
@@ -247,14 +249,19 @@ def test_filtered_and_memmapped_pools(tmp_path, monkeypatch):
 def test_a_graph_for_k_serves_smaller_k(tmp_path):
     vectors._CACHE.clear()
     store, col, x = _store_with(tmp_path, 6000, seed=2)
-    _, first = _mine(col, "typicality", 5, k=20)
-    _, second = _mine(col, "near_duplicates", 5, k=10, threshold=0.5)
+    # One version throughout: the store's background maintenance brings the indexes up to
+    # date a second or two after the upsert, which is a new table version — and a graph is
+    # cached per version, so reading `col.version` again later would (rightly) miss the cache.
+    # (That race made this test flaky in the full suite.)
+    v = col.version
+    _, first = _mine(col, "typicality", 5, version=v, k=20)
+    _, second = _mine(col, "near_duplicates", 5, version=v, k=10, threshold=0.5)
     g1, g2 = first.graph["pool"], second.graph["pool"]
     assert not g1["cached"] and g1["k"] == 20 and g2["cached"] and g2["k"] == 10
     assert g2["method"] == g1["method"] and g2["recall"] >= 0.95
-    pool = vectors.load_pool(col, col.version, "v", None)
-    big = vectors.graph(col, col.version, "v", None, 20, pool.vectors, searched=pool, exclude_self=True)
-    small = vectors.graph(col, col.version, "v", None, 10, pool.vectors, searched=pool, exclude_self=True)
+    pool = vectors.load_pool(col, v, "v", None)
+    big = vectors.graph(col, v, "v", None, 20, pool.vectors, searched=pool, exclude_self=True)
+    small = vectors.graph(col, v, "v", None, 10, pool.vectors, searched=pool, exclude_self=True)
     assert small.info.cached
     np.testing.assert_array_equal(small.indices, big.indices[:, :10])
     np.testing.assert_array_equal(small.distances, big.distances[:, :10])
@@ -262,9 +269,9 @@ def test_a_graph_for_k_serves_smaller_k(tmp_path):
     rows = big.sample[0]
     assert small.info.recall == pytest.approx(knn.recall_at_k(small.distances[rows], sd[rows]), abs=1e-12)
     # a larger k is built anew, and then serves the smaller ones
-    larger = vectors.graph(col, col.version, "v", None, 30, pool.vectors, searched=pool, exclude_self=True)
+    larger = vectors.graph(col, v, "v", None, 30, pool.vectors, searched=pool, exclude_self=True)
     assert not larger.info.cached and larger.info.k == 30
-    assert vectors.graph(col, col.version, "v", None, 20, pool.vectors, searched=pool,
+    assert vectors.graph(col, v, "v", None, 20, pool.vectors, searched=pool,
                          exclude_self=True).info.cached
 
 
