@@ -159,7 +159,7 @@ def test_progress_moves_and_cancel_stops_between_blocks(monkeypatch):
     seen: list[tuple[float, str]] = []
     knn.knn_search(x, 10, progress=lambda f, m: seen.append((f, m)))
     fractions = [f for f, _ in seen]
-    assert fractions == sorted(fractions) and len(set(fractions)) > 20 and fractions[-1] == 1.0
+    assert fractions == sorted(fractions) and len(set(fractions)) > 10 and fractions[-1] == 1.0
     phases = " ".join(m for _, m in seen)
     for word in ("training", "adding rows", "recall check", "tuning nprobe", "k-NN graph (faiss-ivf"):
         assert word in phases
