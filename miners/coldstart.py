@@ -130,7 +130,7 @@ class TypiClustResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def cluster_typicality(x: np.ndarray, k: int) -> np.ndarray:
+def cluster_typicality(x: np.ndarray, k: int, *, check: Check = _noop_check) -> np.ndarray:
     """Typicality of every row of ``x`` among the rows of ``x``:
     ``1 / mean distance to its k' = min(k, n // 2)`` nearest other rows (``+inf`` when they
     are all at distance 0; a lone row gets 0)."""
@@ -147,7 +147,7 @@ def cluster_typicality(x: np.ndarray, k: int) -> np.ndarray:
     else:
         from miners.knn import knn_search
 
-        dist = knn_search(np.ascontiguousarray(x, dtype=np.float32), kk).distances
+        dist = knn_search(np.ascontiguousarray(x, dtype=np.float32), kk, check=check).distances
     return typicality_scores(dist)
 
 
@@ -221,7 +221,7 @@ def typiclust_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
             c = int(active[sel[0]])
             if c not in order_cache:
                 rows = members[starts[c]:starts[c + 1]]
-                typ = cluster_typicality(x[rows], k)
+                typ = cluster_typicality(x[rows], k, check=check)
                 pool_mask = rows >= n_lab
                 cand = rows[pool_mask]
                 ct = typ[pool_mask]
@@ -288,6 +288,9 @@ def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_ed
         check()
         e = min(n, s + block)
         lims, _, idx = index.range_search(xa[s:e], radius)
+        if total + int(lims[-1]) > max_edges:  # before the block's pairs are copied and sorted
+            raise ValueError(f"the {delta:g}-balls hold more than {max_edges:,} entries after {e:,} of {n:,} "
+                             "rows; use a smaller delta")
         idx = idx.astype(np.int64)
         rows = np.repeat(np.arange(s, e), np.diff(lims).astype(np.int64))
         # exact float64 test of the candidate pairs, a bounded number of pairs at a time
@@ -360,7 +363,9 @@ def other_label_distance(x: np.ndarray, labels: np.ndarray, rows: np.ndarray | N
             d2 = qq[:, None] + xx[None, c0:c1] - np.float32(2.0) * (q @ xa[c0:c1].T)
             d2[ql[:, None] == lab[None, c0:c1]] = np.inf
             lo = d2.min(axis=1)
-            qi, ci = np.nonzero(d2 <= (lo + tol)[:, None])
+            # a chunk holding only the query's label has lo = inf: inf <= inf would make every
+            # same-label row a candidate (a wrong, too small r and a huge candidate list)
+            qi, ci = np.nonzero((d2 <= (lo + tol)[:, None]) & np.isfinite(d2))
             qi_parts.append(qi)
             ci_parts.append(ci + c0)
         qi, ci = np.concatenate(qi_parts), np.concatenate(ci_parts)
@@ -518,9 +523,8 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         gains.append(len(new))
         if len(new):
             segs = [indices[indptr[v]:indptr[v + 1]] for v in new]
-            dec = np.bincount(np.concatenate(segs), minlength=n)
             # picked and labeled rows hold negative degrees, which only decrease
-        deg -= dec
+            deg -= np.bincount(np.concatenate(segs), minlength=n)
         deg[c] = -1
         if len(picks) % 64 == 0:
             progress(0.8 + 0.2 * len(picks) / max(1, size), f"ProbCover: {len(picks):,} of {size:,} picks")

@@ -298,6 +298,7 @@ def semdedup(x: np.ndarray, *, eps: float = SEMDEDUP_EPS, n_clusters: int | None
         v = u[rows]
         step = max(1, min(m, _BLOCK_FLOATS // m))
         for s in range(1, m, step):
+            check()  # one big cluster is O(m^2 d): cancel between its blocks, not only between clusters
             e = min(m, s + step)
             sims = v[:e] @ v[s:e].T  # (e, e - s): rows i < e, columns j in [s, e)
             # keep only i < j (the rows before each column in the order)
@@ -311,13 +312,14 @@ def semdedup(x: np.ndarray, *, eps: float = SEMDEDUP_EPS, n_clusters: int | None
             dup = top > thr
             keep_mask[cols[dup]] = False
             dup_of[cols[dup]] = rows[arg[dup]]
+            now = time.perf_counter()
+            if now - last >= 0.5:
+                last = now
+                part = done_pairs + float(m) * e
+                progress(0.5 + 0.5 * min(1.0, part / total_pairs), f"SemDeDup: cluster {c + 1:,} of {k:,}, "
+                         f"{int((~keep_mask).sum()):,} duplicates so far")
         dropped[c] = int((~keep_mask[rows]).sum())
         done_pairs += float(m) ** 2
-        now = time.perf_counter()
-        if now - last >= 0.5:
-            last = now
-            progress(0.5 + 0.5 * done_pairs / total_pairs, f"SemDeDup: cluster {c + 1:,} of {k:,}, "
-                     f"{int((~keep_mask).sum()):,} duplicates so far")
     progress(1.0, f"SemDeDup: {int((~keep_mask).sum()):,} of {n:,} rows are semantic duplicates")
     return SemDeDupResult(lab, keep_mask, dup_of, best_sim, csim, k, sizes.astype(np.int64), dropped,
                           {"cluster_s": t_cluster, "total_s": time.perf_counter() - t0})

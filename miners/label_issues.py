@@ -410,7 +410,8 @@ def near_duplicate_issues(vectors: np.ndarray | None, threshold: float, *, k: in
         sp = np.asarray(split, dtype=object)
         if sp.shape != (n,):
             raise ValueError(f"split must have one entry per row ({n}); got {sp.shape}")
-        cross = sp[a] != sp[b]
+        known = np.array([v is not None for v in sp], dtype=bool)  # no split: not a leak
+        cross = known[a] & known[b] & (sp[a] != sp[b])
     conflict = np.zeros(len(pairs), dtype=bool)
     if labels is not None:
         lab = np.asarray(labels, dtype=object)

@@ -213,3 +213,10 @@ def test_near_duplicate_issues_cross_split_and_label_conflicts():
     only = near_duplicate_issues(x, threshold=0.01, k=5, split=split, keep="cross_split")
     assert sorted(map(tuple, only.pairs.tolist())) == [(i, 100 + i) for i in range(5, 10)]
     assert len(near_duplicate_issues(x, 0.01, k=5, keep="all").pairs) == 10
+    # a row without a split is not a leak (None against "test" is not a crossing)
+    split[0] = None
+    unknown = near_duplicate_issues(x, threshold=0.01, k=5, split=split, keep="cross_split")
+    assert sorted(map(tuple, unknown.pairs.tolist())) == [(i, 100 + i) for i in range(5, 10)]
+    split[5] = None
+    unknown = near_duplicate_issues(x, threshold=0.01, k=5, split=split, keep="cross_split")
+    assert sorted(map(tuple, unknown.pairs.tolist())) == [(i, 100 + i) for i in range(6, 10)]

@@ -158,6 +158,7 @@ def test_purity_rule_against_direct_scan():
     # the supremum: any larger radius (the next r value) breaks the rule
     nxt = np.sort(r)[np.searchsorted(np.sort(r), delta, side="right")]
     assert purity_at(nxt) < 0.95
+
     # with a grid: the largest grid value that keeps >= 95 % pure
     grid = np.linspace(0.1, 5, 50)
     g_delta, _ = purity_delta(r, 0.95, deltas=grid)
@@ -205,3 +206,16 @@ def test_ball_graph_exact_pair_test_in_chunks_equals_brute_force(monkeypatch):
     for i in range(len(x)):
         np.testing.assert_array_equal(g.indices[g.indptr[i]:g.indptr[i + 1]], np.flatnonzero(d[i] <= 2.0))
     assert g.indptr[-1] > 1024 * 2  # several chunks were needed
+
+
+def test_other_label_distance_with_chunks_of_one_label():
+    """Rows sorted by label, so whole chunks hold only the query's label (their minimum is
+    inf): those rows must not become candidates (r was 0, the distance to the row itself)."""
+    x, truth, _ = blobs(6)
+    order = np.argsort(truth, kind="stable")
+    x, lab = x[order], truth[order]
+    r = other_label_distance(x, lab, block=16, chunk=8)
+    d = dist_matrix(x)
+    want = np.where(lab[:, None] != lab[None], d, np.inf).min(1)
+    assert (r > 0).all()
+    np.testing.assert_allclose(r, want, rtol=1e-12)
