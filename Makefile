@@ -58,8 +58,8 @@ label-studio-if-required:
 	@if [ "$${ASSAY_REQUIRE_LABEL_STUDIO:-}" = 1 ] && [ ! -f $(LABEL_STUDIO_HOME)/.ready-$(LABEL_STUDIO_VERSION) ]; then \
 	  mkdir -p .cache && rm -f .cache/label-studio.failed && \
 	  echo "installing Label Studio $(LABEL_STUDIO_VERSION) in the background (log: .cache/label-studio-install.log)" && \
-	  { nice -n 10 $(MAKE) --no-print-directory label-studio >.cache/label-studio-install.log 2>&1 \
-	    || touch .cache/label-studio.failed; } & \
+	  { nice -n 10 $(MAKE) --no-print-directory label-studio || touch .cache/label-studio.failed; } \
+	    </dev/null >.cache/label-studio-install.log 2>&1 & \
 	fi
 
 test: env browser label-studio-if-required

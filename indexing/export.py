@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -87,8 +88,19 @@ class ExportReport:
 
 # -- row selection ---------------------------------------------------------------------------
 
+def _entry_name(text: str) -> str:
+    """A zip entry's file name from a uri's name or a row id (any user string): characters
+    other than letters, digits, ``.``, ``_`` and ``-`` become ``_`` and leading dots go, so
+    no entry can climb out of ``labels/`` when the zip is extracted (``..``, ``/``, ``\\``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")
+    return safe[:200] or "_"
+
+
 def _table(col: Any, version: int | str | None) -> Any:
-    return col.table if version is None else col.at_version(version)
+    """The version an export reads, pinned (the current one by default): an export reads
+    in several passes (box clauses expanded, then rows; rows, then their boxes), which must
+    all see one version while others write."""
+    return col.at_version(col.version if version is None else version)
 
 
 def _check_ids(ids: Sequence[str]) -> list[str]:
@@ -515,6 +527,7 @@ def export_yolo(
     spec = col.model(model)
     if spec.task != "detection":
         raise InvalidArgument(f"a YOLO export needs a detection model; '{model}' is a {spec.task} model")
+    version = col.version if version is None else version  # rows and boxes from one version
     table = _table(col, version)
     index = {c: i for i, c in enumerate(spec.classes)}
     missing = [0]
@@ -537,9 +550,12 @@ def export_yolo(
                         f"row {row_id!r}: the size of image {uri!r} cannot be read (a local image file is "
                         "needed); YOLO labels are divided by the image's width and height")
                 w, h = size
-                name = os.path.splitext(os.path.basename(uri))[0] if uri else row_id
+                name = _entry_name(os.path.splitext(os.path.basename(uri))[0] if uri else row_id)
                 if name in names:  # two images of the same file name: keep both apart
-                    name = f"{name}__{row_id}"
+                    name = _entry_name(f"{name}__{row_id}")
+                n = 2
+                while name in names:
+                    name, n = _entry_name(f"{name}_{n}"), n + 1
                 names.add(name)
                 out = []
                 for b in boxes.get(row_id, []):

@@ -59,6 +59,7 @@ OBJECT_SCHEMA = pa.schema([
 OBJECT_COLUMNS = tuple(OBJECT_SCHEMA.names)
 NUMERIC_COLUMNS = ("box", "score", "x1", "y1", "x2", "y2", "width", "height", "area")
 CHUNK_ROWS = 8192  # image rows per chunk: a chunk's boxes are flattened at once
+DUCK_MEMORY_LIMIT = "1GB"  # one object predicate's working memory (a chunk of boxes is a few MB)
 
 
 def sources(schema: pa.Schema) -> dict[str, tuple[str, ModelSpec | None]]:
@@ -146,7 +147,8 @@ class _Duck:
 
     def __init__(self) -> None:
         self.con = duckdb.connect(":memory:", config={
-            "threads": 1, "enable_external_access": False, "lock_configuration": True})
+            "threads": 1, "enable_external_access": False, "memory_limit": DUCK_MEMORY_LIMIT,
+            "lock_configuration": True})
 
     def run(self, sql: str, objects: pa.Table) -> pa.Table:
         self.con.register("objects", objects)
@@ -172,6 +174,20 @@ def check_predicate(predicate: str, what: str = "objects_where") -> str:
         raise InvalidArgument(f"{what}: {exc}") from None
     assert wrapped is not None
     shown = predicate.strip()
+    # check_filter tokenises with Lance's rules; DuckDB also reads $$...$$ and E'...' strings
+    # and runs every statement of a text: refuse what could hide a second statement or a
+    # query inside the predicate (a predicate compares object columns; it never selects)
+    hidden = "$" in predicate or re.search(r"(?<![A-Za-z0-9_'])[eE]'", predicate)
+    if hidden or re.search(r"\b(select|from)\b", predicate, re.IGNORECASE):
+        raise InvalidArgument(f"{what} {shown!r}: a predicate over the object columns may not hold '$', "
+                              "E'...' strings, SELECT or FROM; compare columns with values, e.g. "
+                              "\"class = 'car' AND score < 0.5\"")
+    try:
+        statements = duckdb.extract_statements(f"SELECT count(*) FROM objects WHERE {wrapped}")
+    except duckdb.Error as exc:
+        raise InvalidArgument(f"{what} {shown!r} is invalid: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise InvalidArgument(f"{what} {shown!r}: one predicate, not several statements")
     duck = _Duck()
     try:
         duck.run(f"SELECT count(*) FROM objects WHERE {wrapped}", OBJECT_SCHEMA.empty_table())
@@ -190,11 +206,13 @@ def check_predicate(predicate: str, what: str = "objects_where") -> str:
 
 
 def expand(table: Any, where: str | None, *, chunk_rows: int = CHUNK_ROWS,
-           check: Any = None) -> str | None:
+           check: Any = None, positive: bool = False) -> str | None:
     """``where`` with every ``any_object(<predicate>)`` clause replaced by the ids of the
     images of ``table`` (one pinned version) holding a matching object: ``id IN (...)`` —
     or, when more than half of the images match, ``NOT (id IN (<the others>))``, exact on
-    that version and a shorter filter for Lance to parse (an 80k-id list costs seconds);
+    that version and a shorter filter for Lance to parse (an 80k-id list costs seconds;
+    never for a write — ``positive`` — which commits on a later version, where the negative
+    form would also take the images inserted meanwhile);
     ``1 = 0`` / ``1 = 1`` when none / all do. One streamed scan of the box columns serves
     every clause. A filter without such a clause comes back unchanged. The filter must run
     on the same version (``Collection`` pins it).
@@ -236,7 +254,7 @@ def expand(table: Any, where: str | None, *, chunk_rows: int = CHUNK_ROWS,
             out.append("(1 = 0)")
         elif not rest:
             out.append("(1 = 1)")
-        elif len(matched) <= len(rest):
+        elif positive or len(matched) <= len(rest):
             out.append(f"({ids_predicate(matched)})")
         else:
             out.append(f"(NOT ({ids_predicate(rest)}))")

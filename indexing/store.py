@@ -637,7 +637,7 @@ class Collection:
             if not ids:
                 raise InvalidArgument("ids is empty")
         else:
-            where = self.validate_filter(where)
+            where = self.validate_filter(where, for_write=True)
         return self._committer.submit("tags", "tags", (ids, where, add, remove), len(ids or ()) or 1)
 
     def delete(self, *, ids: Sequence[str] | None = None, where: str | None = None) -> tuple[int, int]:
@@ -653,7 +653,7 @@ class Collection:
                 raise InvalidArgument("delete: ids must be non-empty strings")
             preds = [ids_predicate(ids[s:s + ID_CHUNK]) for s in range(0, len(ids), ID_CHUNK)]
         else:
-            preds = [self.validate_filter(where)]
+            preds = [self.validate_filter(where, for_write=True)]
         return self._committer.submit("delete", "delete", _Deletion(preds, ids), len(ids or ()) or 1)
 
     # -- the commits (run by the group committer, holding the commit slot) ----------
@@ -897,7 +897,7 @@ class Collection:
 
     # -- reads ---------------------------------------------------------------------
 
-    def validate_filter(self, where: str | None, table: Any = None) -> str | None:
+    def validate_filter(self, where: str | None, table: Any = None, *, for_write: bool = False) -> str | None:
         """Check a SQL filter against this table before it runs; InvalidArgument if bad.
         Returns the filter in the form it must be sent to Lance — run that, never the
         text given (see :func:`indexing.filters.check_filter`). Planning is memoised per
@@ -906,10 +906,12 @@ class Collection:
         ``any_object(<predicate>)`` clauses (:mod:`indexing.objects`) are expanded to id
         predicates on ``table`` — the version the filter will run on (default: the current
         one) — so box predicates see the same rows as the rest of the filter. Such a filter
-        depends on the data, so it is not memoised."""
+        depends on the data, so it is not memoised. ``for_write``: the filter of a delete,
+        tag or membership change, which commits on a later version: box clauses become
+        the ids that matched (never "every id but these")."""
         if where is not None and object_clauses(where):
             target = self._table if table is None else table  # the version that will be read
-            return validate_filter(target, expand(target, where))
+            return validate_filter(target, expand(target, where, positive=for_write))
         return validate_filter(self._table, where, self._cached)
 
     def _check_columns(self, columns: Sequence[str] | None) -> list[str]:

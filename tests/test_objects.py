@@ -275,6 +275,10 @@ def test_objects_histogram_equals_numpy(scenes):
     (dict(objects_where="score <"), "objects_where"),
     (dict(objects_where="score < 0.5) OR (1 = 1"), "objects_where"),
     (dict(where="any_object(widht > 3)"), "unknown object column 'widht'"),
+    # DuckDB reads $$...$$ and E'...' strings and runs every statement: nothing may hide there
+    (dict(objects_where="$$'$$ = 'a') ; SELECT 'v' AS id WHERE ('b' = 'b' --'"), "may not hold"),
+    (dict(objects_where="class = E'car'"), "may not hold"),
+    (dict(objects_where="score < (SELECT max(score) FROM objects)"), "may not hold"),
 ])
 def test_bad_object_predicates_are_refused(scenes, kw, needle):
     from service.client import InvalidArgumentError
@@ -456,6 +460,24 @@ def test_box_confusion_hand_built():
     assert match_boxes(pred[:0], np.zeros(0), gt).tolist() == []
 
 
+def test_writes_by_box_clauses_name_the_matching_ids(server, scenes):
+    """A delete or tag commits on a later version than the one its box clause was expanded
+    on: it must name the matching ids, never "every id but the others" (which would also
+    take images inserted meanwhile); a read may use the shorter negative form."""
+    col, rows = scenes
+    store_col = server.store.collection("scenes")
+    broad = "any_object(score >= 0)"  # most images have a box
+    n = col.count(where=broad)
+    assert n > len(rows) / 2
+    read = store_col.validate_filter(broad)
+    write = store_col.validate_filter(broad, for_write=True)
+    assert "NOT" in read and "NOT" not in write and "id IN" in write
+    assert col.count(where=write) == n
+    tagged = col.tag_items(where=broad, add="boxed")
+    assert tagged == n == col.count(where="array_has_any(tags, ['boxed'])")
+    col.tag_items(where="array_has_any(tags, ['boxed'])", remove="boxed")
+
+
 def test_object_classes_and_bad_confusion_requests(labeled, client):
     from collections import Counter
 
@@ -530,6 +552,18 @@ def test_yolo_export_normalises_by_the_image_size(client, tmp_path):
         b = [list(map(float, line.split())) for line in z.read("labels/b.txt").decode().splitlines()]
         np.testing.assert_allclose(b, [[2, 40 / 64, 30 / 48, 16 / 64, 12 / 48]], atol=1e-6)
         assert z.read("labels/c.txt") == b""  # no boxes: a negative
+    # an id is any string: the entry names of images sharing a file name stay inside labels/
+    other = tmp_path / "sub"
+    other.mkdir()
+    Image.new("RGB", (10, 10)).save(other / "a.png")
+    col.upsert([{"id": "../../../escape\\x", "uri": str(other / "a.png"),
+                 "pred_det": {"boxes": [_box(1, 1, 2, 2, 0.9, [0.1, 0.8, 0.1])]}}])
+    col.export(tmp_path / "named.zip", model="det")
+    with zipfile.ZipFile(tmp_path / "named.zip") as z:
+        names = z.namelist()
+    assert len(names) == len(set(names)) == 5 and "labels/a.txt" in names
+    assert all(n == "classes.txt" or (n.startswith("labels/") and "/" not in n[7:] and "\\" not in n
+                                      and not n[7:].startswith(".")) for n in names), names
     col.upsert([{"id": "no-file", "uri": str(tmp_path / "missing.png")}])
     with pytest.raises(FailedPreconditionError, match="'no-file'"):
         col.export(tmp_path / "again.zip", model="det")

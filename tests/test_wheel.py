@@ -27,7 +27,7 @@ import pytest
 
 from service.server import ServerConfig, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a wheel build + a fresh install
 
 ROOT = Path(__file__).resolve().parents[1]
 # What `pip install assay` may bring: the client's four dependencies, the health-check
