@@ -450,19 +450,7 @@ def _prepare_pred_boxes(arr: pa.Array, c: int, ids: pa.Array, name: str) -> pa.A
         if boxes.type.get_field_index(coord) < 0:
             raise InvalidArgument(f"column '{name}': every box needs '{coord}'", field=name)
     if len(boxes):
-        coords = np.stack(
-            [np.asarray(boxes.field(k).to_numpy(zero_copy_only=False), dtype=np.float64)
-             for k in ("x1", "y1", "x2", "y2", "score")], axis=1)
-        bad = ~np.isfinite(coords).all(axis=1) | (coords[:, 2] < coords[:, 0]) | (coords[:, 3] < coords[:, 1])
-        bad |= (coords[:, 4] < 0) | (coords[:, 4] > 1)
-        if bad.any():
-            row = int(owner[_first_row(bad)])
-            raise InvalidArgument(
-                f"column '{name}': a box of {_row_name(ids, row)} is invalid (coordinates must be finite "
-                "with x2 >= x1 and y2 >= y1; score in [0, 1])",
-                field=name,
-                row=row,
-            )
+        _check_box_coords(boxes, owner, ids, name, score=True)
         if boxes.type.get_field_index("probs") >= 0:
             probs = boxes.field("probs")
             pvalid, plen = _list_rows(probs)
@@ -473,6 +461,26 @@ def _prepare_pred_boxes(arr: pa.Array, c: int, ids: pa.Array, name: str) -> pa.A
                                       field=name, row=row)
             _check_prob_rows(_float_values(probs, name).reshape(-1, c), owner[pvalid], "box probs", ids, name)
     return arr.cast(pa.list_(PRED_BOX))
+
+
+def _check_box_coords(boxes: pa.StructArray, owner: np.ndarray, ids: pa.Array, name: str, *,
+                      score: bool) -> None:
+    """Finite coordinates with x2 >= x1 and y2 >= y1 (and a score in [0, 1]); InvalidArgument
+    naming the first row at fault."""
+    keys = ("x1", "y1", "x2", "y2", "score") if score else ("x1", "y1", "x2", "y2")
+    coords = np.stack([np.asarray(boxes.field(k).to_numpy(zero_copy_only=False), dtype=np.float64)
+                       for k in keys], axis=1)
+    bad = ~np.isfinite(coords).all(axis=1) | (coords[:, 2] < coords[:, 0]) | (coords[:, 3] < coords[:, 1])
+    if score:
+        bad |= (coords[:, 4] < 0) | (coords[:, 4] > 1)
+    if bad.any():
+        row = int(owner[_first_row(bad)])
+        raise InvalidArgument(
+            f"column '{name}': a box of {_row_name(ids, row)} is invalid (coordinates must be finite "
+            f"with x2 >= x1 and y2 >= y1{'; score in [0, 1]' if score else ''})",
+            field=name,
+            row=row,
+        )
 
 
 def _prepare_reserved(name: str, col: pa.Array, ids: pa.Array) -> pa.Array:
@@ -490,9 +498,15 @@ def _prepare_reserved(name: str, col: pa.Array, ids: pa.Array) -> pa.Array:
     ):
         raise InvalidArgument(f"column 'tags' must be lists of strings, got {col.type}", field=name)
     try:
-        return col.cast(target)
+        out = col.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
         raise InvalidArgument(f"column '{name}': cannot convert {col.type} to {target} ({exc})", field=name) from exc
+    if name == "gt_boxes":
+        boxes = pc.list_flatten(out)
+        if len(boxes):
+            owner = np.asarray(pc.list_parent_indices(out).to_numpy(zero_copy_only=False))
+            _check_box_coords(boxes, owner, ids, name, score=False)
+    return out
 
 
 def _prepare_user_field(name: str, col: pa.Array, existing: pa.DataType | None, ids: pa.Array) -> pa.Array:

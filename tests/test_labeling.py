@@ -340,6 +340,21 @@ def test_file_names_and_bad_files(tmp_path):
         read_labels(tmp_path / "bad.xml")
     with pytest.raises(InvalidArgumentError, match="cannot tell the format"):
         read_labels(tmp_path / "labels.txt")
+    # a malformed item is refused before anything is written, naming the file and the format
+    coco = {"images": [{"id": 0, "file_name": "a.png"}], "categories": [{"id": 0, "name": "x"}],
+            "annotations": [{"id": 0, "image_id": 0, "category_id": 0, "bbox": ["one", 2, 3, 4]}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    with pytest.raises(InvalidArgumentError, match="c.json is not a well-formed coco export"):
+        read_labels(tmp_path / "c.json", "coco")
+    # a box the server would refuse (negative size, infinite) is reported on its item, not sent
+    coco["annotations"][0]["bbox"] = [5, 5, -3, 2]
+    coco["images"].append({"id": 1, "file_name": "b.png"})
+    coco["annotations"].append({"id": 1, "image_id": 1, "category_id": 0, "bbox": [1, 1, 2, 2]})
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    _, records = read_labels(tmp_path / "c.json", "coco")
+    by_name = {r.names[0]: r for r in records}
+    assert by_name["a.png"].boxes is None and "x2 >= x1" in by_name["a.png"].problem
+    assert by_name["b.png"].problem is None and by_name["b.png"].boxes[0]["x2"] == 3.0
 
 
 def test_the_cli_exports_tasks_and_imports_labels(server, files, tmp_path):

@@ -92,14 +92,37 @@ def labels_format(path: str | os.PathLike[str], format: str | None = None) -> st
 def read_labels(path: str | os.PathLike[str], format: str | None = None) -> tuple[str, list[LabelRecord]]:  # noqa: A002
     """(format, records) of a labeling tool's export file."""
     fmt = labels_format(path, format)
-    if fmt == "cvat":
-        return fmt, read_cvat(path)
-    with open(path, encoding="utf-8") as fh:
+    try:
+        if fmt == "cvat":
+            records = read_cvat(path)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                try:
+                    doc = json.load(fh)
+                except json.JSONDecodeError as exc:
+                    raise invalid(f"{os.fspath(path)}: not JSON ({exc})") from None
+            records = read_label_studio(doc) if fmt == "label-studio" else read_coco(doc)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # a malformed item: say so before anything is written (imports write in batches)
+        raise invalid(f"{os.fspath(path)} is not a well-formed {fmt} export: {type(exc).__name__}: {exc} "
+                      "(export it again from the tool, or pass the right format=)") from None
+    for rec in records:
+        bad = _bad_box(rec.boxes)
+        if bad is not None:
+            rec.boxes, rec.problem = None, bad
+    return fmt, records
+
+
+def _bad_box(boxes: list[dict[str, Any]] | None) -> str | None:
+    """Why a box of ``boxes`` cannot be stored (the server refuses it), else None."""
+    for i, b in enumerate(boxes or ()):
         try:
-            doc = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise invalid(f"{os.fspath(path)}: not JSON ({exc})") from None
-    return fmt, (read_label_studio(doc) if fmt == "label-studio" else read_coco(doc))
+            x1, y1, x2, y2 = (float(b[k]) for k in ("x1", "y1", "x2", "y2"))
+        except (KeyError, TypeError, ValueError):
+            return f"box {i}: x1, y1, x2, y2 must be numbers"
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 < x1 or y2 < y1:
+            return f"box {i}: coordinates must be finite with x2 >= x1 and y2 >= y1"
+    return None
 
 
 # -- the formats ----------------------------------------------------------------------------
