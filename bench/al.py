@@ -464,7 +464,26 @@ def median_curve(runs: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndar
 # -- learners --------------------------------------------------------------------------------
 
 
-class LogRegLearner:
+class _ProbsLearner:
+    """What a learner that gives class probabilities (``probs``) offers the strategies: its
+    predictions, its probabilities and its input features as the embedding."""
+
+    def probs(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.probs(X).argmax(axis=1)
+
+    def outputs(self, X: np.ndarray, needs: frozenset[str], seed: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if "probs" in needs:
+            out["probs"] = self.probs(X)
+        if "emb" in needs:
+            out["emb"] = X
+        return out
+
+
+class LogRegLearner(_ProbsLearner):
     """Logistic regression on the features (scikit-learn defaults: L2, C = 1, lbfgs). Its
     embedding space is the features themselves (fixed, written once). Each round's fit
     starts from the previous round's coefficients (``warm_start``): the problem is convex,
@@ -490,17 +509,6 @@ class LogRegLearner:
         p = np.zeros((len(X), self.n_classes), dtype=np.float64)
         p[:, self.model.classes_] = self.model.predict_proba(X)
         return p
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.probs(X).argmax(axis=1)
-
-    def outputs(self, X: np.ndarray, needs: frozenset[str], seed: int) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        if "probs" in needs:
-            out["probs"] = self.probs(X)
-        if "emb" in needs:
-            out["emb"] = X
-        return out
 
 
 class MLPLearner:
@@ -589,7 +597,7 @@ class MLPLearner:
         return {k: v for k, v in out.items() if k in needs}
 
 
-class UserLearner:
+class UserLearner(_ProbsLearner):
     """A learner given as ``package.module:Class``: ``Class()`` with ``fit(X, y)`` and
     ``predict_proba(X)`` (columns in the order of its ``classes_`` when it has one, else of
     the classes ``0 .. C-1``). A new instance is fitted every round; its embedding space is
@@ -621,17 +629,6 @@ class UserLearner:
         p = np.zeros((len(X), self.n_classes))
         p[:, cols] = raw
         return p
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.probs(X).argmax(axis=1)
-
-    def outputs(self, X: np.ndarray, needs: frozenset[str], seed: int) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        if "probs" in needs:
-            out["probs"] = self.probs(X)
-        if "emb" in needs:
-            out["emb"] = X
-        return out
 
 
 def load_learner_class(spec: str) -> Any:
