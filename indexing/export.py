@@ -97,10 +97,7 @@ def _entry_name(text: str) -> str:
 
 
 def _table(col: Any, version: int | str | None) -> Any:
-    """The version an export reads, pinned (the current one by default): an export reads
-    in several passes (box clauses expanded, then rows; rows, then their boxes), which must
-    all see one version while others write."""
-    return col.at_version(col.version if version is None else version)
+    return col.table if version is None else col.at_version(version)
 
 
 def _check_ids(ids: Sequence[str]) -> list[str]:
@@ -476,7 +473,7 @@ def export_objects(
     if format not in OBJECT_FORMATS:
         raise InvalidArgument(f"format {format!r} is not one of {', '.join(OBJECT_FORMATS)}")
     t0 = time.perf_counter()
-    table = _table(col, version)
+    table = col.read_table(version, where)  # box clauses: expanded and read on one version
     missing = [0]
     rows = 0
     with _atomic(path, "wb" if format == "objects_csv" else "w") as fh:

@@ -573,13 +573,12 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                                 columns=list(request.columns) or None, limit=request.limit or None,
                                 version=version)
         elif kind == "object_classes":
-            # pinned: the box clauses are expanded in one pass and the rows read in another
-            table = object_classes(col.at_version(col.version if version is None else version), where,
+            table = object_classes(col.read_table(version, where), where,
                                    objects_where, source=request.model or None)
         elif kind == "box_confusion":
             if not request.model:
                 raise InvalidArgument("aggregate 'box_confusion' needs a model (a detection model)")
-            read = col.at_version(col.version if version is None else version)
+            read = col.read_table(version, where)
             table = box_confusion(read, col.model(request.model), col.validate_filter(where, read),
                                   iou=request.iou or 0.5)
         elif kind == "label_distribution":
