@@ -21,10 +21,16 @@ So maintenance is scheduled, per collection, by one thread of the :class:`Store`
 * **Full compaction when the collection is quiet** (no commit for ``quiet_s``) and has at
   least ``fanout`` fragments: small fragments and deleted rows — without the slot; if a
   write preempts it, it is retried at the next quiet moment.
+* **Deleted rows under load.** Updates leave the old copies of their rows deleted in place,
+  mostly in big fragments the tiers never rewrite, and every scan and search pays for them.
+  The fragment with the most deleted rows is rewritten without them (holding the slot, at
+  most ``merge_rows[-1]`` rows) once they are ``purge_fraction`` of it.
 * **Index maintenance**: new rows are added to the existing indexes when the collection is
   quiet, or once ``index_min_rows`` are unindexed, or ``index_every_s`` after the last
   update; a space's vector index is built (minutes of CPU for a big space, never holding
-  the slot) at a quiet moment once its policy says so — not in the middle of a bulk ingest.
+  the slot) at a quiet moment once its policy says so, or under a steady stream of writes
+  (the collection grew by less than ``steady_growth`` of its rows since the last index
+  update) — not in the middle of a bulk ingest, whose index is built once it ends.
 * **Version cleanup** every ``cleanup_every_s``: versions older than the store's
   ``cleanup_older_than`` go, except tagged ones — which is how datasets and running mining
   runs keep the versions they read (:meth:`Collection.pin_version`).
@@ -76,6 +82,8 @@ class MaintenancePolicy:
     quiet_s: float = 5.0  # no commit for this long: full compaction, index builds and updates
     index_min_rows: int = 50_000  # ...or once this many rows (and a quarter of all) are unindexed
     index_every_s: float = 60.0  # ...or this long after the last update, if any are
+    steady_growth: float = 0.10  # growth per index update below which a due vector index is built under load
+    purge_fraction: float = 0.25  # deleted share of a big fragment that has it rewritten under load
     cleanup_every_s: float = 60.0
     poll_s: float = 1.0
     idle_exit_s: float = 30.0  # the thread ends after this long without commits
@@ -97,6 +105,7 @@ class _State:
         self.last_cleanup = 0.0
         self.compacted_at_rest = True  # nothing written since the last full compaction
         self.unindexed_commits = 0
+        self.rows_at_index: int | None = None  # rows at the last index update under load
 
 
 class Maintainer:
@@ -172,10 +181,14 @@ class Maintainer:
             elif st.unindexed_commits and (now - st.last_index >= p.index_every_s
                                            or col.unindexed_rows() >= max(p.index_min_rows,
                                                                           col.row_count() // 4)):
-                # Under load: bring the existing indexes up to date; building a new one
-                # (minutes of CPU) waits for a quiet moment or an explicit optimize.
-                st.last_index, st.unindexed_commits = now, 0
-                col.update_indexes(build=False)
+                # Under load: bring the existing indexes up to date. A due vector index is
+                # built too when the writes are a steady stream (a soak, a camera feed: the
+                # service would otherwise search flat for as long as the stream lasts); in a
+                # bulk ingest (fast growth) it waits for the quiet moment at its end.
+                rows = col.row_count()
+                steady = st.rows_at_index is not None and rows - st.rows_at_index <= p.steady_growth * rows
+                st.last_index, st.unindexed_commits, st.rows_at_index = now, 0, rows
+                col.update_indexes(build=steady)
             if now - st.last_cleanup >= p.cleanup_every_s:
                 st.last_cleanup = now
                 col.cleanup_versions()

@@ -1197,9 +1197,30 @@ class Collection:
                 removed += metrics.fragments_removed - metrics.fragments_added
                 self._table.checkout_latest()
                 frags = self._fragment_rows()
-            if removed:
+            purged = self._purge_deleted(policy)
+            if removed or purged:
                 self._invalidate()
         return removed
+
+    def _purge_deleted(self, policy: MaintenancePolicy) -> int:
+        """Rewrite the fragment with the most deleted rows without them, once they are
+        ``policy.purge_fraction`` of it and it has at most ``policy.merge_rows[-1]`` rows (the
+        pause is bounded like a tier merge). Called holding the slot; returns rows purged."""
+        worst, most = None, 0
+        for frag in self._table.to_lance().get_fragments():
+            meta = frag.metadata
+            deleted = meta.num_deletions
+            if meta.physical_rows <= policy.merge_rows[-1] and deleted > most and \
+                    deleted >= policy.purge_fraction * meta.physical_rows:
+                worst, most = frag.fragment_id, deleted
+        if worst is None:
+            return 0
+        others = [fid for fid, _ in self._fragment_rows() if fid != worst]
+        self._table.to_lance().optimize.compact_files(
+            materialize_deletions=True, materialize_deletions_threshold=policy.purge_fraction,
+            excluded_fragment_ids=others)
+        self._table.checkout_latest()
+        return most
 
     def release_caches(self) -> None:
         """Free what the write path keeps in memory (the id index: 16 bytes a row); the next

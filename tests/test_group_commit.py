@@ -297,6 +297,60 @@ def test_fragments_and_versions_stay_bounded_under_a_stream_of_small_writes(tmp_
     assert len(col.versions()) <= 3
 
 
+def test_deleted_rows_of_a_big_fragment_are_purged_under_load(tmp_path):
+    # Updates delete their rows' old copies in place; in a fragment too big for the tiers
+    # they stay until a quiet moment unless maintenance rewrites it without them.
+    policy = MaintenancePolicy(tier_rows=(0, 64, 256), merge_rows=(256, 4096), fanout=4,
+                               quiet_s=3600, index_every_s=3600, purge_fraction=0.25)
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c", spaces={"v": 8})
+    col.upsert(_rows([f"i{i}" for i in range(2000)]))  # one 2,000-row fragment
+    col.upsert(_rows([f"i{i}" for i in range(0, 2000, 3)], seed=1))  # a third of it updated
+    big = max(col._table.to_lance().get_fragments(), key=lambda f: f.metadata.physical_rows)
+    assert big.metadata.num_deletions == 667
+    before = col.query(columns=["id", "emb_v"]).sort_by("id")
+    col.compact_tiers(policy)
+    frags = col._table.to_lance().get_fragments()
+    assert all(f.metadata.num_deletions == 0 for f in frags)
+    assert sum(f.metadata.physical_rows for f in frags) == 2000
+    assert col.query(columns=["id", "emb_v"]).sort_by("id").equals(before)
+    # below the fraction nothing is rewritten (every compaction is a pause for the writers)
+    col.upsert(_rows([f"i{i}" for i in range(0, 2000, 10)], seed=2))
+    version = col.version
+    col.compact_tiers(policy)
+    assert col.version == version
+
+
+def test_a_due_vector_index_is_built_under_a_steady_stream_of_writes(tmp_path):
+    # The collection is never quiet; the space's index is due (256 rows) and the stream
+    # grows the table slowly, so maintenance builds the index while the writes go on.
+    policy = MaintenancePolicy(quiet_s=3600, index_every_s=0.3, poll_s=0.1, steady_growth=0.5)
+    store = Store(str(tmp_path), maintenance=policy)
+    col = store.create_collection("c", spaces={"v": {"dim": 8, "index": {"threshold_rows": 256}}})
+    col.upsert(_rows([f"i{i}" for i in range(1000)]))
+    assert col.vector_index("v") is None
+    deadline, k = time.monotonic() + 60, 0
+    while col.vector_index("v") is None and time.monotonic() < deadline:
+        col.upsert(_rows([f"n{k}-{j}" for j in range(5)], seed=k))
+        k += 1
+        time.sleep(0.02)
+    assert col.vector_index("v") is not None, "no index built under a steady stream"
+    assert col.count() == 1000 + 5 * k
+
+
+def test_a_bulk_ingest_does_not_build_the_vector_index_midway(tmp_path):
+    policy = MaintenancePolicy(quiet_s=3600, index_every_s=0.2, poll_s=0.1, steady_growth=0.1)
+    store = Store(str(tmp_path), maintenance=policy)
+    col = store.create_collection("c", spaces={"v": {"dim": 8, "index": {"threshold_rows": 256}}})
+    rows = 1000
+    for k in range(7):  # the table doubles between index updates: a bulk ingest
+        col.upsert(_rows([f"b{k}-{j}" for j in range(rows)], seed=k))
+        rows = col.count()
+        time.sleep(0.35)
+        assert col.vector_index("v") is None
+    assert col.wait_for_maintenance(60)
+
+
 def test_a_pinned_version_survives_cleanup_until_released(tmp_path):
     store = Store(str(tmp_path), optimize_every=0, cleanup_older_than=timedelta(0))
     col = store.create_collection("c")
