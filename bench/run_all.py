@@ -1,7 +1,8 @@
 """``make bench``: every benchmark in one run, one report.
 
     python -m bench.run_all [--benches "store service ..."] [--full] [--out bench/results]
-                            [--skip al,soak,soak_writes] [--al-workers 2] [--script-args "..."]
+                            [--skip al,soak,soak_writes] [--al-workers 2] [--al-steps al,al_new,al_cold]
+                            [--script-args "..."]
 
 Runs each ``bench/<name>.py`` of ``--benches`` (the Makefile's ``BENCHES``), then
 the soaks (``bench/soak.py``: writes only against its one-commit-per-write reference, then
@@ -150,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="options appended to every script's command, shell-quoted (e.g. with "
                         "--benches scale: \"--n 200000 --miners lof,typicality\")")
     p.add_argument("--al-workers", type=int, default=2, help="worker processes of the simulation")
+    p.add_argument("--al-steps", default=",".join(AL_STEPS),
+                   help=f"simulation steps to run, comma-separated (of {', '.join(AL_STEPS)})")
     p.add_argument("--al-args", default=None,
                    help="the simulation's options instead of the reduced plan / full protocol (shell-quoted)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["benches"].append(entry)
         write(doc, args.out, t_start)
     for name, (what, quick_plan, full_plan) in AL_STEPS.items():
-        if "al" in skip or name in skip:
+        if "al" in skip or name in skip or name not in args.al_steps.split(","):
             continue
         al_out = _short(raw / name)  # the report names its plots relative to the repository
         plan = shlex.split(args.al_args) if args.al_args is not None and name == "al" else \
