@@ -18,8 +18,8 @@ Sizes: by default every script runs with ``--quick`` and the simulation with a r
 plan (digits with both learners and the key strategies, repeated-noisy digits with
 random / BALD / BatchBALD; 3 seeds, budget 200, 2 worker processes) and issue 21's
 strategies on digits with 10 seeds and the paired test against random, from 2 labels per
-class and from none (``al_new``, ``al_cold``), which together fit in about 35 minutes on
-2 cores. ``--full`` runs every script at its default size (about 25
+class, from none and from 10 random labels (``al_new``, ``al_cold``, ``al_cold10``), which
+together fit in about 30 minutes on 2 cores. ``--full`` runs every script at its default size (about 25
 minutes) and the simulation's full protocol (4 datasets × both learners × every strategy ×
 10 seeds: hours on 2 cores; see README "Does it work?").
 
@@ -71,11 +71,13 @@ AL_NEW_ARGS = ("--datasets", "digits", "--learners", "logreg", "--strategies", "
 AL_COLD_ARGS = ("--datasets", "digits", "--learners", "logreg", "--strategies",
                 "random,margin,typiclust,probcover", "--initial", "0", "--seeds", "10", "--budget", "60",
                 "--batch", "10", "--no-plots")
+AL_COLD10_ARGS = tuple("10" if a == "0" else a for a in AL_COLD_ARGS)  # 10 random labels
 # name -> (what it is, quick options, full options); `--skip al` skips them all.
 AL_STEPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "al": ("the simulation", AL_QUICK_ARGS, AL_FULL_ARGS),
     "al_new": ("issue 21's strategies, 10 seeds", AL_NEW_ARGS, AL_NEW_ARGS),
     "al_cold": ("cold start from 0 labels, 10 seeds", AL_COLD_ARGS, AL_COLD_ARGS),
+    "al_cold10": ("cold start from 10 random labels, 10 seeds", AL_COLD10_ARGS, AL_COLD10_ARGS),
 }
 
 
