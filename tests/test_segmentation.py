@@ -17,6 +17,7 @@ from indexing.export import export_coco
 from indexing.labelstudio import export_label_studio
 from indexing.masks import (
     MaskError,
+    mask_bbox,
     read_mask,
     rle_decode,
     rle_encode,
@@ -245,6 +246,7 @@ def test_summaries_are_validated_on_upsert(store):
     with pytest.raises(InvalidArgument, match="need a model registered with task='segmentation'"):
         col.upsert([{"id": "c", "pred_cls": {"mean_entropy": 0.2}}])
     assert col.version == version and col.count() == 4  # nothing half-written
+    assert col.count("pred_seg.topq_entropy > 0.35") == 2  # summaries are filterable columns
     got = col.take(["img3"], ["id", "pred_seg"]).column("pred_seg").to_pylist()[0]
     assert got["topq_entropy"] == pytest.approx(0.5) and got["probs"] is None and got["mask_uri"] is None
 
@@ -506,3 +508,23 @@ def test_the_runner_registers_the_model_and_refuses_bad_outputs(tmp_path):
     col.add_model("cls", CLASSES)
     with pytest.raises(ValueError, match="registered as a classification model"):
         run(model, [x], sink=col, model_name="cls", segmentation=True, progress=False)
+
+
+def test_rle_agrees_with_pycocotools_where_installed():
+    """pycocotools is not a dependency; where it is installed, the RLE written here must be
+    what it writes (compressed strings, decoding, bbox, area)."""
+    cm = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        m = rng.random((h, w)) < rng.uniform(0.01, 0.99)
+        if trial % 3 == 0:  # long runs: large differences between counts
+            m = np.zeros((h, w), bool)
+            m[rng.integers(0, h):, rng.integers(0, w):] = True
+        ref = cm.encode(np.asfortranarray(m.astype(np.uint8)))
+        mine = rle_encode(m)
+        assert rle_to_string(mine["counts"]) == ref["counts"].decode()
+        assert rle_from_string(ref["counts"].decode()) == mine["counts"]
+        np.testing.assert_array_equal(cm.decode(cm.frPyObjects(mine, h, w)), m)
+        if m.any():
+            assert list(cm.toBbox(ref)) == mask_bbox(m) and int(cm.area(ref)) == int(m.sum())
