@@ -55,6 +55,7 @@ __all__ = [
     "pixel_entropy",
     "pixel_probs",
     "segmentation_summaries",
+    "summary_scores",
     "top_count",
     "topq_mean",
     "validate_pixel_probs",
@@ -298,3 +299,25 @@ def pixel_bald(samples: np.ndarray, *, validate: bool = True) -> np.ndarray:
     for t in range(s.shape[0]):
         acc.add(s[t], validate=False)
     return acc.result()
+
+
+#: The per-image summaries a miner may rank by (``pred_<model>.<name>``).
+RANKABLE = ("topq_entropy", "mean_entropy", "bald", "class_uncertain_fraction")
+
+
+def summary_scores(values: np.ndarray, class_index: int | None = None) -> np.ndarray:
+    """Scores of images (higher = more worth labeling) from one stored summary.
+
+    ``values``: ``(N,)`` — ``mean_entropy``, ``topq_entropy`` or ``bald`` — returned as
+    they are (float64); or ``(N, C)`` ``class_uncertain_fraction``
+    ``f[n, c] = #{a = c, h > t} / #{a = c}``: column ``class_index``, or without one
+    ``max_c f[n, c]`` (an image where some class is mostly uncertain ranks high).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1:
+        return v
+    if v.ndim != 2:
+        raise ValueError(f"values must be (N,) or (N, C); got shape {v.shape}")
+    if class_index is not None:
+        return v[:, class_index]
+    return v.max(axis=1) if v.shape[0] else np.zeros(0)

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.predictions import list_matrix, prediction_probs, valid_mask
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec
+from indexing.segmentation import summary_scores
 from indexing.store import Collection
 from miners.runs import MiningOutput, RunSpec
 from miners.topk import row_uniforms
@@ -309,9 +310,10 @@ class Segmentation(_PredInput):
         if self.summary(ctx) == "class_uncertain_fraction":
             name = ctx.params.get("class_name")
             index = None if name is None else ctx.model_spec.classes.index(name)
-            return {"seg_summary": list_matrix(batch.column("seg"), rows, ctx.num_classes), "class_index": index}
+            fractions = list_matrix(batch.column("seg"), rows, ctx.num_classes)
+            return {"seg_summary": summary_scores(fractions, index)}
         values = _take(batch.column("seg"), rows).to_numpy(zero_copy_only=False)
-        return {"seg_summary": np.asarray(values, dtype=np.float64)}
+        return {"seg_summary": summary_scores(np.asarray(values, dtype=np.float64))}
 
 
 class Loss(_PredInput):

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from indexing import measures
+from indexing import measures, segmentation
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.settings import (
     LABEL_ISSUE_MIN_PER_CLASS,
@@ -363,27 +363,6 @@ register(MinerSpec(
 
 # -- segmentation ---------------------------------------------------------------------------
 
-SEG_SUMMARY_CHOICES = ("topq_entropy", "mean_entropy", "bald", "class_uncertain_fraction")
-
-
-def segmentation_summary_scores(values: np.ndarray, class_index: int | None = None) -> np.ndarray:
-    """Scores of images from one per-image summary of pixel uncertainty (indexing/segmentation.py).
-
-    ``values``: ``(N,)`` — ``mean_entropy`` ``(1/P) sum h``, ``topq_entropy`` (mean of the
-    ``ceil(qP)`` largest normalised pixel entropies ``h``) or ``bald`` (pixel mutual
-    information in nats averaged over the image) — returned as they are; or ``(N, C)``
-    ``class_uncertain_fraction`` ``f[n, c] = #{a = c, h > t} / #{a = c}``: column
-    ``class_index``, or without one ``max_c f[n, c]`` (an image where some class is mostly
-    uncertain ranks high). Higher = more worth labeling.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim == 1:
-        return v
-    if class_index is not None:
-        return v[:, class_index]
-    return v.max(axis=1) if v.shape[0] else np.zeros(0)
-
-
 def _class_name(value: Any) -> Any:
     if not isinstance(value, str) or not value:
         raise ValueError(f"parameter 'class_name' must be one of the model's class names (a string), got {value!r}")
@@ -406,8 +385,9 @@ def _validate_segmentation(ctx: RunContext) -> dict[str, Any] | None:
 
 
 def _segmentation(arrays: Arrays, params: dict[str, Any]) -> np.ndarray:
-    # the input's decoder turned class_name into the column index (it knows the model's classes)
-    return segmentation_summary_scores(arrays["seg_summary"], arrays.get("class_index"))
+    # the input's decoder already picked the summary (and class) the run asked for, with
+    # indexing.segmentation.summary_scores (it knows the model's classes)
+    return arrays["seg_summary"]
 
 
 register(MinerSpec(
@@ -417,7 +397,7 @@ register(MinerSpec(
     ("segmentation",), _segmentation,
     params=(
         Param("summary", "choice", "topq_entropy", "the per-image summary to rank by",
-              choices=SEG_SUMMARY_CHOICES),
+              choices=segmentation.RANKABLE),
         Param("class_name", "json", None,
               "with summary='class_uncertain_fraction': the class whose uncertain-pixel fraction ranks "
               "(default: the largest fraction over the classes)", check=_class_name),
