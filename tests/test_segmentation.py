@@ -471,6 +471,20 @@ def test_the_runner_stores_summaries_masks_and_bald_through_the_server(tmp_path)
                 np.testing.assert_array_equal(rle_decode(a["segmentation"]),
                                               probs[i].argmax(axis=0) == a["category_id"] - 1)
 
+            # the same through the CLI: one call to mine, one to export
+            import csv
+
+            from service.cli import main
+
+            picked = tmp_path / "picked.csv"
+            assert main(["mine", "scenes", "segmentation", "--size", "3", "--model", "seg", "--param",
+                         "summary=bald", "--output", str(picked), "--quiet", "--server", srv.address]) == 0
+            assert [r["id"] for r in csv.DictReader(picked.open())] == by_bald.column("id").to_pylist()
+            assert main(["export", "scenes", str(tmp_path / "cli.json"), "--model", "seg", "--server",
+                         srv.address]) == 0
+            cli_doc = json.loads((tmp_path / "cli.json").read_text())
+            assert len(cli_doc["images"]) == 10 and len(cli_doc["annotations"]) >= len(doc["annotations"])
+
             with pytest.raises(ValueError, match="differs from the registered model's top_q=0.1"):
                 InferenceRunner(model_name="seg", segmentation=True, segmentation_settings={"top_q": 0.2},
                                 ids=ids, progress=False).run(model, loader, sink=sink)
