@@ -7,8 +7,9 @@ plus one :func:`register` call of a :class:`MinerSpec` declaring
 * ``inputs`` — what each row must carry, by input kind (:data:`miners.inputs.INPUTS`):
   ``probs`` (``pred_<model>.probs``, or ``softmax(logits / T)`` where only logits are
   stored), ``samples`` (K MC-dropout passes or committee members), ``boxes`` (detections),
-  ``loss`` (learning-loss head), ``logits``, ``aum`` (``epoch_logits`` and the row's
-  ``label``), ``vectors`` (an embedding space), ``reference_vectors``, the k-NN graphs
+  ``segmentation`` (a segmentation model's per-image summaries), ``loss`` (learning-loss
+  head), ``logits``, ``aum`` (``epoch_logits`` and the row's ``label``), ``vectors`` (an
+  embedding space), ``reference_vectors``, the k-NN graphs
   ``pool_graph`` / ``query_graph`` / ``reference_graph``... Each input kind knows its
   columns, its "row has it" SQL and its decoder, so the model / space a request must name
   follows from the inputs;
