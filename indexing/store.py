@@ -417,7 +417,9 @@ def _as_model(name: str, spec: Sequence[str] | ModelSpec | Mapping[str, Any]) ->
     if isinstance(spec, ModelSpec):
         return spec
     if isinstance(spec, Mapping):
-        return ModelSpec(name=name, classes=tuple(spec["classes"]), task=spec.get("task", "classification"))
+        options = {k: spec[k] for k in ("top_q", "uncertain_threshold", "map_size") if spec.get(k) is not None}
+        return ModelSpec(name=name, classes=tuple(spec["classes"]), task=spec.get("task", "classification"),
+                         **options)
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         return ModelSpec(name=name, classes=tuple(str(c) for c in spec))
     raise InvalidArgument(f"model '{name}': give its class names, got {spec!r}")
@@ -555,9 +557,17 @@ class Collection:
             self._table.drop_columns(list(names))
             self._invalidate()
 
-    def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification") -> ModelSpec:
-        """Register a model: adds the ``pred_<name>`` struct column (all null)."""
-        spec = ModelSpec(name=name, classes=tuple(str(c) for c in classes), task=task)
+    def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification",
+                  **options: Any) -> ModelSpec:
+        """Register a model: adds the ``pred_<name>`` struct column (all null). ``options``:
+        a segmentation model's ``top_q``, ``uncertain_threshold``, ``map_size``
+        (:class:`~indexing.schema.ModelSpec`)."""
+        unknown = sorted(set(options) - {"top_q", "uncertain_threshold", "map_size"})
+        if unknown:
+            raise InvalidArgument(f"model '{name}': unknown setting(s) {', '.join(unknown)} "
+                                  "(a segmentation model takes top_q, uncertain_threshold, map_size)")
+        spec = ModelSpec(name=name, classes=tuple(str(c) for c in classes), task=task,
+                         **{k: v for k, v in options.items() if v is not None})
         with self._schema_lock:
             if spec.column in self.schema.names:
                 raise AlreadyExists(f"model '{name}' already exists in collection '{self.name}'")
@@ -1401,7 +1411,8 @@ class Collection:
             "version": self.version,
             "fragments": len(self._table.to_lance().get_fragments()),
             "spaces": spaces,
-            "models": {n: {"classes": list(m.classes), "task": m.task} for n, m in self.models.items()},
+            "models": {n: {"classes": list(m.classes), "task": m.task, **m.settings()}
+                       for n, m in self.models.items()},
             "fields": {n: str(t) for n, t in user_fields_of(schema).items()},
             "indices": [{"name": i.name, "type": i.index_type, "columns": list(i.columns)} for i in indices.values()],
             "tags": self.tags(),

@@ -703,7 +703,7 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="the file (.csv, .jsonl, or .json for COCO)")
     _add_selection(p, required=False, dataset=True)
     p.add_argument("--version", help="with --dataset: the dataset version")
-    p.add_argument("--model", help="pre-labels from this model (COCO: its boxes)")
+    p.add_argument("--model", help="pre-labels from this model (COCO: its boxes, or a segmentation model's masks)")
     p.add_argument("--format", choices=["csv", "jsonl", "coco", "label-studio", "objects_csv", "objects_jsonl",
                                         "yolo"],
                    help="default: from the file extension (.json = COCO, .zip = yolo); objects_*: one line per box")

@@ -94,7 +94,14 @@ def space_to_proto(spec: SpaceSpec) -> common_pb2.SpaceSpec:
 
 
 def model_from_proto(msg: common_pb2.ModelSpec) -> ModelSpec:
-    return ModelSpec(name=msg.name, classes=tuple(msg.classes), task=msg.task or "classification")
+    # proto3 zeros mean "not set": the segmentation settings' defaults
+    options = {k: v for k, v in (("top_q", msg.top_q), ("uncertain_threshold", msg.uncertain_threshold),
+                                 ("map_size", int(msg.map_size))) if v}
+    return ModelSpec(name=msg.name, classes=tuple(msg.classes), task=msg.task or "classification", **options)
+
+
+def model_to_proto(spec: ModelSpec) -> common_pb2.ModelSpec:
+    return common_pb2.ModelSpec(name=spec.name, classes=list(spec.classes), task=spec.task, **spec.settings())
 
 
 def collection_info(col: Collection) -> collections_pb2.CollectionInfo:
@@ -111,8 +118,7 @@ def collection_info(col: Collection) -> collections_pb2.CollectionInfo:
     return collections_pb2.CollectionInfo(
         name=d["name"], uri=d["uri"], rows=d["rows"], version=d["version"], fragments=d["fragments"],
         spaces=spaces,
-        models=[common_pb2.ModelSpec(name=m.name, classes=list(m.classes), task=m.task)
-                for m in col.models.values()],
+        models=[model_to_proto(m) for m in col.models.values()],
         fields=d["fields"],
         indices=[collections_pb2.IndexInfo(name=i["name"], type=i["type"], columns=i["columns"])
                  for i in d["indices"]],
@@ -250,7 +256,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
     def AddModel(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
         spec = model_from_proto(request.model)
-        col.add_model(spec.name, spec.classes, task=spec.task)
+        col.add_model(spec.name, spec.classes, task=spec.task, **spec.settings())
         return collection_info(col)
 
 
@@ -672,7 +678,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                                         objects_where=objects_where, source=request.model or None, version=version)
             elif fmt == "coco":
                 if not request.model:
-                    raise InvalidArgument("a COCO export needs the detection model (model)")
+                    raise InvalidArgument("a COCO export needs the detection or segmentation model (model)")
                 report = export_coco(col, request.model, path, ids=ids, where=request.where or None,
                                      min_score=request.min_score, version=version)
             else:

@@ -301,10 +301,26 @@ class AsyncCollection(AsyncCollectionBase):
         classes: Iterable[str],
         task: str = "classification",
         *,
+        top_q: float | None = None,
+        uncertain_threshold: float | None = None,
+        map_size: int | None = None,
         timeout: Timeout = DEFAULT,
     ) -> dict[str, Any]:
-        """Register a model (column ``pred_<name>``); returns describe()."""
-        return await self.client._unary(rpc_add_model(self.name, name, classes, task), timeout)
+        """Register a model (column ``pred_<name>``); returns describe(). ``task``:
+        "classification", "detection" or "segmentation"; a segmentation model's settings
+        (``top_q``, ``uncertain_threshold``, ``map_size``) default to 0.05, 0.5, 16."""
+        return await self.client._unary(
+            rpc_add_model(
+                self.name,
+                name,
+                classes,
+                task,
+                top_q=top_q,
+                uncertain_threshold=uncertain_threshold,
+                map_size=map_size,
+            ),
+            timeout,
+        )
 
     async def upsert(
         self,
@@ -712,7 +728,8 @@ class AsyncCollection(AsyncCollectionBase):
     ) -> dict[str, Any]:
         """Export rows for labeling to ``path``: CSV / JSONL (``id, uri, text, label``,
         ``fields``, and with a ``model`` its ``predicted`` class and ``confidence``) or COCO
-        JSON (``model``'s boxes; format from the extension: .csv, .jsonl, .json). Which rows:
+        JSON (``model``'s boxes, or a segmentation model's ``mask_uri`` masks as COCO RLE;
+        format from the extension: .csv, .jsonl, .json). Which rows:
         at most one of ``where``, ``ids``, ``run_id``, ``dataset`` (+ ``dataset_version``);
         none = all; ``objects_where`` keeps the images with a box matching it. Per box:
         ``format="objects_csv"|"objects_jsonl"`` writes one line per box (:meth:`objects`'

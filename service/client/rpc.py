@@ -75,7 +75,9 @@ def space_spec(name: str, spec: int | Mapping[str, Any] | common_pb2.SpaceSpec,
 
 def model_spec(name: str, spec: Iterable[str] | Mapping[str, Any] | common_pb2.ModelSpec,
                ) -> common_pb2.ModelSpec:
-    """``["cat", "dog"]`` or ``{"classes": [...], "task": "classification" | "detection"}``."""
+    """``["cat", "dog"]`` or ``{"classes": [...], "task": "classification" | "detection" |
+    "segmentation"}`` (a segmentation model may add ``top_q``, ``uncertain_threshold``,
+    ``map_size``)."""
     if isinstance(spec, common_pb2.ModelSpec):
         out = common_pb2.ModelSpec()
         out.CopyFrom(spec)
@@ -175,8 +177,9 @@ def rpc_add_space(collection: str, name: str, dim: int, metric: str, model: str 
     return Rpc("collections", "AddSpace", request, message_to_dict)
 
 
-def rpc_add_model(collection: str, name: str, classes: Iterable[str], task: str) -> Rpc:
-    spec = model_spec(name, {"classes": list(classes), "task": task})
+def rpc_add_model(collection: str, name: str, classes: Iterable[str], task: str, **options: Any) -> Rpc:
+    spec = model_spec(name, {"classes": list(classes), "task": task,
+                             **{k: v for k, v in options.items() if v is not None}})
     request = collections_pb2.AddModelRequest(collection=collection, model=spec)
     return Rpc("collections", "AddModel", request, message_to_dict)
 
