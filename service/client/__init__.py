@@ -73,6 +73,7 @@ from service.client.convert import matrix_to_arrow as _matrix_to_arrow  # noqa: 
 from service.client.convert import message_to_dict as message_to_dict
 from service.client.convert import nested_to_arrow as _nested_to_arrow  # noqa: F401
 from service.client.convert import parse_search as parse_search
+from service.client.convert import uncertainty_quality_stats
 from service.client.convert import struct_to_dict as struct_to_dict
 from service.client.convert import to_arrow as to_arrow
 from service.client.errors import (
@@ -140,6 +141,7 @@ __all__ = [
     "UpsertSummary",
     "bind_params",
     "histogram_stats",
+    "uncertainty_quality_stats",
 ]
 
 # The asyncio client is generated (service/client/async_client.py) and loaded on first use:
