@@ -68,12 +68,11 @@ from service.client.channel import call_with_retries as call_with_retries
 from service.client.channel import call_with_retries_async as call_with_retries_async
 from service.client.channel import channel_options as channel_options
 from service.client.convert import dict_to_struct as dict_to_struct
-from service.client.convert import histogram_stats
+from service.client.convert import histogram_stats, uncertainty_quality_stats
 from service.client.convert import matrix_to_arrow as _matrix_to_arrow  # noqa: F401
 from service.client.convert import message_to_dict as message_to_dict
 from service.client.convert import nested_to_arrow as _nested_to_arrow  # noqa: F401
 from service.client.convert import parse_search as parse_search
-from service.client.convert import uncertainty_quality_stats
 from service.client.convert import struct_to_dict as struct_to_dict
 from service.client.convert import to_arrow as to_arrow
 from service.client.errors import (
