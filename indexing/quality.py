@@ -108,7 +108,7 @@ from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.measures import PROB_MEASURES
 from indexing.objects import image_iou
 from indexing.predictions import prediction_probs, valid_mask
-from indexing.schema import PRED_PREFIX, ModelSpec
+from indexing.schema import ModelSpec
 from indexing.settings import MAX_QUADRANT_IDS
 
 __all__ = [
