@@ -359,9 +359,14 @@ def test_detection_iou_quality_on_hand_built_boxes(det):
         for name, (_, ids) in want.items():
             if ids:
                 assert means[name] == pytest.approx(np.mean([s[3] for s in SCENES if s[0] in ids]))
-    # a stricter matching IoU: b's box (IoU 0.5) no longer matches
-    strict = _quadrants(det.uncertainty_quality("det", "entropy", iou=0.6))
-    assert sum(c for c, _ in strict.values()) == 7
+    # a stricter matching IoU: b's box (IoU 0.5) no longer matches, and its IoU quality drops to 0
+    strict = det.uncertainty_quality("det", "entropy", iou=0.6)
+    iou6 = [0.0 if s[0] == "b" else s[3] for s in SCENES]
+    assert uncertainty_quality_stats(strict)["rho"] == pytest.approx(
+        spearmanr(_det_uncertainty("entropy"), iou6).statistic, abs=1e-9)
+    # images with a box of class person (c's gt box, f's second prediction)
+    person = det.uncertainty_quality("det", "entropy", objects_where="class = 'person'")
+    assert sorted(i for r in person.to_pylist() for i in r["ids"]) == ["c", "f"]
 
 
 def test_detection_run_scores_equal_the_measure(det):
