@@ -297,6 +297,37 @@ def test_a_mining_run_as_the_uncertainty(cls):
     assert got["n"] == 6 and got["missing"] == 41 - 6 and got["unknown_label"] == 1
 
 
+def test_logits_samples_and_an_older_version(client):
+    """Probabilities as the miners read them: probs, else softmax(logits), else the mean of
+    the samples; ``version=`` reads the labels of an older version."""
+    col = client.create_collection("mix", models={"m": CLASSES})
+    logits = [2.0, 0.5, -1.0]
+    samples = [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]
+    rows = [
+        {"id": "p1", "label": "cat", "pred_m": {"probs": [0.9, 0.05, 0.05]}},
+        {"id": "p2", "label": "dog", "pred_m": {"probs": [0.5, 0.3, 0.2]}},
+        {"id": "l1", "label": "cat", "pred_m": {"logits": logits}},
+        {"id": "s1", "label": "owl", "pred_m": {"samples": samples}},
+        {"id": "p3", "label": "owl", "pred_m": {"probs": [0.1, 0.1, 0.8]}},
+    ]
+    col.upsert(rows)
+    before = col.describe()["version"]
+    z = np.exp(np.array(logits) - max(logits))
+    probs = {"p1": [0.9, 0.05, 0.05], "p2": [0.5, 0.3, 0.2], "l1": (z / z.sum()).tolist(),
+             "s1": np.mean(np.asarray(samples, np.float32), axis=0).tolist(), "p3": [0.1, 0.1, 0.8]}
+    ids = list(probs)
+    u = [_entropy(probs[i]) for i in ids]
+    correct = [1.0, 0.0, 1.0, 0.0, 1.0]  # p2 says cat for dog, s1's mean says dog for owl
+    table = col.uncertainty_quality("m")
+    stats = uncertainty_quality_stats(table)
+    assert stats["n"] == 5 and stats["rho"] == pytest.approx(spearmanr(u, correct).statistic, abs=1e-6)
+    assert _quadrants(table) == _by_definition(u, correct, ids, stats["uncertainty_threshold"], 0.5, True, 100)
+    col.upsert([{"id": "p2", "label": "cat"}])  # now right
+    assert _quadrants(col.uncertainty_quality("m", version=before)) == _quadrants(table)
+    now = uncertainty_quality_stats(col.uncertainty_quality("m"))
+    assert now["rho"] == pytest.approx(spearmanr(u, [1.0, 1.0, 1.0, 0.0, 1.0]).statistic, abs=1e-6)
+
+
 # -- served: detection --------------------------------------------------------------------------
 
 
