@@ -448,6 +448,18 @@ def test_bad_detection_requests(det, cls, client):
         det.uncertainty_quality("det", run_id=job.run_id)
     with pytest.raises(InvalidArgumentError, match="not both"):
         col.uncertainty_quality("m", "entropy", run_id=job.run_id)
+    # a box without probs: entropy cannot score its image; the message names the row and the way out
+    noprobs = client.create_collection("noprobs", models={"det": {"classes": DET, "task": "detection"}})
+    noprobs.upsert([{"id": "ok", "pred_det": {"boxes": [_box(0, 0, 9, 9, 0.9, [0.9, 0.1])]},
+                     "gt_boxes": [_gt(0, 0, 10, 10)]},
+                    {"id": "bad-row", "pred_det": {"boxes": [_box(0, 0, 9, 9, 0.9, [0.9, 0.1]),
+                                                             _box(5, 5, 9, 9, 0.4, None)]},
+                     "gt_boxes": [_gt(0, 0, 10, 10)]}])
+    with pytest.raises(FailedPreconditionError) as err:
+        noprobs.uncertainty_quality("det", "entropy")
+    assert "'bad-row'" in str(err.value) and "pred_det.boxes[1].probs" in str(err.value)
+    assert "one_minus_score" in str(err.value)
+    assert uncertainty_quality_stats(noprobs.uncertainty_quality("det", "one_minus_score"))["n"] == 2
     # no labels at all: FAILED_PRECONDITION naming what is missing
     bare = client.create_collection("bare", models={"m": CLASSES})
     bare.upsert([{"id": "x", "pred_m": {"probs": _probs(0.5, 0)}}])
