@@ -7,6 +7,12 @@ uncertainty × high/low quality, with the ids of each (the high-uncertainty low-
 are the errors the uncertainty caught; the low-uncertainty low-quality ones are the
 confident errors it missed).
 
+A module of its own beside :mod:`indexing.measures` rather than inside it: measures.py is
+the NumPy-only leaf of per-item scores every layer (and the light client) imports, while this
+report ranks with SciPy and reads the store. It imports :mod:`indexing.analytics` (the
+streamed, filtered, pinned reads) and :mod:`indexing.objects` (the box matching), never
+``miners``.
+
 Two layers:
 
 * :func:`report` — a pure function on arrays (NumPy + SciPy), the definition below;
