@@ -328,6 +328,23 @@ def test_logits_samples_and_an_older_version(client):
     assert now["rho"] == pytest.approx(spearmanr(u, [1.0, 1.0, 1.0, 0.0, 1.0]).statistic, abs=1e-6)
 
 
+def test_the_asyncio_client_gets_the_same_report(server, cls):
+    import asyncio
+
+    from service.client import AsyncClient
+
+    col, _ = cls
+
+    async def report_async() -> pa.Table:
+        async with AsyncClient(server.address) as client:
+            return await client.collection("cls").uncertainty_quality("m", "margin", "loss", max_ids=5)
+
+    got = asyncio.run(report_async())
+    want = col.uncertainty_quality("m", "margin", "loss", max_ids=5)
+    assert got.to_pylist() == want.to_pylist()
+    assert uncertainty_quality_stats(got) == uncertainty_quality_stats(want)
+
+
 # -- served: detection --------------------------------------------------------------------------
 
 
