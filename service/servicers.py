@@ -494,11 +494,13 @@ def _first_k_per_query(query_index: np.ndarray, k: int) -> np.ndarray:
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
     def __init__(self, store: Store, limits: Limits, *, datasets: Any = None,
-                 run_ids: Callable[[str, str], pa.Array] | None = None) -> None:
+                 run_ids: Callable[[str, str], pa.Array] | None = None,
+                 run_scores: Callable[[str, str], tuple[pa.Table, str | None]] | None = None) -> None:
         self.store = store
         self.limits = limits
         self.datasets = datasets
         self.run_ids = run_ids
+        self.run_scores = run_scores
 
     def Scan(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
@@ -616,10 +618,21 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             table = analytics.histogram(
                 col, request.field, bins=bins, where=where, range=rng, version=version,
                 **({"source": request.model or None, "objects_where": objects_where} if per_object else {}))
+        elif kind == "uncertainty_quality":
+            from service.quality import uncertainty_quality_report
+
+            opt = {f: getattr(request, f) if request.HasField(f) else None
+                   for f in ("uncertainty_quantile", "quality_quantile", "uncertainty_threshold",
+                             "quality_threshold")}
+            table = uncertainty_quality_report(
+                col, self.run_scores, model=request.model or None, run_id=request.run_id or None,
+                uncertainty=request.measure or None, quality=request.quality or None, where=where,
+                version=version, iou=request.iou or 0.5, lower_is_better=request.lower_is_better,
+                max_ids=100 if request.limit == 0 else min(int(request.limit), 1 << 31), **opt)
         else:
             raise InvalidArgument(
                 f"unknown aggregate kind {kind!r} (known: label_distribution, confused_pairs, confusion, "
-                "class_uncertainty, histogram, objects, object_classes, box_confusion)")
+                "class_uncertainty, histogram, objects, object_classes, box_confusion, uncertainty_quality)")
         return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
 
     def Export(self, request, context):  # noqa: N802
@@ -756,15 +769,17 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
 def add_servicers(server: grpc.Server, store: Store, jobs: JobManager, limits: Limits,
                   embedders: TextEmbedders, *, datasets: Any = None,
-                  run_ids: Callable[[str, str], pa.Array] | None = None) -> list[str]:
+                  run_ids: Callable[[str, str], pa.Array] | None = None,
+                  run_scores: Callable[[str, str], tuple[pa.Table, str | None]] | None = None) -> list[str]:
     """Register every assay.v1 service but Mining and Datasets; returns their full names
     (for health/reflection). ``run_ids(run_id, collection)`` resolves a mining run's
-    results (tagging and exporting "a run")."""
+    results (tagging and exporting "a run"); ``run_scores(run_id, collection)`` its ids,
+    scores and model (a run's scores as the uncertainty of ``uncertainty_quality``)."""
     collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(store, datasets), server)
     ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(store, limits, run_ids=run_ids), server)
     search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(store, limits, embedders), server)
     query_pb2_grpc.add_QueryServicer_to_server(
-        QueryServicer(store, limits, datasets=datasets, run_ids=run_ids), server)
+        QueryServicer(store, limits, datasets=datasets, run_ids=run_ids, run_scores=run_scores), server)
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), server)
     return [
         mod.DESCRIPTOR.services_by_name[name].full_name

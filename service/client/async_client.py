@@ -690,6 +690,63 @@ class AsyncCollection(AsyncCollectionBase):
         )
         return await self.client._unary(rpc, timeout)
 
+    async def uncertainty_quality(
+        self,
+        model: str | None = None,
+        uncertainty: str | None = None,
+        quality: str | None = None,
+        where: str | None = None,
+        *,
+        run_id: Any = None,
+        iou: float = 0.5,
+        lower_is_better: bool = False,
+        uncertainty_quantile: float | None = None,
+        quality_quantile: float | None = None,
+        uncertainty_threshold: float | None = None,
+        quality_threshold: float | None = None,
+        max_ids: int = 100,
+        version: int | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        objects_where: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> pa.Table:
+        """Does ``model``'s uncertainty predict its errors? Over the labeled rows matching
+        ``where``: one row per quadrant (``quadrant``, ``uncertainty`` high/low, ``quality``
+        high/low, ``count``, ``mean_uncertainty``, ``mean_quality``, ``ids``: at most
+        ``max_ids``, most extreme first); :func:`uncertainty_quality_stats` of the table
+        gives the Spearman ``rho`` (uncertainty vs quality as named), ``rho_error``
+        (positive = the uncertain rows are the bad ones), ``p_value``, ``n``, the thresholds
+        and the rows left out.
+
+        ``uncertainty``: ``entropy`` (default), ``margin``, ``least_confidence``, ``ratio``
+        (detection: ``entropy``, ``margin``, ``one_minus_score``, per image as the detection
+        miner scores it), a numeric field or path (``pred_m.loss``); or ``run_id`` (a
+        finished mining run or its MiningJob: any miner's scores; its model is the default
+        ``model``). ``quality``: ``correct`` (classification default), ``loss`` (lower is
+        better), ``iou`` (detection default: boxes matched to gt_boxes at ``iou``,
+        unmatched = 0) or a numeric field (``lower_is_better``). Thresholds: medians by
+        default (``correct`` splits at 0.5), or ``*_quantile`` / ``*_threshold``."""
+        rpc = rpc_aggregate(
+            self.name,
+            "uncertainty_quality",
+            model=model,
+            measure=uncertainty,
+            quality=quality,
+            where=where,
+            run_id=run_id,
+            iou=iou,
+            lower_is_better=lower_is_better,
+            uncertainty_quantile=uncertainty_quantile,
+            quality_quantile=quality_quantile,
+            uncertainty_threshold=uncertainty_threshold,
+            quality_threshold=quality_threshold,
+            max_ids=max_ids,
+            version=version,
+            params=params,
+            objects_where=objects_where,
+        )
+        return await self.client._unary(rpc, timeout)
+
     async def tag_items(
         self,
         ids: str | Iterable[str] | None = None,
