@@ -657,10 +657,19 @@ class _Greedy:
         if not len(live):
             return
         seen = self.seen[live]
+        done = 0
         for s in np.unique(seen):
             grp = live[seen == s]
             for b in range(0, len(grp), _BLOCK_ROWS):
+                self.check()  # a pass over every row: cancel and progress per block
                 self._fold(grp[b:b + _BLOCK_ROWS], int(s))
+                done += len(grp[b:b + _BLOCK_ROWS])
+                now = time.perf_counter()
+                if now - self.last >= 0.5:
+                    self.last = now
+                    self.progress(0.3 + 0.7 * len(self.picks) / max(1, self.size),
+                                  f"select: {len(self.picks):,} of {self.size:,} picks; bringing every row "
+                                  f"up to date (lazy to eager): {done:,} of {len(live):,} rows")
 
     # eager ---------------------------------------------------------------------------
 
