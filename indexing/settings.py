@@ -268,6 +268,9 @@ TYPICLUST_MIN_CLUSTER: Final = _define("TYPICLUST_MIN_CLUSTER", 5, "TypiClust: c
 TYPICLUST_MAX_CLUSTERS: Final = _define("TYPICLUST_MAX_CLUSTERS", 5000, "TypiClust: k-means "
                                         "clusters at most (|labeled| + batch beyond: several "
                                         "picks per cluster, most typical first)", "mining")
+TYPICLUST_POINTS_PER_CLUSTER: Final = _define("TYPICLUST_POINTS_PER_CLUSTER", 64, "TypiClust: "
+                                              "k-means trains on at most this many seeded rows "
+                                              "per cluster, then assigns every row", "mining")
 PROBCOVER_PURITY: Final = _define("PROBCOVER_PURITY", 0.95, "ProbCover: the ball radius is the "
                                   "largest with at least this share of pure balls (alpha)",
                                   "mining")
