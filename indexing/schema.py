@@ -79,6 +79,25 @@ PRED_STRUCT = pa.struct(
     ]
 )
 PRED_CHILDREN = tuple(f.name for f in PRED_STRUCT)
+MAX_BOX_EMBEDDING_DIM = 65_536
+
+
+def pred_box_type(box_embedding_dim: int = 0) -> pa.DataType:
+    """A detection model's box struct: :data:`PRED_BOX`, plus ``embedding`` (list<float32>
+    of ``box_embedding_dim`` values, null allowed) when the model declares one."""
+    if not box_embedding_dim:
+        return PRED_BOX
+    return pa.struct([*PRED_BOX, pa.field("embedding", FLOAT_LIST)])
+
+
+def pred_struct_type(box_embedding_dim: int = 0) -> pa.DataType:
+    """The ``pred_<model>`` struct: :data:`PRED_STRUCT`, its boxes with ``embedding`` when the
+    model declares ``box_embedding_dim`` (models without one keep the original type, so
+    tables written before per-object embeddings existed read and write unchanged)."""
+    if not box_embedding_dim:
+        return PRED_STRUCT
+    return pa.struct([pa.field("boxes", pa.list_(pred_box_type(box_embedding_dim))) if f.name == "boxes" else f
+                      for f in PRED_STRUCT])
 
 BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("id", pa.string(), nullable=False),
@@ -177,11 +196,20 @@ class SpaceSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model whose predictions live in ``pred_<name>``; ``classes`` names the C outputs."""
+    """A model whose predictions live in ``pred_<name>``; ``classes`` names the C outputs.
+
+    ``box_embedding_dim`` (0 = none): every box of ``pred_<name>.boxes``
+    may carry an ``embedding`` of exactly this many finite float32 values (a per-object
+    feature, e.g. RoI-pooled). The dimension is DECLARED with the model, not taken from the
+    first write: it fixes the column's Arrow type when the model is added (no schema change
+    on a later write, no race between two first writers with different lengths), and every
+    upsert is checked against it row by row. A model declared without one refuses box
+    embeddings with a message saying how to declare them."""
 
     name: str
     classes: tuple[str, ...]
     task: str = "classification"
+    box_embedding_dim: int = 0
 
     def __post_init__(self) -> None:
         check_identifier(self.name, "model name")
@@ -193,6 +221,10 @@ class ModelSpec:
             raise InvalidArgument(
                 f"model '{self.name}': task must be 'classification' or 'detection', got '{self.task}'"
             )
+        dim = self.box_embedding_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= MAX_BOX_EMBEDDING_DIM:
+            raise InvalidArgument(f"model '{self.name}': box_embedding_dim must be an integer in "
+                                  f"[0, {MAX_BOX_EMBEDDING_DIM}] (0: boxes carry no embedding), got {dim!r}")
 
     @property
     def column(self) -> str:
@@ -202,16 +234,23 @@ class ModelSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def arrow_type(self) -> pa.DataType:
+        return pred_struct_type(self.box_embedding_dim)
+
     def arrow_field(self) -> pa.Field:
-        return pa.field(self.column, PRED_STRUCT, metadata={MODEL_META_KEY: self.to_json()})
+        return pa.field(self.column, self.arrow_type(), metadata={MODEL_META_KEY: self.to_json()})
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "classes": list(self.classes), "task": self.task})
+        out: dict[str, Any] = {"name": self.name, "classes": list(self.classes), "task": self.task}
+        if self.box_embedding_dim:
+            out["box_embedding_dim"] = self.box_embedding_dim
+        return json.dumps(out)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelSpec:
         raw = json.loads(text)
-        return cls(name=raw["name"], classes=tuple(raw["classes"]), task=raw.get("task", "classification"))
+        return cls(name=raw["name"], classes=tuple(raw["classes"]), task=raw.get("task", "classification"),
+                   box_embedding_dim=int(raw.get("box_embedding_dim", 0)))
 
 
 def check_identifier(name: str, what: str) -> str:

@@ -417,7 +417,8 @@ def _as_model(name: str, spec: Sequence[str] | ModelSpec | Mapping[str, Any]) ->
     if isinstance(spec, ModelSpec):
         return spec
     if isinstance(spec, Mapping):
-        return ModelSpec(name=name, classes=tuple(spec["classes"]), task=spec.get("task", "classification"))
+        return ModelSpec(name=name, classes=tuple(spec["classes"]), task=spec.get("task", "classification"),
+                         box_embedding_dim=spec.get("box_embedding_dim", 0))
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         return ModelSpec(name=name, classes=tuple(str(c) for c in spec))
     raise InvalidArgument(f"model '{name}': give its class names, got {spec!r}")
@@ -555,9 +556,13 @@ class Collection:
             self._table.drop_columns(list(names))
             self._invalidate()
 
-    def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification") -> ModelSpec:
-        """Register a model: adds the ``pred_<name>`` struct column (all null)."""
-        spec = ModelSpec(name=name, classes=tuple(str(c) for c in classes), task=task)
+    def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification",
+                  box_embedding_dim: int = 0) -> ModelSpec:
+        """Register a model: adds the ``pred_<name>`` struct column (all null). A detection
+        model with ``box_embedding_dim`` > 0 stores a per-box ``embedding`` of that length
+        (see :class:`~indexing.schema.ModelSpec`)."""
+        spec = ModelSpec(name=name, classes=tuple(str(c) for c in classes), task=task,
+                         box_embedding_dim=box_embedding_dim)
         with self._schema_lock:
             if spec.column in self.schema.names:
                 raise AlreadyExists(f"model '{name}' already exists in collection '{self.name}'")
@@ -1401,7 +1406,9 @@ class Collection:
             "version": self.version,
             "fragments": len(self._table.to_lance().get_fragments()),
             "spaces": spaces,
-            "models": {n: {"classes": list(m.classes), "task": m.task} for n, m in self.models.items()},
+            "models": {n: {"classes": list(m.classes), "task": m.task,
+                           **({"box_embedding_dim": m.box_embedding_dim} if m.box_embedding_dim else {})}
+                       for n, m in self.models.items()},
             "fields": {n: str(t) for n, t in user_fields_of(schema).items()},
             "indices": [{"name": i.name, "type": i.index_type, "columns": list(i.columns)} for i in indices.values()],
             "tags": self.tags(),

@@ -94,7 +94,8 @@ def space_to_proto(spec: SpaceSpec) -> common_pb2.SpaceSpec:
 
 
 def model_from_proto(msg: common_pb2.ModelSpec) -> ModelSpec:
-    return ModelSpec(name=msg.name, classes=tuple(msg.classes), task=msg.task or "classification")
+    return ModelSpec(name=msg.name, classes=tuple(msg.classes), task=msg.task or "classification",
+                     box_embedding_dim=int(msg.box_embedding_dim))
 
 
 def collection_info(col: Collection) -> collections_pb2.CollectionInfo:
@@ -111,7 +112,8 @@ def collection_info(col: Collection) -> collections_pb2.CollectionInfo:
     return collections_pb2.CollectionInfo(
         name=d["name"], uri=d["uri"], rows=d["rows"], version=d["version"], fragments=d["fragments"],
         spaces=spaces,
-        models=[common_pb2.ModelSpec(name=m.name, classes=list(m.classes), task=m.task)
+        models=[common_pb2.ModelSpec(name=m.name, classes=list(m.classes), task=m.task,
+                                     box_embedding_dim=m.box_embedding_dim)
                 for m in col.models.values()],
         fields=d["fields"],
         indices=[collections_pb2.IndexInfo(name=i["name"], type=i["type"], columns=i["columns"])
@@ -250,7 +252,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
     def AddModel(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
         spec = model_from_proto(request.model)
-        col.add_model(spec.name, spec.classes, task=spec.task)
+        col.add_model(spec.name, spec.classes, task=spec.task, box_embedding_dim=spec.box_embedding_dim)
         return collection_info(col)
 
 

@@ -301,10 +301,14 @@ class AsyncCollection(AsyncCollectionBase):
         classes: Iterable[str],
         task: str = "classification",
         *,
+        box_embedding_dim: int = 0,
         timeout: Timeout = DEFAULT,
     ) -> dict[str, Any]:
-        """Register a model (column ``pred_<name>``); returns describe()."""
-        return await self.client._unary(rpc_add_model(self.name, name, classes, task), timeout)
+        """Register a model (column ``pred_<name>``); returns describe(). A detection model
+        with ``box_embedding_dim`` > 0 stores a per-box ``embedding`` of that length."""
+        return await self.client._unary(
+            rpc_add_model(self.name, name, classes, task, box_embedding_dim), timeout
+        )
 
     async def upsert(
         self,
@@ -609,7 +613,9 @@ class AsyncCollection(AsyncCollectionBase):
         keeping those matching ``objects_where`` (SQL over the object columns). Columns:
         ``id`` (the image), ``source``, ``box`` (index in the image's list), ``class`` (top-1
         of probs; the gt label), ``score``, ``probs``, ``x1``, ``y1``, ``x2``, ``y2``,
-        ``width``, ``height``, ``area``; ``columns`` picks some. Derived from the image rows
+        ``width``, ``height``, ``area``; ``columns`` picks some, and may name ``embedding`` (the
+        box's per-object embedding, for a model with ``box_embedding_dim``; never returned
+        unless named). Derived from the image rows
         of the version read, so always consistent with them. ``where`` may itself hold
         ``any_object(<predicate>)``: images with any box where the predicate holds."""
         rpc = rpc_aggregate(

@@ -75,7 +75,8 @@ def space_spec(name: str, spec: int | Mapping[str, Any] | common_pb2.SpaceSpec,
 
 def model_spec(name: str, spec: Iterable[str] | Mapping[str, Any] | common_pb2.ModelSpec,
                ) -> common_pb2.ModelSpec:
-    """``["cat", "dog"]`` or ``{"classes": [...], "task": "classification" | "detection"}``."""
+    """``["cat", "dog"]`` or ``{"classes": [...], "task": "classification" | "detection"}``
+    (a detection model may add ``"box_embedding_dim": d`` for per-object embeddings)."""
     if isinstance(spec, common_pb2.ModelSpec):
         out = common_pb2.ModelSpec()
         out.CopyFrom(spec)
@@ -175,8 +176,9 @@ def rpc_add_space(collection: str, name: str, dim: int, metric: str, model: str 
     return Rpc("collections", "AddSpace", request, message_to_dict)
 
 
-def rpc_add_model(collection: str, name: str, classes: Iterable[str], task: str) -> Rpc:
-    spec = model_spec(name, {"classes": list(classes), "task": task})
+def rpc_add_model(collection: str, name: str, classes: Iterable[str], task: str,
+                  box_embedding_dim: int = 0) -> Rpc:
+    spec = model_spec(name, {"classes": list(classes), "task": task, "box_embedding_dim": box_embedding_dim})
     request = collections_pb2.AddModelRequest(collection=collection, model=spec)
     return Rpc("collections", "AddModel", request, message_to_dict)
 

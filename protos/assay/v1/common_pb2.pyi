@@ -44,14 +44,16 @@ class SpaceSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., model: _Optional[str] = ..., normalized: _Optional[bool] = ..., index: _Optional[_Union[IndexPolicy, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "classes", "task")
+    __slots__ = ("name", "classes", "task", "box_embedding_dim")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    BOX_EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     name: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     task: str
-    def __init__(self, name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ...) -> None: ...
+    box_embedding_dim: int
+    def __init__(self, name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., box_embedding_dim: _Optional[int] = ...) -> None: ...
 
 class Vectors(_message.Message):
     __slots__ = ("dim", "values")
