@@ -898,7 +898,8 @@ def ccms_distances(
     has = np.bincount(img[on], minlength=n_images) > 0
     # start from "no same-class box anywhere" (2 for every counted box), then correct the
     # columns of the images that hold the class
-    total = np.repeat((2.0 * weight)[:, None], n_images, axis=1)
+    total = np.empty((n_images, n_images))
+    total[:] = (2.0 * weight)[:, None]
     for cls in np.unique(c[on]):
         rows = np.flatnonzero(on & (c == cls))
         rows = rows[np.argsort(img[rows], kind="stable")]
@@ -910,21 +911,30 @@ def ccms_distances(
             if check is not None:
                 check()  # type: ignore[operator]
             part = slice(lo, min(rows.size, lo + block))
-            sim = e_c[part] @ e_c.T
-            best = np.maximum.reduceat(sim, col_start, axis=1)  # (block, holders)
+            # (boxes of the class, block): the per-holder max runs over contiguous rows
+            best = np.maximum.reduceat(e_c @ e_c[part].T, col_start, axis=0).T  # (block, holders)
             corr = sc[rows[part], None] * ((1.0 - np.clip(best, -1.0, 1.0)) - 2.0)
             p_img = r_img[part]
             starts = np.flatnonzero(np.r_[True, np.diff(p_img) != 0])
             summed = np.add.reduceat(corr, starts, axis=0)
             total[np.ix_(p_img[starts], holders)] += summed
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = np.where(has[:, None], total / np.where(weight > 0, weight, 1.0)[:, None], 0.0)
+    # in place from here: at the bound one n x n float64 matrix is 800 MB
+    d = total
+    d /= np.where(weight > 0, weight, 1.0)[:, None]
     # an image without boxes: 2 from every image with boxes (both directions), 0 otherwise
-    d[~has[:, None] & has[None, :]] = 2.0
-    d = np.clip(d, 0.0, 2.0)
-    out = 0.5 * (d + d.T)
-    np.fill_diagonal(out, 0.0)
-    return out
+    empty = np.flatnonzero(~has)
+    d[empty, :] = 0.0
+    d[np.ix_(empty, np.flatnonzero(has))] = 2.0
+    np.clip(d, 0.0, 2.0, out=d)
+    for lo in range(0, n_images, block):  # symmetrise block by block (no n x n temporary)
+        hi = min(n_images, lo + block)
+        for lo2 in range(lo, n_images, block):
+            hi2 = min(n_images, lo2 + block)
+            m = 0.5 * (d[lo:hi, lo2:hi2] + d[lo2:hi2, lo:hi].T)
+            d[lo:hi, lo2:hi2] = m
+            d[lo2:hi2, lo:hi] = m.T
+    np.fill_diagonal(d, 0.0)
+    return d
 
 
 def kmedoids_select(
