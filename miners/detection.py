@@ -35,6 +35,7 @@ __all__ = [
     "box_uncertainty",
     "binary_entropy",
     "entropy_nms",
+    "feature_nms",
     "aggregate_image_scores",
     "detection_scores",
     "class_balanced_select",
@@ -256,6 +257,46 @@ def entropy_nms(
     if not np.isfinite(thr) or not 0.0 <= thr <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
 
+    return _greedy_group_nms(
+        img, cls, unc, lambda ids: box_iou(b[ids][:, :, None, :], b[ids][:, None, :, :]) > thr, width=4)
+
+
+def feature_nms(
+    box_image: np.ndarray,
+    box_classes: np.ndarray,
+    box_unc: np.ndarray,
+    embeddings: np.ndarray,
+    similarity_threshold: float = 0.9,
+) -> np.ndarray:
+    """Entropy-NMS in feature space: keep mask ``(B,)`` (bool).
+
+    The greedy pass of :func:`entropy_nms` — within each image, boxes by decreasing
+    uncertainty (ties: lower row index), a box kept unless an already kept box of the same
+    class has a similarity strictly above the threshold — with the cosine similarity of the
+    boxes' embeddings in place of IoU, as DivProto's ENMS does (Wu et al. 2022: instances
+    whose features are near-duplicates carry the same information even where the boxes do
+    not overlap). A zero embedding has similarity 0 with everything.
+    """
+    img = _check_box_image(box_image, None)
+    n = img.shape[0]
+    cls = _int_array(box_classes, "box_classes")
+    _check_len(cls, n, "box_classes", "one class per box")
+    unc = _float_array(box_unc, "box_unc", 1)
+    _check_len(unc, n, "box_unc", "one uncertainty per box")
+    unit = _unit_rows(_check_embeddings(embeddings, n))
+    thr = float(similarity_threshold)
+    if not np.isfinite(thr) or not -1.0 <= thr <= 1.0:
+        raise ValueError(f"similarity_threshold must be in [-1, 1], got {similarity_threshold}")
+    return _greedy_group_nms(
+        img, cls, unc, lambda ids: np.einsum("gmd,gnd->gmn", unit[ids], unit[ids]) > thr, width=unit.shape[1])
+
+
+def _greedy_group_nms(img: np.ndarray, cls: np.ndarray, unc: np.ndarray, over_of: object,
+                      width: int) -> np.ndarray:
+    """The greedy pass shared by :func:`entropy_nms` and :func:`feature_nms`; ``over_of(ids)``
+    gives, for a ``(G, M)`` array of box indices, the ``(G, M, M)`` "pair over the
+    threshold" mask; ``width`` (values per box it reads) sizes the chunks."""
+    n = img.shape[0]
     keep = np.ones(n, dtype=bool)
     if n < 2:
         return keep
@@ -277,14 +318,13 @@ def entropy_nms(
         sel = np.flatnonzero(padded == m)
         col = np.arange(m)
         tri = col[:, None] < col[None, :]
-        step = max(1, _NMS_CHUNK_ELEMENTS // (m * m))
+        step = max(1, _NMS_CHUNK_ELEMENTS // (m * max(m, width)))
         for lo in range(0, sel.size, step):
             g = sel[lo : lo + step]
             cnt = counts[g]
             valid = col[None, :] < cnt[:, None]
             ids = order[np.where(valid, starts[g][:, None] + col[None, :], 0)]  # (G, M)
-            bx = b[ids]
-            over = box_iou(bx[:, :, None, :], bx[:, None, :, :]) > thr
+            over = over_of(ids)  # type: ignore[operator]
             over &= tri
             over &= valid[:, None, :]
             kept = np.zeros_like(valid)

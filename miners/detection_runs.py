@@ -157,16 +157,30 @@ def _image_classes(box_image: np.ndarray, classes: np.ndarray, keep: np.ndarray,
 
 # -- DivProto ------------------------------------------------------------------------------
 
+def _enms(a: dict[str, Any], p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(box entropies, box classes, entropy-NMS keep mask) of decoded boxes: NMS by IoU
+    (``enms="iou"``, ``nms_iou``; 1 = none) or by embedding similarity (``enms="feature"``,
+    ``enms_similarity``: the paper's ENMS)."""
+    unc = detection.box_uncertainty(None, a["box_probs"], "entropy")
+    classes = a["box_probs"].argmax(axis=1) if len(unc) else np.zeros(0, np.int64)
+    if p["enms"] == "feature":
+        keep = detection.feature_nms(a["box_image"], classes, unc, a["box_emb"], p["enms_similarity"])
+    elif p["nms_iou"] < 1.0:
+        keep = detection.entropy_nms(a["box_image"], a["boxes"], classes, unc, p["nms_iou"])
+    else:
+        keep = np.ones(len(unc), dtype=bool)
+    return unc, classes, keep
+
+
 def divproto_run(ctx: RunContext) -> MiningOutput:
     t0 = time.perf_counter()
     p, rec = ctx.params, ctx.run
-    nms = None if p["nms_iou"] >= 1.0 else p["nms_iou"]
     ctx.model_spec  # noqa: B018 -- resolved before the scan
     ctx.progress(0.0, "DivProto: entropy-NMS uncertainty of the pool")
 
     def score(a: dict[str, Any]) -> np.ndarray:
-        return detection.detection_scores(a["box_image"], a["boxes"], a["box_scores"], a["box_probs"],
-                                          a["n_images"], method="entropy", aggregate=p["aggregate"], nms_iou=nms)
+        unc, _, keep = _enms(a, p)
+        return detection.aggregate_image_scores(a["box_image"], unc, a["n_images"], p["aggregate"], keep)
 
     keys, scores, scanned = _pool_scores(ctx, score)
     n_cand = min(len(keys), max(rec.size, math.ceil(p["candidate_ratio"] * rec.size)))
@@ -174,10 +188,7 @@ def divproto_run(ctx: RunContext) -> MiningOutput:
     ctx.progress(0.6, f"DivProto: prototypes of {n_cand:,} candidates")
     a = _read_candidates(ctx, keys[cand])
     try:
-        unc = detection.box_uncertainty(None, a["box_probs"], "entropy")
-        classes = a["box_probs"].argmax(axis=1) if len(unc) else np.zeros(0, np.int64)
-        keep = detection.entropy_nms(a["box_image"], a["boxes"], classes, unc, nms) if nms is not None \
-            else np.ones(len(unc), dtype=bool)
+        unc, classes, keep = _enms(a, p)
         p_img, p_cls, protos = detection.entropy_prototypes(a["box_image"], a["box_probs"], unc, a["box_emb"],
                                                             keep=keep, has_embedding=a["box_has_emb"])
         counts = _gt_class_counts(ctx)

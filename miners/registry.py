@@ -377,7 +377,11 @@ register(MinerSpec(
               "this with a picked image's prototype of the same class", min=-1.0, max=1.0),
         Param("aggregate", "choice", "sum", "per-image aggregation of the kept boxes' entropies",
               choices=("sum", "mean", "max")),
+        Param("enms", "choice", "iou", "entropy-NMS within an image: by box IoU (nms_iou), or by the cosine "
+              "similarity of the boxes' embeddings (enms_similarity; the paper's ENMS)", choices=("iou", "feature")),
         Param("nms_iou", "float", 0.5, "entropy-NMS IoU threshold (1 = no NMS)", min=0.0, max=1.0),
+        Param("enms_similarity", "float", 0.9, "feature entropy-NMS: suppress a same-class box above this cosine "
+              "similarity to a kept, more uncertain one", min=-1.0, max=1.0),
         Param("fill", "bool", True, "when the candidates run out, fill the batch with the skipped images by score"),
     ),
 ))

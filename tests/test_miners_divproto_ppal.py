@@ -191,6 +191,39 @@ def test_divproto_select_matches_the_definition(seed):
     assert got.rows.tolist() == want
 
 
+def _direct_greedy_nms(box_image, cls, unc, over) -> list[bool]:
+    keep = [True] * len(box_image)
+    for i, c in {(int(box_image[b]), int(cls[b])) for b in range(len(box_image))}:
+        kept = []
+        for b in sorted((b for b in range(len(box_image)) if box_image[b] == i and cls[b] == c),
+                        key=lambda b: (-unc[b], b)):
+            if any(over(k, b) for k in kept):
+                keep[b] = False
+            else:
+                kept.append(b)
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_feature_nms_matches_the_definition(seed):
+    n, c, box_image, probs, emb, _, _, _ = _instance(seed)
+    unc = det.box_uncertainty(None, probs, "entropy")
+    unc[::3] = unc[0]  # ties: the lower index goes first
+    cls = probs.argmax(axis=1)
+    for thr in (-0.5, 0.0, 0.7):
+        got = det.feature_nms(box_image, cls, unc, emb, thr)
+        assert got.tolist() == _direct_greedy_nms(box_image, cls, unc, lambda k, b: _cos(emb[k], emb[b]) > thr)
+
+
+def test_feature_nms_suppresses_near_duplicate_features_that_do_not_overlap():
+    # one image, three car boxes far apart: two look alike, the third is different
+    keep = det.feature_nms(np.zeros(3, int), np.zeros(3, int), np.array([0.9, 0.8, 0.7]),
+                           np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]), 0.9)
+    assert keep.tolist() == [True, False, True]
+    boxes = np.array([[0, 0, 10, 10], [100, 0, 110, 10], [200, 0, 210, 10]], float)
+    assert det.entropy_nms(np.zeros(3, int), boxes, np.zeros(3, int), np.array([0.9, 0.8, 0.7])).all()
+
+
 def _protos(rows: list[tuple[int, int, tuple[float, float]]]):
     return (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows], float))
 
@@ -392,6 +425,18 @@ def test_divproto_end_to_end_matches_the_direct_pipeline(pool):
     assert stats["labeled_boxes"] == {"car": 0, "person": 4, "bike": 4}
     assert stats["quotas"] == {"car": 3, "person": 1, "bike": 1}
     assert stats["skipped_intra"] == 1 and stats["filled"] == 0
+
+
+def test_divproto_with_feature_enms_counts_a_repeated_object_once(pool):
+    # p2 holds two car boxes with the same embedding (apart on the image): IoU-NMS keeps
+    # both (p2 scores their summed entropy, 1.33, first); feature ENMS keeps the more
+    # uncertain one (0.97), below p0 (0.99) and p1 (0.99), and p1 is then skipped as p0's
+    # near-duplicate view
+    got, run = _mine(pool, "divproto", 2, reference_where="split = 'train'", params={"enms": "feature"})
+    assert got == ["p0", "p2"] and run["stats"]["skipped_intra"] == 1
+    assert run["stats"]["quotas"]["car"] == 2  # ceil(2 * 1 / 1.5)
+    got_iou, run_iou = _mine(pool, "divproto", 2, reference_where="split = 'train'")
+    assert got_iou == ["p2", "p0"] and run_iou["stats"]["skipped_intra"] == 0
 
 
 def test_ppal_end_to_end_matches_the_direct_pipeline(pool):
