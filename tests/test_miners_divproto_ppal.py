@@ -212,7 +212,7 @@ def test_feature_nms_matches_the_definition(seed):
     cls = probs.argmax(axis=1)
     for thr in (-0.5, 0.0, 0.7):
         got = det.feature_nms(box_image, cls, unc, emb, thr)
-        assert got.tolist() == _direct_greedy_nms(box_image, cls, unc, lambda k, b: _cos(emb[k], emb[b]) > thr)
+        assert got.tolist() == _direct_greedy_nms(box_image, cls, unc, lambda k, b, t=thr: _cos(emb[k], emb[b]) > t)
 
 
 def test_feature_nms_suppresses_near_duplicate_features_that_do_not_overlap():
