@@ -513,3 +513,8 @@ def test_a_model_without_box_embedding_dim_refuses_embeddings_and_the_miners(cli
     assert {m["name"]: m["box_embedding_dim"] for m in info["models"]} == {"det": 0, "det2": 3}
     with pytest.raises(InvalidArgumentError, match="box_embedding_dim"):
         col.add_model("det3", CLASSES, task="detection", box_embedding_dim=70_000)
+
+
+def test_ppal_refuses_a_batch_beyond_its_candidate_bound(pool):
+    with pytest.raises(InvalidArgumentError, match=f"at most {det.PPAL_MAX_CANDIDATES}"):
+        pool.mine("ppal", size=det.PPAL_MAX_CANDIDATES + 1, model="det")
