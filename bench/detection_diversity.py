@@ -7,7 +7,7 @@ random geometry, a ``--dim``-d embedding per box) plus 1,000 labeled images with
 ``gt_boxes``, then in the same run mines ``--size`` images with
 
 * ``detection`` (entropy-NMS, summed per image): the reference, one streamed scan;
-* ``divproto`` (defaults: 10 x size candidates);
+* ``divproto`` (defaults: 10 x size candidates), and with ``enms="feature"``;
 * ``ppal`` (defaults: 4 x size candidates), and ``ppal`` with ``candidate_ratio`` such that
   the pool reaches :data:`miners.detection.PPAL_MAX_CANDIDATES` (its pairwise stage at the
   bound) when ``--bound`` is given;
@@ -87,7 +87,7 @@ def main() -> None:
               f"in {time.perf_counter() - t0:.1f} s")
         ref = min(mine(col, "detection", args.size) for _ in range(2))
         print(f"detection (reference)          {ref:8.2f} s   1.00x")
-        runs = [("divproto", {}), ("ppal", {})]
+        runs = [("divproto", {}), ("divproto", {"enms": "feature"}), ("ppal", {})]
         if args.bound:
             runs.append(("ppal", {"candidate_ratio": min(100.0, PPAL_MAX_CANDIDATES / args.size)}))
         for miner, params in runs:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.schema import PRED_PREFIX
 from miners import detection
-from miners.inputs import INPUTS, RunContext, scan_arrays
+from miners.inputs import INPUTS, BoxEmbeddings, RunContext, scan_arrays
 from miners.runs import MiningOutput
 from miners.vectors import ids_of_rows
 
@@ -57,15 +57,16 @@ def validate(ctx: RunContext) -> None:
                               f"stage compares the candidates pairwise), got {ctx.run.size}")
 
 
-def _pool_scores(ctx: RunContext, score: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pass 1: (stable row ids, score per row, rows scanned) of the pool rows with boxes."""
+def _pool_scores(ctx: RunContext, score: Any, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pass 1: (stable row ids, score per row, rows scanned) of the pool rows with boxes
+    (their embeddings decoded only when ``embeddings``)."""
     def per_chunk(a: dict[str, Any]) -> dict[str, np.ndarray]:
         try:
             return {"score": np.asarray(score(a), dtype=np.float64)}
         except ValueError as exc:
             raise InvalidArgument(f"miner '{ctx.run.miner}': {exc}") from exc
 
-    keys, arrays, scanned = scan_arrays(ctx, [INPUTS["box_embeddings"]], per_chunk=per_chunk,
+    keys, arrays, scanned = scan_arrays(ctx, [BoxEmbeddings(embeddings)], per_chunk=per_chunk,
                                         chunk_rows=CHUNK_ROWS)
     if not len(keys):
         raise FailedPrecondition(f"none of the {scanned:,} pool rows has boxes of model '{ctx.model}'")
@@ -182,7 +183,7 @@ def divproto_run(ctx: RunContext) -> MiningOutput:
         unc, _, keep = _enms(a, p)
         return detection.aggregate_image_scores(a["box_image"], unc, a["n_images"], p["aggregate"], keep)
 
-    keys, scores, scanned = _pool_scores(ctx, score)
+    keys, scores, scanned = _pool_scores(ctx, score, embeddings=p["enms"] == "feature")
     n_cand = min(len(keys), max(rec.size, math.ceil(p["candidate_ratio"] * rec.size)))
     cand = _top(keys, scores, n_cand)
     ctx.progress(0.6, f"DivProto: prototypes of {n_cand:,} candidates")

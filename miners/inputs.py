@@ -292,6 +292,11 @@ class BoxEmbeddings(_PredInput):
     child = "boxes"
     help = "detections with per-object embeddings: pred_<model>.boxes (..., probs, embedding)"
 
+    def __init__(self, embeddings: bool = True) -> None:
+        # False: a scan that needs only scores and probs leaves the embeddings undecoded
+        # (box_emb and box_has_emb are None)
+        self.embeddings = embeddings
+
     def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
                ctx: RunContext) -> dict[str, Any]:
         c = ctx.num_classes
@@ -319,6 +324,9 @@ class BoxEmbeddings(_PredInput):
                 f"'{ctx.run.miner}' needs the {c} class probabilities of every box: store them")
         box_probs = np.asarray(pc.list_flatten(probs).to_numpy(zero_copy_only=False),
                                dtype=np.float64).reshape(-1, c)
+        if not self.embeddings:
+            return {"box_image": box_image, "boxes": coords, "box_scores": scores, "box_probs": box_probs,
+                    "box_emb": None, "box_has_emb": None, "n_images": len(rows)}
         emb = np.zeros((len(flat), d))
         has = np.zeros(len(flat), dtype=bool)
         if flat.type.get_field_index("embedding") >= 0:
