@@ -518,3 +518,16 @@ def test_a_model_without_box_embedding_dim_refuses_embeddings_and_the_miners(cli
 def test_ppal_refuses_a_batch_beyond_its_candidate_bound(pool):
     with pytest.raises(InvalidArgumentError, match=f"at most {det.PPAL_MAX_CANDIDATES}"):
         pool.mine("ppal", size=det.PPAL_MAX_CANDIDATES + 1, model="det")
+
+
+def test_a_box_without_probs_fails_the_run_naming_row_and_box(client):
+    col = client.create_collection("noprobs-emb", models={
+        "det": {"classes": CLASSES, "task": "detection", "box_embedding_dim": 2}})
+    good = _box(0, 0.5, [0.5, 0.25, 0.25], [1.0, 0.0])
+    col.upsert([{"id": f"ok{i}", "pred_det": {"boxes": [good]}} for i in range(3)]
+               + [{"id": "bad-row", "pred_det": {"boxes": [good, {**_box(1, 0.4, None, [0.0, 1.0])}]}}])
+    for miner in ("divproto", "ppal"):
+        job = col.mine(miner, size=2, model="det")
+        with pytest.raises(FailedPreconditionError) as err:
+            job.wait(timeout=60)
+        assert "'bad-row'" in str(err.value) and "pred_det.boxes[1].probs" in str(err.value)
