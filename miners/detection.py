@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 __all__ = [
     "BOX_METHODS",
@@ -607,6 +606,8 @@ def entropy_prototypes(
     offs = np.arange(rep.size) - np.repeat(np.cumsum(count) - count, count)
     pair = np.repeat(first, count) + offs
     w = np.maximum(unc[rep], _PROTO_MIN_WEIGHT) * probs[rep, p_cls[pair]]
+    import scipy.sparse as sp  # imported here, as the other miners do: scipy is a server dependency
+
     m = sp.csr_matrix((w, (pair, rep)), shape=(pairs.shape[0], n))
     total = np.asarray(m.sum(axis=1)).ravel()
     ok = total > 0
