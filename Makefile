@@ -75,7 +75,7 @@ lint: env
 BENCHES := store service mining_scan uncertainty density diversity selection embedding web soak_writes soak
 
 # bench: every benchmark (BENCHES with --quick, the soak, the reduced active-learning plan) in
-# about 20 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).
+# about 35 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).
 # bench-quick: the scripts only, --quick (~4 minutes). bench-full: default sizes and the full
 # active-learning protocol (hours). Extra options: make bench BENCH_ARGS="--skip soak,soak_writes".
 bench: env

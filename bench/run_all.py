@@ -1,7 +1,8 @@
 """``make bench``: every benchmark in one run, one report.
 
     python -m bench.run_all [--benches "store service ..."] [--full] [--out bench/results]
-                            [--skip al,soak,soak_writes] [--al-workers 2] [--script-args "..."]
+                            [--skip al,soak,soak_writes] [--al-workers 2] [--al-steps al,al_new,al_cold]
+                            [--script-args "..."]
 
 Runs each ``bench/<name>.py`` of ``--benches`` (the Makefile's ``BENCHES``), then
 the soaks (``bench/soak.py``: writes only against its one-commit-per-write reference, then
@@ -14,10 +15,11 @@ its own process, and writes
   summary and goals); the raw files beside it under ``<out>/latest/``.
 
 Sizes: by default every script runs with ``--quick`` and the simulation with a reduced
-plan (digits with both learners and the key strategies — issue 21's TypiClust, ProbCover
-and ``select`` with the logistic regression — repeated-noisy digits with
-random / BALD / BatchBALD; 3 seeds, budget 200, 2 worker processes), which together fit
-in about 20 minutes on 2 cores. ``--full`` runs every script at its default size (about 25
+plan (digits with both learners and the key strategies, repeated-noisy digits with
+random / BALD / BatchBALD; 3 seeds, budget 200, 2 worker processes) and issue 21's
+strategies on digits with 10 seeds and the paired test against random, from 2 labels per
+class, from none and from 10 random labels (``al_new``, ``al_cold``, ``al_cold10``), which
+together fit in about 30 minutes on 2 cores. ``--full`` runs every script at its default size (about 25
 minutes) and the simulation's full protocol (4 datasets × both learners × every strategy ×
 10 seeds: hours on 2 cores; see README "Does it work?").
 
@@ -41,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BENCHES = ("store", "service", "mining_scan", "uncertainty", "density", "diversity", "selection")
 # The reduced simulation plan of `make bench` (see the module docstring).
-AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_coreset,typiclust,probcover,select;"
+AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_coreset;"
                  "digits:mlp:random,margin,cluster_margin,margin_coreset;"
                  "repeated_digits:mlp:random,bald,batchbald")
 # Each script runs as `python bench/<name>.py` would, except that the repository root comes
@@ -62,6 +64,21 @@ LAUNCHER = ("import runpy, sys; sys.argv = sys.argv[1:]; "
             "sys.path[:1] = [{root!r}, {bench!r}]; runpy.run_path(sys.argv[0], run_name='__main__')")
 AL_QUICK_ARGS = ("--plan", AL_QUICK_PLAN, "--seeds", "3", "--budget", "200")
 AL_FULL_ARGS = ("--datasets", "digits,repeated_digits,breast_cancer,wine")
+# Issue 21's strategies against random with 10 seeds and the paired test, from 2 labels per
+# class and from none (cold start); the same plan in both sizes (about 15 minutes together).
+AL_NEW_ARGS = ("--datasets", "digits", "--learners", "logreg", "--strategies", "new", "--seeds", "10",
+               "--budget", "100", "--batch", "10", "--no-plots")
+AL_COLD_ARGS = ("--datasets", "digits", "--learners", "logreg", "--strategies",
+                "random,margin,typiclust,probcover", "--initial", "0", "--seeds", "10", "--budget", "60",
+                "--batch", "10", "--no-plots")
+AL_COLD10_ARGS = tuple("10" if a == "0" else a for a in AL_COLD_ARGS)  # 10 random labels
+# name -> (what it is, quick options, full options); `--skip al` skips them all.
+AL_STEPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "al": ("the simulation", AL_QUICK_ARGS, AL_FULL_ARGS),
+    "al_new": ("issue 21's strategies, 10 seeds", AL_NEW_ARGS, AL_NEW_ARGS),
+    "al_cold": ("cold start from 0 labels, 10 seeds", AL_COLD_ARGS, AL_COLD_ARGS),
+    "al_cold10": ("cold start from 10 random labels, 10 seeds", AL_COLD10_ARGS, AL_COLD10_ARGS),
+}
 
 
 def machine() -> dict[str, Any]:
@@ -136,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="options appended to every script's command, shell-quoted (e.g. with "
                         "--benches scale: \"--n 200000 --miners lof,typicality\")")
     p.add_argument("--al-workers", type=int, default=2, help="worker processes of the simulation")
+    p.add_argument("--al-steps", default=",".join(AL_STEPS),
+                   help=f"simulation steps to run, comma-separated (of {', '.join(AL_STEPS)})")
     p.add_argument("--al-args", default=None,
                    help="the simulation's options instead of the reduced plan / full protocol (shell-quoted)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -182,15 +201,17 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
         doc["benches"].append(entry)
         write(doc, args.out, t_start)
-    if "al" not in skip:
-        al_out = _short(raw / "al")  # the report names its plots relative to the repository
-        plan = shlex.split(args.al_args) if args.al_args is not None else \
-            list(AL_FULL_ARGS if args.full else AL_QUICK_ARGS)
+    for name, (what, quick_plan, full_plan) in AL_STEPS.items():
+        if "al" in skip or name in skip or name not in args.al_steps.split(","):
+            continue
+        al_out = _short(raw / name)  # the report names its plots relative to the repository
+        plan = shlex.split(args.al_args) if args.al_args is not None and name == "al" else \
+            list(full_plan if args.full else quick_plan)
         al_args = [*plan, "--workers", str(args.al_workers), "--out", str(al_out)]
         cmd = [sys.executable, "-m", "bench.al", *al_args]
-        print(f"\n== bench.al {'(full protocol)' if args.full else '(reduced plan)'}", flush=True)
-        rc, seconds, output = run_logged(cmd, raw / "al.log")
-        entry = {"name": "al", "command": "python -m bench.al " + shlex.join(al_args),
+        print(f"\n== bench.al: {what}", flush=True)
+        rc, seconds, output = run_logged(cmd, raw / f"{name}.log")
+        entry = {"name": name, "command": "python -m bench.al " + shlex.join(al_args),
                  "rc": rc, "seconds": round(seconds, 1)}
         al_md, al_json = ROOT / al_out / "al.md", ROOT / al_out / "al.json"
         if al_md.exists():
@@ -199,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             al_doc = json.loads(al_json.read_text())
             entry["json"] = {k: al_doc.get(k) for k in ("summary", "goals", "config", "runtime_s", "plots")}
         if rc != 0:
-            failed.append("al")
+            failed.append(name)
         doc["benches"].append(entry)
+        write(doc, args.out, t_start)
     doc["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write(doc, args.out, t_start)
     print(f"\nwrote {args.out / 'latest.md'} and {args.out / 'latest.json'} "

@@ -49,8 +49,9 @@ What it does
 7. **Every miner** the server lists (``client.miners()``; ``--miners`` for a subset), with
    its defaults: size ``--size``, ``where`` = the unlabeled rows, ``reference_where`` = the
    labeled rows where the miner reads a reference set, ``knn`` seeded with 5 labeled ids,
-   ``chain`` = margin top 10·size → coreset to size, ``aum`` on the labeled rows (it
-   flags mislabeled ones). ``job`` progress is polled; a run that exceeds
+   ``chain`` = margin top 10·size → coreset to size, ``select`` = margin + diversity 0.5,
+   ``aum``, ``label_issues`` and ``labeled_outliers`` on the labeled rows (they flag
+   mislabeled ones), ``duplicate_leaks`` on every row. ``job`` progress is polled; a run that exceeds
    ``--miner-timeout`` is cancelled (the time the cancel took is reported); a failing miner
    is reported (state, error) and the script goes on. Miners whose inputs the generated
    pool lacks (``samples`` without ``--with samples``, detection ``boxes``) are listed as
@@ -612,9 +613,19 @@ def plan_miner(info: dict[str, Any], cfg: GenConfig, size: int, seed_ids: list[s
     if name == "knn" or "seeds" in inputs:
         kw["params"] = {"seed_ids": seed_ids}
         plan.note = f"{len(seed_ids)} labeled seed ids"
-    if name == "chain" or "stages" in inputs:
+    if name == "select":  # its defaults are a seeded random sample: give it the issue's mix
+        kw["params"] = {"objectives": [{"miner": "margin", "weight": 1.0}], "diversity": 0.5}
+        kw.pop("reference_where", None)
+        plan.note = "margin (weight 1) + diversity 0.5 among the picks"
+    elif name == "chain" or "stages" in inputs:
         kw["params"] = {"stages": [{"miner": "margin", "size": 10 * size}, {"miner": "coreset"}]}
         plan.note = f"margin top {10 * size:,} -> coreset {size:,}"
+    if "labels" in inputs:  # label issues, labeled outliers: about the labeled rows
+        kw["where"] = LABELED_WHERE
+        plan.note = "on the labeled rows"
+    if "split_label" in inputs:  # near-duplicate pairs across splits: every row
+        kw.pop("where", None)
+        plan.note = "every row; pairs across split 'train' / 'pool' or with different labels"
     return plan
 
 

@@ -302,6 +302,15 @@ def one_commit_per_write(folder: str, workload: Workload, *, clients: int, secon
             "p99_ms": float(np.percentile(ms, 99)), "writes": len(latencies), "errors": len(errors)}
 
 
+def p50_timeline(result: LoadResult, window: float) -> list[dict[str, float]]:
+    """Every operation's p50 (ms) per ``window`` seconds of the run: where a drift starts
+    (next to the fragment and version counts sampled over time)."""
+    rows = []
+    for start in np.arange(0.0, result.seconds - window / 2, window):  # no last sliver
+        rows.append({"t": float(start), **{op: result.stats(op, start, start + window)["p50_ms"] for op in OPS}})
+    return rows
+
+
 def run_load(address: str | Callable[[], str], workload: Workload, *, clients: int = 16, seconds: float = 12.0,
              seed: int = 0, sample_every: float = 0.5, weights: dict[str, float] | None = None,
              sample: Callable[[], dict[str, float]] | None = None,
@@ -545,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         report.add("acknowledged rows missing after the kill", result.lost_acknowledged, 0, kind="info", unit="count")
         report.add("batches in flight at the kill that landed in part", result.torn_batches, 0, kind="info",
                    unit="count")
+    timeline = p50_timeline(result, window)
+    print(f"\np50 (ms) per {window:.0f}-s window (start s: {', '.join(op for op in OPS)}):")
+    for row in timeline:
+        print(f"  {row['t']:7.0f}  " + "  ".join(f"{row[op]:8.1f}" for op in OPS))
     print(f"\n## results ({result.seconds:.0f}s)\n")
     print(render(report))
     print("\nratio: first-window p50 / last-window p50 (below 1: slower at the end); RSS: "
@@ -561,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"machine": report.machine, "params": report.params, "rows": [asdict(r) for r in report.rows],
                        "samples": result.samples, "errors": result.errors,
-                       "stats": {op: result.stats(op) for op in OPS}}, fh, indent=2, default=str)
+                       "stats": {op: result.stats(op) for op in OPS}, "p50_timeline": timeline}, fh, indent=2, default=str)
         print(f"\nwrote {args.json}")
     return 0 if ok else 1
 

@@ -31,6 +31,16 @@ h]`` = ``[x1, y1, x2 - x1, y2 - y1]`` and ``area = w * h``. Coordinates are writ
 units they were stored in (assay does not rescale; COCO tools expect pixels). A box's
 ``category_id`` is the argmax of its ``probs`` + 1; a box without ``probs`` gets
 ``category_id`` 0, a category named ``"unknown"`` that is listed only when used.
+
+COCO of a segmentation model: the same images and categories; the annotations are the
+pre-label mask of each row (``pred_<model>.mask_uri``: a PNG of class indices or a JSON file
+of COCO RLE masks, :mod:`indexing.masks`), one annotation per class present in it, with
+``segmentation`` = COCO RLE ``{"size": [h, w], "counts": [...]}`` (uncompressed: column-major
+run lengths starting with zeros), ``bbox`` the mask's extent, ``area`` its pixel count,
+``iscrowd`` 0, and the mask's ``height``/``width`` on the image when its own header gave
+none. A row whose mask file is missing or remote keeps its image and gets no annotation
+(counted in ``ExportReport.masks_missing``); a mask file that is not a mask of the model's
+classes fails the export (InvalidArgument naming the row), before the file is in place.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ from indexing import analytics
 from indexing.analytics import stream
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.filters import ids_predicate
+from indexing.masks import MaskError, mask_bbox, read_mask, rle_encode
 from indexing.objects import OBJECT_SCHEMA, object_batches
 from indexing.predictions import box_probs, prediction_probs
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec, is_user_scalar
@@ -73,8 +84,9 @@ __all__ = ["ExportReport", "coco_boxes", "export_coco", "export_objects", "expor
 @dataclass
 class ExportReport:
     """What an export wrote: ``rows`` (CSV/JSONL rows, or COCO images), ``annotations``
-    (COCO boxes), ``missing`` (requested ids not in the collection), ``sized_images``
-    (COCO images whose width/height could be read)."""
+    (COCO boxes or masks), ``missing`` (requested ids not in the collection), ``sized_images``
+    (COCO images whose width/height could be read), ``masks_missing`` (segmentation rows
+    whose ``mask_uri`` is set but names no readable local file)."""
 
     path: str
     format: str
@@ -84,6 +96,7 @@ class ExportReport:
     sized_images: int = 0
     version: int | str | None = None
     seconds: float = 0.0
+    masks_missing: int = 0
 
 
 # -- row selection ---------------------------------------------------------------------------
@@ -321,9 +334,12 @@ def export_coco(
     image, with or without boxes, so a labeling tool sees the whole batch."""
     t0 = time.perf_counter()
     spec = col.model(model)
+    if spec.task == "segmentation":
+        return _export_coco_masks(col, spec, path, ids=ids, where=where, image_sizes=image_sizes,
+                                  version=version, batch_size=batch_size, t0=t0)
     if spec.task != "detection":
         raise FailedPrecondition(
-            f"model '{spec.name}' is a classification model (no boxes); export_rows writes its pre-labels"
+            f"model '{spec.name}' is a classification model (no boxes or masks); export_rows writes its pre-labels"
         )
     try:
         min_score = float(min_score)
@@ -394,6 +410,64 @@ def export_coco(
     return ExportReport(path=os.fspath(path), format="coco", rows=images, missing=missing[0],
                         annotations=annotations, sized_images=sized, version=version,
                         seconds=time.perf_counter() - t0)
+
+
+def _export_coco_masks(col: Any, spec: ModelSpec, path: str | os.PathLike[str], *, ids: Sequence[str] | None,
+                       where: str | None, image_sizes: bool, version: int | str | None,
+                       batch_size: int | None, t0: float) -> ExportReport:
+    """COCO with a segmentation model's masks (``mask_uri``) as RLE annotations (module doc)."""
+    missing = [0]
+    batches = _rows(col, {"id": "id", "uri": "uri", "mask": f"{spec.column}.mask_uri"}, ids=ids, where=where,
+                    version=version, batch_size=batch_size, missing=missing)
+    images = annotations = sized = masks_missing = 0
+    with _atomic(path, "w") as fh, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+        info = {"description": f"assay export of collection '{col.name}', segmentation model '{spec.name}'",
+                "version": str(version if version is not None else col.version),
+                "date_created": datetime.now(UTC).isoformat()}
+        fh.write('{"info": ' + json.dumps(info) + ', "licenses": [], "images": [')
+        for b in batches:
+            parts, lines = [], []
+            for rid, uri, mask_uri in zip(b.column("id").to_pylist(), b.column("uri").to_pylist(),
+                                          b.column("mask").to_pylist(), strict=True):
+                images += 1
+                img: dict[str, Any] = {"id": images, "file_name": uri if uri else rid, "assay_id": rid}
+                size = _image_size(uri) if image_sizes else None
+                mask = None
+                if mask_uri is not None:
+                    try:
+                        mask = read_mask(mask_uri, spec.classes)
+                    except MaskError as exc:
+                        raise InvalidArgument(f"row {rid!r}: {spec.column}.mask_uri {mask_uri!r} is not a mask of "
+                                              f"model '{spec.name}': {exc}", field=f"{spec.column}.mask_uri") from None
+                    masks_missing += mask is None
+                if size is None and mask is not None:
+                    size = (int(mask.shape[1]), int(mask.shape[0]))
+                if size is not None:
+                    img["width"], img["height"] = size
+                    sized += 1
+                parts.append(json.dumps(img, ensure_ascii=False))
+                if mask is None:
+                    continue
+                for value in np.unique(mask[mask > 0]).tolist():
+                    binary = mask == value
+                    annotations += 1
+                    lines.append(json.dumps({
+                        "id": annotations, "image_id": images, "category_id": int(value),
+                        "segmentation": rle_encode(binary), "area": int(binary.sum()),
+                        "bbox": mask_bbox(binary), "iscrowd": 0,
+                    }))
+            if parts:
+                fh.write(("," if images > len(parts) else "") + ",".join(parts))
+            if lines:
+                spool.write(("," if annotations > len(lines) else "") + ",".join(lines))
+        fh.write('], "annotations": [')
+        spool.seek(0)
+        shutil.copyfileobj(spool, fh)
+        categories = [{"id": i + 1, "name": name, "supercategory": "none"} for i, name in enumerate(spec.classes)]
+        fh.write('], "categories": ' + json.dumps(categories, ensure_ascii=False) + "}")
+    return ExportReport(path=os.fspath(path), format="coco", rows=images, missing=missing[0],
+                        annotations=annotations, sized_images=sized, version=version,
+                        seconds=time.perf_counter() - t0, masks_missing=masks_missing)
 
 
 # -- reading back ----------------------------------------------------------------------------

@@ -18,7 +18,18 @@ For each batch the runner does one deterministic pass (``model.eval()``) and, as
   the ``samples`` and ``probs`` is their mean (embedding layers are looked up in the first);
 * **detections** — ``detection=adapter``: a callable turning the model's raw output into one
   mapping per image with ``boxes`` ``(B, 4)`` (x1, y1, x2, y2), ``scores`` ``(B,)`` and
-  optionally ``probs`` ``(B, C)``, written as ``pred_<model_name>.boxes``.
+  optionally ``probs`` ``(B, C)``, written as ``pred_<model_name>.boxes``;
+* **segmentation** — ``segmentation=True``: the model returns ``(N, C, H, W)`` logits (or
+  probabilities with ``activation="none"``); each batch is reduced to per-image summaries
+  (:mod:`indexing.segmentation`: ``mean_entropy``, ``topq_entropy``,
+  ``class_uncertain_fraction``, ``uncertainty_map``; with ``mc_samples = T`` also the pixel
+  ``bald`` of the T dropout passes, accumulated pass by pass) and only those are written —
+  never the probability maps. The settings (``top_q``, ``uncertain_threshold``,
+  ``map_size``) are the registered model's (``create_collection(models={"seg": {"classes":
+  [...], "task": "segmentation", "top_q": 0.1}})``), else ``segmentation_settings=`` or the
+  defaults. ``mask_dir=`` also writes each image's predicted mask (argmax) as a PNG of class
+  indices (0 none, k = class k - 1) there and stores its path in ``mask_uri`` (a pre-label
+  the COCO and Label Studio exports carry).
 
 Rows are batched (``flush_rows``) and written through ``sink.upsert(table)`` — any object with
 that method: :class:`indexing.store.Collection`, or the client's ``Collection`` (which
@@ -57,6 +68,9 @@ imports the service or its client.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +80,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.schema import EMB_PREFIX, PRED_BOX, PRED_PREFIX
+from indexing.errors import InvalidArgument
+from indexing.schema import (
+    EMB_PREFIX,
+    PRED_BOX,
+    PRED_PREFIX,
+    SEG_MAP_SIZE,
+    SEG_TOP_Q,
+    SEG_UNCERTAIN_THRESHOLD,
+    ModelSpec,
+)
+from indexing.segmentation import PixelBald, segmentation_summaries
 
 __all__ = ["InferenceResult", "InferenceRunner", "pool_activation", "run"]
 
@@ -220,6 +244,13 @@ class InferenceRunner:
             independent masks (train-mode dropout).
         seed: seed of the dropout masks.
         detection: adapter from the model's raw output to per-image detections.
+        segmentation: the model is a segmentation model: ``(N, C, H, W)`` outputs are reduced
+            to per-image summaries (module docstring).
+        segmentation_settings: ``{"top_q", "uncertain_threshold", "map_size"}`` for a model
+            the sink does not hold yet (a registered model's own settings are used otherwise;
+            a conflicting value here is an error).
+        mask_dir: segmentation: write each image's argmax mask there as a PNG and its path to
+            ``mask_uri``.
         forward: ``forward(model, inputs) -> output`` (default ``model(inputs)``), e.g. to pick
             ``out["logits"]`` from a model returning a dict.
         input_key: dict batches: the key of the inputs (default ``"input"``, else the only
@@ -227,7 +258,8 @@ class InferenceRunner:
         id_key, ids, id_prefix: where ids come from (module docstring).
         extra: ``extra(batch) -> {column: values}``: more columns to write (e.g. labels).
         classes: class names; when given the runner registers the model in the sink if it
-            is missing (``sink.add_model``), with ``task="detection"`` for detection.
+            is missing (``sink.add_model``), with ``task="detection"`` for detection and
+            ``task="segmentation"`` (and the settings) for segmentation.
         device: ``"cuda"``, ``"cpu"``, a torch.device; default CUDA when available.
         flush_rows: rows per write to the sink.
         progress: show a progress bar.
@@ -245,6 +277,9 @@ class InferenceRunner:
         consistent_masks: bool = True,
         seed: int = 0,
         detection: Callable[[Any], Sequence[Mapping[str, Any]]] | None = None,
+        segmentation: bool = False,
+        segmentation_settings: Mapping[str, Any] | None = None,
+        mask_dir: str | os.PathLike[str] | None = None,
         forward: Callable[[Any, Any], Any] | None = None,
         input_key: str | None = None,
         id_key: str = "id",
@@ -267,6 +302,14 @@ class InferenceRunner:
             raise ValueError(f"flush_rows must be an integer >= 1; got {flush_rows!r}")
         if detection is not None and mc_samples:
             raise ValueError("MC-dropout samples of a detector are not supported; use mc_samples=0")
+        if segmentation and detection is not None:
+            raise ValueError("a model is segmentation or detection, not both")
+        if mask_dir is not None and not segmentation:
+            raise ValueError("mask_dir writes segmentation masks: it needs segmentation=True")
+        unknown = set(segmentation_settings or {}) - {"top_q", "uncertain_threshold", "map_size"}
+        if unknown:
+            raise ValueError(f"segmentation_settings: unknown key(s) {sorted(unknown)} "
+                             "(top_q, uncertain_threshold, map_size)")
         if not isinstance(pool, str) and not callable(pool):
             raise ValueError(f"pool must be one of {', '.join(POOLS)} or a callable")
         if isinstance(pool, str) and pool not in POOLS:
@@ -280,6 +323,15 @@ class InferenceRunner:
         self.consistent_masks = consistent_masks
         self.seed = int(seed)
         self.detection = detection
+        self.segmentation = bool(segmentation)
+        self.segmentation_settings = dict(segmentation_settings or {})
+        if self.segmentation:  # checked now (ModelSpec validates the values), used per run
+            try:
+                ModelSpec(name="check", classes=("a", "b"), task="segmentation", **self.segmentation_settings)
+            except InvalidArgument as exc:
+                raise ValueError(f"segmentation_settings: {exc}") from None
+        self.mask_dir = None if mask_dir is None else os.fspath(mask_dir)
+        self._seg: dict[str, Any] = {}
         self.forward = forward
         self.input_key = input_key
         self.id_key = id_key
@@ -303,6 +355,7 @@ class InferenceRunner:
             if not callable(getattr(sink, "upsert", None)):
                 raise TypeError(f"sink must have an upsert(table) method; got {type(sink).__name__}")
             self._register_model(sink)
+        self._seg = self._segmentation_settings(sink)
         tables: list[pa.Table] = []
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="assay-inference-sink") as writer:
@@ -327,6 +380,7 @@ class InferenceRunner:
 
     def predict(self, model: Any, loader: Iterable[Any]) -> Iterator[pa.Table]:
         """The rows :meth:`run` would write, as Arrow tables of about ``flush_rows`` rows."""
+        self._seg = self._segmentation_settings(None)
         yield from self._tables(model, loader, InferenceResult())
 
     # -- setup -------------------------------------------------------------------------
@@ -335,11 +389,40 @@ class InferenceRunner:
         if self.classes is None or not callable(getattr(sink, "add_model", None)):
             return
         task = "detection" if self.detection is not None else "classification"
+        options: dict[str, Any] = {}
+        if self.segmentation:
+            task, options = "segmentation", self.segmentation_settings
         try:
-            sink.add_model(self.model_name, self.classes, task=task)
+            sink.add_model(self.model_name, self.classes, task=task, **options)
         except Exception as exc:  # both the store's and the client's "already exists"
             if "AlreadyExists" not in type(exc).__name__:
                 raise
+
+    def _segmentation_settings(self, sink: Any) -> dict[str, Any]:
+        """The settings a segmentation run computes with: the sink's registered model's
+        (a store Collection's ``model(name)``, or the client's ``describe()``), else
+        ``segmentation_settings`` over the defaults. ValueError when the registered model is
+        not a segmentation model or its settings differ from ``segmentation_settings``."""
+        if not self.segmentation:
+            return {}
+        out = {"top_q": SEG_TOP_Q, "uncertain_threshold": SEG_UNCERTAIN_THRESHOLD, "map_size": SEG_MAP_SIZE,
+               **self.segmentation_settings}
+        registered = _registered_model(sink, self.model_name)
+        if registered is None:
+            return out
+        task = registered.get("task") or "classification"
+        if task != "segmentation":
+            raise ValueError(f"model '{self.model_name}' is registered as a {task} model; segmentation=True "
+                             "needs one registered with task='segmentation'")
+        for key in ("top_q", "uncertain_threshold", "map_size"):
+            have = registered.get(key)
+            if have is None:
+                continue
+            if key in self.segmentation_settings and float(self.segmentation_settings[key]) != float(have):
+                raise ValueError(f"segmentation_settings {key}={self.segmentation_settings[key]!r} differs from "
+                                 f"the registered model's {key}={have!r}; drop it, or register another model")
+            out[key] = int(have) if key == "map_size" else float(have)
+        return out
 
     def _device(self) -> Any:
         import torch
@@ -445,8 +528,16 @@ class InferenceRunner:
 
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned a {type(out).__name__}; give forward= returning the logits tensor")
+        if self.segmentation:
+            if out.ndim != 4:
+                raise ValueError(f"a segmentation model's output must be (N, C, H, W) "
+                                 f"{'probabilities' if self.activation == 'none' else 'logits'}; "
+                                 f"got shape {tuple(out.shape)}")
+            out = out.float()
+            return (out, None) if self.activation == "none" else (torch.softmax(out, dim=1), out)
         if out.ndim != 2:
-            raise ValueError(f"the model output must be (N, C) logits; got shape {tuple(out.shape)}")
+            hint = "; for (N, C, H, W) outputs pass segmentation=True" if out.ndim == 4 else ""
+            raise ValueError(f"the model output must be (N, C) logits; got shape {tuple(out.shape)}{hint}")
         out = out.float()
         if self.activation == "none":
             return out, None
@@ -464,6 +555,8 @@ class InferenceRunner:
             raise ValueError("a committee gives its samples itself: use mc_samples=0")
         if committee is not None and self.detection is not None:
             raise ValueError("detection with a committee is not supported")
+        if committee is not None and self.segmentation:
+            raise ValueError("segmentation with a committee is not supported; use mc_samples for pixel BALD")
         device = self._device()
         was_training = [m.training for m in members]
         for m in members:
@@ -511,6 +604,8 @@ class InferenceRunner:
                             raise ValueError(f"the detection adapter returned {len(dets)} results for {n} images")
                         part["boxes"] = [{k: _numpy(v) for k, v in d.items() if k in ("boxes", "scores", "probs")}
                                          for d in dets]
+                    elif self.segmentation:
+                        part["seg"] = self._seg_part(outs[0], ids)
                     elif committee is not None:
                         probs = torch.stack([self._probs(o)[0] for o in outs], dim=1)  # (N, M, C)
                         part["samples"] = _numpy(probs)
@@ -520,7 +615,12 @@ class InferenceRunner:
                         part["probs"] = _numpy(probs)
                         if logits is not None:
                             part["logits"] = _numpy(logits)
-                    if self.mc_samples:
+                    if self.mc_samples and self.segmentation:
+                        bald = PixelBald()
+                        for p_t in self._mc_pass_probs(members[0], x, dropouts, consistent, b):
+                            bald.add(_numpy(p_t), validate=self.activation == "none")
+                        part["seg"]["bald"] = bald.result()
+                    elif self.mc_samples:
                         part["samples"] = _numpy(self._mc_passes(members[0], x, dropouts, consistent, b))
                     if self.extra is not None:
                         for name, values in self.extra(batch).items():
@@ -555,7 +655,13 @@ class InferenceRunner:
         """(N, K, C) probabilities of the K dropout passes."""
         import torch
 
-        passes = []
+        return torch.stack(list(self._mc_pass_probs(model, x, dropouts, consistent, batch_number)), dim=1)
+
+    def _mc_pass_probs(self, model: Any, x: Any, dropouts: list[_Dropout], consistent: _ConsistentDropout | None,
+                       batch_number: int) -> Iterator[Any]:
+        """The probabilities of each of the K dropout passes, one pass at a time."""
+        import torch
+
         for k in range(self.mc_samples):
             if consistent is not None:
                 consistent.active = k
@@ -574,8 +680,24 @@ class InferenceRunner:
                     finally:
                         for d in dropouts:
                             d.module.eval()
-            passes.append(self._probs(out)[0])
-        return torch.stack(passes, dim=1)
+            yield self._probs(out)[0]
+
+    def _seg_part(self, out: Any, ids: list[str]) -> dict[str, Any]:
+        """One batch's segmentation summaries (and masks), from the model output."""
+        probs, _ = self._probs(out)
+        arr = _numpy(probs)
+        try:
+            summary = segmentation_summaries(arr, top_q=self._seg["top_q"],
+                                             uncertain_threshold=self._seg["uncertain_threshold"],
+                                             map_size=self._seg["map_size"], validate=self.activation == "none")
+        except ValueError as exc:
+            raise ValueError(f"segmentation output of the batch starting at id {ids[0]!r}: {exc}") from None
+        part: dict[str, Any] = {"mean_entropy": summary.mean_entropy, "topq_entropy": summary.topq_entropy,
+                                "class_uncertain_fraction": summary.class_uncertain_fraction,
+                                "uncertainty_map": summary.uncertainty_map.reshape(len(ids), -1)}
+        if self.mask_dir is not None:
+            part["mask_uri"] = _write_masks(self.mask_dir, ids, probs.argmax(dim=1).cpu().numpy())
+        return part
 
     # -- Arrow -------------------------------------------------------------------------
 
@@ -591,6 +713,15 @@ class InferenceRunner:
             children["samples"] = _nested_lists(np.concatenate([p["samples"] for p in parts]))
         if "boxes" in parts[0]:
             children["boxes"] = _boxes([d for p in parts for d in p["boxes"]])
+        if "seg" in parts[0]:
+            seg = [p["seg"] for p in parts]
+            for key in ("mean_entropy", "topq_entropy", "bald"):
+                if key in seg[0]:
+                    children[key] = pa.array(np.concatenate([q[key] for q in seg]).astype(np.float32))
+            for key in ("class_uncertain_fraction", "uncertainty_map"):
+                children[key] = _lists(np.concatenate([q[key] for q in seg]))
+            if "mask_uri" in seg[0]:
+                children["mask_uri"] = pa.array([u for q in seg for u in q["mask_uri"]], pa.string())
         if children:
             columns[f"{PRED_PREFIX}{self.model_name}"] = pa.StructArray.from_arrays(
                 list(children.values()), names=list(children))
@@ -650,6 +781,45 @@ def _boxes(dets: list[Mapping[str, np.ndarray]]) -> pa.Array:
     flat = pa.StructArray.from_arrays(fields, fields=list(PRED_BOX))
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     return pa.ListArray.from_arrays(offsets, flat)
+
+
+def _registered_model(sink: Any, name: str) -> dict[str, Any] | None:
+    """The sink's registration of model ``name`` as a dict (task and settings), or None."""
+    if sink is None:
+        return None
+    models = getattr(sink, "models", None)
+    if isinstance(models, Mapping):  # a store Collection
+        spec = models.get(name)
+        return None if spec is None else {"task": spec.task, **spec.settings()}
+    describe = getattr(sink, "describe", None)
+    if callable(describe):  # the client's Collection: CollectionInfo as a dict
+        for m in describe().get("models", []):
+            if m.get("name") == name:
+                # proto3 zeros mean "not set" (the defaults)
+                return {k: v for k, v in m.items() if v or k not in ("top_q", "uncertain_threshold", "map_size")}
+    return None
+
+
+def _mask_name(row_id: str) -> str:
+    """A file name for a row's mask: the id made safe, plus a hash so two ids never share it."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", row_id).lstrip(".")[:100] or "_"
+    return f"{safe}-{hashlib.sha1(row_id.encode()).hexdigest()[:10]}.png"
+
+
+def _write_masks(folder: str, ids: list[str], top: np.ndarray) -> list[str]:
+    """Each ``(H, W)`` argmax map as a PNG of class indices + 1 (0 = none); their paths."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for row_id, classes in zip(ids, top, strict=True):
+        values = classes.astype(np.int64) + 1
+        # 8-bit while the values fit below 255 (the "ignore" value of 8-bit masks), else 16-bit
+        img = Image.fromarray(values.astype(np.uint8) if values.max() < 255 else values.astype(np.uint16))
+        path = os.path.join(os.path.abspath(folder), _mask_name(row_id))
+        img.save(path, format="PNG")
+        paths.append(path)
+    return paths
 
 
 def run(model: Any, loader: Iterable[Any], sink: Any = None, **options: Any) -> InferenceResult:

@@ -24,7 +24,10 @@ Pre-annotations (Label Studio's ``predictions``), with a model:
   (counted in the report). Stored boxes are pixels (``x1, y1, x2, y2``);
 * segmentation — ``mask_field`` names a column holding, per row, the path of a PNG of class
   indices (``0`` = nothing, ``k`` = the model's class ``k - 1``): one ``brushlabels`` result
-  per class present, as Label Studio's brush RLE (:func:`brush_rle`);
+  per class present, as Label Studio's brush RLE (:func:`brush_rle`). Without
+  ``mask_field``, a segmentation model's own pre-label masks (``pred_<model>.mask_uri``: a
+  PNG or a JSON file of COCO RLE masks, :func:`indexing.masks.read_mask`) are used; one that
+  is there but is not a mask of the model's classes fails the export naming the row;
 * text — rows with ``text``: the text is the task, classification as above.
 
 The labeling config (:func:`label_config`) has the object (``<Image name="image">`` or
@@ -48,6 +51,7 @@ import pyarrow as pa
 
 from indexing.errors import InvalidArgument
 from indexing.export import ExportReport, _atomic, _image_size, _rows
+from indexing.masks import MaskError, read_mask
 from indexing.predictions import prediction_probs
 
 __all__ = ["brush_rle", "export_label_studio", "label_config", "rle_values"]
@@ -143,6 +147,14 @@ def _read_mask(path: Any) -> np.ndarray | None:
         return None
 
 
+def _seg_mask(uri: str, classes: list[str], rid: str, spec: Any) -> np.ndarray | None:
+    try:
+        return read_mask(uri, classes)
+    except MaskError as exc:
+        raise InvalidArgument(f"row {rid!r}: {spec.column}.mask_uri {uri!r} is not a mask of model "
+                              f"'{spec.name}': {exc}", field=f"{spec.column}.mask_uri") from None
+
+
 def export_label_studio(
     col: Any,
     path: str | os.PathLike[str],
@@ -175,8 +187,11 @@ def export_label_studio(
     for extra in ("width", "height"):
         if extra in schema.names and pa.types.is_integer(schema.field(extra).type):
             projection[extra] = extra
+    seg_masks = spec is not None and spec.task == "segmentation" and not mask_field
     if mask_field:
         projection["mask"] = mask_field
+    elif seg_masks:
+        projection["mask"] = f"{spec.column}.mask_uri"
     if spec is not None:
         if spec.task == "detection":
             projection["boxes"] = f"{spec.column}.boxes"
@@ -194,7 +209,7 @@ def export_label_studio(
         fh.write("[")
         for b in batches:
             lines = []
-            for task, results in _tasks(b, spec, classes, image_url, min_score, kinds):
+            for task, results in _tasks(b, spec, classes, image_url, min_score, kinds, seg_masks):
                 annotations += results
                 sized += int("assay_width" in task["data"])
                 lines.append(json.dumps(task, ensure_ascii=False))
@@ -205,7 +220,7 @@ def export_label_studio(
     kind = "text" if kinds == {"text"} else "image"
     boxes = spec is not None and spec.task == "detection"
     config = label_config(classes, kind=kind, boxes=boxes and kind == "image",
-                          masks=bool(mask_field) and kind == "image")
+                          masks=(bool(mask_field) or seg_masks) and kind == "image")
     report = ExportReport(path=os.fspath(path), format="label-studio", rows=tasks, missing=missing[0],
                           annotations=annotations, sized_images=sized, version=version,
                           seconds=time.perf_counter() - t0)
@@ -213,7 +228,7 @@ def export_label_studio(
 
 
 def _tasks(b: pa.RecordBatch, spec: Any, classes: list[str], image_url: str | None, min_score: float,
-           kinds: set[str]) -> Iterable[tuple[dict[str, Any], int]]:
+           kinds: set[str], seg_masks: bool = False) -> Iterable[tuple[dict[str, Any], int]]:
     names = b.schema.names
     cols = {n: b.column(n) for n in names}
     rows = b.num_rows
@@ -283,7 +298,7 @@ def _tasks(b: pa.RecordBatch, spec: Any, classes: list[str], image_url: str | No
             if scores:
                 score = float(np.mean(scores))
         if masks[i]:
-            mask = _read_mask(masks[i])
+            mask = _seg_mask(masks[i], classes, rid, spec) if seg_masks else _read_mask(masks[i])
             if mask is not None:
                 mh, mw = mask.shape[:2]
                 for value in sorted(int(v) for v in np.unique(mask) if 0 < int(v) <= len(classes)):

@@ -48,8 +48,9 @@ from indexing.errors import InvalidArgument
 from indexing.filters import check_filter, ids_predicate, object_clauses, validate_filter
 from indexing.schema import FLOAT_LIST, PRED_PREFIX, ModelSpec, models_of
 
-__all__ = ["EMBEDDING_COLUMN", "GT_SOURCE", "OBJECT_COLUMNS", "SELECTABLE_COLUMNS", "OBJECT_SCHEMA", "NUMERIC_COLUMNS", "box_confusion", "check_predicate",
-           "expand", "match_boxes", "object_batches", "object_classes", "object_rows", "objects", "sources"]
+__all__ = ["EMBEDDING_COLUMN", "GT_SOURCE", "OBJECT_COLUMNS", "SELECTABLE_COLUMNS", "OBJECT_SCHEMA", "NUMERIC_COLUMNS",
+           "box_confusion", "check_predicate", "expand", "image_iou", "match_boxes", "object_batches",
+           "object_classes", "object_rows", "objects", "sources"]
 
 GT_SOURCE = "gt"
 OBJECT_SCHEMA = pa.schema([
@@ -383,6 +384,25 @@ def match_boxes(pred: np.ndarray, pred_scores: np.ndarray, gt: np.ndarray,
             out[p] = g
             free[g] = False
     return out
+
+
+def image_iou(pred: np.ndarray, pred_scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> float:
+    """Mean IoU of one image's predictions against its ground truth, unmatched boxes
+    counting 0: ``sum_{(p, g) matched} IoU(p, g) / (P + G - M)``.
+
+    Matching is :func:`match_boxes` at ``iou`` (the matching :func:`box_confusion` uses), so
+    ``M`` pairs are matched out of ``P`` predictions and ``G`` gt boxes; the denominator
+    counts every matched pair once plus every unmatched prediction (spurious) and every
+    unmatched gt box (missed), each with an IoU of 0. In [0, 1]; 1 for ``P = G = 0``
+    (nothing to find and nothing found)."""
+    p = np.asarray(pred, np.float64).reshape(-1, 4)
+    g = np.asarray(gt, np.float64).reshape(-1, 4)
+    if not len(p) and not len(g):
+        return 1.0
+    matched = match_boxes(p, pred_scores, g, iou)
+    hit = np.flatnonzero(matched >= 0)
+    total = float(_iou_matrix(p[hit], g[matched[hit]]).diagonal().sum()) if len(hit) else 0.0
+    return total / (len(p) + len(g) - len(hit))
 
 
 def box_confusion(table: Any, model: ModelSpec, where: str | None = None, *, iou: float = 0.5,

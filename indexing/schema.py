@@ -99,6 +99,36 @@ def pred_struct_type(box_embedding_dim: int = 0) -> pa.DataType:
     return pa.struct([pa.field("boxes", pa.list_(pred_box_type(box_embedding_dim))) if f.name == "boxes" else f
                       for f in PRED_STRUCT])
 
+
+# A segmentation model's predictions: per-image summaries of pixel uncertainty, never the
+# (C, H, W) probability maps (see indexing/segmentation.py for the definitions). The
+# classification children stay (all null unless sent) so every reader of ``probs`` /
+# ``loss`` works on any model; the segmentation children follow them:
+#   mean_entropy, topq_entropy    normalised pixel entropy (in [0, 1]) averaged over all
+#                                 pixels / over the top ``top_q`` fraction of pixels;
+#   class_uncertain_fraction      C values: of the pixels predicted as class c, the fraction
+#                                 whose normalised entropy exceeds ``uncertain_threshold``;
+#   bald                          MC-dropout pixel BALD in nats, averaged over pixels;
+#   uncertainty_map               ``map_size`` x ``map_size`` average-pooled normalised
+#                                 entropy, row-major;
+#   mask_uri                      a predicted mask (pre-label): a PNG of class indices or a
+#                                 JSON file of COCO RLE masks (indexing/masks.py).
+SEG_CHILDREN: tuple[pa.Field, ...] = (
+    pa.field("mean_entropy", pa.float32()),
+    pa.field("topq_entropy", pa.float32()),
+    pa.field("class_uncertain_fraction", FLOAT_LIST),
+    pa.field("bald", pa.float32()),
+    pa.field("uncertainty_map", FLOAT_LIST),
+    pa.field("mask_uri", pa.string()),
+)
+SEG_STRUCT = pa.struct([*PRED_STRUCT, *SEG_CHILDREN])
+SEG_SUMMARIES: tuple[str, ...] = ("mean_entropy", "topq_entropy", "bald")
+TASKS: tuple[str, ...] = ("classification", "detection", "segmentation")
+# Defaults of a segmentation model's settings (ModelSpec.top_q, ...).
+SEG_TOP_Q = 0.05
+SEG_UNCERTAIN_THRESHOLD = 0.5
+SEG_MAP_SIZE = 16
+
 BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("id", pa.string(), nullable=False),
     pa.field("created_at", TIMESTAMP),
@@ -198,17 +228,29 @@ class SpaceSpec:
 class ModelSpec:
     """A model whose predictions live in ``pred_<name>``; ``classes`` names the C outputs.
 
-    ``box_embedding_dim`` (0 = none): every box of ``pred_<name>.boxes``
+    ``task`` is "classification", "detection" or "segmentation". A segmentation model's
+    settings say how its per-image summaries are computed (by the inference runner, or by
+    whoever sends them): ``top_q`` (the fraction of most uncertain pixels ``topq_entropy``
+    averages, default 5%), ``uncertain_threshold`` (normalised entropy above which a pixel
+    counts as uncertain in ``class_uncertain_fraction``, default 0.5) and ``map_size``
+    (``uncertainty_map`` is ``map_size`` x ``map_size``, default 16). Other tasks ignore them.
+
+    ``box_embedding_dim`` (detection models only; 0 = none): every box of ``pred_<name>.boxes``
     may carry an ``embedding`` of exactly this many finite float32 values (a per-object
     feature, e.g. RoI-pooled). The dimension is DECLARED with the model, not taken from the
     first write: it fixes the column's Arrow type when the model is added (no schema change
     on a later write, no race between two first writers with different lengths), and every
     upsert is checked against it row by row. A model declared without one refuses box
-    embeddings with a message saying how to declare them."""
+    embeddings with a message saying how to declare them; a model of another task (no
+    boxes of its own) refuses the setting.
+    """
 
     name: str
     classes: tuple[str, ...]
     task: str = "classification"
+    top_q: float = SEG_TOP_Q
+    uncertain_threshold: float = SEG_UNCERTAIN_THRESHOLD
+    map_size: int = SEG_MAP_SIZE
     box_embedding_dim: int = 0
 
     def __post_init__(self) -> None:
@@ -217,14 +259,29 @@ class ModelSpec:
             raise InvalidArgument(f"model '{self.name}': needs at least 2 class names, got {len(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
             raise InvalidArgument(f"model '{self.name}': class names must be unique")
-        if self.task not in ("classification", "detection"):
+        if self.task not in TASKS:
             raise InvalidArgument(
-                f"model '{self.name}': task must be 'classification' or 'detection', got '{self.task}'"
+                f"model '{self.name}': task must be one of {', '.join(TASKS)}, got '{self.task}'"
             )
+        if isinstance(self.top_q, bool) or not isinstance(self.top_q, int | float) \
+                or not 0.0 < float(self.top_q) <= 1.0:
+            raise InvalidArgument(f"model '{self.name}': top_q must be a fraction in (0, 1] "
+                                  f"(0.05 = the 5% most uncertain pixels), got {self.top_q!r}")
+        if isinstance(self.uncertain_threshold, bool) or not isinstance(self.uncertain_threshold, int | float) \
+                or not 0.0 <= float(self.uncertain_threshold) < 1.0:
+            raise InvalidArgument(f"model '{self.name}': uncertain_threshold must be a normalised entropy in "
+                                  f"[0, 1), got {self.uncertain_threshold!r}")
+        if isinstance(self.map_size, bool) or not isinstance(self.map_size, int) or not 1 <= self.map_size <= 256:
+            raise InvalidArgument(f"model '{self.name}': map_size must be an integer in [1, 256], "
+                                  f"got {self.map_size!r}")
         dim = self.box_embedding_dim
         if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= MAX_BOX_EMBEDDING_DIM:
             raise InvalidArgument(f"model '{self.name}': box_embedding_dim must be an integer in "
                                   f"[0, {MAX_BOX_EMBEDDING_DIM}] (0: boxes carry no embedding), got {dim!r}")
+        if dim and self.task != "detection":
+            raise InvalidArgument(f"model '{self.name}': box_embedding_dim applies to detection models only (a "
+                                  f"{self.task} model has no boxes of its own); declare the model with "
+                                  f"task='detection', or leave box_embedding_dim at 0")
 
     @property
     def column(self) -> str:
@@ -234,23 +291,38 @@ class ModelSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
     def arrow_type(self) -> pa.DataType:
+        if self.task == "segmentation":
+            return SEG_STRUCT
         return pred_struct_type(self.box_embedding_dim)
 
     def arrow_field(self) -> pa.Field:
-        return pa.field(self.column, self.arrow_type(), metadata={MODEL_META_KEY: self.to_json()})
+        return pa.field(self.column, self.arrow_type, metadata={MODEL_META_KEY: self.to_json()})
+
+    def settings(self) -> dict[str, Any]:
+        """The task's settings (a segmentation model's top_q, uncertain_threshold, map_size;
+        a detection model's box_embedding_dim when it declares one)."""
+        if self.task == "detection":
+            return {"box_embedding_dim": self.box_embedding_dim} if self.box_embedding_dim else {}
+        if self.task != "segmentation":
+            return {}
+        return {"top_q": float(self.top_q), "uncertain_threshold": float(self.uncertain_threshold),
+                "map_size": int(self.map_size)}
 
     def to_json(self) -> str:
-        out: dict[str, Any] = {"name": self.name, "classes": list(self.classes), "task": self.task}
-        if self.box_embedding_dim:
-            out["box_embedding_dim"] = self.box_embedding_dim
-        return json.dumps(out)
+        # classification / detection specs without box embeddings keep their exact earlier JSON
+        return json.dumps({"name": self.name, "classes": list(self.classes), "task": self.task,
+                           **self.settings()})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelSpec:
         raw = json.loads(text)
+        extra = {k: raw[k] for k in ("top_q", "uncertain_threshold", "map_size") if k in raw}
+        if "box_embedding_dim" in raw:
+            extra["box_embedding_dim"] = int(raw["box_embedding_dim"])
         return cls(name=raw["name"], classes=tuple(raw["classes"]), task=raw.get("task", "classification"),
-                   box_embedding_dim=int(raw.get("box_embedding_dim", 0)))
+                   **extra)
 
 
 def check_identifier(name: str, what: str) -> str:

@@ -220,6 +220,8 @@ ANALYTICS_BATCH_ROWS: Final = _define("ANALYTICS_BATCH_ROWS", 65_536, "rows per 
                                       "of analytics and exports", "store")
 MAX_BINS: Final = _define("MAX_BINS", 10_000, "histogram bins at most", "store")
 MAX_TOP: Final = _define("MAX_TOP", 10_000, "confused pairs listed at most", "store")
+MAX_QUADRANT_IDS: Final = _define("MAX_QUADRANT_IDS", 10_000, "ids an uncertainty-quality report "
+                                  "lists per quadrant at most (the counts are always complete)", "store")
 SCAN_SHARE: Final = _define("SCAN_SHARE", 0.25, "a dataset's members are read by one filtered "
                             "scan when they are at least this share of the rows", "store")
 MEMBERSHIP_CACHE: Final = _define("MEMBERSHIP_CACHE", 16, "committed dataset memberships kept "

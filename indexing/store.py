@@ -413,12 +413,17 @@ def _as_space(name: str, spec: int | SpaceSpec | Mapping[str, Any]) -> SpaceSpec
     raise InvalidArgument(f"space '{name}': give a dimension (int) or a spec, got {spec!r}")
 
 
+#: A model's settings beyond name, classes and task (:class:`~indexing.schema.ModelSpec`).
+MODEL_OPTIONS: tuple[str, ...] = ("top_q", "uncertain_threshold", "map_size", "box_embedding_dim")
+
+
 def _as_model(name: str, spec: Sequence[str] | ModelSpec | Mapping[str, Any]) -> ModelSpec:
     if isinstance(spec, ModelSpec):
         return spec
     if isinstance(spec, Mapping):
+        options = {k: spec[k] for k in MODEL_OPTIONS if spec.get(k) is not None}
         return ModelSpec(name=name, classes=tuple(spec["classes"]), task=spec.get("task", "classification"),
-                         box_embedding_dim=spec.get("box_embedding_dim", 0))
+                         **options)
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         return ModelSpec(name=name, classes=tuple(str(c) for c in spec))
     raise InvalidArgument(f"model '{name}': give its class names, got {spec!r}")
@@ -557,12 +562,18 @@ class Collection:
             self._invalidate()
 
     def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification",
-                  box_embedding_dim: int = 0) -> ModelSpec:
-        """Register a model: adds the ``pred_<name>`` struct column (all null). A detection
-        model with ``box_embedding_dim`` > 0 stores a per-box ``embedding`` of that length
-        (see :class:`~indexing.schema.ModelSpec`)."""
+                  **options: Any) -> ModelSpec:
+        """Register a model: adds the ``pred_<name>`` struct column (all null). ``options``:
+        a segmentation model's ``top_q``, ``uncertain_threshold``, ``map_size``; a detection
+        model's ``box_embedding_dim`` (> 0: every box stores a per-box ``embedding`` of that
+        length) (:class:`~indexing.schema.ModelSpec`)."""
+        unknown = sorted(set(options) - set(MODEL_OPTIONS))
+        if unknown:
+            raise InvalidArgument(f"model '{name}': unknown setting(s) {', '.join(unknown)} "
+                                  "(a segmentation model takes top_q, uncertain_threshold, map_size; "
+                                  "a detection model takes box_embedding_dim)")
         spec = ModelSpec(name=name, classes=tuple(str(c) for c in classes), task=task,
-                         box_embedding_dim=box_embedding_dim)
+                         **{k: v for k, v in options.items() if v is not None})
         with self._schema_lock:
             if spec.column in self.schema.names:
                 raise AlreadyExists(f"model '{name}' already exists in collection '{self.name}'")
@@ -1406,8 +1417,7 @@ class Collection:
             "version": self.version,
             "fragments": len(self._table.to_lance().get_fragments()),
             "spaces": spaces,
-            "models": {n: {"classes": list(m.classes), "task": m.task,
-                           **({"box_embedding_dim": m.box_embedding_dim} if m.box_embedding_dim else {})}
+            "models": {n: {"classes": list(m.classes), "task": m.task, **m.settings()}
                        for n, m in self.models.items()},
             "fields": {n: str(t) for n, t in user_fields_of(schema).items()},
             "indices": [{"name": i.name, "type": i.index_type, "columns": list(i.columns)} for i in indices.values()],

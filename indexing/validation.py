@@ -25,9 +25,9 @@ from indexing.schema import (
     EMB_PREFIX,
     FLOAT_LIST,
     GT_BOX,
-    PRED_CHILDREN,
     PRED_PREFIX,
     RESERVED_COLUMNS,
+    SEG_CHILDREN,
     STORE_SET_COLUMNS,
     ModelSpec,
     SpaceSpec,
@@ -394,25 +394,29 @@ def _class_vectors(arr: pa.Array, c: int, label: str, ids: pa.Array, name: str, 
 
 def _prepare_predictions(col: pa.Array, model: ModelSpec, ids: pa.Array) -> pa.Array:
     name = model.column
-    target = model.arrow_type()
+    struct = model.arrow_type
+    allowed = [f.name for f in struct]
     if pa.types.is_null(col.type):
-        return pa.nulls(len(col), target)
+        return pa.nulls(len(col), struct)
     if not pa.types.is_struct(col.type):
         raise InvalidArgument(
-            f"column '{name}': expected a struct with fields {', '.join(PRED_CHILDREN)}, got {col.type}",
+            f"column '{name}': expected a struct with fields {', '.join(allowed)}, got {col.type}",
             field=name,
         )
     given = [col.type.field(i).name for i in range(col.type.num_fields)]
-    unknown = [g for g in given if g not in PRED_CHILDREN]
+    unknown = [g for g in given if g not in allowed]
     if unknown:
+        seg = {f.name for f in SEG_CHILDREN}
+        hint = (f"; segmentation summaries need a model registered with task='segmentation' ('{model.name}' "
+                f"is a {model.task} model)" if set(unknown) & seg else "")
         raise InvalidArgument(
             f"column '{name}': unknown prediction field(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(PRED_CHILDREN)}",
+            f"allowed: {', '.join(allowed)}{hint}",
             field=name,
         )
     c = model.num_classes
     children: list[pa.Array] = []
-    for f in target:
+    for f in struct:
         if f.name not in given:
             children.append(pa.nulls(len(col), f.type))
             continue
@@ -435,10 +439,87 @@ def _prepare_predictions(col: pa.Array, model: ModelSpec, ids: pa.Array) -> pa.A
                                           field=name, row=row)
             elif f.name == "boxes":
                 arr = _prepare_pred_boxes(arr, model, ids, name)
+            elif f.name in SEG_FIELD_NAMES:
+                arr = _prepare_seg_child(f, arr, model, ids)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
             raise InvalidArgument(f"column '{name}': field '{f.name}' has the wrong type ({exc})", field=name) from exc
         children.append(arr)
-    return pa.StructArray.from_arrays(children, fields=list(target), mask=col.is_null())
+    if model.task == "segmentation":
+        _check_topq_over_mean(children, [f.name for f in struct], ids, name)
+    return pa.StructArray.from_arrays(children, fields=list(struct), mask=col.is_null())
+
+
+SEG_FIELD_NAMES = frozenset(f.name for f in SEG_CHILDREN)
+# Summaries computed in float32 may overshoot their range by rounding.
+SEG_TOLERANCE = 1e-4
+
+
+def _scalar_values(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values, valid mask) of a float32 array."""
+    vals = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return vals, ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _prepare_seg_child(f: pa.Field, arr: pa.Array, model: ModelSpec, ids: pa.Array) -> pa.Array:
+    """A segmentation summary: its type, its length and its range (indexing/segmentation.py),
+    or InvalidArgument naming the row, the field and the fix."""
+    name = model.column
+    if f.name == "mask_uri":
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_null(arr.type)):
+            raise InvalidArgument(f"column '{name}': mask_uri must be a string (a PNG or JSON RLE file), "
+                                  f"got {arr.type}", field=name)
+        arr = arr.cast(pa.string())
+        empty = np.asarray(pc.fill_null(pc.equal(pc.utf8_length(arr), 0), False).to_numpy(zero_copy_only=False))
+        if empty.any():
+            row = _first_row(empty)
+            raise InvalidArgument(f"column '{name}': mask_uri of {_row_name(ids, row)} is an empty string; "
+                                  "send null for no mask", field=name, row=row)
+        return arr
+    if f.name in ("class_uncertain_fraction", "uncertainty_map"):
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+                or pa.types.is_fixed_size_list(arr.type) or pa.types.is_null(arr.type)):
+            raise InvalidArgument(f"column '{name}': {f.name} must be a list of floats, got {arr.type}", field=name)
+        arr = arr.cast(FLOAT_LIST)
+        want = model.num_classes if f.name == "class_uncertain_fraction" else model.map_size ** 2
+        what = (f"one fraction per class ({model.num_classes})" if f.name == "class_uncertain_fraction"
+                else f"{model.map_size}x{model.map_size} = {want} values, row-major (the model's map_size)")
+        valid, lengths = _list_rows(arr)
+        bad = lengths != want
+        if bad.any():
+            i = _first_row(bad)
+            row = int(valid[i])
+            raise InvalidArgument(f"column '{name}': {f.name} of {_row_name(ids, row)} has {int(lengths[i])} "
+                                  f"values; it needs {what}", field=name, row=row)
+        values = _float_values(arr, name).reshape(-1, want).astype(np.float64) if len(valid) else np.zeros((0, want))
+        bad_rows = (~np.isfinite(values) | (values < -SEG_TOLERANCE) | (values > 1 + SEG_TOLERANCE)).any(axis=1)
+        if bad_rows.any():
+            row = int(valid[_first_row(bad_rows)])
+            raise InvalidArgument(f"column '{name}': {f.name} of {_row_name(ids, row)} has a value outside "
+                                  "[0, 1] or NaN (fractions / normalised entropies)", field=name, row=row)
+        return arr
+    arr = arr.cast(pa.float32())
+    vals, valid = _scalar_values(arr)
+    top = float(np.log(model.num_classes)) if f.name == "bald" else 1.0
+    unit = "nats, at most log C" if f.name == "bald" else "a normalised entropy"
+    bad = valid & (~np.isfinite(vals) | (vals < -SEG_TOLERANCE) | (vals > top + SEG_TOLERANCE))
+    if bad.any():
+        row = _first_row(bad)
+        raise InvalidArgument(f"column '{name}': {f.name} of {_row_name(ids, row)} is {vals[row]:.6g}; it must lie "
+                              f"in [0, {top:.6g}] ({unit})", field=name, row=row)
+    return arr
+
+
+def _check_topq_over_mean(children: list[pa.Array], names: list[str], ids: pa.Array, name: str) -> None:
+    """The mean of the most uncertain pixels is at least the mean of all of them: a row where
+    it is not has the two summaries swapped or computed on different maps."""
+    mean, has_m = _scalar_values(children[names.index("mean_entropy")])
+    topq, has_t = _scalar_values(children[names.index("topq_entropy")])
+    bad = has_m & has_t & (topq < mean - SEG_TOLERANCE)
+    if bad.any():
+        row = _first_row(bad)
+        raise InvalidArgument(f"column '{name}': {_row_name(ids, row)} has topq_entropy {topq[row]:.6g} < "
+                              f"mean_entropy {mean[row]:.6g}; the mean of the most uncertain pixels cannot be "
+                              "below the mean of all (are the two swapped?)", field=name, row=row)
 
 
 def _box_name(ids: pa.Array, owner: np.ndarray, j: int) -> str:

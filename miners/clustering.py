@@ -30,6 +30,7 @@ All functions are deterministic for a given ``seed``.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -158,13 +159,24 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, max_points_
     if spherical:
         init = init / np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-12)
     check()
-    km = faiss.Kmeans(d, int(k), niter=int(niter), seed=int(seed) & 0x7FFFFFFF, spherical=spherical,
-                      max_points_per_centroid=int(max_points_per_centroid), min_points_per_centroid=1,
-                      verbose=False)
-    km.train(train, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
-    check()
-    labels, d2 = assign(x, km.centroids, progress=lambda f, m: progress(0.5 + 0.5 * f, m), check=check)
-    return np.asarray(km.centroids, dtype=np.float32), labels, d2
+    # One FAISS iteration per call, each from the last one's centres: the same Lloyd steps as
+    # one call with niter iterations, but with progress and a cancel check between them (an
+    # iteration of 5,000 centres on 1M x 384 rows is tens of seconds on 2 cores).
+    centres = np.ascontiguousarray(init, dtype=np.float32)
+    t0 = time.perf_counter()
+    for it in range(int(niter)):
+        km = faiss.Kmeans(d, int(k), niter=1, seed=int(seed) & 0x7FFFFFFF, spherical=spherical,
+                          max_points_per_centroid=int(max_points_per_centroid), min_points_per_centroid=1,
+                          verbose=False)
+        km.train(train, init_centroids=centres)
+        centres = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        check()
+        done = (it + 1) / int(niter)
+        eta = (time.perf_counter() - t0) * (1 - done) / done
+        progress(0.5 * done, f"k-means: iteration {it + 1} of {niter}, {k:,} clusters on {len(train):,} rows, "
+                             f"ETA {eta:.0f}s")
+    labels, d2 = assign(x, centres, progress=lambda f, m: progress(0.5 + 0.5 * f, m), check=check)
+    return centres, labels, d2
 
 
 def hac_centres(x: np.ndarray, k: int, *, sample: int = 8000, seed: int = 0,

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.predictions import list_matrix, prediction_probs, valid_mask
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec
+from indexing.segmentation import summary_scores
 from indexing.store import Collection
 from miners.runs import MiningOutput, RunSpec
 from miners.topk import row_uniforms
@@ -348,6 +349,40 @@ class ReferenceGtBoxes(Input):
     phase = "params"
 
 
+class Segmentation(_PredInput):
+    """A segmentation model's per-image summary chosen by the run's ``summary`` parameter:
+    ``pred_<model>.mean_entropy`` / ``topq_entropy`` / ``bald`` as ``(N,)``, or
+    ``class_uncertain_fraction`` as ``(N, C)`` (indexing/segmentation.py defines them)."""
+
+    name = "segmentation"
+    help = ("a segmentation model's per-image summaries of pixel uncertainty: pred_<model>.mean_entropy, "
+            "topq_entropy, bald or class_uncertain_fraction (C per row; the run's class_name picks one)")
+    row_arrays = ("seg_summary",)
+
+    @staticmethod
+    def summary(ctx: RunContext) -> str:
+        return ctx.params.get("summary", "topq_entropy")
+
+    def columns(self, ctx: RunContext) -> dict[str, str]:
+        return {"seg": self.path(ctx, self.summary(ctx))}
+
+    def condition(self, ctx: RunContext) -> str | None:
+        return f"{self.path(ctx, self.summary(ctx))} IS NOT NULL"
+
+    def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
+        return valid_mask(batch.column("seg"))
+
+    def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
+               ctx: RunContext) -> dict[str, Any]:
+        if self.summary(ctx) == "class_uncertain_fraction":
+            name = ctx.params.get("class_name")
+            index = None if name is None else ctx.model_spec.classes.index(name)
+            fractions = list_matrix(batch.column("seg"), rows, ctx.num_classes)
+            return {"seg_summary": summary_scores(fractions, index)}
+        values = _take(batch.column("seg"), rows).to_numpy(zero_copy_only=False)
+        return {"seg_summary": summary_scores(np.asarray(values, dtype=np.float64))}
+
+
 class Loss(_PredInput):
     name = "loss"
     child = "loss"
@@ -589,7 +624,8 @@ class Stages(Input):
 
 #: Every input kind by name, in the order a gathered run loads them.
 INPUTS: dict[str, Input] = {i.name: i for i in (
-    Probs(), Samples(), Boxes(), BoxEmbeddings(), Loss(), Logits(), Aum(), RowUniforms(), Labels(), SplitLabel(), Content(),
+    Probs(), Samples(), Boxes(), BoxEmbeddings(), Segmentation(), Loss(), Logits(), Aum(), RowUniforms(), Labels(),
+    SplitLabel(), Content(),
     Vectors(),
     ReferenceVectors(), PoolGraph(), QueryGraph(), ReferenceGraph(), ReferenceGtBoxes(), Seeds(), Stages(),
 )}

@@ -7,8 +7,9 @@ plus one :func:`register` call of a :class:`MinerSpec` declaring
 * ``inputs`` — what each row must carry, by input kind (:data:`miners.inputs.INPUTS`):
   ``probs`` (``pred_<model>.probs``, or ``softmax(logits / T)`` where only logits are
   stored), ``samples`` (K MC-dropout passes or committee members), ``boxes`` (detections),
-  ``loss`` (learning-loss head), ``logits``, ``aum`` (``epoch_logits`` and the row's
-  ``label``), ``vectors`` (an embedding space), ``reference_vectors``, the k-NN graphs
+  ``segmentation`` (a segmentation model's per-image summaries), ``loss`` (learning-loss
+  head), ``logits``, ``aum`` (``epoch_logits`` and the row's ``label``), ``vectors`` (an
+  embedding space), ``reference_vectors``, the k-NN graphs
   ``pool_graph`` / ``query_graph`` / ``reference_graph``... Each input kind knows its
   columns, its "row has it" SQL and its decoder, so the model / space a request must name
   follows from the inputs;
@@ -40,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from indexing import measures
-from indexing.errors import InvalidArgument
+from indexing import measures, segmentation
+from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.settings import (
     LABEL_ISSUE_MIN_PER_CLASS,
     MAX_SIZE,
@@ -406,6 +407,51 @@ register(MinerSpec(
         Param("iterations", "int", 20, "k-medoids refinement rounds after k-center seeding (0: seeding only)",
               min=0, max=1000),
     ),
+))
+
+
+# -- segmentation ---------------------------------------------------------------------------
+
+def _class_name(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"parameter 'class_name' must be one of the model's class names (a string), got {value!r}")
+    return value
+
+
+def _validate_segmentation(ctx: RunContext) -> dict[str, Any] | None:
+    spec = ctx.model_spec
+    if spec is not None and spec.task != "segmentation":
+        raise FailedPrecondition(f"miner 'segmentation' reads a segmentation model's summaries; '{spec.name}' is a "
+                                 f"{spec.task} model (register one with task='segmentation')")
+    name = ctx.params.get("class_name")
+    if name is not None:
+        if ctx.params["summary"] != "class_uncertain_fraction":
+            raise InvalidArgument("parameter 'class_name' applies to summary='class_uncertain_fraction' only")
+        if name not in spec.classes:
+            raise InvalidArgument(f"parameter 'class_name': {name!r} is not a class of model '{spec.name}' "
+                                  f"(classes: {', '.join(spec.classes)})")
+    return None
+
+
+def _segmentation(arrays: Arrays, params: dict[str, Any]) -> np.ndarray:
+    # the input's decoder already picked the summary (and class) the run asked for, with
+    # indexing.segmentation.summary_scores (it knows the model's classes)
+    return arrays["seg_summary"]
+
+
+register(MinerSpec(
+    "segmentation", "segmentation",
+    "rank images by a segmentation model's per-image pixel uncertainty: top-q% pixel entropy (default), "
+    "mean pixel entropy, MC-dropout pixel BALD, or the fraction of a class's pixels that are uncertain",
+    ("segmentation",), _segmentation,
+    params=(
+        Param("summary", "choice", "topq_entropy", "the per-image summary to rank by",
+              choices=segmentation.RANKABLE),
+        Param("class_name", "json", None,
+              "with summary='class_uncertain_fraction': the class whose uncertain-pixel fraction ranks "
+              "(default: the largest fraction over the classes)", check=_class_name),
+    ),
+    validate_run=_validate_segmentation,
 ))
 
 

@@ -294,6 +294,18 @@ class RunStore:
             raise FailedPrecondition(f"mining run '{run_id}' is {rec.state}; only a SUCCEEDED run has results")
         return self.results(run_id).column("id").combine_chunks()
 
+    def result_scores(self, run_id: str, collection: str) -> tuple[pa.Table, str | None]:
+        """(``id``, ``score`` of what a SUCCEEDED run of ``collection`` selected, the run's
+        model or None): a miner's scores as an uncertainty to judge against quality
+        (``uncertainty_quality``). Same checks as :meth:`result_ids`."""
+        rec = self.get(run_id)
+        if rec.collection != collection:
+            raise InvalidArgument(
+                f"mining run '{run_id}' ran on collection '{rec.collection}', not '{collection}'")
+        if rec.state != "SUCCEEDED":
+            raise FailedPrecondition(f"mining run '{run_id}' is {rec.state}; only a SUCCEEDED run has results")
+        return self.results(run_id).select(["id", "score"]), (rec.model or None)
+
     def results(self, run_id: str) -> pa.Table:
         """``id, rank, score`` (+ ``related_id`` when the miner names one) of a finished run."""
         table = (self._results.search().where(f"run_id = {sql_quote(run_id)}")

@@ -41,6 +41,10 @@ command line; a read never creates a data folder. ``serve`` and ``demo`` run on
     assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram,box-classes,box-confusion}
                [--model M] [--field F] [--group-by F] [--where SQL] [--where-param k=v]... [--json]
                                           analytics tables
+    assay uncertainty-quality COLLECTION [--model M] [--uncertainty entropy|FIELD | --run R]
+               [--quality correct|loss|iou|FIELD [--lower-is-better]] [--where SQL] [--json]
+                                          does the uncertainty predict errors? Spearman rho and
+                                          high/low uncertainty x quality quadrants (with ids)
     assay tag COLLECTION --add to-label [--remove T] (--run R | --ids a,b | --where SQL)
     assay export COLLECTION OUTPUT [--run R | --ids a,b | --where SQL | --dataset D [--version V]]
                [--model M] [--format csv|jsonl|coco|label-studio] [--fields a,b]
@@ -559,6 +563,54 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_uncertainty_quality(stats: dict[str, Any]) -> list[str]:
+    """The report's numbers in words (what the quadrants and the signs mean)."""
+    better = "higher" if stats["higher_is_better"] else "lower"
+    rho = "undefined (fewer than 2 rows, or one side constant)" if stats["rho"] is None else (
+        f"{stats['rho']:+.4f} (p = {_cell(stats['p_value'])})")
+    lines = [f"uncertainty: {stats['uncertainty']}   quality: {stats['quality']} ({better} is better)"
+             + (f"   model: {stats['model']}" if stats.get("model") else ""),
+             f"spearman rho(uncertainty, quality) = {rho}, n = {stats['n']}"]
+    if stats["rho_error"] is not None:
+        verdict = ("the uncertain rows are the bad ones" if stats["rho_error"] > 0
+                   else "the uncertain rows are NOT the bad ones")
+        lines.append(f"rho_error = {stats['rho_error']:+.4f}: {verdict}")
+    lines.append(f"high uncertainty: > {_cell(stats['uncertainty_threshold'])};   low quality: "
+                 f"{'<' if stats['higher_is_better'] else '>'} {_cell(stats['quality_threshold'])}")
+    left = {k: stats[k] for k in ("missing", "unknown_label", "non_finite") if stats[k]}
+    lines.append(f"labeled rows: {stats['rows']}"
+                 + (f" (left out: {', '.join(f'{k} {v}' for k, v in left.items())})" if left else ""))
+    return lines
+
+
+def cmd_uncertainty_quality(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from service.client import uncertainty_quality_stats
+
+    with _client(args) as client:
+        table = client.collection(args.collection).uncertainty_quality(
+            args.model, args.uncertainty, args.quality, args.where, run_id=args.run, iou=args.iou,
+            lower_is_better=args.lower_is_better, uncertainty_quantile=args.uncertainty_quantile,
+            quality_quantile=args.quality_quantile, uncertainty_threshold=args.uncertainty_threshold,
+            quality_threshold=args.quality_threshold, max_ids=args.max_ids, version=args.version,
+            params=_sql_params(args), objects_where=args.objects_where)
+    stats = uncertainty_quality_stats(table)
+    if args.json:
+        _print_json({**stats, "quadrants": table.to_pylist()})
+        return 0
+    for line in _describe_uncertainty_quality(stats):
+        print(line)
+    print()
+    rows = table.to_pylist()
+    for r in rows:
+        more = " …" if r["count"] > len(r["ids"]) else ""
+        r["ids"] = " ".join(r["ids"]) + more
+    _print_aligned(pa.Table.from_pylist(rows).select(
+        ["quadrant", "count", "mean_uncertainty", "mean_quality", "ids"]))
+    return 0
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
     if not args.add and not args.remove:
         raise SystemExit("assay tag: give --add and/or --remove")
@@ -691,6 +743,31 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("uncertainty-quality", parents=[remote],
+                       help="does a model's uncertainty predict its errors? Spearman rho and quadrants on labeled rows")
+    p.add_argument("collection")
+    p.add_argument("--model", help="the model (default: the run's model with --run)")
+    p.add_argument("--uncertainty", help="entropy (default), margin, least_confidence, ratio; detection: entropy, "
+                   "margin, one_minus_score; or a numeric field such as pred_m.loss")
+    p.add_argument("--run", help="a finished mining run whose scores are the uncertainty (any miner)")
+    p.add_argument("--quality", help="correct (classification default), loss, iou (detection default), or a "
+                   "numeric field")
+    p.add_argument("--lower-is-better", action="store_true", help="the quality field is better when lower")
+    p.add_argument("--iou", type=float, default=0.5, help="quality iou: IoU for a prediction to match a gt box")
+    p.add_argument("--uncertainty-quantile", type=float, help="split uncertainty at this quantile (default 0.5)")
+    p.add_argument("--quality-quantile", type=float, help="split quality at this quantile (default 0.5; correct: "
+                   "correct vs wrong)")
+    p.add_argument("--uncertainty-threshold", type=float, help="split uncertainty at this value instead")
+    p.add_argument("--quality-threshold", type=float, help="split quality at this value instead")
+    p.add_argument("--max-ids", type=int, default=10, help="ids listed per quadrant (counts are complete)")
+    p.add_argument("--where", help="SQL filter; write :name for values given with --param")
+    p.add_argument("--where-param", "--param", dest="param", action="append", type=_param,
+                   metavar="NAME=VALUE", help="a value for :NAME in --where (repeatable)")
+    p.add_argument("--objects-where", help=OBJECTS_WHERE_HELP)
+    p.add_argument("--version", help="read this collection version (number or tag)")
+    p.add_argument("--json", action="store_true", help="print the statistics and quadrants as JSON")
+    p.set_defaults(func=cmd_uncertainty_quality)
+
     p = sub.add_parser("tag", parents=[remote], help="add / remove tags on rows (e.g. a run's results: to-label)")
     p.add_argument("collection")
     p.add_argument("--add", action="append", help="tags to add (comma-separated, repeatable)")
@@ -703,7 +780,7 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="the file (.csv, .jsonl, or .json for COCO)")
     _add_selection(p, required=False, dataset=True)
     p.add_argument("--version", help="with --dataset: the dataset version")
-    p.add_argument("--model", help="pre-labels from this model (COCO: its boxes)")
+    p.add_argument("--model", help="pre-labels from this model (COCO: its boxes, or a segmentation model's masks)")
     p.add_argument("--format", choices=["csv", "jsonl", "coco", "label-studio", "objects_csv", "objects_jsonl",
                                         "yolo"],
                    help="default: from the file extension (.json = COCO, .zip = yolo); objects_*: one line per box")

@@ -319,7 +319,8 @@ class AssayServer:
         self.mining = MiningService(self.store, self.jobs, self.embedders)
         self.datasets = Datasets(self.store, run_ids=self.mining.runs.result_ids)
         names = add_servicers(self.grpc, self.store, self.jobs, config.limits, self.embedders,
-                              datasets=self.datasets, run_ids=self.mining.runs.result_ids)
+                              datasets=self.datasets, run_ids=self.mining.runs.result_ids,
+                              run_scores=self.mining.runs.result_scores)
         names.append(add_mining_servicer(self.grpc, self.mining))
         names.append(add_scoring_servicer(self.grpc, self.store, config.limits))
         names.append(add_datasets_servicer(self.grpc, self.store, self.datasets, config.limits.max_page_rows))

@@ -94,8 +94,15 @@ def space_to_proto(spec: SpaceSpec) -> common_pb2.SpaceSpec:
 
 
 def model_from_proto(msg: common_pb2.ModelSpec) -> ModelSpec:
-    return ModelSpec(name=msg.name, classes=tuple(msg.classes), task=msg.task or "classification",
-                     box_embedding_dim=int(msg.box_embedding_dim))
+    # proto3 zeros mean "not set": the segmentation settings' defaults (and no box embedding)
+    options = {k: v for k, v in (("top_q", msg.top_q), ("uncertain_threshold", msg.uncertain_threshold),
+                                 ("map_size", int(msg.map_size)),
+                                 ("box_embedding_dim", int(msg.box_embedding_dim))) if v}
+    return ModelSpec(name=msg.name, classes=tuple(msg.classes), task=msg.task or "classification", **options)
+
+
+def model_to_proto(spec: ModelSpec) -> common_pb2.ModelSpec:
+    return common_pb2.ModelSpec(name=spec.name, classes=list(spec.classes), task=spec.task, **spec.settings())
 
 
 def collection_info(col: Collection) -> collections_pb2.CollectionInfo:
@@ -112,9 +119,7 @@ def collection_info(col: Collection) -> collections_pb2.CollectionInfo:
     return collections_pb2.CollectionInfo(
         name=d["name"], uri=d["uri"], rows=d["rows"], version=d["version"], fragments=d["fragments"],
         spaces=spaces,
-        models=[common_pb2.ModelSpec(name=m.name, classes=list(m.classes), task=m.task,
-                                     box_embedding_dim=m.box_embedding_dim)
-                for m in col.models.values()],
+        models=[model_to_proto(m) for m in col.models.values()],
         fields=d["fields"],
         indices=[collections_pb2.IndexInfo(name=i["name"], type=i["type"], columns=i["columns"])
                  for i in d["indices"]],
@@ -252,7 +257,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
     def AddModel(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
         spec = model_from_proto(request.model)
-        col.add_model(spec.name, spec.classes, task=spec.task, box_embedding_dim=spec.box_embedding_dim)
+        col.add_model(spec.name, spec.classes, task=spec.task, **spec.settings())
         return collection_info(col)
 
 
@@ -490,11 +495,13 @@ def _first_k_per_query(query_index: np.ndarray, k: int) -> np.ndarray:
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
     def __init__(self, store: Store, limits: Limits, *, datasets: Any = None,
-                 run_ids: Callable[[str, str], pa.Array] | None = None) -> None:
+                 run_ids: Callable[[str, str], pa.Array] | None = None,
+                 run_scores: Callable[[str, str], tuple[pa.Table, str | None]] | None = None) -> None:
         self.store = store
         self.limits = limits
         self.datasets = datasets
         self.run_ids = run_ids
+        self.run_scores = run_scores
 
     def Scan(self, request, context):  # noqa: N802
         col = self.store.collection(request.collection)
@@ -612,10 +619,21 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             table = analytics.histogram(
                 col, request.field, bins=bins, where=where, range=rng, version=version,
                 **({"source": request.model or None, "objects_where": objects_where} if per_object else {}))
+        elif kind == "uncertainty_quality":
+            from service.quality import uncertainty_quality_report
+
+            opt = {f: getattr(request, f) if request.HasField(f) else None
+                   for f in ("uncertainty_quantile", "quality_quantile", "uncertainty_threshold",
+                             "quality_threshold")}
+            table = uncertainty_quality_report(
+                col, self.run_scores, model=request.model or None, run_id=request.run_id or None,
+                uncertainty=request.measure or None, quality=request.quality or None, where=where,
+                version=version, iou=request.iou or 0.5, lower_is_better=request.lower_is_better,
+                max_ids=100 if request.limit == 0 else min(int(request.limit), 1 << 31), **opt)
         else:
             raise InvalidArgument(
                 f"unknown aggregate kind {kind!r} (known: label_distribution, confused_pairs, confusion, "
-                "class_uncertainty, histogram, objects, object_classes, box_confusion)")
+                "class_uncertainty, histogram, objects, object_classes, box_confusion, uncertainty_quality)")
         return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
 
     def Export(self, request, context):  # noqa: N802
@@ -674,7 +692,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
                                         objects_where=objects_where, source=request.model or None, version=version)
             elif fmt == "coco":
                 if not request.model:
-                    raise InvalidArgument("a COCO export needs the detection model (model)")
+                    raise InvalidArgument("a COCO export needs the detection or segmentation model (model)")
                 report = export_coco(col, request.model, path, ids=ids, where=request.where or None,
                                      min_score=request.min_score, version=version)
             else:
@@ -752,15 +770,17 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
 def add_servicers(server: grpc.Server, store: Store, jobs: JobManager, limits: Limits,
                   embedders: TextEmbedders, *, datasets: Any = None,
-                  run_ids: Callable[[str, str], pa.Array] | None = None) -> list[str]:
+                  run_ids: Callable[[str, str], pa.Array] | None = None,
+                  run_scores: Callable[[str, str], tuple[pa.Table, str | None]] | None = None) -> list[str]:
     """Register every assay.v1 service but Mining and Datasets; returns their full names
     (for health/reflection). ``run_ids(run_id, collection)`` resolves a mining run's
-    results (tagging and exporting "a run")."""
+    results (tagging and exporting "a run"); ``run_scores(run_id, collection)`` its ids,
+    scores and model (a run's scores as the uncertainty of ``uncertainty_quality``)."""
     collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(store, datasets), server)
     ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(store, limits, run_ids=run_ids), server)
     search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(store, limits, embedders), server)
     query_pb2_grpc.add_QueryServicer_to_server(
-        QueryServicer(store, limits, datasets=datasets, run_ids=run_ids), server)
+        QueryServicer(store, limits, datasets=datasets, run_ids=run_ids, run_scores=run_scores), server)
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), server)
     return [
         mod.DESCRIPTOR.services_by_name[name].full_name

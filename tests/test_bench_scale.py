@@ -88,6 +88,14 @@ def test_plan_follows_the_declared_inputs():
     assert not new.skip and new.kwargs["model"] == "m" and new.kwargs["space"] == "v"
     knn = plan_miner({"name": "knn", "inputs": ["seeds"]}, base, 10, ["r1", "r2"])
     assert knn.kwargs["params"] == {"seed_ids": ["r1", "r2"]}
+    issues = plan_miner({"name": "label_issues", "inputs": ["probs", "labels"]}, base, 10, [])
+    assert issues.kwargs["where"] == "label IS NOT NULL"
+    leaks = plan_miner({"name": "duplicate_leaks", "inputs": ["vectors", "split_label", "pool_graph"]}, base, 10, [])
+    assert "where" not in leaks.kwargs and leaks.graph
+    sel = plan_miner({"name": "select", "inputs": ["stages", "vectors", "reference_vectors"],
+                      "reference": "optional"}, base, 10, [])
+    assert sel.kwargs["params"]["objectives"] == [{"miner": "margin", "weight": 1.0}]
+    assert "reference_where" not in sel.kwargs
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ picked up here without a change.
 
 Each miner runs on one small real LanceDB collection that holds every input kind — a
 model's probs, logits, samples, boxes (with per-object embeddings), loss and epoch_logits,
-an embedding space, labels, ground-truth boxes and a reference split — through ``validate_request`` + ``run_mining``, as the server runs
+a segmentation model's per-image summaries, an embedding space, labels, ground-truth boxes
+and a reference split — through ``validate_request`` + ``run_mining``, as the server runs
 it. A miner that needs parameters without usable defaults to run at all (seeds, stages)
 names them in ``NEEDS`` below.
 """
@@ -46,6 +47,8 @@ NEEDS: dict[str, dict] = {
     "exact_duplicates": {"output": "keep"},
 }
 MINERS = sorted(registry.REGISTRY)
+#: Miners that read the segmentation model "s" instead of the classifier "m".
+MODEL_OF = {"segmentation": "s"}
 
 
 def _rows() -> list[dict]:
@@ -57,6 +60,8 @@ def _rows() -> list[dict]:
     vectors = rng.normal(0, 1, (N, DIM))
     vectors[-1] = vectors[-2] + 1e-4  # a near-duplicate pair
     box_rng = np.random.default_rng(19)  # its own stream: the other inputs stay as they were
+    seg_rng = np.random.default_rng(20)  # its own stream too
+    seg_mean = seg_rng.uniform(0, 0.6, N)
     rows = []
     for i in range(N):
         boxes = [{"x1": float(10 * b), "y1": 0.0, "x2": float(10 * b + 8), "y2": 8.0,
@@ -68,8 +73,12 @@ def _rows() -> list[dict]:
                 "loss": float(rng.uniform(0, 3)), "epoch_logits": epoch_logits[i].tolist()}
         if i % 5:  # every fifth row has logits only: probs = softmax(logits)
             pred["probs"] = probs[i].tolist()
+        seg = {"mean_entropy": float(seg_mean[i]), "topq_entropy": float(seg_mean[i] + seg_rng.uniform(0, 0.4)),
+               "class_uncertain_fraction": seg_rng.uniform(0, 1, len(CLASSES)).tolist(),
+               "bald": float(seg_rng.uniform(0, 0.5))}
         row = {"id": IDS[i], "split": "train" if i < 15 else "pool",
-               "label": CLASSES[i % 3] if i < 30 else None, "emb_v": vectors[i].tolist(), "pred_m": pred}
+               "label": CLASSES[i % 3] if i < 30 else None, "emb_v": vectors[i].tolist(), "pred_m": pred,
+               "pred_s": seg}
         if i < 15:  # the reference split holds ground-truth boxes
             row["gt_boxes"] = [{"x1": 0.0, "y1": 0.0, "x2": 8.0, "y2": 8.0, "label": CLASSES[(i + b) % 3]}
                                for b in range(1 + i % 2)]
@@ -82,13 +91,14 @@ def env(tmp_path_factory):
     # no background maintenance: a compaction would change the version the checks compare
     store = Store(str(tmp_path_factory.mktemp("contract")), optimize_every=0)
     col = store.create_collection("c", spaces={"v": {"dim": DIM, "metric": "l2"}},
-                                  models={"m": {"classes": CLASSES, "box_embedding_dim": BOX_DIM}})
+                                  models={"m": {"classes": CLASSES, "task": "detection", "box_embedding_dim": BOX_DIM},
+                                          "s": {"classes": CLASSES, "task": "segmentation"}})
     col.upsert(_rows())
     return store, store.collection("c")
 
 
 def _request(spec: MinerSpec, **params) -> RunSpec:
-    return RunSpec(collection="c", miner=spec.name, size=SIZE, model="m", space="v", seed=7,
+    return RunSpec(collection="c", miner=spec.name, size=SIZE, model=MODEL_OF.get(spec.name, "m"), space="v", seed=7,
                    reference_where=REFERENCE if spec.reference != "none" else "",
                    params={**NEEDS.get(spec.name, {}), **params})
 

@@ -399,3 +399,41 @@ def test_cluster_margin_sampled_clustering_then_assignment(monkeypatch, method) 
     assert picks.tolist() == expected_round_robin(truth, scores, 35)
     with pytest.raises(ValueError, match="method must be"):
         cluster_margin_select(x, scores, 3, method="ward")
+
+
+def test_kmeans_equals_faiss_lloyd_and_reports_each_iteration() -> None:
+    # Iteration by iteration (for progress and cancel) gives what one FAISS call with the
+    # same start and niter gives: the independent implementation of the same Lloyd steps.
+    import faiss
+
+    from miners.clustering import kmeans, kmeans_plusplus
+
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((6, 8)).astype(np.float32) * 6
+    x = (centres[rng.integers(0, 6, 1200)] + rng.standard_normal((1200, 8))).astype(np.float32)
+    seen: list[str] = []
+    got_centres, labels, d2 = kmeans(x, 6, seed=5, niter=7, progress=lambda f, m: seen.append(m))
+    init = kmeans_plusplus(x, 6, seed=5)  # the start kmeans takes on 1,200 rows (all of them)
+    km = faiss.Kmeans(8, 6, niter=7, seed=5, max_points_per_centroid=256, min_points_per_centroid=1)
+    km.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
+    np.testing.assert_allclose(got_centres, km.centroids, rtol=1e-4, atol=1e-4)
+    direct = ((x[:, None, :] - got_centres[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, direct.argmin(1))
+    np.testing.assert_allclose(d2, direct.min(1), rtol=1e-3, atol=1e-3)
+    assert [m for m in seen if "iteration" in m][-1].startswith("k-means: iteration 7 of 7")
+
+
+def test_kmeans_cancels_between_iterations() -> None:
+    from miners.clustering import kmeans
+
+    x = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
+    iterations = []
+
+    def check() -> None:
+        if len(iterations) >= 2:
+            raise InterruptedError("cancelled")
+
+    with pytest.raises(InterruptedError):
+        kmeans(x, 20, niter=50, progress=lambda f, m: iterations.append(m) if "iteration" in m else None,
+               check=check)
+    assert len(iterations) == 2

@@ -515,6 +515,18 @@ def test_a_model_without_box_embedding_dim_refuses_embeddings_and_the_miners(cli
         col.add_model("det3", CLASSES, task="detection", box_embedding_dim=70_000)
 
 
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_box_embedding_dim_is_refused_on_a_model_without_boxes(client, task):
+    col = client.create_collection(f"no-boxes-{task}", models={"det": {"classes": CLASSES, "task": "detection"}})
+    with pytest.raises(InvalidArgumentError, match=f"box_embedding_dim applies to detection models only.*{task}"):
+        col.add_model("m", CLASSES, task=task, box_embedding_dim=4)
+    with pytest.raises(InvalidArgumentError, match="box_embedding_dim applies to detection models only"):
+        client.create_collection(f"no-boxes-{task}-2", models={
+            "m": {"classes": CLASSES, "task": task, "box_embedding_dim": 4}})
+    assert [m["name"] for m in col.describe()["models"]] == ["det"]
+    assert f"no-boxes-{task}-2" not in client.list_collections()
+
+
 def test_ppal_refuses_a_batch_beyond_its_candidate_bound(pool):
     with pytest.raises(InvalidArgumentError, match=f"at most {det.PPAL_MAX_CANDIDATES}"):
         pool.mine("ppal", size=det.PPAL_MAX_CANDIDATES + 1, model="det")

@@ -9,9 +9,11 @@ it after installing Chromium) makes that a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -190,3 +192,24 @@ def test_stored_text_is_shown_as_text(site, page):
     assert quote.inner_text() == '<img src=x onerror="window.__pwned=1"> is a label'
     assert page.locator("blockquote.assay-text img").count() == 0
     assert page.evaluate("window.__pwned") is None
+
+
+def test_uncertainty_vs_quality_tab(site, page):
+    page.goto(site["base"] + "#token=" + TOKEN)
+    page.locator("a.panel", has_text="digits").wait_for()
+    page.goto(site["base"] + "#/c/digits/quality?model=logreg")
+    page.locator("dd.rho").wait_for()
+    req = urllib.request.Request(
+        site["base"].rstrip("/") + "/api/collections/digits/uncertainty_quality?model=logreg&uncertainty=entropy&quality=correct"
+        "&max_ids=20", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=60) as res:
+        want = json.loads(res.read())
+    assert want["n"] > 0
+    for q in want["quadrants"]:
+        cell = page.locator(f"td[data-quadrant={q['quadrant']}]")
+        assert cell.locator(".num b").inner_text() == f"{q['count']:,}"
+        shown = cell.locator(".ids").inner_text().replace("…", "").split()
+        assert shown == q["ids"]
+    assert "p =" in page.locator("dd.rho").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "web-uncertainty-quality.png"), full_page=True)
+    assert page.errors == []

@@ -68,7 +68,7 @@ from service.client.channel import call_with_retries as call_with_retries
 from service.client.channel import call_with_retries_async as call_with_retries_async
 from service.client.channel import channel_options as channel_options
 from service.client.convert import dict_to_struct as dict_to_struct
-from service.client.convert import histogram_stats
+from service.client.convert import histogram_stats, uncertainty_quality_stats
 from service.client.convert import matrix_to_arrow as _matrix_to_arrow  # noqa: F401
 from service.client.convert import message_to_dict as message_to_dict
 from service.client.convert import nested_to_arrow as _nested_to_arrow  # noqa: F401
@@ -140,6 +140,7 @@ __all__ = [
     "UpsertSummary",
     "bind_params",
     "histogram_stats",
+    "uncertainty_quality_stats",
 ]
 
 # The asyncio client is generated (service/client/async_client.py) and loaded on first use:

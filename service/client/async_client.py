@@ -301,13 +301,29 @@ class AsyncCollection(AsyncCollectionBase):
         classes: Iterable[str],
         task: str = "classification",
         *,
+        top_q: float | None = None,
+        uncertain_threshold: float | None = None,
+        map_size: int | None = None,
         box_embedding_dim: int = 0,
         timeout: Timeout = DEFAULT,
     ) -> dict[str, Any]:
-        """Register a model (column ``pred_<name>``); returns describe(). A detection model
-        with ``box_embedding_dim`` > 0 stores a per-box ``embedding`` of that length."""
+        """Register a model (column ``pred_<name>``); returns describe(). ``task``:
+        "classification", "detection" or "segmentation"; a segmentation model's settings
+        (``top_q``, ``uncertain_threshold``, ``map_size``) default to 0.05, 0.5, 16. A
+        detection model with ``box_embedding_dim`` > 0 stores a per-box ``embedding`` of that
+        length."""
         return await self.client._unary(
-            rpc_add_model(self.name, name, classes, task, box_embedding_dim), timeout
+            rpc_add_model(
+                self.name,
+                name,
+                classes,
+                task,
+                top_q=top_q,
+                uncertain_threshold=uncertain_threshold,
+                map_size=map_size,
+                box_embedding_dim=box_embedding_dim,
+            ),
+            timeout,
         )
 
     async def upsert(
@@ -680,6 +696,63 @@ class AsyncCollection(AsyncCollectionBase):
         )
         return await self.client._unary(rpc, timeout)
 
+    async def uncertainty_quality(
+        self,
+        model: str | None = None,
+        uncertainty: str | None = None,
+        quality: str | None = None,
+        where: str | None = None,
+        *,
+        run_id: Any = None,
+        iou: float = 0.5,
+        lower_is_better: bool = False,
+        uncertainty_quantile: float | None = None,
+        quality_quantile: float | None = None,
+        uncertainty_threshold: float | None = None,
+        quality_threshold: float | None = None,
+        max_ids: int = 100,
+        version: int | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        objects_where: str | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> pa.Table:
+        """Does ``model``'s uncertainty predict its errors? Over the labeled rows matching
+        ``where``: one row per quadrant (``quadrant``, ``uncertainty`` high/low, ``quality``
+        high/low, ``count``, ``mean_uncertainty``, ``mean_quality``, ``ids``: at most
+        ``max_ids``, most extreme first); :func:`uncertainty_quality_stats` of the table
+        gives the Spearman ``rho`` (uncertainty vs quality as named), ``rho_error``
+        (positive = the uncertain rows are the bad ones), ``p_value``, ``n``, the thresholds
+        and the rows left out.
+
+        ``uncertainty``: ``entropy`` (default), ``margin``, ``least_confidence``, ``ratio``
+        (detection: ``entropy``, ``margin``, ``one_minus_score``, per image as the detection
+        miner scores it), a numeric field or path (``pred_m.loss``); or ``run_id`` (a
+        finished mining run or its MiningJob: any miner's scores; its model is the default
+        ``model``). ``quality``: ``correct`` (classification default), ``loss`` (lower is
+        better), ``iou`` (detection default: boxes matched to gt_boxes at ``iou``,
+        unmatched = 0) or a numeric field (``lower_is_better``). Thresholds: medians by
+        default (``correct`` splits at 0.5), or ``*_quantile`` / ``*_threshold``."""
+        rpc = rpc_aggregate(
+            self.name,
+            "uncertainty_quality",
+            model=model,
+            measure=uncertainty,
+            quality=quality,
+            where=where,
+            run_id=run_id,
+            iou=iou,
+            lower_is_better=lower_is_better,
+            uncertainty_quantile=uncertainty_quantile,
+            quality_quantile=quality_quantile,
+            uncertainty_threshold=uncertainty_threshold,
+            quality_threshold=quality_threshold,
+            max_ids=max_ids,
+            version=version,
+            params=params,
+            objects_where=objects_where,
+        )
+        return await self.client._unary(rpc, timeout)
+
     async def tag_items(
         self,
         ids: str | Iterable[str] | None = None,
@@ -718,7 +791,8 @@ class AsyncCollection(AsyncCollectionBase):
     ) -> dict[str, Any]:
         """Export rows for labeling to ``path``: CSV / JSONL (``id, uri, text, label``,
         ``fields``, and with a ``model`` its ``predicted`` class and ``confidence``) or COCO
-        JSON (``model``'s boxes; format from the extension: .csv, .jsonl, .json). Which rows:
+        JSON (``model``'s boxes, or a segmentation model's ``mask_uri`` masks as COCO RLE;
+        format from the extension: .csv, .jsonl, .json). Which rows:
         at most one of ``where``, ``ids``, ``run_id``, ``dataset`` (+ ``dataset_version``);
         none = all; ``objects_where`` keeps the images with a box matching it. Per box:
         ``format="objects_csv"|"objects_jsonl"`` writes one line per box (:meth:`objects`'

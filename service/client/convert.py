@@ -26,6 +26,7 @@ __all__ = [
     "concat_pages", "dict_to_struct", "fix_embedding_columns", "histogram_stats", "is_dataframe",
     "is_rows", "items_to_arrow", "matrix_to_arrow", "message_to_dict", "nested_to_arrow",
     "page_or_empty", "page_to_table", "parse_search", "sorted_by_id", "struct_to_dict", "to_arrow",
+    "uncertainty_quality_stats",
 ]
 
 
@@ -98,6 +99,20 @@ def histogram_stats(table: pa.Table) -> dict[str, Any]:
     if b"assay.histogram" not in meta:
         raise invalid("not a histogram table (no assay.histogram metadata)")
     return json.loads(meta[b"assay.histogram"])
+
+
+def uncertainty_quality_stats(table: pa.Table) -> dict[str, Any]:
+    """The correlation and counts of an uncertainty_quality table, from its schema metadata:
+    ``rho`` (Spearman, uncertainty vs the quality as named), ``rho_error`` (positive = the
+    uncertain rows are the bad ones), ``p_value``, ``n`` (rows with both values), ``rows``
+    (labeled rows matched), ``missing``, ``unknown_label``, ``non_finite``, the thresholds
+    and the options used (``model``, ``uncertainty``, ``quality``, ``higher_is_better``...)."""
+    import json
+
+    meta = table.schema.metadata or {}
+    if b"assay.uncertainty_quality" not in meta:
+        raise invalid("not an uncertainty_quality table (no assay.uncertainty_quality metadata)")
+    return json.loads(meta[b"assay.uncertainty_quality"])
 
 
 def nested_to_arrow(values: np.ndarray) -> pa.Array:

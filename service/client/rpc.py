@@ -75,8 +75,10 @@ def space_spec(name: str, spec: int | Mapping[str, Any] | common_pb2.SpaceSpec,
 
 def model_spec(name: str, spec: Iterable[str] | Mapping[str, Any] | common_pb2.ModelSpec,
                ) -> common_pb2.ModelSpec:
-    """``["cat", "dog"]`` or ``{"classes": [...], "task": "classification" | "detection"}``
-    (a detection model may add ``"box_embedding_dim": d`` for per-object embeddings)."""
+    """``["cat", "dog"]`` or ``{"classes": [...], "task": "classification" | "detection" |
+    "segmentation"}`` (a segmentation model may add ``top_q``, ``uncertain_threshold``,
+    ``map_size``; a detection model may add ``"box_embedding_dim": d`` for per-object
+    embeddings)."""
     if isinstance(spec, common_pb2.ModelSpec):
         out = common_pb2.ModelSpec()
         out.CopyFrom(spec)
@@ -176,9 +178,9 @@ def rpc_add_space(collection: str, name: str, dim: int, metric: str, model: str 
     return Rpc("collections", "AddSpace", request, message_to_dict)
 
 
-def rpc_add_model(collection: str, name: str, classes: Iterable[str], task: str,
-                  box_embedding_dim: int = 0) -> Rpc:
-    spec = model_spec(name, {"classes": list(classes), "task": task, "box_embedding_dim": box_embedding_dim})
+def rpc_add_model(collection: str, name: str, classes: Iterable[str], task: str, **options: Any) -> Rpc:
+    spec = model_spec(name, {"classes": list(classes), "task": task,
+                             **{k: v for k, v in options.items() if v is not None}})
     request = collections_pb2.AddModelRequest(collection=collection, model=spec)
     return Rpc("collections", "AddModel", request, message_to_dict)
 
@@ -288,7 +290,7 @@ def rpc_page(collection: str, where: str | None, columns: Iterable[str] | None, 
 
 
 AGGREGATES: Final = ("label_distribution", "confused_pairs", "confusion", "class_uncertainty",
-                     "histogram", "objects", "object_classes", "box_confusion")
+                     "histogram", "objects", "object_classes", "box_confusion", "uncertainty_quality")
 
 
 def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
@@ -299,15 +301,28 @@ def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,
                   range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name
                   errors_only: bool = False, params: Mapping[str, Any] | None = None,
                   objects_where: str | None = None, columns: Iterable[str] | None = None,
-                  limit: int | None = None, iou: float | None = None) -> Rpc:
-    """An analytics table (see AggregateRequest.kind) as a pyarrow Table."""
+                  limit: int | None = None, iou: float | None = None, quality: str | None = None,
+                  run_id: Any = None, uncertainty_quantile: float | None = None,
+                  quality_quantile: float | None = None, uncertainty_threshold: float | None = None,
+                  quality_threshold: float | None = None, lower_is_better: bool = False,
+                  max_ids: int | None = None) -> Rpc:
+    """An analytics table (see AggregateRequest.kind) as a pyarrow Table. ``max_ids``
+    (uncertainty_quality: ids per quadrant, 1..10000) travels as ``limit``."""
     if kind not in AGGREGATES:
         raise invalid(f"aggregate kind {kind!r} is not one of {', '.join(AGGREGATES)}")
+    if max_ids is not None:
+        if isinstance(max_ids, bool) or not isinstance(max_ids, int) or not 1 <= max_ids <= 10_000:
+            raise invalid(f"max_ids must be an integer in [1, 10000] (ids listed per quadrant; the counts "
+                          f"are always complete), got {max_ids!r}")
+        limit = max_ids
     request = _message(
         query_pb2.AggregateRequest, kind, collection=collection, kind=kind, model=model,
         where=bound(where, params), field=field, group_by=_columns(group_by), bins=bins, top=top,
         measure=measure, version=_version(version), errors_only=errors_only,
-        objects_where=objects_where, columns=_columns(columns), limit=limit, iou=iou)
+        objects_where=objects_where, columns=_columns(columns), limit=limit, iou=iou,
+        quality=quality, run_id=_run_id(run_id), uncertainty_quantile=uncertainty_quantile,
+        quality_quantile=quality_quantile, uncertainty_threshold=uncertainty_threshold,
+        quality_threshold=quality_threshold, lower_is_better=lower_is_better)
     if range is not None:
         try:
             lo, hi = range

@@ -373,6 +373,42 @@ def dataset_list(datasets: Datasets, collection: str | None) -> list[dict[str, A
     return [asdict(d) for d in datasets.list(collection)]
 
 
+# -- does uncertainty predict errors? -------------------------------------------------------
+
+
+def _float_param(value: str | None, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be a number, got {value!r}") from None
+
+
+def uncertainty_quality(store: Store, runs: RunStore, name: str, params: Mapping[str, str]) -> dict[str, Any]:
+    """The uncertainty-vs-quality report (``model``, ``uncertainty``, ``quality``, ``run``,
+    ``where``, ``iou``, ``uncertainty_quantile``, ``quality_quantile``,
+    ``uncertainty_threshold``, ``quality_threshold``, ``lower_is_better``, ``max_ids`` as query
+    parameters): its statistics (:func:`indexing.quality.report_stats`) and ``quadrants``
+    (one dict per quadrant, at most ``max_ids`` ids each, default 20, at most ``MAX_LIST``)."""
+    from indexing.quality import report_stats
+    from service.quality import uncertainty_quality_report
+
+    col = store.collection(name)
+    iou = _float_param(params.get("iou"), "iou")
+    lower = params.get("lower_is_better", "")
+    if lower not in ("", "0", "1", "false", "true"):
+        raise InvalidArgument(f"lower_is_better must be true or false, got {lower!r}")
+    table = uncertainty_quality_report(
+        col, runs.result_scores, model=params.get("model") or None, run_id=params.get("run") or None,
+        uncertainty=params.get("uncertainty") or None, quality=params.get("quality") or None,
+        where=params.get("where") or None, iou=0.5 if iou is None else iou, lower_is_better=lower in ("1", "true"),
+        max_ids=int_param(params.get("max_ids"), "max_ids", 20, 0, MAX_LIST),
+        **{k: _float_param(params.get(k), k) for k in ("uncertainty_quantile", "quality_quantile",
+                                                        "uncertainty_threshold", "quality_threshold")})
+    return {**report_stats(table), "quadrants": table.to_pylist()}
+
+
 def json_ready(value: Any) -> Any:
     """Plain JSON types (numpy scalars and arrays, tuples, non-finite floats as null)."""
     if isinstance(value, Mapping):
@@ -393,4 +429,5 @@ def json_ready(value: Any) -> Any:
 __all__: Sequence[str] = (
     "EmbeddingMaps", "collection_detail", "collections_summary", "dataset_detail", "dataset_diff",
     "dataset_list", "grid_items", "json_ready", "map_json", "pca_2d", "predictions", "run_grid", "search_grid",
+    "uncertainty_quality",
 )

@@ -61,7 +61,7 @@ class PageResponse(_message.Message):
     def __init__(self, page: _Optional[_Union[_common_pb2.ArrowPage, _Mapping]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("collection", "kind", "model", "where", "field", "group_by", "bins", "top", "measure", "version", "range_min", "range_max", "errors_only", "objects_where", "columns", "limit", "iou")
+    __slots__ = ("collection", "kind", "model", "where", "field", "group_by", "bins", "top", "measure", "version", "range_min", "range_max", "errors_only", "objects_where", "columns", "limit", "iou", "quality", "run_id", "uncertainty_quantile", "quality_quantile", "uncertainty_threshold", "quality_threshold", "lower_is_better")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,13 @@ class AggregateRequest(_message.Message):
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     IOU_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LOWER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     kind: str
     model: str
@@ -96,7 +103,14 @@ class AggregateRequest(_message.Message):
     columns: _containers.RepeatedScalarFieldContainer[str]
     limit: int
     iou: float
-    def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ..., objects_where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., iou: _Optional[float] = ...) -> None: ...
+    quality: str
+    run_id: str
+    uncertainty_quantile: float
+    quality_quantile: float
+    uncertainty_threshold: float
+    quality_threshold: float
+    lower_is_better: bool
+    def __init__(self, collection: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., where: _Optional[str] = ..., field: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bins: _Optional[int] = ..., top: _Optional[int] = ..., measure: _Optional[str] = ..., version: _Optional[str] = ..., range_min: _Optional[float] = ..., range_max: _Optional[float] = ..., errors_only: _Optional[bool] = ..., objects_where: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., iou: _Optional[float] = ..., quality: _Optional[str] = ..., run_id: _Optional[str] = ..., uncertainty_quantile: _Optional[float] = ..., quality_quantile: _Optional[float] = ..., uncertainty_threshold: _Optional[float] = ..., quality_threshold: _Optional[float] = ..., lower_is_better: _Optional[bool] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("collection", "format", "model", "where", "ids", "run_id", "dataset", "dataset_version", "fields", "min_score", "image_url", "mask_field", "objects_where")

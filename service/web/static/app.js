@@ -172,7 +172,8 @@ async function homePage(fresh) {
       : el("p", { class: "muted", text: "No collections yet. Load some with the client, `assay ingest` or `make demo`." }));
 }
 
-const TABS = [["overview", "Overview"], ["runs", "Mining runs"], ["search", "Search"], ["map", "Embedding map"], ["datasets", "Datasets"]];
+const TABS = [["overview", "Overview"], ["runs", "Mining runs"], ["search", "Search"], ["map", "Embedding map"],
+  ["quality", "Uncertainty vs quality"], ["datasets", "Datasets"]];
 
 async function collectionPage(name, tab, query, fresh) {
   crumbs(["collections", "#/"], [name, `#/c/${enc(name)}`]);
@@ -187,6 +188,7 @@ async function collectionPage(name, tab, query, fresh) {
   else if (tab === "datasets") body.replaceChildren(datasetsTable(info.datasets));
   else if (tab === "search") await searchTab(info, query, body, fresh);
   else if (tab === "map") await mapTab(info, query, body, fresh);
+  else if (tab === "quality") await qualityTab(info, query, body, fresh);
   else body.replaceChildren(el("p", { text: `No tab '${tab}'.` }));
 }
 
@@ -423,6 +425,72 @@ async function mapTab(info, query, body, fresh) {
     const hit = nearest(ev);
     if (hit) go(`/c/${enc(info.name)}/search`, { like: hit[2].id, space: space.value });
   });
+}
+
+// -- does uncertainty predict errors? ------------------------------------------------------
+
+const UNCERTAINTY = { classification: ["entropy", "margin", "least_confidence", "ratio"], detection: ["entropy", "margin", "one_minus_score"] };
+const QUALITY = { classification: ["correct", "loss"], detection: ["iou"] };
+
+async function qualityTab(info, query, body, fresh) {
+  const models = Object.entries(info.models);
+  if (!models.length) return body.replaceChildren(el("p", { class: "muted", text: "No model: upsert predictions first." }));
+  const sel = (name, options, value) => el("select", { name }, options.map(([v, t]) => el("option", { value: v, text: t, selected: v === value })));
+  const modelName = query.get("model") || models[0][0];
+  const task = (info.models[modelName] || models[0][1]).task;
+  const model = sel("model", models.map(([n, m]) => [n, `${n} (${m.task})`]), modelName);
+  const runs = info.runs.filter((r) => r.state === "SUCCEEDED" && r.model === modelName);
+  const chosen = query.get("run") ? `run:${query.get("run")}` : (query.get("uncertainty") || "entropy");
+  const uncertainty = sel("uncertainty", [...UNCERTAINTY[task].map((m) => [m, m]),
+    ...runs.map((r) => [`run:${r.run_id}`, `run ${r.run_id.slice(0, 8)} (${r.miner}, ${r.results} rows)`])], chosen);
+  const quality = sel("quality", QUALITY[task].map((q) => [q, q]), query.get("quality") || QUALITY[task][0]);
+  const where = el("input", { type: "text", name: "where", placeholder: "filter, e.g. split = 'val'", value: query.get("where") || "" });
+  const form = el("form", { class: "row" }, model, uncertainty, quality, where, el("button", { type: "submit", text: "Report" }));
+  const params = () => {
+    const u = uncertainty.value;
+    return { model: model.value, uncertainty: u.startsWith("run:") ? "" : u, run: u.startsWith("run:") ? u.slice(4) : "",
+      quality: quality.value, where: where.value.trim() };
+  };
+  form.addEventListener("submit", (ev) => { ev.preventDefault(); go(`/c/${enc(info.name)}/quality`, params()); });
+  model.addEventListener("change", () => go(`/c/${enc(info.name)}/quality`, { model: model.value }));
+  const out = el("div", {}, el("p", { class: "muted", text: "Computing…" }));
+  body.replaceChildren(el("p", { class: "muted", text: "On the labeled rows: does the model's uncertainty rank its errors? " +
+    "Spearman's rho between the uncertainty and the quality, and the rows split at the medians (correct: right vs wrong)." }), form, out);
+  const q = new URLSearchParams(Object.entries(params()).filter(([, v]) => v !== ""));
+  q.set("max_ids", "20");
+  try {
+    const r = await api(`/api/collections/${enc(info.name)}/uncertainty_quality?${q}`);
+    if (!fresh()) return;
+    out.replaceChildren(qualityReport(r));
+  } catch (e) {
+    if (fresh()) out.replaceChildren(el("p", { class: "error", text: `${e.code || "error"}: ${e.message}` }));
+  }
+}
+
+function qualityReport(r) {
+  const better = r.higher_is_better ? "higher" : "lower";
+  const byName = Object.fromEntries(r.quadrants.map((x) => [x.quadrant, x]));
+  const cell = (name, note) => {
+    const x = byName[name];
+    return el("td", { class: `quadrant ${name}`, "data-quadrant": name },
+      el("div", { class: "num" }, el("b", { text: int(x.count) }), ` ${note}`),
+      el("div", { class: "ids", text: x.ids.join("  ") + (x.count > x.ids.length ? "  …" : "") }));
+  };
+  const verdict = r.rho_error === null ? "" : r.rho_error > 0 ? " — the uncertain rows are the bad ones" : " — the uncertain rows are not the bad ones";
+  return el("div", {},
+    el("div", { class: "panel" }, el("dl", { class: "kv" },
+      el("dt", { text: "Spearman rho" }), el("dd", { class: "rho", text: r.rho === null ? "undefined" : `${fmt(r.rho)} (p = ${fmt(r.p_value, 3)})` }),
+      el("dt", { text: "rho vs errors" }), el("dd", { class: "rho-error", text: r.rho_error === null ? "–" : `${fmt(r.rho_error)}${verdict}` }),
+      el("dt", { text: "rows" }), el("dd", { text: `${int(r.n)} of ${int(r.rows)} labeled rows` +
+        (r.missing + r.unknown_label + r.non_finite ? ` (left out: ${int(r.missing)} missing, ${int(r.unknown_label)} unknown label, ${int(r.non_finite)} NaN/inf)` : "") }),
+      el("dt", { text: "uncertainty" }), el("dd", { text: `${r.uncertainty}: high when > ${fmt(r.uncertainty_threshold)}` }),
+      el("dt", { text: "quality" }), el("dd", { text: `${r.quality} (${better} is better): low when ${r.higher_is_better ? "<" : ">"} ${fmt(r.quality_threshold)}` }))),
+    el("table", { class: "quadrants" },
+      el("tr", {}, el("th", {}), el("th", { text: "low quality" }), el("th", { text: "high quality" })),
+      el("tr", {}, el("th", { text: "high uncertainty" }), cell("high_uncertainty_low_quality", "caught errors"),
+        cell("high_uncertainty_high_quality", "false alarms")),
+      el("tr", {}, el("th", { text: "low uncertainty" }), cell("low_uncertainty_low_quality", "confident errors"),
+        cell("low_uncertainty_high_quality", "confident and right"))));
 }
 
 // -- datasets ------------------------------------------------------------------------------
