@@ -18,7 +18,10 @@ Object columns (:data:`OBJECT_COLUMNS`):
 ``probs``, lowest class on ties, null without probs; the ``label`` of a gt box), ``score``
 (detector confidence; null for gt), ``probs`` (null for gt), ``x1, y1, x2, y2`` (as stored,
 float32), ``width = x2 - x1``, ``height = y2 - y1``, ``area = width * height`` (float64).
-Boxes carry no embedding in the schema today, so there is no object embedding column.
+``embedding`` (list<float32>, :data:`EMBEDDING_COLUMN`) is there only when asked for
+(``columns=[..., "embedding"]``): the box's per-object embedding when its model declares
+``box_embedding_dim`` and the box carries one, null otherwise (and always for gt boxes). It is
+left out of the default columns and of ``objects_where`` predicates because it is wide.
 
 ``any_object(<predicate>)`` inside any ``where`` filter is true for an image with at least one
 object row (of any source) where the predicate holds, e.g. ``split = 'pool' AND
@@ -45,8 +48,9 @@ from indexing.errors import InvalidArgument
 from indexing.filters import check_filter, ids_predicate, object_clauses, validate_filter
 from indexing.schema import FLOAT_LIST, PRED_PREFIX, ModelSpec, models_of
 
-__all__ = ["GT_SOURCE", "OBJECT_COLUMNS", "OBJECT_SCHEMA", "NUMERIC_COLUMNS", "box_confusion", "check_predicate",
-           "expand", "image_iou", "match_boxes", "object_batches", "object_classes", "object_rows", "objects", "sources"]
+__all__ = ["EMBEDDING_COLUMN", "GT_SOURCE", "OBJECT_COLUMNS", "SELECTABLE_COLUMNS", "OBJECT_SCHEMA", "NUMERIC_COLUMNS",
+           "box_confusion", "check_predicate", "expand", "image_iou", "match_boxes", "object_batches",
+           "object_classes", "object_rows", "objects", "sources"]
 
 GT_SOURCE = "gt"
 OBJECT_SCHEMA = pa.schema([
@@ -57,6 +61,10 @@ OBJECT_SCHEMA = pa.schema([
     pa.field("area", pa.float64()),
 ])
 OBJECT_COLUMNS = tuple(OBJECT_SCHEMA.names)
+#: The per-object embedding: returned when asked for by name, never by default.
+EMBEDDING_COLUMN = "embedding"
+EMBEDDING_FIELD = pa.field(EMBEDDING_COLUMN, FLOAT_LIST)
+SELECTABLE_COLUMNS = (*OBJECT_COLUMNS, EMBEDDING_COLUMN)
 NUMERIC_COLUMNS = ("box", "score", "x1", "y1", "x2", "y2", "width", "height", "area")
 CHUNK_ROWS = 8192  # image rows per chunk: a chunk's boxes are flattened at once
 DUCK_MEMORY_LIMIT = "1GB"  # one object predicate's working memory (a chunk of boxes is a few MB)
@@ -101,8 +109,10 @@ def _classes(probs: pa.Array, spec: ModelSpec) -> pa.Array:
     return names.take(pa.array(out, pa.int64(), mask=~ok))
 
 
-def object_rows(ids: pa.Array, boxes: pa.Array, source: str, spec: ModelSpec | None) -> pa.Table:
-    """The object rows of one box column of a chunk (``ids`` and ``boxes`` aligned)."""
+def object_rows(ids: pa.Array, boxes: pa.Array, source: str, spec: ModelSpec | None, *,
+                embedding: bool = False) -> pa.Table:
+    """The object rows of one box column of a chunk (``ids`` and ``boxes`` aligned); with
+    ``embedding``, plus the :data:`EMBEDDING_COLUMN` column (null where a box has none)."""
     flat = pc.list_flatten(boxes)
     n = len(flat)
     parent = np.asarray(pc.list_parent_indices(boxes).to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -115,30 +125,36 @@ def object_rows(ids: pa.Array, boxes: pa.Array, source: str, spec: ModelSpec | N
     else:
         probs = flat.field("probs")
         cls, score = _classes(probs, spec), _f32(flat.field("score"))
-    return pa.Table.from_arrays([
+    out = pa.Table.from_arrays([
         ids.take(pa.array(parent, pa.int64())), pa.array([source] * n, pa.string()),
         pa.array(np.arange(n) - first, pa.int32()), cls, score, probs.cast(FLOAT_LIST),
         _f32(x1), _f32(y1), _f32(x2), _f32(y2), w, h, pc.multiply(w, h)], schema=OBJECT_SCHEMA)
+    if embedding:
+        has = flat.type.get_field_index(EMBEDDING_COLUMN) >= 0
+        out = out.append_column(EMBEDDING_FIELD, flat.field(EMBEDDING_COLUMN).cast(FLOAT_LIST) if has
+                                else pa.nulls(n, FLOAT_LIST))
+    return out
 
 
 def _image_chunks(table: Any, where: str | None, picked: Mapping[str, tuple[str, ModelSpec | None]],
-                  chunk_rows: int) -> Iterator[tuple[pa.Array, pa.Table]]:
+                  chunk_rows: int, embedding: bool = False) -> Iterator[tuple[pa.Array, pa.Table]]:
     """(image ids, their object rows) of the image rows matching ``where`` (already in
-    Lance's checked form), one chunk of image rows at a time."""
+    Lance's checked form), one chunk of image rows at a time (with the embedding column
+    when ``embedding``)."""
     projection = {"id": "id", **{f"b{i}": path for i, (path, _) in enumerate(picked.values())}}
     q = table.search().select(projection).limit(None)
     if where:
         q = q.where(where)
     for batch in q.to_batches(chunk_rows):
-        parts = [object_rows(batch.column("id"), batch.column(f"b{i}"), name, spec)
+        parts = [object_rows(batch.column("id"), batch.column(f"b{i}"), name, spec, embedding=embedding)
                  for i, (name, (_, spec)) in enumerate(picked.items())]
         yield batch.column("id"), (pa.concat_tables(parts) if len(parts) > 1 else parts[0])
 
 
 def _chunks(table: Any, where: str | None, picked: Mapping[str, tuple[str, ModelSpec | None]],
-            chunk_rows: int) -> Iterator[pa.Table]:
+            chunk_rows: int, embedding: bool = False) -> Iterator[pa.Table]:
     """Object rows of the image rows matching ``where``, one table per chunk of image rows."""
-    for _, objs in _image_chunks(table, where, picked, chunk_rows):
+    for _, objs in _image_chunks(table, where, picked, chunk_rows, embedding):
         yield objs
 
 
@@ -269,19 +285,27 @@ def object_batches(table: Any, where: str | None = None, objects_where: str | No
     """Object rows, chunk by chunk, of the images of ``table`` matching ``where`` (a filter
     that may hold ``any_object(...)`` clauses; validated and expanded on ``table``), keeping
     the objects matching ``objects_where`` (SQL over the object columns) from ``source`` (a
-    name or names; default every source), projected to ``columns`` (default all)."""
+    name or names; default every source), projected to ``columns`` (default
+    :data:`OBJECT_COLUMNS`; ``embedding`` only when named)."""
     cols = list(OBJECT_COLUMNS) if not columns else list(columns)
-    unknown = [c for c in cols if c not in OBJECT_COLUMNS]
+    unknown = [c for c in cols if c not in SELECTABLE_COLUMNS]
     if unknown:
         raise InvalidArgument(f"unknown object column(s) {', '.join(unknown)}; object columns: "
-                              f"{', '.join(OBJECT_COLUMNS)}")
+                              f"{', '.join(SELECTABLE_COLUMNS)}")
     picked = _pick_sources(table.schema, source)
     pred = check_predicate(objects_where) if objects_where is not None else None
     plain = validate_filter(table, expand(table, where, chunk_rows=chunk_rows))
+    embedding = EMBEDDING_COLUMN in cols
     duck = _Duck() if pred else None
     try:
-        for objs in _chunks(table, plain, picked, chunk_rows):
-            if duck is not None and objs.num_rows:
+        for objs in _chunks(table, plain, picked, chunk_rows, embedding):
+            if duck is not None and objs.num_rows and embedding:
+                # the predicate sees the object columns only; matching rows are taken by position
+                # (the wide embedding never goes through DuckDB)
+                pos = objs.drop_columns([EMBEDDING_COLUMN]).append_column(
+                    "__pos", pa.array(np.arange(objs.num_rows), pa.int64()))
+                objs = objs.take(duck.run(f"SELECT __pos FROM objects WHERE {pred}", pos).column("__pos"))
+            elif duck is not None and objs.num_rows:
                 objs = duck.run(f"SELECT * FROM objects WHERE {pred}", objs)
             yield objs.select(cols)
     finally:
@@ -301,7 +325,7 @@ def objects(table: Any, where: str | None = None, objects_where: str | None = No
             break
         parts.append(part)
         n += part.num_rows
-    schema = pa.schema([OBJECT_SCHEMA.field(c) for c in cols])
+    schema = pa.schema([EMBEDDING_FIELD if c == EMBEDDING_COLUMN else OBJECT_SCHEMA.field(c) for c in cols])
     return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
 
 

@@ -79,6 +79,27 @@ PRED_STRUCT = pa.struct(
     ]
 )
 PRED_CHILDREN = tuple(f.name for f in PRED_STRUCT)
+MAX_BOX_EMBEDDING_DIM = 65_536
+
+
+def pred_box_type(box_embedding_dim: int = 0) -> pa.DataType:
+    """A detection model's box struct: :data:`PRED_BOX`, plus ``embedding`` (list<float32>
+    of ``box_embedding_dim`` values, null allowed) when the model declares one."""
+    if not box_embedding_dim:
+        return PRED_BOX
+    return pa.struct([*PRED_BOX, pa.field("embedding", FLOAT_LIST)])
+
+
+def pred_struct_type(box_embedding_dim: int = 0) -> pa.DataType:
+    """The ``pred_<model>`` struct: :data:`PRED_STRUCT`, its boxes with ``embedding`` when the
+    model declares ``box_embedding_dim`` (models without one keep the original type, so
+    tables written before per-object embeddings existed read and write unchanged)."""
+    if not box_embedding_dim:
+        return PRED_STRUCT
+    return pa.struct([pa.field("boxes", pa.list_(pred_box_type(box_embedding_dim))) if f.name == "boxes" else f
+                      for f in PRED_STRUCT])
+
+
 # A segmentation model's predictions: per-image summaries of pixel uncertainty, never the
 # (C, H, W) probability maps (see indexing/segmentation.py for the definitions). The
 # classification children stay (all null unless sent) so every reader of ``probs`` /
@@ -213,6 +234,15 @@ class ModelSpec:
     averages, default 5%), ``uncertain_threshold`` (normalised entropy above which a pixel
     counts as uncertain in ``class_uncertain_fraction``, default 0.5) and ``map_size``
     (``uncertainty_map`` is ``map_size`` x ``map_size``, default 16). Other tasks ignore them.
+
+    ``box_embedding_dim`` (detection models only; 0 = none): every box of ``pred_<name>.boxes``
+    may carry an ``embedding`` of exactly this many finite float32 values (a per-object
+    feature, e.g. RoI-pooled). The dimension is DECLARED with the model, not taken from the
+    first write: it fixes the column's Arrow type when the model is added (no schema change
+    on a later write, no race between two first writers with different lengths), and every
+    upsert is checked against it row by row. A model declared without one refuses box
+    embeddings with a message saying how to declare them; a model of another task (no
+    boxes of its own) refuses the setting.
     """
 
     name: str
@@ -221,6 +251,7 @@ class ModelSpec:
     top_q: float = SEG_TOP_Q
     uncertain_threshold: float = SEG_UNCERTAIN_THRESHOLD
     map_size: int = SEG_MAP_SIZE
+    box_embedding_dim: int = 0
 
     def __post_init__(self) -> None:
         check_identifier(self.name, "model name")
@@ -243,6 +274,14 @@ class ModelSpec:
         if isinstance(self.map_size, bool) or not isinstance(self.map_size, int) or not 1 <= self.map_size <= 256:
             raise InvalidArgument(f"model '{self.name}': map_size must be an integer in [1, 256], "
                                   f"got {self.map_size!r}")
+        dim = self.box_embedding_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= MAX_BOX_EMBEDDING_DIM:
+            raise InvalidArgument(f"model '{self.name}': box_embedding_dim must be an integer in "
+                                  f"[0, {MAX_BOX_EMBEDDING_DIM}] (0: boxes carry no embedding), got {dim!r}")
+        if dim and self.task != "detection":
+            raise InvalidArgument(f"model '{self.name}': box_embedding_dim applies to detection models only (a "
+                                  f"{self.task} model has no boxes of its own); declare the model with "
+                                  f"task='detection', or leave box_embedding_dim at 0")
 
     @property
     def column(self) -> str:
@@ -254,20 +293,25 @@ class ModelSpec:
 
     @property
     def arrow_type(self) -> pa.DataType:
-        return SEG_STRUCT if self.task == "segmentation" else PRED_STRUCT
+        if self.task == "segmentation":
+            return SEG_STRUCT
+        return pred_struct_type(self.box_embedding_dim)
 
     def arrow_field(self) -> pa.Field:
         return pa.field(self.column, self.arrow_type, metadata={MODEL_META_KEY: self.to_json()})
 
     def settings(self) -> dict[str, Any]:
-        """The task's settings (a segmentation model's top_q, uncertain_threshold, map_size)."""
+        """The task's settings (a segmentation model's top_q, uncertain_threshold, map_size;
+        a detection model's box_embedding_dim when it declares one)."""
+        if self.task == "detection":
+            return {"box_embedding_dim": self.box_embedding_dim} if self.box_embedding_dim else {}
         if self.task != "segmentation":
             return {}
         return {"top_q": float(self.top_q), "uncertain_threshold": float(self.uncertain_threshold),
                 "map_size": int(self.map_size)}
 
     def to_json(self) -> str:
-        # classification / detection specs keep their exact earlier JSON
+        # classification / detection specs without box embeddings keep their exact earlier JSON
         return json.dumps({"name": self.name, "classes": list(self.classes), "task": self.task,
                            **self.settings()})
 
@@ -275,6 +319,8 @@ class ModelSpec:
     def from_json(cls, text: str | bytes) -> ModelSpec:
         raw = json.loads(text)
         extra = {k: raw[k] for k in ("top_q", "uncertain_threshold", "map_size") if k in raw}
+        if "box_embedding_dim" in raw:
+            extra["box_embedding_dim"] = int(raw["box_embedding_dim"])
         return cls(name=raw["name"], classes=tuple(raw["classes"]), task=raw.get("task", "classification"),
                    **extra)
 

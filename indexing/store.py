@@ -413,11 +413,15 @@ def _as_space(name: str, spec: int | SpaceSpec | Mapping[str, Any]) -> SpaceSpec
     raise InvalidArgument(f"space '{name}': give a dimension (int) or a spec, got {spec!r}")
 
 
+#: A model's settings beyond name, classes and task (:class:`~indexing.schema.ModelSpec`).
+MODEL_OPTIONS: tuple[str, ...] = ("top_q", "uncertain_threshold", "map_size", "box_embedding_dim")
+
+
 def _as_model(name: str, spec: Sequence[str] | ModelSpec | Mapping[str, Any]) -> ModelSpec:
     if isinstance(spec, ModelSpec):
         return spec
     if isinstance(spec, Mapping):
-        options = {k: spec[k] for k in ("top_q", "uncertain_threshold", "map_size") if spec.get(k) is not None}
+        options = {k: spec[k] for k in MODEL_OPTIONS if spec.get(k) is not None}
         return ModelSpec(name=name, classes=tuple(spec["classes"]), task=spec.get("task", "classification"),
                          **options)
     if isinstance(spec, Sequence) and not isinstance(spec, str):
@@ -560,12 +564,14 @@ class Collection:
     def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification",
                   **options: Any) -> ModelSpec:
         """Register a model: adds the ``pred_<name>`` struct column (all null). ``options``:
-        a segmentation model's ``top_q``, ``uncertain_threshold``, ``map_size``
-        (:class:`~indexing.schema.ModelSpec`)."""
-        unknown = sorted(set(options) - {"top_q", "uncertain_threshold", "map_size"})
+        a segmentation model's ``top_q``, ``uncertain_threshold``, ``map_size``; a detection
+        model's ``box_embedding_dim`` (> 0: every box stores a per-box ``embedding`` of that
+        length) (:class:`~indexing.schema.ModelSpec`)."""
+        unknown = sorted(set(options) - set(MODEL_OPTIONS))
         if unknown:
             raise InvalidArgument(f"model '{name}': unknown setting(s) {', '.join(unknown)} "
-                                  "(a segmentation model takes top_q, uncertain_threshold, map_size)")
+                                  "(a segmentation model takes top_q, uncertain_threshold, map_size; "
+                                  "a detection model takes box_embedding_dim)")
         spec = ModelSpec(name=name, classes=tuple(str(c) for c in classes), task=task,
                          **{k: v for k, v in options.items() if v is not None})
         with self._schema_lock:

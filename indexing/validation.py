@@ -25,7 +25,6 @@ from indexing.schema import (
     EMB_PREFIX,
     FLOAT_LIST,
     GT_BOX,
-    PRED_BOX,
     PRED_PREFIX,
     RESERVED_COLUMNS,
     SEG_CHILDREN,
@@ -34,6 +33,7 @@ from indexing.schema import (
     SpaceSpec,
     check_identifier,
     is_user_scalar,
+    pred_box_type,
 )
 
 PROB_SUM_TOLERANCE = 1e-3
@@ -438,7 +438,7 @@ def _prepare_predictions(col: pa.Array, model: ModelSpec, ids: pa.Array) -> pa.A
                     raise InvalidArgument(f"column '{name}': loss of {_row_name(ids, row)} is NaN or infinity",
                                           field=name, row=row)
             elif f.name == "boxes":
-                arr = _prepare_pred_boxes(arr, c, ids, name)
+                arr = _prepare_pred_boxes(arr, model, ids, name)
             elif f.name in SEG_FIELD_NAMES:
                 arr = _prepare_seg_child(f, arr, model, ids)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
@@ -522,7 +522,51 @@ def _check_topq_over_mean(children: list[pa.Array], names: list[str], ids: pa.Ar
                               "below the mean of all (are the two swapped?)", field=name, row=row)
 
 
-def _prepare_pred_boxes(arr: pa.Array, c: int, ids: pa.Array, name: str) -> pa.Array:
+def _box_name(ids: pa.Array, owner: np.ndarray, j: int) -> str:
+    """"box k of row r (id ...)" for the flattened box ``j`` (``owner``: its row, ascending)."""
+    row = int(owner[j])
+    return f"box {j - int(np.searchsorted(owner, row))} of {_row_name(ids, row)}"
+
+
+def _check_box_embeddings(emb: pa.Array, owner: np.ndarray, ids: pa.Array, name: str, model: ModelSpec) -> None:
+    """Each non-null box embedding has exactly ``model.box_embedding_dim`` finite values;
+    InvalidArgument naming the row, the box and the fix."""
+    dim = model.box_embedding_dim
+    if pa.types.is_null(emb.type):  # every box sent "embedding": None
+        return
+    if not (pa.types.is_list(emb.type) or pa.types.is_large_list(emb.type)
+            or pa.types.is_fixed_size_list(emb.type)) or not (
+            pa.types.is_floating(emb.type.value_type) or pa.types.is_integer(emb.type.value_type)):
+        raise InvalidArgument(f"column '{name}': box embeddings must be lists of numbers, got {emb.type}",
+                              field=name)
+    valid, lengths = _list_rows(emb)
+    bad = lengths != dim
+    if bad.any():
+        j = int(valid[_first_row(bad)])
+        raise InvalidArgument(
+            f"column '{name}': the embedding of {_box_name(ids, owner, j)} has {int(lengths[_first_row(bad)])} "
+            f"values; model '{model.name}' declares box_embedding_dim={dim} (send {dim} values for every box, "
+            "or null for a box without an embedding)", field=name, row=int(owner[j]))
+    if not len(valid):
+        return
+    values = pc.list_flatten(emb.filter(pc.invert(emb.is_null())))
+    with np.errstate(invalid="ignore", over="ignore"):
+        arr = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+        # float32 storage: a finite float64 beyond float32's range would become inf
+        finite = np.isfinite(arr) & (np.abs(arr) <= np.finfo(np.float32).max)
+    ok = finite.reshape(-1, dim).all(axis=1)
+    if values.null_count:
+        ok &= ~np.asarray(values.is_null().to_numpy(zero_copy_only=False)).reshape(-1, dim).any(axis=1)
+    if not ok.all():
+        j = int(valid[_first_row(~ok)])
+        raise InvalidArgument(
+            f"column '{name}': the embedding of {_box_name(ids, owner, j)} contains NaN, infinity, null or a "
+            "value beyond float32; send finite numbers (or null for a box without an embedding)",
+            field=name, row=int(owner[j]))
+
+
+def _prepare_pred_boxes(arr: pa.Array, model: ModelSpec, ids: pa.Array, name: str) -> pa.Array:
+    c = model.num_classes
     if not (pa.types.is_list(arr.type) and pa.types.is_struct(arr.type.value_type)):
         raise InvalidArgument(f"column '{name}': boxes must be a list of structs, got {arr.type}", field=name)
     boxes = pc.list_flatten(arr)
@@ -530,6 +574,15 @@ def _prepare_pred_boxes(arr: pa.Array, c: int, ids: pa.Array, name: str) -> pa.A
     for coord in ("x1", "y1", "x2", "y2", "score"):
         if boxes.type.get_field_index(coord) < 0:
             raise InvalidArgument(f"column '{name}': every box needs '{coord}'", field=name)
+    if boxes.type.get_field_index("embedding") >= 0:
+        if not model.box_embedding_dim:
+            raise InvalidArgument(
+                f"column '{name}': boxes carry 'embedding' but model '{model.name}' was declared without "
+                "box_embedding_dim; declare a detection model with box_embedding_dim=<d> (add_model(..., "
+                "box_embedding_dim=d), or {'task': 'detection', 'box_embedding_dim': d} in create) to store "
+                "per-object embeddings, or leave 'embedding' out", field=name)
+        if len(boxes):
+            _check_box_embeddings(boxes.field("embedding"), owner, ids, name, model)
     if len(boxes):
         _check_box_coords(boxes, owner, ids, name, score=True)
         if boxes.type.get_field_index("probs") >= 0:
@@ -541,7 +594,7 @@ def _prepare_pred_boxes(arr: pa.Array, c: int, ids: pa.Array, name: str) -> pa.A
                 raise InvalidArgument(f"column '{name}': box probs of {_row_name(ids, row)} need {c} values",
                                       field=name, row=row)
             _check_prob_rows(_float_values(probs, name).reshape(-1, c), owner[pvalid], "box probs", ids, name)
-    return arr.cast(pa.list_(PRED_BOX))
+    return arr.cast(pa.list_(pred_box_type(model.box_embedding_dim)))
 
 
 def _check_box_coords(boxes: pa.StructArray, owner: np.ndarray, ids: pa.Array, name: str, *,

@@ -282,6 +282,73 @@ class Boxes(_PredInput):
                 "n_images": len(rows), "classes": lambda: classes}
 
 
+class BoxEmbeddings(_PredInput):
+    """Detections with their per-object embeddings (``pred_<model>.boxes``, the model declared
+    with ``box_embedding_dim``), flattened: ``box_image``, ``boxes`` (x1..y2), ``box_scores``,
+    ``box_probs`` (B, C), ``box_emb`` (B, D; zero rows where a box has no embedding),
+    ``box_has_emb`` and ``n_images``. Every box needs its C class probabilities: the first
+    box without them is refused (FailedPrecondition naming the row and the box)."""
+
+    name = "box_embeddings"
+    child = "boxes"
+    help = "detections with per-object embeddings: pred_<model>.boxes (..., probs, embedding)"
+
+    def __init__(self, embeddings: bool = True) -> None:
+        # False: a scan that needs only scores and probs leaves the embeddings undecoded
+        # (box_emb and box_has_emb are None)
+        self.embeddings = embeddings
+
+    def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
+               ctx: RunContext) -> dict[str, Any]:
+        c = ctx.num_classes
+        taken = _take(batch.column("boxes"), rows)
+        flat = pc.list_flatten(taken)
+        box_image = np.asarray(pc.list_parent_indices(taken).to_numpy(zero_copy_only=False), dtype=np.int64)
+        d = ctx.model_spec.box_embedding_dim
+        if not len(flat):
+            return {"box_image": box_image, "boxes": np.zeros((0, 4)), "box_scores": np.zeros(0),
+                    "box_probs": np.zeros((0, c)), "box_emb": np.zeros((0, d)),
+                    "box_has_emb": np.zeros(0, dtype=bool), "n_images": len(rows)}
+        coords = np.stack([np.asarray(flat.field(k).to_numpy(zero_copy_only=False), dtype=np.float64)
+                           for k in ("x1", "y1", "x2", "y2")], axis=1)
+        scores = np.asarray(flat.field("score").to_numpy(zero_copy_only=False), dtype=np.float64)
+        probs = flat.field("probs")
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(probs), 0).to_numpy(zero_copy_only=False))
+        if (lengths != c).any():
+            b = int(np.flatnonzero(lengths != c)[0])
+            image = int(box_image[b])
+            first = int(np.flatnonzero(box_image == image)[0])
+            row_id = ids_of_rows(ctx.table, row_keys[image:image + 1])[0]
+            raise FailedPrecondition(
+                f"row {row_id!r}: {PRED_PREFIX}{ctx.model}.boxes[{b - first}].probs has "
+                f"{'no probs' if lengths[b] == 0 else f'{int(lengths[b])} probs'}; miner "
+                f"'{ctx.run.miner}' needs the {c} class probabilities of every box: store them")
+        box_probs = np.asarray(pc.list_flatten(probs).to_numpy(zero_copy_only=False),
+                               dtype=np.float64).reshape(-1, c)
+        if not self.embeddings:
+            return {"box_image": box_image, "boxes": coords, "box_scores": scores, "box_probs": box_probs,
+                    "box_emb": None, "box_has_emb": None, "n_images": len(rows)}
+        emb = np.zeros((len(flat), d))
+        has = np.zeros(len(flat), dtype=bool)
+        if flat.type.get_field_index("embedding") >= 0:
+            e = flat.field("embedding")
+            has = valid_mask(e) & (np.asarray(pc.fill_null(pc.list_value_length(e), 0)
+                                              .to_numpy(zero_copy_only=False)) == d)
+            if has.any():
+                emb[has] = np.asarray(pc.list_flatten(e.filter(pa.array(has))).to_numpy(zero_copy_only=False),
+                                      dtype=np.float64).reshape(-1, d)
+        return {"box_image": box_image, "boxes": coords, "box_scores": scores, "box_probs": box_probs,
+                "box_emb": emb, "box_has_emb": has, "n_images": len(rows)}
+
+
+class ReferenceGtBoxes(Input):
+    name = "reference_gt_boxes"
+    help = ("ground-truth boxes (gt_boxes) of the labeled rows: reference_where, default every row with "
+            "gt_boxes (class counts, and detection quality where the rows also hold the model's boxes)")
+    reads_reference = True
+    phase = "params"
+
+
 class Segmentation(_PredInput):
     """A segmentation model's per-image summary chosen by the run's ``summary`` parameter:
     ``pred_<model>.mean_entropy`` / ``topq_entropy`` / ``bald`` as ``(N,)``, or
@@ -557,9 +624,10 @@ class Stages(Input):
 
 #: Every input kind by name, in the order a gathered run loads them.
 INPUTS: dict[str, Input] = {i.name: i for i in (
-    Probs(), Samples(), Boxes(), Segmentation(), Loss(), Logits(), Aum(), RowUniforms(), Labels(), SplitLabel(), Content(),
+    Probs(), Samples(), Boxes(), BoxEmbeddings(), Segmentation(), Loss(), Logits(), Aum(), RowUniforms(), Labels(),
+    SplitLabel(), Content(),
     Vectors(),
-    ReferenceVectors(), PoolGraph(), QueryGraph(), ReferenceGraph(), Seeds(), Stages(),
+    ReferenceVectors(), PoolGraph(), QueryGraph(), ReferenceGraph(), ReferenceGtBoxes(), Seeds(), Stages(),
 )}
 
 

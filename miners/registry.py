@@ -58,6 +58,7 @@ from miners import (
     dedup,
     density,
     detection,
+    detection_runs,
     direct,
     diversity,
     training_dynamics,
@@ -358,6 +359,53 @@ register(MinerSpec(
         Param("method", "choice", "entropy", "per-box uncertainty", choices=("entropy", "one_minus_score", "margin")),
         Param("aggregate", "choice", "sum", "per-image aggregation", choices=("sum", "mean", "max")),
         Param("nms_iou", "float", 0.5, "entropy-NMS IoU threshold (1 = no NMS)", min=0.0, max=1.0),
+    ),
+))
+
+
+register(MinerSpec(
+    "divproto", "detection",
+    "DivProto (Wu et al. 2022): images by entropy-NMS uncertainty, skipping one whose entropy-weighted class "
+    "prototype (of its box embeddings) is within cosine `intra_threshold` of a picked image's prototype of that "
+    "class, or whose classes used up their budgets (rarer classes by labeled gt_boxes get more); runs on the top "
+    "`candidate_ratio` × size images",
+    ("box_embeddings", "reference_gt_boxes"), None, run=detection_runs.divproto_run,
+    validate_run=detection_runs.validate, reference="optional",
+    params=(
+        Param("candidate_ratio", "float", 10.0, "candidates walked: the top ratio × size images by uncertainty",
+              min=1.0, max=1000.0),
+        Param("intra_threshold", "float", 0.7, "skip an image whose class prototype has a cosine similarity above "
+              "this with a picked image's prototype of the same class", min=-1.0, max=1.0),
+        Param("aggregate", "choice", "sum", "per-image aggregation of the kept boxes' entropies",
+              choices=("sum", "mean", "max")),
+        Param("enms", "choice", "iou", "entropy-NMS within an image: by box IoU (nms_iou), or by the cosine "
+              "similarity of the boxes' embeddings (enms_similarity; the paper's ENMS)", choices=("iou", "feature")),
+        Param("nms_iou", "float", 0.5, "entropy-NMS IoU threshold (1 = no NMS)", min=0.0, max=1.0),
+        Param("enms_similarity", "float", 0.9, "feature entropy-NMS: suppress a same-class box above this cosine "
+              "similarity to a kept, more uncertain one", min=-1.0, max=1.0),
+        Param("fill", "bool", True, "when the candidates run out, fill the batch with the skipped images by score"),
+    ),
+))
+register(MinerSpec(
+    "ppal", "detection",
+    "PPAL (Yang et al. 2024): difficulty-calibrated box uncertainty (per-class weights from the labeled gt_boxes' "
+    "detection quality) picks `candidate_ratio` × size candidates (at most "
+    f"{detection.PPAL_MAX_CANDIDATES:,}), then k-center seeding + k-medoids on category-conditioned matching "
+    "distances of their box embeddings",
+    ("box_embeddings", "reference_gt_boxes"), None, run=detection_runs.ppal_run,
+    validate_run=detection_runs.validate, reference="optional",
+    params=(
+        Param("candidate_ratio", "float", 4.0, "candidate pool: ratio × size images by calibrated uncertainty",
+              min=1.0, max=100.0),
+        Param("uncertainty", "choice", "score_entropy", "box uncertainty: binary entropy of the box score (PPAL) "
+              "or normalised entropy of its class probabilities", choices=("score_entropy", "entropy")),
+        Param("score_threshold", "float", 0.05, "boxes scored below this are ignored", min=0.0, max=1.0),
+        Param("alpha", "float", 0.3, "curvature of the difficulty weight", min=0.01, max=10.0),
+        Param("upper", "float", 0.2, "a class of quality 0 weighs 1 + upper", min=0.0, max=10.0),
+        Param("xi", "float", 0.6, "quality = p^xi · IoU^(1 − xi) of the best-overlapping prediction per gt box",
+              min=0.0, max=1.0),
+        Param("iterations", "int", 20, "k-medoids refinement rounds after k-center seeding (0: seeding only)",
+              min=0, max=1000),
     ),
 ))
 

@@ -94,9 +94,10 @@ def space_to_proto(spec: SpaceSpec) -> common_pb2.SpaceSpec:
 
 
 def model_from_proto(msg: common_pb2.ModelSpec) -> ModelSpec:
-    # proto3 zeros mean "not set": the segmentation settings' defaults
+    # proto3 zeros mean "not set": the segmentation settings' defaults (and no box embedding)
     options = {k: v for k, v in (("top_q", msg.top_q), ("uncertain_threshold", msg.uncertain_threshold),
-                                 ("map_size", int(msg.map_size))) if v}
+                                 ("map_size", int(msg.map_size)),
+                                 ("box_embedding_dim", int(msg.box_embedding_dim))) if v}
     return ModelSpec(name=msg.name, classes=tuple(msg.classes), task=msg.task or "classification", **options)
 
 

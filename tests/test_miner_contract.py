@@ -3,9 +3,10 @@
 picked up here without a change.
 
 Each miner runs on one small real LanceDB collection that holds every input kind — a
-model's probs, logits, samples, boxes, loss and epoch_logits, a segmentation model's
-per-image summaries, an embedding space, labels and a reference split — through
-``validate_request`` + ``run_mining``, as the server runs it. A miner that needs parameters without usable defaults to run at all (seeds, stages)
+model's probs, logits, samples, boxes (with per-object embeddings), loss and epoch_logits,
+a segmentation model's per-image summaries, an embedding space, labels, ground-truth boxes
+and a reference split — through ``validate_request`` + ``run_mining``, as the server runs
+it. A miner that needs parameters without usable defaults to run at all (seeds, stages)
 names them in ``NEEDS`` below.
 """
 
@@ -31,6 +32,7 @@ from miners.runs import RunSpec
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
 N, DIM, K, EPOCHS = 60, 4, 4, 3
+BOX_DIM = 2
 SIZE = 5
 IDS = [f"r{i:03d}" for i in range(N)]
 REFERENCE = "split = 'train'"
@@ -57,13 +59,16 @@ def _rows() -> list[dict]:
     epoch_logits = rng.normal(0, 2, (N, EPOCHS, len(CLASSES)))
     vectors = rng.normal(0, 1, (N, DIM))
     vectors[-1] = vectors[-2] + 1e-4  # a near-duplicate pair
-    seg_rng = np.random.default_rng(19)  # its own stream: the other inputs stay as they were
+    box_rng = np.random.default_rng(19)  # its own stream: the other inputs stay as they were
+    seg_rng = np.random.default_rng(20)  # its own stream too
     seg_mean = seg_rng.uniform(0, 0.6, N)
     rows = []
     for i in range(N):
         boxes = [{"x1": float(10 * b), "y1": 0.0, "x2": float(10 * b + 8), "y2": 8.0,
                   "score": float(rng.uniform(0.3, 1.0)), "probs": rng.dirichlet(np.ones(len(CLASSES))).tolist()}
                  for b in range(1 + i % 3)]
+        for box in boxes:
+            box["embedding"] = box_rng.normal(0, 1, BOX_DIM).tolist()
         pred = {"logits": logits[i].tolist(), "samples": samples[i].tolist(), "boxes": boxes,
                 "loss": float(rng.uniform(0, 3)), "epoch_logits": epoch_logits[i].tolist()}
         if i % 5:  # every fifth row has logits only: probs = softmax(logits)
@@ -71,9 +76,13 @@ def _rows() -> list[dict]:
         seg = {"mean_entropy": float(seg_mean[i]), "topq_entropy": float(seg_mean[i] + seg_rng.uniform(0, 0.4)),
                "class_uncertain_fraction": seg_rng.uniform(0, 1, len(CLASSES)).tolist(),
                "bald": float(seg_rng.uniform(0, 0.5))}
-        rows.append({"id": IDS[i], "split": "train" if i < 15 else "pool",
-                     "label": CLASSES[i % 3] if i < 30 else None, "emb_v": vectors[i].tolist(), "pred_m": pred,
-                     "pred_s": seg})
+        row = {"id": IDS[i], "split": "train" if i < 15 else "pool",
+               "label": CLASSES[i % 3] if i < 30 else None, "emb_v": vectors[i].tolist(), "pred_m": pred,
+               "pred_s": seg}
+        if i < 15:  # the reference split holds ground-truth boxes
+            row["gt_boxes"] = [{"x1": 0.0, "y1": 0.0, "x2": 8.0, "y2": 8.0, "label": CLASSES[(i + b) % 3]}
+                               for b in range(1 + i % 2)]
+        rows.append(row)
     return rows
 
 
@@ -82,7 +91,8 @@ def env(tmp_path_factory):
     # no background maintenance: a compaction would change the version the checks compare
     store = Store(str(tmp_path_factory.mktemp("contract")), optimize_every=0)
     col = store.create_collection("c", spaces={"v": {"dim": DIM, "metric": "l2"}},
-                                  models={"m": CLASSES, "s": {"classes": CLASSES, "task": "segmentation"}})
+                                  models={"m": {"classes": CLASSES, "task": "detection", "box_embedding_dim": BOX_DIM},
+                                          "s": {"classes": CLASSES, "task": "segmentation"}})
     col.upsert(_rows())
     return store, store.collection("c")
 

@@ -77,7 +77,8 @@ def model_spec(name: str, spec: Iterable[str] | Mapping[str, Any] | common_pb2.M
                ) -> common_pb2.ModelSpec:
     """``["cat", "dog"]`` or ``{"classes": [...], "task": "classification" | "detection" |
     "segmentation"}`` (a segmentation model may add ``top_q``, ``uncertain_threshold``,
-    ``map_size``)."""
+    ``map_size``; a detection model may add ``"box_embedding_dim": d`` for per-object
+    embeddings)."""
     if isinstance(spec, common_pb2.ModelSpec):
         out = common_pb2.ModelSpec()
         out.CopyFrom(spec)

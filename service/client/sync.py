@@ -313,12 +313,16 @@ class Collection:
 
     def add_model(self, name: str, classes: Iterable[str], task: str = "classification", *,
                   top_q: float | None = None, uncertain_threshold: float | None = None,
-                  map_size: int | None = None, timeout: Timeout = DEFAULT) -> dict[str, Any]:
+                  map_size: int | None = None, box_embedding_dim: int = 0,
+                  timeout: Timeout = DEFAULT) -> dict[str, Any]:
         """Register a model (column ``pred_<name>``); returns describe(). ``task``:
         "classification", "detection" or "segmentation"; a segmentation model's settings
-        (``top_q``, ``uncertain_threshold``, ``map_size``) default to 0.05, 0.5, 16."""
+        (``top_q``, ``uncertain_threshold``, ``map_size``) default to 0.05, 0.5, 16. A
+        detection model with ``box_embedding_dim`` > 0 stores a per-box ``embedding`` of that
+        length."""
         return self.client._unary(rpc_add_model(self.name, name, classes, task, top_q=top_q,
-                                                uncertain_threshold=uncertain_threshold, map_size=map_size),
+                                                uncertain_threshold=uncertain_threshold, map_size=map_size,
+                                                box_embedding_dim=box_embedding_dim),
                                   timeout)
 
     def upsert(self, data: Any, batch_rows: int = 10_000, progress: bool = False, *,
@@ -478,7 +482,9 @@ class Collection:
         keeping those matching ``objects_where`` (SQL over the object columns). Columns:
         ``id`` (the image), ``source``, ``box`` (index in the image's list), ``class`` (top-1
         of probs; the gt label), ``score``, ``probs``, ``x1``, ``y1``, ``x2``, ``y2``,
-        ``width``, ``height``, ``area``; ``columns`` picks some. Derived from the image rows
+        ``width``, ``height``, ``area``; ``columns`` picks some, and may name ``embedding`` (the
+        box's per-object embedding, for a model with ``box_embedding_dim``; never returned
+        unless named). Derived from the image rows
         of the version read, so always consistent with them. ``where`` may itself hold
         ``any_object(<predicate>)``: images with any box where the predicate holds."""
         rpc = rpc_aggregate(self.name, "objects", where=where, objects_where=objects_where, model=source,

@@ -44,20 +44,22 @@ class SpaceSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., model: _Optional[str] = ..., normalized: _Optional[bool] = ..., index: _Optional[_Union[IndexPolicy, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "classes", "task", "top_q", "uncertain_threshold", "map_size")
+    __slots__ = ("name", "classes", "task", "top_q", "uncertain_threshold", "map_size", "box_embedding_dim")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     TOP_Q_FIELD_NUMBER: _ClassVar[int]
     UNCERTAIN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BOX_EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     name: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     task: str
     top_q: float
     uncertain_threshold: float
     map_size: int
-    def __init__(self, name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., top_q: _Optional[float] = ..., uncertain_threshold: _Optional[float] = ..., map_size: _Optional[int] = ...) -> None: ...
+    box_embedding_dim: int
+    def __init__(self, name: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., top_q: _Optional[float] = ..., uncertain_threshold: _Optional[float] = ..., map_size: _Optional[int] = ..., box_embedding_dim: _Optional[int] = ...) -> None: ...
 
 class Vectors(_message.Message):
     __slots__ = ("dim", "values")
