@@ -305,6 +305,10 @@ def confused_pairs(
     Returns ``class_a``, ``class_b`` (in the model's class order), ``count``, ``a_top1``
     (how many had ``class_a`` on top) and ``mean_margin`` (mean ``p1 - p2``), the ``top``
     most frequent pairs first (ties: smaller mean margin first, then class order).
+
+    Level: a classifier's rows; for a detection model every box with probs of the images
+    matching ``where``. The box-level kind with a box filter (``objects_where``) and a count
+    of the boxes without probs is :func:`indexing.objects.box_confused_pairs`.
     """
     spec = _model(col, model)
     if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= MAX_TOP:

@@ -47,9 +47,10 @@ import pyarrow.compute as pc
 from indexing.errors import InvalidArgument
 from indexing.filters import check_filter, ids_predicate, object_clauses, validate_filter
 from indexing.schema import FLOAT_LIST, PRED_PREFIX, ModelSpec, models_of
+from indexing.settings import MAX_TOP
 
 __all__ = ["EMBEDDING_COLUMN", "GT_SOURCE", "OBJECT_COLUMNS", "SELECTABLE_COLUMNS", "OBJECT_SCHEMA", "NUMERIC_COLUMNS",
-           "box_confusion", "check_predicate", "expand", "image_iou", "match_boxes", "object_batches",
+           "box_confused_pairs", "box_confusion", "check_predicate", "expand", "image_iou", "match_boxes", "object_batches",
            "object_classes", "object_rows", "objects", "sources"]
 
 GT_SOURCE = "gt"
@@ -454,3 +455,71 @@ def box_confusion(table: Any, model: ModelSpec, where: str | None = None, *, iou
     return pa.table({"label": pa.array([k[0] for k, _ in order], pa.string()),
                      "predicted": pa.array([k[1] for k, _ in order], pa.string()),
                      "count": pa.array([n for _, n in order], pa.int64())})
+
+
+def box_confused_pairs(table: Any, model: ModelSpec, where: str | None = None,
+                       objects_where: str | None = None, *, top: int = 20,
+                       chunk_rows: int = CHUNK_ROWS) -> pa.Table:
+    """Box-level confused pairs of a detection model: over its object rows (the boxes
+    :func:`object_batches` returns for ``source = model`` in the images matching ``where``,
+    kept by ``objects_where``), each box's top-1 and top-2 classes of its ``probs`` (ties:
+    lower class index first) form an unordered pair.
+
+    Columns as image-level ``confused_pairs``: ``class_a``, ``class_b`` (in the model's class
+    order), ``count``, ``a_top1`` (boxes with ``class_a`` on top), ``mean_margin`` (mean
+    ``p1 - p2``); the ``top`` most frequent pairs, ties by smaller mean margin, then class
+    order. Boxes without probs have no top two: they are skipped, and counted in one last
+    row with null ``class_a``, ``class_b``, ``a_top1`` and ``mean_margin`` (present only when
+    some box was skipped; it is not one of the ``top``)."""
+    if model.task != "detection":
+        raise InvalidArgument(f"box confused pairs need a detection model; '{model.name}' is a {model.task} "
+                              "model (its image-level pairs: aggregate 'confused_pairs')")
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_TOP:
+        raise InvalidArgument(f"top must be an integer in [1, {MAX_TOP}], got {top!r}")
+    c = model.num_classes
+    if c < 2:
+        raise InvalidArgument(f"model '{model.name}' has {c} class; a pair needs at least two")
+    # per pair (a, b): [count, a on top, sum of margins]; at most C*(C-1)/2 keys
+    acc: dict[tuple[int, int], list[float]] = {}
+    skipped = 0
+    for part in object_batches(table, where, objects_where, source=model.name, columns=["probs"],
+                               chunk_rows=chunk_rows):
+        probs = part.column("probs").combine_chunks() if part.num_rows else pa.array([], FLOAT_LIST)
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(probs), 0).to_numpy(zero_copy_only=False))
+        ok = lengths == c
+        skipped += int((~ok).sum())
+        if not ok.any():
+            continue
+        p = np.asarray(pc.list_flatten(probs.filter(pa.array(ok))).to_numpy(zero_copy_only=False),
+                       np.float64).reshape(-1, c)
+        # a stable sort of -p puts the larger probability first and, among equal ones, the
+        # lower class index: the tie rule of the image-level pairs
+        order = np.argsort(-p, axis=1, kind="stable")[:, :2]
+        i1, i2 = order[:, 0], order[:, 1]
+        rows = np.arange(len(p))
+        margin = p[rows, i1] - p[rows, i2]
+        a, b = np.minimum(i1, i2), np.maximum(i1, i2)
+        keys = a * c + b
+        uniq, inv = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inv)
+        firsts = np.bincount(inv, weights=(i1 == a).astype(np.float64))
+        sums = np.bincount(inv, weights=margin)
+        for k, n, f, m in zip(uniq.tolist(), counts.tolist(), firsts.tolist(), sums.tolist(), strict=True):
+            cell = acc.setdefault((k // c, k % c), [0, 0, 0.0])
+            cell[0] += n
+            cell[1] += f
+            cell[2] += m
+    ranked = sorted(acc.items(), key=lambda kv: (-kv[1][0], kv[1][2] / kv[1][0], kv[0]))[:top]
+    names = list(model.classes)
+    out = {"class_a": [names[k[0]] for k, _ in ranked], "class_b": [names[k[1]] for k, _ in ranked],
+           "count": [int(v[0]) for _, v in ranked], "a_top1": [int(v[1]) for _, v in ranked],
+           "mean_margin": [v[2] / v[0] for _, v in ranked]}
+    if skipped:
+        for k, v in (("class_a", None), ("class_b", None), ("count", skipped), ("a_top1", None),
+                     ("mean_margin", None)):
+            out[k].append(v)
+    return pa.table({"class_a": pa.array(out["class_a"], pa.string()),
+                     "class_b": pa.array(out["class_b"], pa.string()),
+                     "count": pa.array(out["count"], pa.int64()),
+                     "a_top1": pa.array(out["a_top1"], pa.int64()),
+                     "mean_margin": pa.array(out["mean_margin"], pa.float64())})

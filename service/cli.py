@@ -38,7 +38,8 @@ command line; a read never creates a data folder. ``serve`` and ``demo`` run on
     assay query COLLECTION [--where SQL] [--where-param k=v]... [--columns a,b] [--limit N]
                [--version V] [--output rows.parquet|.csv|.jsonl]
                                           rows matching a filter (:k placeholders bound safely)
-    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram,box-classes,box-confusion}
+    assay stats COLLECTION {labels,confused,confusion,uncertainty,histogram,box-classes,box-confusion,
+               box-confused-pairs}
                [--model M] [--field F] [--group-by F] [--where SQL] [--where-param k=v]... [--json]
                                           analytics tables
     assay uncertainty-quality COLLECTION [--model M] [--uncertainty entropy|FIELD | --run R]
@@ -519,11 +520,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-STATS = ("labels", "confused", "confusion", "uncertainty", "histogram", "box-classes", "box-confusion")
+STATS = ("labels", "confused", "confusion", "uncertainty", "histogram", "box-classes", "box-confusion",
+         "box-confused-pairs")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    need_model = args.kind in ("confused", "confusion", "uncertainty", "box-confusion")
+    need_model = args.kind in ("confused", "confusion", "uncertainty", "box-confusion", "box-confused-pairs")
     if need_model and not args.model:
         raise SystemExit(f"assay stats {args.kind}: --model is required")
     if args.kind == "histogram" and not args.field:
@@ -551,6 +553,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             table = col.object_classes(args.where, args.objects_where, source=args.model, **common)
         elif args.kind == "box-confusion":
             table = col.box_confusion(args.model, args.where, iou=args.iou, **common)
+        elif args.kind == "box-confused-pairs":  # per box of --model, kept by --objects-where
+            table = col.box_confused_pairs(args.model, args.where, args.objects_where, top=args.top, **common)
         elif args.field.startswith("objects."):  # one value per box; --model: the source
             table = col.histogram(args.field, bins=args.bins, where=args.where, range=rng, source=args.model,
                                   objects_where=args.objects_where, **common)
@@ -733,10 +737,10 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
                    metavar="NAME=VALUE", help="a value for :NAME in --where (repeatable)")
     p.add_argument("--bins", type=int, default=20)
     p.add_argument("--range", help="histogram: LOW,HIGH")
-    p.add_argument("--top", type=int, default=20, help="confused: the most frequent pairs")
+    p.add_argument("--top", type=int, default=20, help="confused, box-confused-pairs: the most frequent pairs")
     p.add_argument("--measure", default="entropy", help="uncertainty: entropy, margin, least_confidence, ratio")
     p.add_argument("--errors-only", action="store_true", help="confusion: only label != predicted")
-    p.add_argument("--objects-where", help="box-classes, histogram of objects.<column>: the boxes kept (SQL over "
+    p.add_argument("--objects-where", help="box-classes, box-confused-pairs, histogram of objects.<column>: the boxes kept (SQL over "
                    "the object columns)")
     p.add_argument("--iou", type=float, default=0.5, help="box-confusion: IoU for a prediction to match a gt box")
     p.add_argument("--version", help="read this collection version (number or tag)")

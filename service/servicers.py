@@ -27,7 +27,7 @@ from google.protobuf import json_format
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from indexing.filters import with_objects
-from indexing.objects import box_confusion, object_classes
+from indexing.objects import box_confused_pairs, box_confusion, object_classes
 from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec, light_columns
 from indexing.settings import EXPORT_CHUNK_BYTES as _EXPORT_CHUNK
 from indexing.settings import server_default
@@ -573,7 +573,7 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         version = version_arg(request.version)
         kind = request.kind
         objects_where = request.objects_where or None
-        per_object = kind in ("objects", "object_classes") or (
+        per_object = kind in ("objects", "object_classes", "box_confused_pairs") or (
             kind == "histogram" and request.field.startswith("objects."))
         if not per_object:  # image-level: the images with such an object
             where = with_objects(where, objects_where)
@@ -590,6 +590,11 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             read = col.read_table(version, where)
             table = box_confusion(read, col.model(request.model), col.validate_filter(where, read),
                                   iou=request.iou or 0.5)
+        elif kind == "box_confused_pairs":  # per box: objects_where keeps boxes, not images
+            if not request.model:
+                raise InvalidArgument("aggregate 'box_confused_pairs' needs a model (a detection model)")
+            table = box_confused_pairs(col.read_table(version, where), col.model(request.model), where,
+                                       objects_where, top=request.top or 20)
         elif kind == "label_distribution":
             table = analytics.label_distribution(col, where, list(request.group_by) or None, version=version)
         elif kind in ("confused_pairs", "confusion", "class_uncertainty"):
@@ -633,7 +638,8 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         else:
             raise InvalidArgument(
                 f"unknown aggregate kind {kind!r} (known: label_distribution, confused_pairs, confusion, "
-                "class_uncertainty, histogram, objects, object_classes, box_confusion, uncertainty_quality)")
+                "class_uncertainty, histogram, objects, object_classes, box_confusion, box_confused_pairs, "
+                "uncertainty_quality)")
         return common_pb2.ArrowPage(arrow_ipc=table_to_ipc(table), rows=table.num_rows, version=col.version)
 
     def Export(self, request, context):  # noqa: N802

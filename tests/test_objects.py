@@ -503,6 +503,120 @@ def test_object_classes_and_bad_confusion_requests(labeled, client):
         col.box_confusion("det", iou=1.5)
 
 
+def _direct_box_pairs(rows: list[dict], classes: list[str], keep=lambda b: True) -> tuple[dict, int]:
+    """(class_a, class_b) -> [count, a_top1, margins], and the boxes without probs, from the
+    rows as written: each box's two largest probs (float32 as stored), lower index on ties."""
+    pairs: dict[tuple[str, str], list] = {}
+    skipped = 0
+    for r in rows:
+        for b in ((r.get("pred_det") or {}).get("boxes")) or []:
+            if not keep(b):
+                continue
+            if b.get("probs") is None:
+                skipped += 1
+                continue
+            p = [float(np.float32(x)) for x in b["probs"]]
+            i1 = max(range(len(p)), key=lambda i: (p[i], -i))
+            i2 = max((i for i in range(len(p)) if i != i1), key=lambda i: (p[i], -i))
+            a, c = min(i1, i2), max(i1, i2)
+            cell = pairs.setdefault((classes[a], classes[c]), [0, 0, []])
+            cell[0] += 1
+            cell[1] += int(i1 == a)
+            cell[2].append(p[i1] - p[i2])
+    return pairs, skipped
+
+
+def _pairs_of(table: pa.Table) -> tuple[dict, list[dict]]:
+    rows = table.to_pylist()
+    assert table.column_names == ["class_a", "class_b", "count", "a_top1", "mean_margin"]
+    return {(r["class_a"], r["class_b"]): r for r in rows if r["class_a"] is not None}, \
+        [r for r in rows if r["class_a"] is None]
+
+
+def test_box_confused_pairs_hand_built(client):
+    col = client.create_collection("pairs", models={"det": {"classes": ["car", "person", "bike"],
+                                                             "task": "detection"}})
+    col.upsert([
+        {"id": "a", "pred_det": {"boxes": [
+            _box(0, 0, 10, 10, 0.9, [0.6, 0.3, 0.1]),     # car > person: (car, person), car on top, 0.3
+            _box(0, 0, 20, 20, 0.8, [0.2, 0.5, 0.3]),     # person > bike: (person, bike), a on top, 0.2
+            _box(5, 5, 10, 10, 0.7, None)]}},             # no probs: skipped, counted
+        {"id": "b", "pred_det": {"boxes": [
+            _box(0, 0, 10, 10, 0.6, [0.3, 0.6, 0.1]),     # person > car: (car, person), b on top, 0.3
+            _box(0, 0, 30, 30, 0.5, [0.4, 0.4, 0.2]),     # a tie: the lower index (car) on top, 0.0
+            _box(0, 0, 5, 5, 0.4, [0.1, 0.2, 0.7])]}},    # bike > person: (person, bike), b on top, 0.5
+        {"id": "c", "gt_boxes": [{"x1": 0, "y1": 0, "x2": 1, "y2": 1, "label": "car"}]},
+    ])
+    pairs, rest = _pairs_of(col.box_confused_pairs("det"))
+    # top-two by hand (see the comments above)
+    assert {k: (v["count"], v["a_top1"]) for k, v in pairs.items()} == {
+        ("car", "person"): (3, 2), ("person", "bike"): (2, 1)}
+    assert pairs[("car", "person")]["mean_margin"] == pytest.approx((0.3 + 0.3 + 0.0) / 3, abs=1e-6)
+    assert pairs[("person", "bike")]["mean_margin"] == pytest.approx((0.2 + 0.5) / 2, abs=1e-6)
+    assert rest == [{"class_a": None, "class_b": None, "count": 1, "a_top1": None, "mean_margin": None}]
+    assert [r["class_a"] for r in col.box_confused_pairs("det").to_pylist()] == ["car", "person", None]
+    # objects_where keeps boxes (not images): the small ones, area <= 100
+    pairs, rest = _pairs_of(col.box_confused_pairs("det", objects_where="area <= 100"))
+    assert {k: (v["count"], v["a_top1"]) for k, v in pairs.items()} == {
+        ("car", "person"): (2, 1), ("person", "bike"): (1, 0)}
+    assert rest[0]["count"] == 1
+    pairs, rest = _pairs_of(col.box_confused_pairs("det", where="id = 'b'", top=1))
+    assert {k: v["count"] for k, v in pairs.items()} == {("car", "person"): 2} and rest == []
+
+
+def test_box_confused_pairs_equal_a_direct_computation(labeled, server, capsys):
+    import json
+
+    from service.cli import main
+
+    col, rows = labeled
+    big = "area >= 1500 AND score < 0.8"
+    for kw, keep in (({}, lambda b: True),
+                     ({"objects_where": big},
+                      lambda b: (_f32(b["x2"]) - _f32(b["x1"])) * (_f32(b["y2"]) - _f32(b["y1"])) >= 1500
+                      and _f32(b["score"]) < 0.8)):
+        table = col.box_confused_pairs("det", top=100, **kw)
+        got, rest = _pairs_of(table)
+        want, skipped = _direct_box_pairs(rows, COCO, keep)
+        assert set(got) == set(want) and len(want) >= 2
+        for key, (n, first, margins) in want.items():
+            assert (got[key]["count"], got[key]["a_top1"]) == (n, first)
+            assert got[key]["mean_margin"] == pytest.approx(float(np.mean(margins)), abs=1e-9)
+        assert [r["count"] for r in rest] == ([skipped] if skipped else [])
+        ranked = [(-r["count"], r["mean_margin"]) for r in table.to_pylist() if r["class_a"] is not None]
+        assert ranked == sorted(ranked)
+    # the image-level kind on a detector counts every box with probs: the same pairs
+    image_level = {(r["class_a"], r["class_b"]): r["count"] for r in col.confused_pairs("det", top=100).to_pylist()}
+    assert image_level == {k: v[0] for k, v in _direct_box_pairs(rows, COCO)[0].items()}
+    # the CLI prints the client's table
+    capsys.readouterr()
+    assert main(["stats", "labeled", "box-confused-pairs", "--model", "det", "--objects-where", big,
+                 "--top", "1", "--json", "--server", server.address]) == 0
+    assert json.loads(capsys.readouterr().out) == col.box_confused_pairs("det", objects_where=big, top=1).to_pylist()
+
+
+def test_bad_box_confused_pairs_requests(labeled, client, server, capsys):
+    from service.cli import main
+    from service.client import InvalidArgumentError, NotFoundError
+
+    col, _ = labeled
+    other = client.create_collection("clf_pairs", models={"m": ["a", "b"]})
+    other.upsert([{"id": "x", "pred_m": {"probs": [0.6, 0.4]}}])
+    with pytest.raises(InvalidArgumentError, match="box confused pairs need a detection model; 'm' is a "
+                                                   "classification model"):
+        other.box_confused_pairs("m")
+    with pytest.raises(FailedPreconditionError, match="needs a classifier"):  # and vice versa
+        col.confusion("det")
+    with pytest.raises(InvalidArgumentError, match="top must be"):
+        col.box_confused_pairs("det", top=20_000)
+    with pytest.raises(InvalidArgumentError, match="unknown object column 'colour'"):
+        col.box_confused_pairs("det", objects_where="colour = 'red'")
+    with pytest.raises(NotFoundError, match=r"model 'gt' not found in collection 'labeled' \(known: det\)"):
+        col.box_confused_pairs("gt")  # gt boxes have a label, no probs: no pairs
+    with pytest.raises(SystemExit, match="--model is required"):
+        main(["stats", "labeled", "box-confused-pairs", "--server", server.address])
+
+
 # -- per-box exports -------------------------------------------------------------------------
 
 

@@ -696,6 +696,34 @@ class AsyncCollection(AsyncCollectionBase):
         )
         return await self.client._unary(rpc, timeout)
 
+    async def box_confused_pairs(
+        self,
+        model: str,
+        where: str | None = None,
+        objects_where: str | None = None,
+        top: int = 20,
+        *,
+        version: int | str | None = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> pa.Table:
+        """Box-level confused pairs of detection ``model``: each of its boxes (the object
+        rows :meth:`objects` returns for ``source=model``, kept by ``objects_where``) pairs
+        its top-two classes; columns as :meth:`confused_pairs` (``class_a``, ``class_b``,
+        ``count``, ``a_top1``, ``mean_margin``), the ``top`` pairs. Boxes without probs are
+        skipped and counted in one last row with null classes."""
+        rpc = rpc_aggregate(
+            self.name,
+            "box_confused_pairs",
+            model=model,
+            where=where,
+            objects_where=objects_where,
+            top=top,
+            version=version,
+            params=params,
+        )
+        return await self.client._unary(rpc, timeout)
+
     async def uncertainty_quality(
         self,
         model: str | None = None,

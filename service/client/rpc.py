@@ -290,7 +290,8 @@ def rpc_page(collection: str, where: str | None, columns: Iterable[str] | None, 
 
 
 AGGREGATES: Final = ("label_distribution", "confused_pairs", "confusion", "class_uncertainty",
-                     "histogram", "objects", "object_classes", "box_confusion", "uncertainty_quality")
+                     "histogram", "objects", "object_classes", "box_confusion", "box_confused_pairs",
+                     "uncertainty_quality")
 
 
 def rpc_aggregate(collection: str, kind: str, *, model: str | None = None,

@@ -512,6 +512,18 @@ class Collection:
                             params=params)
         return self.client._unary(rpc, timeout)
 
+    def box_confused_pairs(self, model: str, where: str | None = None, objects_where: str | None = None,
+                           top: int = 20, *, version: int | str | None = None,
+                           params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> pa.Table:
+        """Box-level confused pairs of detection ``model``: each of its boxes (the object
+        rows :meth:`objects` returns for ``source=model``, kept by ``objects_where``) pairs
+        its top-two classes; columns as :meth:`confused_pairs` (``class_a``, ``class_b``,
+        ``count``, ``a_top1``, ``mean_margin``), the ``top`` pairs. Boxes without probs are
+        skipped and counted in one last row with null classes."""
+        rpc = rpc_aggregate(self.name, "box_confused_pairs", model=model, where=where,
+                            objects_where=objects_where, top=top, version=version, params=params)
+        return self.client._unary(rpc, timeout)
+
     def uncertainty_quality(self, model: str | None = None, uncertainty: str | None = None,
                             quality: str | None = None, where: str | None = None, *,
                             run_id: Any = None, iou: float = 0.5, lower_is_better: bool = False,
