@@ -27,7 +27,6 @@ from google.protobuf import json_format
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from indexing.filters import with_objects
-from indexing.objects import box_confused_pairs, box_confusion, object_classes
 from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec, light_columns
 from indexing.settings import EXPORT_CHUNK_BYTES as _EXPORT_CHUNK
 from indexing.settings import server_default
@@ -46,6 +45,7 @@ from protos.assay.v1 import (
     search_pb2_grpc,
 )
 from service.arrow_ipc import ipc_to_table, table_to_ipc
+from service.boxes import BOX_KINDS, box_table
 from service.datasets import version_arg
 from service.jobs import JobManager, JobRecord
 
@@ -577,24 +577,10 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             kind == "histogram" and request.field.startswith("objects."))
         if not per_object:  # image-level: the images with such an object
             where = with_objects(where, objects_where)
-        if kind == "objects":
-            table = col.objects(where, objects_where, source=request.model or None,
-                                columns=list(request.columns) or None, limit=request.limit or None,
-                                version=version)
-        elif kind == "object_classes":
-            table = object_classes(col.read_table(version, where), where,
-                                   objects_where, source=request.model or None)
-        elif kind == "box_confusion":
-            if not request.model:
-                raise InvalidArgument("aggregate 'box_confusion' needs a model (a detection model)")
-            read = col.read_table(version, where)
-            table = box_confusion(read, col.model(request.model), col.validate_filter(where, read),
-                                  iou=request.iou or 0.5)
-        elif kind == "box_confused_pairs":  # per box: objects_where keeps boxes, not images
-            if not request.model:
-                raise InvalidArgument("aggregate 'box_confused_pairs' needs a model (a detection model)")
-            table = box_confused_pairs(col.read_table(version, where), col.model(request.model), where,
-                                       objects_where, top=request.top or 20)
+        if kind in BOX_KINDS:
+            table = box_table(col, kind, model=request.model or None, where=request.where or None,
+                              objects_where=objects_where, version=version, columns=list(request.columns),
+                              limit=request.limit or None, iou=request.iou or None, top=request.top or None)
         elif kind == "label_distribution":
             table = analytics.label_distribution(col, where, list(request.group_by) or None, version=version)
         elif kind in ("confused_pairs", "confusion", "class_uncertainty"):
