@@ -508,3 +508,54 @@ def test_predictions_from_probs_logits_and_boxes(store):
     assert got[2] == {"model": "m", "class": "dog", "confidence": pytest.approx(0.9), "boxes": 2}
     assert got[3] is None
     assert predictions(col, None, rows.column("pred_m").combine_chunks()) == [None] * 4
+
+
+def test_box_views_equal_the_client(world):
+    """The page's box endpoints (object classes, box confusion, confused pairs per box,
+    object rows) answer what the client's Aggregate calls answer, filters included."""
+    client, base = world["client"], world["base"]
+    col = client.create_collection("web_boxes", models={"det": {"classes": ["car", "person"], "task": "detection"}})
+
+    def box(x1, y1, w, h, score, probs):
+        return {"x1": x1, "y1": y1, "x2": x1 + w, "y2": y1 + h, "score": score, "probs": probs}
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(12):
+        preds = [box(*rng.uniform(0, 50, 2), *rng.uniform(5, 40, 2), float(rng.random()),
+                     None if j == 2 else rng.dirichlet([1, 1]).tolist()) for j in range(int(rng.integers(0, 4)))]
+        # gt: the first two predicted boxes (labels alternating), and a missed box in odd images
+        gts = [{**{k: p[k] for k in ("x1", "y1", "x2", "y2")}, "label": ["car", "person"][j % 2]}
+               for j, p in enumerate(preds[:2])]
+        gts += [{"x1": 200, "y1": 200, "x2": 210, "y2": 210, "label": "car"}][: i % 2]
+        rows.append({"id": f"b{i:02d}", "split": "val" if i % 3 else "pool", "pred_det": {"boxes": preds},
+                     "gt_boxes": gts})
+    col.upsert(rows)
+    f = {"where": "split = 'val'", "objects_where": "area > 100"}
+    url = f"/api/collections/web_boxes/boxes/{{}}?where={quote(f['where'])}&objects_where={quote(f['objects_where'])}"
+    cases = [
+        ("object_classes", "&model=det", col.object_classes(**f, source="det")),
+        ("object_classes", "", col.object_classes(**f)),
+        ("box_confusion", "&model=det&iou=0.3", col.box_confusion("det", iou=0.3, **f)),
+        ("box_confused_pairs", "&model=det&top=1", col.box_confused_pairs("det", top=1, **f)),
+        ("box_confused_pairs", "&model=det", col.box_confused_pairs("det", **f)),
+        ("objects", "&model=gt&limit=5", col.objects(**f, source="gt", limit=5)),
+        ("objects", "", col.objects(**f, limit=100)),
+    ]
+    for kind, extra, want in cases:
+        status, body = get_json(base, url.format(kind) + extra)
+        assert status == 200, body
+        assert body["kind"] == kind and body["columns"] == want.column_names
+        assert body["rows"] == want.to_pylist() and want.num_rows > 0, (kind, extra)
+    assert len(get_json(base, url.format("objects"))[1]["rows"]) == min(100, col.objects(**f).num_rows)
+    assert any(r["class_a"] is None for r in col.box_confused_pairs("det").to_pylist())  # a box had no probs
+    for path, status, code in [
+        ("/api/collections/web_boxes/boxes/nope", 404, "NOT_FOUND"),
+        ("/api/collections/pics/boxes/box_confused_pairs?model=m", 400, "INVALID_ARGUMENT"),
+        ("/api/collections/web_boxes/boxes/box_confusion", 400, "INVALID_ARGUMENT"),
+        ("/api/collections/web_boxes/boxes/objects?limit=0", 400, "INVALID_ARGUMENT"),
+        ("/api/collections/web_boxes/boxes/objects?objects_where=colour%3D1", 400, "INVALID_ARGUMENT"),
+    ]:
+        got = get_json(base, path)
+        assert (got[0], got[1]["error"]["code"]) == (status, code), (path, got)
+    assert "detection model" in get_json(base, "/api/collections/pics/boxes/box_confused_pairs?model=m")[1]["error"]["message"]

@@ -676,6 +676,7 @@ class AsyncCollection(AsyncCollectionBase):
         where: str | None = None,
         iou: float = 0.5,
         *,
+        objects_where: str | None = None,
         version: int | str | None = None,
         params: Mapping[str, Any] | None = None,
         timeout: Timeout = DEFAULT,
@@ -684,7 +685,8 @@ class AsyncCollection(AsyncCollectionBase):
         ``predicted``, ``count``. Per image (with both boxes and gt_boxes), predictions by
         score descending each take the free gt box of highest IoU >= ``iou``, whatever its
         class; a null ``label`` is a spurious prediction, a null ``predicted`` a missed gt
-        box; a prediction without probs is ``"(no class)"``."""
+        box; a prediction without probs is ``"(no class)"``. ``objects_where`` keeps the images
+        with such a box (all of their boxes are matched)."""
         rpc = rpc_aggregate(
             self.name,
             "box_confusion",
@@ -693,6 +695,7 @@ class AsyncCollection(AsyncCollectionBase):
             iou=iou,
             version=version,
             params=params,
+            objects_where=objects_where,
         )
         return await self.client._unary(rpc, timeout)
 

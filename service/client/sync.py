@@ -501,15 +501,16 @@ class Collection:
         return self.client._unary(rpc, timeout)
 
     def box_confusion(self, model: str, where: str | None = None, iou: float = 0.5, *,
-                      version: int | str | None = None, params: Mapping[str, Any] | None = None,
-                      timeout: Timeout = DEFAULT) -> pa.Table:
+                      objects_where: str | None = None, version: int | str | None = None,
+                      params: Mapping[str, Any] | None = None, timeout: Timeout = DEFAULT) -> pa.Table:
         """Box-level confusion of detection ``model`` against ``gt_boxes``: ``label``,
         ``predicted``, ``count``. Per image (with both boxes and gt_boxes), predictions by
         score descending each take the free gt box of highest IoU >= ``iou``, whatever its
         class; a null ``label`` is a spurious prediction, a null ``predicted`` a missed gt
-        box; a prediction without probs is ``"(no class)"``."""
+        box; a prediction without probs is ``"(no class)"``. ``objects_where`` keeps the images
+        with such a box (all of their boxes are matched)."""
         rpc = rpc_aggregate(self.name, "box_confusion", model=model, where=where, iou=iou, version=version,
-                            params=params)
+                            params=params, objects_where=objects_where)
         return self.client._unary(rpc, timeout)
 
     def box_confused_pairs(self, model: str, where: str | None = None, objects_where: str | None = None,

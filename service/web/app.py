@@ -181,6 +181,8 @@ class WebApp:
                 lambda r: views.search_grid(self.store, self.embedders, r.path_params["name"], r.query_params))),
             Route("/api/collections/{name}/uncertainty_quality", self.api(
                 lambda r: views.uncertainty_quality(self.store, self.runs, r.path_params["name"], r.query_params))),
+            Route("/api/collections/{name}/boxes/{kind}", self.api(
+                lambda r: views.boxes(self.store, r.path_params["name"], r.path_params["kind"], r.query_params))),
             Route("/api/collections/{name}/map", self.api(
                 lambda r: views.map_json(self.maps.get(r.path_params["name"], r.query_params)))),
             Route("/api/runs/{run_id}", self.api(

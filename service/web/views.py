@@ -409,6 +409,32 @@ def uncertainty_quality(store: Store, runs: RunStore, name: str, params: Mapping
     return {**report_stats(table), "quadrants": table.to_pylist()}
 
 
+BOX_VIEW_LIMIT = 100  # object rows the page's table shows by default
+
+
+def boxes(store: Store, name: str, kind: str, params: Mapping[str, str]) -> dict[str, Any]:
+    """A box-level table of collection ``name`` as the gRPC Aggregate call computes it
+    (:func:`service.boxes.box_table`, the same function): ``kind`` is ``objects``,
+    ``object_classes``, ``box_confusion`` or ``box_confused_pairs``; query parameters
+    ``model`` (the box source: a detection model, or ``gt`` for ``objects`` /
+    ``object_classes``), ``where``, ``objects_where``, ``limit`` (objects; default 100, at
+    most ``MAX_LIST``), ``iou`` (box_confusion), ``top`` (box_confused_pairs). Returns
+    ``{"kind", "version", "columns", "rows"}``."""
+    from service.boxes import BOX_KINDS, box_table
+
+    if kind not in BOX_KINDS:
+        raise NotFound(f"no box view '{kind}' (known: {', '.join(BOX_KINDS)})")
+    col = store.collection(name)
+    version = col.version  # one version for the whole answer
+    table = box_table(
+        col, kind, model=params.get("model") or None, where=params.get("where") or None,
+        objects_where=params.get("objects_where") or None, version=version,
+        limit=int_param(params.get("limit"), "limit", BOX_VIEW_LIMIT, 1, MAX_LIST) if kind == "objects" else None,
+        iou=_float_param(params.get("iou"), "iou"),
+        top=int_param(params.get("top"), "top", 20, 1, MAX_LIST) if kind == "box_confused_pairs" else None)
+    return {"kind": kind, "version": version, "columns": table.column_names, "rows": table.to_pylist()}
+
+
 def json_ready(value: Any) -> Any:
     """Plain JSON types (numpy scalars and arrays, tuples, non-finite floats as null)."""
     if isinstance(value, Mapping):

@@ -173,7 +173,7 @@ async function homePage(fresh) {
 }
 
 const TABS = [["overview", "Overview"], ["runs", "Mining runs"], ["search", "Search"], ["map", "Embedding map"],
-  ["quality", "Uncertainty vs quality"], ["datasets", "Datasets"]];
+  ["quality", "Uncertainty vs quality"], ["boxes", "Boxes"], ["datasets", "Datasets"]];
 
 async function collectionPage(name, tab, query, fresh) {
   crumbs(["collections", "#/"], [name, `#/c/${enc(name)}`]);
@@ -189,6 +189,7 @@ async function collectionPage(name, tab, query, fresh) {
   else if (tab === "search") await searchTab(info, query, body, fresh);
   else if (tab === "map") await mapTab(info, query, body, fresh);
   else if (tab === "quality") await qualityTab(info, query, body, fresh);
+  else if (tab === "boxes") await boxesTab(info, query, body, fresh);
   else body.replaceChildren(el("p", { text: `No tab '${tab}'.` }));
 }
 
@@ -491,6 +492,65 @@ function qualityReport(r) {
         cell("high_uncertainty_high_quality", "false alarms")),
       el("tr", {}, el("th", { text: "low uncertainty" }), cell("low_uncertainty_low_quality", "confident errors"),
         cell("low_uncertainty_high_quality", "confident and right"))));
+}
+
+// -- boxes: object rows of a detection model or of gt_boxes ------------------------------------
+
+const OBJECT_SHOWN = ["id", "box", "class", "score", "x1", "y1", "x2", "y2", "area"];
+
+function rowsTable(kind, columns, rows) {
+  const cell = (v) => (v === null || v === undefined ? el("td", { class: "muted", text: "–" })
+    : typeof v === "number" ? el("td", { class: "num", text: Number.isInteger(v) ? int(v) : fmt(v) })
+    : el("td", { text: String(v) }));
+  return el("table", { class: "box-table", "data-kind": kind },
+    el("tr", {}, columns.map((c) => el("th", { text: c }))),
+    rows.map((r) => el("tr", {}, columns.map((c) => cell(r[c])))));
+}
+
+async function boxesTab(info, query, body, fresh) {
+  const detectors = Object.entries(info.models).filter(([, m]) => m.task === "detection").map(([n]) => n);
+  const sources = [...detectors, "gt"];
+  const source = sources.includes(query.get("model")) ? query.get("model") : sources[0];
+  const sel = el("select", { name: "model" }, sources.map((s) =>
+    el("option", { value: s, text: s === "gt" ? "gt (gt_boxes)" : `${s} (detection)`, selected: s === source })));
+  const where = el("input", { type: "text", name: "where", placeholder: "images, e.g. split = 'val'", value: query.get("where") || "" });
+  const objectsWhere = el("input", { type: "text", name: "objects_where", placeholder: "boxes, e.g. area < 1e4 AND score < 0.6",
+    value: query.get("objects_where") || "" });
+  const form = el("form", { class: "row" }, sel, where, objectsWhere, el("button", { type: "submit", text: "Show" }));
+  const params = () => Object.fromEntries(Object.entries({ model: sel.value, where: where.value.trim(),
+    objects_where: objectsWhere.value.trim() }).filter(([, v]) => v !== ""));
+  form.addEventListener("submit", (ev) => { ev.preventDefault(); go(`/c/${enc(info.name)}/boxes`, params()); });
+  const out = el("div", {}, el("p", { class: "muted", text: "Computing…" }));
+  body.replaceChildren(el("p", { class: "muted", text: "Boxes as rows: one per box of a detection model or of gt_boxes. " +
+    "The image filter keeps images; the box filter (SQL over id, source, box, class, score, x1..y2, width, height, area) keeps boxes " +
+    "(box confusion matches whole images, so there it keeps the images with such a box)." }), form, out);
+  const q = new URLSearchParams(params());
+  const get = (kind, extra) => api(`/api/collections/${enc(info.name)}/boxes/${kind}?${q}${extra || ""}`);
+  try {
+    const isModel = source !== "gt";
+    const [classes, objects, confusion, pairs] = await Promise.all([get("object_classes"), get("objects", "&limit=100"),
+      isModel ? get("box_confusion") : null, isModel ? get("box_confused_pairs") : null]);
+    if (!fresh()) return;
+    const max = Math.max(1, ...classes.rows.map((r) => r.count));
+    const parts = [
+      el("h2", { text: "Box classes" }),
+      classes.rows.length ? el("div", { class: "panel bars", "data-kind": "object_classes" }, classes.rows.map((r) => {
+        const bar = el("div", { class: "bar" });
+        bar.style.width = `${(100 * r.count) / max}%`;  // CSSOM, not a style attribute: the CSP refuses inline styles
+        return [el("span", { text: r.class === null ? "(no class)" : r.class }), el("div", {}, bar),
+          el("span", { class: "num", text: int(r.count) })];
+      })) : el("p", { class: "muted", text: "No boxes." }),
+    ];
+    if (confusion) parts.push(el("h2", { text: "Box confusion against gt_boxes (IoU ≥ 0.5; – label: spurious, – predicted: missed)" }),
+      rowsTable("box_confusion", confusion.columns, confusion.rows));
+    if (pairs) parts.push(el("h2", { text: "Confused pairs per box (top-two classes; – classes: boxes without probs)" }),
+      rowsTable("box_confused_pairs", pairs.columns, pairs.rows));
+    parts.push(el("h2", { text: `Object rows (first ${int(objects.rows.length)})` }),
+      rowsTable("objects", OBJECT_SHOWN, objects.rows));
+    out.replaceChildren(...parts);
+  } catch (e) {
+    if (fresh()) out.replaceChildren(el("p", { class: "error", text: `${e.code || "error"}: ${e.message}` }));
+  }
 }
 
 // -- datasets ------------------------------------------------------------------------------
