@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def site(tmp_path_factory):
         "text": ['<img src=x onerror="window.__pwned=1"> is a label', "a harmless note"],
         "emb_v": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 0.0, 0.9, 0.1], pa.float32()), 2),
     }))
+    scenes = client.create_collection("scenes", models={"det": {"classes": ["car", "person"], "task": "detection"}})
+    scenes.upsert([{"id": f"s{i}", "pred_det": {"boxes": [
+        {"x1": 0, "y1": 0, "x2": 10 + i, "y2": 10, "score": 0.9, "probs": [0.7, 0.3]},
+        {"x1": 50, "y1": 50, "x2": 60, "y2": 70, "score": 0.4, "probs": [0.45, 0.55] if i % 2 else None}]},
+        "gt_boxes": [{"x1": 0, "y1": 0, "x2": 10 + i, "y2": 10, "label": "car" if i % 3 else "person"}]}
+        for i in range(6)])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield {"base": server.web_url, "job": job, "results": job.results(["true_label"]).to_pylist()}
     client.close()
@@ -212,4 +219,28 @@ def test_uncertainty_vs_quality_tab(site, page):
         assert shown == q["ids"]
     assert "p =" in page.locator("dd.rho").inner_text()
     page.screenshot(path=str(ARTIFACTS / "web-uncertainty-quality.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_boxes_tab(site, page):
+    page.goto(site["base"] + "#token=" + TOKEN)
+    page.locator("a.panel", has_text="scenes").wait_for()
+    page.goto(site["base"] + "#/c/scenes/boxes?model=det&objects_where=" + urllib.parse.quote("score > 0.5"))
+    page.locator("table[data-kind=objects]").wait_for()
+
+    def api(kind: str) -> list[dict]:
+        req = urllib.request.Request(
+            site["base"].rstrip("/") + f"/api/collections/scenes/boxes/{kind}?model=det&objects_where=score%20%3E%200.5",
+            headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=60) as res:
+            return json.loads(res.read())["rows"]
+
+    bars = page.locator("[data-kind=object_classes] span.num").all_inner_texts()
+    assert bars == [f"{r['count']:,}" for r in api("object_classes")] == ["6"]
+    for kind in ("box_confusion", "box_confused_pairs", "objects"):
+        shown = page.locator(f"table[data-kind={kind}] tr")
+        assert shown.count() == len(api(kind)) + 1 > 1, kind  # a header row, then one per row
+    first = page.locator("table[data-kind=box_confused_pairs] tr").nth(1).locator("td").all_inner_texts()
+    assert first[:3] == ["car", "person", "6"]
+    page.screenshot(path=str(ARTIFACTS / "web-boxes.png"), full_page=True)
     assert page.errors == []
