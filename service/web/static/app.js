@@ -503,7 +503,7 @@ function rowsTable(kind, columns, rows) {
     : typeof v === "number" ? el("td", { class: "num", text: Number.isInteger(v) ? int(v) : fmt(v) })
     : el("td", { text: String(v) }));
   return el("table", { class: "box-table", "data-kind": kind },
-    el("tr", {}, columns.map((c) => el("th", { text: c }))),
+    el("tr", {}, columns.map((c) => el("th", { class: rows.some((r) => typeof r[c] === "number") ? "num" : null, text: c }))),
     rows.map((r) => el("tr", {}, columns.map((c) => cell(r[c])))));
 }
 
