@@ -11,6 +11,8 @@ Builds a collection of ``--images`` images with 0..``--max-boxes`` predicted box
 * ``count(any_object(...))`` for a selective and a broad predicate (the expansion scan with
   DuckDB per chunk, then Lance counting with the ``id IN (...)`` filter);
 * ``objects()`` of every box;
+* the confused pairs of every box: ``box_confused_pairs`` (over the object rows) and the
+  image-level ``confused_pairs`` given the detector (its own box path), which must agree;
 
 and prints each time and its ratio to the floor. Nothing is asserted (speed is measured,
 not tested).
@@ -30,7 +32,8 @@ import pyarrow.compute as pc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from indexing.objects import CHUNK_ROWS  # noqa: E402
+from indexing.analytics import confused_pairs  # noqa: E402
+from indexing.objects import CHUNK_ROWS, box_confused_pairs  # noqa: E402
 from indexing.store import Store  # noqa: E402
 
 CLASSES = ["a", "b", "c"]
@@ -103,6 +106,15 @@ def main() -> None:
                 print(f"  MISMATCH: any_object counts {n:,}, the NumPy reference {n_np:,}")
         t_obj, table = timed(lambda: col.objects())
         print(f"objects(): every box as a row              {t_obj:7.2f} s  {t_obj / t_floor:5.2f}x  {table.num_rows:,} rows")
+        t_cp, image_level = timed(lambda: confused_pairs(col, "det", top=100))
+        print(f"confused_pairs(det): every box             {t_cp:7.2f} s  {t_cp / t_floor:5.2f}x")
+        t_bp, per_box = timed(lambda: box_confused_pairs(col.read_table(None, None), col.model("det"), top=100))
+        print(f"box_confused_pairs(det): every box         {t_bp:7.2f} s  {t_bp / t_floor:5.2f}x")
+        t_bw, _ = timed(lambda: box_confused_pairs(col.read_table(None, None), col.model("det"),
+                                                   objects_where="area < 1e3", top=100))
+        print(f"box_confused_pairs(det, area < 1e3)        {t_bw:7.2f} s  {t_bw / t_floor:5.2f}x")
+        if image_level.select(["class_a", "class_b", "count"]) != per_box.select(["class_a", "class_b", "count"]):
+            print("  MISMATCH: box_confused_pairs and confused_pairs count different pairs")
 
 
 if __name__ == "__main__":
