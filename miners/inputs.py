@@ -40,7 +40,7 @@ from indexing.segmentation import summary_scores
 from indexing.store import Collection
 from miners.runs import MiningOutput, RunSpec
 from miners.topk import row_uniforms
-from miners.vectors import Pool, graph, ids_of_rows, load_pool
+from miners.vectors import Pool, graph, ids_of_rows, load_pool, space_condition, space_spec
 
 Progress = Callable[[float, str], None]
 
@@ -98,7 +98,7 @@ class RunContext:
 
     @cached_property
     def dim(self) -> int:
-        return self.col.space(self.space).dim
+        return space_spec(self.col, self.space).dim
 
     @cached_property
     def table(self) -> Any:
@@ -459,7 +459,7 @@ class Vectors(Input):
         return {"vectors": f"{EMB_PREFIX}{ctx.space}"}
 
     def condition(self, ctx: RunContext) -> str | None:
-        return f"{EMB_PREFIX}{ctx.space} IS NOT NULL"
+        return space_condition(ctx.space)
 
     def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
         return valid_mask(batch.column("vectors"))
@@ -613,7 +613,7 @@ class Seeds(Input):
     phase = "params"
 
     def condition(self, ctx: RunContext) -> str | None:
-        return f"{EMB_PREFIX}{ctx.space} IS NOT NULL"
+        return space_condition(ctx.space)
 
 
 class Stages(Input):
