@@ -73,8 +73,8 @@ POOL_NAMES, POOL_X = _objects(POOL)
 REF_NAMES, REF_X = _objects(REFERENCE)
 
 
-def _mine(col, miner: str, size: int, **kw):
-    job = col.mine(miner, size=size, space="objects:det", where="split = 'pool'", **kw)
+def _mine(col, miner: str, size: int, where: str = "split = 'pool'", **kw):
+    job = col.mine(miner, size=size, space="objects:det", where=where, **kw)
     job.wait(timeout=60)
     res = job.results()
     names = [f"{i}#{b}" for i, b in zip(res["id"].to_pylist(), res["box"].to_pylist(), strict=True)]
@@ -206,3 +206,15 @@ def test_a_miner_that_reads_more_than_vectors_is_refused_on_objects(col):
 def test_an_unknown_object_seed_is_refused(col):
     with pytest.raises(NotFoundError, match="i0#7|'<image id>#<box index>'"):
         col.mine("knn", size=1, space="objects:det", params={"seed_ids": ["nope#0"]})
+
+
+@pytest.mark.parametrize(("miner", "kw"), [
+    ("lof", {"params": {"k": 2}}),
+    ("semdedup", {"where": "split = 'pool' AND id != 'i0'"}),  # cosine: i0#0 is the zero vector
+    ("probcover", {"reference_where": "split = 'ref'"}),
+    ("typiclust", {}),
+    ("embedding_distance", {"reference_where": "split = 'ref'"}),
+])
+def test_every_vectors_miner_runs_on_objects(col, miner, kw):
+    names, res, _ = _mine(col, miner, 2, **kw)
+    assert names and set(names) <= set(POOL_NAMES)
