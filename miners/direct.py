@@ -83,7 +83,7 @@ def _knn_objects(ctx: RunContext) -> MiningOutput:
     t0 = time.perf_counter()
     col, rec, params, check = ctx.col, ctx.run, ctx.params, ctx.check
     ctx.progress(0.05, "loading the object embeddings")
-    pool = load_pool(col, rec.version, rec.space, ctx.where, check=check)
+    pool = load_pool(col, rec.version, rec.space, ctx.where, check=check, objects_where=ctx.objects_where)
     if not len(pool):
         raise FailedPrecondition(f"no box of the pool has an embedding in object space '{rec.space}' "
                                  f"({pool.skipped:,} boxes without one)")
@@ -111,7 +111,8 @@ def _knn_objects(ctx: RunContext) -> MiningOutput:
     queries = np.stack(seeds).astype(np.float32)
     k = min(rec.size + len(exclude), len(pool))
     ctx.progress(0.2, f"searching {len(queries)} seed(s) among {len(pool):,} objects")
-    indices, distances = knn_graph(col, rec.version, rec.space, ctx.where, k, queries, searched=pool, check=check)
+    indices, distances = knn_graph(col, rec.version, rec.space, ctx.where, k, queries, searched=pool, check=check,
+                                   objects_where=ctx.objects_where)
     rows, scores = aggregate_seed_neighbours(indices, distances, how=params["aggregate"], rrf_k=params["rrf_k"])
     out_rows, out_scores, related = [], [], []
     for r, sc in zip(rows.tolist(), scores.tolist(), strict=True):

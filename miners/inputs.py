@@ -88,6 +88,11 @@ class RunContext:
     def reference_where(self) -> str | None:
         return self.run.reference_where or None
 
+    @property
+    def objects_where(self) -> str | None:
+        """Object spaces: the boxes mined (SQL over the object columns), None for every box."""
+        return self.run.objects_where or None
+
     @cached_property
     def model_spec(self) -> ModelSpec | None:
         return self.col.model(self.model) if self.model else None
@@ -505,7 +510,8 @@ class PoolGraph(_Graph):
         ctx.progress(g.spans[self.name][0], f"k-NN graph of {len(pool):,} pool rows (k={k})")
         if len(pool) > 1:
             res = graph(ctx.col, ctx.run.version, ctx.space, ctx.where, min(k, len(pool) - 1), pool.vectors,
-                        searched=pool, exclude_self=True, check=ctx.check, progress=g.bar(self.name))
+                        searched=pool, exclude_self=True, check=ctx.check, progress=g.bar(self.name),
+                    objects_where=ctx.objects_where)
             g.arrays[self.name] = (res.indices, res.distances)
             g.graphs[self.role] = res.info.to_dict()
         else:
@@ -524,7 +530,8 @@ class QueryGraph(_Graph):
             raise FailedPrecondition(f"the reference filter {ctx.run.reference_where!r} has no vectors in "
                                      f"space '{ctx.space}'")
         res = graph(ctx.col, ctx.run.version, ctx.space, ctx.reference_where, min(self.k(g), len(ref)),
-                    g.pool.vectors, searched=ref, check=ctx.check, progress=g.bar(self.name))
+                    g.pool.vectors, searched=ref, check=ctx.check, progress=g.bar(self.name),
+                    objects_where=ctx.objects_where)
         g.arrays[self.name] = (res.indices, res.distances)
         g.graphs[self.role] = res.info.to_dict()
 
@@ -540,7 +547,8 @@ class ReferenceGraph(_Graph):
         if ref is None or len(ref) < 2:
             raise FailedPrecondition("LOF novelty needs at least 2 reference rows")
         res = graph(ctx.col, ctx.run.version, ctx.space, ctx.reference_where, min(self.k(g), len(ref) - 1),
-                    ref.vectors, searched=ref, exclude_self=True, check=ctx.check, progress=g.bar(self.name))
+                    ref.vectors, searched=ref, exclude_self=True, check=ctx.check, progress=g.bar(self.name),
+                    objects_where=ctx.objects_where)
         g.arrays[self.name] = (res.indices, res.distances)
         g.graphs[self.role] = res.info.to_dict()
 
@@ -763,7 +771,7 @@ class Gathered:
         ctx.progress(0.0, "loading the pool's vectors")
         ride = [Bound(i, ctx) for i in self.inputs if i.phase == "ride"]
         self.pool = load_pool(ctx.col, ctx.run.version, ctx.space, ctx.where, extra=ride, check=ctx.check,
-                              progress=_phase(ctx.progress, 0.0, self.ref_lo))
+                              progress=_phase(ctx.progress, 0.0, self.ref_lo), objects_where=ctx.objects_where)
         if len(self.pool) == 0:
             raise FailedPrecondition(f"none of the {self.pool.scanned:,} pool rows has a vector in space "
                                      f"'{ctx.space}'")
@@ -771,7 +779,8 @@ class Gathered:
         if self.needs_reference:
             ctx.progress(self.ref_lo, "loading the reference set's vectors")
             self.reference = load_pool(ctx.col, ctx.run.version, ctx.space, ctx.reference_where, check=ctx.check,
-                                       progress=_phase(ctx.progress, self.ref_lo, self.load_hi))
+                                       progress=_phase(ctx.progress, self.ref_lo, self.load_hi),
+                                       objects_where=ctx.objects_where)
         for inp in self.inputs:
             if inp.phase in ("pool", "ride", "reference"):
                 inp.gather(self)

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.filters import check_filter, ids_predicate, object_clauses
-from indexing.objects import expand
+from indexing.objects import check_predicate, expand
 from indexing.settings import MAX_SIZE, MINING_THREADS, SEALS_K
 from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
@@ -115,6 +115,12 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
             _check_object_miner(spec, inputs, req)
     elif req.space:
         space_spec(col, req.space)
+    if req.objects_where:
+        if object_model(req.space) is None:
+            raise InvalidArgument("objects_where restricts the boxes of an object space (space='objects:<model>'); "
+                                  f"space {req.space!r} is not one: to keep the images with such a box, put "
+                                  "any_object(<predicate>) in where")
+        check_predicate(req.objects_where)
     if req.reference_where and spec.reference == "none" and not req.candidates:
         raise InvalidArgument(f"miner '{spec.name}' does not use a reference filter (only "
                               "candidates='knn_of_labeled' reads one for such a miner)")

@@ -88,6 +88,9 @@ class RunSpec:
     # pool rows of each reference row (reference_where, default "label IS NOT NULL")
     candidates: str = _request(stage=True, default="")
     candidates_k: int = _request(stage=True, default=0)
+    # object spaces (space "objects:<model>"): only the boxes matching this SQL over the
+    # object columns are mined (pool and reference set); "" every box with an embedding
+    objects_where: str = _request(stage=True, default="")
     state: str = "PENDING"
     progress: float = 0.0
     rows_scanned: int = 0

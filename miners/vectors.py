@@ -166,18 +166,20 @@ def _list_matrix(arr: pa.Array, width: int, dtype: Any) -> np.ndarray:
 
 def load_pool(col: Collection, version: int, space: str, where: str | None, *,
               extra: Sequence[ChunkDecoder] = (), check: Any = lambda: None,
-              progress: Callable[[float, str], None] | None = None) -> Pool:
+              progress: Callable[[float, str], None] | None = None, objects_where: str | None = None) -> Pool:
     """Stream the vectors of the rows matching ``where`` at ``version`` — and what each
     ``extra`` decoder reads (its ``columns``; rows it says lack it are skipped; its
     ``row_arrays`` land in ``Pool.arrays``). Rows missing any of them are counted in
     ``skipped``. ``progress(fraction, message)`` after each chunk: rows read of the total,
     with an ETA. In an object space (``objects:<model>``) the rows are the boxes of the
-    images matching ``where`` (:func:`load_objects`)."""
+    images matching ``where`` (:func:`load_objects`; ``objects_where`` keeps the boxes matching
+    it)."""
     if object_model(space) is not None:
         if extra:
             raise InvalidArgument(f"space '{space}' holds objects, whose only per-row input is their embedding; "
                                   "this miner also reads per-image inputs: run it on an image space")
-        return load_objects(col, version, space, where, check=check, progress=progress)
+        return load_objects(col, version, space, where, objects_where=objects_where, check=check,
+                            progress=progress)
     spec = col.space(space)
     table = col.at_version(version)
     proj = {"id": "id", "v": f"{EMB_PREFIX}{space}"}
@@ -290,14 +292,15 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _cache_key(col: Collection, version: int, space: str, where: str | None,
-               queries: np.ndarray, exclude_self: bool) -> tuple:
+               queries: np.ndarray, exclude_self: bool, objects_where: str | None = None) -> tuple:
     # The key pins table, version, space and filter (not k: a larger k serves a smaller one);
     # the queries are told apart by their shape and ~1k evenly spaced rows (hashing a 1M-row
     # pool whole would cost seconds).
     sample = np.ascontiguousarray(queries[:: max(1, len(queries) // 1024)])
     digest = hashlib.blake2b(sample.tobytes(), digest_size=16)
     digest.update(str(queries.shape).encode())
-    return (col.store.root, col.name, version, space, where or "", exclude_self, digest.hexdigest())
+    return (col.store.root, col.name, version, space, where or "", objects_where or "", exclude_self,
+            digest.hexdigest())
 
 
 def _cached(key: tuple, k: int) -> KnnResult | None:
@@ -328,13 +331,15 @@ def _remember(key: tuple, result: KnnResult) -> None:
 
 def graph(col: Collection, version: int, space: str, where: str | None, k: int, queries: np.ndarray,
           *, searched: Pool | None = None, exclude_self: bool = False, check: Any = lambda: None,
-          progress: Callable[[float, str], None] | None = None, target_recall: float = 0.95) -> KnnResult:
+          progress: Callable[[float, str], None] | None = None, target_recall: float = 0.95,
+          objects_where: str | None = None) -> KnnResult:
     """k nearest rows (matching ``where`` at ``version``) of each query vector, with how the
     graph was built. With ``searched`` (the rows, loaded): indices into ``searched``, from
     :func:`miners.knn.knn_search` on its vectors; ``exclude_self`` drops each query's own row
     when the queries are the searched rows themselves (query i is row i). Without: stable
-    row ids from the space's ANN index through LanceDB. Euclidean distances, ascending."""
-    key = _cache_key(col, version, space, where, queries, exclude_self)
+    row ids from the space's ANN index through LanceDB. Euclidean distances, ascending.
+    ``objects_where``: the box filter of an object space's rows (part of the cache key)."""
+    key = _cache_key(col, version, space, where, queries, exclude_self, objects_where)
     hit = _cached(key, k)
     if hit is not None:
         if progress is not None:
@@ -363,10 +368,10 @@ def graph(col: Collection, version: int, space: str, where: str | None, k: int, 
 
 def knn_graph(col: Collection, version: int, space: str, where: str | None, k: int, queries: np.ndarray,
               *, searched: Pool | None = None, exclude_self: bool = False,
-              check: Any = lambda: None) -> tuple[np.ndarray, np.ndarray]:
+              check: Any = lambda: None, objects_where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances) of :func:`graph`."""
     result = graph(col, version, space, where, k, queries, searched=searched, exclude_self=exclude_self,
-                   check=check)
+                   check=check, objects_where=objects_where)
     return result.indices, result.distances
 
 

@@ -218,3 +218,24 @@ def test_an_unknown_object_seed_is_refused(col):
 def test_every_vectors_miner_runs_on_objects(col, miner, kw):
     names, res, _ = _mine(col, miner, 2, **kw)
     assert names and set(names) <= set(POOL_NAMES)
+
+
+def test_objects_where_restricts_the_boxes_mined_and_the_reference(col):
+    names, _, job = _mine(col, "coreset", 3, reference_where="split = 'ref'", objects_where="box = 0")
+    pool = [j for j, n in enumerate(POOL_NAMES) if n.endswith("#0")]
+    ref = [j for j, n in enumerate(REF_NAMES) if n.endswith("#0")]
+    want = [POOL_NAMES[pool[j]] for j in _kcenter(POOL_X[pool], REF_X[ref], 3)]
+    assert names == want and all(n.endswith("#0") for n in names)
+    run = job.run()
+    assert run["objects_where"] == "box = 0"
+    assert run["stats"]["objects"]["mined"] == len(pool)
+
+
+def test_objects_where_is_refused_outside_an_object_space_and_when_malformed(client, col):
+    from service.client.rpc import rpc_start_mining
+
+    rpc = rpc_start_mining("objs", "typicality", 1, space="img", objects_where="box = 0")
+    with pytest.raises(InvalidArgumentError, match="objects_where restricts the boxes of an object space.*any_object"):
+        client._unary(rpc, 30)
+    with pytest.raises(InvalidArgumentError, match="objects_where.*nope"):
+        col.mine("typicality", size=1, space="objects:det", objects_where="nope > 1")
