@@ -773,6 +773,11 @@ class Gathered:
         self.pool = load_pool(ctx.col, ctx.run.version, ctx.space, ctx.where, extra=ride, check=ctx.check,
                               progress=_phase(ctx.progress, 0.0, self.ref_lo), objects_where=ctx.objects_where)
         if len(self.pool) == 0:
+            if self.pool.boxes is not None:
+                raise FailedPrecondition(
+                    f"none of the {self.pool.scanned:,} boxes of the pool{' matching objects_where' if ctx.objects_where else ''} "
+                    f"has an embedding in object space '{ctx.space}'; store an embedding on the boxes "
+                    "(the inference runner's box_embeddings=<layer>)")
             raise FailedPrecondition(f"none of the {self.pool.scanned:,} pool rows has a vector in space "
                                      f"'{ctx.space}'")
         self.arrays["row_keys"] = self.pool.row_keys

@@ -239,3 +239,11 @@ def test_objects_where_is_refused_outside_an_object_space_and_when_malformed(cli
         client._unary(rpc, 30)
     with pytest.raises(InvalidArgumentError, match="objects_where.*nope"):
         col.mine("typicality", size=1, space="objects:det", objects_where="nope > 1")
+
+
+def test_a_pool_whose_boxes_have_no_embedding_fails_saying_so(col):
+    from service.client import FailedPreconditionError
+
+    with pytest.raises(FailedPreconditionError, match="none of the 1 boxes of the pool matching objects_where has "
+                                                      "an embedding.*box_embeddings"):
+        _mine(col, "typicality", 1, where="id = 'i2'", objects_where="box = 1")
