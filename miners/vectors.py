@@ -14,6 +14,12 @@
   the space's ANN index through LanceDB, SQL filter as prefilter: interactive search stays
   with LanceDB. Graphs are cached per (table, version, space, filter, queries) in this
   process; a graph built for k serves every k' <= k (its first k' columns).
+* **Object spaces**: ``space="objects:<model>"`` names a detection model declared with
+  ``box_embedding_dim`` (:func:`space_spec` checks it and says the fix otherwise); its rows
+  are the boxes of the images matching the filter that carry an embedding
+  (:func:`load_objects`, boxes without one counted in ``skipped``), ``Pool.boxes`` their box
+  index, and every function here takes it where it takes an image space — which is how
+  every gathered vectors miner and ``knn`` run on objects unchanged.
 """
 
 from __future__ import annotations
