@@ -247,3 +247,12 @@ def test_a_pool_whose_boxes_have_no_embedding_fails_saying_so(col):
     with pytest.raises(FailedPreconditionError, match="none of the 1 boxes of the pool matching objects_where has "
                                                       "an embedding.*box_embeddings"):
         _mine(col, "typicality", 1, where="id = 'i2'", objects_where="box = 1")
+
+
+def test_lof_novelty_on_objects_matches_scikit_learn(col):
+    from sklearn.neighbors import LocalOutlierFactor
+
+    names, res, _ = _mine(col, "novelty", len(POOL_NAMES), reference_where="split = 'ref'", params={"k": 1})
+    sk = -LocalOutlierFactor(n_neighbors=1, novelty=True).fit(REF_X).score_samples(POOL_X)
+    got = dict(zip(names, res["score"].to_numpy(), strict=True))
+    np.testing.assert_allclose([got[n] for n in POOL_NAMES], sk, rtol=1e-4)
