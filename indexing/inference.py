@@ -18,7 +18,15 @@ For each batch the runner does one deterministic pass (``model.eval()``) and, as
   the ``samples`` and ``probs`` is their mean (embedding layers are looked up in the first);
 * **detections** — ``detection=adapter``: a callable turning the model's raw output into one
   mapping per image with ``boxes`` ``(B, 4)`` (x1, y1, x2, y2), ``scores`` ``(B,)`` and
-  optionally ``probs`` ``(B, C)``, written as ``pred_<model_name>.boxes``;
+  optionally ``probs`` ``(B, C)``, written as ``pred_<model_name>.boxes``; with
+  ``box_embeddings="layer.name"`` each box also gets an ``embedding``: a forward hook keeps
+  that layer's ``(N, D, h, w)`` feature map, the predicted boxes (input pixels) are scaled
+  to it (``w / W``, ``h / H`` per axis, ``(H, W)`` the input's last two dims or
+  ``box_image_size=``), ``torchvision.ops.roi_align`` pools each box to ``box_roi_size`` ×
+  ``box_roi_size`` (aligned, ``box_sampling_ratio`` samples per bin) and the mean over that
+  grid is the box's ``D``-vector. ``D`` must be the model's declared ``box_embedding_dim``
+  (the registered model's, or ``box_embedding_dim=`` when the runner registers it): a layer
+  of another width is refused with a ValueError naming both;
 * **segmentation** — ``segmentation=True``: the model returns ``(N, C, H, W)`` logits (or
   probabilities with ``activation="none"``); each batch is reduced to per-image summaries
   (:mod:`indexing.segmentation`: ``mean_entropy``, ``topq_entropy``,
@@ -91,6 +99,8 @@ from indexing.schema import (
     ModelSpec,
 )
 from indexing.segmentation import PixelBald, segmentation_summaries
+
+_BOX_FEATURES = "\0box_features"  # the captured feature map of the box_embeddings layer (no space name)
 
 __all__ = ["InferenceResult", "InferenceRunner", "pool_activation", "run"]
 
@@ -244,6 +254,15 @@ class InferenceRunner:
             independent masks (train-mode dropout).
         seed: seed of the dropout masks.
         detection: adapter from the model's raw output to per-image detections.
+        box_embeddings: detection: the layer (a name from ``named_modules()``, or the module)
+            whose ``(N, D, h, w)`` output is RoI-pooled over each predicted box into the box's
+            ``embedding`` (module docstring).
+        box_embedding_dim: the model's declared ``box_embedding_dim`` (used to register it,
+            and checked against a registered model's).
+        box_roi_size, box_sampling_ratio: ``roi_align``'s ``output_size`` and
+            ``sampling_ratio``.
+        box_image_size: ``(H, W)`` of the input images the boxes are in (default: the input
+            tensor's last two dims).
         segmentation: the model is a segmentation model: ``(N, C, H, W)`` outputs are reduced
             to per-image summaries (module docstring).
         segmentation_settings: ``{"top_q", "uncertain_threshold", "map_size"}`` for a model
@@ -277,6 +296,11 @@ class InferenceRunner:
         consistent_masks: bool = True,
         seed: int = 0,
         detection: Callable[[Any], Sequence[Mapping[str, Any]]] | None = None,
+        box_embeddings: Any = None,
+        box_embedding_dim: int | None = None,
+        box_roi_size: int = 7,
+        box_sampling_ratio: int = 2,
+        box_image_size: tuple[int, int] | None = None,
         segmentation: bool = False,
         segmentation_settings: Mapping[str, Any] | None = None,
         mask_dir: str | os.PathLike[str] | None = None,
@@ -302,6 +326,13 @@ class InferenceRunner:
             raise ValueError(f"flush_rows must be an integer >= 1; got {flush_rows!r}")
         if detection is not None and mc_samples:
             raise ValueError("MC-dropout samples of a detector are not supported; use mc_samples=0")
+        if box_embeddings is not None and detection is None:
+            raise ValueError("box_embeddings pools a layer over predicted boxes: it needs detection=")
+        if box_embedding_dim is not None and (isinstance(box_embedding_dim, bool)
+                                              or not isinstance(box_embedding_dim, int) or box_embedding_dim < 1):
+            raise ValueError(f"box_embedding_dim must be a positive integer; got {box_embedding_dim!r}")
+        if isinstance(box_roi_size, bool) or not isinstance(box_roi_size, int) or box_roi_size < 1:
+            raise ValueError(f"box_roi_size must be a positive integer; got {box_roi_size!r}")
         if segmentation and detection is not None:
             raise ValueError("a model is segmentation or detection, not both")
         if mask_dir is not None and not segmentation:
@@ -323,6 +354,12 @@ class InferenceRunner:
         self.consistent_masks = consistent_masks
         self.seed = int(seed)
         self.detection = detection
+        self.box_embeddings = box_embeddings
+        self.box_embedding_dim = box_embedding_dim
+        self.box_roi_size = box_roi_size
+        self.box_sampling_ratio = int(box_sampling_ratio)
+        self.box_image_size = None if box_image_size is None else (int(box_image_size[0]), int(box_image_size[1]))
+        self._box_dim: int | None = None
         self.segmentation = bool(segmentation)
         self.segmentation_settings = dict(segmentation_settings or {})
         if self.segmentation:  # checked now (ModelSpec validates the values), used per run
@@ -356,6 +393,7 @@ class InferenceRunner:
                 raise TypeError(f"sink must have an upsert(table) method; got {type(sink).__name__}")
             self._register_model(sink)
         self._seg = self._segmentation_settings(sink)
+        self._box_dim = self._declared_box_dim(sink)
         tables: list[pa.Table] = []
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="assay-inference-sink") as writer:
@@ -381,6 +419,7 @@ class InferenceRunner:
     def predict(self, model: Any, loader: Iterable[Any]) -> Iterator[pa.Table]:
         """The rows :meth:`run` would write, as Arrow tables of about ``flush_rows`` rows."""
         self._seg = self._segmentation_settings(None)
+        self._box_dim = self._declared_box_dim(None)
         yield from self._tables(model, loader, InferenceResult())
 
     # -- setup -------------------------------------------------------------------------
@@ -392,11 +431,33 @@ class InferenceRunner:
         options: dict[str, Any] = {}
         if self.segmentation:
             task, options = "segmentation", self.segmentation_settings
+        if self.box_embeddings is not None and self.box_embedding_dim:
+            options = {"box_embedding_dim": self.box_embedding_dim}
         try:
             sink.add_model(self.model_name, self.classes, task=task, **options)
         except Exception as exc:  # both the store's and the client's "already exists"
             if "AlreadyExists" not in type(exc).__name__:
                 raise
+
+    def _declared_box_dim(self, sink: Any) -> int | None:
+        """The ``box_embedding_dim`` box embeddings must have: the registered model's, else
+        ``box_embedding_dim=``. ValueError when neither declares one, or they differ."""
+        if self.box_embeddings is None:
+            return None
+        registered = _registered_model(sink, self.model_name)
+        have = int(registered.get("box_embedding_dim") or 0) if registered is not None else 0
+        if registered is not None and not have:
+            raise ValueError(f"model '{self.model_name}' is registered without box_embedding_dim, so its boxes "
+                             "cannot carry embeddings; register a detection model with box_embedding_dim=<the "
+                             "layer's channels>")
+        if have and self.box_embedding_dim and have != self.box_embedding_dim:
+            raise ValueError(f"box_embedding_dim={self.box_embedding_dim} differs from the registered model "
+                             f"'{self.model_name}''s box_embedding_dim={have}; drop it, or register another model")
+        dim = have or self.box_embedding_dim
+        if not dim:
+            raise ValueError("box_embeddings needs the model's declared box_embedding_dim: register the model with "
+                             "it, or pass box_embedding_dim=")
+        return dim
 
     def _segmentation_settings(self, sink: Any) -> dict[str, Any]:
         """The settings a segmentation run computes with: the sink's registered model's
@@ -476,7 +537,63 @@ class InferenceRunner:
                 captured[space] = vec.float()
 
             handles.append(module.register_forward_hook(hook))
+        if self.box_embeddings is not None:
+            module = self._layer(names, self.box_embeddings, "box_embeddings")
+
+            def box_hook(mod: Any, args: tuple, output: Any) -> None:
+                if capturing[0]:
+                    captured[_BOX_FEATURES] = output[0] if isinstance(output, tuple | list) else output
+
+            handles.append(module.register_forward_hook(box_hook))
         return handles
+
+    @staticmethod
+    def _layer(names: Mapping[str, Any], layer: Any, what: str) -> Any:
+        if isinstance(layer, str):
+            if layer not in names:
+                sample = ", ".join(n for n in list(names)[1:20] if n)
+                raise ValueError(f"{what}: the model has no layer named {layer!r} "
+                                 f"(layers: {sample}{', ...' if len(names) > 20 else ''})")
+            return names[layer]
+        if all(layer is not m for m in names.values()):
+            raise ValueError(f"{what}: that module is not part of the model")
+        return layer
+
+    def _roi_embeddings(self, x: Any, features: Any, dets: list[Mapping[str, Any]]) -> list[np.ndarray]:
+        """Each image's boxes RoI-pooled from the layer's feature map: ``(B_i, D)`` per image."""
+        import torch
+        from torchvision.ops import roi_align
+
+        if not isinstance(features, torch.Tensor) or features.ndim != 4:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"box_embeddings: layer {self._layer_name()} must output an (N, D, h, w) feature map; "
+                             f"got {shape}")
+        n, d, h, w = features.shape
+        if d != self._box_dim:
+            raise ValueError(f"box_embeddings: layer {self._layer_name()} has {d} channels but model "
+                             f"'{self.model_name}' declares box_embedding_dim={self._box_dim}; pick a layer with "
+                             f"{self._box_dim} channels, or declare the model with box_embedding_dim={d}")
+        if self.box_image_size is not None:
+            size_h, size_w = self.box_image_size
+        elif isinstance(x, torch.Tensor) and x.ndim >= 3:
+            size_h, size_w = int(x.shape[-2]), int(x.shape[-1])
+        else:
+            raise ValueError("box_embeddings: the inputs are not an image tensor; give box_image_size=(H, W)")
+        scale = torch.tensor([w / size_w, h / size_h, w / size_w, h / size_h], dtype=torch.float32,
+                             device=features.device)
+        rois = [torch.as_tensor(np.asarray(dt["boxes"], np.float32).reshape(-1, 4), device=features.device) * scale
+                for dt in dets]
+        pooled = roi_align(features.float(), rois, output_size=self.box_roi_size, spatial_scale=1.0,
+                           sampling_ratio=self.box_sampling_ratio, aligned=True)
+        vecs = _numpy(pooled.mean(dim=(2, 3)))
+        out, at = [], 0
+        for r in rois:
+            out.append(vecs[at:at + len(r)])
+            at += len(r)
+        return out
+
+    def _layer_name(self) -> str:
+        return repr(self.box_embeddings) if isinstance(self.box_embeddings, str) else "(module)"
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -604,6 +721,13 @@ class InferenceRunner:
                             raise ValueError(f"the detection adapter returned {len(dets)} results for {n} images")
                         part["boxes"] = [{k: _numpy(v) for k, v in d.items() if k in ("boxes", "scores", "probs")}
                                          for d in dets]
+                        if self.box_embeddings is not None:
+                            if _BOX_FEATURES not in captured:
+                                raise RuntimeError(f"box_embeddings: layer {self._layer_name()} did not run in "
+                                                   "the forward pass")
+                            embs = self._roi_embeddings(x, captured[_BOX_FEATURES], part["boxes"])
+                            for det, emb in zip(part["boxes"], embs, strict=True):
+                                det["embedding"] = emb
                     elif self.segmentation:
                         part["seg"] = self._seg_part(outs[0], ids)
                     elif committee is not None:
@@ -752,7 +876,8 @@ def _nested_lists(s: np.ndarray) -> pa.Array:
 
 
 def _boxes(dets: list[Mapping[str, np.ndarray]]) -> pa.Array:
-    """Per-image detections -> list<struct{x1, y1, x2, y2, score, probs}>."""
+    """Per-image detections -> list<struct{x1, y1, x2, y2, score, probs}> (+ ``embedding``
+    when the detections carry one: ``(B, D)`` per image)."""
     counts = []
     coords, scores, probs = [], [], []
     for i, d in enumerate(dets):
@@ -778,7 +903,13 @@ def _boxes(dets: list[Mapping[str, np.ndarray]]) -> pa.Array:
         raise ValueError("every detection needs class probabilities, or none does")
     else:
         fields.append(pa.nulls(len(sc), pa.list_(pa.float32())))
-    flat = pa.StructArray.from_arrays(fields, fields=list(PRED_BOX))
+    names = list(PRED_BOX)
+    if dets and "embedding" in dets[0]:
+        emb = [np.asarray(d["embedding"], np.float32) for d in dets if len(d["embedding"])]
+        dim = emb[0].shape[1] if emb else 1
+        fields.append(_lists(np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)))
+        names.append(pa.field("embedding", pa.list_(pa.float32())))
+    flat = pa.StructArray.from_arrays(fields, fields=names)
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     return pa.ListArray.from_arrays(offsets, flat)
 

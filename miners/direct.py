@@ -35,18 +35,106 @@ def knn_validate(ctx: RunContext) -> None:
     n_seeds = len(params["seed_ids"]) + len(params["seed_vectors"]) + len(params["seed_texts"])
     if n_seeds == 0:
         raise InvalidArgument("miner 'knn' needs seeds: params seed_ids, seed_vectors or seed_texts")
+    dim = vectors.space_spec(col, space).dim
     dims = {len(v) for v in params["seed_vectors"]}
-    if dims and dims != {col.space(space).dim}:
-        raise InvalidArgument(f"seed_vectors have dimension {dims.pop()}; space '{space}' has "
-                              f"{col.space(space).dim}")
-    if params["seed_ids"]:
+    if dims and dims != {dim}:
+        raise InvalidArgument(f"seed_vectors have dimension {dims.pop()}; space '{space}' has {dim}")
+    if vectors.object_model(space) is not None:
+        if params["seed_texts"]:
+            raise InvalidArgument(f"seed_texts cannot seed object space '{space}' (no text embedder makes box "
+                                  "embeddings): give seed_ids (images, or '<image id>#<box>') or seed_vectors")
+        _object_seeds(ctx, params["seed_ids"], ctx.run.version)
+    elif params["seed_ids"]:
         found = col.take(params["seed_ids"], ["id"]).column("id").to_pylist()
         missing = sorted(set(params["seed_ids"]) - set(found))
         if missing:
             raise NotFound(f"seed ids not found in '{col.name}': {', '.join(missing[:10])}")
 
 
+def _object_seeds(ctx: RunContext, seed_ids: list[str], version: int | None
+                  ) -> list[tuple[str, int | None]]:
+    """Seed ids in an object space: an image id (every box of it with an embedding seeds)
+    or ``<image id>#<box>`` (that box). NotFound naming the ids that are neither."""
+    found = set(ctx.col.take(list(seed_ids), ["id"], version=version).column("id").to_pylist()) if seed_ids \
+        else set()
+    out: list[tuple[str, int | None]] = []
+    missing: list[str] = []
+    boxed = [s for s in seed_ids if s not in found and re.fullmatch(r".*#\d+", s)]
+    images = set(ctx.col.take([s.rsplit("#", 1)[0] for s in boxed], ["id"], version=version)
+                 .column("id").to_pylist()) if boxed else set()
+    for sid in seed_ids:
+        if sid in found:
+            out.append((sid, None))
+        elif sid in boxed and sid.rsplit("#", 1)[0] in images:
+            image, box = sid.rsplit("#", 1)
+            out.append((image, int(box)))
+        else:
+            missing.append(sid)
+    if missing:
+        raise NotFound(f"seed ids not found in '{ctx.col.name}': {', '.join(missing[:10])} (in object space "
+                       f"'{ctx.space}' a seed is an image id or '<image id>#<box index>')")
+    return out
+
+
+def _knn_objects(ctx: RunContext) -> MiningOutput:
+    """``knn`` in an object space: the seeds are boxes (given as ``<image id>#<box>``, or an
+    image id for every box of it) or vectors; the pool is every box with an embedding in the
+    images matching ``where``; seed boxes (and the boxes of seed images) are left out."""
+    t0 = time.perf_counter()
+    col, rec, params, check = ctx.col, ctx.run, ctx.params, ctx.check
+    ctx.progress(0.05, "loading the object embeddings")
+    pool = load_pool(col, rec.version, rec.space, ctx.where, check=check, objects_where=ctx.objects_where)
+    if not len(pool):
+        raise FailedPrecondition(f"no box of the pool has an embedding in object space '{rec.space}' "
+                                 f"({pool.skipped:,} boxes without one)")
+    seeds: list[np.ndarray] = []
+    seed_names: list[str] = []
+    exclude: set[tuple[str, int]] = set()
+    wanted = _object_seeds(ctx, params["seed_ids"], rec.version)
+    if wanted:
+        # the seeds' own embeddings, from the seed images (which may lie outside the pool)
+        seed_images = sorted({image for image, _ in wanted})
+        owned = vectors.load_objects(col, rec.version, rec.space, ids_predicate(seed_images), check=check)
+        at = {(owned.ids[i], int(owned.boxes[i])): i for i in range(len(owned))}
+        for image, box in wanted:
+            rows = [i for (img, b), i in at.items() if img == image and (box is None or b == box)]
+            if not rows:
+                what = f"box {box} of image '{image}'" if box is not None else f"image '{image}'"
+                raise FailedPrecondition(f"seed {what} has no box embedding in object space '{rec.space}'")
+            for i in rows:
+                seeds.append(owned.vectors[i])
+                seed_names.append(owned.name(i))
+                exclude.add((image, int(owned.boxes[i])))
+    for i, vec in enumerate(params["seed_vectors"]):
+        seeds.append(np.asarray(vec, dtype=np.float32))
+        seed_names.append(f"vector:{i}")
+    queries = np.stack(seeds).astype(np.float32)
+    k = min(rec.size + len(exclude), len(pool))
+    ctx.progress(0.2, f"searching {len(queries)} seed(s) among {len(pool):,} objects")
+    indices, distances = knn_graph(col, rec.version, rec.space, ctx.where, k, queries, searched=pool, check=check,
+                                   objects_where=ctx.objects_where)
+    rows, scores = aggregate_seed_neighbours(indices, distances, how=params["aggregate"], rrf_k=params["rrf_k"])
+    out_rows, out_scores, related = [], [], []
+    for r, sc in zip(rows.tolist(), scores.tolist(), strict=True):
+        if (pool.ids[r], int(pool.boxes[r])) in exclude:
+            continue
+        out_rows.append(r)
+        out_scores.append(sc)
+        best = np.argmin(np.where(indices == r, distances, np.inf).min(axis=1))
+        related.append(seed_names[int(best)])
+        if len(out_rows) == rec.size:
+            break
+    return MiningOutput(ids=[pool.ids[r] for r in out_rows], scores=np.asarray(out_scores),
+                        rows_scanned=pool.scanned, rows_skipped=pool.skipped,
+                        timings={"total_s": time.perf_counter() - t0}, related=related,
+                        boxes=[int(pool.boxes[r]) for r in out_rows],
+                        stats={"objects": {"scanned": pool.scanned, "skipped_no_embedding": pool.skipped,
+                                           "mined": len(pool)}})
+
+
 def knn_run(ctx: RunContext) -> MiningOutput:
+    if vectors.object_model(ctx.run.space) is not None:
+        return _knn_objects(ctx)
     t0 = time.perf_counter()
     col, rec, params, check = ctx.col, ctx.run, ctx.params, ctx.check
     spec = col.space(rec.space)

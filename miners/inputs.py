@@ -40,7 +40,7 @@ from indexing.segmentation import summary_scores
 from indexing.store import Collection
 from miners.runs import MiningOutput, RunSpec
 from miners.topk import row_uniforms
-from miners.vectors import Pool, graph, ids_of_rows, load_pool
+from miners.vectors import Pool, graph, ids_of_rows, load_pool, space_condition, space_spec
 
 Progress = Callable[[float, str], None]
 
@@ -88,6 +88,11 @@ class RunContext:
     def reference_where(self) -> str | None:
         return self.run.reference_where or None
 
+    @property
+    def objects_where(self) -> str | None:
+        """Object spaces: the boxes mined (SQL over the object columns), None for every box."""
+        return self.run.objects_where or None
+
     @cached_property
     def model_spec(self) -> ModelSpec | None:
         return self.col.model(self.model) if self.model else None
@@ -98,7 +103,7 @@ class RunContext:
 
     @cached_property
     def dim(self) -> int:
-        return self.col.space(self.space).dim
+        return space_spec(self.col, self.space).dim
 
     @cached_property
     def table(self) -> Any:
@@ -459,7 +464,7 @@ class Vectors(Input):
         return {"vectors": f"{EMB_PREFIX}{ctx.space}"}
 
     def condition(self, ctx: RunContext) -> str | None:
-        return f"{EMB_PREFIX}{ctx.space} IS NOT NULL"
+        return space_condition(ctx.space)
 
     def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
         return valid_mask(batch.column("vectors"))
@@ -505,7 +510,8 @@ class PoolGraph(_Graph):
         ctx.progress(g.spans[self.name][0], f"k-NN graph of {len(pool):,} pool rows (k={k})")
         if len(pool) > 1:
             res = graph(ctx.col, ctx.run.version, ctx.space, ctx.where, min(k, len(pool) - 1), pool.vectors,
-                        searched=pool, exclude_self=True, check=ctx.check, progress=g.bar(self.name))
+                        searched=pool, exclude_self=True, check=ctx.check, progress=g.bar(self.name),
+                    objects_where=ctx.objects_where)
             g.arrays[self.name] = (res.indices, res.distances)
             g.graphs[self.role] = res.info.to_dict()
         else:
@@ -524,7 +530,8 @@ class QueryGraph(_Graph):
             raise FailedPrecondition(f"the reference filter {ctx.run.reference_where!r} has no vectors in "
                                      f"space '{ctx.space}'")
         res = graph(ctx.col, ctx.run.version, ctx.space, ctx.reference_where, min(self.k(g), len(ref)),
-                    g.pool.vectors, searched=ref, check=ctx.check, progress=g.bar(self.name))
+                    g.pool.vectors, searched=ref, check=ctx.check, progress=g.bar(self.name),
+                    objects_where=ctx.objects_where)
         g.arrays[self.name] = (res.indices, res.distances)
         g.graphs[self.role] = res.info.to_dict()
 
@@ -540,7 +547,8 @@ class ReferenceGraph(_Graph):
         if ref is None or len(ref) < 2:
             raise FailedPrecondition("LOF novelty needs at least 2 reference rows")
         res = graph(ctx.col, ctx.run.version, ctx.space, ctx.reference_where, min(self.k(g), len(ref) - 1),
-                    ref.vectors, searched=ref, exclude_self=True, check=ctx.check, progress=g.bar(self.name))
+                    ref.vectors, searched=ref, exclude_self=True, check=ctx.check, progress=g.bar(self.name),
+                    objects_where=ctx.objects_where)
         g.arrays[self.name] = (res.indices, res.distances)
         g.graphs[self.role] = res.info.to_dict()
 
@@ -613,7 +621,7 @@ class Seeds(Input):
     phase = "params"
 
     def condition(self, ctx: RunContext) -> str | None:
-        return f"{EMB_PREFIX}{ctx.space} IS NOT NULL"
+        return space_condition(ctx.space)
 
 
 class Stages(Input):
@@ -763,15 +771,21 @@ class Gathered:
         ctx.progress(0.0, "loading the pool's vectors")
         ride = [Bound(i, ctx) for i in self.inputs if i.phase == "ride"]
         self.pool = load_pool(ctx.col, ctx.run.version, ctx.space, ctx.where, extra=ride, check=ctx.check,
-                              progress=_phase(ctx.progress, 0.0, self.ref_lo))
+                              progress=_phase(ctx.progress, 0.0, self.ref_lo), objects_where=ctx.objects_where)
         if len(self.pool) == 0:
+            if self.pool.boxes is not None:
+                raise FailedPrecondition(
+                    f"none of the {self.pool.scanned:,} boxes of the pool{' matching objects_where' if ctx.objects_where else ''} "
+                    f"has an embedding in object space '{ctx.space}'; store an embedding on the boxes "
+                    "(the inference runner's box_embeddings=<layer>)")
             raise FailedPrecondition(f"none of the {self.pool.scanned:,} pool rows has a vector in space "
                                      f"'{ctx.space}'")
         self.arrays["row_keys"] = self.pool.row_keys
         if self.needs_reference:
             ctx.progress(self.ref_lo, "loading the reference set's vectors")
             self.reference = load_pool(ctx.col, ctx.run.version, ctx.space, ctx.reference_where, check=ctx.check,
-                                       progress=_phase(ctx.progress, self.ref_lo, self.load_hi))
+                                       progress=_phase(ctx.progress, self.ref_lo, self.load_hi),
+                                       objects_where=ctx.objects_where)
         for inp in self.inputs:
             if inp.phase in ("pool", "ride", "reference"):
                 inp.gather(self)

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.filters import check_filter, ids_predicate, object_clauses
-from indexing.objects import expand
+from indexing.objects import check_predicate, expand
 from indexing.settings import MAX_SIZE, MINING_THREADS, SEALS_K
 from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
@@ -60,7 +60,7 @@ from miners.registry import MinerSpec
 from miners.runs import MiningOutput, RunSpec
 from miners.stochastic import stochastic_scores
 from miners.topk import StreamingTopK, gumbel_for_rows
-from miners.vectors import ids_of_rows
+from miners.vectors import ids_of_rows, object_model, space_spec
 
 #: The request is a RunSpec; the name callers used before it stays.
 MiningRequest = RunSpec
@@ -108,11 +108,19 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
     if any(i.needs_space for i in inputs):
         if not req.space:
             raise InvalidArgument(f"miner '{spec.name}' reads an embedding space: give space=...")
-        space = col.space(req.space)
+        space = space_spec(col, req.space)
         if spec.gather and space.metric == "dot":
             raise InvalidArgument(f"miner '{spec.name}' needs an l2 or cosine space; '{req.space}' uses dot")
+        if object_model(req.space) is not None:
+            _check_object_miner(spec, inputs, req)
     elif req.space:
-        col.space(req.space)
+        space_spec(col, req.space)
+    if req.objects_where:
+        if object_model(req.space) is None:
+            raise InvalidArgument("objects_where restricts the boxes of an object space (space='objects:<model>'); "
+                                  f"space {req.space!r} is not one: to keep the images with such a box, put "
+                                  "any_object(<predicate>) in where")
+        check_predicate(req.objects_where)
     if req.reference_where and spec.reference == "none" and not req.candidates:
         raise InvalidArgument(f"miner '{spec.name}' does not use a reference filter (only "
                               "candidates='knn_of_labeled' reads one for such a miner)")
@@ -145,6 +153,27 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
             raise FailedPrecondition(f"candidates={req.candidates!r}: the labeled set ({labeled!r}) is empty; "
                                      "label some rows first or run without candidates")
     return spec, params
+
+
+#: Input kinds a miner may read in an object space: the vectors, and what is built from them.
+OBJECT_INPUTS = frozenset({"vectors", "reference_vectors", "pool_graph", "query_graph", "reference_graph",
+                           "seeds"})
+
+
+def _check_object_miner(spec: MinerSpec, inputs: list[Input], req: RunSpec) -> None:
+    """An object space (``objects:<model>``) feeds miners whose only per-row input is the
+    vector: gathered miners on vectors and their k-NN graphs, and ``knn``."""
+    other = [i.name for i in inputs if i.name not in OBJECT_INPUTS]
+    if other or not (spec.gather or spec.name == "knn") or req.candidates:
+        from miners.registry import REGISTRY
+
+        ok = sorted(n for n, s in REGISTRY.items()
+                    if (s.gather or n == "knn") and all(i.name in OBJECT_INPUTS for i in s.input_kinds(s.validate({}))))
+        why = (f"it also reads {', '.join(other)} per image" if other else
+               "candidates= narrows images, not objects" if req.candidates else
+               "it does not load the whole pool's vectors")
+        raise InvalidArgument(f"miner '{spec.name}' cannot run on object space '{req.space}': {why}; miners "
+                              f"that run on objects: {', '.join(ok)} (or give an image space)")
 
 
 #: Pool restrictions a run may ask for (``RunSpec.candidates``).
@@ -233,6 +262,9 @@ def score_all(col: Collection, rec: RunSpec, *, check: Callable[[], None] = lamb
     if rec.seed is None:
         rec = replace(rec, seed=0)
     spec = miner_spec(rec.miner)
+    if object_model(rec.space) is not None:
+        raise InvalidArgument(f"space '{rec.space}' scores objects, not images; an objective or threshold of "
+                              "'select' needs a score per image: give an image space")
     if spec.score is None or spec.select is not None or spec.run is not None:
         raise InvalidArgument(f"miner '{spec.name}' selects a batch; only a miner that scores every row can be "
                               "an objective or a threshold")
@@ -483,14 +515,19 @@ def _run_gathered(ctx: RunContext, spec: MinerSpec, inputs: list[Input]) -> Mini
     timings["total_s"] = time.perf_counter() - t0
     related = None
     if related_rows is not None:
-        related = [pool.ids[r] if r >= 0 else None for r in related_rows]
+        related = [pool.name(r) if r >= 0 else None for r in related_rows]
     if spec.select is not None and related_rows is None and "related" in stats:
         # a batch select may name a related row per pick (the row a duplicate keeps)
         rel = np.asarray(stats.pop("related"), dtype=np.int64)
-        related = [pool.ids[r] if r >= 0 else None for r in rel]
+        related = [pool.name(r) if r >= 0 else None for r in rel]
+    boxes = None
+    if pool.boxes is not None:
+        # object space: each pick is a box; the run's results name its image and box index
+        boxes = [int(b) for b in pool.boxes[picks]]
+        stats["objects"] = {"scanned": pool.scanned, "skipped_no_embedding": pool.skipped, "mined": len(pool)}
     return MiningOutput(ids=list(pool.ids[picks]), scores=scores, rows_scanned=pool.scanned,
                         rows_skipped=pool.skipped, timings=timings, related=related, graph=g.graphs or None,
-                        stats=stats or None)
+                        stats=stats or None, boxes=boxes)
 
 
 def _phase_progress(progress: Callable[[float, str], None], lo: float, hi: float) -> Callable[[float, str], None]:

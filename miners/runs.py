@@ -41,6 +41,8 @@ _RESULTS_SCHEMA = pa.schema([
     pa.field("rank", pa.int32()),
     pa.field("score", pa.float64()),
     pa.field("related_id", pa.string()),
+    # object spaces: the picked box's index in pred_<model>.boxes of image ``id`` (null otherwise)
+    pa.field("box", pa.int32()),
 ])
 
 
@@ -86,6 +88,9 @@ class RunSpec:
     # pool rows of each reference row (reference_where, default "label IS NOT NULL")
     candidates: str = _request(stage=True, default="")
     candidates_k: int = _request(stage=True, default=0)
+    # object spaces (space "objects:<model>"): only the boxes matching this SQL over the
+    # object columns are mined (pool and reference set); "" every box with an embedding
+    objects_where: str = _request(stage=True, default="")
     state: str = "PENDING"
     progress: float = 0.0
     rows_scanned: int = 0
@@ -169,6 +174,29 @@ class MiningOutput:
     graph: dict[str, dict[str, Any]] | None = None
     # what the miner reports beyond its picks (RunSpec.stats)
     stats: dict[str, Any] | None = None
+    # object spaces (``objects:<model>``): per result, the box index in its image (``ids``)
+    boxes: list[int] | None = None
+
+
+def images_of(results: pa.Table) -> pa.Table:
+    """Results per image: a table of picks in rank order (``id, rank, score`` [, ``box``,
+    ``related_id``]) with each image once — at the rank of its best-ranked pick, with that
+    pick's score and, for picked boxes, ``box`` = that box (the image's best object). In a run
+    ranked by descending score (every scored miner, not reversed) that is the maximum score
+    of the image's objects; a selector's picks keep its pick order. Ranks are renumbered
+    1..n. A table without ``box`` (a run over images) comes back as it is."""
+    if "box" not in results.column_names or results.num_rows == 0:
+        return results
+    ids = results.column("id").to_pylist()
+    seen: set[str] = set()
+    first = []
+    for i, image in enumerate(ids):  # rank order: the first pick of an image is its best
+        if image not in seen:
+            seen.add(image)
+            first.append(i)
+    out = results.take(pa.array(first, pa.int64()))
+    return out.set_column(out.column_names.index("rank"), "rank",
+                          pa.array(np.arange(1, len(first) + 1, dtype=np.int32)))
 
 
 class RunStore:
@@ -241,7 +269,9 @@ class RunStore:
         return runs[:limit]
 
     def write_results(self, rec: RunSpec, ids: list[str], scores: np.ndarray,
-                      related: list[str | None] | None = None) -> None:
+                      related: list[str | None] | None = None, boxes: list[int] | None = None) -> None:
+        """One row per pick, in rank order; a run in an object space picks boxes: ``boxes``
+        names each one's index in its image ``ids[i]``."""
         if not ids:
             return
         table = pa.table({
@@ -250,6 +280,7 @@ class RunStore:
             "rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
             "score": pa.array(np.asarray(scores, dtype=np.float64)),
             "related_id": pa.array(related if related is not None else [None] * len(ids), pa.string()),
+            "box": pa.array(boxes if boxes is not None else [None] * len(ids), pa.int32()),
         }, schema=_RESULTS_SCHEMA)
         with self._lock:
             self._results.add(table)
@@ -292,7 +323,8 @@ class RunStore:
                 f"mining run '{run_id}' ran on collection '{rec.collection}', not '{collection}'")
         if rec.state != "SUCCEEDED":
             raise FailedPrecondition(f"mining run '{run_id}' is {rec.state}; only a SUCCEEDED run has results")
-        return self.results(run_id).column("id").combine_chunks()
+        # a run over objects may pick several boxes of one image: the image once, at its best rank
+        return self.image_results(run_id).column("id").combine_chunks()
 
     def result_scores(self, run_id: str, collection: str) -> tuple[pa.Table, str | None]:
         """(``id``, ``score`` of what a SUCCEEDED run of ``collection`` selected, the run's
@@ -304,15 +336,22 @@ class RunStore:
                 f"mining run '{run_id}' ran on collection '{rec.collection}', not '{collection}'")
         if rec.state != "SUCCEEDED":
             raise FailedPrecondition(f"mining run '{run_id}' is {rec.state}; only a SUCCEEDED run has results")
-        return self.results(run_id).select(["id", "score"]), (rec.model or None)
+        return self.image_results(run_id).select(["id", "score"]), (rec.model or None)
 
     def results(self, run_id: str) -> pa.Table:
-        """``id, rank, score`` (+ ``related_id`` when the miner names one) of a finished run."""
+        """``id, rank, score`` (+ ``related_id`` when the miner names one, + ``box`` for a run in
+        an object space: one row per picked box) of a finished run."""
         table = (self._results.search().where(f"run_id = {sql_quote(run_id)}")
-                 .select(["id", "rank", "score", "related_id"]).limit(None).to_arrow()).sort_by("rank")
-        if table.column("related_id").null_count == table.num_rows:
-            table = table.drop_columns(["related_id"])
+                 .select(["id", "rank", "score", "related_id", "box"]).limit(None).to_arrow()).sort_by("rank")
+        for name in ("related_id", "box"):
+            if table.column(name).null_count == table.num_rows:
+                table = table.drop_columns([name])
         return table
+
+    def image_results(self, run_id: str) -> pa.Table:
+        """A run's results per image (:func:`images_of`): the same as :meth:`results` for a
+        run over images; for a run over objects, each image once."""
+        return images_of(self.results(run_id))
 
     def mark_interrupted(self) -> int:
         """Runs left PENDING/RUNNING by a previous process: INTERRUPTED (restartable)."""

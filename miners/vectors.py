@@ -14,6 +14,12 @@
   the space's ANN index through LanceDB, SQL filter as prefilter: interactive search stays
   with LanceDB. Graphs are cached per (table, version, space, filter, queries) in this
   process; a graph built for k serves every k' <= k (its first k' columns).
+* **Object spaces**: ``space="objects:<model>"`` names a detection model declared with
+  ``box_embedding_dim`` (:func:`space_spec` checks it and says the fix otherwise); its rows
+  are the boxes of the images matching the filter that carry an embedding
+  (:func:`load_objects`, boxes without one counted in ``skipped``), ``Pool.boxes`` their box
+  index, and every function here takes it where it takes an image space — which is how
+  every gathered vectors miner and ``knn`` run on objects unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexing.schema import EMB_PREFIX
+from indexing.errors import InvalidArgument
+from indexing.objects import object_batches
+from indexing.schema import EMB_PREFIX, PRED_PREFIX
 from indexing.settings import (
     EXACT_MAX_ROWS,  # noqa: F401 -- read here by the knn miner and scoring
     MEMMAP_ABOVE_BYTES,
@@ -44,10 +52,87 @@ from indexing.settings import POOL_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
 from miners.knn import GraphInfo, KnnResult, knn_search
 
+#: An object space: ``space="objects:<model>"`` mines the boxes of a detection model declared
+#: with ``box_embedding_dim`` by their per-box embeddings instead of the images by theirs.
+OBJECTS_PREFIX = "objects:"
+
+
+def object_model(space: str | None) -> str | None:
+    """The detection model of an object space (``"objects:<model>"``), None for an image space."""
+    if space and space.startswith(OBJECTS_PREFIX):
+        return space[len(OBJECTS_PREFIX):]
+    return None
+
+
+@dataclass(frozen=True)
+class ObjectSpace:
+    """What miners read of a space, for an object space: the boxes of ``model`` as rows,
+    their ``embedding`` (``dim`` = the model's ``box_embedding_dim``) as vectors, compared by
+    Euclidean distance on the stored values (no normalisation: the runner stored them as
+    they came)."""
+
+    name: str
+    model: str
+    dim: int
+    metric: str = "l2"
+    normalized: bool = False
+    column: str | None = None  # no emb_ column: the vectors live in pred_<model>.boxes
+    index: Any = None  # no ANN index: object pools are always loaded and searched in memory
+
+    @property
+    def boxes_path(self) -> str:
+        return f"{PRED_PREFIX}{self.model}.boxes"
+
+
+def space_spec(col: Collection, space: str) -> Any:
+    """The space a run names: an image space (:class:`indexing.schema.SpaceSpec`, NotFound
+    with the known ones) or an object space (:class:`ObjectSpace`; InvalidArgument naming the
+    fix when the model does not exist, is not a detection model, or declares no
+    ``box_embedding_dim``). An image space name that is a detection model's name is refused
+    with the object-space spelling."""
+    model = object_model(space)
+    models = col.models
+    if model is None:
+        if space not in col.spaces and space in models and models[space].task == "detection":
+            raise InvalidArgument(f"space '{space}' is not an embedding space of '{col.name}'; '{space}' is a "
+                                  f"detection model: to mine its boxes by their embeddings give "
+                                  f"space='{OBJECTS_PREFIX}{space}'")
+        return col.space(space)
+    known = [n for n, m in models.items() if m.task == "detection" and m.box_embedding_dim]
+    hint = (f"detection models with box embeddings: {', '.join(sorted(known))}" if known else
+            "no model of this collection has box embeddings: declare a detection model with "
+            "box_embedding_dim=<d> and store an embedding on each box")
+    if model not in models:
+        what = (f"'{model}' is an image embedding space, not a model (use space='{model}' to mine images)"
+                if model in col.spaces else f"'{model}' is not a model of collection '{col.name}'")
+        raise InvalidArgument(f"space '{space}': {what}; an object space is '{OBJECTS_PREFIX}<detection model>' "
+                              f"({hint})")
+    spec = models[model]
+    if spec.task != "detection" or not spec.box_embedding_dim:
+        why = (f"a {spec.task} model has no boxes" if spec.task != "detection"
+               else "it was declared without box_embedding_dim, so its boxes carry no embedding")
+        raise InvalidArgument(f"space '{space}': model '{model}' cannot be mined by object: {why}; declare a "
+                              f"detection model with box_embedding_dim=<d> and store an embedding on each box "
+                              f"({hint})")
+    return ObjectSpace(name=space, model=model, dim=spec.box_embedding_dim)
+
+
+def space_condition(space: str | None) -> str:
+    """SQL true for the image rows that can hold a vector of the space: an embedding, or for
+    an object space at least one box of the model (whether boxes carry an embedding is
+    only known per box: boxes without are skipped and counted while loading)."""
+    model = object_model(space)
+    if model is not None:
+        return f"array_length({PRED_PREFIX}{model}.boxes) > 0"
+    return f"{EMB_PREFIX}{space} IS NOT NULL"
+
 
 @dataclass
 class Pool:
-    """Rows of a collection that carry a vector in the space (and the other inputs asked for)."""
+    """Rows of a collection that carry a vector in the space (and the other inputs asked for).
+    In an object space each row is one box: ``ids`` its image, ``boxes`` its index in the
+    image's ``pred_<model>.boxes``; ``row_keys`` are then positions (0..n-1), not Lance row
+    ids."""
 
     ids: np.ndarray            # object array of str
     row_keys: np.ndarray       # uint64 stable row ids
@@ -56,9 +141,14 @@ class Pool:
     skipped: int = 0
     # what the ``extra`` decoders gave, one entry per row (e.g. "probs": (n, C) float64)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: np.ndarray | None = None  # int64 box index per row, object spaces only
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def name(self, row: int) -> str:
+        """Row ``row`` as a caller names it: the image id, or ``<image id>#<box>`` for an object."""
+        return str(self.ids[row]) if self.boxes is None else f"{self.ids[row]}#{int(self.boxes[row])}"
 
     @property
     def probs(self) -> np.ndarray | None:
@@ -82,12 +172,20 @@ def _list_matrix(arr: pa.Array, width: int, dtype: Any) -> np.ndarray:
 
 def load_pool(col: Collection, version: int, space: str, where: str | None, *,
               extra: Sequence[ChunkDecoder] = (), check: Any = lambda: None,
-              progress: Callable[[float, str], None] | None = None) -> Pool:
+              progress: Callable[[float, str], None] | None = None, objects_where: str | None = None) -> Pool:
     """Stream the vectors of the rows matching ``where`` at ``version`` — and what each
     ``extra`` decoder reads (its ``columns``; rows it says lack it are skipped; its
     ``row_arrays`` land in ``Pool.arrays``). Rows missing any of them are counted in
     ``skipped``. ``progress(fraction, message)`` after each chunk: rows read of the total,
-    with an ETA."""
+    with an ETA. In an object space (``objects:<model>``) the rows are the boxes of the
+    images matching ``where`` (:func:`load_objects`; ``objects_where`` keeps the boxes matching
+    it)."""
+    if object_model(space) is not None:
+        if extra:
+            raise InvalidArgument(f"space '{space}' holds objects, whose only per-row input is their embedding; "
+                                  "this miner also reads per-image inputs: run it on an image space")
+        return load_objects(col, version, space, where, objects_where=objects_where, check=check,
+                            progress=progress)
     spec = col.space(space)
     table = col.at_version(version)
     proj = {"id": "id", "v": f"{EMB_PREFIX}{space}"}
@@ -147,6 +245,43 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *,
     )
 
 
+def load_objects(col: Collection, version: int, space: str, where: str | None, *,
+                 objects_where: str | None = None, check: Any = lambda: None,
+                 progress: Callable[[float, str], None] | None = None) -> Pool:
+    """The boxes of the object space's model in the images matching ``where`` (and, with
+    ``objects_where``, the boxes matching that predicate over the object columns), with their
+    embeddings: one row per box that carries one; boxes whose embedding is null are counted
+    in ``skipped``. Streamed by chunks of images (:func:`indexing.objects.object_batches`)."""
+    spec = space_spec(col, space)
+    table = col.at_version(version)
+    total = table.count_rows(where) if where else table.count_rows()
+    ids: list[Any] = []
+    boxes: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
+    scanned = images = 0
+    for objs in object_batches(table, where, objects_where, source=spec.model,
+                               columns=["id", "box", "embedding"], chunk_rows=CHUNK_ROWS):
+        check()
+        scanned += objs.num_rows
+        images += len(pc.unique(objs.column("id"))) if objs.num_rows else 0
+        if progress is not None:
+            progress(min(1.0, images / max(1, total)), f"loading object embeddings: {scanned:,} boxes")
+        emb = objs.column("embedding").combine_chunks()
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(emb), 0).to_numpy(zero_copy_only=False))
+        ok = lengths == spec.dim
+        if not ok.any():
+            continue
+        keep = pa.array(np.flatnonzero(ok), pa.int64())
+        ids.extend(objs.column("id").take(keep).to_pylist())
+        boxes.append(np.asarray(objs.column("box").take(keep).to_numpy(), dtype=np.int64))
+        vecs.append(_list_matrix(emb.take(keep), spec.dim, np.float32))
+    n = len(ids)
+    return Pool(ids=np.asarray(ids, dtype=object), row_keys=np.arange(n, dtype=np.uint64),
+                vectors=np.concatenate(vecs) if vecs else np.zeros((0, spec.dim), np.float32),
+                scanned=scanned, skipped=scanned - n,
+                boxes=np.concatenate(boxes) if boxes else np.zeros(0, np.int64))
+
+
 def ids_of_rows(table: Any, row_keys: np.ndarray) -> list[str]:
     """The ``id`` of each stable row id (in order), read from ``table`` (a pinned version)."""
     if len(row_keys) == 0:
@@ -163,14 +298,15 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _cache_key(col: Collection, version: int, space: str, where: str | None,
-               queries: np.ndarray, exclude_self: bool) -> tuple:
+               queries: np.ndarray, exclude_self: bool, objects_where: str | None = None) -> tuple:
     # The key pins table, version, space and filter (not k: a larger k serves a smaller one);
     # the queries are told apart by their shape and ~1k evenly spaced rows (hashing a 1M-row
     # pool whole would cost seconds).
     sample = np.ascontiguousarray(queries[:: max(1, len(queries) // 1024)])
     digest = hashlib.blake2b(sample.tobytes(), digest_size=16)
     digest.update(str(queries.shape).encode())
-    return (col.store.root, col.name, version, space, where or "", exclude_self, digest.hexdigest())
+    return (col.store.root, col.name, version, space, where or "", objects_where or "", exclude_self,
+            digest.hexdigest())
 
 
 def _cached(key: tuple, k: int) -> KnnResult | None:
@@ -201,19 +337,21 @@ def _remember(key: tuple, result: KnnResult) -> None:
 
 def graph(col: Collection, version: int, space: str, where: str | None, k: int, queries: np.ndarray,
           *, searched: Pool | None = None, exclude_self: bool = False, check: Any = lambda: None,
-          progress: Callable[[float, str], None] | None = None, target_recall: float = 0.95) -> KnnResult:
+          progress: Callable[[float, str], None] | None = None, target_recall: float = 0.95,
+          objects_where: str | None = None) -> KnnResult:
     """k nearest rows (matching ``where`` at ``version``) of each query vector, with how the
     graph was built. With ``searched`` (the rows, loaded): indices into ``searched``, from
     :func:`miners.knn.knn_search` on its vectors; ``exclude_self`` drops each query's own row
     when the queries are the searched rows themselves (query i is row i). Without: stable
-    row ids from the space's ANN index through LanceDB. Euclidean distances, ascending."""
-    key = _cache_key(col, version, space, where, queries, exclude_self)
+    row ids from the space's ANN index through LanceDB. Euclidean distances, ascending.
+    ``objects_where``: the box filter of an object space's rows (part of the cache key)."""
+    key = _cache_key(col, version, space, where, queries, exclude_self, objects_where)
     hit = _cached(key, k)
     if hit is not None:
         if progress is not None:
             progress(1.0, f"k-NN graph (k={k}) reused from the cache ({hit.info.method})")
         return hit
-    spec = col.space(space)
+    spec = space_spec(col, space)
     if spec.metric == "dot":
         raise ValueError(f"space '{space}' uses the dot metric; k-NN graph miners need l2 or cosine")
     report = progress or (lambda f, m: None)
@@ -236,10 +374,10 @@ def graph(col: Collection, version: int, space: str, where: str | None, k: int, 
 
 def knn_graph(col: Collection, version: int, space: str, where: str | None, k: int, queries: np.ndarray,
               *, searched: Pool | None = None, exclude_self: bool = False,
-              check: Any = lambda: None) -> tuple[np.ndarray, np.ndarray]:
+              check: Any = lambda: None, objects_where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances) of :func:`graph`."""
     result = graph(col, version, space, where, k, queries, searched=searched, exclude_self=exclude_self,
-                   check=check)
+                   check=check, objects_where=objects_where)
     return result.indices, result.distances
 
 

@@ -88,7 +88,7 @@ class MiningService:
                 out = run_mining(col, rec, progress=ctx.progress, check=ctx.check)
             ctx.check()
             t0 = time.perf_counter()
-            self.runs.write_results(rec, out.ids, out.scores, out.related)
+            self.runs.write_results(rec, out.ids, out.scores, out.related, out.boxes)
             timings = {**out.timings, "write_s": time.perf_counter() - t0}
             rec = self.runs.update(rec, state="SUCCEEDED", progress=1.0, results=len(out.ids),
                                    rows_scanned=out.rows_scanned, rows_skipped=out.rows_skipped,

@@ -30,6 +30,7 @@ from service.client.rpc import (
     BOX_EXPORTS,
     Page,
     export_format,
+    is_object_space,
     objects_filter,
     rpc_add_model,
     rpc_add_space,
@@ -990,7 +991,9 @@ class AsyncCollection(AsyncCollectionBase):
         ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
         ``job.results()``; ``job.tag("to-label")`` tags the selected rows. ``objects_where``
         restricts the pool to images with a box matching it (SQL over the object columns,
-        see :meth:`objects`), judged at the run's version. ``seed`` None: 0, or a fresh seed
+        see :meth:`objects`), judged at the run's version; in an object space
+        (``space="objects:<model>"``: the model's boxes mined by their embeddings) it also
+        keeps only the boxes matching it. ``seed`` None: 0, or a fresh seed
         (recorded in ``job.run()``) for miners that sample (``random``).
         ``candidates="knn_of_labeled"`` (SEALS) mines only the ``candidates_k`` (default 100)
         nearest pool rows of each labeled row (``reference_where``, default
@@ -1010,6 +1013,7 @@ class AsyncCollection(AsyncCollectionBase):
             where_params=where_params,
             candidates=candidates,
             candidates_k=candidates_k,
+            objects_where=objects_where if is_object_space(space) else None,
         )
         return AsyncMiningJob(self.client, await self.client._unary(rpc, timeout))
 

@@ -247,6 +247,11 @@ def objects_filter(where: str | None, objects_where: str | None) -> str | None:
         raise invalid(str(exc)) from None
 
 
+def is_object_space(space: str | None) -> bool:
+    """``space`` names an object space (``"objects:<model>"``: a detection model's boxes as rows)."""
+    return bool(space) and str(space).startswith("objects:")
+
+
 def rpc_scan(collection: str, where: str | None, columns: Iterable[str] | None, page_rows: int,
              limit: int | None = None, offset: int = 0, version: int | str | None = None,
              params: Mapping[str, Any] | None = None) -> Rpc:

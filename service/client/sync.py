@@ -36,6 +36,7 @@ from service.client.rpc import (
     BOX_EXPORTS,
     Page,
     export_format,
+    is_object_space,
     objects_filter,
     rpc_add_model,
     rpc_add_space,
@@ -687,7 +688,9 @@ class Collection:
         ``reference_where`` (:func:`bind_params`). ``job.wait(progress=True)`` then
         ``job.results()``; ``job.tag("to-label")`` tags the selected rows. ``objects_where``
         restricts the pool to images with a box matching it (SQL over the object columns,
-        see :meth:`objects`), judged at the run's version. ``seed`` None: 0, or a fresh seed
+        see :meth:`objects`), judged at the run's version; in an object space
+        (``space="objects:<model>"``: the model's boxes mined by their embeddings) it also
+        keeps only the boxes matching it. ``seed`` None: 0, or a fresh seed
         (recorded in ``job.run()``) for miners that sample (``random``).
         ``candidates="knn_of_labeled"`` (SEALS) mines only the ``candidates_k`` (default 100)
         nearest pool rows of each labeled row (``reference_where``, default
@@ -696,7 +699,8 @@ class Collection:
                                where=objects_filter(where, objects_where),
                                reference_where=reference_where, params=params, seed=seed,
                                reverse=reverse, version=version, where_params=where_params,
-                               candidates=candidates, candidates_k=candidates_k)
+                               candidates=candidates, candidates_k=candidates_k,
+                               objects_where=objects_where if is_object_space(space) else None)
         return MiningJob(self.client, self.client._unary(rpc, timeout))
 
     def score_stream(self, items: Any, *, model: str | None = None, space: str | None = None,

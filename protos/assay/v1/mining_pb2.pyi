@@ -55,7 +55,7 @@ class ListMinersResponse(_message.Message):
     def __init__(self, miners: _Optional[_Iterable[_Union[MinerInfo, _Mapping]]] = ...) -> None: ...
 
 class StartMiningRequest(_message.Message):
-    __slots__ = ("collection", "miner", "size", "model", "space", "where", "reference_where", "params", "seed", "reverse", "version", "candidates", "candidates_k")
+    __slots__ = ("collection", "miner", "size", "model", "space", "where", "reference_where", "params", "seed", "reverse", "version", "candidates", "candidates_k", "objects_where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     MINER_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class StartMiningRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_K_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     miner: str
     size: int
@@ -82,7 +83,8 @@ class StartMiningRequest(_message.Message):
     version: int
     candidates: str
     candidates_k: int
-    def __init__(self, collection: _Optional[str] = ..., miner: _Optional[str] = ..., size: _Optional[int] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., version: _Optional[int] = ..., candidates: _Optional[str] = ..., candidates_k: _Optional[int] = ...) -> None: ...
+    objects_where: str
+    def __init__(self, collection: _Optional[str] = ..., miner: _Optional[str] = ..., size: _Optional[int] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., version: _Optional[int] = ..., candidates: _Optional[str] = ..., candidates_k: _Optional[int] = ..., objects_where: _Optional[str] = ...) -> None: ...
 
 class RunRef(_message.Message):
     __slots__ = ("run_id",)
@@ -91,7 +93,7 @@ class RunRef(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class MiningRun(_message.Message):
-    __slots__ = ("run_id", "job", "collection", "miner", "model", "space", "where", "reference_where", "size", "seed", "reverse", "params", "version", "state", "rows_scanned", "rows_skipped", "results", "error", "timings", "created_at", "finished_at", "graph", "params_json", "candidates", "candidates_k", "stats")
+    __slots__ = ("run_id", "job", "collection", "miner", "model", "space", "where", "reference_where", "size", "seed", "reverse", "params", "version", "state", "rows_scanned", "rows_skipped", "results", "error", "timings", "created_at", "finished_at", "graph", "params_json", "candidates", "candidates_k", "stats", "objects_where")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,7 @@ class MiningRun(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_K_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_WHERE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     job: _jobs_pb2.Job
     collection: str
@@ -158,7 +161,8 @@ class MiningRun(_message.Message):
     candidates: str
     candidates_k: int
     stats: _struct_pb2.Struct
-    def __init__(self, run_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., collection: _Optional[str] = ..., miner: _Optional[str] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_jobs_pb2.JobState, str]] = ..., rows_scanned: _Optional[int] = ..., rows_skipped: _Optional[int] = ..., results: _Optional[int] = ..., error: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., graph: _Optional[_Mapping[str, GraphInfo]] = ..., params_json: _Optional[str] = ..., candidates: _Optional[str] = ..., candidates_k: _Optional[int] = ..., stats: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    objects_where: str
+    def __init__(self, run_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., collection: _Optional[str] = ..., miner: _Optional[str] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_jobs_pb2.JobState, str]] = ..., rows_scanned: _Optional[int] = ..., rows_skipped: _Optional[int] = ..., results: _Optional[int] = ..., error: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., graph: _Optional[_Mapping[str, GraphInfo]] = ..., params_json: _Optional[str] = ..., candidates: _Optional[str] = ..., candidates_k: _Optional[int] = ..., stats: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., objects_where: _Optional[str] = ...) -> None: ...
 
 class GraphInfo(_message.Message):
     __slots__ = ("method", "k", "recall", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist", "nprobe", "build_s", "recall_s", "search_s", "device", "cached")
