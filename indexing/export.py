@@ -122,6 +122,15 @@ def _check_ids(ids: Sequence[str]) -> list[str]:
     return out
 
 
+def _coco_header(col: Any, what: str, version: int | str | None) -> str:
+    """The opening of a COCO file, up to its image list: ``info`` naming the collection,
+    ``what`` was exported and the version read."""
+    info = {"description": f"assay export of collection '{col.name}', {what}",
+            "version": str(version if version is not None else col.version),
+            "date_created": datetime.now(UTC).isoformat()}
+    return '{"info": ' + json.dumps(info) + ', "licenses": [], "images": ['
+
+
 def _rows(col: Any, projection: Mapping[str, str], *, ids: Sequence[str] | None, where: str | None,
           version: int | str | None, batch_size: int | None, missing: list[int]) -> Iterator[pa.RecordBatch]:
     """Batches of ``projection`` (which includes ``id``) for the selected rows. Validation
@@ -354,10 +363,7 @@ def export_coco(
     unknown_used = False
     c = spec.num_classes
     with _atomic(path, "w") as fh, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
-        info = {"description": f"assay export of collection '{col.name}', model '{spec.name}'",
-                "version": str(version if version is not None else col.version),
-                "date_created": datetime.now(UTC).isoformat()}
-        fh.write('{"info": ' + json.dumps(info) + ', "licenses": [], "images": [')
+        fh.write(_coco_header(col, f"model '{spec.name}'", version))
         for b in batches:
             row_ids = b.column("id").to_pylist()
             uris = b.column("uri").to_pylist()
@@ -421,10 +427,7 @@ def _export_coco_masks(col: Any, spec: ModelSpec, path: str | os.PathLike[str], 
                     version=version, batch_size=batch_size, missing=missing)
     images = annotations = sized = masks_missing = 0
     with _atomic(path, "w") as fh, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
-        info = {"description": f"assay export of collection '{col.name}', segmentation model '{spec.name}'",
-                "version": str(version if version is not None else col.version),
-                "date_created": datetime.now(UTC).isoformat()}
-        fh.write('{"info": ' + json.dumps(info) + ', "licenses": [], "images": [')
+        fh.write(_coco_header(col, f"segmentation model '{spec.name}'", version))
         for b in batches:
             parts, lines = [], []
             for rid, uri, mask_uri in zip(b.column("id").to_pylist(), b.column("uri").to_pylist(),

@@ -317,25 +317,26 @@ class RunStore:
     def result_ids(self, run_id: str, collection: str) -> pa.Array:
         """The ids a SUCCEEDED run of ``collection`` selected, in rank order (what a
         dataset adds "from a run"); FAILED_PRECONDITION for a run that has not succeeded."""
+        self._succeeded(run_id, collection)
+        # a run over objects may pick several boxes of one image: the image once, at its best rank
+        return self.image_results(run_id).column("id").combine_chunks()
+
+    def _succeeded(self, run_id: str, collection: str) -> RunSpec:
+        """The record of a SUCCEEDED run of ``collection``; InvalidArgument /
+        FailedPrecondition otherwise."""
         rec = self.get(run_id)
         if rec.collection != collection:
             raise InvalidArgument(
                 f"mining run '{run_id}' ran on collection '{rec.collection}', not '{collection}'")
         if rec.state != "SUCCEEDED":
             raise FailedPrecondition(f"mining run '{run_id}' is {rec.state}; only a SUCCEEDED run has results")
-        # a run over objects may pick several boxes of one image: the image once, at its best rank
-        return self.image_results(run_id).column("id").combine_chunks()
+        return rec
 
     def result_scores(self, run_id: str, collection: str) -> tuple[pa.Table, str | None]:
         """(``id``, ``score`` of what a SUCCEEDED run of ``collection`` selected, the run's
         model or None): a miner's scores as an uncertainty to judge against quality
         (``uncertainty_quality``). Same checks as :meth:`result_ids`."""
-        rec = self.get(run_id)
-        if rec.collection != collection:
-            raise InvalidArgument(
-                f"mining run '{run_id}' ran on collection '{rec.collection}', not '{collection}'")
-        if rec.state != "SUCCEEDED":
-            raise FailedPrecondition(f"mining run '{run_id}' is {rec.state}; only a SUCCEEDED run has results")
+        rec = self._succeeded(run_id, collection)
         return self.image_results(run_id).select(["id", "score"]), (rec.model or None)
 
     def results(self, run_id: str) -> pa.Table:
