@@ -75,6 +75,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -848,6 +849,9 @@ def goals(steps: list[Step]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A stopped benchmark (SIGTERM: kill, timeout) exits through its finally blocks, which
+    # stop the server: left running, it would hold the data root's one-server lock.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t_start = time.perf_counter()
     cfg = GenConfig(n=args.n, dim=args.dim, classes=args.classes, labeled=args.labeled, clusters=args.clusters,
                     spread=args.spread, seed=args.seed, extras=args.extras)
