@@ -64,10 +64,11 @@ def _main_row(run_id: str, **over) -> dict:
     return row
 
 
-# Fields added since (issue 21: SEALS candidates, the miner's stats): nullable, so an
-# existing `_runs` gains them as null columns and old records read back with the defaults.
+# Fields added since (issue 21: SEALS candidates, the miner's stats; issue 19: the object
+# filter of runs over box embeddings): nullable, so an existing `_runs` gains them as null
+# columns (in RunSpec's order) and old records read back with the defaults.
 ADDED_FIELDS = [pa.field("candidates", pa.string()), pa.field("candidates_k", pa.int64()),
-                pa.field("stats", pa.string())]
+                pa.field("objects_where", pa.string()), pa.field("stats", pa.string())]
 
 
 def test_the_runs_schema_is_derived_and_extends_the_one_main_wrote():
@@ -98,7 +99,7 @@ def test_a_runs_table_written_by_main_opens_and_takes_new_runs(tmp_path):
     # nothing rewritten: the new fields were appended as null columns
     assert lancedb.connect(str(tmp_path)).open_table("_runs").schema == pa.schema([*MAIN_RUNS_SCHEMA,
                                                                                    *ADDED_FIELDS])
-    assert old.seed == 3 and old.stats == {} and old.candidates == "" and old.candidates_k == 0
+    assert old.seed == 3 and old.stats == {} and old.candidates == "" and old.candidates_k == 0 and old.objects_where == ""
 
 
 def test_a_new_run_field_reaches_an_existing_root_as_a_null_column(tmp_path):
