@@ -568,15 +568,19 @@ def uncertainty_quality(
     ``ids`` (at most ``max_ids``, most extreme first); the correlation, ``n``, thresholds
     and the rows left out are in the schema metadata (:func:`report_stats`).
 
-    ``uncertainty``: a measure name (default ``entropy``), a numeric field or path; or
+    ``uncertainty``: a measure name (default ``entropy``; a segmentation model's stored
+    ``topq_entropy`` (its default), ``mean_entropy`` or ``bald``), a numeric field or path; or
     ``run_scores`` (``id``, ``score`` of a finished mining run; ``run_id`` names it in the
     metadata). ``quality``: ``correct`` (default for classification), ``loss``, ``iou``
-    (default for detection; matching at ``iou``) or a numeric field (``lower_is_better``).
+    (default for detection, matching at ``iou``, and for segmentation, the masks against
+    ``gt_mask_uri``) or a numeric field (``lower_is_better``).
     ``box_scores`` maps a detection uncertainty method to its scoring function (the server
     passes the detection miner's). Definitions: the module doc.
 
     Raises InvalidArgument for a bad option, an unknown or non-numeric field, a measure that
-    does not fit the model's task; FailedPrecondition when no labeled row has both values.
+    does not fit the model's task; FailedPrecondition when no labeled row has both values,
+    when a segmentation ``iou`` finds no ``gt_mask_uri`` column or two masks of one row
+    differ in size.
     """
     if model is not None and not isinstance(model, str):
         raise InvalidArgument(f"model must be a model name, got {model!r}")
