@@ -6,6 +6,7 @@ server on loopback (client and CLI) on a collection whose answer is known."""
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import numpy as np
 import pyarrow as pa
@@ -94,7 +95,7 @@ def test_mask_quality_reads_rle_counts_missing_files_and_names_mismatched_rows(t
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(ServerConfig(data=str(tmp_path_factory.mktemp("segq")), port=0, grace_s=2))
+    srv = start_server(ServerConfig(data=str(tmp_path_factory.mktemp("segq")), port=0, http_port=0, grace_s=2))
     yield srv
     srv.stop(1)
 
@@ -194,6 +195,22 @@ def test_cli_reports_the_segmentation_iou(server, seg, capsys):
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("high_", "low_"))}
     assert lines["high_uncertainty_low_quality"][1] == "6"
     assert lines["high_uncertainty_low_quality"][-3:] == ["img11", "img10", "…"]
+
+
+def test_the_web_tab_reads_the_same_report(server, seg):
+    col, _ = seg
+    url = f"{server.web_url.rstrip('/')}/api/collections/scenes/uncertainty_quality?model=seg&quality=iou"
+    with urllib.request.urlopen(url, timeout=60) as res:
+        body = json.loads(res.read())
+    table = col.uncertainty_quality("seg", max_ids=20)
+    stats = uncertainty_quality_stats(table)
+    assert body["rho"] == pytest.approx(stats["rho"]) and body["missing_masks"] == 1
+    assert [(q["quadrant"], q["count"], q["ids"]) for q in body["quadrants"]] == \
+        [(r["quadrant"], r["count"], r["ids"]) for r in table.to_pylist()]
+    # the tab offers a segmentation model its summaries and the mask IoU
+    with urllib.request.urlopen(f"{server.web_url.rstrip('/')}/static/app.js", timeout=60) as res:
+        js = res.read().decode()
+    assert 'segmentation: ["topq_entropy", "mean_entropy", "bald"]' in js and 'segmentation: ["iou"]' in js
 
 
 def test_bad_segmentation_requests(client, seg):
