@@ -438,8 +438,9 @@ def _quality_source(schema: pa.Schema, spec: ModelSpec | None, quality: str | No
             raise InvalidArgument(f"quality '{quality}' compares a model's predictions with the labels: give model=")
         if quality in LABEL_QUALITIES and spec.task != "classification":
             raise InvalidArgument(f"quality '{quality}' needs a classification model; '{spec.name}' is a "
-                                  f"{spec.task} model: use quality='iou' (boxes matched to gt_boxes) or a "
-                                  "numeric field")
+                                  f"{spec.task} model: use quality='iou' ("
+                                  + ("boxes matched to gt_boxes" if spec.task == "detection"
+                                     else f"masks compared with {GT_MASK_COLUMN}") + ") or a numeric field")
         if quality == "iou" and spec.task == "segmentation":
             if GT_MASK_COLUMN not in schema.names:
                 raise FailedPrecondition(

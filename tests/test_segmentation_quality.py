@@ -217,7 +217,8 @@ def test_bad_segmentation_requests(client, seg):
     col, d = seg
     with pytest.raises(InvalidArgumentError, match="stores per-image summaries, not probabilities"):
         col.uncertainty_quality("seg", "entropy")
-    with pytest.raises(InvalidArgumentError, match="quality 'correct' needs a classification model"):
+    with pytest.raises(InvalidArgumentError, match="quality 'correct' needs a classification model.*masks "
+                                                   "compared with gt_mask_uri"):
         col.uncertainty_quality("seg", quality="correct")
     # no gt_mask_uri column: FAILED_PRECONDITION naming the column and the fix
     bare = client.create_collection("nogt", models={"seg": {"classes": CLASSES, "task": "segmentation"}})
