@@ -63,6 +63,20 @@ def test_mask_iou_by_hand_on_png_masks(tmp_path):
         mask_iou(empty, np.zeros((3, 2)))
 
 
+def test_mask_iou_equals_scikit_learn_jaccard_on_random_masks():
+    from sklearn.metrics import jaccard_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pred = rng.integers(0, 4, size=(6, 7))
+        gt = rng.integers(0, 4, size=(6, 7))
+        gt[rng.random((6, 7)) < 0.2] = -1  # ignore pixels
+        keep = gt != -1
+        labels = sorted((set(np.unique(pred[keep])) | set(np.unique(gt[keep]))) - {0})
+        want = jaccard_score(gt[keep], pred[keep], labels=labels, average="macro", zero_division=0)
+        assert mask_iou(pred, gt) == pytest.approx(want)
+
+
 def test_mask_quality_reads_rle_counts_missing_files_and_names_mismatched_rows(tmp_path):
     gt_map = np.array([[1, 1, 0, 0], [1, 1, 2, 2], [0, 0, 2, 2]])
     gt = _png(tmp_path / "gt.png", gt_map)
