@@ -36,10 +36,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MaskError", "local_path", "mask_bbox", "read_mask", "rle_decode", "rle_encode",
+__all__ = ["GT_MASK_COLUMN", "IGNORE_VALUE", "MaskError", "local_path", "mask_bbox", "read_mask", "rle_decode", "rle_encode",
            "rle_from_string", "rle_to_string"]
 
 IGNORE_VALUE = 255
+#: The string column of a row's ground-truth mask (a URI in either format above), the mask
+#: the uncertainty-vs-quality report (:mod:`indexing.quality`, ``quality="iou"`` of a
+#: segmentation model) compares ``pred_<model>.mask_uri`` with. A user column, declared like
+#: any other (``fields={"gt_mask_uri": "string"}``).
+GT_MASK_COLUMN = "gt_mask_uri"
 
 
 class MaskError(ValueError):
@@ -176,10 +181,14 @@ def _read_json(path: str, classes: Sequence[str]) -> np.ndarray:
     return out
 
 
-def read_mask(uri: str, classes: Sequence[str]) -> np.ndarray | None:
+def read_mask(uri: str, classes: Sequence[str], *, ignore: int | None = None) -> np.ndarray | None:
     """The ``(H, W)`` int32 class map (``0`` nothing, ``k`` class ``k - 1``) of a mask file,
     or None when ``uri`` is not a readable local file. :class:`MaskError` for a file that is
-    there but is not a mask of these classes."""
+    there but is not a mask of these classes.
+
+    ``ignore``: the value the ignore pixels (255 in an 8-bit image) take in the map; by
+    default they read as ``0`` (nothing), as a pre-label wants them. A ground truth read for
+    scoring passes a value outside ``0..C`` (e.g. ``-1``) to leave them out."""
     path = local_path(uri)
     if path is None:
         return None
@@ -195,12 +204,14 @@ def read_mask(uri: str, classes: Sequence[str]) -> np.ndarray | None:
             eight_bit = im.mode in ("L", "P", "1")
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise MaskError(f"cannot read the image ({exc})") from None
-    if eight_bit:
-        values[values == IGNORE_VALUE] = 0
+    void = values == IGNORE_VALUE if eight_bit else np.zeros(values.shape, bool)
+    values[void] = 0
     bad = (values < 0) | (values > len(classes))
     if bad.any():
         y, x = (int(v) for v in np.argwhere(bad)[0])
         raise MaskError(f"pixel (y={y}, x={x}) has value {int(values[y, x])}; the model has "
                         f"{len(classes)} classes (0 = none, 1..{len(classes)} = a class"
                         f"{', 255 = ignore' if eight_bit else ''})")
+    if ignore is not None:
+        values[void] = ignore
     return values

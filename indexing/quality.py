@@ -68,11 +68,24 @@ Quality measures (:func:`uncertainty_quality`, the model's task decides):
   ``M`` matches (:func:`indexing.objects.image_iou`): every unmatched prediction and every
   missed gt box counts as an IoU of 0. An image with neither boxes nor gt boxes scores 1
   (nothing to find, nothing found). Higher is better;
+* segmentation, ``iou``: per image, the model's predicted mask (``pred_<m>.mask_uri``, as the
+  PyTorch runner's ``mask_dir=`` writes it) against the ground-truth mask in the string
+  column ``gt_mask_uri`` (:data:`indexing.masks.GT_MASK_COLUMN`), both read by
+  :func:`indexing.masks.read_mask` (a PNG of class indices, 0 = none, ``k`` = class
+  ``k - 1``, 255 = ignore; or a JSON file of COCO RLE masks) where the report runs (the
+  server: local paths, as the export reads them). :func:`mask_iou`: with ``V`` the pixels
+  that are not ignore in the ground truth, ``P_c`` / ``G_c`` the pixels of ``V`` the
+  prediction / the ground truth give class ``c``, the quality is the mean over the classes
+  present in either (``P_c ∪ G_c`` not empty) of ``|P_c ∩ G_c| / |P_c ∪ G_c|``; an image
+  where neither mask has any class scores 1. Masks of different shapes are an error naming
+  the row; a row whose mask file is absent, remote or unreadable is left out and counted
+  (``missing`` and ``missing_masks``, the first reason in ``mask_problem``). Higher is better;
 * any numeric field or struct path (``my_iou``, ``pred_seg.loss`` — a segmentation model's
   per-image IoU, a loss the user computed): higher is better unless ``lower_is_better``.
 
 The labeled rows are those with a ``label`` (``correct``, ``loss``), with ``gt_boxes``
-(``iou``; an empty list is a labeled image with no objects) or with a non-null quality field.
+(detection ``iou``; an empty list is a labeled image with no objects), with a
+``gt_mask_uri`` (segmentation ``iou``) or with a non-null quality field.
 Among them, rows without an uncertainty or a quality value (no prediction, a null field, an
 id the mining run did not return) are left out and counted as ``missing``; rows whose label
 is not one of the model's classes as ``unknown_label`` (their ``correct`` or ``loss`` is
@@ -88,6 +101,9 @@ Uncertainty sources:
   ``one_minus_score`` per box, entropy-NMS at IoU 0.5, summed per image): computed by
   :mod:`miners.detection`, which this layer may not import — the server passes the scoring
   functions in (``box_scores``);
+* for a segmentation model, its stored per-image summaries ``topq_entropy`` (the default),
+  ``mean_entropy`` and ``bald`` (:mod:`indexing.segmentation`): the fields
+  ``pred_<m>.topq_entropy`` ... — the scores the ``segmentation`` miner ranks by;
 * a numeric field or path (``pred_m.loss``, a score the user upserted);
 * the scores of a finished mining run (``run_scores``: its ``id``, ``score`` results), so that
   any miner (BALD, a committee, detection with other settings...) can be judged. A run holds
@@ -111,10 +127,11 @@ import pyarrow.compute as pc
 
 from indexing.analytics import stream
 from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.masks import GT_MASK_COLUMN, MaskError, read_mask
 from indexing.measures import PROB_MEASURES
 from indexing.objects import image_iou
 from indexing.predictions import prediction_probs, valid_mask
-from indexing.schema import ModelSpec
+from indexing.schema import SEG_SUMMARIES, ModelSpec
 from indexing.settings import MAX_QUADRANT_IDS
 
 __all__ = [
@@ -125,6 +142,7 @@ __all__ = [
     "Quadrant",
     "Report",
     "label_quality",
+    "mask_iou",
     "report",
     "report_stats",
     "uncertainty_quality",
@@ -142,6 +160,11 @@ QUADRANTS: tuple[tuple[str, str, str], ...] = (
 #: Quality measures of a classification model, from its predictions and the row's label.
 LABEL_QUALITIES = ("correct", "loss")
 DETECTION_QUALITIES = ("iou",)
+#: A segmentation model's uncertainties: its stored per-image summaries (the first is the default).
+SEGMENTATION_UNCERTAINTIES: tuple[str, ...] = ("topq_entropy", "mean_entropy", "bald")
+assert set(SEGMENTATION_UNCERTAINTIES) <= set(SEG_SUMMARIES)
+#: The value ignore pixels of a ground-truth mask take once read (outside 0..C).
+_VOID = -1
 _TINY = np.finfo(np.float64).tiny
 
 #: ``box_scores[method](ids, boxes, spec)``: per-row detection uncertainty of a batch's
@@ -303,6 +326,28 @@ def label_quality(probs: np.ndarray, labels: np.ndarray, measure: str) -> np.nda
     raise ValueError(f"measure must be one of {', '.join(LABEL_QUALITIES)}, got {measure!r}")
 
 
+def mask_iou(pred: np.ndarray, gt: np.ndarray, ignore: int = _VOID) -> float:
+    """Per-image IoU of a predicted class map ``pred`` (H, W) against a ground-truth map
+    ``gt`` (H, W) (``0`` = no class, ``k >= 1`` = a class; ``ignore`` in ``gt`` = a pixel
+    left out): the mean over the classes present in either map (on the pixels kept) of
+    ``|P_c ∩ G_c| / |P_c ∪ G_c|``; 1.0 when neither map has any class there. ValueError
+    for maps of different shapes."""
+    p = np.asarray(pred)
+    g = np.asarray(gt)
+    if p.shape != g.shape:
+        raise ValueError(f"the masks have different shapes: {p.shape} and {g.shape}")
+    keep = g != ignore
+    p = p[keep].astype(np.int64)
+    g = g[keep].astype(np.int64)
+    size = int(max(p.max(initial=0), g.max(initial=0))) + 1
+    inter = np.bincount(p[p == g], minlength=size)[1:]
+    union = np.bincount(p, minlength=size)[1:] + np.bincount(g, minlength=size)[1:] - inter
+    present = union > 0
+    if not present.any():
+        return 1.0  # nothing to find, nothing found
+    return float((inter[present] / union[present]).mean())
+
+
 # -- the collection part -----------------------------------------------------------------------
 
 
@@ -340,9 +385,18 @@ def _uncertainty_source(schema: pa.Schema, spec: ModelSpec | None, uncertainty: 
             raise InvalidArgument(f"give uncertainty or run_id, not both (got uncertainty={uncertainty!r} and a "
                                   "run_id): the run's scores are the uncertainty")
         return _Source("run", "run")
-    name = uncertainty or "entropy"
+    segmentation = spec is not None and spec.task == "segmentation"
+    name = uncertainty or (SEGMENTATION_UNCERTAINTIES[0] if segmentation else "entropy")
     if not isinstance(name, str):
         raise InvalidArgument(f"uncertainty must be a measure name or a field, got {name!r}")
+    if segmentation:
+        assert spec is not None
+        if name in SEGMENTATION_UNCERTAINTIES:  # a stored summary: the field pred_<m>.<name>
+            return _Source("field", f"{spec.column}.{name}")
+        if name in PROB_MEASURES:
+            raise InvalidArgument(
+                f"uncertainty '{name}': segmentation model '{spec.name}' stores per-image summaries, not "
+                f"probabilities: use {', '.join(SEGMENTATION_UNCERTAINTIES)}, a numeric field, or run_id=")
     detection = spec is not None and spec.task == "detection"
     box_methods = tuple(box_scores or ())
     measures = box_methods if detection else tuple(PROB_MEASURES)
@@ -373,7 +427,7 @@ def _quality_source(schema: pa.Schema, spec: ModelSpec | None, quality: str | No
         if spec is None:
             raise InvalidArgument("quality: without a model give a numeric field (e.g. quality='my_iou'), or give "
                                   "model= to use 'correct' / 'loss' (classification) or 'iou' (detection)")
-        quality = "iou" if spec.task == "detection" else "correct"
+        quality = "iou" if spec.task in ("detection", "segmentation") else "correct"
     if not isinstance(quality, str):
         raise InvalidArgument(f"quality must be a measure name or a field, got {quality!r}")
     if quality in (*LABEL_QUALITIES, *DETECTION_QUALITIES):
@@ -384,10 +438,22 @@ def _quality_source(schema: pa.Schema, spec: ModelSpec | None, quality: str | No
             raise InvalidArgument(f"quality '{quality}' compares a model's predictions with the labels: give model=")
         if quality in LABEL_QUALITIES and spec.task != "classification":
             raise InvalidArgument(f"quality '{quality}' needs a classification model; '{spec.name}' is a "
-                                  f"{spec.task} model: use quality='iou' (boxes matched to gt_boxes) or a "
-                                  "numeric field")
+                                  f"{spec.task} model: use quality='iou' ("
+                                  + ("boxes matched to gt_boxes" if spec.task == "detection"
+                                     else f"masks compared with {GT_MASK_COLUMN}") + ") or a numeric field")
+        if quality == "iou" and spec.task == "segmentation":
+            if GT_MASK_COLUMN not in schema.names:
+                raise FailedPrecondition(
+                    f"quality 'iou' of segmentation model '{spec.name}' compares {spec.column}.mask_uri with "
+                    f"the ground-truth mask in column '{GT_MASK_COLUMN}'; collection '{collection}' has no such "
+                    f"column: upsert each labeled image's mask path in it (a PNG of class indices, 255 = ignore, "
+                    "or a JSON file of COCO RLE masks; a local path on the server), or declare it with "
+                    f"fields={{'{GT_MASK_COLUMN}': 'string'}}")
+            _string_field(schema, GT_MASK_COLUMN, collection)
+            return _Source("mask_iou", "iou")
         if quality in DETECTION_QUALITIES and spec.task != "detection":
-            raise InvalidArgument(f"quality 'iou' needs a detection model (boxes matched to gt_boxes); "
+            raise InvalidArgument(f"quality 'iou' needs a detection model (boxes matched to gt_boxes) or a "
+                                  "segmentation model (masks compared with gt_mask_uri); "
                                   f"'{spec.name}' is a {spec.task} model: use quality='correct' or 'loss', or a "
                                   "numeric field (e.g. a per-item IoU you stored)")
         if quality == "iou" and "gt_boxes" not in schema.names:
@@ -399,6 +465,13 @@ def _quality_source(schema: pa.Schema, spec: ModelSpec | None, quality: str | No
     _numeric(schema, quality, "quality", collection,
              "Give a numeric field, or 'correct' / 'loss' / 'iou' with model=.")
     return _Source("field", quality)
+
+
+def _string_field(schema: pa.Schema, name: str, collection: str) -> None:
+    t = schema.field(name).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise FailedPrecondition(f"column '{name}' of collection '{collection}' has type {t}; it must be a string "
+                                 "column of mask paths (one per labeled image)")
 
 
 def _label_indices(labels: pa.Array, spec: ModelSpec) -> np.ndarray:
@@ -441,6 +514,47 @@ def _iou_quality(pred: pa.Array, gt: pa.Array, iou: float) -> np.ndarray:
     return out
 
 
+def _mask_quality(ids: pa.Array, pred: pa.Array, gt: pa.Array, labeled: np.ndarray,
+                  spec: ModelSpec) -> tuple[np.ndarray, np.ndarray, int, str | None]:
+    """Per-row :func:`mask_iou` of the masks ``pred`` (uris) against ``gt`` (uris) on the
+    ``labeled`` rows: (quality, has a quality, rows whose mask file is missing or
+    unreadable, the first such reason). A row without a predicted mask uri has no quality
+    (counted ``missing`` by the caller, not here); masks of different shapes raise
+    FailedPrecondition naming the row."""
+    n = len(ids)
+    q = np.full(n, np.nan)
+    got = np.zeros(n, bool)
+    lost = 0
+    problem: str | None = None
+    pred_uris = pred.to_pylist()
+    gt_uris = gt.to_pylist()
+    for r in np.flatnonzero(labeled & valid_mask(pred)):
+        read: list[np.ndarray] = []
+        for what, uri, ignore in ((f"{spec.column}.mask_uri", pred_uris[r], None),
+                                  (GT_MASK_COLUMN, gt_uris[r], _VOID)):
+            try:
+                mask = read_mask(uri, spec.classes, ignore=ignore)
+                reason = f"{uri!r} is not a local file" if mask is None else None
+            except MaskError as exc:
+                mask, reason = None, f"{uri!r}: {exc}"
+            if mask is None:
+                lost += 1
+                problem = problem or f"row {ids[int(r)].as_py()!r}: {what} {reason}"
+                break
+            read.append(mask)
+        if len(read) < 2:
+            continue
+        if read[0].shape != read[1].shape:
+            raise FailedPrecondition(
+                f"row {ids[int(r)].as_py()!r}: the predicted mask ({spec.column}.mask_uri {pred_uris[r]!r}) is "
+                f"{read[0].shape[0]}x{read[0].shape[1]} and the ground truth ({GT_MASK_COLUMN} {gt_uris[r]!r}) is "
+                f"{read[1].shape[0]}x{read[1].shape[1]} (HxW); masks of one image must have one size: fix "
+                "one of them, or leave the row out with where=")
+        q[r] = mask_iou(read[0], read[1], _VOID)
+        got[r] = True
+    return q, got, lost, problem
+
+
 def uncertainty_quality(
     col: Any, model: str | None = None, uncertainty: str | None = None, quality: str | None = None,
     where: str | None = None, *, version: int | str | None = None, run_scores: pa.Table | None = None,
@@ -455,15 +569,19 @@ def uncertainty_quality(
     ``ids`` (at most ``max_ids``, most extreme first); the correlation, ``n``, thresholds
     and the rows left out are in the schema metadata (:func:`report_stats`).
 
-    ``uncertainty``: a measure name (default ``entropy``), a numeric field or path; or
+    ``uncertainty``: a measure name (default ``entropy``; a segmentation model's stored
+    ``topq_entropy`` (its default), ``mean_entropy`` or ``bald``), a numeric field or path; or
     ``run_scores`` (``id``, ``score`` of a finished mining run; ``run_id`` names it in the
     metadata). ``quality``: ``correct`` (default for classification), ``loss``, ``iou``
-    (default for detection; matching at ``iou``) or a numeric field (``lower_is_better``).
+    (default for detection, matching at ``iou``, and for segmentation, the masks against
+    ``gt_mask_uri``) or a numeric field (``lower_is_better``).
     ``box_scores`` maps a detection uncertainty method to its scoring function (the server
     passes the detection miner's). Definitions: the module doc.
 
     Raises InvalidArgument for a bad option, an unknown or non-numeric field, a measure that
-    does not fit the model's task; FailedPrecondition when no labeled row has both values.
+    does not fit the model's task; FailedPrecondition when no labeled row has both values,
+    when a segmentation ``iou`` finds no ``gt_mask_uri`` column or two masks of one row
+    differ in size.
     """
     if model is not None and not isinstance(model, str):
         raise InvalidArgument(f"model must be a model name, got {model!r}")
@@ -499,6 +617,9 @@ def uncertainty_quality(
         proj["label"] = "label"
     if src_q.kind == "iou":
         proj["gt"] = "gt_boxes"
+    if src_q.kind == "mask_iou":
+        assert spec is not None
+        proj.update(gt=GT_MASK_COLUMN, pred_mask=f"{spec.column}.mask_uri")
     if src_u.kind == "field":
         proj["u"] = src_u.name
     if src_q.kind == "field":
@@ -511,14 +632,15 @@ def uncertainty_quality(
     ids_parts: list[pa.Array] = []
     u_parts: list[np.ndarray] = []
     q_parts: list[np.ndarray] = []
-    rows = missing = unknown = 0
+    rows = missing = unknown = missing_masks = 0
+    mask_problem: str | None = None
     for batch in stream(col, proj, where, version=version):
         n = batch.num_rows
         ids = batch.column("id")
         # the labeled rows of the batch
         if src_q.kind in LABEL_QUALITIES:
             labeled = valid_mask(batch.column("label"))
-        elif src_q.kind == "iou":
+        elif src_q.kind in ("iou", "mask_iou"):
             labeled = valid_mask(batch.column("gt"))
         else:
             labeled = valid_mask(batch.column("q"))
@@ -561,6 +683,12 @@ def uncertainty_quality(
             got_u = valid_mask(pos)
             at = np.asarray(pc.fill_null(pos, 0).to_numpy(zero_copy_only=False), np.int64)
             u = np.where(got_u, run_vals[at] if len(run_vals) else np.nan, np.nan)
+        if src_q.kind == "mask_iou":
+            assert spec is not None
+            q, got_q, lost_masks, problem = _mask_quality(ids, batch.column("pred_mask"), batch.column("gt"),
+                                                          labeled, spec)
+            missing_masks += lost_masks
+            mask_problem = mask_problem or problem
         if src_q.kind == "field":
             col_q = batch.column("q")
             got_q = valid_mask(col_q)
@@ -582,7 +710,8 @@ def uncertainty_quality(
                  quality_quantile=quality_quantile, uncertainty_threshold=uncertainty_threshold,
                  quality_threshold=quality_threshold, max_ids=cap)
     if rep.n == 0:
-        what = {"correct": "a label", "loss": "a label", "iou": "gt_boxes"}.get(src_q.kind, f"a value of '{src_q.name}'")
+        what = {"correct": "a label", "loss": "a label", "iou": "gt_boxes",
+                "mask_iou": GT_MASK_COLUMN}.get(src_q.kind, f"a value of '{src_q.name}'")
         source = {"run": "the mining run did not return them: run its miner over the labeled rows with a "
                          "size that covers them",
                   "field": f"'{src_u.name}' is null on them",
@@ -590,7 +719,9 @@ def uncertainty_quality(
         raise FailedPrecondition(
             f"uncertainty_quality: no row of collection '{col.name}'{' matching where' if where else ''} has both "
             f"an uncertainty and a quality: {rows} row(s) have {what}, {unknown} of them a label that is not a "
-            f"class of the model, {missing} lack a value (e.g. {source}), {rep.non_finite} hold NaN/inf")
+            f"class of the model, {missing} lack a value (e.g. {source}"
+            + (f"; {missing_masks} have a mask file that is missing or unreadable, e.g. {mask_problem}"
+               if missing_masks else "") + f"), {rep.non_finite} hold NaN/inf")
     meta = {
         "model": model, "uncertainty": src_u.name if src_u.kind != "run" else f"run:{run_id or ''}",
         "uncertainty_kind": src_u.kind, "run_id": run_id, "quality": src_q.name, "quality_kind": src_q.kind,
@@ -601,6 +732,8 @@ def uncertainty_quality(
         "quality_quantile": quality_quantile, "max_ids": cap,
         "iou": float(iou) if src_q.kind == "iou" else None,
     }
+    if src_q.kind == "mask_iou":
+        meta.update(missing_masks=missing_masks, mask_problem=mask_problem, gt_mask_column=GT_MASK_COLUMN)
     return _table(rep, meta)
 
 

@@ -42,7 +42,7 @@ command line; a read never creates a data folder. ``serve`` and ``demo`` run on
                box-confused-pairs}
                [--model M] [--field F] [--group-by F] [--where SQL] [--where-param k=v]... [--json]
                                           analytics tables
-    assay uncertainty-quality COLLECTION [--model M] [--uncertainty entropy|FIELD | --run R]
+    assay uncertainty-quality COLLECTION [--model M] [--uncertainty entropy|topq_entropy|FIELD | --run R]
                [--quality correct|loss|iou|FIELD [--lower-is-better]] [--where SQL] [--json]
                                           does the uncertainty predict errors? Spearman rho and
                                           high/low uncertainty x quality quadrants (with ids)
@@ -581,9 +581,11 @@ def _describe_uncertainty_quality(stats: dict[str, Any]) -> list[str]:
         lines.append(f"rho_error = {stats['rho_error']:+.4f}: {verdict}")
     lines.append(f"high uncertainty: > {_cell(stats['uncertainty_threshold'])};   low quality: "
                  f"{'<' if stats['higher_is_better'] else '>'} {_cell(stats['quality_threshold'])}")
-    left = {k: stats[k] for k in ("missing", "unknown_label", "non_finite") if stats[k]}
+    left = {k: stats[k] for k in ("missing", "missing_masks", "unknown_label", "non_finite") if stats.get(k)}
     lines.append(f"labeled rows: {stats['rows']}"
                  + (f" (left out: {', '.join(f'{k} {v}' for k, v in left.items())})" if left else ""))
+    if stats.get("mask_problem"):
+        lines.append(f"a mask that could not be read: {stats['mask_problem']}")
     return lines
 
 
@@ -752,9 +754,11 @@ def add_curation_parsers(sub: Any, remote: argparse.ArgumentParser) -> None:
     p.add_argument("collection")
     p.add_argument("--model", help="the model (default: the run's model with --run)")
     p.add_argument("--uncertainty", help="entropy (default), margin, least_confidence, ratio; detection: entropy, "
-                   "margin, one_minus_score; or a numeric field such as pred_m.loss")
+                   "margin, one_minus_score; segmentation: topq_entropy (default), mean_entropy, bald; or a numeric "
+                   "field such as pred_m.loss")
     p.add_argument("--run", help="a finished mining run whose scores are the uncertainty (any miner)")
-    p.add_argument("--quality", help="correct (classification default), loss, iou (detection default), or a "
+    p.add_argument("--quality", help="correct (classification default), loss, iou (detection: boxes vs "
+                   "gt_boxes; segmentation: pred mask vs the gt_mask_uri column; the default of both), or a "
                    "numeric field")
     p.add_argument("--lower-is-better", action="store_true", help="the quality field is better when lower")
     p.add_argument("--iou", type=float, default=0.5, help="quality iou: IoU for a prediction to match a gt box")

@@ -545,11 +545,15 @@ class Collection:
 
         ``uncertainty``: ``entropy`` (default), ``margin``, ``least_confidence``, ``ratio``
         (detection: ``entropy``, ``margin``, ``one_minus_score``, per image as the detection
-        miner scores it), a numeric field or path (``pred_m.loss``); or ``run_id`` (a
+        miner scores it; segmentation: the stored ``topq_entropy`` (default), ``mean_entropy``,
+        ``bald``), a numeric field or path (``pred_m.loss``); or ``run_id`` (a
         finished mining run or its MiningJob: any miner's scores; its model is the default
         ``model``). ``quality``: ``correct`` (classification default), ``loss`` (lower is
         better), ``iou`` (detection default: boxes matched to gt_boxes at ``iou``,
-        unmatched = 0) or a numeric field (``lower_is_better``). Thresholds: medians by
+        unmatched = 0; segmentation default: the mean per-class IoU of
+        ``pred_<model>.mask_uri`` against the mask in the ``gt_mask_uri`` column, read on the
+        server, 255 = ignore; a mask file missing there is counted in ``missing_masks``) or a
+        numeric field (``lower_is_better``). Thresholds: medians by
         default (``correct`` splits at 0.5), or ``*_quantile`` / ``*_threshold``."""
         rpc = rpc_aggregate(self.name, "uncertainty_quality", model=model, measure=uncertainty,
                             quality=quality, where=where, run_id=run_id, iou=iou,

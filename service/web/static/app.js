@@ -430,8 +430,9 @@ async function mapTab(info, query, body, fresh) {
 
 // -- does uncertainty predict errors? ------------------------------------------------------
 
-const UNCERTAINTY = { classification: ["entropy", "margin", "least_confidence", "ratio"], detection: ["entropy", "margin", "one_minus_score"] };
-const QUALITY = { classification: ["correct", "loss"], detection: ["iou"] };
+const UNCERTAINTY = { classification: ["entropy", "margin", "least_confidence", "ratio"], detection: ["entropy", "margin", "one_minus_score"],
+  segmentation: ["topq_entropy", "mean_entropy", "bald"] };
+const QUALITY = { classification: ["correct", "loss"], detection: ["iou"], segmentation: ["iou"] };
 
 async function qualityTab(info, query, body, fresh) {
   const models = Object.entries(info.models);
@@ -441,7 +442,7 @@ async function qualityTab(info, query, body, fresh) {
   const task = (info.models[modelName] || models[0][1]).task;
   const model = sel("model", models.map(([n, m]) => [n, `${n} (${m.task})`]), modelName);
   const runs = info.runs.filter((r) => r.state === "SUCCEEDED" && r.model === modelName);
-  const chosen = query.get("run") ? `run:${query.get("run")}` : (query.get("uncertainty") || "entropy");
+  const chosen = query.get("run") ? `run:${query.get("run")}` : (query.get("uncertainty") || UNCERTAINTY[task][0]);
   const uncertainty = sel("uncertainty", [...UNCERTAINTY[task].map((m) => [m, m]),
     ...runs.map((r) => [`run:${r.run_id}`, `run ${r.run_id.slice(0, 8)} (${r.miner}, ${r.results} rows)`])], chosen);
   const quality = sel("quality", QUALITY[task].map((q) => [q, q]), query.get("quality") || QUALITY[task][0]);
@@ -483,7 +484,8 @@ function qualityReport(r) {
       el("dt", { text: "Spearman rho" }), el("dd", { class: "rho", text: r.rho === null ? "undefined" : `${fmt(r.rho)} (p = ${fmt(r.p_value, 3)})` }),
       el("dt", { text: "rho vs errors" }), el("dd", { class: "rho-error", text: r.rho_error === null ? "–" : `${fmt(r.rho_error)}${verdict}` }),
       el("dt", { text: "rows" }), el("dd", { text: `${int(r.n)} of ${int(r.rows)} labeled rows` +
-        (r.missing + r.unknown_label + r.non_finite ? ` (left out: ${int(r.missing)} missing, ${int(r.unknown_label)} unknown label, ${int(r.non_finite)} NaN/inf)` : "") }),
+        (r.missing + r.unknown_label + r.non_finite ? ` (left out: ${int(r.missing)} missing, ${int(r.unknown_label)} unknown label, ${int(r.non_finite)} NaN/inf)` : "") +
+        (r.missing_masks ? `; ${int(r.missing_masks)} with a mask file missing or unreadable, e.g. ${r.mask_problem}` : "") }),
       el("dt", { text: "uncertainty" }), el("dd", { text: `${r.uncertainty}: high when > ${fmt(r.uncertainty_threshold)}` }),
       el("dt", { text: "quality" }), el("dd", { text: `${r.quality} (${better} is better): low when ${r.higher_is_better ? "<" : ">"} ${fmt(r.quality_threshold)}` }))),
     el("table", { class: "quadrants" },
