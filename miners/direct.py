@@ -202,8 +202,6 @@ def chain_validate(ctx: RunContext) -> dict[str, Any]:
     req, params = ctx.run, ctx.params
     if not params["stages"]:
         raise InvalidArgument("miner 'chain' needs params.stages: [{miner, size, params}, ...]")
-    from miners.registry import REGISTRY  # the registry imports this module
-
     stages = []
     for i, stage in enumerate(params["stages"]):
         last = i == len(params["stages"]) - 1
@@ -215,7 +213,7 @@ def chain_validate(ctx: RunContext) -> dict[str, Any]:
         # The run's reference filter reaches the stages that use one ("top uncertain, then
         # coreset seeded with the labeled set"); a stage may set its own. The run's SEALS
         # restriction narrows the chain's pool once, not again per stage.
-        uses_reference = REGISTRY[stage["miner"]].reference != "none"
+        uses_reference = ctx.miners[stage["miner"]].reference != "none"
         reference = stage.get("reference_where", req.reference_where if uses_reference else "") or ""
         sub = replace(req, **{**_stage_fields(stage), "size": size, "params": stage.get("params") or {},
                               "reverse": bool(stage.get("reverse", False)), "reference_where": reference,
@@ -315,13 +313,11 @@ def _field_sql(th: dict[str, Any], i: int) -> str:
 def _sub_run(ctx: RunContext, entry: dict[str, Any], what: str, where: str) -> dict[str, Any]:
     """An objective or threshold naming a miner: validated as the run it will be (the
     select run's model, space and pool unless it names its own); returns it completed."""
-    from miners.registry import REGISTRY  # the registry imports this module
-
     req = ctx.run
     name = entry.get("miner")
-    if name not in REGISTRY:
+    if name not in ctx.miners:
         raise InvalidArgument(f"select: {what}: unknown miner {name!r}")
-    spec = REGISTRY[name]
+    spec = ctx.miners[name]
     if spec.score is None or spec.select is not None or spec.run is not None:
         raise InvalidArgument(f"select: {what}: miner {name!r} picks a batch; name a miner that scores every "
                               "row (margin, entropy, bald, typicality, lof...)")

@@ -24,8 +24,8 @@ Adding an input kind: one :class:`Input` subclass and one line in :data:`INPUTS`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -71,6 +71,10 @@ class RunContext:
     mine_stage: Callable[[RunSpec], MiningOutput] | None = None
     # every pool row's score by a scored miner: (stable row ids, scores) (``select``)
     score_stage: Callable[[RunSpec], tuple[np.ndarray, np.ndarray]] | None = None
+    # the registry (miner name -> MinerSpec), for miners that name other miners (chain
+    # stages, select objectives); passed in by the runner so that those hooks do not
+    # import the registry that imports them
+    miners: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> str | None:

@@ -127,7 +127,8 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
     if spec.reference == "required" and not req.reference_where:
         raise InvalidArgument(f"miner '{spec.name}' needs reference_where (e.g. \"split = 'train'\")")
     reference = col.validate_filter(req.reference_where or None)
-    ctx = RunContext(col, req, params, validate_stage=lambda sub: validate_request(col, sub))
+    ctx = RunContext(col, req, params, validate_stage=lambda sub: validate_request(col, sub),
+                     miners=registry.REGISTRY)
     if spec.validate_run is not None:
         checked = spec.validate_run(ctx)
         if checked is not None:
@@ -242,7 +243,7 @@ def run_mining(
     ctx = RunContext(col, rec, dict(rec.params), progress, check,
                      validate_stage=lambda sub: validate_request(col, sub),
                      mine_stage=lambda sub: run_mining(col, sub, check=check),
-                     score_stage=lambda sub: score_all(col, sub, check=check))
+                     score_stage=lambda sub: score_all(col, sub, check=check), miners=registry.REGISTRY)
     if spec.run is not None:
         out = spec.run(ctx)
     else:
@@ -268,7 +269,7 @@ def score_all(col: Collection, rec: RunSpec, *, check: Callable[[], None] = lamb
     if spec.score is None or spec.select is not None or spec.run is not None:
         raise InvalidArgument(f"miner '{spec.name}' selects a batch; only a miner that scores every row can be "
                               "an objective or a threshold")
-    ctx = RunContext(col, rec, dict(rec.params), check=check)
+    ctx = RunContext(col, rec, dict(rec.params), check=check, miners=registry.REGISTRY)
     inputs = spec.input_kinds(ctx.params)
     try:
         if spec.gather:
