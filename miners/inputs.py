@@ -168,19 +168,22 @@ class _PredInput(Input):
     """A child of the model's ``pred_<model>`` struct."""
 
     needs_model = True
-    child = ""
+    child = ""  # the struct child read, unless the run's parameters choose it (child_of)
+
+    def child_of(self, ctx: RunContext) -> str:
+        return self.child
 
     def path(self, ctx: RunContext, child: str | None = None) -> str:
-        return f"{PRED_PREFIX}{ctx.model}.{child or self.child}"
+        return f"{PRED_PREFIX}{ctx.model}.{child or self.child_of(ctx)}"
 
     def columns(self, ctx: RunContext) -> dict[str, str]:
-        return {self.child: self.path(ctx)}
+        return {self.child or self.name: self.path(ctx)}
 
     def condition(self, ctx: RunContext) -> str | None:
         return f"{self.path(ctx)} IS NOT NULL"
 
     def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
-        return valid_mask(batch.column(self.child))
+        return valid_mask(batch.column(self.child or self.name))
 
 
 class Probs(_PredInput):
@@ -368,27 +371,17 @@ class Segmentation(_PredInput):
             "topq_entropy, bald or class_uncertain_fraction (C per row; the run's class_name picks one)")
     row_arrays = ("seg_summary",)
 
-    @staticmethod
-    def summary(ctx: RunContext) -> str:
+    def child_of(self, ctx: RunContext) -> str:
         return ctx.params.get("summary", "topq_entropy")
-
-    def columns(self, ctx: RunContext) -> dict[str, str]:
-        return {"seg": self.path(ctx, self.summary(ctx))}
-
-    def condition(self, ctx: RunContext) -> str | None:
-        return f"{self.path(ctx, self.summary(ctx))} IS NOT NULL"
-
-    def present(self, batch: pa.RecordBatch, ctx: RunContext) -> np.ndarray | None:
-        return valid_mask(batch.column("seg"))
 
     def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
                ctx: RunContext) -> dict[str, Any]:
-        if self.summary(ctx) == "class_uncertain_fraction":
+        if self.child_of(ctx) == "class_uncertain_fraction":
             name = ctx.params.get("class_name")
             index = None if name is None else ctx.model_spec.classes.index(name)
-            fractions = list_matrix(batch.column("seg"), rows, ctx.num_classes)
+            fractions = list_matrix(batch.column(self.name), rows, ctx.num_classes)
             return {"seg_summary": summary_scores(fractions, index)}
-        values = _take(batch.column("seg"), rows).to_numpy(zero_copy_only=False)
+        values = _take(batch.column(self.name), rows).to_numpy(zero_copy_only=False)
         return {"seg_summary": summary_scores(np.asarray(values, dtype=np.float64))}
 
 
