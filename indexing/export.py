@@ -131,6 +131,18 @@ def _coco_header(col: Any, what: str, version: int | str | None) -> str:
     return '{"info": ' + json.dumps(info) + ', "licenses": [], "images": ['
 
 
+def _coco_footer(fh: IO[str], spool: IO[str], classes: Sequence[str], *, unknown: bool) -> None:
+    """The rest of a COCO file after its image list: the annotations spooled meanwhile, then
+    the categories (ids from 1 in the model's class order; the unknown one first if used)."""
+    fh.write('], "annotations": [')
+    spool.seek(0)
+    shutil.copyfileobj(spool, fh)
+    categories = [{"id": i + 1, "name": name, "supercategory": "none"} for i, name in enumerate(classes)]
+    if unknown:
+        categories.insert(0, UNKNOWN_CATEGORY)
+    fh.write('], "categories": ' + json.dumps(categories, ensure_ascii=False) + "}")
+
+
 def _rows(col: Any, projection: Mapping[str, str], *, ids: Sequence[str] | None, where: str | None,
           version: int | str | None, batch_size: int | None, missing: list[int]) -> Iterator[pa.RecordBatch]:
     """Batches of ``projection`` (which includes ``id``) for the selected rows. Validation
@@ -406,13 +418,7 @@ def export_coco(
                 }))
             if lines:
                 spool.write(("," if annotations > len(lines) else "") + ",".join(lines))
-        fh.write('], "annotations": [')
-        spool.seek(0)
-        shutil.copyfileobj(spool, fh)
-        categories = [{"id": i + 1, "name": name, "supercategory": "none"} for i, name in enumerate(spec.classes)]
-        if unknown_used:
-            categories.insert(0, UNKNOWN_CATEGORY)
-        fh.write('], "categories": ' + json.dumps(categories, ensure_ascii=False) + "}")
+        _coco_footer(fh, spool, spec.classes, unknown=unknown_used)
     return ExportReport(path=os.fspath(path), format="coco", rows=images, missing=missing[0],
                         annotations=annotations, sized_images=sized, version=version,
                         seconds=time.perf_counter() - t0)
@@ -463,11 +469,7 @@ def _export_coco_masks(col: Any, spec: ModelSpec, path: str | os.PathLike[str], 
                 fh.write(("," if images > len(parts) else "") + ",".join(parts))
             if lines:
                 spool.write(("," if annotations > len(lines) else "") + ",".join(lines))
-        fh.write('], "annotations": [')
-        spool.seek(0)
-        shutil.copyfileobj(spool, fh)
-        categories = [{"id": i + 1, "name": name, "supercategory": "none"} for i, name in enumerate(spec.classes)]
-        fh.write('], "categories": ' + json.dumps(categories, ensure_ascii=False) + "}")
+        _coco_footer(fh, spool, spec.classes, unknown=False)
     return ExportReport(path=os.fspath(path), format="coco", rows=images, missing=missing[0],
                         annotations=annotations, sized_images=sized, version=version,
                         seconds=time.perf_counter() - t0, masks_missing=masks_missing)
