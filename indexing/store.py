@@ -1223,7 +1223,8 @@ class Collection:
         ``policy.purge_fraction`` of it and it has at most ``policy.merge_rows[-1]`` rows (the
         pause is bounded like a tier merge). Called holding the slot; returns rows purged."""
         worst, most = None, 0
-        for frag in self._table.to_lance().get_fragments():
+        frags = self._table.to_lance().get_fragments()
+        for frag in frags:
             meta = frag.metadata
             deleted = meta.num_deletions
             if meta.physical_rows <= policy.merge_rows[-1] and deleted > most and \
@@ -1231,7 +1232,7 @@ class Collection:
                 worst, most = frag.fragment_id, deleted
         if worst is None:
             return 0
-        others = [fid for fid, _ in self._fragment_rows() if fid != worst]
+        others = [f.fragment_id for f in frags if f.fragment_id != worst]
         self._table.to_lance().optimize.compact_files(
             materialize_deletions=True, materialize_deletions_threshold=policy.purge_fraction,
             excluded_fragment_ids=others)
