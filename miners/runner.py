@@ -166,9 +166,7 @@ def _check_object_miner(spec: MinerSpec, inputs: list[Input], req: RunSpec) -> N
     vector: gathered miners on vectors and their k-NN graphs, and ``knn``."""
     other = [i.name for i in inputs if i.name not in OBJECT_INPUTS]
     if other or not (spec.gather or spec.name == "knn") or req.candidates:
-        from miners.registry import REGISTRY
-
-        ok = sorted(n for n, s in REGISTRY.items()
+        ok = sorted(n for n, s in registry.REGISTRY.items()
                     if (s.gather or n == "knn") and all(i.name in OBJECT_INPUTS for i in s.input_kinds(s.validate({}))))
         why = (f"it also reads {', '.join(other)} per image" if other else
                "candidates= narrows images, not objects" if req.candidates else
