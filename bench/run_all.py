@@ -65,19 +65,23 @@ LAUNCHER = ("import runpy, sys; sys.argv = sys.argv[1:]; "
 AL_QUICK_ARGS = ("--plan", AL_QUICK_PLAN, "--seeds", "3", "--budget", "200")
 AL_FULL_ARGS = ("--datasets", "digits,repeated_digits,breast_cancer,wine")
 # Issue 21's strategies against random with 10 seeds and the paired test, from 2 labels per
-# class and from none (cold start); the same plan in both sizes (about 15 minutes together).
+# class and cold, from 0 and from 10 random labels; the same plan in both sizes.
 AL_NEW_ARGS = ("--datasets", "digits", "--learners", "logreg", "--strategies", "new", "--seeds", "10",
                "--budget", "100", "--batch", "10", "--no-plots")
-AL_COLD_ARGS = ("--datasets", "digits", "--learners", "logreg", "--strategies",
-                "random,margin,typiclust,probcover", "--initial", "0", "--seeds", "10", "--budget", "60",
-                "--batch", "10", "--no-plots")
-AL_COLD10_ARGS = tuple("10" if a == "0" else a for a in AL_COLD_ARGS)  # 10 random labels
+
+
+def al_cold_args(initial: int) -> tuple[str, ...]:
+    """The cold-start plan from ``initial`` random labels."""
+    return ("--datasets", "digits", "--learners", "logreg", "--strategies", "random,margin,typiclust,probcover",
+            "--initial", str(initial), "--seeds", "10", "--budget", "60", "--batch", "10", "--no-plots")
+
+
 # name -> (what it is, quick options, full options); `--skip al` skips them all.
 AL_STEPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "al": ("the simulation", AL_QUICK_ARGS, AL_FULL_ARGS),
     "al_new": ("issue 21's strategies, 10 seeds", AL_NEW_ARGS, AL_NEW_ARGS),
-    "al_cold": ("cold start from 0 labels, 10 seeds", AL_COLD_ARGS, AL_COLD_ARGS),
-    "al_cold10": ("cold start from 10 random labels, 10 seeds", AL_COLD10_ARGS, AL_COLD10_ARGS),
+    "al_cold": ("cold start from 0 labels, 10 seeds", al_cold_args(0), al_cold_args(0)),
+    "al_cold10": ("cold start from 10 random labels, 10 seeds", al_cold_args(10), al_cold_args(10)),
 }
 
 
