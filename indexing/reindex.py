@@ -441,6 +441,8 @@ def reindex(
         report.swapped = True
         if len(renames) == 2:
             col.drop_fields([live + PREV_SUFFIX])
+        if report.index:
+            col.tune_index(space)  # the new vectors' index: nprobes to the target recall
     elif build_index and plan.old_index_kind and report.embedded:
         col.optimize(cleanup=False)  # brings the existing index up to date with new rows
     report.version = col.version

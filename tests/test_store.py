@@ -351,7 +351,13 @@ def test_recall_check_tunes_nprobes(store):
         "g", spaces={"v": {"dim": dim, "metric": "l2", "normalized": False,
                            "index": IndexPolicy(nprobes=1, num_partitions=64, threshold_rows=1000)}})
     col.upsert({"id": [f"r{i}" for i in range(n)], "emb_v": rng.standard_normal((n, dim)).tolist()})
-    col.build_index("v")
+    # Building the index tunes it at once: nprobes raised from the policy's 1, and the
+    # index serves the target recall without anyone asking for a check.
+    assert col.optimize().indexes_built == ["v"]
+    assert col.space("v").index.nprobes > 1
+    assert col.recall_check("v", queries=30, tune=False).recall >= 0.95
+    # Set back by hand, the check on request measures the loss and tunes again.
+    col.update_space("v", nprobes=1)
     untuned = col.recall_check("v", queries=30, tune=False)
     tuned = col.recall_check("v", queries=30, tune=True)
     assert untuned.recall < 0.95 <= tuned.recall and tuned.nprobes > 1 and tuned.tuned
