@@ -184,6 +184,9 @@ class GraphInfo:
     device: str = "cpu"
     below_target: bool = False
     cached: bool = False
+    #: a range (ball) graph's radius (``k`` = 0 there; ``recall``: of ball membership,
+    #: :func:`miners.coldstart.ball_recall`); 0.0 for k-NN graphs
+    radius: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
