@@ -459,7 +459,7 @@ def _symmetrised(g: BallGraph) -> tuple[BallGraph, int]:
 
 def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
                    target_recall: float | None = None, recall_sample: int | None = None, seed: int = 0,
-                   max_edges: int | None = None, progress: Progress | None = None,
+                   max_edges: int | None = None, block: int | None = None, progress: Progress | None = None,
                    check: Check | None = None) -> BallGraph:
     """Approximate ``delta``-balls of every row of ``x``: FAISS ``IndexIVFFlat.range_search``
     (module docstring, "Large inputs"), candidates re-tested exactly in float64, made
@@ -467,7 +467,8 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     against :func:`exact_balls`. ``nprobe`` (clamped to the lists; all lists: every ball
     exact) None: the smallest of the k-NN engine's ladder
     reaching ``target_recall`` (default the engine's) on that sample. ``max_edges`` None:
-    ``min(2^31, available memory / 24 B)`` (the symmetrisation's peak per entry)."""
+    ``min(2^31, available memory / 24 B)`` (the symmetrisation's peak per entry). ``block``
+    None: rows per search block from the tuning's time per query (~``BLOCK_SECONDS``)."""
     from miners import knn
 
     progress = progress or _noop_progress
@@ -518,7 +519,8 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
             break
     recall_s = time.perf_counter() - t1
     # 3. the graph, in blocks of ~BLOCK_SECONDS
-    block = int(min(_RANGE_BLOCK * 4, max(256, knn.BLOCK_SECONDS / max(per_query, 1e-7))))
+    if block is None:
+        block = int(min(_RANGE_BLOCK * 4, max(256, knn.BLOCK_SECONDS / max(per_query, 1e-7))))
     t2 = time.perf_counter()
     g = _range_blocks(xa, ivf.range_search, delta, block=block, max_edges=max_edges,
                       what=f"ball graph ({index.method})", progress=knn._sub(progress, 0.15, 0.95), check=check)
