@@ -70,11 +70,12 @@ has no error bound to widen the radius by.
 
 Memory: the CSR holds 4 B per entry (int32 ids) + 8 B per row. 1M rows with balls of a few
 hundred rows (~3e8 entries) is ~1.2 GB; balls of thousands (~1e9+) are not affordable on a
-24 GiB machine once the symmetrisation runs (scipy's transpose and merge: ~24 B per entry
-at its peak). ``max_edges`` (default ``min(2^31, available memory / 24 B)``) is checked
-before each block's pairs are copied and before the symmetrisation: a radius whose balls
-would not fit fails with "use a smaller delta" instead of swapping. The IVF index holds a
-float32 copy of the rows (1.5 GB at 1M x 384), released before the symmetrisation.
+24 GiB machine once the symmetrisation runs (scipy's transpose and merge: ~24 B per entry at
+its peak, for ``E`` entries before it). ``max_edges`` (default ``min(2^31, available memory
+/ 24 B)``, so that the symmetrisation fits) is checked before each block's pairs are copied:
+a radius whose balls would not fit fails with "use a smaller delta" instead of swapping. The
+IVF index holds a float32 copy of the rows (1.5 GB at 1M x 384), released before the
+symmetrisation.
 """
 
 from __future__ import annotations
@@ -528,9 +529,6 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     del index, ivf  # release the float32 copy before the symmetrisation
     check()
     progress(0.95, f"ball graph: adding missing reverse entries to {g.n_edges:,}")
-    if g.n_edges * 2 > max_edges:
-        raise ValueError(f"the {delta:g}-balls hold {g.n_edges:,} entries: making them symmetric needs up to "
-                         f"{2 * g.n_edges:,}, over {max_edges:,}; use a smaller delta")
     g, added = _symmetrised(g)
     search_s = time.perf_counter() - t2
     final = ball_recall(g, sample, exact)
