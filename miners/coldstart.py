@@ -737,7 +737,7 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         def sub(f: float, m: str) -> None:
             progress(0.4 + 0.4 * f, m)
 
-        if n <= exact_rows:
+        if n <= exact_rows or not n:
             graph = ball_graph(x, float(delta), progress=sub, check=check)
         else:
             graph = ivf_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, progress=sub, check=check)
