@@ -42,10 +42,48 @@ chosen ``delta`` is the largest with ``purity(delta) >= alpha`` (``alpha = 0.95`
 and ``delta`` is the largest float below it (``nextafter(rho, 0)``), or the largest value
 of a given grid ``deltas`` below ``rho`` (the paper searches a grid).
 
-Cost: the ball graph is an exact range search (FAISS ``IndexFlatL2.range_search`` in
-blocks of queries, ``O(N^2 d)`` time, never ``N x N`` in memory: ``O(E)`` for its ``E``
-edges, stored as CSR); the greedy touches each edge a constant number of times plus an
-``O(N)`` argmax per pick. ``r(x)`` costs ``O(|S| N d)``.
+Cost: up to ``PROBCOVER_EXACT_ROWS`` (50,000) rows the ball graph is an exact range search
+(FAISS ``IndexFlatL2.range_search`` in blocks of queries, ``O(N^2 d)`` time, never ``N x N``
+in memory: ``O(E)`` for its ``E`` edges, stored as CSR); the greedy touches each edge a
+constant number of times plus an ``O(N)`` argmax per pick. ``r(x)`` costs ``O(|S| N d)``.
+
+Large inputs: the approximate ball graph (:func:`ivf_ball_graph`)
+-----------------------------------------------------------------
+At 1M x 384 the exact search is ~3 hours on 2 cores (its own ETA). Above
+``PROBCOVER_EXACT_ROWS`` rows the balls come from a FAISS ``IndexIVFFlat.range_search``
+built by the k-NN graph engine (:class:`miners.knn.IvfIndex`: its ``nlist`` rule, sampled
+training, its nprobe ladder — from 1 list up, as a ball lies mostly in its row's own list —
+and its recall sample size and target, 0.95), rows searched in blocks of ~``BLOCK_SECONDS``
+with ``check()`` before and an ETA after each, the queries of a block in the order of their
+nearest list (cache reuse, as the engine's search).
+
+The threshold is not the crossover: on 384-d unit vectors around 1,000 centres (spread 0.3,
+delta 0.3649, 2 shared cores) the exact graph took 3.6 s at 20,000 rows and 16.3 s at 50,000,
+the IVF graph 0.9 s (recall 1.0) and 2.5 s (recall 0.959). Up to 50,000 rows the exact graph
+costs seconds and is kept for its exactness; beyond, its ``O(N^2 d)`` is what hurts (200,000
+rows: ~7 min by its own ETA). The search
+radius is widened by the float32 error bound and every candidate pair passes the same
+float64 test as the exact graph, so every listed entry is a true one: the only error is a
+missed entry (a row in a list not probed). ``nprobe`` is the first of the ladder whose
+*recall of ball membership* (:func:`ball_recall`: listed share of the exact balls' entries,
+own entries left out) on a seeded sample of ``RECALL_SAMPLE`` rows reaches the target; the
+exact balls of the sample come from :func:`exact_balls` (``O(|S| N d)``, no index). The
+graph is then made symmetric (``j`` in ``B(i)`` iff ``i`` in ``B(j)``, as exact balls are and
+as the greedy's degree update assumes: a pair found from either side is kept), and its
+recall is measured again on the same sample; ``BallGraph.info`` (method, ``nlist``,
+``nprobe``, recall, sample size, timings, entries added by the symmetrisation) lands in
+``ProbCoverResult.stats["graph"]`` and the run's stats. With ``nprobe`` = all lists the
+graph equals the exact one. IVF-Flat, never SQ8 codes: a range test on clipped 8-bit codes
+has no error bound to widen the radius by.
+
+Memory: the CSR holds 4 B per entry (int32 ids) + 8 B per row. 1M rows with balls of a few
+hundred rows (~3e8 entries) is ~1.2 GB; balls of thousands (~1e9+) are not affordable on a
+24 GiB machine once the symmetrisation runs (scipy's transpose and merge: ~24 B per entry at
+its peak, for ``E`` entries before it). ``max_edges`` (default ``min(2^31, available memory
+/ 24 B)``, so that the symmetrisation fits) is checked before each block's pairs are copied:
+a radius whose balls would not fit fails with "use a smaller delta" instead of swapping. The
+IVF index holds a float32 copy of the rows (1.5 GB at 1M x 384), released before the
+symmetrisation.
 """
 
 from __future__ import annotations
@@ -59,6 +97,7 @@ from typing import Any
 import numpy as np
 
 from indexing.settings import (
+    PROBCOVER_EXACT_ROWS,
     PROBCOVER_PURITY,
     PROBCOVER_PURITY_SAMPLE,
     TYPICLUST_K,
@@ -68,8 +107,8 @@ from indexing.settings import (
 )
 from miners.clustering import kmeans
 
-__all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "other_label_distance",
-           "probcover_select", "purity_delta", "typiclust_select"]
+__all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "ball_recall", "exact_balls",
+           "ivf_ball_graph", "other_label_distance", "probcover_select", "purity_delta", "typiclust_select"]
 
 Progress = Callable[[float, str], None]
 Check = Callable[[], None]
@@ -77,6 +116,9 @@ _EXACT_CLUSTER_ROWS = 20_000
 _RANGE_BLOCK = 4096
 _MAX_EDGES = 1 << 31
 _PAIR_VALUES = 1 << 23  # float64 values per chunk of the exact pair test (64 MB)
+#: bytes per entry at the peak of the approximate graph's symmetrisation: the int32 CSR and
+#: its bool data (5 B), the transpose (5 B), the merged CSR before pruning (10 B), slack
+_SYM_BYTES_PER_ENTRY = 24
 
 
 def _noop_progress(fraction: float, message: str) -> None:
@@ -255,57 +297,68 @@ def typiclust_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
 @dataclass
 class BallGraph:
     """The ``delta``-ball graph in CSR form: row ``i``'s ball is
-    ``indices[indptr[i]:indptr[i + 1]]`` (itself included)."""
+    ``indices[indptr[i]:indptr[i + 1]]`` (itself included, ascending). ``info``: how it
+    was built and how good it is (:meth:`miners.knn.GraphInfo.to_dict`: ``method``, the
+    ball-membership ``recall`` on ``recall_sample`` rows, ``nlist``/``nprobe``, timings;
+    ``radius`` = ``delta``, ``k`` = 0), plus ``reverse_added`` for the approximate graph."""
 
     indptr: np.ndarray  # (N + 1,) int64
     indices: np.ndarray  # (E,) int32 or int64
     delta: float
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_edges(self) -> int:
         return int(self.indptr[-1])
 
 
-def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_edges: int = _MAX_EDGES,
-               progress: Progress | None = None, check: Check | None = None) -> BallGraph:
-    """Exact ``delta``-balls of every row of ``x`` among the rows of ``x``
-    (``||x_i - x_j|| <= delta``, FAISS flat range search on squared distances, queries in
-    blocks). Raises ValueError when the balls hold more than ``max_edges`` entries (a
-    smaller ``delta`` is needed)."""
-    import faiss
+def _pair_test(xa: np.ndarray, rows: np.ndarray, idx: np.ndarray, r2: float) -> np.ndarray:
+    """``||x_rows - x_idx||^2 <= r2`` in float64, a bounded number of pairs at a time (all of
+    a block's pairs at once took ~20 GB for balls of thousands of 384-d rows)."""
+    keep = np.empty(len(idx), dtype=bool)
+    step = max(1024, _PAIR_VALUES // max(1, xa.shape[1]))
+    for p0 in range(0, len(idx), step):
+        p1 = min(len(idx), p0 + step)
+        diff = xa[rows[p0:p1]].astype(np.float64) - xa[idx[p0:p1]]
+        keep[p0:p1] = np.einsum("ij,ij->i", diff, diff) <= r2
+    return keep
 
-    progress = progress or _noop_progress
-    check = check or _noop_check
-    xa = np.ascontiguousarray(x, dtype=np.float32)
+
+def _search_radius(xa: np.ndarray, delta: float) -> float:
+    """The squared radius handed to FAISS: ``delta^2`` widened by the float32 error bound so
+    that no pair within ``delta`` is missed; :func:`_pair_test` then decides."""
+    return float(delta) ** 2 + 2.0 * _f32_error(xa) + 1e-12
+
+
+def _range_blocks(xa: np.ndarray, search: Callable[[np.ndarray, float], tuple], delta: float, *,
+                  block: int, max_edges: int, what: str, progress: Progress, check: Check
+                  ) -> BallGraph:
+    """Every row's ball from ``search(queries, squared radius) -> (lims, D, I)`` (a FAISS
+    ``range_search``) over blocks of consecutive rows: candidates re-tested exactly in
+    float64, each ball sorted, CSR built block by block; ``check()`` before each block,
+    ``progress`` after it (rows, entries, ETA); ValueError past ``max_edges`` entries."""
     n = len(xa)
-    index = faiss.IndexFlatL2(xa.shape[1])
-    index.add(xa)
-    # squared radius widened by the float32 error bound so that no pair within delta is
-    # missed; the float64 test below decides
     r2 = float(delta) ** 2
-    radius = r2 + 2.0 * _f32_error(xa) + 1e-12
+    radius = _search_radius(xa, delta)
     counts = np.zeros(n, dtype=np.int64)
     parts: list[np.ndarray] = []
     total = 0
     dtype = np.int32 if n < 2**31 else np.int64
     t0 = time.perf_counter()
+
+    def too_many(e: int) -> ValueError:
+        return ValueError(f"the {delta:g}-balls hold more than {max_edges:,} entries after {e:,} of {n:,} "
+                          "rows; use a smaller delta")
+
     for s in range(0, n, block):
         check()
         e = min(n, s + block)
-        lims, _, idx = index.range_search(xa[s:e], radius)
+        lims, _, idx = search(xa[s:e], radius)
         if total + int(lims[-1]) > max_edges:  # before the block's pairs are copied and sorted
-            raise ValueError(f"the {delta:g}-balls hold more than {max_edges:,} entries after {e:,} of {n:,} "
-                             "rows; use a smaller delta")
+            raise too_many(e)
         idx = idx.astype(np.int64)
         rows = np.repeat(np.arange(s, e), np.diff(lims).astype(np.int64))
-        # exact float64 test of the candidate pairs, a bounded number of pairs at a time
-        # (all of a block's pairs at once took ~20 GB for balls of thousands of 384-d rows)
-        keep = np.empty(len(idx), dtype=bool)
-        step = max(1024, _PAIR_VALUES // max(1, xa.shape[1]))
-        for p0 in range(0, len(idx), step):
-            p1 = min(len(idx), p0 + step)
-            diff = xa[rows[p0:p1]].astype(np.float64) - xa[idx[p0:p1]]
-            keep[p0:p1] = np.einsum("ij,ij->i", diff, diff) <= r2
+        keep = _pair_test(xa, rows, idx, r2)
         rows, idx = rows[keep], idx[keep]
         # per query, sort its ball by row index
         o = np.lexsort((idx, rows))
@@ -313,15 +366,216 @@ def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_ed
         counts[s:e] = np.bincount(rows - s, minlength=e - s)
         total += len(idx)
         if total > max_edges:
-            raise ValueError(f"the {delta:g}-balls hold more than {max_edges:,} entries after {e:,} of {n:,} rows; "
-                             "use a smaller delta")
+            raise too_many(e)
         parts.append(idx.astype(dtype))
         el = time.perf_counter() - t0
-        progress(e / max(1, n), f"ball graph (delta {delta:.4g}): {e:,} of {n:,} rows, {total:,} entries"
+        progress(e / max(1, n), f"{what} (delta {delta:.4g}): {e:,} of {n:,} rows, {total:,} entries"
                  f"{'' if e == n else f', ETA {el * (n - e) / e:.0f} s'}")
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     return BallGraph(indptr, np.concatenate(parts) if parts else np.empty(0, dtype=dtype), float(delta))
+
+
+def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_edges: int = _MAX_EDGES,
+               progress: Progress | None = None, check: Check | None = None) -> BallGraph:
+    """Exact ``delta``-balls of every row of ``x`` among the rows of ``x``
+    (``||x_i - x_j|| <= delta``, FAISS flat range search on squared distances, queries in
+    blocks). Raises ValueError when the balls hold more than ``max_edges`` entries (a
+    smaller ``delta`` is needed). The reference for :func:`ivf_ball_graph`."""
+    import faiss
+
+    from miners.knn import GraphInfo
+
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss.IndexFlatL2(xa.shape[1])
+    index.add(xa)
+    t0 = time.perf_counter()
+    g = _range_blocks(xa, index.range_search, delta, block=block, max_edges=max_edges, what="ball graph",
+                      progress=progress or _noop_progress, check=check or _noop_check)
+    g.info = GraphInfo(method="exact", k=0, rows=len(xa), queries=len(xa), recall=1.0, recall_sample=0,
+                       target_recall=1.0, search_s=time.perf_counter() - t0, radius=float(delta)).to_dict()
+    return g
+
+
+def exact_balls(x: np.ndarray, rows: np.ndarray, delta: float, *, chunk: int = 65_536,
+                check: Check | None = None) -> list[np.ndarray]:
+    """The exact ``delta``-balls (ascending row ids) of the queried ``rows`` among all rows of
+    ``x``, without an index: float32 ``|q|^2 + |x|^2 - 2 q.x`` over chunks of ``chunk`` rows
+    within the widened radius, then the float64 pair test — the same decision as
+    :func:`ball_graph`. ``O(|rows| N d)`` time, ``O(|rows| chunk)`` memory (the recall sample
+    of :func:`ivf_ball_graph`)."""
+    check = check or _noop_check
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    rows = np.asarray(rows, dtype=np.int64)
+    r2, radius = float(delta) ** 2, np.float32(_search_radius(xa, delta))
+    q = xa[rows]
+    qq = np.einsum("ij,ij->i", q, q)
+    found: list[list[np.ndarray]] = [[] for _ in rows]
+    for c0 in range(0, len(xa), chunk):
+        check()
+        xc = xa[c0:c0 + chunk]
+        d2 = qq[:, None] + np.einsum("ij,ij->i", xc, xc)[None] - np.float32(2.0) * (q @ xc.T)
+        qi, ci = np.nonzero(d2 <= radius)
+        ci = ci + c0
+        keep = _pair_test(xa, rows[qi], ci, r2)
+        qi, ci = qi[keep], ci[keep]
+        for j, part in zip(*_split_by(qi, ci), strict=True):
+            found[j].append(part)
+    return [np.concatenate(f) if f else np.empty(0, np.int64) for f in found]
+
+
+def _split_by(keys: np.ndarray, values: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+    """``values`` grouped by ``keys`` (keys ascending, values kept in order)."""
+    if not len(keys):
+        return [], []
+    cut = np.flatnonzero(np.diff(keys)) + 1
+    return [int(k) for k in keys[np.r_[0, cut]]], np.split(values, cut)
+
+
+def ball_recall(g: BallGraph, rows: np.ndarray, exact: Sequence[np.ndarray], *,
+                at: np.ndarray | None = None) -> float:
+    """Recall of ball membership on sample ``rows``: the share of the exact balls' entries,
+    each row's own entry left out, that ``g`` lists (``sum |g_i & B_i - {i}| / sum |B_i -
+    {i}|``; 1.0 when every sampled ball holds only its row). The exact pair test of both
+    graphs makes every listed entry a true one, so this is the whole error. ``at``: the CSR
+    row of ``g`` holding each sampled row's ball (default: the row itself)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    at = rows if at is None else np.asarray(at, dtype=np.int64)
+    hit = want = 0
+    for i, a, b in zip(rows.tolist(), at.tolist(), exact, strict=True):
+        b = b[b != i]
+        got = g.indices[g.indptr[a]:g.indptr[a + 1]]
+        hit += int(np.count_nonzero(np.isin(b, got, assume_unique=True)))
+        want += len(b)
+    return hit / want if want else 1.0
+
+
+def _symmetrised(g: BallGraph) -> tuple[BallGraph, int]:
+    """``g`` with every missing reverse entry added (``j`` in ``B(i)`` iff ``i`` in ``B(j)``,
+    as exact balls are): the greedy's degree update relies on it, and the union can only
+    raise the recall. scipy's CSR transpose and merge, O(E); returns the entries added."""
+    import scipy.sparse as sp
+
+    n = len(g.indptr) - 1
+    a = sp.csr_matrix((np.ones(g.n_edges, dtype=bool), g.indices, g.indptr), shape=(n, n))
+    s = (a + a.T).tocsr()
+    del a
+    s.sort_indices()
+    added = int(s.nnz) - g.n_edges
+    dtype = np.int32 if n < 2**31 else np.int64
+    return BallGraph(s.indptr.astype(np.int64), s.indices.astype(dtype, copy=False), g.delta, g.info), added
+
+
+def _list_ordered_search(index: Any) -> Callable[[np.ndarray, float], tuple]:
+    """``range_search(q, radius) -> (lims, None, I)`` on a :class:`miners.knn.IvfIndex` at its
+    ``nprobe``, the queries run in the order of their nearest list (consecutive queries scan
+    the same lists while they are in cache, as the k-NN engine does; 200k x 384, 20k
+    queries: 1.3-1.9x faster at nprobe 2-8), results handed back in query order."""
+
+    def search(q: np.ndarray, radius: float) -> tuple[np.ndarray, None, np.ndarray]:
+        ivf = index.index
+        ivf.nprobe = index.nprobe
+        dq, iq = index.quantizer.search(q, index.nprobe)
+        order = np.argsort(iq[:, 0], kind="stable")
+        lims, _, idx = ivf.range_search_preassigned(np.ascontiguousarray(q[order]), radius, iq[order], dq[order])
+        lims = lims.astype(np.int64)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        counts = np.diff(lims)[back]
+        out = np.zeros(len(q) + 1, dtype=np.int64)
+        np.cumsum(counts, out=out[1:])
+        # entry t of query j sits at lims[back[j]] + (t - out[j]) in the ordered result
+        at = np.repeat(lims[:-1][back] - out[:-1], counts) + np.arange(int(out[-1]))
+        return out, None, idx[at]
+
+    return search
+
+
+def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
+                   target_recall: float | None = None, recall_sample: int | None = None, seed: int = 0,
+                   max_edges: int | None = None, block: int | None = None, progress: Progress | None = None,
+                   check: Check | None = None) -> BallGraph:
+    """Approximate ``delta``-balls of every row of ``x``: FAISS ``IndexIVFFlat.range_search``
+    (module docstring, "Large inputs"), candidates re-tested exactly in float64, made
+    symmetric, with the recall of ball membership measured on a seeded sample of rows
+    against :func:`exact_balls`. ``nprobe`` (clamped to the lists; all lists: every ball
+    exact) None: the smallest of the k-NN engine's ladder
+    reaching ``target_recall`` (default the engine's) on that sample. ``max_edges`` None:
+    ``min(2^31, available memory / 24 B)`` (the symmetrisation's peak per entry). ``block``
+    None: rows per search block from the tuning's time per query (~``BLOCK_SECONDS``)."""
+    from miners import knn
+
+    progress = progress or _noop_progress
+    check = check or _noop_check
+    target = knn.TARGET_RECALL if target_recall is None else float(target_recall)
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1]; got {target_recall!r}")
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(xa)
+    if max_edges is None:
+        max_edges = int(min(_MAX_EDGES, knn._available_bytes() // _SYM_BYTES_PER_ENTRY))
+    # IVF-Flat always: range search on SQ8 codes has no error bound (codes are clipped to the
+    # trained ranges), so a widened radius could still miss pairs silently
+    p = knn._ivf_plan(n, xa.shape[1], "ivf-flat")
+    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer)
+                               or nprobe < 1):
+        raise ValueError(f"nprobe must be an integer >= 1 (IVF lists probed per row); got {nprobe!r}")
+    t0 = time.perf_counter()
+    index = knn.IvfIndex(xa, p.nlist, "flat", train_rows=p.train_rows, seed=seed,
+                         progress=knn._sub(progress, 0.0, 0.1), check=check)
+    build_s = time.perf_counter() - t0
+    # 2. the exact balls of the recall sample, then the nprobe ladder on that sample
+    t1 = time.perf_counter()
+    sample = knn._pick_sample(n, knn.RECALL_SAMPLE if recall_sample is None else int(recall_sample), seed)
+    progress(0.1, f"recall check: exact {delta:.4g}-balls of {len(sample):,} sample rows")
+    exact = exact_balls(xa, sample, delta, check=check)
+    r2, radius = float(delta) ** 2, _search_radius(xa, delta)
+    sq = xa[sample]
+    # from 1 list up: a ball (radius below the nearest other pseudo-label) lies mostly in its
+    # row's own list, unlike 20 neighbours (200k x 384, 2,048 lists: nprobe 1 found 0.74 of
+    # the entries, 2: 0.96, 4: 1.0, where the k-NN ladder starts at 8)
+    ladder = [min(int(nprobe), p.nlist)] if nprobe is not None else knn._ladder(p.nlist, lo=1)
+    search = _list_ordered_search(index)
+    per_query, recall, probe = 0.0, 0.0, ladder[0]
+    for step, probe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
+        check()
+        index.nprobe = probe
+        ts = time.perf_counter()
+        lims, _, idx = search(sq, radius)
+        per_query = (time.perf_counter() - ts) / max(1, len(sample))
+        rows = np.repeat(np.arange(len(sample)), np.diff(lims).astype(np.int64))
+        keep = _pair_test(xa, sample[rows], idx.astype(np.int64), r2)
+        indptr = np.zeros(len(sample) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows[keep], minlength=len(sample)), out=indptr[1:])
+        recall = ball_recall(BallGraph(indptr, idx[keep], float(delta)), sample, exact,
+                             at=np.arange(len(sample)))
+        progress(0.1 + 0.05 * (step + 1) / len(ladder),
+                 f"tuning nprobe: {probe} of {p.nlist} lists finds {recall:.4f} of the ball entries "
+                 f"(target {target:g})")
+        if recall >= target:
+            break
+    recall_s = time.perf_counter() - t1
+    # 3. the graph, in blocks of ~BLOCK_SECONDS
+    if block is None:
+        block = int(min(_RANGE_BLOCK * 4, max(256, knn.BLOCK_SECONDS / max(per_query, 1e-7))))
+    t2 = time.perf_counter()
+    g = _range_blocks(xa, search, delta, block=block, max_edges=max_edges,
+                      what=f"ball graph ({index.method})", progress=knn._sub(progress, 0.15, 0.95), check=check)
+    method = index.method
+    del index, search  # release the float32 copy before the symmetrisation
+    check()
+    progress(0.95, f"ball graph: adding missing reverse entries to {g.n_edges:,}")
+    g, added = _symmetrised(g)
+    search_s = time.perf_counter() - t2
+    final = ball_recall(g, sample, exact)
+    info = knn.GraphInfo(method=method, k=0, rows=n, queries=n, recall=final, recall_sample=len(sample),
+                         target_recall=target, nlist=p.nlist, nprobe=int(probe),
+                         build_s=build_s, search_s=search_s, recall_s=recall_s, below_target=final < target,
+                         radius=float(delta))
+    g.info = {**info.to_dict(), "reverse_added": added}
+    progress(1.0, f"ball graph: {g.n_edges:,} entries, recall of ball membership {final:.4f} on "
+                  f"{len(sample):,} sample rows" + (f" (below the target {target:g})" if info.below_target else ""))
+    return g
 
 
 def _f32_error(x: np.ndarray) -> float:
@@ -433,7 +687,8 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
                      delta: float | None = None, n_classes: int | None = None,
                      alpha: float = PROBCOVER_PURITY, deltas: Sequence[float] | None = None,
                      purity_sample: int = PROBCOVER_PURITY_SAMPLE, seed: int = 0,
-                     graph: BallGraph | None = None, progress: Progress | None = None,
+                     graph: BallGraph | None = None, exact_rows: int = PROBCOVER_EXACT_ROWS,
+                     nprobe: int | None = None, progress: Progress | None = None,
                      check: Check | None = None) -> ProbCoverResult:
     """ProbCover (module docstring).
 
@@ -448,6 +703,9 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         purity_sample: balls whose purity is measured (a seeded sample of ``[labeled; pool]``).
         seed: k-means, the purity sample and the random fill.
         graph: a precomputed :class:`BallGraph` of ``[labeled; pool]`` (skips the search).
+        exact_rows: up to this many ``[labeled; pool]`` rows the ball graph is exact
+            (:func:`ball_graph`); above, approximate (:func:`ivf_ball_graph`).
+        nprobe: the approximate graph's IVF lists probed per row (None: tuned on a sample).
         progress, check: hooks.
 
     Returns:
@@ -482,7 +740,13 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
             stats["purity_sample"] = len(r)
         elif not (np.isfinite(delta) and delta >= 0):
             raise ValueError(f"delta must be a finite number >= 0; got {delta!r}")
-        graph = ball_graph(x, float(delta), progress=lambda f, m: progress(0.4 + 0.4 * f, m), check=check)
+        def sub(f: float, m: str) -> None:
+            progress(0.4 + 0.4 * f, m)
+
+        if n <= exact_rows or not n:
+            graph = ball_graph(x, float(delta), progress=sub, check=check)
+        else:
+            graph = ivf_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, progress=sub, check=check)
     elif len(graph.indptr) != n + 1:
         raise ValueError(f"graph has {len(graph.indptr) - 1} rows; [labeled; pool] has {n}")
     delta = graph.delta
@@ -534,6 +798,8 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         if len(picks) % 64 == 0:
             progress(0.8 + 0.2 * len(picks) / max(1, size), f"ProbCover: {len(picks):,} of {size:,} picks")
     stats["seconds"] = time.perf_counter() - t0
+    if graph.info:
+        stats["graph"] = graph.info
     return ProbCoverResult(np.asarray(picks, dtype=np.int64) - n_lab, np.asarray(gains, dtype=np.int64),
                            float(delta), purity, float(1.0 - uncovered.mean()) if n else 1.0, random_fill,
                            graph.n_edges, stats)

@@ -184,6 +184,9 @@ class GraphInfo:
     device: str = "cpu"
     below_target: bool = False
     cached: bool = False
+    #: a range (ball) graph's radius (``k`` = 0 there; ``recall``: of ball membership,
+    #: :func:`miners.coldstart.ball_recall`); 0.0 for k-NN graphs
+    radius: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -526,8 +529,9 @@ def _pick_sample(m: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(m, min(m, size), replace=False)) if m > size else np.arange(m)
 
 
-def _ladder(nlist: int) -> list[int]:
-    lo, hi = max(1, nlist // 256), max(1, nlist // 4)
+def _ladder(nlist: int, lo: int | None = None) -> list[int]:
+    """The nprobe rungs tried, ``lo`` (default ``nlist / 256``) to ``nlist / 4``."""
+    lo, hi = max(1, nlist // 256 if lo is None else lo), max(1, nlist // 4)
     return [p for p in _LADDER if lo <= p <= hi] or [hi]
 
 

@@ -188,6 +188,8 @@ def test_probcover_reports_its_radius(data):
     assert run["params"]["classes"] == 10  # the model's classes
     assert run["stats"]["delta"] == pytest.approx(want.delta) and run["stats"]["delta_rule"] == "purity"
     assert run["stats"]["purity"] >= 0.95
+    # how the ball graph was built, recorded like the k-NN graphs of select / label_issues
+    assert run["stats"]["graph"]["method"] == "exact" and run["stats"]["graph"]["recall"] == 1.0
 
 
 def test_chain_passes_the_reference_filter_to_its_coreset_stage(data):

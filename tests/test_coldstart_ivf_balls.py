@@ -1,0 +1,120 @@
+"""ProbCover's approximate delta-ball graph (issue 17): the IVF range search against the
+exact ball graph and the definition (brute-force distances) on small clustered data, its
+recall of ball membership as reported, cancel between blocks, the entry guard, and the
+greedy through the approximate path (the row threshold lowered instead of big data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from miners.coldstart import ball_graph, exact_balls, ivf_ball_graph, probcover_select
+
+
+def clustered(n=3000, d=16, clusters=30, spread=0.25, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((clusters, d))
+    x = c[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def balls_direct(x, delta):
+    """The definition: ||x_i - x_j||^2 <= delta^2 by float64 differences, row by row."""
+    x = x.astype(np.float64)
+    return [np.flatnonzero(((x - row) ** 2).sum(1) <= delta * delta) for row in x]
+
+
+def recall_direct(g, want):
+    """Share of the definition's ball entries (own row left out) that ``g`` lists."""
+    hit = total = 0
+    for i, b in enumerate(want):
+        b = b[b != i]
+        hit += np.isin(b, g.indices[g.indptr[i]:g.indptr[i + 1]]).sum()
+        total += len(b)
+    return hit / total
+
+
+def test_exact_balls_of_sample_rows_are_the_definition():
+    x = clustered(800, seed=1)
+    want = balls_direct(x, 0.5)
+    rows = np.array([0, 5, 17, 400, 799])
+    got = exact_balls(x, rows, 0.5, chunk=97)  # several chunks
+    for r, b in zip(rows, got, strict=True):
+        np.testing.assert_array_equal(b, want[r])
+
+
+def test_ivf_graph_with_every_list_probed_equals_the_exact_graph():
+    x = clustered()
+    exact = ball_graph(x, 0.5)
+    approx = ivf_ball_graph(x, 0.5, nprobe=1 << 20)  # clamped to all lists: exhaustive
+    np.testing.assert_array_equal(approx.indptr, exact.indptr)
+    np.testing.assert_array_equal(approx.indices, exact.indices)
+    want = balls_direct(x, 0.5)
+    assert all(np.array_equal(exact.indices[exact.indptr[i]:exact.indptr[i + 1]], want[i]) for i in range(len(x)))
+    info = approx.info
+    assert info["method"].startswith("faiss-ivf-flat") and info["nprobe"] == info["nlist"] > 1
+    assert info["recall"] == 1.0 and info["recall_sample"] == 500 and info["reverse_added"] == 0
+    assert info["radius"] == 0.5 and exact.info["method"] == "exact"
+
+
+def test_ivf_graph_recall_is_measured_and_reported():
+    x = clustered(seed=2)
+    want = balls_direct(x, 0.6)
+    # the sample is every row, so the reported recall must be the direct one over all rows
+    g = ivf_ball_graph(x, 0.6, nprobe=2, recall_sample=len(x))
+    direct = recall_direct(g, want)
+    assert 0.3 < direct < 1.0  # two lists of ~76 miss some balls' rows
+    assert g.info["recall"] == pytest.approx(direct, abs=1e-6) and g.info["recall_sample"] == len(x)
+    assert g.info["below_target"] == (direct < g.info["target_recall"]) and g.info["nprobe"] == 2
+    # every listed entry is a true one, and the balls are symmetric
+    rows = np.repeat(np.arange(len(x)), np.diff(g.indptr))
+    assert all(np.isin(g.indices[g.indptr[i]:g.indptr[i + 1]], want[i]).all() for i in range(len(x)))
+    fwd = set(zip(rows.tolist(), g.indices.tolist(), strict=True))
+    # (with nprobe 1 each row probes the list it is stored in: found pairs are symmetric anyway)
+    assert fwd == {(j, i) for i, j in fwd} and g.info["reverse_added"] > 0
+    # nprobe tuned: the first rung of the ladder reaching the target, on the default sample
+    t = ivf_ball_graph(x, 0.6, target_recall=0.99)
+    assert t.info["recall"] >= 0.99 or t.info["below_target"]
+    assert t.info["recall_sample"] == 500 and t.info["nprobe"] > 1
+    assert recall_direct(t, want) >= 0.97
+
+
+def test_cancel_mid_graph_raises_before_the_next_block():
+    x = clustered(4000, seed=3)
+    seen: list[str] = []
+
+    class Cancelled(Exception):
+        pass
+
+    def check():
+        if any(m.startswith("ball graph (") for m in seen):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        ivf_ball_graph(x, 0.5, nprobe=4, block=500, progress=lambda f, m: seen.append(m), check=check)
+    blocks = [m for m in seen if m.startswith("ball graph (")]
+    assert len(blocks) == 1 and "500 of 4,000 rows" in blocks[0] and "ETA" in blocks[0]
+
+
+def test_max_edges_guard():
+    x = clustered(2000, seed=4)
+    with pytest.raises(ValueError, match="use a smaller delta"):
+        ivf_ball_graph(x, 2.0, nprobe=8, max_edges=10_000)
+    with pytest.raises(ValueError, match="nprobe must be"):
+        ivf_ball_graph(x, 0.5, nprobe=0)
+
+
+def test_probcover_through_the_approximate_path():
+    x = clustered(3000, seed=5)
+    lab = clustered(20, seed=6)
+    exact = probcover_select(x, 25, labeled=lab, n_classes=10, seed=1)
+    assert exact.stats["graph"]["method"] == "exact"
+    # every list probed: the same graph, so the same picks
+    same = probcover_select(x, 25, labeled=lab, n_classes=10, seed=1, exact_rows=100, nprobe=1 << 20)
+    assert same.rows.tolist() == exact.rows.tolist() and same.delta == exact.delta
+    # tuned nprobe: near the same picks and coverage
+    near = probcover_select(x, 25, labeled=lab, n_classes=10, seed=1, exact_rows=100)
+    info = near.stats["graph"]
+    assert info["method"].startswith("faiss-ivf-flat") and info["recall"] >= 0.95 and near.delta == exact.delta
+    assert len(set(near.rows.tolist()) & set(exact.rows.tolist())) >= 20
+    assert near.covered == pytest.approx(exact.covered, abs=0.02)
