@@ -278,9 +278,9 @@ PROBCOVER_PURITY_SAMPLE: Final = _define("PROBCOVER_PURITY_SAMPLE", 20_000, "Pro
                                          "whose purity is measured (a seeded sample beyond)",
                                          "mining")
 PROBCOVER_EXACT_ROWS: Final = _define("PROBCOVER_EXACT_ROWS", 50_000, "ProbCover: up to this many "
-                                      "rows (labeled + pool) the delta-ball graph is an exact range "
-                                      "search (O(N^2 d)); above, an IVF range search with its "
-                                      "recall of ball membership measured on a sample", "mining")
+                                      "rows (labeled + pool) the purity rule's distances and the "
+                                      "delta-ball graph are exact (O(N^2 d)); above, both come from one "
+                                      "IVF-Flat index, each with its recall measured on a sample", "mining")
 CLUSTER_MARGIN_MAX_CLUSTERS: Final = _define("CLUSTER_MARGIN_MAX_CLUSTERS", 2048, "Cluster-Margin: "
                                              "clusters at most, however large the batch (then "
                                              "several rounds of the round-robin)", "mining")
