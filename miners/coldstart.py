@@ -503,6 +503,10 @@ def ivf_flat_index(xa: np.ndarray, *, seed: int = 0, progress: Progress | None =
     trained ranges), so a widened radius could still miss pairs silently."""
     from miners import knn
 
+    if xa.nbytes > knn._available_bytes():
+        raise MemoryError(f"an IVF-Flat index of {len(xa):,} x {xa.shape[1]} rows holds a float32 copy of them "
+                          f"({xa.nbytes / 2**30:.1f} GiB), more than the memory available now "
+                          f"({knn._available_bytes() / 2**30:.1f} GiB): mine a smaller pool (a where filter)")
     p = knn._ivf_plan(len(xa), xa.shape[1], "ivf-flat")
     return knn.IvfIndex(xa, p.nlist, "flat", train_rows=p.train_rows, seed=seed,
                         progress=progress or _noop_progress, check=check or _noop_check)

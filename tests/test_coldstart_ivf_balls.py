@@ -173,3 +173,12 @@ def test_ivf_other_label_distance_cancels_between_blocks():
                                  progress=lambda f, m: seen.append(m), check=check)
     done = [m for m in seen if "of 3,000 rows" in m]
     assert len(done) == 1 and "200 of 3,000 rows" in done[0] and "ETA" in done[0]
+
+
+def test_ivf_index_refuses_a_copy_larger_than_the_memory_available(monkeypatch):
+    from miners import knn
+
+    x = clustered(1000, seed=9)
+    monkeypatch.setattr(knn, "_available_bytes", lambda: x.nbytes - 1)  # the machine's memory, not the index
+    with pytest.raises(MemoryError, match="more than the memory available now"):
+        ivf_flat_index(x)
