@@ -124,6 +124,31 @@ def test_upsert_updates_inserts_and_partial_columns(pool):
     assert pool.count() == 41
 
 
+def test_partial_upserts_keep_the_other_columns_small_batches_and_large(store):
+    # A small batch of updates is made whole from the stored rows before the merge; a large
+    # one (over 1,024 existing rows) goes to Lance's join as it is: the same rows either way.
+    rows = _rows(1100)
+    for r in rows:
+        r["gt_boxes"] = [{"label": "a", "x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0}] if r["id"].endswith("7") else None
+    col = store.create_collection("partial", spaces={"clip": 8}, models={"m1": CLASSES})
+    col.upsert(rows)
+    kept = ["uri", "text", "tags", "split", "width", "gt_boxes", "emb_clip", "pred_m1", "created_at"]
+    before = {r["id"]: r for r in col.take([r["id"] for r in rows], columns=["id", *kept]).to_pylist()}
+    small = col.upsert([{"id": "r7", "label": "x"}, {"id": "r8", "label": "y"}, {"id": "new", "label": "z"}])
+    large = col.upsert([{"id": f"r{i}", "label": "w"} for i in range(100, 1100)] + [{"id": "new2", "label": "v"}]
+                       + [{"id": f"r{i}", "label": "u"} for i in range(20, 60)])
+    assert (small.inserted, small.updated, large.inserted, large.updated) == (1, 2, 1, 1040)
+    after = {r["id"]: r for r in col.take([*before, "new", "new2"], columns=["id", "label", *kept]).to_pylist()}
+    assert col.count() == 1102
+    for i in [7, 8, *range(20, 60), *range(100, 1100)]:
+        r = after[f"r{i}"]
+        assert {k: r[k] for k in kept} == {k: before[f"r{i}"][k] for k in kept}, i
+    assert [after[f"r{i}"]["label"] for i in (7, 8, 20, 100)] == ["x", "y", "u", "w"]
+    assert after["r7"]["gt_boxes"][0]["x2"] == 3.0 and after["r9"]["label"] is None
+    for new in ("new", "new2"):
+        assert all(after[new][k] is None for k in ("uri", "text", "width", "gt_boxes", "emb_clip")), after[new]
+
+
 def test_generated_ids(store):
     col = store.create_collection("g")
     res = col.upsert([{"text": "a"}, {"text": "b"}])
