@@ -320,8 +320,9 @@ EXPORT_CHUNK_BYTES: Final = _define("EXPORT_CHUNK_BYTES", (1 << 20) - (64 << 10)
                                     "service")
 RUNS_MAINTAIN_EVERY: Final = _define("RUNS_MAINTAIN_EVERY", 32, "writes to the mining run tables "
                                      "(`_runs`, `_run_results`) between their compactions", "service")
-RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 600.0, "seconds between removals of "
-                                      "the mining run tables' old versions", "service")
+RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 60.0, "seconds between removals of "
+                                      "the mining run tables' old versions (those over a minute old: "
+                                      "nothing reads them, and each read lists the versions kept)", "service")
 JOBS_COMPACT_EVERY: Final = _define("JOBS_COMPACT_EVERY", 200, "job record writes between "
                                     "compactions of the `_jobs` table", "service")
 REINDEX_BAD_SHOWN: Final = _define("REINDEX_BAD_SHOWN", 100, "bad rows listed in a reindex "

@@ -432,3 +432,26 @@ def test_s3_options_from_environment(monkeypatch):
                     "connect_timeout": "3s", "timeout": "4s", "client_max_retries": "3",
                     "client_retry_timeout": "10"}
     assert storage_options_from_env("/local/path") == {}
+
+
+def test_version_cap_shortens_the_cleanup_window_under_many_commits(tmp_path, monkeypatch):
+    import indexing.store as store_module
+
+    # The one-minute floor is what keeps in-flight reads and fresh page cursors safe; lowered
+    # here so that a test's few seconds of commits can show the cap.
+    monkeypatch.setattr(store_module, "MIN_RETENTION", timedelta(0))
+    capped = Store(str(tmp_path / "capped"), optimize_every=0, max_versions=20)
+    uncapped = Store(str(tmp_path / "uncapped"), optimize_every=0, max_versions=0)
+    for st in (capped, uncapped):
+        col = st.create_collection("c")
+        for i in range(60):
+            col.upsert([{"id": f"r{i}", "label": "a"}])
+        col.tag("kept")
+        col.upsert([{"id": "last", "label": "b"}])
+    c, u = capped.collection("c"), uncapped.collection("c")
+    assert u.cleanup_versions() == 0 and len(u.versions()) > 60  # all younger than 10 minutes
+    removed = c.cleanup_versions()
+    left = [v["version"] for v in c.versions()]
+    assert removed > 30 and 18 <= len(left) <= 21, (removed, left)  # about the cap (ages move on)
+    assert left[-1] == c.version and c.tags()["kept"] in left  # the newest ones, and the tagged one
+    assert c.count() == 61 and c.take(["last"]).column("label").to_pylist() == ["b"]
