@@ -751,10 +751,10 @@ class Collection:
         tables = [w.payload for w in writes]
         batch = tables[0] if len(tables) == 1 else _last_of_each_id(pa.concat_tables(tables).combine_chunks())
         present = None
-        hashes, found, _ = self._existing_ids(batch.column("id"))
         if len(writes) > 1:  # an update never inserts: a writer's rows updated are its ids that exist
+            hashes, found, _ = self._existing_ids(batch.column("id"))
             present = set(hashes[found].tolist())
-        result = self._merge().execute(self._with_stored_columns(batch, found))
+        result = self._merge().execute(batch)
         self._ids.committed(int(result.version))
         if present is None:
             writes[0].finish(int(result.num_updated_rows))
@@ -797,8 +797,6 @@ class Collection:
                               "tags": pa.array([state[i] for i in changed_ids], pa.list_(pa.string()))},
                              schema=pa.schema([pa.field("id", pa.string(), nullable=False),
                                                self.schema.field("tags")]))
-            # every changed id was just read from the table: all of them exist
-            batch = self._with_stored_columns(batch, np.ones(batch.num_rows, dtype=bool))
             version = int(self._merge().execute(batch).version)
             self._ids.committed(version)
         for w, n in zip(writes, counts, strict=True):
