@@ -722,7 +722,6 @@ class Collection:
                 if not found.any() and self.store.local:
                     version = int(self._table.add(batch).version)
                 else:
-                    batch = self._with_stored_columns(batch, found)
                     version = int(self._merge().when_not_matched_insert_all().execute(batch).version)
                 new = hashes[~found]
                 self._ids.committed(version, inserted=new, created_us=np.full(len(new), now_us))
@@ -825,28 +824,6 @@ class Collection:
         columns by rewriting every fragment it touches (1M rows, 160 rows updated: ~2 s a
         merge, against ~0.2 s joined by a scan, which deletes and appends the rows)."""
         return self._table.merge_insert("id").when_matched_update_all().use_index(False)
-
-    def _with_stored_columns(self, batch: pa.Table, found: np.ndarray) -> pa.Table:
-        """A small batch of updates made whole: the columns it leaves out are read from the
-        stored rows of its existing ids (null for its new ids, as a merge leaves them). Lance
-        joins a batch of every column by deleting the matched rows and appending the batch;
-        one that leaves columns out costs it ~3× as much (150k rows, 20 updated: 150 against
-        50 ms), more than this indexed lookup of the ids (~9 ms). Batches of more than
-        ``_FILL_MAX_ROWS`` existing rows go to Lance as they are: a lookup by ``id IN (...)``
-        of that many ids costs more than the join. Called under the writer lock, in the
-        committer: nothing writes these rows between the read and the merge."""
-        missing = [f for f in self.schema if f.name not in batch.column_names]
-        n_found = int(found.sum())
-        if not missing or not n_found or n_found > _FILL_MAX_ROWS:
-            return batch
-        ids = batch.column("id").filter(pa.array(found)).to_pylist()
-        stored = pa.concat_tables([self._select(ids_predicate(ids[s:s + ID_CHUNK]), ["id", *(f.name for f in missing)])
-                                   for s in range(0, len(ids), ID_CHUNK)])
-        position = {v: i for i, v in enumerate(stored.column("id").to_pylist())}
-        take = pa.array([position.get(v) for v in batch.column("id").to_pylist()], pa.int64())
-        for f in missing:
-            batch = batch.append_column(f, stored.column(f.name).take(take))
-        return batch.select(self.schema.names)
 
     def _existing_ids(self, ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(hashes, exists, created_at µs) of ``ids`` as of the latest version, from the
@@ -1515,8 +1492,6 @@ _MAX_ROWS = 2**63 - 1
 _OPTIMIZE_ATTEMPTS = 4
 #: the shortest cleanup window the version cap may set (a read or a page cursor in use)
 MIN_RETENTION = timedelta(minutes=1)
-#: updates of at most this many existing rows are made whole before the merge (Collection._with_stored_columns)
-_FILL_MAX_ROWS = 1024
 
 
 def _commit_conflict(exc: BaseException) -> bool:

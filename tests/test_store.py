@@ -125,8 +125,8 @@ def test_upsert_updates_inserts_and_partial_columns(pool):
 
 
 def test_partial_upserts_keep_the_other_columns_small_batches_and_large(store):
-    # A small batch of updates is made whole from the stored rows before the merge; a large
-    # one (over 1,024 existing rows) goes to Lance's join as it is: the same rows either way.
+    # Partial upserts (only id + label) keep every other column, nested boxes included, for a
+    # small batch and for a large one that mixes updates and a new id; new ids get nulls.
     rows = _rows(1100)
     for r in rows:
         r["gt_boxes"] = [{"label": "a", "x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0}] if r["id"].endswith("7") else None
