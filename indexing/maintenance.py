@@ -242,13 +242,27 @@ def fragments_to_keep(dataset: Any, keep_rows: int) -> list[int]:
             and (f.metadata.num_deletions or 0) <= 0.1 * f.metadata.physical_rows]
 
 
-def compact_table(table: Any, *, keep_rows: int, older_than: timedelta | None = None) -> None:
-    """Maintenance of one of assay's own tables (mining runs and their results): merge its
-    small fragments, bring its indexes up to date and, given ``older_than``, drop older
-    versions (listing every version and file: the slow part, so not every time). The
-    caller holds the table's write lock (so no write of this process preempts it)."""
+#: versions of assay's own tables (runs, results, jobs) kept: nothing reads an old one, and
+#: with strong consistency every read lists those kept (1,000 runs in 2,188 versions: a lookup
+#: by run_id 9.2 ms; compacted 7.3 ms; the old versions removed 3.3 ms)
+SYSTEM_TABLE_RETENTION = timedelta(minutes=1)
+
+
+def compact_table(table: Any, *, keep_rows: int, older_than: timedelta | None = None,
+                  key_columns: tuple[str, ...] = ()) -> None:
+    """Maintenance of one of assay's own tables (mining runs and their results, jobs): merge
+    its small fragments, give each of ``key_columns`` a BTREE index once the table has rows
+    (a run is looked up and merged by ``run_id`` several times; scanned instead, each lookup
+    grew with the runs kept: 4.5 ms at 100 runs, 22 ms at 3,000), bring its indexes up to
+    date and, given ``older_than``, drop older versions (listing every version and file: the
+    slow part, so not every time). The caller holds the table's write lock (so no write of
+    this process preempts it)."""
     ds = table.to_lance()
     ds.optimize.compact_files(excluded_fragment_ids=fragments_to_keep(ds, keep_rows))
+    indexed = {tuple(idx.columns) for idx in table.list_indices()}
+    for column in key_columns:
+        if (column,) not in indexed and table.count_rows() > 0:
+            table.create_scalar_index(column, index_type="BTREE")
     ds = table.to_lance()
     ds.optimize.optimize_indices()
     if older_than is not None:
@@ -256,4 +270,4 @@ def compact_table(table: Any, *, keep_rows: int, older_than: timedelta | None = 
     table.checkout_latest()
 
 
-__all__ = ["MaintenancePolicy", "Maintainer", "compact_table", "fragments_to_keep"]
+__all__ = ["SYSTEM_TABLE_RETENTION", "MaintenancePolicy", "Maintainer", "compact_table", "fragments_to_keep"]

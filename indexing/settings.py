@@ -278,9 +278,9 @@ PROBCOVER_PURITY_SAMPLE: Final = _define("PROBCOVER_PURITY_SAMPLE", 20_000, "Pro
                                          "whose purity is measured (a seeded sample beyond)",
                                          "mining")
 PROBCOVER_EXACT_ROWS: Final = _define("PROBCOVER_EXACT_ROWS", 50_000, "ProbCover: up to this many "
-                                      "rows (labeled + pool) the delta-ball graph is an exact range "
-                                      "search (O(N^2 d)); above, an IVF range search with its "
-                                      "recall of ball membership measured on a sample", "mining")
+                                      "rows (labeled + pool) the purity rule's distances and the "
+                                      "delta-ball graph are exact (O(N^2 d)); above, both come from one "
+                                      "IVF-Flat index, each with its recall measured on a sample", "mining")
 CLUSTER_MARGIN_MAX_CLUSTERS: Final = _define("CLUSTER_MARGIN_MAX_CLUSTERS", 2048, "Cluster-Margin: "
                                              "clusters at most, however large the batch (then "
                                              "several rounds of the round-robin)", "mining")
@@ -320,8 +320,9 @@ EXPORT_CHUNK_BYTES: Final = _define("EXPORT_CHUNK_BYTES", (1 << 20) - (64 << 10)
                                     "service")
 RUNS_MAINTAIN_EVERY: Final = _define("RUNS_MAINTAIN_EVERY", 32, "writes to the mining run tables "
                                      "(`_runs`, `_run_results`) between their compactions", "service")
-RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 600.0, "seconds between removals of "
-                                      "the mining run tables' old versions", "service")
+RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 60.0, "seconds between removals of "
+                                      "the mining run tables' old versions (those over a minute old: "
+                                      "nothing reads them, and each read lists the versions kept)", "service")
 JOBS_COMPACT_EVERY: Final = _define("JOBS_COMPACT_EVERY", 200, "job record writes between "
                                     "compactions of the `_jobs` table", "service")
 REINDEX_BAD_SHOWN: Final = _define("REINDEX_BAD_SHOWN", 100, "bad rows listed in a reindex "

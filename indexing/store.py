@@ -187,6 +187,7 @@ class Store:
         read_consistency_interval: timedelta | None = timedelta(0),
         optimize_every: int = 8,
         cleanup_older_than: timedelta = timedelta(minutes=10),
+        max_versions: int = 1000,
         maintenance: MaintenancePolicy | None = None,
         index_cache_bytes: int = INDEX_CACHE_BYTES,
         metadata_cache_bytes: int = METADATA_CACHE_BYTES,
@@ -200,6 +201,9 @@ class Store:
         # 0 switches automatic maintenance off.
         self.optimize_every = optimize_every
         self.cleanup_older_than = cleanup_older_than
+        # Under a heavy write stream the cleanup window is shortened so that about this many
+        # versions are kept (0: no cap): with strong consistency every read lists them.
+        self.max_versions = max_versions
         policy = maintenance or (MaintenancePolicy(fanout=max(2, optimize_every)) if optimize_every else None)
         self.maintainer = Maintainer(policy) if policy is not None else None
         self.session = lancedb.Session(index_cache_size_bytes=index_cache_bytes,
@@ -1350,13 +1354,30 @@ class Collection:
         """Remove versions older than ``older_than`` (default: the store's setting), except
         tagged ones (datasets, pinned versions); returns how many went. Pins left by a
         process that died (named by its pid) are removed first, on local roots."""
-        older = older_than if older_than is not None else self.store.cleanup_older_than
+        older = older_than if older_than is not None else self._retention()
         if self.store.local:
             for tag in self._table.tags.list():
                 if tag.startswith(PIN_TAG_PREFIX) and not _pid_alive(tag[len(PIN_TAG_PREFIX):].split("-")[0]):
                     self._table.tags.delete(tag)
         stats = self._table.to_lance().cleanup_old_versions(older_than=older, error_if_tagged_old_versions=False)
         return int(stats.old_versions)
+
+    def _retention(self) -> timedelta:
+        """How old an untagged version must be to go: the store's ``cleanup_older_than``,
+        shortened under a heavy write stream to the age of the ``max_versions``-th newest
+        version (never below ``MIN_RETENTION``). Each read checks for the latest version by
+        listing them (strong consistency), so thousands kept cost every read: on 140k rows,
+        4,000 versions took a search from 12 to 19 ms and a filtered query from 4 to 13 ms.
+        A soak's ~7 commits/s kept ~4,000 in 10 minutes; with the cap, ~2.5 minutes' worth."""
+        older, cap = self.store.cleanup_older_than, self.store.max_versions
+        if not cap:
+            return older
+        versions = self._table.to_lance().versions()
+        if len(versions) <= cap:
+            return older
+        stamp = sorted(versions, key=lambda v: v["version"])[-cap]["timestamp"]
+        age = datetime.now(stamp.tzinfo) - stamp
+        return max(MIN_RETENTION, min(older, age))
 
     @contextlib.contextmanager
     def pin_version(self, version: int) -> Iterator[int]:
@@ -1469,6 +1490,8 @@ def _group_ids(result: pa.Table, n: int) -> list[list[str]]:
 
 _MAX_ROWS = 2**63 - 1
 _OPTIMIZE_ATTEMPTS = 4
+#: the shortest cleanup window the version cap may set (a read or a page cursor in use)
+MIN_RETENTION = timedelta(minutes=1)
 
 
 def _commit_conflict(exc: BaseException) -> bool:

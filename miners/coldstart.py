@@ -36,7 +36,10 @@ uncovered row) the remaining picks are drawn uniformly at random from the pool r
 classes; a ball is *pure* when all its rows share the pseudo-label of its centre, i.e. when
 ``delta < r(x)``, ``r(x)`` the distance from ``x`` to the nearest row of another
 pseudo-label. ``purity(delta) = #{x : r(x) > delta} / N`` (measured on a seeded sample of
-``purity_sample`` balls; ``r`` itself is exact, over all rows) is non-increasing; the
+``purity_sample`` balls; ``r`` itself is over all rows: exact up to
+``PROBCOVER_EXACT_ROWS`` rows, above through the IVF index of the ball graph, never below
+the exact value, with its measured recall: see :func:`ivf_other_label_distance`) is
+non-increasing; the
 chosen ``delta`` is the largest with ``purity(delta) >= alpha`` (``alpha = 0.95``): with
 ``q = ceil(alpha |S|)`` and ``r`` sorted ascending, the supremum is ``rho = r_(|S| - q + 1)``
 and ``delta`` is the largest float below it (``nextafter(rho, 0)``), or the largest value
@@ -108,7 +111,8 @@ from indexing.settings import (
 from miners.clustering import kmeans
 
 __all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "ball_recall", "exact_balls",
-           "ivf_ball_graph", "other_label_distance", "probcover_select", "purity_delta", "typiclust_select"]
+           "ivf_ball_graph", "ivf_flat_index", "ivf_other_label_distance", "other_label_distance",
+           "probcover_select", "purity_delta", "typiclust_select"]
 
 Progress = Callable[[float, str], None]
 Check = Callable[[], None]
@@ -491,10 +495,114 @@ def _list_ordered_search(index: Any) -> Callable[[np.ndarray, float], tuple]:
     return search
 
 
+def ivf_flat_index(xa: np.ndarray, *, seed: int = 0, progress: Progress | None = None,
+                   check: Check | None = None) -> Any:
+    """The k-NN engine's IVF-Flat index of ``xa`` (:class:`miners.knn.IvfIndex`, its ``nlist``
+    rule and sampled training), for the purity rule's distances and the ball graph alike.
+    IVF-Flat always: range search on SQ8 codes has no error bound (codes are clipped to the
+    trained ranges), so a widened radius could still miss pairs silently."""
+    from miners import knn
+
+    if xa.nbytes > knn._available_bytes():
+        raise MemoryError(f"an IVF-Flat index of {len(xa):,} x {xa.shape[1]} rows holds a float32 copy of them "
+                          f"({xa.nbytes / 2**30:.1f} GiB), more than the memory available now "
+                          f"({knn._available_bytes() / 2**30:.1f} GiB): mine a smaller pool (a where filter)")
+    p = knn._ivf_plan(len(xa), xa.shape[1], "ivf-flat")
+    return knn.IvfIndex(xa, p.nlist, "flat", train_rows=p.train_rows, seed=seed,
+                        progress=progress or _noop_progress, check=check or _noop_check)
+
+
+def ivf_other_label_distance(index: Any, x: np.ndarray, labels: np.ndarray, rows: np.ndarray, *,
+                             nprobe: int | None = None, k: int = 4, target_recall: float | None = None,
+                             recall_sample: int | None = None, seed: int = 0, block: int = 4096,
+                             progress: Progress | None = None, check: Check | None = None
+                             ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Approximate ``r(x_i)`` (:func:`other_label_distance`) of the queried ``rows`` through
+    the IVF-Flat ``index`` of ``x``: the rows of each label ``c`` are searched among the rows
+    of the other labels only (a FAISS ``IDSelectorBitmap`` in the search parameters), ``k``
+    nearest at ``nprobe`` lists, their distances recomputed in float64 and the smallest kept.
+    Every value is a true distance to an other-label row, so the approximation never falls
+    below ``r``; it errs only upward, when the nearest other-label row lies in a list not
+    probed (``+inf`` when no probed list holds one).
+
+    ``nprobe`` None: the first rung of the k-NN engine's ladder (from 1 list) at which the
+    share of a seeded sample of ``recall_sample`` queried rows whose ``r`` equals the exact
+    one reaches ``target_recall`` (the engine's defaults). Returns ``r`` and the info dict
+    (method, ``nprobe``, that recall, the sample size, timings), as the graphs record theirs.
+    Cost: ``O(|rows| nprobe N / nlist d)`` instead of the exact ``O(|rows| N d)``."""
+    from miners import knn
+
+    faiss = knn._faiss()
+    progress = progress or _noop_progress
+    check = check or _noop_check
+    xa = np.ascontiguousarray(x, dtype=np.float32)
+    lab = np.asarray(labels, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    n = len(xa)
+    if lab.shape != (n,):
+        raise ValueError(f"labels must have one entry per row ({n}); got {lab.shape}")
+    if index.codes != "flat" or index.index.ntotal != n:
+        raise ValueError(f"index must be an IVF-Flat index of the {n:,} rows of x")
+    target = knn.TARGET_RECALL if target_recall is None else float(target_recall)
+    selectors = {}  # label -> (bitmap kept alive, selector)
+
+    def search(qrows: np.ndarray, probe: int, report: Progress | None = None) -> np.ndarray:
+        out = np.full(len(qrows), np.inf)
+        qlab = lab[qrows]
+        done, t0 = 0, time.perf_counter()
+        for c in np.unique(qlab):
+            if c not in selectors:
+                bits = np.packbits(lab != c, bitorder="little")
+                selectors[c] = (bits, faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)))
+            params = faiss.SearchParametersIVF()
+            params.nprobe = int(probe)
+            params.sel = selectors[c][1]
+            where = np.flatnonzero(qlab == c)
+            for s in range(0, len(where), block):
+                check()
+                part = where[s:s + block]
+                q = xa[qrows[part]]
+                _, nn = index.index.search(q, k, params=params)
+                valid = nn >= 0
+                diff = q[:, None, :].astype(np.float64) - xa[np.where(valid, nn, 0)]
+                d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+                d[~valid] = np.inf
+                out[part] = d.min(axis=1)
+                done += len(part)
+                if report is not None:
+                    el = time.perf_counter() - t0
+                    report(done / len(qrows), f"distance to the nearest other pseudo-label (IVF, nprobe {probe}): "
+                           f"{done:,} of {len(qrows):,} rows" + ("" if done == len(qrows) else
+                                                                  f", ETA {el * (len(qrows) - done) / done:.0f} s"))
+        return out
+
+    t0 = time.perf_counter()
+    sample = knn._pick_sample(len(rows), knn.RECALL_SAMPLE if recall_sample is None else int(recall_sample), seed)
+    progress(0.0, f"recall check: exact distance to the nearest other pseudo-label of {len(sample):,} sample rows")
+    exact = other_label_distance(xa, lab, rows[sample], check=check)
+    ladder = [min(int(nprobe), index.nlist)] if nprobe is not None else knn._ladder(index.nlist, lo=1)
+    recall, probe = 0.0, ladder[0]
+    for probe in ladder:  # noqa: B007 -- the last one tried is kept
+        approx = search(rows[sample], probe)
+        recall = float(np.mean(np.isclose(approx, exact, rtol=1e-9, atol=0.0))) if len(sample) else 1.0
+        progress(0.2, f"tuning nprobe: {probe} of {index.nlist} lists finds the exact distance for "
+                      f"{recall:.3f} of the sample (target {target:g})")
+        if recall >= target:
+            break
+    recall_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    r = search(rows, probe, report=lambda f, m: progress(0.2 + 0.8 * f, m))
+    info = {"method": f"faiss-ivf-flat nlist={index.nlist} nprobe={probe}", "nprobe": int(probe),
+            "nlist": int(index.nlist), "recall": recall, "recall_sample": int(len(sample)),
+            "target_recall": target, "below_target": recall < target, "k": int(k),
+            "recall_s": recall_s, "search_s": time.perf_counter() - t1}
+    return r, info
+
+
 def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
                    target_recall: float | None = None, recall_sample: int | None = None, seed: int = 0,
-                   max_edges: int | None = None, block: int | None = None, progress: Progress | None = None,
-                   check: Check | None = None) -> BallGraph:
+                   max_edges: int | None = None, block: int | None = None, index: Any = None,
+                   progress: Progress | None = None, check: Check | None = None) -> BallGraph:
     """Approximate ``delta``-balls of every row of ``x``: FAISS ``IndexIVFFlat.range_search``
     (module docstring, "Large inputs"), candidates re-tested exactly in float64, made
     symmetric, with the recall of ball membership measured on a seeded sample of rows
@@ -502,7 +610,9 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     exact) None: the smallest of the k-NN engine's ladder
     reaching ``target_recall`` (default the engine's) on that sample. ``max_edges`` None:
     ``min(2^31, available memory / 24 B)`` (the symmetrisation's peak per entry). ``block``
-    None: rows per search block from the tuning's time per query (~``BLOCK_SECONDS``)."""
+    None: rows per search block from the tuning's time per query (~``BLOCK_SECONDS``).
+    ``index``: an IVF-Flat :class:`miners.knn.IvfIndex` of ``x`` already built (ProbCover's
+    purity rule built it), else one is built here."""
     from miners import knn
 
     progress = progress or _noop_progress
@@ -514,15 +624,15 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     n = len(xa)
     if max_edges is None:
         max_edges = int(min(_MAX_EDGES, knn._available_bytes() // _SYM_BYTES_PER_ENTRY))
-    # IVF-Flat always: range search on SQ8 codes has no error bound (codes are clipped to the
-    # trained ranges), so a widened radius could still miss pairs silently
-    p = knn._ivf_plan(n, xa.shape[1], "ivf-flat")
     if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer)
                                or nprobe < 1):
         raise ValueError(f"nprobe must be an integer >= 1 (IVF lists probed per row); got {nprobe!r}")
     t0 = time.perf_counter()
-    index = knn.IvfIndex(xa, p.nlist, "flat", train_rows=p.train_rows, seed=seed,
-                         progress=knn._sub(progress, 0.0, 0.1), check=check)
+    if index is None:
+        index = ivf_flat_index(xa, seed=seed, progress=knn._sub(progress, 0.0, 0.1), check=check)
+    elif index.codes != "flat" or index.index.ntotal != n:
+        raise ValueError(f"index must be an IVF-Flat index of the {n:,} rows of x")
+    nlist = index.nlist
     build_s = time.perf_counter() - t0
     # 2. the exact balls of the recall sample, then the nprobe ladder on that sample
     t1 = time.perf_counter()
@@ -534,7 +644,7 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     # from 1 list up: a ball (radius below the nearest other pseudo-label) lies mostly in its
     # row's own list, unlike 20 neighbours (200k x 384, 2,048 lists: nprobe 1 found 0.74 of
     # the entries, 2: 0.96, 4: 1.0, where the k-NN ladder starts at 8)
-    ladder = [min(int(nprobe), p.nlist)] if nprobe is not None else knn._ladder(p.nlist, lo=1)
+    ladder = [min(int(nprobe), nlist)] if nprobe is not None else knn._ladder(nlist, lo=1)
     search = _list_ordered_search(index)
     per_query, recall, probe = 0.0, 0.0, ladder[0]
     for step, probe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
@@ -550,7 +660,7 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
         recall = ball_recall(BallGraph(indptr, idx[keep], float(delta)), sample, exact,
                              at=np.arange(len(sample)))
         progress(0.1 + 0.05 * (step + 1) / len(ladder),
-                 f"tuning nprobe: {probe} of {p.nlist} lists finds {recall:.4f} of the ball entries "
+                 f"tuning nprobe: {probe} of {nlist} lists finds {recall:.4f} of the ball entries "
                  f"(target {target:g})")
         if recall >= target:
             break
@@ -569,7 +679,7 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     search_s = time.perf_counter() - t2
     final = ball_recall(g, sample, exact)
     info = knn.GraphInfo(method=method, k=0, rows=n, queries=n, recall=final, recall_sample=len(sample),
-                         target_recall=target, nlist=p.nlist, nprobe=int(probe),
+                         target_recall=target, nlist=nlist, nprobe=int(probe),
                          build_s=build_s, search_s=search_s, recall_s=recall_s, below_target=final < target,
                          radius=float(delta))
     g.info = {**info.to_dict(), "reverse_added": added}
@@ -703,9 +813,12 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         purity_sample: balls whose purity is measured (a seeded sample of ``[labeled; pool]``).
         seed: k-means, the purity sample and the random fill.
         graph: a precomputed :class:`BallGraph` of ``[labeled; pool]`` (skips the search).
-        exact_rows: up to this many ``[labeled; pool]`` rows the ball graph is exact
-            (:func:`ball_graph`); above, approximate (:func:`ivf_ball_graph`).
-        nprobe: the approximate graph's IVF lists probed per row (None: tuned on a sample).
+        exact_rows: up to this many ``[labeled; pool]`` rows the purity rule's distances
+            and the ball graph are exact (:func:`other_label_distance`, :func:`ball_graph`);
+            above, both come from one IVF-Flat index (:func:`ivf_other_label_distance`,
+            :func:`ivf_ball_graph`), each with its measured recall in ``stats``.
+        nprobe: the approximate path's IVF lists probed per row, for the purity distances
+            and the ball graph alike (None: each tuned on its sample).
         progress, check: hooks.
 
     Returns:
@@ -723,6 +836,7 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
     t0 = time.perf_counter()
     purity = None
     stats: dict[str, Any] = {}
+    exact, index = n <= exact_rows or not n, None
     if graph is None:
         if delta is None:
             if n_classes is None or isinstance(n_classes, bool) or not isinstance(n_classes, int | np.integer) \
@@ -734,8 +848,15 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
             rows = None
             if n > purity_sample:
                 rows = np.sort(np.random.default_rng([seed, 41]).choice(n, purity_sample, replace=False))
-            r = other_label_distance(x, pseudo, rows, progress=lambda f, m: progress(0.1 + 0.3 * f, m),
-                                     check=check)
+            if exact:
+                r = other_label_distance(x, pseudo, rows, progress=lambda f, m: progress(0.1 + 0.3 * f, m),
+                                         check=check)
+            else:  # one IVF index of the rows serves these distances and the ball graph
+                index = ivf_flat_index(x, seed=seed, progress=lambda f, m: progress(0.1 + 0.05 * f, m),
+                                       check=check)
+                r, stats["purity_distances"] = ivf_other_label_distance(
+                    index, x, pseudo, np.arange(n) if rows is None else rows, nprobe=nprobe, seed=seed,
+                    progress=lambda f, m: progress(0.15 + 0.25 * f, m), check=check)
             delta, purity = purity_delta(r, alpha, deltas)
             stats["purity_sample"] = len(r)
         elif not (np.isfinite(delta) and delta >= 0):
@@ -743,10 +864,12 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         def sub(f: float, m: str) -> None:
             progress(0.4 + 0.4 * f, m)
 
-        if n <= exact_rows or not n:
+        if exact:
             graph = ball_graph(x, float(delta), progress=sub, check=check)
         else:
-            graph = ivf_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, progress=sub, check=check)
+            graph = ivf_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, index=index, progress=sub,
+                                   check=check)
+            del index  # the float32 copy of the rows, before the greedy
     elif len(graph.indptr) != n + 1:
         raise ValueError(f"graph has {len(graph.indptr) - 1} rows; [labeled; pool] has {n}")
     delta = graph.delta

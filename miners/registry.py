@@ -775,8 +775,9 @@ def _probcover(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.
     p["stats"].update(delta=float(res.delta), purity=None if res.purity is None else float(res.purity),
                       delta_rule="given" if p["delta"] else "purity", covered=float(res.covered),
                       random_fill=int(res.random_fill), edges=int(res.n_edges))
-    if "graph" in res.stats:  # how the ball graph was built and its recall, as select/label_issues record theirs
-        p["stats"]["graph"] = res.stats["graph"]
+    for key in ("graph", "purity_distances"):  # how each was computed and its recall, as select records its graph
+        if key in res.stats:
+            p["stats"][key] = res.stats[key]
     return res.rows, np.asarray(res.gain, np.float64)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from indexing.filters import check_filter, ids_predicate, object_clauses
 from indexing.objects import check_predicate, expand
 from indexing.settings import MAX_SIZE, MINING_THREADS, SEALS_K
@@ -510,6 +510,8 @@ def _run_gathered(ctx: RunContext, spec: MinerSpec, inputs: list[Input]) -> Mini
                 related_rows = np.asarray(related_all)[picks]
     except ValueError as exc:
         raise InvalidArgument(f"miner '{spec.name}': {exc}") from exc
+    except MemoryError as exc:  # a miner's own memory plan refused, or an allocation failed
+        raise ResourceExhausted(f"miner '{spec.name}': {exc or 'out of memory'}") from exc
     timings["select_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     related = None

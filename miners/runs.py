@@ -18,7 +18,6 @@ import types
 import typing
 import uuid
 from dataclasses import dataclass, field, fields, replace
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ import pyarrow as pa
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.filters import sql_quote
-from indexing.maintenance import compact_table
+from indexing.maintenance import SYSTEM_TABLE_RETENTION, compact_table
 from indexing.settings import COMPACT_KEEP_ROWS, RUNS_CLEANUP_EVERY_S, RUNS_MAINTAIN_EVERY
 from indexing.store import Store
 
@@ -306,7 +305,8 @@ class RunStore:
             with self._lock:
                 for table in (self._runs, self._results):
                     compact_table(table, keep_rows=COMPACT_KEEP_ROWS,
-                                  older_than=timedelta(minutes=10) if cleanup else None)
+                                  older_than=SYSTEM_TABLE_RETENTION if cleanup else None,
+                                  key_columns=("run_id",))
             if cleanup:
                 self._last_cleanup = now
         except Exception as exc:  # maintenance must never fail a run

@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -33,6 +32,8 @@ from indexing.errors import (
     ResourceExhausted,
     classify_error,
 )
+from indexing.maintenance import SYSTEM_TABLE_RETENTION, compact_table
+from indexing.settings import COMPACT_KEEP_ROWS
 from indexing.settings import JOBS_COMPACT_EVERY as COMPACT_EVERY
 from indexing.store import Collection, Store
 
@@ -179,8 +180,10 @@ class JobManager:
                 self._unsaved.clear()
                 self._writes += 1
                 if self._writes % COMPACT_EVERY == 0:
-                    # Every record update is a table version: compact and drop old ones.
-                    self._table.optimize(cleanup_older_than=timedelta(minutes=10))
+                    # Every record update is a table version: compact and drop old ones; the
+                    # merge on ``id`` goes through a BTREE rather than a scan of every job kept.
+                    compact_table(self._table, keep_rows=COMPACT_KEEP_ROWS, older_than=SYSTEM_TABLE_RETENTION,
+                                  key_columns=("id",))
             except Exception as exc:  # a record that cannot be saved must not kill the job
                 self._unsaved[rec.id] = rec
                 if (mapped := classify_error(exc, self.store.root)) is not None:

@@ -8,7 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from miners.coldstart import ball_graph, exact_balls, ivf_ball_graph, probcover_select
+from miners.coldstart import (
+    ball_graph,
+    exact_balls,
+    ivf_ball_graph,
+    ivf_flat_index,
+    ivf_other_label_distance,
+    other_label_distance,
+    probcover_select,
+)
 
 
 def clustered(n=3000, d=16, clusters=30, spread=0.25, seed=0):
@@ -115,6 +123,62 @@ def test_probcover_through_the_approximate_path():
     # tuned nprobe: near the same picks and coverage
     near = probcover_select(x, 25, labeled=lab, n_classes=10, seed=1, exact_rows=100)
     info = near.stats["graph"]
-    assert info["method"].startswith("faiss-ivf-flat") and info["recall"] >= 0.95 and near.delta == exact.delta
+    assert info["method"].startswith("faiss-ivf-flat") and info["recall"] >= 0.95
+    # the purity rule's distances never fall below the exact ones: neither does its radius
+    assert same.stats["purity_distances"]["recall"] == 1.0
+    assert near.stats["purity_distances"]["recall"] >= 0.95
+    assert exact.delta <= near.delta <= exact.delta * 1.05
     assert len(set(near.rows.tolist()) & set(exact.rows.tolist())) >= 20
     assert near.covered == pytest.approx(exact.covered, abs=0.02)
+
+
+def test_ivf_other_label_distance_against_the_exact_one():
+    x = clustered(3000, seed=7)
+    labels = np.random.default_rng(7).integers(0, 4, len(x))
+    labels[x[:, 0] > 0.2] = 4  # a label with a region of its own: nearest others lie farther
+    rows = np.arange(0, len(x), 3)
+    want = other_label_distance(x, labels, rows)
+    index = ivf_flat_index(x, seed=0)
+    # every list probed: the exact distances (k nearest other-label rows, re-measured in float64)
+    every, info = ivf_other_label_distance(index, x, labels, rows, nprobe=1 << 20)
+    np.testing.assert_allclose(every, want, rtol=1e-9, atol=0)
+    assert info["recall"] == 1.0 and info["nprobe"] == info["nlist"] > 1
+    # one list: never below the exact value; the reported recall is the share found exactly
+    one, info = ivf_other_label_distance(index, x, labels, rows, nprobe=1, recall_sample=len(rows))
+    assert (one >= want - 1e-12).all()
+    direct = float(np.mean(np.isclose(one, want, rtol=1e-9, atol=0)))
+    assert 0.0 < direct < 1.0 and info["recall"] == pytest.approx(direct)
+    assert info["below_target"] == (direct < info["target_recall"])
+    # tuned: the first rung reaching the target on the sample
+    tuned, info = ivf_other_label_distance(index, x, labels, rows, target_recall=0.99)
+    assert info["recall"] >= 0.99 and info["nprobe"] > 1
+    assert float(np.mean(np.isclose(tuned, want, rtol=1e-9, atol=0))) >= 0.97
+
+
+def test_ivf_other_label_distance_cancels_between_blocks():
+    x = clustered(3000, seed=8)
+    labels = np.random.default_rng(8).integers(0, 3, len(x))
+    index = ivf_flat_index(x, seed=0)
+    seen: list[str] = []
+
+    class Cancelled(Exception):
+        pass
+
+    def check():
+        if any("of 3,000 rows" in m for m in seen):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        ivf_other_label_distance(index, x, labels, np.arange(len(x)), nprobe=2, block=200,
+                                 progress=lambda f, m: seen.append(m), check=check)
+    done = [m for m in seen if "of 3,000 rows" in m]
+    assert len(done) == 1 and "200 of 3,000 rows" in done[0] and "ETA" in done[0]
+
+
+def test_ivf_index_refuses_a_copy_larger_than_the_memory_available(monkeypatch):
+    from miners import knn
+
+    x = clustered(1000, seed=9)
+    monkeypatch.setattr(knn, "_available_bytes", lambda: x.nbytes - 1)  # the machine's memory, not the index
+    with pytest.raises(MemoryError, match="more than the memory available now"):
+        ivf_flat_index(x)

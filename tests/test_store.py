@@ -124,6 +124,31 @@ def test_upsert_updates_inserts_and_partial_columns(pool):
     assert pool.count() == 41
 
 
+def test_partial_upserts_keep_the_other_columns_small_batches_and_large(store):
+    # Partial upserts (only id + label) keep every other column, nested boxes included, for a
+    # small batch and for a large one that mixes updates and a new id; new ids get nulls.
+    rows = _rows(1100)
+    for r in rows:
+        r["gt_boxes"] = [{"label": "a", "x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0}] if r["id"].endswith("7") else None
+    col = store.create_collection("partial", spaces={"clip": 8}, models={"m1": CLASSES})
+    col.upsert(rows)
+    kept = ["uri", "text", "tags", "split", "width", "gt_boxes", "emb_clip", "pred_m1", "created_at"]
+    before = {r["id"]: r for r in col.take([r["id"] for r in rows], columns=["id", *kept]).to_pylist()}
+    small = col.upsert([{"id": "r7", "label": "x"}, {"id": "r8", "label": "y"}, {"id": "new", "label": "z"}])
+    large = col.upsert([{"id": f"r{i}", "label": "w"} for i in range(100, 1100)] + [{"id": "new2", "label": "v"}]
+                       + [{"id": f"r{i}", "label": "u"} for i in range(20, 60)])
+    assert (small.inserted, small.updated, large.inserted, large.updated) == (1, 2, 1, 1040)
+    after = {r["id"]: r for r in col.take([*before, "new", "new2"], columns=["id", "label", *kept]).to_pylist()}
+    assert col.count() == 1102
+    for i in [7, 8, *range(20, 60), *range(100, 1100)]:
+        r = after[f"r{i}"]
+        assert {k: r[k] for k in kept} == {k: before[f"r{i}"][k] for k in kept}, i
+    assert [after[f"r{i}"]["label"] for i in (7, 8, 20, 100)] == ["x", "y", "u", "w"]
+    assert after["r7"]["gt_boxes"][0]["x2"] == 3.0 and after["r9"]["label"] is None
+    for new in ("new", "new2"):
+        assert all(after[new][k] is None for k in ("uri", "text", "width", "gt_boxes", "emb_clip")), after[new]
+
+
 def test_generated_ids(store):
     col = store.create_collection("g")
     res = col.upsert([{"text": "a"}, {"text": "b"}])
@@ -407,3 +432,26 @@ def test_s3_options_from_environment(monkeypatch):
                     "connect_timeout": "3s", "timeout": "4s", "client_max_retries": "3",
                     "client_retry_timeout": "10"}
     assert storage_options_from_env("/local/path") == {}
+
+
+def test_version_cap_shortens_the_cleanup_window_under_many_commits(tmp_path, monkeypatch):
+    import indexing.store as store_module
+
+    # The one-minute floor is what keeps in-flight reads and fresh page cursors safe; lowered
+    # here so that a test's few seconds of commits can show the cap.
+    monkeypatch.setattr(store_module, "MIN_RETENTION", timedelta(0))
+    capped = Store(str(tmp_path / "capped"), optimize_every=0, max_versions=20)
+    uncapped = Store(str(tmp_path / "uncapped"), optimize_every=0, max_versions=0)
+    for st in (capped, uncapped):
+        col = st.create_collection("c")
+        for i in range(60):
+            col.upsert([{"id": f"r{i}", "label": "a"}])
+        col.tag("kept")
+        col.upsert([{"id": "last", "label": "b"}])
+    c, u = capped.collection("c"), uncapped.collection("c")
+    assert u.cleanup_versions() == 0 and len(u.versions()) > 60  # all younger than 10 minutes
+    removed = c.cleanup_versions()
+    left = [v["version"] for v in c.versions()]
+    assert removed > 30 and 18 <= len(left) <= 21, (removed, left)  # about the cap (ages move on)
+    assert left[-1] == c.version and c.tags()["kept"] in left  # the newest ones, and the tagged one
+    assert c.count() == 61 and c.take(["last"]).column("label").to_pylist() == ["b"]
