@@ -206,6 +206,17 @@ class ServerProcess:
             pass
         return cur, peak
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, every thread) the server process has used so far; 0.0
+        when it is not running."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError):
+            return 0.0
+        # after the command name: state is field 3, utime 14 and stime 15 (proc(5))
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             with open(self.log_path(), errors="replace") as fh:

@@ -336,8 +336,9 @@ def fresh_server_p50(workload: Workload, rows: int, *, clients: int, seconds: fl
     """The same-size reference for the last window: a new server on a new data root, a
     collection loaded with ``rows`` rows of the same workload and optimised (compacted,
     indexed as its policy asks), then the same mix for ``seconds``. Each operation's p50
-    (ms). Against the soak's last window it separates ageing (versions, deleted rows,
-    memory, background work a long run leaves behind) from the cost of a larger table."""
+    (ms), and the server's CPU per operation (``cpu_ms_per_op``). Against the soak's last
+    window it separates ageing (versions, deleted rows, memory, background work a long run
+    leaves behind) from the cost of a larger table."""
     fresh = Workload(rows=rows, dim=workload.dim, batch=workload.batch, seed=seed, vectors=workload.vectors)
     with tempfile.TemporaryDirectory(prefix="assay-soak-fresh-") as tmp:
         proc = ServerProcess(os.path.join(tmp, "data"), os.path.join(tmp, "logs"))
@@ -348,12 +349,28 @@ def fresh_server_p50(workload: Workload, rows: int, *, clients: int, seconds: fl
                 job = client.collection(COLLECTION).optimize()
                 job.wait(timeout=900)
             result = run_load(proc.address, fresh, clients=clients, seconds=seconds, seed=seed + 1,
-                              weights=weights)
+                              weights=weights, sample_every=min(5.0, seconds / 4),
+                              sample=lambda: {"rss": float(proc.rss_bytes()[0]), "cpu": proc.cpu_seconds()})
         finally:
             proc.stop()
     if result.errors:
         raise RuntimeError(f"the fresh-server reference had {len(result.errors)} errors: {result.errors[:3]}")
-    return {op: result.stats(op)["p50_ms"] for op in OPS if result.stats(op)["calls"]}
+    out = {op: result.stats(op)["p50_ms"] for op in OPS if result.stats(op)["calls"]}
+    return {**out, "cpu_ms_per_op": server_cpu(result, 0.0, result.seconds)["ms_per_op"]}
+
+
+def server_cpu(result: LoadResult, since: float, until: float) -> dict[str, float]:
+    """The server's CPU between the first and the last sample inside [since, until]: cores
+    busy on average, and CPU ms per operation (all kinds) that started in that span. NaN
+    without two samples there (a server in this process is not sampled: its CPU is the
+    clients' too)."""
+    inside = [row for row in result.samples if "cpu" in row and since <= row["t"] <= until]
+    if len(inside) < 2 or inside[-1]["t"] <= inside[0]["t"]:
+        return {"cores": float("nan"), "ms_per_op": float("nan")}
+    t0, t1 = inside[0]["t"], inside[-1]["t"]
+    used = inside[-1]["cpu"] - inside[0]["cpu"]
+    calls = sum(1 for op in OPS for t, _ in result.latencies[op] if t0 <= t < t1)
+    return {"cores": used / (t1 - t0), "ms_per_op": used * 1e3 / calls if calls else float("nan")}
 
 
 def p50_timeline(result: LoadResult, window: float) -> list[dict[str, float]]:
@@ -361,7 +378,8 @@ def p50_timeline(result: LoadResult, window: float) -> list[dict[str, float]]:
     (next to the fragment and version counts sampled over time)."""
     rows = []
     for start in np.arange(0.0, result.seconds - window / 2, window):  # no last sliver
-        rows.append({"t": float(start), **{op: result.stats(op, start, start + window)["p50_ms"] for op in OPS}})
+        rows.append({"t": float(start), **{op: result.stats(op, start, start + window)["p50_ms"] for op in OPS},
+                     **{f"server_{k}": v for k, v in server_cpu(result, start, start + window).items()}})
     return rows
 
 
@@ -537,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def sample() -> dict[str, float]:
             rss = proc.rss_bytes()[0] if proc is not None else rss_bytes()
-            return {"rss": float(rss), **table_stats(data)}
+            cpu = {"cpu": proc.cpu_seconds()} if proc is not None else {}
+            return {"rss": float(rss), **cpu, **table_stats(data)}
 
         killer = None
         if args.kill_at is not None:
@@ -597,6 +616,12 @@ def main(argv: list[str] | None = None) -> int:
     if frags:
         report.add("fragments: end / max", frags[-1], max(frags), kind="info", unit="count")
         report.add("versions: end / max", vers[-1], max(vers), kind="info", unit="count")
+    cpu_first, cpu_last = server_cpu(result, 0, window), server_cpu(result, result.seconds - window, result.seconds)
+    if not np.isnan(cpu_first["ms_per_op"]):
+        report.add(f"server CPU ms per operation: last {window:.0f}s / first {window:.0f}s",
+                   cpu_last["ms_per_op"], cpu_first["ms_per_op"], kind="cost", unit="ms")
+        report.add(f"server cores busy: last {window:.0f}s / first {window:.0f}s", cpu_last["cores"],
+                   cpu_first["cores"], kind="info", unit="cores")
     report.add("errors", len(result.errors), 0, kind="info", unit="count")
     writes_only = set(weights) == {"upsert"}
     if writes_only and upserts:
@@ -623,13 +648,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{window:.0f} s ...", flush=True)
         fresh = fresh_server_p50(workload, result.final_rows, clients=args.clients, seconds=window,
                                  weights=weights, seed=args.seed)
+        fresh_cpu = fresh.pop("cpu_ms_per_op")
+        if not np.isnan(cpu_last["ms_per_op"]):
+            report.add(f"server CPU ms per operation: last {window:.0f}s / a fresh server with as many rows",
+                       cpu_last["ms_per_op"], fresh_cpu, kind="cost", unit="ms")
         for op, p50 in fresh.items():
             report.add(f"{op} p50 (ms): last {window:.0f}s / a fresh server with as many rows",
                        result.stats(op, result.seconds - window)["p50_ms"], p50, kind="latency", unit="ms")
     timeline = p50_timeline(result, window)
-    print(f"\np50 (ms) per {window:.0f}-s window (start s: {', '.join(op for op in OPS)}):")
+    print(f"\np50 (ms) per {window:.0f}-s window (start s: {', '.join(op for op in OPS)}; "
+          "server cores busy, server CPU ms per operation):")
     for row in timeline:
-        print(f"  {row['t']:7.0f}  " + "  ".join(f"{row[op]:8.1f}" for op in OPS))
+        print(f"  {row['t']:7.0f}  " + "  ".join(f"{row[op]:8.1f}" for op in OPS)
+              + f"  {row['server_cores']:5.2f}  {row['server_ms_per_op']:7.1f}")
     print(f"\n## results ({result.seconds:.0f}s)\n")
     print(render(report))
     print("\nratio: first-window p50 / last-window p50 (below 1: slower at the end); RSS: "

@@ -10,10 +10,14 @@ The workload is :mod:`bench.soak`'s; ``python bench/soak.py`` runs it for minute
 from __future__ import annotations
 
 import os
+import time
+import types
 
+import numpy as np
 import pytest
 
-from bench.soak import OPS, Workload, run_load
+from bench.common import ServerProcess
+from bench.soak import OPS, LoadResult, Workload, run_load, server_cpu
 from service.client import Client
 from service.server import ServerConfig, start_server
 
@@ -47,3 +51,29 @@ def test_sixteen_clients_mixing_search_upsert_query_and_mining(tmp_path, record_
         assert result.stats(op)["calls"] > 0, f"no {op} completed in {SECONDS}s"
     assert result.final_rows == result.distinct_ids == result.initial_rows + result.inserted
     assert result.rss_growth < RSS_CEILING, f"RSS grew by {result.rss_growth / 2**20:.0f} MB"
+
+
+def test_server_cpu_per_window_from_the_samples():
+    # server_cpu: CPU between the first and last sample inside the span, per second and per
+    # operation started between those two samples (direct computation on made-up samples).
+    result = LoadResult(seconds=20.0, clients=1, errors=[], rss=[(0.0, 0)],
+                        latencies={op: [] for op in OPS},
+                        samples=[{"t": 0.0, "cpu": 1.0}, {"t": 5.0, "cpu": 2.0}, {"t": 10.0, "cpu": 6.0},
+                                 {"t": 15.0, "cpu": 6.5}])
+    result.latencies["search"] = [(t, 0.01) for t in np.linspace(5.0, 9.9, 40)]
+    result.latencies["mine"] = [(6.0, 1.0), (12.0, 1.0)]
+    got = server_cpu(result, 4.0, 11.0)  # samples at 5 and 10 s: 4 CPU-s over 5 s, 41 operations
+    assert got["cores"] == pytest.approx(0.8)
+    assert got["ms_per_op"] == pytest.approx(4000 / 41)
+    assert np.isnan(server_cpu(result, 16.0, 20.0)["cores"])  # fewer than two samples
+
+
+def test_server_process_cpu_seconds_reads_proc(tmp_path):
+    # the reading of /proc/<pid>/stat, on this very process: it has used at least the CPU
+    # burnt here, and no more than Python's own count of it
+    proc = ServerProcess(str(tmp_path), str(tmp_path))
+    assert proc.cpu_seconds() == 0.0  # not started
+    proc.proc = types.SimpleNamespace(pid=os.getpid())
+    sum(i * i for i in range(3_000_000))
+    used, own = proc.cpu_seconds(), time.process_time()
+    assert 0.05 < used <= own + 0.02
