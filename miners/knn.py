@@ -13,7 +13,11 @@ How (``plan``)
 --------------
 * **exact** — :func:`miners.density.exact_knn_graph` (blocked, float64 re-ranking with a
   proven error bound, never ``N x N``), run on blocks of queries so that progress and cancel
-  happen between blocks. Chosen when ``M * N <= EXACT_MAX_PAIRS`` or ``N < MIN_IVF_ROWS``.
+  happen between blocks. Chosen when ``M * N <= EXACT_MAX_PAIRS`` or ``N < MIN_IVF_ROWS``,
+  and, on the IVF path, when the recall check's exact search of its sample took less per
+  query than the tuned index does (a small base with many queries, such as a 1M-row pool
+  against a 10k-row reference set: there the tuned nprobe scans a fifth of the lists one
+  query at a time); both per-query times are recorded (``exact_query_s``, ``ivf_query_s``).
   The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
   machine (384-d clustered unit vectors, k=20, a pool's own graph, target recall 0.95; the
   IVF time includes training, adding, the recall check and the search): 4,000 rows: exact
@@ -187,6 +191,10 @@ class GraphInfo:
     #: a range (ball) graph's radius (``k`` = 0 there; ``recall``: of ball membership,
     #: :func:`miners.coldstart.ball_recall`); 0.0 for k-NN graphs
     radius: float = 0.0
+    #: seconds per query of the recall sample, exact and through the tuned index: the
+    #: measured choice between the two (0.0 when the plan was exact from the start)
+    exact_query_s: float = 0.0
+    ivf_query_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -478,7 +486,14 @@ class IvfIndex:
         dq, iq = self.quantizer.search(q, self.nprobe)
         order = np.argsort(iq[:, 0], kind="stable")  # queries sharing lists one after another
         self.index.nprobe = self.nprobe
-        d, i = self.index.search_preassigned(np.ascontiguousarray(q[order]), fetch, iq[order], dq[order])
+        # FAISS's default parallel_mode 0 splits the queries over threads in search() only:
+        # search_preassigned in that mode runs on one core (a 1M-row graph took twice as long
+        # on 2 cores). Mode 3 splits them inside it; range search (mode 0) is parallel as it is.
+        self.index.parallel_mode = 3
+        try:
+            d, i = self.index.search_preassigned(np.ascontiguousarray(q[order]), fetch, iq[order], dq[order])
+        finally:
+            self.index.parallel_mode = 0
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         d, i = d[back], i[back].astype(np.int64)
@@ -618,13 +633,16 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
 
 def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray | None, k: int,
           target_recall: float, progress: Progress, check: Check
-          ) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+          ) -> tuple[np.ndarray, np.ndarray, int, float, float, float]:
     """Exact neighbours of the sample queries ``q[sample]`` (2/3 of the bar), then the nprobe
     ladder until recall@k reaches the target (module docstring). Sets ``index.nprobe``;
-    returns (exact indices, exact distances, nprobe, sample recall, seconds per query)."""
+    returns (exact indices, exact distances, nprobe, sample recall, seconds per query at
+    that nprobe, seconds per query of the exact search)."""
     sq = _rows(q, sample)
+    te = time.perf_counter()
     ex_i, ex_d = exact_search(index.x, sq, k, self_ids=s_self, progress=_sub(progress, 0.0, 0.67), check=check,
                               what=f"recall check: exact k-NN of {len(sample):,} sample rows")
+    exact_per_query = (time.perf_counter() - te) / max(1, len(sample))
     ladder = _ladder(index.nlist)
     recall, per_query, nprobe = 0.0, 0.0, ladder[0]
     for step, nprobe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
@@ -639,7 +657,7 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
                  f"(target {target_recall:g})")
         if recall >= target_recall:
             break
-    return ex_i, ex_d, int(nprobe), recall, per_query
+    return ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query
 
 
 def tuned_index(x: np.ndarray, k: int, *, target_recall: float = TARGET_RECALL, recall_sample: int = RECALL_SAMPLE,
@@ -657,7 +675,7 @@ def tuned_index(x: np.ndarray, k: int, *, target_recall: float = TARGET_RECALL, 
     build_s = time.perf_counter() - t0
     sample = _pick_sample(len(x), recall_sample, seed)
     t1 = time.perf_counter()
-    _, _, nprobe, recall, _ = _tune(index, x, sample, sample.astype(np.int64), k, target_recall,
+    _, _, nprobe, recall, _, _ = _tune(index, x, sample, sample.astype(np.int64), k, target_recall,
                                     _sub(progress, 0.6, 1.0), check)
     info = GraphInfo(method=index.method, k=k, rows=len(x), queries=0, recall=recall, recall_sample=len(sample),
                      target_recall=target_recall, nlist=index.nlist, nprobe=nprobe, build_s=build_s,
@@ -728,9 +746,24 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     sample = _pick_sample(m, recall_sample, seed)
-    ex_i, ex_d, nprobe, _, per_query = _tune(index, q, sample, None if self_ids is None else self_ids[sample], k,
-                                             target_recall, _sub(progress, 0.15, 0.3), check)
+    ex_i, ex_d, nprobe, _, per_query, exact_per_query = _tune(
+        index, q, sample, None if self_ids is None else self_ids[sample], k, target_recall,
+        _sub(progress, 0.15, 0.3), check)
     recall_s = time.perf_counter() - t1
+    if method == "auto" and exact_per_query < per_query:
+        # Measured on the same sample, the exact pass is the cheaper one: a small base with
+        # many queries (a pool against a 10k-row reference set: the tuned nprobe scans a
+        # fifth of the lists one query at a time, where the exact pass is one matrix product
+        # per block). Its graph is exact; the index built for the check is dropped.
+        del index
+        t2 = time.perf_counter()
+        idx, dist = exact_search(x, q, k, self_ids=self_ids, progress=_sub(progress, 0.3, 1.0), check=check,
+                                 what=f"exact k-NN (measured cheaper than IVF at nprobe {nprobe})")
+        info = GraphInfo(method="exact", k=k, rows=n, queries=m, recall=1.0, recall_sample=0,
+                         target_recall=target_recall, nlist=p.nlist, nprobe=int(nprobe), build_s=build_s,
+                         search_s=time.perf_counter() - t2, recall_s=recall_s,
+                         exact_query_s=exact_per_query, ivf_query_s=per_query)
+        return KnnResult(idx, dist, info)
     # 4. the graph, in blocks of ~BLOCK_SECONDS
     block = int(min(MAX_BLOCK, max(256, BLOCK_SECONDS / max(per_query, 1e-7))))
     order = index.list_order() if own else None
@@ -757,7 +790,8 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
     final = recall_at_k(dist[sample], ex_d)
     info = GraphInfo(method=method_name, k=k, rows=n, queries=m, recall=final, recall_sample=len(sample),
                      target_recall=target_recall, nlist=p.nlist, nprobe=int(nprobe),
-                     build_s=build_s, search_s=search_s, recall_s=recall_s, below_target=final < target_recall)
+                     build_s=build_s, search_s=search_s, recall_s=recall_s, below_target=final < target_recall,
+                     exact_query_s=exact_per_query, ivf_query_s=per_query)
     if info.below_target:
         progress(1.0, f"k-NN graph recall@{k} {final:.3f} is below the target {target_recall:g} "
                       f"at the largest nprobe tried ({info.nprobe})")

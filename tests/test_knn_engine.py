@@ -101,7 +101,12 @@ def test_queries_against_a_reference_and_self_ids():
     ref = clustered(8000, 16, clusters=30, seed=2, spread=0.5)
     pool = clustered(5000, 16, clusters=30, seed=2, spread=0.7)  # same centres, wider
     res = knn.knn_search(ref, 5, queries=pool)
-    assert res.info.method.startswith("faiss-ivf") and res.info.queries == 5000 and res.info.rows == 8000
+    assert res.info.queries == 5000 and res.info.rows == 8000
+    # IVF, or exact where the recall check measured the exact pass cheaper per query
+    info = res.info
+    assert info.exact_query_s > 0 and info.ivf_query_s > 0
+    assert (info.method == "exact") == (info.exact_query_s < info.ivf_query_s)
+    assert info.method == "exact" or info.method.startswith("faiss-ivf")
     _, sd = _sk_graph(ref, 5, queries=pool)
     assert res.info.recall >= 0.95 and _true_recall(res, sd) >= 0.95
     # queries that are reference rows leave themselves out (self_ids), others do not
@@ -110,6 +115,31 @@ def test_queries_against_a_reference_and_self_ids():
     out = knn.knn_search(ref, 5, queries=q, self_ids=ids, method="exact")
     own = out.indices == np.arange(50)[:, None]
     assert not own[::2].any() and own[1::2, 0].all()
+
+
+def test_exact_pass_replaces_an_index_measured_slower(monkeypatch):
+    """Auto: when the tuned index answers the recall sample more slowly per query than the
+    exact search of that sample did, the graph is the exact one (a small base, many
+    queries). The index is slowed here so that the measured choice is not left to the
+    machine's timing; an explicit ``method`` is kept whatever the timings."""
+    ref = clustered(8000, 16, clusters=30, seed=3, spread=0.5)
+    pool = clustered(5000, 16, clusters=30, seed=4, spread=0.7)  # 40M pairs: the IVF plan
+    search_block = knn.IvfIndex.search_block
+
+    def slow(self, q, k, self_ids=None):
+        time.sleep(0.2)
+        return search_block(self, q, k, self_ids)
+
+    monkeypatch.setattr(knn.IvfIndex, "search_block", slow)
+    res = knn.knn_search(ref, 6, queries=pool)
+    assert res.info.method == "exact" and res.info.recall == 1.0
+    assert 0 < res.info.exact_query_s < res.info.ivf_query_s and res.info.nprobe >= 1
+    ei, ed = exact_knn_graph(ref, 6, queries=pool, exclude_self=False)
+    np.testing.assert_array_equal(res.indices, ei)
+    np.testing.assert_array_equal(res.distances, ed)
+    assert res.sliced(3).info.recall == 1.0
+    kept = knn.knn_search(ref, 6, queries=pool, method="ivf-flat")
+    assert kept.info.method.startswith("faiss-ivf-flat") and kept.info.exact_query_s < kept.info.ivf_query_s
 
 
 def test_memmapped_base_gives_the_same_graph(tmp_path):
