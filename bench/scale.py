@@ -651,6 +651,8 @@ def graph_info(run: dict[str, Any]) -> dict[str, Any]:
             g = json.loads(g)
         except ValueError:
             return {"method": g}
+    if isinstance(g, dict) and "method" not in g and g and all(isinstance(v, dict) for v in g.values()):
+        g = list(g.values())  # keyed by role, as run records hold them: {"pool": {...}, "query": {...}}
     graphs = g if isinstance(g, list) else [g] if isinstance(g, dict) else []
     graphs = [x for x in graphs if isinstance(x, dict)]
     if not graphs:

@@ -17,7 +17,8 @@ How (``plan``)
   and, on the IVF path, when the recall check's exact search of its sample took less per
   query than the tuned index does (a small base with many queries, such as a 1M-row pool
   against a 10k-row reference set: there the tuned nprobe scans a fifth of the lists one
-  query at a time); both per-query times are recorded (``exact_query_s``, ``ivf_query_s``).
+  query at a time); both per-query times are in the :class:`GraphInfo` (``exact_query_s``,
+  ``ivf_query_s``; the run record stores them, the gRPC ``GraphInfo`` does not carry them).
   The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
   machine (384-d clustered unit vectors, k=20, a pool's own graph, target recall 0.95; the
   IVF time includes training, adding, the recall check and the search): 4,000 rows: exact
@@ -69,7 +70,10 @@ smallest reaching recall >= 0.95, chosen untimed): engine 349.9 s (build 82 s, r
 nprobe 20, recall 0.9553): 1.37x, CPU 1.71x (load ~3-4). An earlier run under heavier load
 (~9 during the engine's build, ~4-7 during the reference's): 744.2 s vs 713.6 s, 0.96x, CPU
 1.39x. The engine's search is faster at the same nprobe because its queries follow the
-inverted lists (cache reuse); its training is cheaper (100k rows x 6 iterations).
+inverted lists (cache reuse); its training is cheaper (100k rows x 6 iterations). These
+runs predate ``parallel_mode = 3`` in :meth:`IvfIndex.search_block` (the list-ordered
+search ran on one core); in ``bench/scale.py --quick`` after it (2026-12-05), LOF's whole
+run took 303.7 s against the same run's FAISS graph of 329.6 s (1.09x).
 
 Recall@k of a query: the fraction of its ``k`` listed neighbours at a distance ``<=`` its
 exact ``k``-th neighbour distance (``x (1 + 1e-5)``, so that ties and float32 rounding do not

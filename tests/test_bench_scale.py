@@ -76,6 +76,12 @@ def test_graph_info_reads_what_a_run_record_may_hold():
     two = graph_info({"graph": json.dumps([{"method": "exact", "k": 20, "recall": 1.0},
                                            {"method": "ivf", "k": 10, "recall_at_k": 0.97}])})
     assert two["method"] == "exact + ivf" and two["k"] == 20 and two["recall"] == 0.97
+    # as the server's run records hold them: keyed by role
+    roles = graph_info({"graph": {"query": {"method": "faiss-ivf-flat nlist=255 nprobe=56", "k": 20,
+                                            "recall": 0.96, "recall_sample": 500},
+                                  "reference": {"method": "exact", "k": 20, "recall": 1.0, "recall_sample": 0}}})
+    assert roles["method"] == "faiss-ivf-flat nlist=255 nprobe=56 + exact" and roles["recall"] == 0.96
+    assert roles["k"] == 20 and roles["sample"] == 0
 
 
 def test_plan_follows_the_declared_inputs():
