@@ -14,10 +14,10 @@ How (``plan``)
 * **exact** — :func:`miners.density.exact_knn_graph` (blocked, float64 re-ranking with a
   proven error bound, never ``N x N``), run on blocks of queries so that progress and cancel
   happen between blocks. Chosen when ``M * N <= EXACT_MAX_PAIRS`` or ``N < MIN_IVF_ROWS``,
-  and, on the IVF path, when the recall check's exact search of its sample took less per
-  query than the tuned index does (a small base with many queries, such as a 1M-row pool
-  against a 10k-row reference set: there the tuned nprobe scans a fifth of the lists one
-  query at a time); both per-query times are in the :class:`GraphInfo` (``exact_query_s``,
+  and, for queries against another set on the IVF path, when the recall check's exact
+  search of its sample took less per query than the tuned index does (a small base with
+  many queries, such as a 1M-row pool against a 10k-row reference set: there the tuned
+  nprobe scans a fifth of the lists one query at a time); both per-query times are in the :class:`GraphInfo` (``exact_query_s``,
   ``ivf_query_s``; the run record stores them, the gRPC ``GraphInfo`` does not carry them).
   The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
   machine (384-d clustered unit vectors, k=20, a pool's own graph, target recall 0.95; the
@@ -754,11 +754,13 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
         index, q, sample, None if self_ids is None else self_ids[sample], k, target_recall,
         _sub(progress, 0.15, 0.3), check)
     recall_s = time.perf_counter() - t1
-    if method == "auto" and exact_per_query < per_query:
+    if method == "auto" and not own and exact_per_query < per_query:
         # Measured on the same sample, the exact pass is the cheaper one: a small base with
         # many queries (a pool against a 10k-row reference set: the tuned nprobe scans a
         # fifth of the lists one query at a time, where the exact pass is one matrix product
-        # per block). Its graph is exact; the index built for the check is dropped.
+        # per block). Its graph is exact; the index built for the check is dropped. Not for
+        # a pool's own graph: its search runs in list order, faster per query than the
+        # sample measured (and EXACT_MAX_PAIRS already holds the measured crossover there).
         del index
         t2 = time.perf_counter()
         idx, dist = exact_search(x, q, k, self_ids=self_ids, progress=_sub(progress, 0.3, 1.0), check=check,
