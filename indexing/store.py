@@ -1145,7 +1145,7 @@ class Collection:
         """Raise the space's ``nprobes`` until its index meets the policy's target recall
         (:meth:`recall_check` with ``tune``), so an index built automatically serves the
         recall the policy promises from its first query: at the default nprobes an IVF index
-        of weakly clustered vectors can return a quarter of the true neighbours. Returns the
+        of weakly clustered vectors misses many of the true neighbours. Returns the
         report, or None when the space has no index."""
         if self.vector_index(space) is None:
             return None
@@ -1354,15 +1354,16 @@ class Collection:
         """Remove versions older than ``older_than`` (default: the store's setting), except
         tagged ones (datasets, pinned versions); returns how many went. Pins left by a
         process that died (named by its pid) are removed first, on local roots."""
-        older = older_than if older_than is not None else self._retention()
         if self.store.local:
             for tag in self._table.tags.list():
                 if tag.startswith(PIN_TAG_PREFIX) and not _pid_alive(tag[len(PIN_TAG_PREFIX):].split("-")[0]):
                     self._table.tags.delete(tag)
-        stats = self._table.to_lance().cleanup_old_versions(older_than=older, error_if_tagged_old_versions=False)
+        ds = self._table.to_lance()  # one dataset handle for the window and the cleanup
+        older = older_than if older_than is not None else self._retention(ds)
+        stats = ds.cleanup_old_versions(older_than=older, error_if_tagged_old_versions=False)
         return int(stats.old_versions)
 
-    def _retention(self) -> timedelta:
+    def _retention(self, ds: Any) -> timedelta:
         """How old an untagged version must be to go: the store's ``cleanup_older_than``,
         shortened under a heavy write stream to the age of the ``max_versions``-th newest
         version (never below ``MIN_RETENTION``). Each read checks for the latest version by
@@ -1372,7 +1373,7 @@ class Collection:
         older, cap = self.store.cleanup_older_than, self.store.max_versions
         if not cap:
             return older
-        versions = self._table.to_lance().versions()
+        versions = ds.versions()
         if len(versions) <= cap:
             return older
         stamp = sorted(versions, key=lambda v: v["version"])[-cap]["timestamp"]
