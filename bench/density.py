@@ -292,7 +292,7 @@ def _faiss_reference(x: np.ndarray, k: int, seed: int, rows: np.ndarray, ex_d: n
         return idx, np.where(idx >= 0, dist, np.inf)
 
     t1 = time.perf_counter()
-    ladder = [p for p in knn._LADDER if max(1, nlist // 256) <= p <= nlist]
+    ladder = knn._ladder(nlist, hi=nlist)
     for nprobe in ladder:  # noqa: B007 -- the first that reaches the target is kept
         index.nprobe = nprobe
         if knn.recall_at_k(graph(x[rows], rows)[1], ex_d) >= knn.TARGET_RECALL:

@@ -535,7 +535,7 @@ def faiss_reference(data: Path, collection: str, k: int, nlist: int | None, samp
         exact_s = time.perf_counter() - t0
         ivf = faiss.extract_index_ivf(index)
         t0 = time.perf_counter()
-        for nprobe in [p for p in knn._LADDER if max(1, nlist // 256) <= p <= nlist]:  # noqa: B007
+        for nprobe in knn._ladder(nlist, hi=nlist):  # noqa: B007
             ivf.nprobe = nprobe
             _, ids = index.search(np.ascontiguousarray(x[sample_rows]), kk + 1)
             order = np.argsort(ids == sample_rows[:, None], axis=1, kind="stable")[:, :kk]

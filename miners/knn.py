@@ -15,10 +15,12 @@ How (``plan``)
   proven error bound, never ``N x N``), run on blocks of queries so that progress and cancel
   happen between blocks. Chosen when ``M * N <= EXACT_MAX_PAIRS`` or ``N < MIN_IVF_ROWS``,
   and, for queries against another set on the IVF path, when the recall check's exact
-  search of its sample took less per query than the tuned index does (a small base with
-  many queries, such as a 1M-row pool against a 10k-row reference set: there the tuned
-  nprobe scans a fifth of the lists one query at a time); both per-query times are in the :class:`GraphInfo` (``exact_query_s``,
-  ``ivf_query_s``; the run record stores them, the gRPC ``GraphInfo`` does not carry them).
+  search of its sample took less per query than the tuned index does, or when no rung of
+  the ladder that costs less per query than the exact search reaches the target (a small
+  base with many queries, such as a 1M-row pool against a 10k-row reference set: there
+  nprobe 56 of 255 lists gave recall@20 0.93 at about the exact pass's time per query);
+  both per-query times are in the :class:`GraphInfo` (``exact_query_s``, ``ivf_query_s``;
+  the run record stores them, the gRPC ``GraphInfo`` does not carry them).
   The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
   machine (384-d clustered unit vectors, k=20, a pool's own graph, target recall 0.95; the
   IVF time includes training, adding, the recall check and the search): 4,000 rows: exact
@@ -56,12 +58,16 @@ IVF settings, from ``N`` (the base rows):
   seeded): the sample's exact neighbours are computed first (blocked exact search over the
   whole base, in 65,536-row chunks, so a memory-mapped base is streamed once), then the
   sample is searched with ``nprobe = 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...`` (steps
-  of at most 25 %, starting at ``nlist / 256``) until recall@k reaches ``target_recall``
-  (default 0.95). The whole graph
+  of at most 25 %, from one list: well-separated data needs few — 1M x 384 in 1,000
+  clusters reached recall@20 0.9998 at nprobe 16 of 4096, where the ladder used to start)
+  until recall@k reaches ``target_recall`` (default 0.95). The whole graph
   is then searched once with that ``nprobe``; the graph's recall is measured on the same
-  sample rows of the final graph. The ladder stops at ``nlist / 4`` (a quarter of the base
-  scanned per query): a graph that still misses the target is kept and reported with
-  ``below_target = True`` (and said so in the progress message) rather than searched again.
+  sample rows of the final graph. For a pool's own graph the ladder stops at ``nlist / 4``
+  (a quarter of the base scanned per query): a graph that still misses the target is kept
+  and reported with ``below_target = True`` (and said so in the progress message) rather
+  than searched again. For queries against another set it goes on while a rung costs less
+  per query than the sample's exact search, and the exact pass takes over when none of
+  those rungs reaches the target.
 
 Measured (``bench/density.py --graph --n 1000000 --k 20 --latent 16``, 2 shared cores,
 2026-12-05; the reference is FAISS IVF4096,Flat trained by FAISS on 100k rows, nprobe the
@@ -548,9 +554,9 @@ def _pick_sample(m: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(m, min(m, size), replace=False)) if m > size else np.arange(m)
 
 
-def _ladder(nlist: int, lo: int | None = None) -> list[int]:
-    """The nprobe rungs tried, ``lo`` (default ``nlist / 256``) to ``nlist / 4``."""
-    lo, hi = max(1, nlist // 256 if lo is None else lo), max(1, nlist // 4)
+def _ladder(nlist: int, lo: int = 1, hi: int | None = None) -> list[int]:
+    """The nprobe rungs tried, ``lo`` to ``hi`` (default ``nlist / 4``)."""
+    lo, hi = max(1, lo), max(1, nlist // 4 if hi is None else min(hi, nlist))
     return [p for p in _LADDER if lo <= p <= hi] or [hi]
 
 
@@ -636,18 +642,20 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
 
 
 def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray | None, k: int,
-          target_recall: float, progress: Progress, check: Check
+          target_recall: float, progress: Progress, check: Check, *, up_to_exact: bool = False
           ) -> tuple[np.ndarray, np.ndarray, int, float, float, float]:
     """Exact neighbours of the sample queries ``q[sample]`` (2/3 of the bar), then the nprobe
     ladder until recall@k reaches the target (module docstring). Sets ``index.nprobe``;
     returns (exact indices, exact distances, nprobe, sample recall, seconds per query at
-    that nprobe, seconds per query of the exact search)."""
+    that nprobe, seconds per query of the exact search). ``up_to_exact``: the ladder runs
+    past ``nlist / 4`` up to every list, and stops at the first rung that takes longer per
+    query than the exact search did (every later rung would too)."""
     sq = _rows(q, sample)
     te = time.perf_counter()
     ex_i, ex_d = exact_search(index.x, sq, k, self_ids=s_self, progress=_sub(progress, 0.0, 0.67), check=check,
                               what=f"recall check: exact k-NN of {len(sample):,} sample rows")
     exact_per_query = (time.perf_counter() - te) / max(1, len(sample))
-    ladder = _ladder(index.nlist)
+    ladder = _ladder(index.nlist, hi=index.nlist if up_to_exact else None)
     recall, per_query, nprobe = 0.0, 0.0, ladder[0]
     for step, nprobe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
         check()
@@ -659,7 +667,7 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
         progress(0.67 + 0.33 * (step + 1) / len(ladder),
                  f"tuning nprobe: {nprobe} of {index.nlist} lists gives recall@{k} {recall:.3f} "
                  f"(target {target_recall:g})")
-        if recall >= target_recall:
+        if recall >= target_recall or (up_to_exact and per_query >= exact_per_query):
             break
     return ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query
 
@@ -750,21 +758,25 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     sample = _pick_sample(m, recall_sample, seed)
-    ex_i, ex_d, nprobe, _, per_query, exact_per_query = _tune(
+    foreign = method == "auto" and not own
+    ex_i, ex_d, nprobe, recall, per_query, exact_per_query = _tune(
         index, q, sample, None if self_ids is None else self_ids[sample], k, target_recall,
-        _sub(progress, 0.15, 0.3), check)
+        _sub(progress, 0.15, 0.3), check, up_to_exact=foreign)
     recall_s = time.perf_counter() - t1
-    if method == "auto" and not own and exact_per_query < per_query:
-        # Measured on the same sample, the exact pass is the cheaper one: a small base with
-        # many queries (a pool against a 10k-row reference set: the tuned nprobe scans a
-        # fifth of the lists one query at a time, where the exact pass is one matrix product
-        # per block). Its graph is exact; the index built for the check is dropped. Not for
-        # a pool's own graph: its search runs in list order, faster per query than the
-        # sample measured (and EXACT_MAX_PAIRS already holds the measured crossover there).
+    if foreign and (exact_per_query < per_query or recall < target_recall):
+        # Measured on the same sample, the exact pass is the cheaper one, or the only one
+        # that reaches the target (the ladder stopped where a rung cost more per query than
+        # the exact search): a small base with many queries (a 1M-row pool against a
+        # 10k-row reference set: nprobe 56 of 255 lists gave recall@20 0.93 at about the
+        # exact pass's time per query, the exact pass being one matrix product per block).
+        # Its graph is exact; the index built for the check is dropped. Not for a pool's
+        # own graph: its search runs in list order, faster per query than the sample
+        # measured (and EXACT_MAX_PAIRS already holds the measured crossover there).
         del index
+        why = "cheaper than" if exact_per_query < per_query else "the only way to the target recall past"
         t2 = time.perf_counter()
         idx, dist = exact_search(x, q, k, self_ids=self_ids, progress=_sub(progress, 0.3, 1.0), check=check,
-                                 what=f"exact k-NN (measured cheaper than IVF at nprobe {nprobe})")
+                                 what=f"exact k-NN ({why} IVF at nprobe {nprobe})")
         info = GraphInfo(method="exact", k=k, rows=n, queries=m, recall=1.0, recall_sample=0,
                          target_recall=target_recall, nlist=p.nlist, nprobe=int(nprobe), build_s=build_s,
                          search_s=time.perf_counter() - t2, recall_s=recall_s,

@@ -102,11 +102,13 @@ def test_queries_against_a_reference_and_self_ids():
     pool = clustered(5000, 16, clusters=30, seed=2, spread=0.7)  # same centres, wider
     res = knn.knn_search(ref, 5, queries=pool)
     assert res.info.queries == 5000 and res.info.rows == 8000
-    # IVF, or exact where the recall check measured the exact pass cheaper per query
+    # IVF, or exact where the recall check measured the exact pass cheaper per query (or
+    # the only one to reach the target among the rungs cheaper than it)
     info = res.info
     assert info.exact_query_s > 0 and info.ivf_query_s > 0
-    assert (info.method == "exact") == (info.exact_query_s < info.ivf_query_s)
-    assert info.method == "exact" or info.method.startswith("faiss-ivf")
+    if info.exact_query_s < info.ivf_query_s:
+        assert info.method == "exact"
+    assert info.method == "exact" or (info.method.startswith("faiss-ivf") and not info.below_target)
     _, sd = _sk_graph(ref, 5, queries=pool)
     assert res.info.recall >= 0.95 and _true_recall(res, sd) >= 0.95
     # queries that are reference rows leave themselves out (self_ids), others do not
@@ -140,6 +142,38 @@ def test_exact_pass_replaces_an_index_measured_slower(monkeypatch):
     assert res.sliced(3).info.recall == 1.0
     kept = knn.knn_search(ref, 6, queries=pool, method="ivf-flat")
     assert kept.info.method.startswith("faiss-ivf-flat") and kept.info.exact_query_s < kept.info.ivf_query_s
+
+
+def test_exact_pass_takes_over_when_no_cheaper_rung_reaches_the_target(monkeypatch):
+    """Auto, queries against another set: the ladder climbs past ``nlist / 4`` while a rung
+    costs less per query than the exact search, and when none of those reaches the target
+    the graph is the exact one (at 1M x 10k the ladder used to stop at recall@20 0.93). Each
+    search is slowed in proportion to its nprobe, so the ladder meets the exact search's
+    cost within a few rungs, and a target of 1.0 is out of reach there on isotropic data."""
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal((8000, 16)).astype(np.float32)
+    pool = rng.standard_normal((5000, 16)).astype(np.float32)
+    search_block = knn.IvfIndex.search_block
+    rungs = []
+
+    def slow(self, q, k, self_ids=None):
+        rungs.append(self.nprobe)
+        time.sleep(0.01 * self.nprobe)
+        return search_block(self, q, k, self_ids)
+
+    monkeypatch.setattr(knn.IvfIndex, "search_block", slow)
+    res = knn.knn_search(ref, 6, queries=pool, target_recall=1.0)
+    assert res.info.method == "exact" and res.info.recall == 1.0 and not res.info.below_target
+    # the ladder stopped at the first rung that cost more per query than the exact search
+    assert rungs[-1] == res.info.nprobe < res.info.nlist and res.info.ivf_query_s >= res.info.exact_query_s
+    ei, ed = exact_knn_graph(ref, 6, queries=pool, exclude_self=False)
+    np.testing.assert_array_equal(res.indices, ei)
+    np.testing.assert_array_equal(res.distances, ed)
+    # a pool's own graph keeps the ladder's top (nlist / 4) and reports the shortfall
+    monkeypatch.undo()
+    own = knn.knn_search(ref, 6, target_recall=1.0)
+    assert own.info.method.startswith("faiss-ivf") and own.info.nprobe <= own.info.nlist // 4
+    assert own.info.below_target == (own.info.recall < 1.0)
 
 
 def test_memmapped_base_gives_the_same_graph(tmp_path):
