@@ -65,6 +65,28 @@ def test_ivf_graph_with_every_list_probed_equals_the_exact_graph():
     assert info["radius"] == 0.5 and exact.info["method"] == "exact"
 
 
+def test_ivf_radius_keeps_pairs_at_the_boundary():
+    """The IVF search's squared radius is widened by a relative float32 bound only (its
+    scanner sums squared differences): pairs whose float64 distance lies within float32
+    rounding of ``delta`` on either side are decided as the definition decides them, none
+    lost to the tighter radius. Pairs far apart from each other; each partner sits at
+    ``~delta`` from its row, so about half the pairs fall inside, many by less than 1e-6."""
+    rng = np.random.default_rng(7)
+    n, d = 600, 64
+    base = (rng.standard_normal((n, d)) * 10).astype(np.float32)
+    u = rng.standard_normal((n, d))
+    partner = (base + 0.05 * u / np.linalg.norm(u, axis=1, keepdims=True)).astype(np.float32)
+    x = np.concatenate([base, partner])
+    gap = np.sqrt(((base.astype(np.float64) - partner) ** 2).sum(1))
+    delta = float(np.median(gap))
+    assert np.sum(np.abs(gap - delta) < 1e-6 * delta) >= 10  # the boundary is crowded
+    want = balls_direct(x, delta)
+    got = ivf_ball_graph(x, delta, nprobe=1 << 20)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(got.indices[got.indptr[i]:got.indptr[i + 1]], want[i])
+    assert 0.4 * n <= (got.n_edges - len(x)) / 2 <= 0.6 * n  # each ball holds its own row
+
+
 def test_ivf_graph_recall_is_measured_and_reported():
     x = clustered(seed=2)
     want = balls_direct(x, 0.6)
