@@ -437,3 +437,29 @@ def test_kmeans_cancels_between_iterations() -> None:
         kmeans(x, 20, niter=50, progress=lambda f, m: iterations.append(m) if "iteration" in m else None,
                check=check)
     assert len(iterations) == 2
+
+
+def test_kcenter_reports_the_reference_seeding_and_cancels_in_it() -> None:
+    """The reference seeding (``O(N L d)``, a minute at 1M x 10k) reports rows done per block
+    through ``on_reference`` and stops when it raises; the picks are those without it."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1000, 8)).astype(np.float32)
+    ref = rng.standard_normal((50, 8)).astype(np.float32)
+    seen: list[tuple[int, int]] = []
+    picks, radii = kcenter_greedy(x, 5, reference=ref, block_rows=128, on_reference=lambda d, n: seen.append((d, n)))
+    assert seen == [(r, 1000) for r in range(0, 1000, 128)] + [(1000, 1000)]
+    want, want_r = kcenter_greedy(x, 5, reference=ref, block_rows=128)
+    np.testing.assert_array_equal(picks, want)
+    np.testing.assert_array_equal(radii, want_r)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(done: int, total: int) -> None:
+        if done >= 256:
+            raise Stop
+
+    picked: list[int] = []
+    with pytest.raises(Stop):
+        kcenter_greedy(x, 5, reference=ref, block_rows=128, on_reference=stop_at, on_pick=lambda d, n: picked.append(d))
+    assert picked == []  # stopped before the first pick
