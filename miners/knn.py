@@ -20,7 +20,7 @@ How (``plan``)
   base with many queries, such as a 1M-row pool against a 10k-row reference set: there
   nprobe 56 of 255 lists gave recall@20 0.93 at about the exact pass's time per query);
   both per-query times are in the :class:`GraphInfo` (``exact_query_s``, ``ivf_query_s``;
-  the run record stores them, the gRPC ``GraphInfo`` does not carry them).
+  the run record and the gRPC ``GraphInfo`` carry them).
   The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
   machine (384-d clustered unit vectors, k=20, a pool's own graph, target recall 0.95; the
   IVF time includes training, adding, the recall check and the search): 4,000 rows: exact

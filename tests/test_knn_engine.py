@@ -385,6 +385,8 @@ def test_run_record_carries_the_graph_through_the_client(client):
     assert g["method"].startswith("faiss-ivf-flat nlist=") and g["k"] == 15 and g["recall_sample"] == 500
     assert g["recall"] >= 0.95 and g["rows"] == g["queries"] == 6000 and g["device"] == "cpu"
     assert g["search_s"] > 0 and g["build_s"] > 0 and not g["below_target"]
+    # the recall sample's time per query, exact and through the index, and no radius (k-NN)
+    assert g["exact_query_s"] > 0 and g["ivf_query_s"] > 0 and g["radius"] == 0.0
     progress = [p for p, _ in snapshots]
     assert progress == sorted(progress) and len(set(progress)) >= 3
     # novelty: the pool among the 300 reference rows (exact) and the reference's own graph

@@ -165,7 +165,7 @@ class MiningRun(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., collection: _Optional[str] = ..., miner: _Optional[str] = ..., model: _Optional[str] = ..., space: _Optional[str] = ..., where: _Optional[str] = ..., reference_where: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., reverse: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[_jobs_pb2.JobState, str]] = ..., rows_scanned: _Optional[int] = ..., rows_skipped: _Optional[int] = ..., results: _Optional[int] = ..., error: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., graph: _Optional[_Mapping[str, GraphInfo]] = ..., params_json: _Optional[str] = ..., candidates: _Optional[str] = ..., candidates_k: _Optional[int] = ..., stats: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., objects_where: _Optional[str] = ...) -> None: ...
 
 class GraphInfo(_message.Message):
-    __slots__ = ("method", "k", "recall", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist", "nprobe", "build_s", "recall_s", "search_s", "device", "cached")
+    __slots__ = ("method", "k", "recall", "recall_sample", "target_recall", "below_target", "rows", "queries", "nlist", "nprobe", "build_s", "recall_s", "search_s", "device", "cached", "radius", "exact_query_s", "ivf_query_s")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,9 @@ class GraphInfo(_message.Message):
     SEARCH_S_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    RADIUS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_QUERY_S_FIELD_NUMBER: _ClassVar[int]
+    IVF_QUERY_S_FIELD_NUMBER: _ClassVar[int]
     method: str
     k: int
     recall: float
@@ -196,7 +199,10 @@ class GraphInfo(_message.Message):
     search_s: float
     device: str
     cached: bool
-    def __init__(self, method: _Optional[str] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ..., recall_sample: _Optional[int] = ..., target_recall: _Optional[float] = ..., below_target: _Optional[bool] = ..., rows: _Optional[int] = ..., queries: _Optional[int] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., build_s: _Optional[float] = ..., recall_s: _Optional[float] = ..., search_s: _Optional[float] = ..., device: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+    radius: float
+    exact_query_s: float
+    ivf_query_s: float
+    def __init__(self, method: _Optional[str] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ..., recall_sample: _Optional[int] = ..., target_recall: _Optional[float] = ..., below_target: _Optional[bool] = ..., rows: _Optional[int] = ..., queries: _Optional[int] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., build_s: _Optional[float] = ..., recall_s: _Optional[float] = ..., search_s: _Optional[float] = ..., device: _Optional[str] = ..., cached: _Optional[bool] = ..., radius: _Optional[float] = ..., exact_query_s: _Optional[float] = ..., ivf_query_s: _Optional[float] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("collection", "limit")
