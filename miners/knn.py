@@ -14,11 +14,11 @@ How (``plan``)
 * **exact** — :func:`miners.density.exact_knn_graph` (blocked, float64 re-ranking with a
   proven error bound, never ``N x N``), run on blocks of queries so that progress and cancel
   happen between blocks. Chosen when ``M * N <= EXACT_MAX_PAIRS`` or ``N < MIN_IVF_ROWS``,
-  and, for queries against another set on the IVF path, when the recall check's exact
-  search of its sample took less per query than the tuned index does, or when no rung of
-  the ladder that costs less per query than the exact search reaches the target (a small
-  base with many queries, such as a 1M-row pool against a 10k-row reference set: there
-  nprobe 56 of 255 lists gave recall@20 0.93 at about the exact pass's time per query);
+  and on the IVF path when no rung of the nprobe ladder that costs less per query than the
+  exact search reaches the target, or, for queries against another set, when the exact
+  search (timed on one tile of the full pass's size) takes less per query than the tuned
+  index (a small base with many queries, such as a 1M-row pool against a 10k-row reference
+  set: nprobe 56 of 255 lists gave recall@20 0.93 at about the exact pass's time per query);
   both per-query times are in the :class:`GraphInfo` (``exact_query_s``, ``ivf_query_s``;
   the run record and the gRPC ``GraphInfo`` carry them).
   The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
@@ -62,12 +62,13 @@ IVF settings, from ``N`` (the base rows):
   clusters reached recall@20 0.9998 at nprobe 16 of 4096, where the ladder used to start)
   until recall@k reaches ``target_recall`` (default 0.95). The whole graph
   is then searched once with that ``nprobe``; the graph's recall is measured on the same
-  sample rows of the final graph. For a pool's own graph the ladder stops at ``nlist / 4``
-  (a quarter of the base scanned per query): a graph that still misses the target is kept
-  and reported with ``below_target = True`` (and said so in the progress message) rather
-  than searched again. For queries against another set it goes on while a rung costs less
-  per query than the sample's exact search, and the exact pass takes over when none of
-  those rungs reaches the target.
+  sample rows of the final graph. On the auto plan the ladder goes on, up to every list,
+  while a rung costs less per query than the exact search, and the exact pass takes over
+  when none of those rungs reaches the target (the 9,967-row reference set of the 1M bench:
+  nprobe 56 of 255 lists gave recall@20 0.91 where the ladder used to stop, at ``nlist / 4``).
+  With an explicit ``method``, or when every list is probed without reaching the target
+  (SQ8 codes), the graph is kept and reported with ``below_target = True`` (and said so in
+  the progress message) rather than searched again.
 
 Measured (``bench/density.py --graph --n 1000000 --k 20 --latent 16``, 2 shared cores,
 2026-12-05; the reference is FAISS IVF4096,Flat trained by FAISS on 100k rows, nprobe the
@@ -201,8 +202,9 @@ class GraphInfo:
     #: a range (ball) graph's radius (``k`` = 0 there; ``recall``: of ball membership,
     #: :func:`miners.coldstart.ball_recall`); 0.0 for k-NN graphs
     radius: float = 0.0
-    #: seconds per query of the recall sample, exact and through the tuned index: the
-    #: measured choice between the two (0.0 when the plan was exact from the start)
+    #: seconds per query, exact (the recall sample's search, or for queries against another
+    #: set one tile of the full pass's size) and through the tuned index (the recall
+    #: sample): the measured choice between the two (0.0 when the plan was exact from the start)
     exact_query_s: float = 0.0
     ivf_query_s: float = 0.0
 
@@ -370,6 +372,12 @@ def recall_at_k(distances: np.ndarray, exact_distances: np.ndarray, rtol: float 
 # --------------------------------------------------------------------------------- exact
 
 
+def _exact_block(n: int, d: int) -> int:
+    """Queries per tile of :func:`exact_search` over ``n`` base rows: ~2 d rows flops per
+    query and tile, ~20 GFLOP/s on two cores with the selection, ~``BLOCK_SECONDS`` a tile."""
+    return int(min(MAX_BLOCK, max(64, 20e9 * BLOCK_SECONDS / (2.0 * min(n, BASE_CHUNK) * d))))
+
+
 def exact_search(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.ndarray | None = None,
                  progress: Progress = _noop_progress, check: Check = _noop_check,
                  what: str = "exact k-NN") -> tuple[np.ndarray, np.ndarray]:
@@ -382,8 +390,7 @@ def exact_search(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
     if m == 0 or n == 0:
         return np.full((m, k), -1, dtype=np.int64), np.full((m, k), np.inf)
     chunks = [(s, min(n, s + BASE_CHUNK)) for s in range(0, n, BASE_CHUNK)]
-    # ~2 d rows flops per query and tile, ~20 GFLOP/s on two cores with the selection
-    block = int(min(MAX_BLOCK, max(64, 20e9 * BLOCK_SECONDS / (2.0 * (chunks[0][1]) * x.shape[1]))))
+    block = _exact_block(n, x.shape[1])
     blocks = [(s, min(m, s + block)) for s in range(0, m, block)]
     best_i = np.full((m, kk), -1, dtype=np.int64)
     best_d = np.full((m, kk), np.inf)
@@ -641,22 +648,42 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
     return idx, dist
 
 
+@dataclass
+class _Tuning:
+    exact_i: np.ndarray  # the sample's exact neighbours
+    exact_d: np.ndarray
+    nprobe: int  # the last rung tried
+    recall: float  # the sample's recall@k there
+    ivf_query_s: float  # seconds per sample query there
+    exact_query_s: float  # seconds per query of the exact search
+    cost_stop: bool  # the ladder stopped at a rung that cost more per query than exact
+
+
 def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray | None, k: int,
-          target_recall: float, progress: Progress, check: Check, *, up_to_exact: bool = False
-          ) -> tuple[np.ndarray, np.ndarray, int, float, float, float]:
+          target_recall: float, progress: Progress, check: Check, *, climb: bool = False,
+          time_tile: bool = False) -> _Tuning:
     """Exact neighbours of the sample queries ``q[sample]`` (2/3 of the bar), then the nprobe
-    ladder until recall@k reaches the target (module docstring). Sets ``index.nprobe``;
-    returns (exact indices, exact distances, nprobe, sample recall, seconds per query at
-    that nprobe, seconds per query of the exact search). ``up_to_exact``: the ladder runs
-    past ``nlist / 4`` up to every list, and stops at the first rung that takes longer per
-    query than the exact search did (every later rung would too)."""
+    ladder until recall@k reaches the target (module docstring); sets ``index.nprobe``.
+    ``climb``: the ladder runs past ``nlist / 4`` up to every list, and stops at the second
+    rung in a row that takes longer per query than the exact search (every later rung would
+    too; one such rung may be a timing spike).
+    ``time_tile``: the exact search's time per query is taken on one tile of the size the
+    full exact pass would use (queries against another set: the sample's short tile
+    overstates it)."""
     sq = _rows(q, sample)
     te = time.perf_counter()
     ex_i, ex_d = exact_search(index.x, sq, k, self_ids=s_self, progress=_sub(progress, 0.0, 0.67), check=check,
                               what=f"recall check: exact k-NN of {len(sample):,} sample rows")
     exact_per_query = (time.perf_counter() - te) / max(1, len(sample))
-    ladder = _ladder(index.nlist, hi=index.nlist if up_to_exact else None)
-    recall, per_query, nprobe = 0.0, 0.0, ladder[0]
+    block = min(len(q), _exact_block(len(index.x), index.x.shape[1]))
+    if time_tile and len(sample) < block <= len(q) // 20:
+        # 1M pool x 10k reference: 500 sample rows 1.47e-4 s a query, a 50k-row pass
+        # 1.0e-4; the tile costs at most 5 % of the queries' exact pass
+        te = time.perf_counter()
+        exact_search(index.x, _block(q, 0, block), k, check=check)
+        exact_per_query = (time.perf_counter() - te) / block
+    ladder = _ladder(index.nlist, hi=index.nlist if climb else None)
+    recall, per_query, nprobe, cost_stop, over = 0.0, 0.0, ladder[0], False, 0
     for step, nprobe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
         check()
         index.nprobe = nprobe
@@ -667,9 +694,21 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
         progress(0.67 + 0.33 * (step + 1) / len(ladder),
                  f"tuning nprobe: {nprobe} of {index.nlist} lists gives recall@{k} {recall:.3f} "
                  f"(target {target_recall:g})")
-        if recall >= target_recall or (up_to_exact and per_query >= exact_per_query):
+        if recall >= target_recall:
             break
-    return ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query
+        if climb and per_query >= exact_per_query:
+            # one timing of a short search can spike (8,000 x 32 rows: 4.8e-5 s a query
+            # once in six runs, 0.7-1.2e-5 otherwise): the smaller of two, on two rungs in a row
+            ts = time.perf_counter()
+            index.search_block(sq, k, s_self)
+            per_query = min(per_query, (time.perf_counter() - ts) / max(1, len(sample)))
+            over = over + 1 if per_query >= exact_per_query else 0
+            if over >= 2:
+                cost_stop = True
+                break
+        else:
+            over = 0
+    return _Tuning(ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query, cost_stop)
 
 
 def tuned_index(x: np.ndarray, k: int, *, target_recall: float = TARGET_RECALL, recall_sample: int = RECALL_SAMPLE,
@@ -687,8 +726,8 @@ def tuned_index(x: np.ndarray, k: int, *, target_recall: float = TARGET_RECALL, 
     build_s = time.perf_counter() - t0
     sample = _pick_sample(len(x), recall_sample, seed)
     t1 = time.perf_counter()
-    _, _, nprobe, recall, _, _ = _tune(index, x, sample, sample.astype(np.int64), k, target_recall,
-                                    _sub(progress, 0.6, 1.0), check)
+    tuning = _tune(index, x, sample, sample.astype(np.int64), k, target_recall, _sub(progress, 0.6, 1.0), check)
+    nprobe, recall = tuning.nprobe, tuning.recall
     info = GraphInfo(method=index.method, k=k, rows=len(x), queries=0, recall=recall, recall_sample=len(sample),
                      target_recall=target_recall, nlist=index.nlist, nprobe=nprobe, build_s=build_s,
                      recall_s=time.perf_counter() - t1, below_target=recall < target_recall)
@@ -758,25 +797,27 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     sample = _pick_sample(m, recall_sample, seed)
-    foreign = method == "auto" and not own
-    ex_i, ex_d, nprobe, recall, per_query, exact_per_query = _tune(
-        index, q, sample, None if self_ids is None else self_ids[sample], k, target_recall,
-        _sub(progress, 0.15, 0.3), check, up_to_exact=foreign)
+    auto = method == "auto"
+    tuning = _tune(index, q, sample, None if self_ids is None else self_ids[sample], k, target_recall,
+                   _sub(progress, 0.15, 0.3), check, climb=auto, time_tile=auto and not own)
+    ex_i, ex_d, nprobe = tuning.exact_i, tuning.exact_d, tuning.nprobe
+    per_query, exact_per_query = tuning.ivf_query_s, tuning.exact_query_s
     recall_s = time.perf_counter() - t1
-    if foreign and (exact_per_query < per_query or recall < target_recall):
-        # Measured on the same sample, the exact pass is the cheaper one, or the only one
-        # that reaches the target (the ladder stopped where a rung cost more per query than
-        # the exact search): a small base with many queries (a 1M-row pool against a
-        # 10k-row reference set: nprobe 56 of 255 lists gave recall@20 0.93 at about the
-        # exact pass's time per query, the exact pass being one matrix product per block).
-        # Its graph is exact; the index built for the check is dropped. Not for a pool's
-        # own graph: its search runs in list order, faster per query than the sample
-        # measured (and EXACT_MAX_PAIRS already holds the measured crossover there).
+    if auto and ((not own and exact_per_query < per_query) or (tuning.recall < target_recall and tuning.cost_stop)):
+        # The exact pass is the cheaper one, measured: for queries against another set (a
+        # small base with many queries: 1M pool rows against a 10k-row reference set), or
+        # for any graph whose ladder met the exact search's cost per query before the
+        # target (the reference set's own graph there: nprobe 56 of 255 lists gave
+        # recall@20 0.91 where the ladder used to stop). Its graph is exact; the index built
+        # for the check is dropped. A pool's own graph that reaches the target stays on the
+        # index even when the sample measures exact cheaper: its search runs in list order,
+        # faster per query than the sample measured (EXACT_MAX_PAIRS holds the crossover).
         del index
-        why = "cheaper than" if exact_per_query < per_query else "the only way to the target recall past"
+        why = (f"measured cheaper than IVF at nprobe {nprobe}" if tuning.recall >= target_recall else
+               f"IVF gave recall@{k} {tuning.recall:.3f} by nprobe {nprobe}, at the exact search's cost")
         t2 = time.perf_counter()
         idx, dist = exact_search(x, q, k, self_ids=self_ids, progress=_sub(progress, 0.3, 1.0), check=check,
-                                 what=f"exact k-NN ({why} IVF at nprobe {nprobe})")
+                                 what=f"exact k-NN ({why})")
         info = GraphInfo(method="exact", k=k, rows=n, queries=m, recall=1.0, recall_sample=0,
                          target_recall=target_recall, nlist=p.nlist, nprobe=int(nprobe), build_s=build_s,
                          search_s=time.perf_counter() - t2, recall_s=recall_s,
