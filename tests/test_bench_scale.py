@@ -13,11 +13,13 @@ from bench.scale import (
     GEN_BLOCK,
     GenConfig,
     Generator,
+    Step,
     exact_neighbours,
     faiss_nlist,
     graph_info,
     main,
     plan_miner,
+    shared_graph_steps,
 )
 
 CFG = GenConfig(n=25_000, dim=8, classes=3, labeled=0.05, clusters=20, spread=0.3, seed=7,
@@ -137,3 +139,20 @@ def test_two_sessions_then_miners(tmp_path):
     assert dup["state"] == "SUCCEEDED" and dup["data"]["run"]["results"] >= 1  # the planted duplicates
     assert steps["bald"]["state"] == "skipped"
     assert "graph miners together" not in steps  # one graph miner: nothing to add up
+
+
+def test_shared_graph_steps_are_the_miners_on_the_pools_graph():
+    """Only the graph miners that ran on the pool's own graph add up against one FAISS graph
+    (the 1M run summed duplicate_leaks' graph of every row and the labeled rows' own graph
+    into it); failed and non-graph steps never count."""
+
+    def step(name, rows, graph=True, state="SUCCEEDED"):
+        return Step(name, state=state, wall_s=10.0, rows=rows, data={"graph_miner": graph})
+
+    steps = [step("lof", 990), step("typicality", 990), step("near_duplicates", 990),
+             step("duplicate_leaks", 1000), step("labeled_outliers", 10), step("margin", 990, graph=False),
+             step("probcover", 990, state="FAILED")]
+    names = [s.step for s in shared_graph_steps(steps, 990)]
+    assert names == ["lof", "typicality", "near_duplicates"]
+    assert [s.step for s in shared_graph_steps(steps, None)] == names  # the most common row count
+    assert [s.step for s in shared_graph_steps(steps, 1000)] == ["duplicate_leaks"]
