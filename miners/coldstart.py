@@ -56,16 +56,18 @@ At 1M x 384 the exact search is ~3 hours on 2 cores (its own ETA). Above
 ``PROBCOVER_EXACT_ROWS`` rows the balls come from a FAISS ``IndexIVFFlat.range_search``
 built by the k-NN graph engine (:class:`miners.knn.IvfIndex`: its ``nlist`` rule, sampled
 training, its nprobe ladder — from 1 list up, as a ball lies mostly in its row's own list —
-and its recall sample size and target, 0.95), rows searched in blocks of ~``BLOCK_SECONDS``
-with ``check()`` before and an ETA after each, the queries of a block in the order of their
-nearest list (cache reuse, as the engine's search).
+and its recall sample size and target, 0.95), rows taken in the index's inverted-list order
+(consecutive queries scan the same lists while they are in cache, as the engine's search
+of a pool's own graph), in blocks of ~``BLOCK_SECONDS`` with ``check()`` before and an ETA
+after each.
 
 The threshold is not the crossover: on 384-d unit vectors around 1,000 centres (spread 0.3,
 delta 0.3649, 2 shared cores) the exact graph took 3.6 s at 20,000 rows and 16.3 s at 50,000,
 the IVF graph 0.9 s (recall 1.0) and 2.5 s (recall 0.959). Up to 50,000 rows the exact graph
 costs seconds and is kept for its exactness; beyond, its ``O(N^2 d)`` is what hurts (200,000
 rows: ~7 min by its own ETA). The search
-radius is widened by the float32 error bound and every candidate pair passes the same
+radius is widened by the float32 error bound of the IVF-Flat scanner's distances (relative:
+:func:`_ivf_search_radius`) and every candidate pair passes the same
 float64 test as the exact graph, so every listed entry is a true one: the only error is a
 missed entry (a row in a list not probed). ``nprobe`` is the first of the ladder whose
 *recall of ball membership* (:func:`ball_recall`: listed share of the exact balls' entries,
