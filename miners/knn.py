@@ -80,7 +80,9 @@ nprobe 20, recall 0.9553): 1.37x, CPU 1.71x (load ~3-4). An earlier run under he
 inverted lists (cache reuse); its training is cheaper (100k rows x 6 iterations). These
 runs predate ``parallel_mode = 3`` in :meth:`IvfIndex.search_block` (the list-ordered
 search ran on one core); in ``bench/scale.py --quick`` after it (2026-12-05), LOF's whole
-run took 303.7 s against the same run's FAISS graph of 329.6 s (1.09x).
+run took 303.7 s against the same run's FAISS graph of 329.6 s (1.09x), both at nprobe 16
+(the ladder's start then); with both ladders from one list (nprobe 5, recall@20 0.963 and
+0.965), 113.5 s against 164.1 s (1.45x; README, "Scale").
 
 Recall@k of a query: the fraction of its ``k`` listed neighbours at a distance ``<=`` its
 exact ``k``-th neighbour distance (``x (1 + 1e-5)``, so that ties and float32 rounding do not
