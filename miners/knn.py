@@ -14,11 +14,10 @@ How (``plan``)
 * **exact** — :func:`miners.density.exact_knn_graph` (blocked, float64 re-ranking with a
   proven error bound, never ``N x N``), run on blocks of queries so that progress and cancel
   happen between blocks. Chosen when ``M * N <= EXACT_MAX_PAIRS`` or ``N < MIN_IVF_ROWS``,
-  and on the IVF path when no rung of the nprobe ladder that costs less per query than the
-  exact search reaches the target, or, for queries against another set, when the exact
-  search (timed on one tile of the full pass's size) takes less per query than the tuned
-  index (a small base with many queries, such as a 1M-row pool against a 10k-row reference
-  set: nprobe 56 of 255 lists gave recall@20 0.93 at about the exact pass's time per query);
+  and on the IVF path when the nprobe ladder's top misses the target (below), or, for
+  queries against another set, when the exact search (timed on one tile of the full pass's
+  size) takes less per query than the tuned index (a small base with many queries, such as
+  a 1M-row pool against a 10k-row reference set);
   both per-query times are in the :class:`GraphInfo` (``exact_query_s``, ``ivf_query_s``;
   the run record and the gRPC ``GraphInfo`` carry them).
   The threshold comes from ``bench/density.py --crossover`` on this (shared, noisy) 2-core
@@ -62,13 +61,13 @@ IVF settings, from ``N`` (the base rows):
   clusters reached recall@20 0.9998 at nprobe 16 of 4096, where the ladder used to start)
   until recall@k reaches ``target_recall`` (default 0.95). The whole graph
   is then searched once with that ``nprobe``; the graph's recall is measured on the same
-  sample rows of the final graph. On the auto plan the ladder goes on, up to every list,
-  while a rung costs less per query than the exact search, and the exact pass takes over
-  when none of those rungs reaches the target (the 9,967-row reference set of the 1M bench:
-  nprobe 56 of 255 lists gave recall@20 0.91 where the ladder used to stop, at ``nlist / 4``).
-  With an explicit ``method``, or when every list is probed without reaching the target
-  (SQ8 codes), the graph is kept and reported with ``below_target = True`` (and said so in
-  the progress message) rather than searched again.
+  sample rows of the final graph. The ladder stops at ``nlist / 4``: a quarter of the base
+  scanned per query costs about what the exact search does (whose matrix products run ~4x
+  the flops per second of the lists' scan; at 1M x 10k, nprobe 56 of 255 lists took
+  1.4e-4 s a query, exact 1.0e-4). On the auto plan a graph that misses the target there
+  is the exact one (the 9,967-row reference set of the 1M bench: recall@20 0.91 at the top);
+  with an explicit ``method`` it is kept and reported with ``below_target = True`` (and said
+  so in the progress message) rather than searched again.
 
 Measured (``bench/density.py --graph --n 1000000 --k 20 --latent 16``, 2 shared cores,
 2026-12-05; the reference is FAISS IVF4096,Flat trained by FAISS on 100k rows, nprobe the
@@ -658,17 +657,12 @@ class _Tuning:
     recall: float  # the sample's recall@k there
     ivf_query_s: float  # seconds per sample query there
     exact_query_s: float  # seconds per query of the exact search
-    cost_stop: bool  # the ladder stopped at a rung that cost more per query than exact
 
 
 def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray | None, k: int,
-          target_recall: float, progress: Progress, check: Check, *, climb: bool = False,
-          time_tile: bool = False) -> _Tuning:
+          target_recall: float, progress: Progress, check: Check, *, time_tile: bool = False) -> _Tuning:
     """Exact neighbours of the sample queries ``q[sample]`` (2/3 of the bar), then the nprobe
     ladder until recall@k reaches the target (module docstring); sets ``index.nprobe``.
-    ``climb``: the ladder runs past ``nlist / 4`` up to every list, and stops at the second
-    rung in a row that takes longer per query than the exact search (every later rung would
-    too; one such rung may be a timing spike).
     ``time_tile``: the exact search's time per query is taken on one tile of the size the
     full exact pass would use (queries against another set: the sample's short tile
     overstates it)."""
@@ -684,8 +678,8 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
         te = time.perf_counter()
         exact_search(index.x, _block(q, 0, block), k, check=check)
         exact_per_query = (time.perf_counter() - te) / block
-    ladder = _ladder(index.nlist, hi=index.nlist if climb else None)
-    recall, per_query, nprobe, cost_stop, over = 0.0, 0.0, ladder[0], False, 0
+    ladder = _ladder(index.nlist)
+    recall, per_query, nprobe = 0.0, 0.0, ladder[0]
     for step, nprobe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
         check()
         index.nprobe = nprobe
@@ -698,19 +692,7 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
                  f"(target {target_recall:g})")
         if recall >= target_recall:
             break
-        if climb and per_query >= exact_per_query:
-            # one timing of a short search can spike (8,000 x 32 rows: 4.8e-5 s a query
-            # once in six runs, 0.7-1.2e-5 otherwise): the smaller of two, on two rungs in a row
-            ts = time.perf_counter()
-            index.search_block(sq, k, s_self)
-            per_query = min(per_query, (time.perf_counter() - ts) / max(1, len(sample)))
-            over = over + 1 if per_query >= exact_per_query else 0
-            if over >= 2:
-                cost_stop = True
-                break
-        else:
-            over = 0
-    return _Tuning(ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query, cost_stop)
+    return _Tuning(ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query)
 
 
 def tuned_index(x: np.ndarray, k: int, *, target_recall: float = TARGET_RECALL, recall_sample: int = RECALL_SAMPLE,
@@ -801,22 +783,24 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
     sample = _pick_sample(m, recall_sample, seed)
     auto = method == "auto"
     tuning = _tune(index, q, sample, None if self_ids is None else self_ids[sample], k, target_recall,
-                   _sub(progress, 0.15, 0.3), check, climb=auto, time_tile=auto and not own)
+                   _sub(progress, 0.15, 0.3), check, time_tile=auto and not own)
     ex_i, ex_d, nprobe = tuning.exact_i, tuning.exact_d, tuning.nprobe
     per_query, exact_per_query = tuning.ivf_query_s, tuning.exact_query_s
     recall_s = time.perf_counter() - t1
-    if auto and ((not own and exact_per_query < per_query) or (tuning.recall < target_recall and tuning.cost_stop)):
-        # The exact pass is the cheaper one, measured: for queries against another set (a
-        # small base with many queries: 1M pool rows against a 10k-row reference set), or
-        # for any graph whose ladder met the exact search's cost per query before the
-        # target (the reference set's own graph there: nprobe 56 of 255 lists gave
-        # recall@20 0.91 where the ladder used to stop). Its graph is exact; the index built
-        # for the check is dropped. A pool's own graph that reaches the target stays on the
-        # index even when the sample measures exact cheaper: its search runs in list order,
-        # faster per query than the sample measured (EXACT_MAX_PAIRS holds the crossover).
+    if auto and (tuning.recall < target_recall or (not own and exact_per_query < per_query)):
+        # The exact pass: when the ladder's top (nlist / 4, where the index scans about what
+        # the exact search costs) misses the target — the 1M bench's 10k-row reference set:
+        # nprobe 56 of 255 lists gave recall@20 0.93 (pool -> reference) and 0.91 (its own
+        # graph) at about the exact pass's time per query; a decision on the seeded sample's
+        # recall, so the same request gets the same graph — or, for queries against another
+        # set, when the exact search was measured cheaper per query than the tuned index (a
+        # small base with many queries). Its graph is exact; the index built for the check
+        # is dropped. A pool's own graph that reaches the target stays on the index even
+        # when the sample measures exact cheaper: its search runs in list order, faster per
+        # query than the sample measured (EXACT_MAX_PAIRS holds the crossover there).
         del index
         why = (f"measured cheaper than IVF at nprobe {nprobe}" if tuning.recall >= target_recall else
-               f"IVF gave recall@{k} {tuning.recall:.3f} by nprobe {nprobe}, at the exact search's cost")
+               f"IVF gave recall@{k} {tuning.recall:.3f} at the ladder's top, nprobe {nprobe} of {p.nlist}")
         t2 = time.perf_counter()
         idx, dist = exact_search(x, q, k, self_ids=self_ids, progress=_sub(progress, 0.3, 1.0), check=check,
                                  what=f"exact k-NN ({why})")

@@ -144,44 +144,26 @@ def test_exact_pass_replaces_an_index_measured_slower(monkeypatch):
     assert kept.info.method.startswith("faiss-ivf-flat") and kept.info.exact_query_s < kept.info.ivf_query_s
 
 
-def test_exact_pass_takes_over_when_no_cheaper_rung_reaches_the_target(monkeypatch):
-    """Auto: the ladder climbs past ``nlist / 4`` while a rung costs less per query than
-    the exact search, and when none of those reaches the target the graph is the exact one
-    (at 1M x 10k the ladder used to stop at recall@20 0.93, the reference's own graph at
-    0.91). Each
-    search is slowed in proportion to its nprobe, so the ladder meets the exact search's
-    cost within a few rungs, and a target of 1.0 is out of reach there on isotropic data."""
+def test_exact_pass_takes_over_when_the_ladder_top_misses_the_target():
+    """Auto: when the nprobe ladder's top (nlist / 4, about the exact search's cost) misses
+    the target, the graph is the exact one — for queries against another set and for a
+    pool's own graph (at 1M x 10k the ladder stopped at recall@20 0.93 and 0.91 and the
+    graphs were kept below target). A target of 1.0 on isotropic data is out of reach at a
+    quarter of the lists; the decision rests on the seeded sample's recall, not on timings.
+    An explicit method keeps the index and reports the shortfall."""
     rng = np.random.default_rng(5)
     ref = rng.standard_normal((8000, 16)).astype(np.float32)
     pool = rng.standard_normal((5000, 16)).astype(np.float32)
-    search_block = knn.IvfIndex.search_block
-    rungs = []
-
-    def slow(self, q, k, self_ids=None):
-        rungs.append(self.nprobe)
-        time.sleep(0.01 * self.nprobe)
-        return search_block(self, q, k, self_ids)
-
-    monkeypatch.setattr(knn.IvfIndex, "search_block", slow)
-    res = knn.knn_search(ref, 6, queries=pool, target_recall=1.0)
-    assert res.info.method == "exact" and res.info.recall == 1.0 and not res.info.below_target
-    # the ladder stopped at the second rung in a row that cost more per query than exact
-    assert rungs[-1] == res.info.nprobe < res.info.nlist and res.info.ivf_query_s >= res.info.exact_query_s
-    ei, ed = exact_knn_graph(ref, 6, queries=pool, exclude_self=False)
-    np.testing.assert_array_equal(res.indices, ei)
-    np.testing.assert_array_equal(res.distances, ed)
-    # a pool's own graph too: the exact graph when the ladder meets the exact cost first
-    rungs.clear()
-    own = knn.knn_search(ref, 6, target_recall=1.0)
-    assert own.info.method == "exact" and rungs[-1] == own.info.nprobe < own.info.nlist
-    ei, ed = exact_knn_graph(ref, 6)
-    np.testing.assert_array_equal(own.indices, ei)
-    np.testing.assert_array_equal(own.distances, ed)
-    # an explicit method keeps the index: the ladder's top (nlist / 4), the shortfall reported
-    monkeypatch.undo()
+    for queries in (pool, None):
+        res = knn.knn_search(ref, 6, queries=queries, target_recall=1.0)
+        assert res.info.method == "exact" and res.info.recall == 1.0 and not res.info.below_target
+        assert res.info.nprobe == knn._ladder(res.info.nlist)[-1]  # the top was tried
+        ei, ed = exact_knn_graph(ref, 6, queries=queries, exclude_self=queries is None)
+        np.testing.assert_array_equal(res.indices, ei)
+        np.testing.assert_array_equal(res.distances, ed)
     kept = knn.knn_search(ref, 6, target_recall=1.0, method="ivf-flat")
-    assert kept.info.method.startswith("faiss-ivf") and kept.info.nprobe <= kept.info.nlist // 4
-    assert kept.info.below_target == (kept.info.recall < 1.0)
+    assert kept.info.method.startswith("faiss-ivf") and kept.info.nprobe == knn._ladder(kept.info.nlist)[-1]
+    assert kept.info.below_target and kept.info.recall < 1.0
 
 
 def test_memmapped_base_gives_the_same_graph(tmp_path):
@@ -429,7 +411,10 @@ def test_cancel_mid_graph_ends_the_run_within_seconds(client):
     cancelled_at = None
     for snap in job.watch(timeout=300):
         messages.append((snap.progress, snap.message))
-        if snap.message.startswith("k-NN graph (faiss") and "of 120,000 rows" in snap.message:
+        # the IVF graph, or the exact one when the ladder's top misses the target (likely on
+        # unstructured data): either is searched in blocks with a cancel check between them
+        graph = snap.message.startswith(("k-NN graph (faiss", "exact k-NN ("))
+        if graph and "of 120,000 rows" in snap.message:
             cancelled_at = time.monotonic()
             job.cancel()
             break

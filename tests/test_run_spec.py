@@ -49,7 +49,8 @@ MAIN_RUNS_SCHEMA = pa.schema([
 ])
 GRAPH = {"pool": {"method": "faiss-ivf-flat nlist=64 nprobe=8", "k": 20, "recall": 0.97, "recall_sample": 500,
                   "target_recall": 0.95, "below_target": False, "rows": 5000, "queries": 5000, "nlist": 64,
-                  "nprobe": 8, "build_s": 0.5, "recall_s": 0.1, "search_s": 0.7, "device": "cpu", "cached": False}}
+                  "nprobe": 8, "build_s": 0.5, "recall_s": 0.1, "search_s": 0.7, "device": "cpu", "cached": False,
+                  "radius": 0.0, "exact_query_s": 2e-4, "ivf_query_s": 1e-4}}
 
 
 def _main_row(run_id: str, **over) -> dict:
