@@ -62,9 +62,10 @@ IVF settings, from ``N`` (the base rows):
   until recall@k reaches ``target_recall`` (default 0.95). The whole graph
   is then searched once with that ``nprobe``; the graph's recall is measured on the same
   sample rows of the final graph. The ladder stops at ``nlist / 4``: a quarter of the base
-  scanned per query costs about what the exact search does (whose matrix products run ~4x
-  the flops per second of the lists' scan; at 1M x 10k, nprobe 56 of 255 lists took
-  1.4e-4 s a query, exact 1.0e-4). On the auto plan a graph that misses the target there
+  scanned per query costs about what the exact search does (at 1M x 10k, 384-d, nprobe 56
+  of 255 lists took 1.4e-4 s a query, the exact pass 1.1-1.2e-4: counting 2 flops a
+  multiply-add, ~13 GFLOP/s in the lists' scan against ~65 in the exact pass's matrix
+  products). On the auto plan a graph that misses the target there
   is the exact one (the 9,967-row reference set of the 1M bench: recall@20 0.91 at the top);
   with an explicit ``method`` it is kept and reported with ``below_target = True`` (and said
   so in the progress message) rather than searched again.
@@ -673,8 +674,8 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
     exact_per_query = (time.perf_counter() - te) / max(1, len(sample))
     block = min(len(q), _exact_block(len(index.x), index.x.shape[1]))
     if time_tile and len(sample) < block <= len(q) // 20:
-        # 1M pool x 10k reference: 500 sample rows 1.47e-4 s a query, a 50k-row pass
-        # 1.0e-4; the tile costs at most 5 % of the queries' exact pass
+        # 10k x 384 clustered reference rows: 500 sample queries 1.47e-4 s a query, 50k
+        # queries 1.0e-4; the tile costs at most 5 % of the queries' exact pass
         te = time.perf_counter()
         exact_search(index.x, _block(q, 0, block), k, check=check)
         exact_per_query = (time.perf_counter() - te) / block
