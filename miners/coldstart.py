@@ -377,7 +377,7 @@ def _range_blocks(xa: np.ndarray, search: Callable[[np.ndarray, float], tuple], 
         check()
         e = min(n, s + block)
         qrows = np.arange(s, e) if order is None else np.asarray(order[s:e], dtype=np.int64)
-        lims, _, idx = search(xa[s:e] if order is None else xa[qrows], radius)
+        lims, _, idx = search(xa[qrows], radius)
         if total + int(lims[-1]) > max_edges:  # before the block's pairs are copied and sorted
             raise too_many(e)
         idx = idx.astype(np.int64)
@@ -398,14 +398,12 @@ def _range_blocks(xa: np.ndarray, search: Callable[[np.ndarray, float], tuple], 
                  f"{'' if e == n else f', ETA {el * (n - e) / e:.0f} s'}")
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    if order is None:
-        indices = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, dtype=dtype)
-    else:  # each row's ball lies in one block, sorted: place it at the row's CSR offset
-        indices = np.empty(total, dtype=dtype)
-        for rows, idx in parts:
-            first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]  # where each row's run starts
-            run = np.repeat(first, np.diff(np.r_[first, len(rows)]))
-            indices[indptr[rows] + (np.arange(len(rows)) - run)] = idx
+    # each row's ball lies in one block, sorted: place it at the row's CSR offset
+    indices = np.empty(total, dtype=dtype)
+    for rows, idx in parts:
+        first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]  # where each row's run starts
+        run = np.repeat(first, np.diff(np.r_[first, len(rows)]))
+        indices[indptr[rows] + (np.arange(len(rows)) - run)] = idx
     return BallGraph(indptr, indices, float(delta))
 
 

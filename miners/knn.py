@@ -563,10 +563,10 @@ def _pick_sample(m: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(m, min(m, size), replace=False)) if m > size else np.arange(m)
 
 
-def _ladder(nlist: int, lo: int = 1, hi: int | None = None) -> list[int]:
-    """The nprobe rungs tried, ``lo`` to ``hi`` (default ``nlist / 4``)."""
-    lo, hi = max(1, lo), max(1, nlist // 4 if hi is None else min(hi, nlist))
-    return [p for p in _LADDER if lo <= p <= hi] or [hi]
+def _ladder(nlist: int, hi: int | None = None) -> list[int]:
+    """The nprobe rungs tried, 1 to ``hi`` (default ``nlist / 4``)."""
+    hi = max(1, nlist // 4 if hi is None else min(hi, nlist))
+    return [p for p in _LADDER if p <= hi] or [hi]
 
 
 def _torch_device(device: str) -> str | None:

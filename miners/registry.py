@@ -546,11 +546,14 @@ register(MinerSpec(
 ))
 
 
-def _split_bar(progress: Callable[[float, str], None], check: Callable[[], None], share: float, name: str,
-               what: str) -> tuple[Callable[[int, int], None], Callable[[int, int], None]]:
-    """``(on_pick, on_prepare)`` for a selector with a long preparation before its picks:
-    the preparation fills ``share`` of the bar, the picks the rest; cancel checked at every
-    call, progress (with the phase's ETA) at most every 0.5 s and at each phase's end."""
+def pick_progress(progress: Callable[[float, str], None], check: Callable[[], None], name: str, *,
+                  share: float = 0.0, what: str = "preparing"
+                  ) -> tuple[Callable[[int, int], None], Callable[[int, int], None]]:
+    """``(on_pick, on_prepare)`` for a batch selector: ``on_pick(done, size)`` per pick and
+    ``on_prepare(done, total)`` per block of a long preparation before the picks (coreset's
+    reference seeding), which fills ``share`` of the bar, the picks the rest. Cancel is
+    checked at every call; progress, with the phase's ETA, at most every 0.5 s and at each
+    phase's end. The runner hands every selector an ``on_pick`` made here (``share`` 0)."""
     t0, last = [time.perf_counter(), time.perf_counter()], [0.0]
 
     def report(fraction: float, message: str, done: int, total: int, phase: int) -> None:
@@ -559,7 +562,8 @@ def _split_bar(progress: Callable[[float, str], None], check: Callable[[], None]
         if done == total or now - last[0] >= 0.5:
             last[0] = now
             el = now - t0[phase]
-            eta = f", ETA {el * (total - done) / done:.0f} s" if 0 < done < total else ""
+            # the picks' last report says "ETA 0 s", as it always has; the preparation's does not
+            eta = f", ETA {el * (total - done) / done:.0f} s" if done and (done < total or phase) else ""
             progress(fraction, message + eta)
         if phase == 0 and done == total:
             t0[1] = now  # the picks' ETA counts from here
@@ -581,8 +585,8 @@ def _coreset(a: Arrays, size: int, p: dict[str, Any]) -> tuple[np.ndarray, np.nd
     if ref is not None and size and progress is not None and check is not None:
         # the reference seeding costs N L d, a pick at most N d: the bar is split in that
         # ratio (1M pool, 10k reference: 64 s of seeding without a report, then 5 s of picks)
-        on_pick, on_reference = _split_bar(progress, check, len(ref) / (len(ref) + size), "coreset",
-                                           f"distance to the nearest of {len(ref):,} reference rows")
+        on_pick, on_reference = pick_progress(progress, check, "coreset", share=len(ref) / (len(ref) + size),
+                                              what=f"distance to the nearest of {len(ref):,} reference rows")
     picks, radii = diversity.kcenter_greedy(a["vectors"], size, reference=ref, on_pick=on_pick,
                                             on_reference=on_reference)
     radii = np.asarray(radii, dtype=np.float64)

@@ -454,25 +454,6 @@ def _top(scores: np.ndarray, row_keys: np.ndarray, size: int, rec: RunSpec, para
     return top.result()[2].get("pos", np.zeros(0, dtype=np.int64))
 
 
-def _pick_progress(progress: Callable[[float, str], None], check: Callable[[], None], what: str,
-                   lo: float, hi: float) -> Callable[[int, int], None]:
-    """A per-pick callback for batch selectors: cancel checked every pick, progress (with an
-    ETA) at most every 0.5 s."""
-    t0 = time.perf_counter()
-    last = [0.0]
-
-    def on_pick(done: int, total: int) -> None:
-        check()
-        now = time.perf_counter()
-        if now - last[0] >= 0.5 or done == total:
-            last[0] = now
-            el = now - t0
-            eta = f", ETA {el * (total - done) / done:.0f} s" if done else ""
-            progress(lo + (hi - lo) * done / max(1, total), f"{what}: {done:,} of {total:,} picks{eta}")
-
-    return on_pick
-
-
 def _run_gathered(ctx: RunContext, spec: MinerSpec, inputs: list[Input]) -> MiningOutput:
     rec, params, progress, check = ctx.run, ctx.params, ctx.progress, ctx.check
     t0 = time.perf_counter()
@@ -491,9 +472,9 @@ def _run_gathered(ctx: RunContext, spec: MinerSpec, inputs: list[Input]) -> Mini
                  else f"picking {min(rec.size, len(pool)):,} of {len(pool):,} rows")
         related_rows = None
         if spec.select is not None:
-            select_params = {**params, "seed": rec.seed, "stats": stats, "check": check,
-                             "progress": _phase_progress(progress, g.graph_hi, 0.99),
-                             "on_pick": _pick_progress(progress, check, f"{spec.name}", g.graph_hi, 0.99)}
+            phased = _phase_progress(progress, g.graph_hi, 0.99)
+            select_params = {**params, "seed": rec.seed, "stats": stats, "check": check, "progress": phased,
+                             "on_pick": registry.pick_progress(phased, check, spec.name)[0]}
             picks, scores = spec.select(arrays, min(rec.size, len(pool)), select_params)
             picks, scores = np.asarray(picks, dtype=np.int64), np.asarray(scores, dtype=np.float64)
         else:
