@@ -66,7 +66,12 @@ IVF settings, from ``N`` (the base rows):
   of 255 lists took 1.4e-4 s a query, the exact pass 1.1-1.2e-4: counting 2 flops a
   multiply-add, ~13 GFLOP/s in the lists' scan against ~65 in the exact pass's matrix
   products). On the auto plan a graph that misses the target there
-  is the exact one (the 9,967-row reference set of the 1M bench: recall@20 0.91 at the top);
+  is the exact one (the 9,967-row reference set of the 1M bench: recall@20 0.91 at the top)
+  while the exact pass stays under ``EXACT_FALLBACK_MAX_MACS`` (about an hour on 2 cores);
+  above it (a 10M pool's own graph would take weeks exact) the graph is searched at the
+  smallest rung whose sample recall is within ``PLATEAU_RECALL`` of the best rung's — where
+  recall stops rising with the lists scanned, as at an SQ8 index's quantisation ceiling —
+  and reported below target;
   with an explicit ``method`` it is kept and reported with ``below_target = True`` (and said
   so in the progress message) rather than searched again.
 
@@ -164,6 +169,15 @@ BLOCK_SECONDS = 1.5
 MAX_BLOCK = 65_536
 RECALL_SAMPLE = 500
 TARGET_RECALL = 0.95
+#: the exact pass replaces an index that misses the target only up to this many
+#: multiply-adds (queries x base rows x d): about an hour of the exact pass on 2 cores
+#: (1M x 9,967 x 384 = 3.8e12 took 117 s, 3.3e10 a second, in ``bench/scale.py --quick``).
+#: A 10M pool's own graph (3.8e16) would take weeks exact.
+EXACT_FALLBACK_MAX_MACS = 1.2e14
+#: above EXACT_FALLBACK_MAX_MACS, a graph that misses the target is searched at the
+#: smallest rung whose sample recall is within this of the best rung's (recall that stops
+#: rising with nprobe — an SQ8 index's quantisation ceiling — is not bought with more lists)
+PLATEAU_RECALL = 0.01
 #: the nprobe ladder: steps of at most 25 % from 4 on (a coarser step overshoots the target:
 #: at 1M rows, 1024 lists, nprobe 8 gave < 0.95 and 12 gave 0.975 — 50 % more search time)
 _LADDER = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128,
@@ -658,6 +672,12 @@ class _Tuning:
     recall: float  # the sample's recall@k there
     ivf_query_s: float  # seconds per sample query there
     exact_query_s: float  # seconds per query of the exact search
+    rungs: list[tuple[int, float, float]] = field(default_factory=list)  # (nprobe, recall, s/query) tried
+
+    def plateau(self) -> tuple[int, float, float]:
+        """The smallest rung tried whose recall is within ``PLATEAU_RECALL`` of the best."""
+        best = max(r for _, r, _ in self.rungs)
+        return next(rung for rung in self.rungs if rung[1] >= best - PLATEAU_RECALL)
 
 
 def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray | None, k: int,
@@ -681,6 +701,7 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
         exact_per_query = (time.perf_counter() - te) / block
     ladder = _ladder(index.nlist)
     recall, per_query, nprobe = 0.0, 0.0, ladder[0]
+    rungs: list[tuple[int, float, float]] = []
     for step, nprobe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
         check()
         index.nprobe = nprobe
@@ -688,12 +709,13 @@ def _tune(index: IvfIndex, q: np.ndarray, sample: np.ndarray, s_self: np.ndarray
         _, got_d = index.search_block(sq, k, s_self)
         per_query = (time.perf_counter() - ts) / max(1, len(sample))
         recall = recall_at_k(got_d, ex_d)
+        rungs.append((int(nprobe), recall, per_query))
         progress(0.67 + 0.33 * (step + 1) / len(ladder),
                  f"tuning nprobe: {nprobe} of {index.nlist} lists gives recall@{k} {recall:.3f} "
                  f"(target {target_recall:g})")
         if recall >= target_recall:
             break
-    return _Tuning(ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query)
+    return _Tuning(ex_i, ex_d, int(nprobe), recall, per_query, exact_per_query, rungs)
 
 
 def tuned_index(x: np.ndarray, k: int, *, target_recall: float = TARGET_RECALL, recall_sample: int = RECALL_SAMPLE,
@@ -788,7 +810,16 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
     ex_i, ex_d, nprobe = tuning.exact_i, tuning.exact_d, tuning.nprobe
     per_query, exact_per_query = tuning.ivf_query_s, tuning.exact_query_s
     recall_s = time.perf_counter() - t1
-    if auto and (tuning.recall < target_recall or (not own and exact_per_query < per_query)):
+    exact_affordable = m * n * x.shape[1] <= EXACT_FALLBACK_MAX_MACS
+    if auto and tuning.recall < target_recall and not exact_affordable:
+        # too large for the exact pass: the cheapest rung that gets about the best recall the
+        # ladder found, reported below target
+        nprobe, _, per_query = tuning.plateau()
+        index.nprobe = nprobe
+        progress(0.3, f"k-NN graph: recall@{k} stays below {target_recall:g} up to nprobe {tuning.nprobe} of "
+                      f"{p.nlist} and the exact pass is too large ({m:,} x {n:,} rows); searching at nprobe "
+                      f"{nprobe}")
+    elif auto and (tuning.recall < target_recall or (not own and exact_per_query < per_query)):
         # The exact pass: when the ladder's top (nlist / 4, where the index scans about what
         # the exact search costs) misses the target — the 1M bench's 10k-row reference set:
         # nprobe 56 of 255 lists gave recall@20 0.93 (pool -> reference) and 0.91 (its own
@@ -840,5 +871,5 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
                      exact_query_s=exact_per_query, ivf_query_s=per_query)
     if info.below_target:
         progress(1.0, f"k-NN graph recall@{k} {final:.3f} is below the target {target_recall:g} "
-                      f"at the largest nprobe tried ({info.nprobe})")
+                      f"at nprobe {info.nprobe} (the ladder went to {tuning.nprobe})")
     return KnnResult(idx, dist, info, (sample, ex_i, ex_d))

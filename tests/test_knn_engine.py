@@ -428,3 +428,29 @@ def test_cancel_mid_graph_ends_the_run_within_seconds(client):
     assert progress == sorted(progress) and len(set(progress)) >= 5
     phases = " ".join(m for _, m in messages)
     assert "loading vectors" in phases and ("training" in phases or "adding rows" in phases)
+
+
+def test_plateau_rung_is_the_smallest_within_reach_of_the_best():
+    rungs = [(1, 0.60, 1e-5), (2, 0.80, 2e-5), (3, 0.905, 3e-5), (4, 0.91, 4e-5), (5, 0.912, 5e-5)]
+    tuning = knn._Tuning(np.zeros((0, 1)), np.zeros((0, 1)), 5, 0.912, 5e-5, 1e-4, rungs)
+    assert tuning.plateau() == (3, 0.905, 3e-5)  # 0.905 >= 0.912 - 0.01; 0.80 is not
+    rising = knn._Tuning(np.zeros((0, 1)), np.zeros((0, 1)), 2, 0.9, 2e-5, 1e-4, rungs[:2])
+    assert rising.plateau()[0] == 2
+
+
+def test_no_exact_pass_above_its_size_cap(monkeypatch):
+    """Above ``EXACT_FALLBACK_MAX_MACS`` a graph that misses the target is not replaced by the
+    exact pass (a 10M pool's own graph would take weeks): it is searched at the plateau rung
+    and reported below target, with its recall measured on the sample."""
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal((8000, 16)).astype(np.float32)
+    monkeypatch.setattr(knn, "EXACT_FALLBACK_MAX_MACS", 8000 * 8000 * 16 - 1)
+    res = knn.knn_search(ref, 6, target_recall=1.0)
+    assert res.info.method.startswith("faiss-ivf") and res.info.below_target
+    top = knn.knn_search(ref, 6, target_recall=1.0, method="ivf-flat")  # the same index at the ladder's top
+    assert top.info.nprobe == knn._ladder(top.info.nlist)[-1]
+    assert res.info.nprobe <= top.info.nprobe
+    assert top.info.recall - knn.PLATEAU_RECALL <= res.info.recall <= top.info.recall
+    # within the cap the exact pass still takes over
+    monkeypatch.setattr(knn, "EXACT_FALLBACK_MAX_MACS", 8000 * 8000 * 16)
+    assert knn.knn_search(ref, 6, target_recall=1.0).info.method == "exact"
