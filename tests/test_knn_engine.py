@@ -73,12 +73,13 @@ def test_exact_search_tiles_a_large_base_like_one_pass(monkeypatch):
     assert (pi[:, 3:] == -1).all() and np.isinf(pd[:, 3:]).all() and not (pi[:, :3] == [[0], [1]]).any()
 
 
-@pytest.mark.parametrize("method", ["ivf-flat", "ivf-sq8"])
-def test_ivf_paths_reach_the_recall_they_report(method):
+@pytest.mark.parametrize(("method", "name"), [("auto", "ivf-list-join"), ("ivf-flat", "faiss-ivf-flat"),
+                                             ("ivf-sq8", "faiss-ivf-sq8+rerank")])
+def test_ivf_paths_reach_the_recall_they_report(method, name):
     x = clustered(6000, 32, clusters=40, seed=1, spread=0.6)
     res = knn.knn_search(x, 10, method=method)
     info = res.info
-    assert info.method.startswith("faiss-ivf-flat" if method == "ivf-flat" else "faiss-ivf-sq8+rerank")
+    assert info.method.startswith(name)  # auto: a pool's own graph is the list join
     assert f"nlist={info.nlist} nprobe={info.nprobe}" in info.method and info.recall_sample == 500
     si, sd = _sk_graph(x, 10)
     # the recorded recall is the sample's, re-measured here from scikit-learn's neighbours
@@ -95,6 +96,37 @@ def test_ivf_paths_reach_the_recall_they_report(method):
     # set overlap with the exact lists agrees with the tie-aware recall (no ties here)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.indices, si, strict=True)])
     assert overlap == pytest.approx(_true_recall(res, sd), abs=1e-3)
+
+
+def test_list_join_is_exact_within_its_candidate_lists():
+    """ListJoin from its definition: each row is assigned its nearest centroid; a row's
+    neighbours are the exact k nearest among the rows of the ``nprobe`` lists whose
+    centroids are nearest its own list's centroid (its own list first), itself left out."""
+    x = clustered(3000, 16, clusters=20, seed=4, spread=0.6)
+    join = knn.ListJoin(x, 32)
+    c = join.centroids.astype(np.float64)
+    d2 = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    assert (d2[np.arange(len(x)), join.assign] <= d2.min(axis=1) * (1 + 1e-5) + 1e-9).all()
+    cc = ((c[:, None, :] - c[None]) ** 2).sum(-1)
+    assert (join.near[:, 0] == np.arange(32)).all()
+    for lst in range(32):  # then its nearest other centroids, in order
+        others = np.argsort(cc[lst], kind="stable")
+        others = others[others != lst][:join.near.shape[1] - 1]
+        np.testing.assert_allclose(cc[lst, join.near[lst, 1:]], cc[lst, others], rtol=1e-5)
+    rows = np.arange(len(x))
+    for nprobe in (1, 3):
+        join.nprobe = nprobe
+        idx, dist = join.search_block(x[rows[::-1]], 8, rows[::-1])  # any order of queries
+        idx, dist = idx[::-1], dist[::-1]
+        for r in range(0, len(x), 37):
+            cand = np.flatnonzero(np.isin(join.assign, join.near[join.assign[r], :nprobe]))
+            cand = cand[cand != r]
+            true = np.linalg.norm(x[cand].astype(np.float64) - x[r], axis=1)
+            best = np.argsort(true, kind="stable")[:8]
+            np.testing.assert_allclose(dist[r, :len(best)], true[best], rtol=1e-6)
+            assert set(idx[r, :len(best)]) == set(cand[best])
+    with pytest.raises(ValueError, match="own row numbers"):
+        join.search_block(x[:5], 3)
 
 
 def test_queries_against_a_reference_and_self_ids():
@@ -283,7 +315,7 @@ def test_filtered_and_memmapped_pools(tmp_path, monkeypatch):
     pool = vectors.load_pool(col, col.version, "v", "half = 1")
     assert len(pool) == 6000 and set(pool.ids) == set(ids[1::2])
     res = vectors.graph(col, col.version, "v", "half = 1", 10, pool.vectors, searched=pool, exclude_self=True)
-    assert res.info.method.startswith("faiss-ivf-flat") and res.info.rows == 6000
+    assert res.info.method.startswith("ivf-list-join") and res.info.rows == 6000
     xs = x[np.searchsorted(ids, pool.ids.astype(str))]
     si, sd = _sk_graph(xs, 10)
     assert res.info.recall >= 0.95 and _true_recall(res, sd) >= 0.95
@@ -298,7 +330,7 @@ def test_filtered_and_memmapped_pools(tmp_path, monkeypatch):
     np.testing.assert_array_equal(res2.distances, res.distances)
     # through the runner: typicality on the filtered, memory-mapped pool picks the densest rows
     rec, out = _mine(col, "typicality", 20, where="half = 1", k=10)
-    assert set(out.ids) <= set(ids[1::2]) and out.graph["pool"]["method"].startswith("faiss-ivf-flat")
+    assert set(out.ids) <= set(ids[1::2]) and out.graph["pool"]["method"].startswith("ivf-list-join")
     mean = np.where(np.isfinite(sd), sd, 0).mean(axis=1)
     assert len(set(out.ids) & set(pool.ids[np.argsort(mean)[:20]])) >= 17
 
@@ -375,7 +407,7 @@ def test_run_record_carries_the_graph_through_the_client(client):
     job.wait(timeout=120)
     run = job.run()
     g = run["graph"]["pool"]
-    assert g["method"].startswith("faiss-ivf-flat nlist=") and g["k"] == 15 and g["recall_sample"] == 500
+    assert g["method"].startswith("ivf-list-join nlist=") and g["k"] == 15 and g["recall_sample"] == 500
     assert g["recall"] >= 0.95 and g["rows"] == g["queries"] == 6000 and g["device"] == "cpu"
     assert g["search_s"] > 0 and g["build_s"] > 0 and not g["below_target"]
     # the recall sample's time per query, exact and through the index, and no radius (k-NN)
@@ -398,7 +430,7 @@ def test_cli_prints_the_graph(client, capsys):
     assert main(["mine", "g", "typicality", "--size", "3", "--space", "v", "--param", "k=8", "--quiet",
                  "--server", client.target]) == 0
     err = capsys.readouterr().err
-    assert "pool k-NN graph: faiss-ivf-flat nlist=" in err and "recall@8 " in err and "on 500 sampled rows" in err
+    assert "pool k-NN graph: ivf-list-join nlist=" in err and "recall@8 " in err and "on 500 sampled rows" in err
 
 
 def test_cancel_mid_graph_ends_the_run_within_seconds(client):
@@ -444,13 +476,18 @@ def test_no_exact_pass_above_its_size_cap(monkeypatch):
     and reported below target, with its recall measured on the sample."""
     rng = np.random.default_rng(5)
     ref = rng.standard_normal((8000, 16)).astype(np.float32)
-    monkeypatch.setattr(knn, "EXACT_FALLBACK_MAX_MACS", 8000 * 8000 * 16 - 1)
-    res = knn.knn_search(ref, 6, target_recall=1.0)
+    pool = rng.standard_normal((5000, 16)).astype(np.float32)
+    monkeypatch.setattr(knn, "EXACT_FALLBACK_MAX_MACS", 5000 * 8000 * 16 - 1)
+    res = knn.knn_search(ref, 6, queries=pool, target_recall=1.0)
     assert res.info.method.startswith("faiss-ivf") and res.info.below_target
-    top = knn.knn_search(ref, 6, target_recall=1.0, method="ivf-flat")  # the same index at the ladder's top
+    # the same index at the ladder's top
+    top = knn.knn_search(ref, 6, queries=pool, target_recall=1.0, method="ivf-flat")
     assert top.info.nprobe == knn._ladder(top.info.nlist)[-1]
     assert res.info.nprobe <= top.info.nprobe
     assert top.info.recall - knn.PLATEAU_RECALL <= res.info.recall <= top.info.recall
+    own = knn.knn_search(ref, 6, target_recall=1.0)  # a pool's own graph (the list join) alike
+    assert own.info.method.startswith("ivf-list-join") and own.info.below_target
     # within the cap the exact pass still takes over
     monkeypatch.setattr(knn, "EXACT_FALLBACK_MAX_MACS", 8000 * 8000 * 16)
+    assert knn.knn_search(ref, 6, queries=pool, target_recall=1.0).info.method == "exact"
     assert knn.knn_search(ref, 6, target_recall=1.0).info.method == "exact"
