@@ -127,6 +127,15 @@ def test_list_join_is_exact_within_its_candidate_lists():
             assert set(idx[r, :len(best)]) == set(cand[best])
     with pytest.raises(ValueError, match="own row numbers"):
         join.search_block(x[:5], 3)
+    # the ladder's recall by list membership is the searched graph's recall (no ties here)
+    sample = np.arange(0, len(x), 7)
+    ex_i, ex_d = knn.exact_search(x, x[sample], 8, self_ids=sample)
+    for nprobe in (1, 2, 4):
+        join.nprobe = nprobe
+        by_members, _ = join.rung(x[sample], 8, sample, ex_i, ex_d)
+        _, got_d = join.search_block(x[sample], 8, sample)
+        assert by_members == pytest.approx(knn.recall_at_k(got_d, ex_d), abs=1e-12)
+        assert nprobe > 1 or by_members < 0.99  # the rungs differ: the check is not vacuous
 
 
 def test_queries_against_a_reference_and_self_ids():
