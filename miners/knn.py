@@ -101,7 +101,9 @@ runs predate ``parallel_mode = 3`` in :meth:`IvfIndex.search_block` (the list-or
 search ran on one core); in ``bench/scale.py --quick`` after it (2026-12-05), LOF's whole
 run took 303.7 s against the same run's FAISS graph of 329.6 s (1.09x), both at nprobe 16
 (the ladder's start then); with both ladders from one list (nprobe 5, recall@20 0.963 and
-0.965), 113.5 s against 164.1 s (1.45x; README, "Scale").
+0.965), 113.5 s against 164.1 s (1.45x; README, "Scale"); with the list join for a
+pool's own graph, 85.6 s against 158.3 s (1.85x, recall@20 0.972 / 0.965), and at 10M rows
+lof's graph (nlist 8192, nprobe 5, recall@20 0.969) took 1,616 s.
 
 Recall@k of a query: the fraction of its ``k`` listed neighbours at a distance ``<=`` its
 exact ``k``-th neighbour distance (``x (1 + 1e-5)``, so that ties and float32 rounding do not
