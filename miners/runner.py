@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexing.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from indexing.filters import check_filter, ids_predicate, object_clauses
+from indexing.filters import any_row, check_filter, ids_predicate, object_clauses
 from indexing.objects import check_predicate, expand
 from indexing.settings import MAX_SIZE, MINING_THREADS, SEALS_K
 from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
@@ -139,18 +139,19 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
         raise InvalidArgument(f"balance needs predicted classes; miner '{spec.name}' has none")
     where = col.validate_filter(req.where or None)
     table = ctx.table
-    pool = table.count_rows(where) if where else table.count_rows()
-    if pool == 0:
+    # existence checks stop at the first matching row (any_row): counting read the whole
+    # vector column of a 10M-row pool for `emb IS NOT NULL` before the run could start
+    if not any_row(table, where):
         raise FailedPrecondition(f"the pool filter {where!r} matches no rows in '{col.name}'")
     cond = condition(inputs, ctx)
-    if cond and table.count_rows(f"({where}) AND {cond}" if where else cond) == 0:
+    if cond and not any_row(table, f"({where}) AND {cond}" if where else cond):
         raise FailedPrecondition(
             f"no row of the pool has what miner '{spec.name}' reads ({cond}); upsert those columns first")
-    if reference and table.count_rows(reference) == 0 and spec.reference == "required":
+    if reference and spec.reference == "required" and not any_row(table, reference):
         raise FailedPrecondition(f"the reference filter {req.reference_where!r} matches no rows")
     if req.candidates:
         labeled = col.validate_filter(_labeled_filter(req))
-        if table.count_rows(labeled) == 0:
+        if not any_row(table, labeled):
             raise FailedPrecondition(f"candidates={req.candidates!r}: the labeled set ({labeled!r}) is empty; "
                                      "label some rows first or run without candidates")
     return spec, params

@@ -3,6 +3,8 @@ parameter binding agreeing with the server's validation on a real Lance table.""
 
 from __future__ import annotations
 
+import lancedb
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -12,6 +14,7 @@ from indexing.filters import (
     COMMENT,
     IDENTIFIER,
     STRING,
+    any_row,
     check_filter,
     ids_predicate,
     placeholders,
@@ -136,3 +139,18 @@ def test_comment_that_hides_structure_is_refused_by_both_readings(table_col):
     assert sql == "label = 'a' -- ) OR (1 = 1"
     with pytest.raises(InvalidArgument, match="unbalanced parentheses"):
         table_col.validate_filter(sql)
+
+
+def test_any_row_stops_at_a_match_and_agrees_with_count_rows(tmp_path):
+    db = lancedb.connect(str(tmp_path))
+    n = 3000
+    vec = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+    table = db.create_table("t", pa.table({
+        "id": [f"r{i}" for i in range(n)],
+        "label": pa.array([None if i % 3 else "cat" for i in range(n)], pa.string()),
+        "emb": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), 4),
+    }))
+    for where in (None, "label IS NULL", "label = 'cat'", "label = 'dog'", "emb IS NOT NULL",
+                  "label = 'dog' AND emb IS NOT NULL", "id = 'r2999'", "id = 'nope'"):
+        expected = (table.count_rows(where) if where else table.count_rows()) > 0
+        assert any_row(table, where) is expected, where

@@ -21,6 +21,7 @@ import pyarrow as pa
 from indexing.analytics import label_distribution
 from indexing.datasets import Datasets
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
+from indexing.filters import any_row
 from indexing.settings import MAX_GRID, MAX_LABELS, MAX_LIST, MAX_MAP_POINTS, TEXT_SNIPPET
 from indexing.store import Collection, Store
 from miners.runs import RunSpec, RunStore
@@ -67,10 +68,7 @@ def _kind(col: Collection) -> str:
     "vectors" (one row looked up per column and collection version)."""
 
     def has(column: str) -> bool:
-        if column not in col.schema.names:
-            return False
-        q = col.table.search().where(f"{column} IS NOT NULL").select(["id"]).limit(1)
-        return q.to_arrow().num_rows > 0
+        return column in col.schema.names and any_row(col.table, f"{column} IS NOT NULL")
 
     return col._cached("web-kind", lambda: "image" if has("uri") else "text" if has("text") else "vectors")
 
