@@ -626,8 +626,6 @@ class ListJoin:
     Interface of :class:`IvfIndex` as far as :func:`knn_search` uses it; ``search_block``
     takes the queries' own row numbers as ``self_ids`` (a pool's own graph)."""
 
-    codes = "join"
-
     def __init__(self, x: np.ndarray, nlist: int, *, train_rows: int | None = None, seed: int = 0,
                  progress: Progress = _noop_progress, check: Check = _noop_check) -> None:
         faiss = _faiss()
@@ -635,9 +633,8 @@ class ListJoin:
         n, d = x.shape
         self.nlist = nlist
         self.nprobe = 1
-        centroids, sample = _train_centroids(x, nlist, train_rows=train_rows, seed=seed,
-                                             progress=_sub(progress, 0.0, 0.3), check=check)
-        del sample
+        centroids, _ = _train_centroids(x, nlist, train_rows=train_rows, seed=seed,
+                                        progress=_sub(progress, 0.0, 0.3), check=check)
         self.centroids = centroids
         quantizer = faiss.IndexFlatL2(d)
         quantizer.add(centroids)
