@@ -344,6 +344,50 @@ def test_filtered_and_memmapped_pools(tmp_path, monkeypatch):
     assert len(set(out.ids) & set(pool.ids[np.argsort(mean)[:20]])) >= 17
 
 
+def _mapping_rss_kib(address: int) -> int:
+    """Resident KiB of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the address")
+
+
+def test_a_memory_mapped_pool_hands_its_pages_back(tmp_path, monkeypatch):
+    # the releaser's thread on a map of its own: pages written are resident until it runs
+    releaser = vectors._PageReleaser(0.02)
+    probe = np.lib.format.open_memmap(tmp_path / "probe.npy", mode="w+", dtype=np.float32, shape=(4096, 256))
+    probe[:] = np.arange(256, dtype=np.float32)
+    address = probe.ctypes.data
+    assert _mapping_rss_kib(address) >= probe.nbytes // 1024 // 2
+    releaser.register(probe.base)
+    deadline = time.monotonic() + 5
+    while _mapping_rss_kib(address) > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _mapping_rss_kib(address) == 0
+    np.testing.assert_array_equal(probe[4095], np.arange(256, dtype=np.float32))  # nothing lost
+    del probe
+    deadline = time.monotonic() + 5
+    while releaser._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert releaser._thread is None and not releaser._maps  # a freed map is forgotten; the thread ends
+    # a pool that load_pool memory-maps is registered: released, it reads back what was loaded
+    store, col, x = _store_with(tmp_path, 12000, dim=64)
+    ram = vectors.load_pool(col, col.version, "v", None)
+    assert not vectors.release_pages_of(ram.vectors)  # an in-memory pool has no map
+    monkeypatch.setattr(vectors, "MEMMAP_ABOVE_BYTES", 1024)
+    mm = vectors.load_pool(col, col.version, "v", None)
+    assert isinstance(mm.vectors, np.memmap)
+    assert vectors._page_releaser.release_now() >= 1
+    assert _mapping_rss_kib(mm.vectors.ctypes.data) == 0
+    np.testing.assert_array_equal(np.asarray(mm.vectors), ram.vectors)
+
+
 def test_a_graph_for_k_serves_smaller_k(tmp_path):
     vectors._CACHE.clear()
     store, col, x = _store_with(tmp_path, 6000, seed=2)
