@@ -472,56 +472,76 @@ class _KCenter:
                 best, best_val = s + j, float(d2[j])
         return best
 
+    def _nearest_reference(self, s: int, e: int, ref: np.ndarray, rr: np.ndarray, cols: int) -> np.ndarray:
+        """For rows ``s:e``, the reference row with the smallest float32 ``|x - r|^2`` (blocked
+        GEMM over ``cols`` reference rows at a time; ties: the smallest index)."""
+        blk = self.x[s:e]
+        if self.cosine:
+            base = None
+            scale = self.invn[s:e][:, None]
+        else:
+            base = self.xx[s:e][:, None]
+        best = np.full(e - s, np.inf, dtype=np.float32)
+        arg = np.zeros(e - s, dtype=np.int64)
+        for a in range(0, len(ref), cols):
+            b = min(a + cols, len(ref))
+            gm = blk @ ref[a:b].T
+            if self.cosine:
+                gm *= scale
+                gm *= np.float32(-2.0)
+                gm += np.float32(2.0)
+            else:
+                gm *= np.float32(-2.0)
+                gm += base
+                gm += rr[a:b][None, :]
+            j = np.argmin(gm, axis=1)
+            val = gm[np.arange(e - s), j]
+            better = val < best
+            best[better] = val[better]
+            arg[better] = a + j[better]
+        return arg
+
+    def _reference_d2(self, s: int, e: int, ref: np.ndarray, rr: np.ndarray, arg: np.ndarray) -> np.ndarray:
+        """Squared distances of rows ``s:e`` to the reference rows ``arg``, row by row
+        (``einsum``: identical rows get identical values), float32, clamped at 0."""
+        out = np.empty(e - s, dtype=np.float32)
+        for a in range(s, e, _GATHER_ROWS):
+            b = min(a + _GATHER_ROWS, e)
+            refrows = ref[arg[a - s:b - s]]
+            g = np.einsum("ij,ij->i", self.x[a:b], refrows)
+            vv = rr[arg[a - s:b - s]]
+            if self.cosine:
+                d2 = np.float32(2.0) - np.float32(2.0) * (g * self.invn[a:b])
+            else:
+                d2 = (self.xx[a:b] + vv) - g - g
+            out[a - s:b - s] = np.maximum(d2, np.float32(0.0))
+        return out
+
     def seed_reference(self, ref: np.ndarray, rr: np.ndarray, ref_block: int,
-                       on_block: Callable[[int, int], None] | None = None) -> None:
-        """``mind``/``owner`` against the reference points (blocked GEMM for the argmin,
-        then the distance to the chosen reference recomputed row by row with ``einsum`` so
-        that identical rows get identical values); ``on_block(rows done, N)`` before each
-        block of rows and after the last."""
+                       on_block: Callable[[int, int], None] | None = None,
+                       nearest: np.ndarray | None = None) -> None:
+        """``mind``/``owner`` against the reference points: the nearest reference row of each
+        row (blocked GEMM for the argmin; or the given ``nearest`` rows, from an approximate
+        search), then the distance to it recomputed row by row (:meth:`_reference_d2`);
+        ``on_block(rows done, N)`` before each block of rows and after the last."""
         br = self.block_rows
         cols = max(1, min(len(ref), ref_block // max(1, min(br, self.n))))
         for s in range(0, self.n, br):
             if on_block is not None:
                 on_block(s, self.n)
             e = min(s + br, self.n)
-            blk = self.x[s:e]
-            if self.cosine:
-                base = None
-                scale = self.invn[s:e][:, None]
-            else:
-                base = self.xx[s:e][:, None]
-            best = np.full(e - s, np.inf, dtype=np.float32)
-            arg = np.zeros(e - s, dtype=np.int64)
-            for a in range(0, len(ref), cols):
-                b = min(a + cols, len(ref))
-                gm = blk @ ref[a:b].T
-                if self.cosine:
-                    gm *= scale
-                    gm *= np.float32(-2.0)
-                    gm += np.float32(2.0)
-                else:
-                    gm *= np.float32(-2.0)
-                    gm += base
-                    gm += rr[a:b][None, :]
-                j = np.argmin(gm, axis=1)
-                val = gm[np.arange(e - s), j]
-                better = val < best
-                best[better] = val[better]
-                arg[better] = a + j[better]
+            arg = (self._nearest_reference(s, e, ref, rr, cols) if nearest is None
+                   else np.asarray(nearest[s:e], dtype=np.int64))
             self.owner[s:e] = arg
-            # exact (row-deterministic) distance to the chosen reference
-            for a in range(s, e, _GATHER_ROWS):
-                b = min(a + _GATHER_ROWS, e)
-                refrows = ref[arg[a - s:b - s]]
-                g = np.einsum("ij,ij->i", self.x[a:b], refrows)
-                vv = rr[arg[a - s:b - s]]
-                if self.cosine:
-                    d2 = np.float32(2.0) - np.float32(2.0) * (g * self.invn[a:b])
-                else:
-                    d2 = (self.xx[a:b] + vv) - g - g
-                self.mind[a:b] = np.maximum(d2, np.float32(0.0))
+            self.mind[s:e] = self._reference_d2(s, e, ref, rr, arg)
         if on_block is not None:
             on_block(self.n, self.n)
+
+    def verify_reference(self, p: int, ref: np.ndarray, rr: np.ndarray) -> tuple[int, float]:
+        """Row ``p``'s nearest reference row over the whole reference set and its squared
+        distance, computed as the exact seeding computes them."""
+        arg = self._nearest_reference(p, p + 1, ref, rr, len(ref))
+        return int(arg[0]), float(self._reference_d2(p, p + 1, ref, rr, arg)[0])
 
 
 def kcenter_greedy(
@@ -537,6 +557,7 @@ def kcenter_greedy(
     stats: dict[str, Any] | None = None,
     on_pick: Callable[[int, int], None] | None = None,
     on_reference: Callable[[int, int], None] | None = None,
+    reference_nearest: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-center greedy (coreset) selection of ``size`` pool rows, exact, never ``N x N``.
 
@@ -578,12 +599,24 @@ def kcenter_greedy(
             computed by the updates after each pick), ``full_evaluations`` (what the
             unpruned algorithm computes: ``N`` per update), ``pruned_fraction``
             (``1 - evaluations / full_evaluations``), ``reference_evaluations``
-            (``N * L``), ``seconds``, ``device`` and ``threads``.
+            (``N * L``; with ``reference_nearest``: ``N`` plus ``L`` per verified row),
+            ``reference_verified`` (rows checked against the whole reference set; 0 without
+            ``reference_nearest``), ``reference_lowered`` (of those, rows whose distance
+            fell), ``seconds``, ``device`` and ``threads``.
         on_pick: called as ``on_pick(done, size)`` before each pick and after the last (a
             long selection reports progress and can be cancelled by raising in it).
         on_reference: called as ``on_reference(rows, N)`` before and after each block of
             ``block_rows`` pool rows of the reference seeding (the ``O(N L d)`` phase: at
             1M x 384 with a 10k-row reference, 64 s before the first pick), likewise.
+        reference_nearest: optional ``(N,)`` index of a reference row near each pool row
+            (from an approximate search: at 10M x 100k the exact seeding would take hours).
+            The seeding then costs ``O(N d)``: each row's distance is its exact distance to
+            that row, an upper bound of its distance to the reference set. Before a row is
+            picked its distance to the whole reference set is computed (``O(L d)``, once per
+            row) and lowered where the given row was not the nearest, and the pick is made
+            again: every other row's stored distance is an upper bound of its true one, so a
+            verified argmax is the true argmax — the picks are those of the exact seeding
+            (up to float32 near-ties between reference rows).
 
     Returns:
         ``(picks, radii)``: ``picks`` ``(size,)`` int64 row indices in pick order;
@@ -623,6 +656,17 @@ def kcenter_greedy(
                              f"{d} (shapes {ref.shape} vs {x.shape})")
         if ref.shape[0] == 0:
             ref = None
+    if reference_nearest is not None and ref is not None:
+        reference_nearest = np.asarray(reference_nearest)
+        if reference_nearest.shape != (n,) or not np.issubdtype(reference_nearest.dtype, np.integer):
+            raise ValueError(f"reference_nearest must be ({n},) integer row indices of the reference; got "
+                             f"{reference_nearest.dtype} {reference_nearest.shape}")
+        if n and (reference_nearest.min() < 0 or reference_nearest.max() >= len(ref)):
+            bad = int(np.flatnonzero((reference_nearest < 0) | (reference_nearest >= len(ref)))[0])
+            raise ValueError(f"reference_nearest[{bad}] = {int(reference_nearest[bad])} is outside the "
+                             f"reference's {len(ref)} rows")
+    else:
+        reference_nearest = None
     _check_device(device)
     st = _KCenter(x, metric, block_rows, device, _n_threads())
     engine = st.engine
@@ -645,7 +689,11 @@ def kcenter_greedy(
                 st.maxsq = max(st.maxsq, float(rsq.max()))
             rr = rsq
             if size:
-                st.seed_reference(ref, rr, 1 << 23, on_reference)
+                st.seed_reference(ref, rr, 1 << 23, on_reference, nearest=reference_nearest)
+        # rows whose distance to the reference set is known exact (all of them when the
+        # seeding searched the whole reference set)
+        verified = None if reference_nearest is None else np.zeros(n, dtype=bool)
+        lowered = 0
         # rounding bound of a computed squared distance, and its square root
         kappa = 8.0 * (d + 8) * _U32 * st.maxsq
         sqk = math.sqrt(kappa)
@@ -657,19 +705,32 @@ def kcenter_greedy(
             np.maximum.at(radius, st.owner, st.mind)
         # the O(N) per-point test is retried with exponential backoff while it keeps >= 90 %
         next_filter, backoff = 0, 1
+
+        def farthest() -> int:
+            """``argmax mind``; after an approximate seeding (whose distances are upper
+            bounds) the argmax is checked against the whole reference set, lowered where
+            needed, and chosen again until it is a checked row."""
+            nonlocal lowered
+            q = int(np.argmax(st.mind))
+            while verified is not None and not verified[q]:
+                verified[q] = True
+                arg, d2 = st.verify_reference(q, ref, rr)
+                if d2 < st.mind[q]:
+                    lowered += 1
+                    st.mind[q], st.owner[q] = d2, arg
+                    if prune:
+                        radius[arg] = max(radius[arg], np.float32(d2))
+                    q = int(np.argmax(st.mind))
+            return q
+
         for i in range(size):
             if on_pick is not None:
                 on_pick(i, size)
-            if i == 0:
-                if start is not None:
-                    p = start
-                elif ref is None:
-                    p = st.farthest_from_mean()
-                else:
-                    p = int(np.argmax(st.mind))
-                top = np.inf if ref is None else float(st.mind.max())
+            if i == 0 and (start is not None or ref is None):
+                p = start if start is not None else st.farthest_from_mean()
+                top = np.inf if ref is None else float(st.mind[farthest()])
             else:
-                p = int(np.argmax(st.mind))
+                p = farthest()
                 top = float(st.mind[p])
             picks[i] = p
             if np.isinf(top):
@@ -735,7 +796,10 @@ def kcenter_greedy(
                 "evaluations": int(st.evaluations),
                 "full_evaluations": int(full),
                 "pruned_fraction": (1.0 - st.evaluations / full) if full else 0.0,
-                "reference_evaluations": int(n * L) if size else 0,
+                "reference_evaluations": (int(n * L) if reference_nearest is None else
+                                          int(n + L * verified.sum())) if size else 0,
+                "reference_verified": 0 if verified is None else int(verified.sum()),
+                "reference_lowered": lowered,
                 "updates": updates,
                 "seconds": time.perf_counter() - t0,
                 "device": engine.name,

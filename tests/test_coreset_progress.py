@@ -41,3 +41,38 @@ def test_coreset_with_a_reference_set_reports_the_seeding_then_the_picks(tmp_pat
     assert any(m.endswith(f"{n - 400:,} of {n - 400:,} rows") for _, m in trace)
     want, _ = kcenter_greedy(x[400:], 20, reference=x[:400])
     np.testing.assert_array_equal(np.asarray([int(i[1:]) for i in out.ids]), want + 400)
+
+
+def test_coreset_above_the_exact_seeding_size_takes_nearest_rows_from_the_graph_engine(tmp_path, monkeypatch):
+    """Above ``CORESET_EXACT_SEED_MACS`` (lowered here) the reference seeding comes from the
+    k-NN graph engine (recorded in the run's stats with its recall), the picks are still
+    the exact seeding's, and the bar moves forward from the search to the picks."""
+    from conftest import clustered
+
+    from miners import registry
+
+    n, d = 12000, 16
+    x = clustered(n, d, clusters=30, seed=3, spread=0.6)
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c", spaces={"v": {"dim": d, "metric": "l2"}})
+    col.upsert(pa.table({
+        "id": [f"r{i:05d}" for i in range(n)],
+        "emb_v": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d),
+        "split": ["train" if i < 6000 else "pool" for i in range(n)],
+    }))
+    col = store.collection("c")
+    monkeypatch.setattr(registry, "CORESET_EXACT_SEED_MACS", 0)
+    req = RunSpec(collection="c", miner="coreset", size=25, space="v", where="split = 'pool'",
+                  reference_where="split = 'train'")
+    _, params = validate_request(col, req)
+    trace: list[tuple[float, str]] = []
+    out = run_mining(col, RunSpec(**{**req.__dict__, "params": params, "version": col.version, "run_id": "cs"}),
+                     progress=lambda f, m: trace.append((f, m)))
+    graph = out.stats["graph"]
+    assert graph["method"] != "exact" and graph["k"] == 1 and graph["recall"] >= 0.95
+    assert out.stats["reference_verified"] >= 25
+    fractions = [f for f, _ in trace]
+    assert fractions == sorted(fractions)
+    assert any("k-NN" in m for _, m in trace) and any(m.startswith("coreset:") and "picks" in m for _, m in trace)
+    want, _ = kcenter_greedy(x[6000:], 25, reference=x[:6000])
+    np.testing.assert_array_equal(np.asarray([int(i[1:]) for i in out.ids]), want + 6000)

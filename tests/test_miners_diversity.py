@@ -463,3 +463,46 @@ def test_kcenter_reports_the_reference_seeding_and_cancels_in_it() -> None:
     with pytest.raises(Stop):
         kcenter_greedy(x, 5, reference=ref, block_rows=128, on_reference=stop_at, on_pick=lambda d, n: picked.append(d))
     assert picked == []  # stopped before the first pick
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_kcenter_from_approximate_nearest_reference_rows_picks_as_the_exact_seeding(prune: bool) -> None:
+    """``reference_nearest`` from an approximate search (here: deliberately wrong for a third
+    of the rows, and the exact ones for the rest): the rows about to be picked are checked
+    against the whole reference set, so picks and radii are those of the exact seeding."""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(0, 4, (12, 16))
+    x = (centres[rng.integers(0, 12, 3000)] + rng.normal(0, 1, (3000, 16))).astype(np.float32)
+    ref = (centres[rng.integers(0, 12, 300)] + rng.normal(0, 1, (300, 16))).astype(np.float32)
+    d2 = ((x[:, None, :].astype(np.float64) - ref[None, :, :]) ** 2).sum(axis=2)
+    exact_nearest = np.argmin(d2, axis=1)
+    wrong = rng.random(3000) < 1 / 3
+    nearest = np.where(wrong, np.argmax(d2, axis=1), exact_nearest)  # the farthest row: worst case
+    want, want_r = kcenter_greedy(x, 40, reference=ref, prune=prune)
+    stats: dict = {}
+    got, got_r = kcenter_greedy(x, 40, reference=ref, prune=prune, reference_nearest=nearest, stats=stats)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_r, want_r, rtol=1e-6)
+    # the same as the direct definition: each pick the farthest row from reference + picks so far
+    mind = d2.min(axis=1)
+    for p in got:
+        assert mind[p] == pytest.approx(mind.max(), rel=1e-5)
+        mind = np.minimum(mind, ((x.astype(np.float64) - x[p]) ** 2).sum(axis=1))
+    assert stats["reference_verified"] >= 40 and stats["reference_lowered"] >= 1
+    assert stats["reference_evaluations"] == 3000 + 300 * stats["reference_verified"]
+    # given the exact nearest rows nothing is lowered
+    stats = {}
+    again, _ = kcenter_greedy(x, 40, reference=ref, prune=prune, reference_nearest=exact_nearest, stats=stats)
+    np.testing.assert_array_equal(again, want)
+    assert stats["reference_lowered"] == 0 and stats["reference_verified"] == 40
+
+
+@pytest.mark.parametrize("nearest, match", [
+    (np.zeros(5, np.int64), r"reference_nearest must be \(50,\)"),
+    (np.zeros(50), r"reference_nearest must be \(50,\) integer"),
+    (np.full(50, 7), r"reference_nearest\[0\] = 7 is outside the reference's 7 rows"),
+])
+def test_kcenter_bad_reference_nearest(nearest, match) -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=match):
+        kcenter_greedy(rng.normal(size=(50, 4)), 3, reference=rng.normal(size=(7, 4)), reference_nearest=nearest)
