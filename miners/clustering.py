@@ -32,10 +32,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["assign", "hac_centres", "kmeans"]
+__all__ = ["StackedRows", "assign", "hac_centres", "kmeans"]
 
 Progress = Callable[[float, str], None]
 Check = Callable[[], None]
@@ -56,6 +57,52 @@ def _faiss():
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     return faiss
+
+
+class StackedRows:
+    """The rows of several ``(n_i, d)`` arrays one after another — ``np.concatenate(parts)``
+    as far as :func:`kmeans` and :func:`assign` read it (``len``, ``shape``, ``[start:stop]``,
+    ``[sorted or unsorted row indices]``) — without the copy: a 10M x 384 memory-mapped pool
+    stacked under its labeled rows would be a 15 GB array in RAM. ``np.asarray`` of it does
+    concatenate (only small inputs take that path)."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        if not parts or len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("StackedRows needs one or more 2-D arrays of the same width")
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.offsets[-1]), int(parts[0].shape[1]))
+        self.ndim = 2
+        self.dtype = np.result_type(*parts)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.concatenate([np.asarray(p, dtype=dtype) for p in self.parts])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("StackedRows: slices with a step are not supported")
+            rows = np.arange(start, stop)
+        else:
+            rows = np.asarray(key)
+            if rows.dtype == bool or rows.ndim != 1:
+                raise ValueError("StackedRows: index with a slice or a 1-D array of row numbers")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        for i, p in enumerate(self.parts):
+            mine = part == i
+            if mine.any():
+                local = rows[mine] - self.offsets[i]
+                if isinstance(key, slice):  # one contiguous range of this part
+                    out[mine] = p[int(local[0]):int(local[-1]) + 1]
+                else:
+                    out[mine] = p[local]
+        return out
 
 
 def _f32(x: np.ndarray, start: int, stop: int) -> np.ndarray:

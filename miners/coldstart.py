@@ -110,7 +110,7 @@ from indexing.settings import (
     TYPICLUST_MIN_CLUSTER,
     TYPICLUST_POINTS_PER_CLUSTER,
 )
-from miners.clustering import kmeans
+from miners.clustering import StackedRows, kmeans
 
 __all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "ball_recall", "exact_balls",
            "ivf_ball_graph", "ivf_flat_index", "ivf_other_label_distance", "other_label_distance",
@@ -154,6 +154,28 @@ def _stack(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray, in
     out[:len(lab)] = lab
     out[len(lab):] = x
     return out, len(lab)
+
+
+def _stacked_rows(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray | StackedRows, int]:
+    """``[labeled; pool]`` (labeled rows first) without copying the pool — a memory-mapped
+    10M-row pool stays on its map — and the number of labeled rows; float32."""
+    x = _matrix(pool, "pool")
+    x = x if x.dtype == np.float32 else x.astype(np.float32)
+    if labeled is None or len(labeled) == 0:
+        return x, 0
+    lab = _matrix(labeled, "labeled")
+    if lab.shape[1] != x.shape[1]:
+        raise ValueError(f"labeled must have the pool's dimension {x.shape[1]}; got {lab.shape[1]}")
+    return StackedRows([np.ascontiguousarray(lab, dtype=np.float32), x]), len(lab)
+
+
+def _first_non_finite_row(x: np.ndarray | StackedRows, block: int = 65_536) -> int | None:
+    """The first row holding NaN or an infinity, checked a block of rows at a time."""
+    for s in range(0, len(x), block):
+        ok = np.isfinite(x[s:s + block]).all(axis=1)
+        if not ok.all():
+            return s + int(np.argmin(ok))
+    return None
 
 
 def _check_size(size: Any, n: int) -> int:
@@ -227,14 +249,14 @@ def typiclust_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
     """
     progress = progress or _noop_progress
     check = check or _noop_check
-    x, n_lab = _stack(pool, labeled)
+    x, n_lab = _stacked_rows(pool, labeled)
     n_pool = len(x) - n_lab
     size = _check_size(size, n_pool)
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be an integer >= 1; got {k!r}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"row {int(np.argmin(np.isfinite(x).all(axis=1)))} of [labeled; pool] has NaN or "
-                         "infinite values")
+    bad = _first_non_finite_row(x)
+    if bad is not None:
+        raise ValueError(f"row {bad} of [labeled; pool] has NaN or infinite values")
     t0 = time.perf_counter()
     if labels is not None:
         lab = np.asarray(labels)

@@ -219,3 +219,39 @@ def test_other_label_distance_with_chunks_of_one_label():
     want = np.where(lab[:, None] != lab[None], d, np.inf).min(1)
     assert (r > 0).all()
     np.testing.assert_allclose(r, want, rtol=1e-12)
+
+
+def test_stacked_rows_read_as_the_concatenation_and_kmeans_on_them_is_kmeans_on_it(tmp_path):
+    from miners.clustering import StackedRows, kmeans
+
+    rng = np.random.default_rng(4)
+    lab = rng.normal(size=(37, 8)).astype(np.float32)
+    pool = np.lib.format.open_memmap(tmp_path / "pool.npy", mode="w+", dtype=np.float32, shape=(3000, 8))
+    pool[:] = rng.normal(size=(3000, 8)) + rng.integers(0, 6, (3000, 1)) * 4
+    both = np.concatenate([lab, pool])
+    s = StackedRows([lab, pool])
+    assert len(s) == 3037 and s.shape == (3037, 8)
+    np.testing.assert_array_equal(s[30:45], both[30:45])
+    np.testing.assert_array_equal(s[:], both)
+    rows = rng.permutation(3037)[:500]
+    np.testing.assert_array_equal(s[rows], both[rows])
+    np.testing.assert_array_equal(np.asarray(s), both)
+    with pytest.raises(ValueError, match="step"):
+        s[::2]
+    for got, want in zip(kmeans(s, 12, seed=3, max_points_per_centroid=64), kmeans(both, 12, seed=3,
+                                                                                  max_points_per_centroid=64),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    # TypiClust on [labeled; pool] reads the stacked rows: the picks are those of the clusters
+    # of the concatenation computed beforehand
+    from miners.clustering import kmeans as km
+    from miners.coldstart import TYPICLUST_POINTS_PER_CLUSTER
+
+    _, labels, _ = km(both, 37 + 10, seed=0, max_points_per_centroid=TYPICLUST_POINTS_PER_CLUSTER)
+    got = typiclust_select(pool, 10, labeled=lab)
+    want = typiclust_select(pool, 10, labeled=lab, labels=labels)
+    np.testing.assert_array_equal(got.rows, want.rows)
+    bad = np.array(pool)
+    bad[2100, 3] = np.nan
+    with pytest.raises(ValueError, match="row 2137 of"):
+        typiclust_select(bad, 5, labeled=lab)
