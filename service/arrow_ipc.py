@@ -13,6 +13,8 @@ import pyarrow as pa
 
 __all__ = ["ipc_to_table", "table_to_ipc"]
 
+_READ_OPTIONS = pa.ipc.IpcReadOptions(ensure_alignment=pa.ipc.Alignment.DataTypeSpecific)
+
 
 def table_to_ipc(table: pa.Table | pa.RecordBatch) -> bytes:
     """Serialise a table or record batch as Arrow IPC stream bytes (schema + batches).
@@ -40,7 +42,10 @@ def ipc_to_table(data: bytes | bytearray | memoryview) -> pa.Table:
     if len(data) == 0:
         raise ValueError("Arrow IPC stream: got 0 bytes (a stream starts with its schema)")
     try:
-        with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+        # Buffers are read in place; one that is not aligned for its type (a payload read
+        # inside a larger message at an odd offset) is copied to an aligned one: Lance's
+        # Rust readers panic on a misaligned buffer.
+        with pa.ipc.open_stream(pa.py_buffer(data), options=_READ_OPTIONS) as reader:
             table = reader.read_all()
     except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, ArrowIOError, ...
         raise ValueError(f"malformed Arrow IPC stream ({len(data)} bytes): {exc}") from exc

@@ -297,6 +297,93 @@ def _read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
         stop.set()
 
 
+@dataclass(frozen=True)
+class UpsertMessage:
+    """An ``UpsertRequest`` as :func:`read_upsert_request` reads it: ``arrow_ipc`` is a view
+    of the bytes gRPC received, not a copy."""
+
+    collection: str
+    seq: int
+    arrow_ipc: memoryview
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]  # IndexError past the end: truncated
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def read_upsert_request(data: bytes) -> UpsertMessage | ingest_pb2.UpsertRequest:
+    """The request deserializer of ``Ingest.Upsert``: ``UpsertRequest`` (``collection`` = 1,
+    ``seq`` = 2, ``arrow_ipc`` = 3) read from its wire bytes with the Arrow payload left in
+    place. protobuf's parser copies the payload twice, into the message and again into a new
+    ``bytes`` when the field is read: 54 + 38 ms for a 50,000 x 384 batch (80 MB) here, server
+    CPU on the ingest's path. Fields in any order, repeated ones (the last wins) and unknown
+    ones (skipped by wire type) read as protobuf reads them; anything malformed (truncated,
+    field 0, a group, a collection that is not UTF-8) goes to protobuf's own parser, which
+    raises its ``DecodeError`` as before."""
+    view = memoryview(data)
+    collection, seq, payload = "", 0, view[0:0]
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            key, pos = _varint_at(data, pos)
+            number, wire = key >> 3, key & 7
+            if number == 0:
+                raise ValueError("field number 0")
+            if wire == 0:
+                value, pos = _varint_at(data, pos)
+                if number == 2:
+                    seq = value & 0xFFFFFFFFFFFFFFFF
+            elif wire == 2:
+                length, pos = _varint_at(data, pos)
+                if pos + length > end:
+                    raise ValueError("truncated field")
+                if number == 1:
+                    collection = bytes(view[pos:pos + length]).decode("utf-8")
+                elif number == 3:
+                    payload = view[pos:pos + length]
+                pos += length
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+                if pos > end:
+                    raise ValueError("truncated field")
+            else:
+                raise ValueError(f"wire type {wire}")
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return ingest_pb2.UpsertRequest.FromString(data)
+    return UpsertMessage(collection, seq, payload)
+
+
+class _Registration:
+    """Stands in for the server while a generated ``add_*Servicer_to_server`` runs, to take
+    its method handlers (one of them is then given another deserializer)."""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _add_ingest_servicer(servicer: IngestServicer, server: grpc.Server) -> None:
+    """The generated registration of ``Ingest``, with :func:`read_upsert_request` as
+    ``Upsert``'s request deserializer (the methods, serializers and the rest as generated)."""
+    reg = _Registration()
+    ingest_pb2_grpc.add_IngestServicer_to_server(servicer, reg)
+    handlers = dict(reg.handlers)
+    handlers["Upsert"] = handlers["Upsert"]._replace(request_deserializer=read_upsert_request)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(reg.service, handlers),))
+    server.add_registered_method_handlers(reg.service, handlers)
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
     def __init__(self, store: Store, limits: Limits, *,
                  run_ids: Callable[[str, str], pa.Array] | None = None) -> None:
@@ -769,7 +856,7 @@ def add_servicers(server: grpc.Server, store: Store, jobs: JobManager, limits: L
     results (tagging and exporting "a run"); ``run_scores(run_id, collection)`` its ids,
     scores and model (a run's scores as the uncertainty of ``uncertainty_quality``)."""
     collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(store, datasets), server)
-    ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(store, limits, run_ids=run_ids), server)
+    _add_ingest_servicer(IngestServicer(store, limits, run_ids=run_ids), server)
     search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(store, limits, embedders), server)
     query_pb2_grpc.add_QueryServicer_to_server(
         QueryServicer(store, limits, datasets=datasets, run_ids=run_ids, run_scores=run_scores), server)

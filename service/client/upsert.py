@@ -75,32 +75,57 @@ def ipc_size(table: pa.Table) -> int:
     return sink.size()
 
 
-def _varint(n: int) -> bytes:
+def _varint(n: int, width: int = 0) -> bytes:
+    """``n`` as a protobuf varint, stretched to ``width`` bytes when that is more than it
+    needs (continuation bits on zero groups: parsers read such a varint as the same number)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
+        more = n or len(out) + 1 < width
+        out.append(byte | (0x80 if more else 0))
+        if not more:
             return bytes(out)
 
 
+_COLLECTION_TAG: Final = bytes([(1 << 3) | 2])  # UpsertRequest.collection: field 1, length-delimited
+_SEQ_TAG: Final = bytes([(2 << 3) | 0])  # UpsertRequest.seq: field 2, varint
 _ARROW_IPC_TAG: Final = bytes([(3 << 3) | 2])  # UpsertRequest.arrow_ipc: field 3, length-delimited
+_VARINT_MAX = 10  # bytes of a uint64 varint (seq)
+_LENGTH_VARINT_MAX = 5  # bytes of a length prefix: protobuf parsers read it as 32 bits
+_PAYLOAD_ALIGN = 8
+
+
+def _request_head(collection: str, seq: int, nbytes: int) -> bytes:
+    """The bytes of an ``UpsertRequest`` before its Arrow payload, their length a multiple of
+    8 where the two varints can be stretched to make it so: the server reads the payload in
+    place (``service.servicers.read_upsert_request``) and Arrow's buffers inside it are then
+    aligned as Lance needs them (misaligned, the server copies them)."""
+    name = collection.encode("utf-8")
+    coll = _COLLECTION_TAG + _varint(len(name)) + name if name else b""
+    seq_min, len_min = len(_varint(seq)), len(_varint(nbytes))
+    base = len(coll) + 1 + seq_min + 1 + len_min
+    pad = -base % _PAYLOAD_ALIGN
+    if pad > (_VARINT_MAX - seq_min) + max(0, _LENGTH_VARINT_MAX - len_min):
+        pad = 0
+    len_width = len_min + min(pad, max(0, _LENGTH_VARINT_MAX - len_min))
+    seq_width = seq_min + pad - (len_width - len_min)
+    return coll + _SEQ_TAG + _varint(seq, seq_width) + _ARROW_IPC_TAG + _varint(nbytes, len_width)
 
 
 def serialize_request(collection: str, batch: EncodedBatch) -> bytes:
-    """``UpsertRequest(collection, seq, arrow_ipc)`` serialised, the Arrow IPC written
-    directly into the message's buffer: one copy of the payload (into the bytes gRPC sends)
-    instead of four (IPC bytes, the message's field, its serialisation, ...) — at 50k rows of
-    384 floats, ~30 ms against ~360 ms."""
-    head = ingest_pb2.UpsertRequest(collection=collection, seq=batch.seq).SerializeToString()
-    prefix = head + _ARROW_IPC_TAG + _varint(batch.nbytes)
-    out = bytearray(len(prefix) + batch.nbytes)
-    out[:len(prefix)] = prefix
-    if batch.table is not None:
-        sink = pa.FixedSizeBufferWriter(pa.py_buffer(memoryview(out)[len(prefix):]))
-        with pa.ipc.new_stream(sink, batch.table.schema) as writer:
-            writer.write(batch.table)
-    return bytes(out)
+    """``UpsertRequest(collection, seq, arrow_ipc)`` serialised with the Arrow IPC written
+    once, into an uninitialised Arrow buffer of its exact size, then joined after the
+    message's head (:func:`_request_head`) into the ``bytes`` gRPC sends: two copies of the
+    payload instead of five (IPC bytes, the message's field, its serialisation, ...; at 50k
+    rows of 384 floats ~360 ms). A zero-filled ``bytearray`` copied to ``bytes`` took 82 ms
+    against 50 ms here."""
+    head = _request_head(collection, batch.seq, batch.nbytes)
+    if batch.table is None:
+        return head
+    payload = pa.allocate_buffer(batch.nbytes)
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(payload), batch.table.schema) as writer:
+        writer.write(batch.table)
+    return b"".join((head, payload))
 
 
 def _fit(table: pa.Table, limit: int) -> Iterator[tuple[pa.Table, int]]:
