@@ -102,6 +102,7 @@ from typing import Any
 import numpy as np
 
 from indexing.settings import (
+    MEMMAP_ABOVE_BYTES,
     PROBCOVER_EXACT_ROWS,
     PROBCOVER_PURITY,
     PROBCOVER_PURITY_SAMPLE,
@@ -111,6 +112,7 @@ from indexing.settings import (
     TYPICLUST_POINTS_PER_CLUSTER,
 )
 from miners.clustering import StackedRows, kmeans
+from miners.mapped import mapped_array
 
 __all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "ball_recall", "exact_balls",
            "ivf_ball_graph", "ivf_flat_index", "ivf_other_label_distance", "other_label_distance",
@@ -143,16 +145,21 @@ def _matrix(x: Any, name: str) -> np.ndarray:
 
 
 def _stack(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray, int]:
-    """``[labeled; pool]`` as float32 (labeled rows first) and the number of labeled rows."""
+    """``[labeled; pool]`` as one float32 array (labeled rows first) and the number of
+    labeled rows; above ``MEMMAP_ABOVE_BYTES`` on a memory-mapped temporary file
+    (:func:`miners.mapped.mapped_array`: a 10M x 384 pool would be a 15 GB copy in RAM)."""
     x = _matrix(pool, "pool")
     if labeled is None or len(labeled) == 0:
         return np.ascontiguousarray(x, dtype=np.float32), 0
     lab = _matrix(labeled, "labeled")
     if lab.shape[1] != x.shape[1]:
         raise ValueError(f"labeled must have the pool's dimension {x.shape[1]}; got {lab.shape[1]}")
-    out = np.empty((len(lab) + len(x), x.shape[1]), dtype=np.float32)
+    shape = (len(lab) + len(x), x.shape[1])
+    out = mapped_array(shape, prefix="assay-stack-") if 4 * shape[0] * shape[1] > MEMMAP_ABOVE_BYTES \
+        else np.empty(shape, dtype=np.float32)
     out[:len(lab)] = lab
-    out[len(lab):] = x
+    for s in range(0, len(x), 65_536):
+        out[len(lab) + s:len(lab) + s + 65_536] = x[s:s + 65_536]
     return out, len(lab)
 
 
@@ -883,9 +890,9 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
     n = len(x)
     n_pool = n - n_lab
     size = _check_size(size, n_pool)
-    if not np.isfinite(x).all():
-        raise ValueError(f"row {int(np.argmin(np.isfinite(x).all(axis=1)))} of [labeled; pool] has NaN or "
-                         "infinite values")
+    bad = _first_non_finite_row(x)
+    if bad is not None:
+        raise ValueError(f"row {bad} of [labeled; pool] has NaN or infinite values")
     t0 = time.perf_counter()
     purity = None
     stats: dict[str, Any] = {}

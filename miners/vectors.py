@@ -5,7 +5,7 @@
   other input the miner reads along the scan decodes (:class:`miners.inputs.Bound`). Vectors go to a NumPy array, or to a memory-mapped
   file under the system temp folder when they would exceed ``MEMMAP_ABOVE_BYTES`` — a 10M ×
   384 pool (15 GB) is paged by the OS instead of held in RAM, and the pages a run has read
-  are handed back to the page cache every ``POOL_PAGE_RELEASE_S`` (:func:`release_pages_of`).
+  are handed back to the page cache every ``POOL_PAGE_RELEASE_S`` (:mod:`miners.mapped`).
 * :func:`graph` (and :func:`knn_graph`, its arrays only) gives the k nearest neighbours of a
   set of query vectors among rows the run has loaded (the pool itself, or a reference set):
   the k-NN graph engine :func:`miners.knn.knn_search` on the loaded vectors — the filter is
@@ -26,12 +26,8 @@
 from __future__ import annotations
 
 import hashlib
-import mmap
-import os
-import tempfile
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +43,6 @@ from indexing.schema import EMB_PREFIX, PRED_PREFIX
 from indexing.settings import (
     EXACT_MAX_ROWS,  # noqa: F401 -- read here by the knn miner and scoring
     MEMMAP_ABOVE_BYTES,
-    POOL_PAGE_RELEASE_S,
 )
 from indexing.settings import KNN_CACHE_ENTRIES as CACHE_ENTRIES
 from indexing.settings import KNN_CACHE_MAX_BYTES as CACHE_MAX_BYTES
@@ -55,6 +50,7 @@ from indexing.settings import KNN_QUERY_BATCH as ANN_QUERY_BATCH
 from indexing.settings import POOL_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
 from miners.knn import GraphInfo, KnnResult, knn_search
+from miners.mapped import mapped_array
 
 #: An object space: ``space="objects:<model>"`` mines the boxes of a detection model declared
 #: with ``box_embedding_dim`` by their per-box embeddings instead of the images by theirs.
@@ -174,74 +170,6 @@ def _list_matrix(arr: pa.Array, width: int, dtype: Any) -> np.ndarray:
     return np.asarray(pc.list_flatten(arr).to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
 
 
-class _PageReleaser:
-    """Hands the pages of registered memory maps back to the page cache every ``period``
-    seconds (``madvise(MADV_DONTNEED)`` on the whole map), from one daemon thread that runs
-    while any map is registered.
-
-    Why: every page of a file map that the process has touched counts in its RSS until it is
-    unmapped — a 10M x 384 pool's 15 GB file, read whole by the loading pass and again by
-    each sweep of the graph or a diversity pick, put the server at 22.8 GiB of RSS with 8.7 GiB
-    of its own (anonymous) memory. The kernel could reclaim those pages, but the RSS is what
-    the OOM killer ranks processes by and what a container's monitoring shows. Dropping the
-    process's mappings of them leaves the data in the page cache (the maps are shared maps
-    of a file: a later read refaults the same cached page, 16 at a time; writes already made
-    stay in the cached pages), so RSS counts the server's own memory plus what the last
-    ``period`` read. Cost: a refault sweep of 2 GB took 0.17 s against 0.15 s mapped, and the
-    call itself 0.03 s for 2 GB mapped here. Maps are held by weak reference: a pool freed
-    is forgotten."""
-
-    def __init__(self, period: float) -> None:
-        self.period = period
-        self._maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def register(self, mapping: mmap.mmap) -> None:
-        if self.period <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        with self._lock:
-            self._maps.add(mapping)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="assay-page-release", daemon=True)
-                self._thread.start()
-
-    def release_now(self) -> int:
-        """Hand back the pages of every registered map now; the number of maps."""
-        with self._lock:
-            maps = list(self._maps)
-        for mapping in maps:
-            try:
-                mapping.madvise(mmap.MADV_DONTNEED)
-            except (ValueError, OSError):  # closed meanwhile
-                self._maps.discard(mapping)
-        return len(maps)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.period)
-            self.release_now()
-            with self._lock:
-                if not self._maps:
-                    self._thread = None
-                    return
-
-
-_page_releaser = _PageReleaser(POOL_PAGE_RELEASE_S)
-
-
-def release_pages_of(vectors: np.ndarray) -> bool:
-    """Register the memory map behind ``vectors`` (a ``np.memmap`` or a view of one) with the
-    page releaser (:class:`_PageReleaser`); False when it is not memory-mapped."""
-    base: Any = vectors
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is None:
-        return False
-    _page_releaser.register(base)
-    return True
-
-
 def load_pool(col: Collection, version: int, space: str, where: str | None, *,
               extra: Sequence[ChunkDecoder] = (), check: Any = lambda: None,
               progress: Callable[[float, str], None] | None = None, objects_where: str | None = None) -> Pool:
@@ -268,14 +196,7 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *,
         query = query.where(where)
     total = table.count_rows(where) if where else table.count_rows()
     big = total * spec.dim * 4 > MEMMAP_ABOVE_BYTES
-    if big:
-        fd, path = tempfile.mkstemp(prefix="assay-pool-", suffix=".npy")
-        os.close(fd)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, spec.dim))
-        os.unlink(path)  # the mapping keeps the file alive until it is released
-        release_pages_of(out)
-    else:
-        out = np.empty((total, spec.dim), dtype=np.float32)
+    out = mapped_array((total, spec.dim), prefix="assay-pool-") if big else np.empty((total, spec.dim), np.float32)
     ids: list[Any] = []
     keys: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for d in extra for name in d.row_arrays}

@@ -16,7 +16,7 @@ from conftest import clustered
 from sklearn.neighbors import NearestNeighbors
 
 from indexing.store import Store
-from miners import knn, vectors
+from miners import knn, mapped, vectors
 from miners.density import exact_knn_graph
 from miners.runner import MiningRequest, run_mining, validate_request
 from miners.runs import _RUNS_SCHEMA, RunRecord, RunStore
@@ -360,7 +360,7 @@ def _mapping_rss_kib(address: int) -> int:
 
 def test_a_memory_mapped_pool_hands_its_pages_back(tmp_path, monkeypatch):
     # the releaser's thread on a map of its own: pages written are resident until it runs
-    releaser = vectors._PageReleaser(0.02)
+    releaser = mapped._PageReleaser(0.02)
     probe = np.lib.format.open_memmap(tmp_path / "probe.npy", mode="w+", dtype=np.float32, shape=(4096, 256))
     probe[:] = np.arange(256, dtype=np.float32)
     address = probe.ctypes.data
@@ -379,11 +379,11 @@ def test_a_memory_mapped_pool_hands_its_pages_back(tmp_path, monkeypatch):
     # a pool that load_pool memory-maps is registered: released, it reads back what was loaded
     store, col, x = _store_with(tmp_path, 12000, dim=64)
     ram = vectors.load_pool(col, col.version, "v", None)
-    assert not vectors.release_pages_of(ram.vectors)  # an in-memory pool has no map
+    assert not mapped.release_pages_of(ram.vectors)  # an in-memory pool has no map
     monkeypatch.setattr(vectors, "MEMMAP_ABOVE_BYTES", 1024)
     mm = vectors.load_pool(col, col.version, "v", None)
     assert isinstance(mm.vectors, np.memmap)
-    assert vectors._page_releaser.release_now() >= 1
+    assert mapped._page_releaser.release_now() >= 1
     assert _mapping_rss_kib(mm.vectors.ctypes.data) == 0
     np.testing.assert_array_equal(np.asarray(mm.vectors), ram.vectors)
 

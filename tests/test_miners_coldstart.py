@@ -255,3 +255,21 @@ def test_stacked_rows_read_as_the_concatenation_and_kmeans_on_them_is_kmeans_on_
     bad[2100, 3] = np.nan
     with pytest.raises(ValueError, match="row 2137 of"):
         typiclust_select(bad, 5, labeled=lab)
+
+
+def test_probcover_stacks_a_large_pool_on_a_memory_map_and_picks_the_same(monkeypatch):
+    from miners import coldstart
+
+    x, _, _ = blobs(seed=5)
+    lab, pool = x[:12].astype(np.float32), x[12:].astype(np.float32)
+    want = probcover_select(pool, 6, labeled=lab, delta=1.5)
+    monkeypatch.setattr(coldstart, "MEMMAP_ABOVE_BYTES", 1024)
+    stacked, n_lab = coldstart._stack(pool, lab)
+    assert isinstance(stacked, np.memmap) and n_lab == 12
+    np.testing.assert_array_equal(np.asarray(stacked), np.concatenate([lab, pool]))
+    got = probcover_select(pool, 6, labeled=lab, delta=1.5)
+    np.testing.assert_array_equal(got.rows, want.rows)
+    bad = pool.copy()
+    bad[3, 0] = np.inf
+    with pytest.raises(ValueError, match="row 15 of"):
+        probcover_select(bad, 2, labeled=lab, delta=1.5)
