@@ -12,6 +12,27 @@ from miners.runner import run_mining, validate_request
 from miners.runs import RunSpec
 
 
+def _coreset_run(tmp_path, x: np.ndarray, n_train: int, size: int) -> tuple[object, list[tuple[float, str]]]:
+    """Coreset of ``size`` picks through the runner on a real table: rows ``< n_train`` are
+    the reference set (``split = 'train'``), the rest the pool; (output, progress trace)."""
+    n, d = x.shape
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c", spaces={"v": {"dim": d, "metric": "l2"}})
+    col.upsert(pa.table({
+        "id": [f"r{i:05d}" for i in range(n)],
+        "emb_v": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d),
+        "split": ["train" if i < n_train else "pool" for i in range(n)],
+    }))
+    col = store.collection("c")
+    req = RunSpec(collection="c", miner="coreset", size=size, space="v", where="split = 'pool'",
+                  reference_where="split = 'train'")
+    _, params = validate_request(col, req)
+    trace: list[tuple[float, str]] = []
+    out = run_mining(col, RunSpec(**{**req.__dict__, "params": params, "version": col.version, "run_id": "cs"}),
+                     progress=lambda f, m: trace.append((f, m)))
+    return out, trace
+
+
 def test_coreset_with_a_reference_set_reports_the_seeding_then_the_picks(tmp_path):
     """Through the runner on a real table: the reference seeding fills most of the bar
     (``L / (L + size)``), its messages count rows, the picks follow, the fraction never goes
@@ -19,20 +40,7 @@ def test_coreset_with_a_reference_set_reports_the_seeding_then_the_picks(tmp_pat
     n, d = 3000, 8
     rng = np.random.default_rng(6)
     x = rng.normal(0, 1, (n, d)).astype(np.float32)
-    store = Store(str(tmp_path), optimize_every=0)
-    col = store.create_collection("c", spaces={"v": {"dim": d, "metric": "l2"}})
-    col.upsert(pa.table({
-        "id": [f"r{i:05d}" for i in range(n)],
-        "emb_v": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d),
-        "split": ["train" if i < 400 else "pool" for i in range(n)],
-    }))
-    col = store.collection("c")
-    req = RunSpec(collection="c", miner="coreset", size=20, space="v", where="split = 'pool'",
-                  reference_where="split = 'train'")
-    _, params = validate_request(col, req)
-    trace: list[tuple[float, str]] = []
-    out = run_mining(col, RunSpec(**{**req.__dict__, "params": params, "version": col.version, "run_id": "cs"}),
-                     progress=lambda f, m: trace.append((f, m)))
+    out, trace = _coreset_run(tmp_path, x, 400, 20)
     fractions = [f for f, _ in trace]
     assert fractions == sorted(fractions)
     seeding = [f for f, m in trace if "reference rows" in m]
@@ -53,21 +61,8 @@ def test_coreset_above_the_exact_seeding_size_takes_nearest_rows_from_the_graph_
 
     n, d = 12000, 16
     x = clustered(n, d, clusters=30, seed=3, spread=0.6)
-    store = Store(str(tmp_path), optimize_every=0)
-    col = store.create_collection("c", spaces={"v": {"dim": d, "metric": "l2"}})
-    col.upsert(pa.table({
-        "id": [f"r{i:05d}" for i in range(n)],
-        "emb_v": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d),
-        "split": ["train" if i < 6000 else "pool" for i in range(n)],
-    }))
-    col = store.collection("c")
     monkeypatch.setattr(registry, "CORESET_EXACT_SEED_MACS", 0)
-    req = RunSpec(collection="c", miner="coreset", size=25, space="v", where="split = 'pool'",
-                  reference_where="split = 'train'")
-    _, params = validate_request(col, req)
-    trace: list[tuple[float, str]] = []
-    out = run_mining(col, RunSpec(**{**req.__dict__, "params": params, "version": col.version, "run_id": "cs"}),
-                     progress=lambda f, m: trace.append((f, m)))
+    out, trace = _coreset_run(tmp_path, x, 6000, 25)
     graph = out.stats["graph"]
     assert graph["method"] != "exact" and graph["k"] == 1 and graph["recall"] >= 0.95
     assert out.stats["reference_verified"] >= 25
