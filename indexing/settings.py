@@ -243,8 +243,10 @@ EXACT_MAX_ROWS: Final = _define("EXACT_MAX_ROWS", 50_000, "up to this many rows 
                                 "exact; above, it comes from the space's vector index", "mining")
 MEMMAP_ABOVE_BYTES: Final = _define("MEMMAP_ABOVE_BYTES", 4 << 30, "a pool's vectors larger than "
                                     "this are held in a memory-mapped temporary file", "mining")
-POOL_PAGE_RELEASE_S: Final = _define("POOL_PAGE_RELEASE_S", 0.5, "seconds between hand-backs of a "
-                                     "memory-mapped pool's pages to the page cache (0: never)", "mining")
+POOL_MAPPED_BUDGET_BYTES: Final = _define("POOL_MAPPED_BUDGET_BYTES", 4 << 30, "file-backed pages a "
+                                          "run keeps resident at most (checked every 0.1 s): above, the "
+                                          "pages of memory-mapped pools go back to the page cache (0: "
+                                          "never)", "mining")
 KNN_QUERY_BATCH: Final = _define("KNN_QUERY_BATCH", 512, "queries per batched index search of "
                                  "a k-NN graph", "mining")
 POOL_CHUNK_ROWS: Final = _define("POOL_CHUNK_ROWS", 65_536, "rows per chunk while loading a "

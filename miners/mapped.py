@@ -2,8 +2,9 @@
 
 :func:`mapped_array` gives a float32 array backed by an unlinked temporary file (the map
 keeps it alive until the array is freed), registered with one :class:`_PageReleaser`, which
-hands the pages read or written back to the page cache every ``POOL_PAGE_RELEASE_S``: a 10M
-x 384 pool (15 GB) then costs the server page cache, not resident memory.
+hands the pages read or written back to the page cache whenever the process's file-backed
+RSS passes ``POOL_MAPPED_BUDGET_BYTES``: a 10M x 384 pool (15 GB) then costs the server page
+cache, not resident memory.
 :func:`release_pages_of` registers any other memory-mapped array.
 """
 
@@ -19,15 +20,28 @@ from typing import Any
 
 import numpy as np
 
-from indexing.settings import POOL_PAGE_RELEASE_S
+from indexing.settings import POOL_MAPPED_BUDGET_BYTES
 
 __all__ = ["mapped_array", "release_pages_of"]
 
 
+def _file_rss_bytes() -> int:
+    """Resident bytes of this process's file-backed (and shared) pages (``/proc/self/statm``)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[2]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 class _PageReleaser:
-    """Hands the pages of registered memory maps back to the page cache every ``period``
-    seconds (``madvise(MADV_DONTNEED)`` on the whole map), from one daemon thread that runs
-    while any map is registered.
+    """Keeps the resident pages of registered memory maps under ``budget`` bytes: every
+    ``period`` seconds one daemon thread (running while any map is registered) reads the
+    process's file-backed RSS and, above the budget, hands every registered map's pages
+    back to the page cache (``madvise(MADV_DONTNEED)`` on the whole map).
 
     Why: every page of a file map that the process has touched counts in its RSS until it is
     unmapped — a 10M x 384 pool's 15 GB file, read whole by the loading pass and again by
@@ -36,19 +50,22 @@ class _PageReleaser:
     the OOM killer ranks processes by and what a container's monitoring shows. Dropping the
     process's mappings of them leaves the data in the page cache (the maps are shared maps
     of a file: a later read refaults the same cached page, 16 at a time; writes already made
-    stay in the cached pages), so RSS counts the server's own memory plus what the last
-    ``period`` read. Cost: a refault sweep of 2 GB took 0.17 s against 0.15 s mapped, and the
-    call itself 0.03 s for 2 GB mapped here. Maps are held by weak reference: a pool freed
-    is forgotten."""
+    stay in the cached pages). Why a budget rather than a release at every tick: the cost
+    is in the pages unmapped and faulted again, not in the calls (a refault sweep of 2 GB took
+    0.17 s against 0.15 s mapped, the unmapping 0.03 s, here), so pages under the budget are
+    left mapped; and a tick, not a budget alone, because a sweep maps gigabytes a second
+    (BADGE at 10M: 5-11 GB of file RSS between two 1.5 s samples with a 0.5 s tick and no
+    budget). Maps are held by weak reference: a pool freed is forgotten."""
 
-    def __init__(self, period: float) -> None:
-        self.period = period
+    def __init__(self, budget: int, period: float = 0.1) -> None:
+        self.budget, self.period = budget, period
         self._maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.releases = 0
 
     def register(self, mapping: mmap.mmap) -> None:
-        if self.period <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        if self.budget <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
             return
         with self._lock:
             self._maps.add(mapping)
@@ -65,19 +82,21 @@ class _PageReleaser:
                 mapping.madvise(mmap.MADV_DONTNEED)
             except (ValueError, OSError):  # closed meanwhile
                 self._maps.discard(mapping)
+        self.releases += 1
         return len(maps)
 
     def _run(self) -> None:
         while True:
             time.sleep(self.period)
-            self.release_now()
+            if _file_rss_bytes() > self.budget:
+                self.release_now()
             with self._lock:
                 if not self._maps:
                     self._thread = None
                     return
 
 
-_page_releaser = _PageReleaser(POOL_PAGE_RELEASE_S)
+_page_releaser = _PageReleaser(POOL_MAPPED_BUDGET_BYTES)
 
 
 def release_pages_of(vectors: np.ndarray) -> bool:

@@ -5,7 +5,7 @@
   other input the miner reads along the scan decodes (:class:`miners.inputs.Bound`). Vectors go to a NumPy array, or to a memory-mapped
   file under the system temp folder when they would exceed ``MEMMAP_ABOVE_BYTES`` — a 10M ×
   384 pool (15 GB) is paged by the OS instead of held in RAM, and the pages a run has read
-  are handed back to the page cache every ``POOL_PAGE_RELEASE_S`` (:mod:`miners.mapped`).
+  are handed back to the page cache above ``POOL_MAPPED_BUDGET_BYTES`` (:mod:`miners.mapped`).
 * :func:`graph` (and :func:`knn_graph`, its arrays only) gives the k nearest neighbours of a
   set of query vectors among rows the run has loaded (the pool itself, or a reference set):
   the k-NN graph engine :func:`miners.knn.knn_search` on the loaded vectors — the filter is

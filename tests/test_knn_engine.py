@@ -359,8 +359,9 @@ def _mapping_rss_kib(address: int) -> int:
 
 
 def test_a_memory_mapped_pool_hands_its_pages_back(tmp_path, monkeypatch):
-    # the releaser's thread on a map of its own: pages written are resident until it runs
-    releaser = mapped._PageReleaser(0.02)
+    # a releaser over budget (1 byte) on a map of its own: pages written are resident until
+    # its thread runs
+    releaser = mapped._PageReleaser(1, period=0.02)
     probe = np.lib.format.open_memmap(tmp_path / "probe.npy", mode="w+", dtype=np.float32, shape=(4096, 256))
     probe[:] = np.arange(256, dtype=np.float32)
     address = probe.ctypes.data
@@ -376,6 +377,13 @@ def test_a_memory_mapped_pool_hands_its_pages_back(tmp_path, monkeypatch):
     while releaser._thread is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert releaser._thread is None and not releaser._maps  # a freed map is forgotten; the thread ends
+    # under its budget a releaser leaves the pages mapped
+    roomy = mapped._PageReleaser(1 << 50, period=0.02)
+    kept = np.lib.format.open_memmap(tmp_path / "kept.npy", mode="w+", dtype=np.float32, shape=(4096, 256))
+    kept[:] = 1.0
+    roomy.register(kept.base)
+    time.sleep(0.2)
+    assert roomy.releases == 0 and _mapping_rss_kib(kept.ctypes.data) >= kept.nbytes // 1024 // 2
     # a pool that load_pool memory-maps is registered: released, it reads back what was loaded
     store, col, x = _store_with(tmp_path, 12000, dim=64)
     ram = vectors.load_pool(col, col.version, "v", None)
