@@ -473,7 +473,7 @@ def label_issues_run(ctx: RunContext) -> MiningOutput:
 
     t0 = time.perf_counter()
     p, spec = ctx.params, ctx.model_spec
-    keys, arrays, scanned = scan_arrays(ctx, [INPUTS["probs"], INPUTS["labels"]])
+    keys, arrays, scanned = scan_arrays(ctx, [INPUTS["probs"], INPUTS["labels"]], span=(0.0, 0.5))
     index = {name: i for i, name in enumerate(spec.classes)}
     labels = np.asarray([index.get(v, -1) for v in arrays.get("labels", [])], dtype=np.int64)
     known = labels >= 0
@@ -510,14 +510,14 @@ def exact_duplicates_run(ctx: RunContext) -> MiningOutput:
     of = p["of"]
     if of == "vector":
         keys, arrays, scanned = scan_arrays(ctx, [INPUTS["vectors"]], per_chunk=lambda a: {
-            "digest": dedup.hash_vectors(np.asarray(a["vectors"], np.float32))})
+            "digest": dedup.hash_vectors(np.asarray(a["vectors"], np.float32))}, span=(0.0, 0.9))
     else:
         def digest(a: dict[str, Any]) -> dict[str, np.ndarray]:
             values = a["column"].tolist()
             return {"digest": dedup.hash_files(values, check=ctx.check) if of == "file"
                     else dedup.hash_items(values)}
 
-        keys, arrays, scanned = scan_arrays(ctx, [INPUTS["content"]], per_chunk=digest)
+        keys, arrays, scanned = scan_arrays(ctx, [INPUTS["content"]], per_chunk=digest, span=(0.0, 0.9))
     digests = arrays.get("digest", np.zeros((0, 2), np.uint64))
     ctx.check()
     # the kept row of a group: the smallest stable row id (the oldest row)

@@ -24,6 +24,7 @@ Adding an input kind: one :class:`Input` subclass and one line in :data:`INPUTS`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,6 +39,7 @@ from indexing.predictions import list_matrix, prediction_probs, valid_mask
 from indexing.schema import EMB_PREFIX, PRED_PREFIX, ModelSpec
 from indexing.segmentation import summary_scores
 from indexing.store import Collection
+from miners.knn import eta_text
 from miners.runs import MiningOutput, RunSpec
 from miners.topk import row_uniforms
 from miners.vectors import Pool, graph, ids_of_rows, load_pool, space_condition, space_spec
@@ -701,23 +703,31 @@ def decode_chunk(bound: Sequence[Bound], batch: pa.RecordBatch,
 
 def scan_arrays(ctx: RunContext, inputs: Sequence[Input], *,
                 per_chunk: Callable[[dict[str, Any]], dict[str, np.ndarray]] | None = None,
-                chunk_rows: int = 65_536) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+                chunk_rows: int = 65_536, span: tuple[float, float] | None = None
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     """The whole pool (``ctx.where`` at the run's version), chunk by chunk, through the
     inputs' chunk decoders: ``(stable row ids, arrays, rows scanned)`` of the rows that carry
     every input, each ``row_arrays`` entry concatenated — or, with ``per_chunk``, what it
     returns for each chunk's arrays (one entry per row: a score, a digest), so that only
     that is kept. For run hooks that need every row's values but no vectors (confident
-    learning, exact duplicates, ``select``'s objectives); ``ctx.check`` runs between chunks."""
+    learning, exact duplicates, ``select``'s objectives); ``ctx.check`` runs between chunks,
+    and with a ``span`` (a run whose main phase is this scan) ``ctx.progress`` reports the rows
+    scanned, with an ETA, across that part of the bar."""
     bound = [Bound(i, ctx) for i in inputs]
     query = ctx.table.search().select(projection(bound)).limit(None).with_row_id(True)
     if ctx.where:
         query = query.where(ctx.where)
+    total = 0 if span is None else ctx.table.count_rows(ctx.where) if ctx.where else ctx.table.count_rows()
     keys: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {}
     scanned = 0
+    t0 = time.perf_counter()
     for batch in query.to_batches(chunk_rows):
         ctx.check()
         scanned += batch.num_rows
+        if span is not None:
+            ctx.progress(span[0] + (span[1] - span[0]) * min(1.0, scanned / max(1, total)),
+                         f"scanning {scanned:,} of {total:,} rows{eta_text(scanned, total, time.perf_counter() - t0)}")
         row_keys = np.asarray(batch.column("_rowid").to_numpy(zero_copy_only=False), dtype=np.uint64)
         keep, arrays = decode_chunk(bound, batch, row_keys)
         if not len(keep):

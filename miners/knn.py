@@ -166,6 +166,7 @@ __all__ = [
     "GraphInfo",
     "IvfIndex",
     "KnnResult",
+    "eta_text",
     "exact_search",
     "knn_search",
     "plan",
@@ -336,7 +337,9 @@ def _ivf_plan(n: int, dim: int, method: str) -> Plan:
 # ------------------------------------------------------------------------------- helpers
 
 
-def _eta(done: float, total: float, elapsed: float) -> str:
+def eta_text(done: float, total: float, elapsed: float) -> str:
+    """``", ETA 12 s"`` (minutes above 90 s, hours above 90 min) from the work done so far and
+    the seconds it took; empty before any."""
     if done <= 0 or elapsed <= 0:
         return ""
     left = elapsed * (total - done) / done
@@ -450,7 +453,7 @@ def exact_search(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
             done += 1
             rows = done * m / total
             progress(done / total, f"{what}: {rows:,.0f} of {m:,} rows"
-                     f"{_eta(done, total, time.perf_counter() - t0)}")
+                     f"{eta_text(done, total, time.perf_counter() - t0)}")
     idx, dist = _drop_self(best_i, best_d, self_ids, k)
     if idx.shape[1] < k:
         pad = k - idx.shape[1]
@@ -489,7 +492,7 @@ def _train_centroids(x: np.ndarray, nlist: int, *, train_rows: int | None, seed:
         km = faiss.Kmeans(d, nlist, niter=1, seed=seed + it + 1, max_points_per_centroid=1 << 30,
                           min_points_per_centroid=1)
         progress((it + 1) / TRAIN_ITERATIONS, f"training {nlist} IVF lists on {t:,} rows: iteration "
-                 f"{it + 1}/{TRAIN_ITERATIONS}{_eta(it + 1, TRAIN_ITERATIONS, time.perf_counter() - t0)}")
+                 f"{it + 1}/{TRAIN_ITERATIONS}{eta_text(it + 1, TRAIN_ITERATIONS, time.perf_counter() - t0)}")
     return centroids, sample
 
 
@@ -539,7 +542,7 @@ class IvfIndex:
             stop = min(n, start + BASE_CHUNK)
             self.index.add(_block(x, start, stop))
             progress(0.3 + 0.7 * stop / n, f"adding rows to the IVF index: {stop:,} of {n:,}"
-                     f"{_eta(stop, n, time.perf_counter() - t0)}")
+                     f"{eta_text(stop, n, time.perf_counter() - t0)}")
 
     def list_order(self) -> np.ndarray:
         """Base row ids in inverted-list order (a pool's own graph is searched in this order)."""
@@ -645,7 +648,7 @@ class ListJoin:
             stop = min(n, start + BASE_CHUNK)
             self.assign[start:stop] = quantizer.search(_block(x, start, stop), 1)[1][:, 0]
             progress(0.3 + 0.7 * stop / n, f"assigning rows to {nlist} IVF lists: {stop:,} of {n:,}"
-                     f"{_eta(stop, n, time.perf_counter() - t0)}")
+                     f"{eta_text(stop, n, time.perf_counter() - t0)}")
         self.order = np.argsort(self.assign, kind="stable")
         self.offsets = np.concatenate([[0], np.cumsum(np.bincount(self.assign, minlength=nlist))])
         top = _ladder(nlist)[-1]
@@ -807,7 +810,7 @@ def _torch_exact(x: np.ndarray, queries: np.ndarray, k: int, *, self_ids: np.nda
             idx[start:stop, :bi.shape[1]] = bi
             dist[start:stop, :bi.shape[1]] = bd
             progress(stop / m, f"exact k-NN on {device}: {stop:,} of {m:,} rows"
-                     f"{_eta(stop, m, time.perf_counter() - t0)}")
+                     f"{eta_text(stop, m, time.perf_counter() - t0)}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     return idx, dist
@@ -1011,7 +1014,7 @@ def knn_search(x: np.ndarray, k: int, *, queries: np.ndarray | None = None, excl
             idx[start:stop], dist[start:stop] = bi, bd
         el = time.perf_counter() - t2
         progress(0.3 + 0.7 * stop / m, f"k-NN graph ({index.method}): {stop:,} of {m:,} rows"
-                 f"{_eta(stop, m, el)}")
+                 f"{eta_text(stop, m, el)}")
     search_s = time.perf_counter() - t2
     method_name = index.method
     del index  # release the codes before the caller scores the graph

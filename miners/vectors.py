@@ -49,7 +49,7 @@ from indexing.settings import KNN_CACHE_MAX_BYTES as CACHE_MAX_BYTES
 from indexing.settings import KNN_QUERY_BATCH as ANN_QUERY_BATCH
 from indexing.settings import POOL_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
-from miners.knn import GraphInfo, KnnResult, knn_search
+from miners.knn import GraphInfo, KnnResult, eta_text, knn_search
 from miners.mapped import mapped_array
 
 #: An object space: ``space="objects:<model>"`` mines the boxes of a detection model declared
@@ -207,7 +207,7 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *,
         scanned += batch.num_rows
         if progress is not None:
             progress(scanned / max(1, total), f"loading vectors: {scanned:,} of {total:,} rows"
-                     f"{_eta(scanned, total, time.perf_counter() - t0)}")
+                     f"{eta_text(scanned, total, time.perf_counter() - t0)}")
         valid = ~np.asarray(batch.column("v").is_null().to_numpy(zero_copy_only=False))
         for d in extra:
             has = d.present(batch)
@@ -414,12 +414,6 @@ def _ann_graph(col: Collection, version: int, spec: Any, where: str | None, k: i
         indices[start + qi[ok], rank[ok]] = target[ok]
         distances[start + qi[ok], rank[ok]] = dist[ok]
     return indices, distances
-
-
-def _eta(done: float, total: float, elapsed: float) -> str:
-    from miners.knn import _eta as eta
-
-    return eta(done, total, elapsed)
 
 
 def _euclidean(lance_distance: np.ndarray, spec: Any) -> np.ndarray:
