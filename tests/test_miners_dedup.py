@@ -158,3 +158,18 @@ def test_exact_duplicates_through_the_runner_reports_its_scan(tmp_path):
     scans = [(f, m) for f, m in trace if m.startswith("scanning")]
     assert scans and scans[-1][0] == 0.9 and scans[-1][1].startswith("scanning 3,000 of 3,000 rows")
     assert [f for f, _ in trace] == sorted(f for f, _ in trace)
+
+
+def test_semdedup_of_a_large_pool_normalises_onto_a_memory_map_with_the_same_result(monkeypatch):
+    from miners import dedup
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    x[400:420] = x[:20] * 1.001
+    want = semdedup(x, eps=0.01, n_clusters=6, seed=1)
+    monkeypatch.setattr(dedup, "MEMMAP_ABOVE_BYTES", 1024)
+    assert isinstance(dedup._unit(x), np.memmap)
+    got = semdedup(x, eps=0.01, n_clusters=6, seed=1)
+    np.testing.assert_array_equal(got.keep, want.keep)
+    np.testing.assert_array_equal(got.duplicate_of, want.duplicate_of)
+    assert (~got.keep).sum() >= 20
