@@ -654,10 +654,10 @@ def graph_info(run: dict[str, Any]) -> dict[str, Any]:
     """The k-NN graph a run record describes (method, k, recall, sample size), read
     defensively: the graph engine adds ``graph`` to run records (a dict, a JSON string, or a
     list of graphs; a ball graph in ``stats``); older servers have none."""
-    g = run.get("graph")
+    g = run.get("graph") or None  # an empty dict: no graph of the run's inputs
     if g is None:
-        g = (run.get("timings") or {}).get("graph")
-    if g is None:  # miners that build a graph of their own kind (probcover's ball graph) keep it in stats
+        g = (run.get("timings") or {}).get("graph") or None
+    if g is None:  # miners that build a graph of their own (probcover's ball graph, coreset's seeding) keep it in stats
         g = (run.get("stats") or {}).get("graph")
     if isinstance(g, str):
         try:

@@ -84,6 +84,10 @@ def test_graph_info_reads_what_a_run_record_may_hold():
                                   "reference": {"method": "exact", "k": 20, "recall": 1.0, "recall_sample": 0}}})
     assert roles["method"] == "faiss-ivf-flat nlist=255 nprobe=56 + exact" and roles["recall"] == 0.96
     assert roles["k"] == 20 and roles["sample"] == 0
+    # a miner with no graph input records an empty one and its own search in stats (coreset)
+    own = graph_info({"graph": {}, "stats": {"graph": {"method": "faiss-ivf-flat nlist=1024 nprobe=2", "k": 1,
+                                                       "recall": 0.992, "recall_sample": 500}}})
+    assert (own["method"], own["k"], own["recall"]) == ("faiss-ivf-flat nlist=1024 nprobe=2", 1, 0.992)
 
 
 def test_plan_follows_the_declared_inputs():
