@@ -129,7 +129,9 @@ gathered candidate rows (~12k rows x 1.5 KiB = 18 MiB at the bench pool's nprobe
 plan below is that of queries against another large set (an IVF-SQ8 index):
 
 * pool vectors, float32: 10M x 384 x 4 B = 14.3 GiB — a memory-mapped temp file
-  (``load_pool`` above 4 GiB): page cache, reclaimed by the OS, not anonymous memory;
+  (``load_pool`` above 4 GiB): page cache, reclaimed by the OS, not anonymous memory, and at
+  most ``POOL_MAPPED_BUDGET_BYTES`` (4 GiB) of its pages stay mapped in the server
+  (:mod:`miners.mapped`);
 * 14.3 GiB > ``FLAT_MAX_BYTES`` (4 GiB), so IVF-SQ8: codes 10M x 384 B = 3.6 GiB + ids
   10M x 8 B = 76 MiB + 8192 centroids (12 MiB);
 * training sample: 100k rows x 384 x 4 B = 146 MiB (freed after training);
