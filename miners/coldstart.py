@@ -102,7 +102,6 @@ from typing import Any
 import numpy as np
 
 from indexing.settings import (
-    MEMMAP_ABOVE_BYTES,
     PROBCOVER_EXACT_ROWS,
     PROBCOVER_PURITY,
     PROBCOVER_PURITY_SAMPLE,
@@ -112,7 +111,7 @@ from indexing.settings import (
     TYPICLUST_POINTS_PER_CLUSTER,
 )
 from miners.clustering import StackedRows, kmeans
-from miners.mapped import mapped_array
+from miners.mapped import float32_array
 
 __all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "ball_recall", "exact_balls",
            "ivf_ball_graph", "ivf_flat_index", "ivf_other_label_distance", "other_label_distance",
@@ -147,7 +146,7 @@ def _matrix(x: Any, name: str) -> np.ndarray:
 def _stack(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray, int]:
     """``[labeled; pool]`` as one float32 array (labeled rows first) and the number of
     labeled rows; above ``MEMMAP_ABOVE_BYTES`` on a memory-mapped temporary file
-    (:func:`miners.mapped.mapped_array`: a 10M x 384 pool would be a 15 GB copy in RAM)."""
+    (:func:`miners.mapped.float32_array`: a 10M x 384 pool would be a 15 GB copy in RAM)."""
     x = _matrix(pool, "pool")
     if labeled is None or len(labeled) == 0:
         return np.ascontiguousarray(x, dtype=np.float32), 0
@@ -155,8 +154,7 @@ def _stack(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray, in
     if lab.shape[1] != x.shape[1]:
         raise ValueError(f"labeled must have the pool's dimension {x.shape[1]}; got {lab.shape[1]}")
     shape = (len(lab) + len(x), x.shape[1])
-    out = mapped_array(shape, prefix="assay-stack-") if 4 * shape[0] * shape[1] > MEMMAP_ABOVE_BYTES \
-        else np.empty(shape, dtype=np.float32)
+    out = float32_array(shape, prefix="assay-stack-")
     out[:len(lab)] = lab
     for s in range(0, len(x), 65_536):
         out[len(lab) + s:len(lab) + s + 65_536] = x[s:s + 65_536]

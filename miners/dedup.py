@@ -40,9 +40,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from indexing.settings import MEMMAP_ABOVE_BYTES, SEMDEDUP_CLUSTER_ROWS, SEMDEDUP_EPS
+from indexing.settings import SEMDEDUP_CLUSTER_ROWS, SEMDEDUP_EPS
 from miners.clustering import kmeans
-from miners.mapped import mapped_array
+from miners.mapped import float32_array
 
 __all__ = ["DuplicateGroups", "SemDeDupResult", "exact_duplicates", "hash_files", "hash_items",
            "hash_vectors", "semdedup"]
@@ -208,8 +208,7 @@ def _unit(x: np.ndarray, block: int = 65_536) -> np.ndarray:
     """The rows of ``x`` scaled to unit length (float32), a block at a time; above
     ``MEMMAP_ABOVE_BYTES`` on a memory-mapped temporary file (at 10M x 384 the copy in RAM
     put SemDeDup's server at 20.0 GiB of anonymous memory)."""
-    big = 4 * x.shape[0] * x.shape[1] > MEMMAP_ABOVE_BYTES
-    out = mapped_array(x.shape, prefix="assay-unit-") if big else np.empty(x.shape, dtype=np.float32)
+    out = float32_array(x.shape, prefix="assay-unit-")
     for s in range(0, len(x), block):
         b = np.asarray(x[s:s + block], dtype=np.float32)
         if not np.isfinite(b).all():

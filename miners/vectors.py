@@ -3,7 +3,7 @@
 * :func:`load_pool` streams the rows matching a filter at a pinned version and returns their
   ids, stable row ids and vectors (float32, rows without a vector left out), plus what any
   other input the miner reads along the scan decodes (:class:`miners.inputs.Bound`). Vectors go to a NumPy array, or to a memory-mapped
-  file under the system temp folder when they would exceed ``MEMMAP_ABOVE_BYTES`` — a 10M ×
+  file under the system temp folder when they would exceed ``MEMMAP_ABOVE_BYTES`` (:func:`miners.mapped.float32_array`) — a 10M ×
   384 pool (15 GB) is paged by the OS instead of held in RAM, and the pages a run has read
   are handed back to the page cache above ``POOL_MAPPED_BUDGET_BYTES`` (:mod:`miners.mapped`).
 * :func:`graph` (and :func:`knn_graph`, its arrays only) gives the k nearest neighbours of a
@@ -40,17 +40,14 @@ import pyarrow.compute as pc
 from indexing.errors import InvalidArgument
 from indexing.objects import object_batches
 from indexing.schema import EMB_PREFIX, PRED_PREFIX
-from indexing.settings import (
-    EXACT_MAX_ROWS,  # noqa: F401 -- read here by the knn miner and scoring
-    MEMMAP_ABOVE_BYTES,
-)
+from indexing.settings import EXACT_MAX_ROWS  # noqa: F401 -- read here by the knn miner and scoring
 from indexing.settings import KNN_CACHE_ENTRIES as CACHE_ENTRIES
 from indexing.settings import KNN_CACHE_MAX_BYTES as CACHE_MAX_BYTES
 from indexing.settings import KNN_QUERY_BATCH as ANN_QUERY_BATCH
 from indexing.settings import POOL_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
 from miners.knn import GraphInfo, KnnResult, eta_text, knn_search
-from miners.mapped import mapped_array
+from miners.mapped import float32_array
 
 #: An object space: ``space="objects:<model>"`` mines the boxes of a detection model declared
 #: with ``box_embedding_dim`` by their per-box embeddings instead of the images by theirs.
@@ -195,8 +192,7 @@ def load_pool(col: Collection, version: int, space: str, where: str | None, *,
     if where:
         query = query.where(where)
     total = table.count_rows(where) if where else table.count_rows()
-    big = total * spec.dim * 4 > MEMMAP_ABOVE_BYTES
-    out = mapped_array((total, spec.dim), prefix="assay-pool-") if big else np.empty((total, spec.dim), np.float32)
+    out = float32_array((total, spec.dim), prefix="assay-pool-")
     ids: list[Any] = []
     keys: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for d in extra for name in d.row_arrays}

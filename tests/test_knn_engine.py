@@ -330,7 +330,7 @@ def test_filtered_and_memmapped_pools(tmp_path, monkeypatch):
     assert res.info.recall >= 0.95 and _true_recall(res, sd) >= 0.95
     # the same pool memory-mapped (threshold forced low) gives the same graph
     vectors._CACHE.clear()
-    monkeypatch.setattr(vectors, "MEMMAP_ABOVE_BYTES", 1024)
+    monkeypatch.setattr(mapped, "MEMMAP_ABOVE_BYTES", 1024)
     mm = vectors.load_pool(col, col.version, "v", "half = 1")
     assert isinstance(mm.vectors, np.memmap)
     np.testing.assert_array_equal(np.asarray(mm.vectors), pool.vectors)
@@ -388,7 +388,7 @@ def test_a_memory_mapped_pool_hands_its_pages_back(tmp_path, monkeypatch):
     store, col, x = _store_with(tmp_path, 12000, dim=64)
     ram = vectors.load_pool(col, col.version, "v", None)
     assert not mapped.release_pages_of(ram.vectors)  # an in-memory pool has no map
-    monkeypatch.setattr(vectors, "MEMMAP_ABOVE_BYTES", 1024)
+    monkeypatch.setattr(mapped, "MEMMAP_ABOVE_BYTES", 1024)
     mm = vectors.load_pool(col, col.version, "v", None)
     assert isinstance(mm.vectors, np.memmap)
     assert mapped._page_releaser.release_now() >= 1

@@ -258,12 +258,12 @@ def test_stacked_rows_read_as_the_concatenation_and_kmeans_on_them_is_kmeans_on_
 
 
 def test_probcover_stacks_a_large_pool_on_a_memory_map_and_picks_the_same(monkeypatch):
-    from miners import coldstart
+    from miners import coldstart, mapped
 
     x, _, _ = blobs(seed=5)
     lab, pool = x[:12].astype(np.float32), x[12:].astype(np.float32)
     want = probcover_select(pool, 6, labeled=lab, delta=1.5)
-    monkeypatch.setattr(coldstart, "MEMMAP_ABOVE_BYTES", 1024)
+    monkeypatch.setattr(mapped, "MEMMAP_ABOVE_BYTES", 1024)
     stacked, n_lab = coldstart._stack(pool, lab)
     assert isinstance(stacked, np.memmap) and n_lab == 12
     np.testing.assert_array_equal(np.asarray(stacked), np.concatenate([lab, pool]))

@@ -161,13 +161,13 @@ def test_exact_duplicates_through_the_runner_reports_its_scan(tmp_path):
 
 
 def test_semdedup_of_a_large_pool_normalises_onto_a_memory_map_with_the_same_result(monkeypatch):
-    from miners import dedup
+    from miners import dedup, mapped
 
     rng = np.random.default_rng(8)
     x = rng.normal(size=(600, 16)).astype(np.float32)
     x[400:420] = x[:20] * 1.001
     want = semdedup(x, eps=0.01, n_clusters=6, seed=1)
-    monkeypatch.setattr(dedup, "MEMMAP_ABOVE_BYTES", 1024)
+    monkeypatch.setattr(mapped, "MEMMAP_ABOVE_BYTES", 1024)
     assert isinstance(dedup._unit(x), np.memmap)
     got = semdedup(x, eps=0.01, n_clusters=6, seed=1)
     np.testing.assert_array_equal(got.keep, want.keep)
