@@ -92,19 +92,31 @@ class GroupCommitter:
     def submit(self, kind: str, key: Hashable, payload: Any, rows: int = 1) -> Any:
         """Queue a write and wait until it is committed; returns what the executor gave it
         or raises the error of its commit."""
-        write = PendingWrite(kind=kind, key=key, payload=payload, rows=max(1, rows))
-        with self._cv:
-            self.refuse_if_closed()
-            self._queue.append(write)
-            while not write.done and self._leader:
-                self._cv.wait()
-            if not write.done:
-                self._leader = True
-        if not write.done:
-            self._lead(write)
+        (write,) = self.submit_many([(kind, key, payload, rows)])
         if write.error is not None:
             raise write.error
         return write.result
+
+    def submit_many(self, writes: Sequence[tuple[str, Hashable, Any, int]]) -> list[PendingWrite]:
+        """Queue several writes of one caller back to back, (kind, key, payload, rows) each,
+        and wait until all are committed: consecutive ones that may share a commit do (a
+        streamed ingest hands over the batches that arrived while its last commit ran).
+        Returns them finished, in order; each carries its own result or error."""
+        mine = [PendingWrite(kind=kind, key=key, payload=payload, rows=max(1, rows))
+                for kind, key, payload, rows in writes]
+        if not mine:
+            return mine
+        last = mine[-1]  # the queue is committed in order: the last one done means all are
+        with self._cv:
+            self.refuse_if_closed()
+            self._queue.extend(mine)
+            while not last.done and self._leader:
+                self._cv.wait()
+            if not last.done:
+                self._leader = True
+        if not last.done:
+            self._lead(last)
+        return mine
 
     def _lead(self, own: PendingWrite) -> None:
         try:

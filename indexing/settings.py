@@ -322,6 +322,10 @@ MAX_MESSAGE_CHARS: Final = _define("MAX_MESSAGE_CHARS", 2000, "error messages ar
 EXPORT_CHUNK_BYTES: Final = _define("EXPORT_CHUNK_BYTES", (1 << 20) - (64 << 10), "bytes per "
                                     "streamed export chunk (fits the smallest message limit)",
                                     "service")
+UPSERT_READ_AHEAD_BYTES: Final = _define("UPSERT_READ_AHEAD_BYTES", 128 << 20, "bytes of an upsert "
+                                         "stream's batches received and validated while its last "
+                                         "commit runs (they go out together in the next commit)",
+                                         "service")
 RUNS_MAINTAIN_EVERY: Final = _define("RUNS_MAINTAIN_EVERY", 32, "writes to the mining run tables "
                                      "(`_runs`, `_run_results`) between their compactions", "service")
 RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 60.0, "seconds between removals of "

@@ -614,8 +614,23 @@ class Collection:
 
     def upsert_prepared(self, data: Any, prepared: PreparedBatch) -> UpsertResult:
         """Commit a batch :meth:`prepare` validated (``data`` is what it was given)."""
-        key = ("upsert", tuple((f.name, str(f.type)) for f in prepared.table.schema))
-        return self._committer.submit("upsert", key, (data, prepared), prepared.table.num_rows)
+        (result,) = self.upsert_prepared_many([(data, prepared)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def upsert_prepared_many(self, batches: Sequence[tuple[Any, PreparedBatch]]
+                             ) -> list[UpsertResult | BaseException]:
+        """Commit several validated batches, in order, sharing commits where their columns
+        agree (a later row of an id wins, as if one after another): a streamed ingest hands
+        over every batch that arrived while its previous commit ran, so a bulk load writes
+        fragments of a few messages each, not one per message. Returns each batch's result or
+        the error that failed it."""
+        writes = self._committer.submit_many([
+            ("upsert", ("upsert", tuple((f.name, str(f.type)) for f in prepared.table.schema)),
+             (data, prepared), prepared.table.num_rows)
+            for data, prepared in batches])
+        return [w.error if w.error is not None else w.result for w in writes]
 
     def update_columns(self, table: pa.Table) -> int:
         """Overwrite some columns of rows that exist, by ``id``: no inserts (rows deleted
@@ -708,9 +723,8 @@ class Collection:
         """One commit for upserts of the same columns: a later write of an id wins, as if
         they had run one after another."""
         tables = [p.table for _, p in group]
-        combined = tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
-        if len(tables) > 1:
-            combined = _last_of_each_id(combined)
+        # Concatenated without a copy: LanceDB writes the chunks as they are.
+        combined = tables[0] if len(tables) == 1 else _last_of_each_id(pa.concat_tables(tables))
         added = self._add_pending_fields([f for _, p in group for f in p.new_fields])
         try:
             # The lock file keeps other processes' writers of this store out between the

@@ -13,8 +13,8 @@ import binascii
 import hashlib
 import json
 import os
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,7 @@ from indexing.errors import FailedPrecondition, InvalidArgument, NotFound, Resou
 from indexing.filters import with_objects
 from indexing.schema import IndexPolicy, ModelSpec, SpaceSpec, light_columns
 from indexing.settings import EXPORT_CHUNK_BYTES as _EXPORT_CHUNK
-from indexing.settings import server_default
+from indexing.settings import UPSERT_READ_AHEAD_BYTES, server_default
 from indexing.store import Collection, Store
 from protos.assay.v1 import (
     collections_pb2,
@@ -261,40 +261,82 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         return collection_info(col)
 
 
-def _read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
-    """Yield what ``items`` yields, producing up to ``depth`` items ahead in a helper
-    thread; an exception is raised where the item it replaced would have been. Leaving the
-    loop early stops the helper at its next item."""
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
+class _ReadAhead:
+    """What ``items`` yields, produced ahead in a helper thread while the consumer works:
+    up to ``budget_bytes`` of items (``size`` of each; always at least one) wait. Iterate it
+    as ``items``; :meth:`ready` also hands over, without waiting, the items that are
+    already there. An exception is raised where the item it replaced would have been.
+    Leaving the loop early (or :meth:`close`) stops the helper at its next item."""
 
-    def produce() -> None:
+    _DONE = object()
+
+    def __init__(self, items: Iterator[Any], size: Callable[[Any], int], budget_bytes: int) -> None:
+        self._items, self._size, self._budget = items, size, budget_bytes
+        self._buffer: deque[tuple[Any, BaseException | None, int]] = deque()
+        self._held = 0  # bytes of the items waiting in the buffer
+        self._cv = threading.Condition()
+        self._stopped = False
+        threading.Thread(target=self._produce, name="assay-read-ahead", daemon=True).start()
+
+    def _produce(self) -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        out.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            out.put((done, None))
+            for item in self._items:
+                nbytes = self._size(item)
+                with self._cv:
+                    while self._buffer and self._held + nbytes > self._budget and not self._stopped:
+                        self._cv.wait(0.1)
+                    if self._stopped:
+                        return
+                    self._buffer.append((item, None, nbytes))
+                    self._held += nbytes
+                    self._cv.notify_all()
+            self._put(self._DONE, None)
         except BaseException as exc:  # handed to the consumer, in order
-            out.put((None, exc))
+            self._put(None, exc)
 
-    threading.Thread(target=produce, name="assay-read-ahead", daemon=True).start()
-    try:
-        while True:
-            item, exc = out.get()
-            if exc is not None:
-                raise exc
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
+    def _put(self, item: Any, exc: BaseException | None) -> None:
+        with self._cv:
+            self._buffer.append((item, exc, 0))
+            self._cv.notify_all()
+
+    def _take(self, wait: bool) -> Any:
+        """The next item; ``_DONE`` at the end (and, without ``wait``, when none is there)."""
+        with self._cv:
+            while not self._buffer:
+                if not wait:
+                    return self._DONE
+                self._cv.wait()
+            item, exc, nbytes = self._buffer[0]
+            if exc is not None or item is self._DONE:
+                if not wait:  # left for the next blocking take, in order
+                    return self._DONE
+                if exc is not None:
+                    self._buffer.popleft()
+                    raise exc
+                return self._DONE
+            self._buffer.popleft()
+            self._held -= nbytes
+            self._cv.notify_all()
+            return item
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while (item := self._take(wait=True)) is not self._DONE:
+                yield item
+        finally:
+            self.close()
+
+    def ready(self) -> list[Any]:
+        """The items produced already (possibly none), without waiting."""
+        out = []
+        while (item := self._take(wait=False)) is not self._DONE:
+            out.append(item)
+        return out
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
 
 
 @dataclass(frozen=True)
@@ -392,17 +434,30 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self.run_ids = run_ids
 
     def Upsert(self, request_iterator, context):  # noqa: N802
-        # Batch k+1 is received and validated (in a helper thread) while batch k commits: a
-        # bulk ingest overlaps the two instead of paying for them one after the other.
-        for seq, col, table, prepared in _read_ahead(self._validated(request_iterator)):
-            try:
-                res = col.upsert_prepared(table, prepared)
-            except (InvalidArgument, NotFound, FailedPrecondition) as exc:
-                raise type(exc)(f"batch {seq}: {exc.message}", field=exc.field, row=exc.row) from exc
-            yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
-                                       version=res.version, generated_ids=res.generated_ids,
-                                       new_columns=res.new_columns, assigned_ids=res.assigned_ids,
-                                       assigned_rows=res.assigned_rows)
+        # The next batches are received and validated (in a helper thread, up to
+        # UPSERT_READ_AHEAD_BYTES of them) while the last commit runs; those that arrived
+        # meanwhile go out together in the next commit. A bulk ingest so overlaps receiving
+        # with writing, and writes fragments of several messages each: one fragment per
+        # message (a 50k x 384 batch over the 64 MiB message limit arrives as two) left
+        # fragments that maintenance then merged, rewriting the ingest under it.
+        # Acknowledgements stay per batch and in order; a failed commit fails every batch in
+        # it. (One case writes a batch after a failed one: a batch whose re-validation in the
+        # commit fails — another writer gave a column it adds another type meanwhile — fails
+        # alone, and the batches after it in that commit are written, unacknowledged.)
+        ahead = _ReadAhead(self._validated(request_iterator), size=lambda item: item[2].nbytes,
+                           budget_bytes=UPSERT_READ_AHEAD_BYTES)
+        for first in ahead:
+            group = [first, *ahead.ready()]
+            results = group[0][1].upsert_prepared_many([(table, prepared) for _, _, table, prepared in group])
+            for (seq, _, _, _), res in zip(group, results, strict=True):
+                if isinstance(res, (InvalidArgument, NotFound, FailedPrecondition)):
+                    raise type(res)(f"batch {seq}: {res.message}", field=res.field, row=res.row) from res
+                if isinstance(res, BaseException):
+                    raise res
+                yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
+                                           version=res.version, generated_ids=res.generated_ids,
+                                           new_columns=res.new_columns, assigned_ids=res.assigned_ids,
+                                           assigned_rows=res.assigned_rows)
 
     def _validated(self, request_iterator: Iterator[Any]) -> Iterator[tuple[int, Collection, pa.Table, Any]]:
         """(seq, collection, table, validated batch) of each upsert message, in order."""

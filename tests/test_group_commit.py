@@ -104,6 +104,54 @@ def test_a_failed_commit_fails_exactly_its_writers():
     assert all(isinstance(outcome[n], OSError) for n in ("b", "c"))
 
 
+def test_submit_many_queues_one_callers_writes_back_to_back_in_one_commit():
+    log: list[tuple[str, list[int]]] = []
+
+    def execute(kind, writes):
+        log.append((kind, [w.payload for w in writes]))
+        for w in writes:  # a write the executor refuses fails alone, as a re-validation would
+            w.finish(error=ValueError(f"write {w.payload}")) if w.payload == 3 else w.finish(w.payload * 10)
+
+    committer = GroupCommitter(execute, max_rows=100)
+    writes = committer.submit_many([("upsert", "a", i, 10) for i in range(5)] + [("upsert", "b", 5, 10)]
+                                   + [("delete", "d", 6, 1)])
+    assert [w.done for w in writes] == [True] * 7
+    assert [w.result for w in writes] == [0, 10, 20, None, 40, 50, 60]
+    assert isinstance(writes[3].error, ValueError) and all(w.error is None for i, w in enumerate(writes) if i != 3)
+    # consecutive writes of one kind and key share a commit; another key or kind is the next
+    assert log == [("upsert", [0, 1, 2, 3, 4]), ("upsert", [5]), ("delete", [6])]
+    # max_rows bounds a group: 12 writes of 10 rows go out as 100 + 20 rows
+    log.clear()
+    committer.submit_many([("upsert", "a", i, 10) for i in range(12)])
+    assert [len(p) for _, p in log] == [10, 2]
+    assert committer.submit_many([]) == []
+
+
+def test_submit_many_waits_for_a_commit_in_progress_and_keeps_queue_order():
+    log: list[list[str]] = []
+
+    def execute(kind, writes):
+        log.append([w.payload for w in writes])
+        for w in writes:
+            w.finish(w.payload)
+
+    committer = GroupCommitter(execute)
+    out: dict[str, list] = {}
+    with committer.slot:  # a commit in progress: the lone writer leads, the batch queues behind it
+        threads, errors = _run_threads([lambda: out.__setitem__("one", [committer.submit("w", "k", "x")])])
+        deadline = time.monotonic() + 10
+        while not (committer._leader and committer.pending == 0) and time.monotonic() < deadline:
+            time.sleep(0.005)  # the leader has taken its write and waits for the slot
+        threads += _run_threads([lambda: out.__setitem__(
+            "many", [w.result for w in committer.submit_many([("w", "k", p, 1) for p in "abc"])])])[0]
+        while committer.pending < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join()
+    assert not errors and out == {"one": ["x"], "many": ["a", "b", "c"]}
+    assert log == [["x"], ["a", "b", "c"]]
+
+
 # -- collections ----------------------------------------------------------------------------
 
 

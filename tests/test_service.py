@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from indexing.settings import UPSERT_WINDOW
 from service.client import (
     AlreadyExistsError,
     AssayClientError,
@@ -113,6 +114,72 @@ def test_a_bad_batch_stops_the_stream_and_writes_nothing(client):
     with pytest.raises(NotFoundError):
         client.collection("nope").upsert(good)
     assert col.describe()["version"] == version and col.count() == 10
+
+
+def _streamed_while_a_commit_runs(server, client, name, rows, batch_rows, fresh=True):
+    """Upsert ``rows`` in one stream while the collection's commit slot is held (as a long
+    commit or a compaction would): the first batch waits for the slot, the others are
+    received and validated meanwhile (as many as the client keeps in flight:
+    UPSERT_WINDOW). Returns (summary or error, fragments written)."""
+    col = _fresh(client, name, spaces={"v": {"dim": 4, "metric": "l2"}}) if fresh else client.collection(name)
+    stored = server.store.collection(name)
+    validated = []
+    prepare = stored.prepare
+    stored.prepare = lambda data: (validated.append(1), prepare(data))[1]
+    batches = -(-len(rows) // batch_rows)
+    assert batches <= UPSERT_WINDOW, "more batches than the client sends unacknowledged"
+    out = {}
+
+    def send():
+        try:
+            out["summary"] = col.upsert(rows, batch_rows=batch_rows)
+        except AssayClientError as exc:
+            out["error"] = exc
+
+    try:
+        with stored._committer.slot:
+            sender = threading.Thread(target=send)
+            sender.start()
+            deadline = time.monotonic() + 30
+            while len(validated) < batches and "error" not in out:
+                assert time.monotonic() < deadline, f"{len(validated)} of {batches} batches validated"
+                time.sleep(0.01)
+            time.sleep(0.2)  # the last one handed to the read-ahead buffer
+        sender.join(30)
+    finally:
+        del stored.prepare
+    return out.get("summary", out.get("error")), col.describe()["fragments"]
+
+
+def test_a_streamed_upsert_commits_the_batches_that_arrived_meanwhile_together(client, server):
+    n = 100 * UPSERT_WINDOW
+    rows = [{"id": f"r{i}", "emb_v": [1.0, 0.0, 0.0, float(i)]} for i in range(n)]
+    summary, fragments = _streamed_while_a_commit_runs(server, client, "ahead", rows, batch_rows=100)
+    # batch 0 alone (it was waiting for the slot), then those that arrived meanwhile
+    assert fragments == 2
+    assert summary.batches == UPSERT_WINDOW and summary.inserted == n and summary.updated == 0
+    col = client.collection("ahead")
+    assert col.count() == n and len(set(col.query(columns=["id"]).column("id").to_pylist())) == n
+    # ids repeated across the batches of one commit: the later row wins, counted as an update
+    _streamed_while_a_commit_runs(server, client, "ahead2", rows[:100], batch_rows=100)
+    again = [{"id": f"r{i % 100}", "emb_v": [0.0, 1.0, 0.0, float(i)]} for i in range(200)]
+    summary, fragments = _streamed_while_a_commit_runs(server, client, "ahead2", again, batch_rows=50,
+                                                       fresh=False)
+    assert summary.batches == 4 and summary.inserted == 0 and summary.updated == 200
+    stored = client.collection("ahead2").query(columns=["id", "emb_v"])
+    assert {r["id"]: r["emb_v"] for r in stored.to_pylist()} == {
+        f"r{i}": [0.0, 1.0, 0.0, float(100 + i)] for i in range(100)}
+
+
+def test_a_bad_batch_in_a_stream_fails_after_the_batches_before_it_commit(client, server):
+    rows = [{"id": f"r{i}", "emb_v": [1.0, 0.0, 0.0, float(i)]} for i in range(400)]
+    rows[350]["emb_v"] = [1.0, float("nan"), 0.0, 0.0]
+    err, fragments = _streamed_while_a_commit_runs(server, client, "ahead_bad", rows, batch_rows=100)
+    assert isinstance(err, InvalidArgumentError)
+    assert "batch 3" in str(err) and "'r350'" in str(err) and "NaN" in str(err)
+    assert err.details["committed"].batches == 3 and err.details["committed"].inserted == 300
+    col = client.collection("ahead_bad")
+    assert col.count() == 300 and col.count("id = 'r299'") == 1 and fragments == 2
 
 
 def test_batch_search_equals_brute_force(client):

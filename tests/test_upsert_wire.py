@@ -1,7 +1,12 @@
-"""The server's reader of ``UpsertRequest`` (zero-copy Arrow payload) against protobuf's own
-parser, on what the client writes and on everything else the wire format allows."""
+"""The server's side of ``Upsert`` below the store: its reader of ``UpsertRequest``
+(zero-copy Arrow payload) against protobuf's own parser, on what the client writes and on
+everything else the wire format allows; and the stream's read-ahead, which hands the commit
+loop the batches that arrived while the last commit ran."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pyarrow as pa
 import pytest
@@ -10,7 +15,7 @@ from google.protobuf.message import DecodeError
 from protos.assay.v1 import ingest_pb2
 from service.arrow_ipc import table_to_ipc
 from service.client.upsert import EncodedBatch, ipc_size, serialize_request
-from service.servicers import UpsertMessage, read_upsert_request
+from service.servicers import UpsertMessage, _ReadAhead, read_upsert_request
 
 
 def _varint(n: int) -> bytes:
@@ -106,3 +111,74 @@ def test_a_payload_at_an_odd_offset_is_read_into_aligned_buffers():
     for col in got.columns:
         for buf in col.chunk(0).buffers():
             assert buf is None or buf.address % 8 == 0
+
+
+# -- the stream's read-ahead -------------------------------------------------------------------
+
+
+class _Source:
+    """Items 0, 1, ... (``fail_at``: raise there instead), counting those produced."""
+
+    def __init__(self, stop: int | None = None, fail_at: int | None = None) -> None:
+        self.stop, self.fail_at, self.produced = stop, fail_at, 0
+        self.lock = threading.Lock()
+
+    def __iter__(self):
+        i = 0
+        while self.stop is None or i < self.stop:
+            if i == self.fail_at:
+                raise ValueError(f"item {i} is bad")
+            with self.lock:
+                self.produced += 1
+            yield i
+            i += 1
+
+    def wait_produced(self, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.produced < n:
+            assert time.monotonic() < deadline, f"only {self.produced} of {n} produced"
+            time.sleep(0.005)
+
+
+def test_read_ahead_holds_what_fits_its_budget_and_hands_over_what_is_ready():
+    source = _Source(stop=10)
+    ahead = _ReadAhead(iter(source), size=lambda i: 10, budget_bytes=30)
+    items = iter(ahead)
+    assert next(items) == 0
+    # 3 items of 10 bytes fit 30: the helper produced a 4th and waits for room to put it
+    source.wait_produced(5)
+    time.sleep(0.1)
+    assert source.produced == 5
+    assert ahead.ready() == [1, 2, 3]
+    source.wait_produced(8)  # room again: 4 is put, 5..7 produced and put while 8 waits
+    assert list(items) == list(range(4, 10)) and ahead.ready() == []
+
+
+def test_read_ahead_always_takes_one_item_over_the_budget():
+    ahead = _ReadAhead(iter(range(3)), size=lambda i: 100, budget_bytes=1)
+    assert list(ahead) == [0, 1, 2]
+
+
+def test_read_ahead_raises_an_error_where_its_item_was_and_ready_stops_before_it():
+    source = _Source(fail_at=3)
+    ahead = _ReadAhead(iter(source), size=lambda i: 1, budget_bytes=100)
+    items = iter(ahead)
+    assert next(items) == 0
+    source.wait_produced(3)
+    time.sleep(0.05)  # the error is queued after item 2
+    assert ahead.ready() == [1, 2]
+    assert ahead.ready() == []
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        next(items)
+
+
+def test_leaving_the_loop_stops_the_helper():
+    source = _Source()  # endless
+    ahead = _ReadAhead(iter(source), size=lambda i: 1, budget_bytes=4)
+    for item in ahead:
+        if item == 2:
+            break
+    time.sleep(0.3)
+    produced = source.produced
+    time.sleep(0.3)
+    assert source.produced == produced <= 8
