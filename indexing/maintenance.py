@@ -31,6 +31,9 @@ So maintenance is scheduled, per collection, by one thread of the :class:`Store`
   the slot) at a quiet moment once its policy says so, or under a steady stream of writes
   (the collection grew by less than ``steady_growth`` of its rows since the last index
   update) — not in the middle of a bulk ingest, whose index is built once it ends.
+  Full compaction and index work are skipped while an ``optimize`` or index build of the
+  collection runs in another thread (a job): after a 1M-row ingest both built the same
+  vector index at once, each taking twice as long on the shared cores.
 * **Version cleanup** every ``cleanup_every_s``: versions older than the store's
   ``cleanup_older_than`` go, except tagged ones — which is how datasets and running mining
   runs keep the versions they read (:meth:`Collection.pin_version`).
@@ -58,10 +61,10 @@ class Collection(Protocol):
     def release_caches(self) -> None: ...
     def compact_tiers(self, policy: MaintenancePolicy) -> int: ...
     def fragment_count(self) -> int: ...
-    def compact_all(self) -> None: ...
+    def compact_all(self, *, wait: bool = True) -> None: ...
     def unindexed_rows(self) -> int: ...
     def vector_index_due(self) -> bool: ...
-    def update_indexes(self, *, build: bool = True) -> list[str]: ...
+    def update_indexes(self, *, build: bool = True, wait: bool = True) -> list[str]: ...
     def row_count(self) -> int: ...
     def cleanup_versions(self) -> int: ...
 
@@ -173,11 +176,13 @@ class Maintainer:
                 # Only work worth a new version: a collection a few writes old is left as it
                 # is (a new version would only turn over what readers cached per version).
                 st.compacted_at_rest = True
+                # wait=False: an optimize or index build of the collection in progress
+                # (a job) is doing this very work; the maintainer skips it, not repeats it.
                 if col.fragment_count() >= p.fanout:
-                    col.compact_all()
+                    col.compact_all(wait=False)
                 if col.unindexed_rows() >= p.index_min_rows or col.vector_index_due():
                     st.last_index, st.unindexed_commits = now, 0
-                    col.update_indexes(build=True)
+                    col.update_indexes(build=True, wait=False)
             elif st.unindexed_commits and (now - st.last_index >= p.index_every_s
                                            or col.unindexed_rows() >= max(p.index_min_rows,
                                                                           col.row_count() // 4)):
@@ -188,7 +193,7 @@ class Maintainer:
                 rows = col.row_count()
                 steady = st.rows_at_index is not None and rows - st.rows_at_index <= p.steady_growth * rows
                 st.last_index, st.unindexed_commits, st.rows_at_index = now, 0, rows
-                col.update_indexes(build=steady)
+                col.update_indexes(build=steady, wait=False)
             if now - st.last_cleanup >= p.cleanup_every_s:
                 st.last_cleanup = now
                 col.cleanup_versions()

@@ -440,7 +440,11 @@ class Collection:
         self.store = store
         self.name = name
         self._table = table
-        self._optimize_lock = threading.Lock()
+        # Held by whoever compacts the whole table or builds/updates its indexes (optimize,
+        # a requested index build, background maintenance): two of them at once would do
+        # the same minutes of work twice (after a bulk ingest, the optimize job and the
+        # maintainer each built the 1M-row vector index, on the same two cores).
+        self._optimize_lock = threading.RLock()
         # The commit slot: this process's commits to the table, one at a time (concurrent
         # merge_inserts that touch the same fragments conflict in Lance and retry with
         # backoff). Writes wait for it in the group committer's queue and share commits;
@@ -1151,8 +1155,9 @@ class Collection:
     def build_index(self, space: str, *, kind: str | None = None) -> str:
         """Build (or rebuild) the vector index of a space now, then tune its ``nprobes`` to
         the policy's target recall (:meth:`tune_index`); returns the index kind."""
-        kind = self.build_vector_index(self.space(space), kind=kind)
-        self.tune_index(space)
+        with self._optimize_lock:
+            kind = self.build_vector_index(self.space(space), kind=kind)
+            self.tune_index(space)
         return kind
 
     def tune_index(self, space: str) -> RecallReport | None:
@@ -1301,14 +1306,23 @@ class Collection:
     def _fragment_rows(self) -> list[tuple[int, int]]:
         return [(f.fragment_id, f.metadata.physical_rows) for f in self._table.to_lance().get_fragments()]
 
-    def compact_all(self, *, attempts: int = 1, then_hold_slot: bool = False) -> None:
+    def compact_all(self, *, attempts: int = 1, then_hold_slot: bool = False, wait: bool = True) -> None:
         """Compaction of what is worth rewriting: fragments below ``COMPACT_KEEP_ROWS`` rows
         (small writes, tiers) are merged, and fragments with over 10% of their rows deleted
         are rewritten without them; big fragments otherwise stay as they are (a bulk ingest's
         50k-row fragments are fine to scan, and rewriting a 10M-row table to merge them would
         cost as much as the ingest). Runs without holding the commit slot; a concurrent
         write that preempts it makes it try again, and with ``then_hold_slot`` the last
-        attempt holds the slot."""
+        attempt holds the slot. Without ``wait``, does nothing while another thread
+        optimizes the collection or builds its indexes (background maintenance)."""
+        if not self._optimize_lock.acquire(blocking=wait):
+            return
+        try:
+            self._compact_all(attempts, then_hold_slot)
+        finally:
+            self._optimize_lock.release()
+
+    def _compact_all(self, attempts: int, then_hold_slot: bool) -> None:
         def run() -> None:
             ds = self._table.to_lance()
             ds.optimize.compact_files(excluded_fragment_ids=fragments_to_keep(ds, COMPACT_KEEP_ROWS))
@@ -1332,9 +1346,19 @@ class Collection:
         self._table.checkout_latest()
         self._invalidate()
 
-    def update_indexes(self, *, build: bool = True) -> list[str]:
+    def update_indexes(self, *, build: bool = True, wait: bool = True) -> list[str]:
         """Add new rows to the existing indexes, and (``build``) build the vector indexes the
-        spaces' policies ask for now; returns the spaces whose index was built."""
+        spaces' policies ask for now; returns the spaces whose index was built. Without
+        ``wait``, does nothing while another thread optimizes the collection or builds an
+        index (the background maintainer: that thread is doing this work already)."""
+        if not self._optimize_lock.acquire(blocking=wait):
+            return []
+        try:
+            return self._update_indexes(build)
+        finally:
+            self._optimize_lock.release()
+
+    def _update_indexes(self, build: bool) -> list[str]:
         try:
             self._table.to_lance().optimize.optimize_indices()
         except Exception as exc:
@@ -1429,11 +1453,15 @@ class Collection:
         if total == 0:
             raise FailedPrecondition(f"space '{space}' has no vectors")
         rng = np.random.default_rng(seed)
-        # Sample queries by row offset: a few single-row reads, not a scan of the table.
+        # Sample queries by row offset, not by a scan of the table. When every row has a
+        # vector, one random-access take reads them (1M x 384: ~0.1 s); otherwise one
+        # filtered read per offset, each of which scans up to its offset (28 s for 50).
         offsets = np.sort(rng.choice(total, size=min(queries, total), replace=False))
-        sample = pa.concat_tables(
-            [self._select(f"{spec.column} IS NOT NULL", [spec.column], limit=1, offset=int(o)) for o in offsets]
-        )
+        if total == self._table.count_rows():
+            sample = self._table.to_lance().take(offsets.tolist(), columns=[spec.column])
+        else:
+            sample = pa.concat_tables([self._select(f"{spec.column} IS NOT NULL", [spec.column], limit=1,
+                                                    offset=int(o)) for o in offsets])
         q = np.stack(sample.column(spec.column).to_numpy(zero_copy_only=False)).astype(np.float32)
         # Perturb so each query is not trivially its own nearest neighbour.
         q = q + rng.normal(0, 1e-2 * float(np.abs(q).mean() + 1e-12), q.shape).astype(np.float32)

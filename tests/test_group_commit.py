@@ -399,6 +399,32 @@ def test_a_bulk_ingest_does_not_build_the_vector_index_midway(tmp_path):
     assert col.wait_for_maintenance(60)
 
 
+def test_maintenance_leaves_a_collection_alone_while_it_is_being_optimized(tmp_path):
+    # After a bulk ingest the user's optimize job and the maintainer's quiet-moment work
+    # (compaction, the due vector index) are the same work: the maintainer must not do it
+    # a second time, at the same time, while the optimize (here: its lock, held) runs.
+    policy = MaintenancePolicy(quiet_s=0.3, poll_s=0.05, fanout=2, tier_rows=(0, 100))  # no tier merges
+    store = Store(str(tmp_path), maintenance=policy)
+    col = store.create_collection("c", spaces={"v": {"dim": 8, "index": {"threshold_rows": 256}}})
+    builds = []
+    build = col.build_vector_index
+    col.build_vector_index = lambda *a, **kw: (builds.append(1), build(*a, **kw))[1]
+    with col._optimize_lock:  # an optimize in progress on another thread
+        for k in range(3):
+            col.upsert(_rows([f"b{k}-{j}" for j in range(400)], seed=k))
+        fragments = col.fragment_count()
+        state = store.maintainer._states[col]
+        deadline = time.monotonic() + 30
+        while not state.compacted_at_rest:  # the maintainer saw the quiet moment
+            assert time.monotonic() < deadline, "the maintainer never found the collection quiet"
+            time.sleep(0.02)
+        assert store.maintainer.wait_idle(30)
+        assert builds == [] and col.vector_index("v") is None and col.fragment_count() == fragments == 3
+    result = col.optimize()
+    assert result.indexes_built == ["v"] and builds == [1] and col.fragment_count() == 1
+    assert store.maintainer.errors == 0
+
+
 def test_a_pinned_version_survives_cleanup_until_released(tmp_path):
     store = Store(str(tmp_path), optimize_every=0, cleanup_older_than=timedelta(0))
     col = store.create_collection("c")
