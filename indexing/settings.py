@@ -328,6 +328,9 @@ UPSERT_READ_AHEAD_BYTES: Final = _define("UPSERT_READ_AHEAD_BYTES", 128 << 20, "
                                          "service")
 RUNS_MAINTAIN_EVERY: Final = _define("RUNS_MAINTAIN_EVERY", 32, "writes to the mining run tables "
                                      "(`_runs`, `_run_results`) between their compactions", "service")
+RUN_RECORDS_CACHED: Final = _define("RUN_RECORDS_CACHED", 1024, "mining run records the server keeps in "
+                                    "memory, newest used first (it alone writes them: each lookup in "
+                                    "`_runs` cost ~6 ms, three per run)", "service")
 RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 60.0, "seconds between removals of "
                                       "the mining run tables' old versions (those over a minute old: "
                                       "nothing reads them, and each read lists the versions kept)", "service")

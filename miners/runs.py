@@ -17,6 +17,7 @@ import time
 import types
 import typing
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -26,7 +27,12 @@ import pyarrow as pa
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.filters import sql_quote
 from indexing.maintenance import SYSTEM_TABLE_RETENTION, compact_table
-from indexing.settings import COMPACT_KEEP_ROWS, RUNS_CLEANUP_EVERY_S, RUNS_MAINTAIN_EVERY
+from indexing.settings import (
+    COMPACT_KEEP_ROWS,
+    RUN_RECORDS_CACHED,
+    RUNS_CLEANUP_EVERY_S,
+    RUNS_MAINTAIN_EVERY,
+)
 from indexing.store import Store
 
 log = logging.getLogger("assay.runs")
@@ -199,7 +205,16 @@ def images_of(results: pa.Table) -> pa.Table:
 
 
 class RunStore:
-    """Run records and results, shared by the server's mining jobs."""
+    r"""Run records and results, shared by the server's mining jobs.
+
+    A run's record is written to ``_runs`` when it is created and when it ends (and on
+    :meth:`update`); what happens in between — its job, RUNNING, progress — is only
+    :meth:`note`\ d in memory and goes to the table with its next write: a run left
+    unfinished by a crash reads PENDING there and is marked INTERRUPTED at the next start
+    either way (:meth:`mark_interrupted`). Records are served from memory (the last
+    ``RUN_RECORDS_CACHED`` used): the server is the only writer of its data root's tables.
+    Each record write is a commit (~7-9 ms) and each lookup a query (~6 ms); a margin run
+    over 14k rows did 4 writes and 3 lookups for 16 ms of mining."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -212,6 +227,8 @@ class RunStore:
         # Final states that could not be saved (the disk was full, the object store away):
         # served from memory and saved with the next record that can be.
         self._unsaved: dict[str, RunSpec] = {}
+        self._noted: dict[str, RunSpec] = {}  # states of runs in progress, not written yet
+        self._cached: OrderedDict[str, RunSpec] = OrderedDict()  # records as last written or read
 
     def new_run(self, spec: RunSpec | None = None, **changes: Any) -> RunSpec:
         """Persist a new PENDING run: ``spec`` (or a RunSpec of ``changes``) with ``changes``
@@ -229,7 +246,35 @@ class RunStore:
             batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=self._runs.schema)
             self._runs.merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
             self._unsaved.clear()
+            self._noted.pop(rec.run_id, None)
+            for saved in pending.values():
+                self._cache(saved)
             self._after_write()
+
+    def note(self, rec: RunSpec, **changes: Any) -> RunSpec:
+        """The run's newest record (``rec`` if none is held) with ``changes``, served from
+        memory from now on and written with the run's next :meth:`update` (a state in
+        progress: see the class docstring). Applied to the newest record, so the job id
+        noted by the request that started a run cannot put back PENDING over the RUNNING
+        its job noted first."""
+        with self._lock:
+            rec = replace(self._in_memory(rec.run_id) or rec, **changes)
+            self._noted[rec.run_id] = rec
+        return rec
+
+    def _cache(self, rec: RunSpec) -> None:
+        """Remember ``rec`` as the latest record of its run (called holding the lock)."""
+        self._cached[rec.run_id] = rec
+        self._cached.move_to_end(rec.run_id)
+        while len(self._cached) > RUN_RECORDS_CACHED:
+            self._cached.popitem(last=False)
+
+    def _in_memory(self, run_id: str) -> RunSpec | None:
+        """The newest record of ``run_id`` held in memory, if any (called holding the lock)."""
+        for held in (self._unsaved, self._noted, self._cached):
+            if (rec := held.get(run_id)) is not None:
+                return rec
+        return None
 
     def update(self, rec: RunSpec, **changes: Any) -> RunSpec:
         rec = replace(rec, **changes)
@@ -251,19 +296,26 @@ class RunStore:
         return rec
 
     def get(self, run_id: str) -> RunSpec:
-        if (kept := self._unsaved.get(run_id)) is not None:
-            return kept
+        with self._lock:
+            if (held := self._in_memory(run_id)) is not None:
+                return held
         rows = self._runs.search().where(f"run_id = {sql_quote(run_id)}").limit(None).to_arrow().to_pylist()
         if not rows:
             raise NotFound(f"mining run '{run_id}' not found")
-        return RunSpec.from_row(rows[0])
+        rec = RunSpec.from_row(rows[0])
+        with self._lock:  # unless a write got there first
+            if (held := self._in_memory(run_id)) is not None:
+                return held
+            self._cache(rec)
+        return rec
 
     def list(self, collection: str | None = None, limit: int = 100) -> list[RunSpec]:
         q = self._runs.search().limit(None)
         if collection:
             q = q.where(f"collection = {sql_quote(collection)}")
         runs = [RunSpec.from_row(r) for r in q.to_arrow().to_pylist()]
-        runs = [self._unsaved.get(r.run_id, r) for r in runs]
+        with self._lock:
+            runs = [held if (held := self._in_memory(r.run_id)) is not None else r for r in runs]
         runs.sort(key=lambda r: r.created_at, reverse=True)
         return runs[:limit]
 

@@ -310,7 +310,10 @@ class JobManager:
             rec = replace(rec, **changes)
             self._jobs[job_id] = rec
             self._changed.notify_all()
-        self._persist(rec, force="state" in changes)
+        # RUNNING is not forced to the table: a job a crash left PENDING or RUNNING is
+        # INTERRUPTED at the next start alike, and the records are served from memory; the
+        # end state always is (a write per state cost a mining run ~7 ms each).
+        self._persist(rec, force="state" in changes and changes["state"] != RUNNING)
         return rec
 
     def _finish(self, job_id: str, state: str, **changes: Any) -> None:

@@ -69,7 +69,7 @@ class MiningService:
         seed = req.seed if req.seed is not None else (secrets.randbits(53) if spec.fresh_seed else 0)
         rec = self.runs.new_run(replace(req, collection=col.name, params=params, version=version, seed=seed))
         job = self.jobs.start("mine", col.name, {"run_id": rec.run_id})
-        return self.runs.update(rec, job_id=job.id)
+        return self.runs.note(rec, job_id=job.id)
 
     def _validate_job(self, col: Collection, params: dict[str, Any]) -> dict[str, Any]:
         if set(params) != {"run_id"}:
@@ -82,7 +82,7 @@ class MiningService:
     def _execute(self, ctx: JobContext, col: Collection, params: dict[str, Any]) -> dict[str, Any]:
         rec = self.runs.get(params["run_id"])
         try:
-            rec = self.runs.update(rec, state="RUNNING", job_id=ctx.job_id, error="", progress=0.0)
+            rec = self.runs.note(rec, state="RUNNING", job_id=ctx.job_id, error="", progress=0.0)
             # The version the run reads stays through version cleanup until it is done.
             with col.pin_version(rec.version):
                 out = run_mining(col, rec, progress=ctx.progress, check=ctx.check)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from indexing.errors import NotFound
 from indexing.store import Store
 from miners.runs import REQUEST_FIELDS, RUNS_SCHEMA, STAGE_FIELDS, RunSpec, RunStore
 from protos.assay.v1 import mining_pb2
@@ -187,3 +188,44 @@ def test_the_client_refuses_an_unknown_run_field(bad):
 
     with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
         rpc_start_mining("c", "margin", 3, **bad)
+
+
+def test_a_runs_progress_is_held_in_memory_and_written_with_its_end(tmp_path):
+    runs = RunStore(Store(str(tmp_path)))
+    table = lancedb.connect(str(tmp_path)).open_table("_runs")
+
+    def stored(run_id):
+        table.checkout_latest()
+        return {r["run_id"]: r for r in table.to_arrow().to_pylist()}[run_id], table.version
+
+    rec = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+    row, written = stored(rec.run_id)
+    assert row["state"] == "PENDING"
+    # the job notes RUNNING; the request that started it notes the job id after that
+    runs.note(rec, state="RUNNING", progress=0.0)
+    runs.note(rec, job_id="j1")
+    now = runs.get(rec.run_id)
+    assert (now.state, now.job_id) == ("RUNNING", "j1")
+    assert [(r.state, r.job_id) for r in runs.list("c")] == [("RUNNING", "j1")]
+    row, version = stored(rec.run_id)
+    assert row["state"] == "PENDING" and version == written  # nothing written meanwhile
+    # a crash now: the next server finds it PENDING and marks it INTERRUPTED
+    after_crash = RunStore(Store(str(tmp_path)))
+    assert after_crash.get(rec.run_id).state == "PENDING"
+    # the run's end writes what was noted with it, once
+    done = runs.update(now, state="SUCCEEDED", results=5)
+    row, version = stored(rec.run_id)
+    assert (row["state"], row["job_id"], row["results"]) == ("SUCCEEDED", "j1", 5) and version == written + 1
+    assert runs.get(rec.run_id) == done
+    assert after_crash.mark_interrupted() == 0  # it ended before that server looked
+
+
+def test_run_records_are_read_once_then_served_from_memory(tmp_path):
+    store = Store(str(tmp_path))
+    rec = RunStore(store).new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+    runs = RunStore(Store(str(tmp_path)))  # a fresh server: not in its memory yet
+    assert runs.get(rec.run_id) == rec
+    lancedb.connect(str(tmp_path)).open_table("_runs").delete("true")  # behind its back
+    assert runs.get(rec.run_id) == rec
+    with pytest.raises(NotFound):
+        RunStore(Store(str(tmp_path))).get(rec.run_id)
