@@ -246,8 +246,8 @@ class RunStore:
             batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=self._runs.schema)
             self._runs.merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
             self._unsaved.clear()
-            self._noted.pop(rec.run_id, None)
-            for saved in pending.values():
+            for saved in pending.values():  # what was noted of these runs is written now
+                self._noted.pop(saved.run_id, None)
                 self._cache(saved)
             self._after_write()
 
@@ -258,8 +258,10 @@ class RunStore:
         noted by the request that started a run cannot put back PENDING over the RUNNING
         its job noted first."""
         with self._lock:
-            rec = replace(self._in_memory(rec.run_id) or rec, **changes)
-            self._noted[rec.run_id] = rec
+            newest = self._in_memory(rec.run_id) or rec
+            rec = replace(newest, **changes)
+            if rec != newest:  # (a run that ended meanwhile has the job id already)
+                self._noted[rec.run_id] = rec
         return rec
 
     def _cache(self, rec: RunSpec) -> None:

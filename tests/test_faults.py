@@ -279,6 +279,8 @@ def test_mining_results_on_a_full_disk(fclient, full_server, disk, pool, monkeyp
     # the failed run's final state was saved with the next run record
     stored = {r["run_id"]: r["state"] for r in lancedb.connect(root).open_table("_runs").to_arrow().to_pylist()}
     assert stored[job.run_id] == "FAILED" and stored[again.run_id] == "SUCCEEDED"
+    # and served as saved, not as the RUNNING state held in memory while it ran
+    assert fclient.mining_job(job.run_id).run()["state"] == "FAILED"
 
 
 def test_a_dataset_commit_on_a_full_disk(fclient, full_server, disk, pool):
