@@ -17,6 +17,7 @@ import time
 import types
 import typing
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -204,6 +205,31 @@ def images_of(results: pa.Table) -> pa.Table:
                           pa.array(np.arange(1, len(first) + 1, dtype=np.int32)))
 
 
+@dataclass
+class _HeldRecords:
+    """The run records a process holds in memory for one :class:`Store`, shared by its
+    RunStores (the server's mining service and a ``Datasets`` may each open one): a record
+    one of them writes is what the others serve."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Final states that could not be saved (the disk was full, the object store away):
+    # served from memory and saved with the next record that can be.
+    unsaved: dict[str, RunSpec] = field(default_factory=dict)
+    noted: dict[str, RunSpec] = field(default_factory=dict)  # states of runs in progress, not written yet
+    cached: OrderedDict[str, RunSpec] = field(default_factory=OrderedDict)  # as last written or read
+
+
+_HELD: weakref.WeakKeyDictionary[Store, _HeldRecords] = weakref.WeakKeyDictionary()
+_HELD_LOCK = threading.Lock()
+
+
+def _held_records(store: Store) -> _HeldRecords:
+    with _HELD_LOCK:
+        if (held := _HELD.get(store)) is None:
+            held = _HELD[store] = _HeldRecords()
+        return held
+
+
 class RunStore:
     r"""Run records and results, shared by the server's mining jobs.
 
@@ -212,23 +238,21 @@ class RunStore:
     :meth:`note`\ d in memory and goes to the table with its next write: a run left
     unfinished by a crash reads PENDING there and is marked INTERRUPTED at the next start
     either way (:meth:`mark_interrupted`). Records are served from memory (the last
-    ``RUN_RECORDS_CACHED`` used): the server is the only writer of its data root's tables.
+    ``RUN_RECORDS_CACHED`` used), shared by the RunStores of one :class:`Store`: the
+    server is the only writer of its data root's tables.
     Each record write is a commit (~7-9 ms) and each lookup a query (~6 ms); a margin run
     over 14k rows did 4 writes and 3 lookups for 16 ms of mining."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._lock = threading.Lock()
+        held = _held_records(store)  # shared by every RunStore of this Store (one process)
+        self._lock = held.lock
         self._writes = 0  # since the last maintenance of the two tables
         self._maintaining = False
         self._last_cleanup = time.monotonic()
         self._runs = self.store.system_table(RUNS_TABLE, RUNS_SCHEMA, "run_id")
         self._results = self.store.system_table(RESULTS_TABLE, _RESULTS_SCHEMA, None)
-        # Final states that could not be saved (the disk was full, the object store away):
-        # served from memory and saved with the next record that can be.
-        self._unsaved: dict[str, RunSpec] = {}
-        self._noted: dict[str, RunSpec] = {}  # states of runs in progress, not written yet
-        self._cached: OrderedDict[str, RunSpec] = OrderedDict()  # records as last written or read
+        self._unsaved, self._noted, self._cached = held.unsaved, held.noted, held.cached
 
     def new_run(self, spec: RunSpec | None = None, **changes: Any) -> RunSpec:
         """Persist a new PENDING run: ``spec`` (or a RunSpec of ``changes``) with ``changes``
