@@ -1315,12 +1315,9 @@ class Collection:
         write that preempts it makes it try again, and with ``then_hold_slot`` the last
         attempt holds the slot. Without ``wait``, does nothing while another thread
         optimizes the collection or builds its indexes (background maintenance)."""
-        if not self._optimize_lock.acquire(blocking=wait):
-            return
-        try:
-            self._compact_all(attempts, then_hold_slot)
-        finally:
-            self._optimize_lock.release()
+        with self._whole_table_work(wait) as ours:
+            if ours:
+                self._compact_all(attempts, then_hold_slot)
 
     def _compact_all(self, attempts: int, then_hold_slot: bool) -> None:
         def run() -> None:
@@ -1351,10 +1348,18 @@ class Collection:
         spaces' policies ask for now; returns the spaces whose index was built. Without
         ``wait``, does nothing while another thread optimizes the collection or builds an
         index (the background maintainer: that thread is doing this work already)."""
+        with self._whole_table_work(wait) as ours:
+            return self._update_indexes(build) if ours else []
+
+    @contextlib.contextmanager
+    def _whole_table_work(self, wait: bool) -> Iterator[bool]:
+        """Hold ``_optimize_lock`` for the block (True); without ``wait``, False at once when
+        another thread holds it (it is doing this work)."""
         if not self._optimize_lock.acquire(blocking=wait):
-            return []
+            yield False
+            return
         try:
-            return self._update_indexes(build)
+            yield True
         finally:
             self._optimize_lock.release()
 

@@ -339,6 +339,16 @@ class _ReadAhead:
             self._cv.notify_all()
 
 
+def _in_batch(seq: int, exc: BaseException) -> BaseException:
+    """``exc`` naming the upsert batch it failed (the caller's errors: bad data, a missing
+    collection, a refused write; caused by ``exc``); any other error as it is."""
+    if isinstance(exc, (InvalidArgument, NotFound, FailedPrecondition)):
+        labelled = type(exc)(f"batch {seq}: {exc.message}", field=exc.field, row=exc.row)
+        labelled.__cause__ = exc
+        return labelled
+    return exc
+
+
 @dataclass(frozen=True)
 class UpsertMessage:
     """An ``UpsertRequest`` as :func:`read_upsert_request` reads it: ``arrow_ipc`` is a view
@@ -450,10 +460,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             group = [first, *ahead.ready()]
             results = group[0][1].upsert_prepared_many([(table, prepared) for _, _, table, prepared in group])
             for (seq, _, _, _), res in zip(group, results, strict=True):
-                if isinstance(res, (InvalidArgument, NotFound, FailedPrecondition)):
-                    raise type(res)(f"batch {seq}: {res.message}", field=res.field, row=res.row) from res
                 if isinstance(res, BaseException):
-                    raise res
+                    raise _in_batch(seq, res)
                 yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
                                            version=res.version, generated_ids=res.generated_ids,
                                            new_columns=res.new_columns, assigned_ids=res.assigned_ids,
@@ -482,7 +490,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             try:
                 prepared = col.prepare(table)
             except (InvalidArgument, NotFound, FailedPrecondition) as exc:
-                raise type(exc)(f"batch {request.seq}: {exc.message}", field=exc.field, row=exc.row) from exc
+                raise _in_batch(request.seq, exc) from exc
             yield request.seq, col, table, prepared
 
     def Delete(self, request, context):  # noqa: N802
