@@ -111,10 +111,9 @@ from indexing.settings import (
     TYPICLUST_POINTS_PER_CLUSTER,
 )
 from miners.clustering import StackedRows, kmeans
-from miners.mapped import float32_array
 
 __all__ = ["BallGraph", "ProbCoverResult", "TypiClustResult", "ball_graph", "ball_recall", "exact_balls",
-           "ivf_ball_graph", "ivf_flat_index", "ivf_other_label_distance", "other_label_distance",
+           "ball_lists", "join_ball_graph", "join_other_label_distance", "other_label_distance",
            "probcover_select", "purity_delta", "typiclust_select"]
 
 Progress = Callable[[float, str], None]
@@ -141,24 +140,6 @@ def _matrix(x: Any, name: str) -> np.ndarray:
     if a.ndim != 2 or a.dtype.kind != "f":
         raise ValueError(f"{name} must be a 2-D float array (rows, d); got {a.dtype} {a.shape}")
     return a
-
-
-def _stack(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray, int]:
-    """``[labeled; pool]`` as one float32 array (labeled rows first) and the number of
-    labeled rows; above ``MEMMAP_ABOVE_BYTES`` on a memory-mapped temporary file
-    (:func:`miners.mapped.float32_array`: a 10M x 384 pool would be a 15 GB copy in RAM)."""
-    x = _matrix(pool, "pool")
-    if labeled is None or len(labeled) == 0:
-        return np.ascontiguousarray(x, dtype=np.float32), 0
-    lab = _matrix(labeled, "labeled")
-    if lab.shape[1] != x.shape[1]:
-        raise ValueError(f"labeled must have the pool's dimension {x.shape[1]}; got {lab.shape[1]}")
-    shape = (len(lab) + len(x), x.shape[1])
-    out = float32_array(shape, prefix="assay-stack-")
-    out[:len(lab)] = lab
-    for s in range(0, len(x), 65_536):
-        out[len(lab) + s:len(lab) + s + 65_536] = x[s:s + 65_536]
-    return out, len(lab)
 
 
 def _stacked_rows(pool: np.ndarray, labeled: np.ndarray | None) -> tuple[np.ndarray | StackedRows, int]:
@@ -345,93 +326,116 @@ class BallGraph:
         return int(self.indptr[-1])
 
 
-def _pair_test(xa: np.ndarray, rows: np.ndarray, idx: np.ndarray, r2: float) -> np.ndarray:
-    """``||x_rows - x_idx||^2 <= r2`` in float64, a bounded number of pairs at a time (all of
+Rows = np.ndarray | StackedRows  # float32 rows: an array, a memory map or the stacked [labeled; pool]
+
+
+def _f32_rows(x: Any) -> Rows:
+    """``x`` as float32 rows read a block at a time: a float32 array or memory map as it is
+    (no copy), :class:`StackedRows` as it is, anything else converted."""
+    if isinstance(x, StackedRows) or (isinstance(x, np.ndarray) and x.dtype == np.float32):
+        return x
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _sq_norms(x: Rows, block: int = 65_536) -> np.ndarray:
+    """``|x_i|^2`` in float32, a block of rows at a time."""
+    out = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), block):
+        b = np.asarray(x[s:s + block], dtype=np.float32)
+        out[s:s + len(b)] = np.einsum("ij,ij->i", b, b)
+    return out
+
+
+def _pair_sq(a: np.ndarray, ai: np.ndarray, b: Rows, bi: np.ndarray) -> np.ndarray:
+    """``||a_ai - b_bi||^2`` per pair in float64, a bounded number of pairs at a time (all of
     a block's pairs at once took ~20 GB for balls of thousands of 384-d rows)."""
-    keep = np.empty(len(idx), dtype=bool)
-    step = max(1024, _PAIR_VALUES // max(1, xa.shape[1]))
-    for p0 in range(0, len(idx), step):
-        p1 = min(len(idx), p0 + step)
-        diff = xa[rows[p0:p1]].astype(np.float64) - xa[idx[p0:p1]]
-        keep[p0:p1] = np.einsum("ij,ij->i", diff, diff) <= r2
-    return keep
+    out = np.empty(len(ai), dtype=np.float64)
+    step = max(1024, _PAIR_VALUES // max(1, a.shape[1]))
+    for p0 in range(0, len(ai), step):
+        p1 = min(len(ai), p0 + step)
+        diff = a[ai[p0:p1]].astype(np.float64) - b[bi[p0:p1]]
+        out[p0:p1] = np.einsum("ij,ij->i", diff, diff)
+    return out
 
 
-def _search_radius(xa: np.ndarray, delta: float) -> float:
+def _pair_test(xa: Rows, rows: np.ndarray, idx: np.ndarray, r2: float) -> np.ndarray:
+    """``||x_rows - x_idx||^2 <= r2`` in float64 (:func:`_pair_sq`)."""
+    return _pair_sq(xa, rows, xa, idx) <= r2
+
+
+def _search_radius(xa: Rows, delta: float, err: float | None = None) -> float:
     """The squared radius handed to a search that computes ``|q|^2 + |x|^2 - 2 q.x`` in
     float32 (FAISS's flat index, :func:`exact_balls`): ``delta^2`` widened by that form's
-    absolute error bound so that no pair within ``delta`` is missed; :func:`_pair_test`
-    then decides."""
-    return float(delta) ** 2 + 2.0 * _f32_error(xa) + 1e-12
+    absolute error bound (``err``: :func:`_f32_error` of ``xa``) so that no pair within
+    ``delta`` is missed; :func:`_pair_test` then decides."""
+    return float(delta) ** 2 + 2.0 * (_f32_error(xa) if err is None else err) + 1e-12
 
 
-def _ivf_search_radius(d: int, delta: float) -> float:
-    """The squared radius handed to FAISS IVF-Flat, whose scanner sums the squared
-    differences ``sum_i (q_i - x_i)^2`` in float32 (relative error at most ``(d + 2) 2^-24``:
-    each term is exact to ``3 u``, a sum of positive terms errs by ``(d - 1) u`` of itself):
-    ``delta^2 (1 + (d + 4) 2^-23)``, twice that bound. Measured on 100k x 384 and 50k x 64
-    clustered rows: largest relative error 5.6e-7, the bound 4.6e-5 and 8.1e-6. The
-    absolute bound of :func:`_search_radius` is far wider at small ``delta`` (unit vectors,
-    ``delta`` 0.04: +24 % on ``delta^2``, 17x the candidates of the true balls in 384-d
-    clusters) — every one of them re-tested in float64."""
-    return float(delta) ** 2 * (1.0 + (d + 4) * 2.0 ** -23) + 1e-30
+class _BallParts:
+    """Whole balls collected part by part (a part: the entries of some rows' balls, sorted
+    by row then entry), assembled into CSR at the end; ValueError past ``max_edges``."""
+
+    def __init__(self, n: int, delta: float, max_edges: int) -> None:
+        self.n, self.delta, self.max_edges = n, float(delta), max_edges
+        self.counts = np.zeros(n, dtype=np.int64)
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.total = 0
+        self.dtype = np.int32 if n < 2**31 else np.int64
+
+    def room(self, entries: int, rows_done: int) -> None:
+        """Raise before ``entries`` more would pass ``max_edges``."""
+        if self.total + entries > self.max_edges:
+            raise ValueError(f"the {self.delta:g}-balls hold more than {self.max_edges:,} entries after "
+                             f"{rows_done:,} of {self.n:,} rows; use a smaller delta")
+
+    def add(self, rows: np.ndarray, idx: np.ndarray, rows_done: int) -> None:
+        self.room(len(idx), rows_done)
+        self.total += len(idx)
+        present, sizes = np.unique(rows, return_counts=True)  # rows are sorted
+        self.counts[present] = sizes
+        self.parts.append((rows.astype(self.dtype), idx.astype(self.dtype)))
+
+    def graph(self) -> BallGraph:
+        indptr = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=indptr[1:])
+        # each row's ball lies in one part, sorted: place it at the row's CSR offset
+        indices = np.empty(self.total, dtype=self.dtype)
+        for rows, idx in self.parts:
+            first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]  # where each row's run starts
+            run = np.repeat(first, np.diff(np.r_[first, len(rows)]))
+            indices[indptr[rows] + (np.arange(len(rows)) - run)] = idx
+        self.parts = []
+        return BallGraph(indptr, indices, self.delta)
 
 
 def _range_blocks(xa: np.ndarray, search: Callable[[np.ndarray, float], tuple], delta: float, *,
-                  block: int, max_edges: int, what: str, progress: Progress, check: Check,
-                  order: np.ndarray | None = None, radius: float | None = None) -> BallGraph:
+                  block: int, max_edges: int, what: str, progress: Progress, check: Check) -> BallGraph:
     """Every row's ball from ``search(queries, squared radius) -> (lims, D, I)`` (a FAISS
-    ``range_search``) over blocks of rows — consecutive, or consecutive in ``order`` (a
-    permutation of the rows: an IVF index's list order, so that consecutive queries scan
-    the same lists) — candidates re-tested exactly in float64, each ball sorted, the CSR
-    assembled at the end; ``check()`` before each block, ``progress`` after it (rows,
-    entries, ETA); ValueError past ``max_edges`` entries. ``radius``: the squared radius
-    searched (default :func:`_search_radius`)."""
+    ``range_search``) over blocks of consecutive rows, within :func:`_search_radius`,
+    candidates re-tested exactly in float64, each ball sorted, the CSR assembled at the end;
+    ``check()`` before each block, ``progress`` after it (rows, entries, ETA); ValueError
+    past ``max_edges`` entries."""
     n = len(xa)
     r2 = float(delta) ** 2
-    radius = _search_radius(xa, delta) if radius is None else radius
-    counts = np.zeros(n, dtype=np.int64)
-    parts: list[tuple[np.ndarray, np.ndarray]] = []  # (query rows, ball entries), row-sorted
-    total = 0
-    dtype = np.int32 if n < 2**31 else np.int64
+    radius = _search_radius(xa, delta)
+    balls = _BallParts(n, delta, max_edges)
     t0 = time.perf_counter()
-
-    def too_many(e: int) -> ValueError:
-        return ValueError(f"the {delta:g}-balls hold more than {max_edges:,} entries after {e:,} of {n:,} "
-                          "rows; use a smaller delta")
-
     for s in range(0, n, block):
         check()
         e = min(n, s + block)
-        qrows = np.arange(s, e) if order is None else np.asarray(order[s:e], dtype=np.int64)
+        qrows = np.arange(s, e)
         lims, _, idx = search(xa[qrows], radius)
-        if total + int(lims[-1]) > max_edges:  # before the block's pairs are copied and sorted
-            raise too_many(e)
+        balls.room(int(lims[-1]), e)  # before the block's pairs are copied and sorted
         idx = idx.astype(np.int64)
         rows = np.repeat(qrows, np.diff(lims).astype(np.int64))
         keep = _pair_test(xa, rows, idx, r2)
         rows, idx = rows[keep], idx[keep]
-        # per query, sort its ball by row index
-        o = np.lexsort((idx, rows))
-        rows, idx = rows[o], idx[o]
-        total += len(idx)
-        if total > max_edges:
-            raise too_many(e)
-        present, sizes = np.unique(rows, return_counts=True)  # rows are sorted
-        counts[present] = sizes
-        parts.append((rows.astype(dtype), idx.astype(dtype)))
+        o = np.lexsort((idx, rows))  # per query, its ball by row index
+        balls.add(rows[o], idx[o], e)
         el = time.perf_counter() - t0
-        progress(e / max(1, n), f"{what} (delta {delta:.4g}): {e:,} of {n:,} rows, {total:,} entries"
+        progress(e / max(1, n), f"{what} (delta {delta:.4g}): {e:,} of {n:,} rows, {balls.total:,} entries"
                  f"{'' if e == n else f', ETA {el * (n - e) / e:.0f} s'}")
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    # each row's ball lies in one block, sorted: place it at the row's CSR offset
-    indices = np.empty(total, dtype=dtype)
-    for rows, idx in parts:
-        first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]  # where each row's run starts
-        run = np.repeat(first, np.diff(np.r_[first, len(rows)]))
-        indices[indptr[rows] + (np.arange(len(rows)) - run)] = idx
-    return BallGraph(indptr, indices, float(delta))
+    return balls.graph()
 
 
 def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_edges: int = _MAX_EDGES,
@@ -439,7 +443,7 @@ def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_ed
     """Exact ``delta``-balls of every row of ``x`` among the rows of ``x``
     (``||x_i - x_j|| <= delta``, FAISS flat range search on squared distances, queries in
     blocks). Raises ValueError when the balls hold more than ``max_edges`` entries (a
-    smaller ``delta`` is needed). The reference for :func:`ivf_ball_graph`."""
+    smaller ``delta`` is needed). The reference for :func:`join_ball_graph`."""
     import faiss
 
     from miners.knn import GraphInfo
@@ -455,28 +459,28 @@ def ball_graph(x: np.ndarray, delta: float, *, block: int = _RANGE_BLOCK, max_ed
     return g
 
 
-def exact_balls(x: np.ndarray, rows: np.ndarray, delta: float, *, chunk: int = 65_536,
+def exact_balls(x: Any, rows: np.ndarray, delta: float, *, chunk: int = 65_536, err: float | None = None,
                 check: Check | None = None) -> list[np.ndarray]:
     """The exact ``delta``-balls (ascending row ids) of the queried ``rows`` among all rows of
     ``x``, without an index: float32 ``|q|^2 + |x|^2 - 2 q.x`` over chunks of ``chunk`` rows
-    within the widened radius, then the float64 pair test — the same decision as
-    :func:`ball_graph`. ``O(|rows| N d)`` time, ``O(|rows| chunk)`` memory (the recall sample
-    of :func:`ivf_ball_graph`)."""
+    within the widened radius (``err``: :func:`_f32_error` of ``x`` when known), then the
+    float64 pair test — the same decision as :func:`ball_graph`. ``O(|rows| N d)`` time,
+    ``O(|rows| chunk)`` memory; ``x`` is read a chunk at a time (a memory map stays one).
+    The recall sample of :func:`join_ball_graph`."""
     check = check or _noop_check
-    xa = np.ascontiguousarray(x, dtype=np.float32)
+    xa = _f32_rows(x)
     rows = np.asarray(rows, dtype=np.int64)
-    r2, radius = float(delta) ** 2, np.float32(_search_radius(xa, delta))
-    q = xa[rows]
+    r2, radius = float(delta) ** 2, np.float32(_search_radius(xa, delta, err))
+    q = np.asarray(xa[rows], dtype=np.float32)
     qq = np.einsum("ij,ij->i", q, q)
     found: list[list[np.ndarray]] = [[] for _ in rows]
     for c0 in range(0, len(xa), chunk):
         check()
-        xc = xa[c0:c0 + chunk]
+        xc = np.asarray(xa[c0:c0 + chunk], dtype=np.float32)
         d2 = qq[:, None] + np.einsum("ij,ij->i", xc, xc)[None] - np.float32(2.0) * (q @ xc.T)
         qi, ci = np.nonzero(d2 <= radius)
-        ci = ci + c0
-        keep = _pair_test(xa, rows[qi], ci, r2)
-        qi, ci = qi[keep], ci[keep]
+        keep = _pair_sq(q, qi, xc, ci) <= r2
+        qi, ci = qi[keep], ci[keep] + c0
         for j, part in zip(*_split_by(qi, ci), strict=True):
             found[j].append(part)
     return [np.concatenate(f) if f else np.empty(0, np.int64) for f in found]
@@ -524,150 +528,209 @@ def _symmetrised(g: BallGraph) -> tuple[BallGraph, int]:
     return BallGraph(s.indptr.astype(np.int64), s.indices.astype(dtype, copy=False), g.delta, g.info), added
 
 
-def _list_ordered_search(index: Any) -> Callable[[np.ndarray, float], tuple]:
-    """``range_search(q, radius) -> (lims, None, I)`` on a :class:`miners.knn.IvfIndex` at its
-    ``nprobe``, the queries run in the order of their nearest list (consecutive queries scan
-    the same lists while they are in cache, as the k-NN engine does; 200k x 384, 20k
-    queries: 1.3-1.9x faster at nprobe 2-8), results handed back in query order."""
-
-    def search(q: np.ndarray, radius: float) -> tuple[np.ndarray, None, np.ndarray]:
-        ivf = index.index
-        ivf.nprobe = index.nprobe
-        dq, iq = index.quantizer.search(q, index.nprobe)
-        order = np.argsort(iq[:, 0], kind="stable")
-        lims, _, idx = ivf.range_search_preassigned(np.ascontiguousarray(q[order]), radius, iq[order], dq[order])
-        lims = lims.astype(np.int64)
-        back = np.empty_like(order)
-        back[order] = np.arange(len(order))
-        counts = np.diff(lims)[back]
-        out = np.zeros(len(q) + 1, dtype=np.int64)
-        np.cumsum(counts, out=out[1:])
-        # entry t of query j sits at lims[back[j]] + (t - out[j]) in the ordered result
-        at = np.repeat(lims[:-1][back] - out[:-1], counts) + np.arange(int(out[-1]))
-        return out, None, idx[at]
-
-    return search
-
-
-def ivf_flat_index(xa: np.ndarray, *, seed: int = 0, progress: Progress | None = None,
-                   check: Check | None = None) -> Any:
-    """The k-NN engine's IVF-Flat index of ``xa`` (:class:`miners.knn.IvfIndex`, its ``nlist``
-    rule and sampled training), for the purity rule's distances and the ball graph alike.
-    IVF-Flat always: range search on SQ8 codes has no error bound (codes are clipped to the
-    trained ranges), so a widened radius could still miss pairs silently."""
+def ball_lists(x: Any, *, seed: int = 0, progress: Progress | None = None, check: Check | None = None) -> Any:
+    """The k-NN engine's inverted lists of the rows of ``x`` (:class:`miners.knn.ListJoin`:
+    its ``nlist`` rule, sampled training, every row assigned to its nearest centroid), for
+    the purity rule's distances and the ball graph alike. Only list numbers are stored
+    (80 MB at 10M rows): the rows stay where they are (a memory map, the stacked
+    ``[labeled; pool]``) and each list's rows are gathered when it is searched."""
     from miners import knn
 
-    if xa.nbytes > knn._available_bytes():
-        raise MemoryError(f"an IVF-Flat index of {len(xa):,} x {xa.shape[1]} rows holds a float32 copy of them "
-                          f"({xa.nbytes / 2**30:.1f} GiB), more than the memory available now "
-                          f"({knn._available_bytes() / 2**30:.1f} GiB): mine a smaller pool (a where filter)")
+    xa = _f32_rows(x)
     p = knn._ivf_plan(len(xa), xa.shape[1], "ivf-flat")
-    return knn.IvfIndex(xa, p.nlist, "flat", train_rows=p.train_rows, seed=seed,
-                        progress=progress or _noop_progress, check=check or _noop_check)
+    return knn.ListJoin(xa, p.nlist, train_rows=p.train_rows, seed=seed, progress=progress or _noop_progress,
+                        check=check or _noop_check)
 
 
-def ivf_other_label_distance(index: Any, x: np.ndarray, labels: np.ndarray, rows: np.ndarray, *,
-                             nprobe: int | None = None, k: int = 4, target_recall: float | None = None,
-                             recall_sample: int | None = None, seed: int = 0, block: int = 4096,
-                             progress: Progress | None = None, check: Check | None = None
-                             ) -> tuple[np.ndarray, dict[str, Any]]:
+def _nearest_other(q: np.ndarray, ql: np.ndarray, qq: np.ndarray, xc: np.ndarray, cl: np.ndarray,
+                   cc: np.ndarray, tol: np.float32) -> np.ndarray:
+    """``min_j ||q_i - xc_j||`` over the candidates of another label (``cl_j != ql_i``),
+    exact: the float32 ``|q|^2 + |x|^2 - 2 q.x`` keeps, per query, every other-label
+    candidate within ``tol`` (twice the form's error bound) of its minimum — the true
+    nearest is among them — and their distances are recomputed in float64. ``+inf`` where no
+    candidate has another label."""
+    d2 = qq[:, None] + cc[None, :] - np.float32(2.0) * (q @ xc.T)
+    d2[ql[:, None] == cl[None, :]] = np.inf
+    lo = d2.min(axis=1)
+    # a chunk holding only the query's label has lo = inf: inf <= inf would make every
+    # same-label row a candidate (a wrong, too small r and a huge candidate list)
+    qi, ci = np.nonzero((d2 <= (lo + tol)[:, None]) & np.isfinite(d2))
+    best = np.full(len(q), np.inf)
+    if len(qi):
+        np.minimum.at(best, qi, np.sqrt(_pair_sq(q, qi, xc, ci)))
+    return best
+
+
+def _f32_error(x: Rows) -> float:
+    """A bound on the absolute error of a float32 ``|q|^2 + |x|^2 - 2 q.x`` between rows
+    of ``x``: ``(d + 4) 2^-23 * 4 max|x|^2`` (each term is at most ``max|x|^2``; a dot
+    product of ``d`` terms errs by at most ``d u`` of its magnitude, plus the three sums)."""
+    if not len(x):
+        return 0.0
+    top = 0.0
+    for s in range(0, len(x), 65_536):
+        blk = np.asarray(x[s:s + 65_536], dtype=np.float64)
+        top = max(top, float(np.einsum("ij,ij->i", blk, blk).max()))
+    return (x.shape[1] + 4) * 2.0**-23 * 4.0 * top
+
+
+def other_label_distance(x: Any, labels: np.ndarray, rows: np.ndarray | None = None, *,
+                         block: int = 1024, chunk: int = 65_536, err: float | None = None,
+                         progress: Progress | None = None, check: Check | None = None) -> np.ndarray:
+    """``r(x_i) = min_{j : labels_j != labels_i} ||x_i - x_j||`` for the queried ``rows``
+    (default all), exact: over blocks of queries and chunks of rows, each chunk's
+    other-label minimum by :func:`_nearest_other` (float32 candidates within twice the
+    error bound of the minimum, recomputed in float64); the smallest over the chunks.
+    ``+inf`` when every row shares the label. ``O(|rows| N d)`` time, ``O(block * chunk)``
+    memory; ``x`` is read a chunk at a time (``err``: :func:`_f32_error` of ``x`` when known)."""
+    progress = progress or _noop_progress
+    check = check or _noop_check
+    xa = _f32_rows(x)
+    lab = np.asarray(labels, dtype=np.int64)
+    if lab.shape != (len(xa),):
+        raise ValueError(f"labels must have one entry per row ({len(xa)}); got {lab.shape}")
+    q_rows = np.arange(len(xa)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(xa)
+    out = np.full(len(q_rows), np.inf)
+    tol = np.float32(2.0 * (_f32_error(xa) if err is None else err))
+    t0 = time.perf_counter()
+    for s in range(0, len(q_rows), block):
+        qr = q_rows[s:s + block]
+        q = np.asarray(xa[qr], dtype=np.float32)
+        qq, ql = np.einsum("ij,ij->i", q, q), lab[qr]
+        best = np.full(len(qr), np.inf)
+        for c0 in range(0, n, chunk):
+            check()
+            xc = np.asarray(xa[c0:c0 + chunk], dtype=np.float32)
+            best = np.minimum(best, _nearest_other(q, ql, qq, xc, lab[c0:c0 + chunk],
+                                                   np.einsum("ij,ij->i", xc, xc), tol))
+        out[s:s + len(qr)] = best
+        done = s + len(qr)
+        el = time.perf_counter() - t0
+        progress(done / max(1, len(q_rows)), f"distance to the nearest other pseudo-label: {done:,} of "
+                 f"{len(q_rows):,} rows{'' if done == len(q_rows) else f', ETA {el * (len(q_rows) - done) / done:.0f} s'}")
+    return out
+
+
+def join_other_label_distance(lists: Any, x: Any, labels: np.ndarray, rows: np.ndarray, *,
+                              nprobe: int | None = None, target_recall: float | None = None,
+                              recall_sample: int | None = None, seed: int = 0, err: float | None = None,
+                              progress: Progress | None = None, check: Check | None = None
+                              ) -> tuple[np.ndarray, dict[str, Any]]:
     """Approximate ``r(x_i)`` (:func:`other_label_distance`) of the queried ``rows`` through
-    the IVF-Flat ``index`` of ``x``: the rows of each label ``c`` are searched among the rows
-    of the other labels only (a FAISS ``IDSelectorBitmap`` in the search parameters), ``k``
-    nearest at ``nprobe`` lists, their distances recomputed in float64 and the smallest kept.
-    Every value is a true distance to an other-label row, so the approximation never falls
-    below ``r``; it errs only upward, when the nearest other-label row lies in a list not
-    probed (``+inf`` when no probed list holds one).
+    the inverted ``lists`` of ``x`` (:func:`ball_lists`): each queried row looks among the
+    rows of the ``nprobe`` lists nearest its own list (the list itself first). The work
+    goes list by list — each list's rows are gathered once and every query probing it is
+    measured against them (:func:`_nearest_other`: exact among those rows) — so a
+    memory-mapped ``x`` is read about once per pass, not once per query. Every value is a
+    true distance to an other-label row, so the approximation never falls below ``r``; it
+    errs only upward, when the nearest other-label row lies in a list not probed (``+inf``
+    when no probed list holds one).
 
     ``nprobe`` None: the first rung of the k-NN engine's ladder (from 1 list) at which the
     share of a seeded sample of ``recall_sample`` queried rows whose ``r`` equals the exact
-    one reaches ``target_recall`` (the engine's defaults). Returns ``r`` and the info dict
-    (method, ``nprobe``, that recall, the sample size, timings), as the graphs record theirs.
-    Cost: ``O(|rows| nprobe N / nlist d)`` instead of the exact ``O(|rows| N d)``."""
+    one reaches ``target_recall`` (the engine's defaults); the rungs add lists to the
+    sample's search, not repeat it. Returns ``r`` and the info dict (method, ``nprobe``,
+    that recall, the sample size, timings), as the graphs record theirs. Cost:
+    ``O(|rows| nprobe N / nlist d)`` instead of the exact ``O(|rows| N d)``, plus one read
+    of the probed lists."""
     from miners import knn
 
-    faiss = knn._faiss()
     progress = progress or _noop_progress
     check = check or _noop_check
-    xa = np.ascontiguousarray(x, dtype=np.float32)
+    xa = _f32_rows(x)
     lab = np.asarray(labels, dtype=np.int64)
     rows = np.asarray(rows, dtype=np.int64)
     n = len(xa)
     if lab.shape != (n,):
         raise ValueError(f"labels must have one entry per row ({n}); got {lab.shape}")
-    if index.codes != "flat" or index.index.ntotal != n:
-        raise ValueError(f"index must be an IVF-Flat index of the {n:,} rows of x")
+    if len(lists.assign) != n:
+        raise ValueError(f"lists must be the inverted lists of the {n:,} rows of x")
     target = knn.TARGET_RECALL if target_recall is None else float(target_recall)
-    selectors = {}  # label -> (bitmap kept alive, selector)
+    err = _f32_error(xa) if err is None else err
+    tol = np.float32(2.0 * err)
 
-    def search(qrows: np.ndarray, probe: int, report: Progress | None = None) -> np.ndarray:
-        out = np.full(len(qrows), np.inf)
-        qlab = lab[qrows]
-        done, t0 = 0, time.perf_counter()
-        for c in np.unique(qlab):
-            if c not in selectors:
-                bits = np.packbits(lab != c, bitorder="little")
-                selectors[c] = (bits, faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)))
-            params = faiss.SearchParametersIVF()
-            params.nprobe = int(probe)
-            params.sel = selectors[c][1]
-            where = np.flatnonzero(qlab == c)
-            for s in range(0, len(where), block):
-                check()
-                part = where[s:s + block]
-                q = xa[qrows[part]]
-                _, nn = index.index.search(q, k, params=params)
-                valid = nn >= 0
-                diff = q[:, None, :].astype(np.float64) - xa[np.where(valid, nn, 0)]
-                d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
-                d[~valid] = np.inf
-                out[part] = d.min(axis=1)
-                done += len(part)
-                if report is not None:
-                    el = time.perf_counter() - t0
-                    report(done / len(qrows), f"distance to the nearest other pseudo-label (IVF, nprobe {probe}): "
-                           f"{done:,} of {len(qrows):,} rows" + ("" if done == len(qrows) else
-                                                                  f", ETA {el * (len(qrows) - done) / done:.0f} s"))
-        return out
+    def search(qrows: np.ndarray, p0: int, p1: int, best: np.ndarray, report: Progress | None = None) -> None:
+        """Lower ``best`` (per queried row) by the rows of each one's lists ``p0 .. p1 - 1``."""
+        lists.widen(p1)
+        q = knn._rows(xa, qrows)
+        qq, ql = np.einsum("ij,ij->i", q, q), lab[qrows]
+        probed = lists.near[lists.assign[qrows], p0:p1]
+        who = np.repeat(np.arange(len(qrows)), probed.shape[1])
+        flat = probed.ravel()
+        o = np.argsort(flat, kind="stable")
+        keys, groups = _split_by(flat[o], who[o])
+        t0, last = time.perf_counter(), -1.0  # the first list reports: a user sees the pass start
+        for step, (c, w) in enumerate(zip(keys, groups, strict=True)):
+            check()
+            members = lists.members([c])
+            xc = knn._rows(xa, members)
+            best[w] = np.minimum(best[w], _nearest_other(q[w], ql[w], qq[w], xc, lab[members],
+                                                         np.einsum("ij,ij->i", xc, xc), tol))
+            el = time.perf_counter() - t0
+            if report is not None and (el - last >= 0.5 or step + 1 == len(keys)):
+                last = el
+                report((step + 1) / len(keys), f"distance to the nearest other pseudo-label (IVF lists, nprobe "
+                       f"{p1}): {step + 1:,} of {len(keys):,} lists searched for {len(qrows):,} rows"
+                       f"{knn.eta_text(step + 1, len(keys), el)}")
 
     t0 = time.perf_counter()
     sample = knn._pick_sample(len(rows), knn.RECALL_SAMPLE if recall_sample is None else int(recall_sample), seed)
     progress(0.0, f"recall check: exact distance to the nearest other pseudo-label of {len(sample):,} sample rows")
-    exact = other_label_distance(xa, lab, rows[sample], check=check)
-    ladder = [min(int(nprobe), index.nlist)] if nprobe is not None else knn._ladder(index.nlist)
-    recall, probe = 0.0, ladder[0]
+    exact = other_label_distance(xa, lab, rows[sample], err=err, check=check)
+    ladder = [min(int(nprobe), lists.nlist)] if nprobe is not None else knn._ladder(lists.nlist)
+    recall, probe, found = 0.0, ladder[0], np.full(len(sample), np.inf)
+    done = 0
     for probe in ladder:  # noqa: B007 -- the last one tried is kept
-        approx = search(rows[sample], probe)
-        recall = float(np.mean(np.isclose(approx, exact, rtol=1e-9, atol=0.0))) if len(sample) else 1.0
-        progress(0.2, f"tuning nprobe: {probe} of {index.nlist} lists finds the exact distance for "
+        search(rows[sample], done, probe, found)
+        done = probe
+        recall = float(np.mean(np.isclose(found, exact, rtol=1e-9, atol=0.0))) if len(sample) else 1.0
+        progress(0.2, f"tuning nprobe: {probe} of {lists.nlist} lists finds the exact distance for "
                       f"{recall:.3f} of the sample (target {target:g})")
         if recall >= target:
             break
     recall_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    r = search(rows, probe, report=lambda f, m: progress(0.2 + 0.8 * f, m))
-    info = {"method": f"faiss-ivf-flat nlist={index.nlist} nprobe={probe}", "nprobe": int(probe),
-            "nlist": int(index.nlist), "recall": recall, "recall_sample": int(len(sample)),
-            "target_recall": target, "below_target": recall < target, "k": int(k),
+    r = np.full(len(rows), np.inf)
+    search(rows, 0, probe, r, report=lambda f, m: progress(0.2 + 0.8 * f, m))
+    info = {"method": f"ivf-list-join nlist={lists.nlist} nprobe={probe}", "nprobe": int(probe),
+            "nlist": int(lists.nlist), "recall": recall, "recall_sample": int(len(sample)),
+            "target_recall": target, "below_target": recall < target,
             "recall_s": recall_s, "search_s": time.perf_counter() - t1}
     return r, info
 
 
-def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
-                   target_recall: float | None = None, recall_sample: int | None = None, seed: int = 0,
-                   max_edges: int | None = None, block: int | None = None, index: Any = None,
-                   progress: Progress | None = None, check: Check | None = None) -> BallGraph:
-    """Approximate ``delta``-balls of every row of ``x``: FAISS ``IndexIVFFlat.range_search``
-    (module docstring, "Large inputs") within :func:`_ivf_search_radius`, the rows in the
-    index's list order, candidates re-tested exactly in float64, made
-    symmetric, with the recall of ball membership measured on a seeded sample of rows
+def _membership_ranks(lists: Any, rows: np.ndarray, exact: Sequence[np.ndarray], chunk: int = 4096) -> np.ndarray:
+    """For every entry of the sample ``rows``' exact balls (own entry left out): the rank of
+    the entry's list among the lists its row probes (``lists.near``; ``nlist`` where beyond
+    them). The join at ``nprobe`` finds exactly the entries of rank below ``nprobe``."""
+    own = np.concatenate([np.full(int(np.count_nonzero(b != i)), i, np.int64) for i, b in zip(rows, exact, strict=True)]
+                         or [np.zeros(0, np.int64)])
+    ent = np.concatenate([b[b != i] for i, b in zip(rows, exact, strict=True)] or [np.zeros(0, np.int64)])
+    ranks = np.full(len(ent), lists.nlist, dtype=np.int64)
+    for s in range(0, len(ent), chunk):
+        near = lists.near[lists.assign[own[s:s + chunk]]]
+        hit = near == lists.assign[ent[s:s + chunk]][:, None]
+        ranks[s:s + chunk] = np.where(hit.any(axis=1), hit.argmax(axis=1), lists.nlist)
+    return ranks
+
+
+def join_ball_graph(x: Any, delta: float, *, nprobe: int | None = None, target_recall: float | None = None,
+                    recall_sample: int | None = None, seed: int = 0, max_edges: int | None = None,
+                    lists: Any = None, progress: Progress | None = None, check: Check | None = None) -> BallGraph:
+    """Approximate ``delta``-balls of every row of ``x`` by joining inverted lists (module
+    docstring, "Large inputs"): the rows of each list against the rows of the ``nprobe``
+    lists nearest it (itself first), one float32 matrix product per list, pairs decided
+    exactly (the float64 test where the product is within its error bound of ``delta``),
+    made symmetric, with the recall of ball membership measured on a seeded sample of rows
     against :func:`exact_balls`. ``nprobe`` (clamped to the lists; all lists: every ball
-    exact) None: the smallest of the k-NN engine's ladder
-    reaching ``target_recall`` (default the engine's) on that sample. ``max_edges`` None:
-    ``min(2^31, available memory / 24 B)`` (the symmetrisation's peak per entry). ``block``
-    None: rows per search block from the tuning's time per query (~``BLOCK_SECONDS``).
-    ``index``: an IVF-Flat :class:`miners.knn.IvfIndex` of ``x`` already built (ProbCover's
-    purity rule built it), else one is built here."""
+    exact) None: the smallest of the k-NN engine's ladder whose recall on that sample
+    reaches ``target_recall`` (default the engine's) — computed from the sample's exact
+    balls and the list numbers alone, since the join finds exactly the entries in the lists
+    it probes. ``max_edges`` None: ``min(2^31, available memory / 24 B)`` (the
+    symmetrisation's peak per entry). ``lists``: :func:`ball_lists` of ``x`` already built
+    (ProbCover's purity rule built them), else built here. ``x`` is never copied whole:
+    each list gathers its candidate rows (a memory map is read list by list)."""
     from miners import knn
 
     progress = progress or _noop_progress
@@ -675,7 +738,7 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     target = knn.TARGET_RECALL if target_recall is None else float(target_recall)
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target_recall must be in (0, 1]; got {target_recall!r}")
-    xa = np.ascontiguousarray(x, dtype=np.float32)
+    xa = _f32_rows(x)
     n = len(xa)
     if max_edges is None:
         max_edges = int(min(_MAX_EDGES, knn._available_bytes() // _SYM_BYTES_PER_ENTRY))
@@ -683,54 +746,66 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
                                or nprobe < 1):
         raise ValueError(f"nprobe must be an integer >= 1 (IVF lists probed per row); got {nprobe!r}")
     t0 = time.perf_counter()
-    if index is None:
-        index = ivf_flat_index(xa, seed=seed, progress=knn._sub(progress, 0.0, 0.1), check=check)
-    elif index.codes != "flat" or index.index.ntotal != n:
-        raise ValueError(f"index must be an IVF-Flat index of the {n:,} rows of x")
-    nlist = index.nlist
+    if lists is None:
+        lists = ball_lists(xa, seed=seed, progress=knn._sub(progress, 0.0, 0.1), check=check)
+    elif len(lists.assign) != n:
+        raise ValueError(f"lists must be the inverted lists of the {n:,} rows of x")
+    nlist = lists.nlist
     build_s = time.perf_counter() - t0
-    # 2. the exact balls of the recall sample, then the nprobe ladder on that sample
+    # the exact balls of the recall sample, then the nprobe ladder on that sample
     t1 = time.perf_counter()
+    err = _f32_error(xa)
     sample = knn._pick_sample(n, knn.RECALL_SAMPLE if recall_sample is None else int(recall_sample), seed)
     progress(0.1, f"recall check: exact {delta:.4g}-balls of {len(sample):,} sample rows")
-    exact = exact_balls(xa, sample, delta, check=check)
-    r2, radius = float(delta) ** 2, _ivf_search_radius(xa.shape[1], delta)
-    sq = xa[sample]
-    # from 1 list up: a ball (radius below the nearest other pseudo-label) lies mostly in its
-    # row's own list (200k x 384, 2,048 lists: nprobe 1 found 0.74 of the entries, 2: 0.96,
-    # 4: 1.0)
+    exact = exact_balls(xa, sample, delta, err=err, check=check)
     ladder = [min(int(nprobe), nlist)] if nprobe is not None else knn._ladder(nlist)
-    search = _list_ordered_search(index)
-    per_query, recall, probe = 0.0, 0.0, ladder[0]
-    for step, probe in enumerate(ladder):  # noqa: B007 — the last one tried is kept
-        check()
-        index.nprobe = probe
-        ts = time.perf_counter()
-        lims, _, idx = search(sq, radius)
-        per_query = (time.perf_counter() - ts) / max(1, len(sample))
-        rows = np.repeat(np.arange(len(sample)), np.diff(lims).astype(np.int64))
-        keep = _pair_test(xa, sample[rows], idx.astype(np.int64), r2)
-        indptr = np.zeros(len(sample) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows[keep], minlength=len(sample)), out=indptr[1:])
-        recall = ball_recall(BallGraph(indptr, idx[keep], float(delta)), sample, exact,
-                             at=np.arange(len(sample)))
-        progress(0.1 + 0.05 * (step + 1) / len(ladder),
-                 f"tuning nprobe: {probe} of {nlist} lists finds {recall:.4f} of the ball entries "
-                 f"(target {target:g})")
+    lists.widen(ladder[-1])
+    ranks = _membership_ranks(lists, sample, exact)
+    recall, probe = 0.0, ladder[0]
+    for probe in ladder:  # noqa: B007 — the last one tried is kept
+        recall = float(np.mean(ranks < probe)) if len(ranks) else 1.0
         if recall >= target:
             break
+    progress(0.15, f"tuning nprobe: {probe} of {nlist} lists finds {recall:.4f} of the ball entries "
+                   f"(target {target:g})")
     recall_s = time.perf_counter() - t1
-    # 3. the graph, in blocks of ~BLOCK_SECONDS
-    if block is None:
-        block = int(min(_RANGE_BLOCK * 4, max(256, knn.BLOCK_SECONDS / max(per_query, 1e-7))))
+    # the graph, list by list
     t2 = time.perf_counter()
-    # rows in inverted-list order, as the k-NN engine searches a pool's own graph (200k x 384,
-    # 200 clusters, nprobe 7: 22.5-24.9 s against 28.0-28.3 s in blocks of consecutive rows)
-    g = _range_blocks(xa, search, delta, block=block, max_edges=max_edges, radius=radius, order=index.list_order(),
-                      what=f"ball graph ({index.method})", progress=knn._sub(progress, 0.15, 0.95),
-                      check=check)
-    method = index.method
-    del index, search  # release the float32 copy before the symmetrisation
+    r2 = float(delta) ** 2
+    sure, band = np.float32(r2 - 2.0 * err), np.float32(r2 + 2.0 * err)
+    balls = _BallParts(n, delta, max_edges)
+    report = knn._sub(progress, 0.15, 0.95)
+    method = f"ivf-list-join nlist={nlist} nprobe={probe}"
+    done, last = 0, -1.0  # the first list reports: a user sees the pass start
+    for c in range(nlist):
+        size = int(lists.offsets[c + 1] - lists.offsets[c])
+        if not size:
+            continue
+        check()
+        cand = lists.members(lists.near[c, :probe])  # the list's own rows first
+        xc = knn._rows(xa, cand)
+        cc = np.einsum("ij,ij->i", xc, xc)
+        step = max(1, (_PAIR_VALUES * 2) // len(cand))  # a product of at most 64 MB
+        for q0 in range(0, size, step):
+            q1 = min(size, q0 + step)
+            d2 = cc[q0:q1, None] + cc[None, :] - np.float32(2.0) * (xc[q0:q1] @ xc.T)
+            inside = d2 <= sure
+            bi, bj = np.nonzero((d2 <= band) & ~inside)  # within float32 error of delta: decided in float64
+            if len(bi):
+                ok = _pair_sq(xc, bi + q0, xc, bj) <= r2
+                inside[bi[ok], bj[ok]] = True
+            del d2
+            qi, ci = np.nonzero(inside)
+            rows, idx = cand[qi + q0], cand[ci]
+            o = np.lexsort((idx, rows))
+            balls.add(rows[o], idx[o], done + q1)
+        done += size
+        el = time.perf_counter() - t2
+        if el - last >= 1.0 or done == n:
+            last = el
+            report(done / max(1, n), f"ball graph ({method}, delta {delta:.4g}): {done:,} of {n:,} rows, "
+                   f"{balls.total:,} entries{knn.eta_text(done, n, el)}")
+    g = balls.graph()
     check()
     progress(0.95, f"ball graph: adding missing reverse entries to {g.n_edges:,}")
     g, added = _symmetrised(g)
@@ -744,69 +819,6 @@ def ivf_ball_graph(x: np.ndarray, delta: float, *, nprobe: int | None = None,
     progress(1.0, f"ball graph: {g.n_edges:,} entries, recall of ball membership {final:.4f} on "
                   f"{len(sample):,} sample rows" + (f" (below the target {target:g})" if info.below_target else ""))
     return g
-
-
-def _f32_error(x: np.ndarray) -> float:
-    """A bound on the absolute error of a float32 ``|q|^2 + |x|^2 - 2 q.x`` between rows
-    of ``x``: ``(d + 4) 2^-23 * 4 max|x|^2`` (each term is at most ``max|x|^2``; a dot
-    product of ``d`` terms errs by at most ``d u`` of its magnitude, plus the three sums)."""
-    if not len(x):
-        return 0.0
-    top = 0.0
-    for s in range(0, len(x), 65_536):
-        blk = np.asarray(x[s:s + 65_536], dtype=np.float64)
-        top = max(top, float(np.einsum("ij,ij->i", blk, blk).max()))
-    return (x.shape[1] + 4) * 2.0**-23 * 4.0 * top
-
-
-def other_label_distance(x: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None, *,
-                         block: int = 1024, chunk: int = 65_536, progress: Progress | None = None,
-                         check: Check | None = None) -> np.ndarray:
-    """``r(x_i) = min_{j : labels_j != labels_i} ||x_i - x_j||`` for the queried ``rows``
-    (default all), exact: float32 ``|q|^2 + |x|^2 - 2 q.x`` over blocks of queries and
-    chunks of rows keeps, per query and chunk, every other-label row within twice the
-    float32 error bound of the chunk's minimum (the true nearest is among them); their
-    distances are then recomputed in float64. ``+inf`` when every row shares the label.
-    ``O(|rows| N d)`` time, ``O(block * chunk)`` memory."""
-    progress = progress or _noop_progress
-    check = check or _noop_check
-    xa = np.ascontiguousarray(x, dtype=np.float32)
-    lab = np.asarray(labels, dtype=np.int64)
-    if lab.shape != (len(xa),):
-        raise ValueError(f"labels must have one entry per row ({len(xa)}); got {lab.shape}")
-    q_rows = np.arange(len(xa)) if rows is None else np.asarray(rows, dtype=np.int64)
-    n = len(xa)
-    xx = np.einsum("ij,ij->i", xa, xa)
-    out = np.full(len(q_rows), np.inf)
-    tol = np.float32(2.0 * _f32_error(xa))
-    t0 = time.perf_counter()
-    for s in range(0, len(q_rows), block):
-        check()
-        qr = q_rows[s:s + block]
-        q, qq, ql = xa[qr], xx[qr], lab[qr]
-        qi_parts, ci_parts = [], []
-        for c0 in range(0, n, chunk):
-            c1 = min(n, c0 + chunk)
-            d2 = qq[:, None] + xx[None, c0:c1] - np.float32(2.0) * (q @ xa[c0:c1].T)
-            d2[ql[:, None] == lab[None, c0:c1]] = np.inf
-            lo = d2.min(axis=1)
-            # a chunk holding only the query's label has lo = inf: inf <= inf would make every
-            # same-label row a candidate (a wrong, too small r and a huge candidate list)
-            qi, ci = np.nonzero((d2 <= (lo + tol)[:, None]) & np.isfinite(d2))
-            qi_parts.append(qi)
-            ci_parts.append(ci + c0)
-        qi, ci = np.concatenate(qi_parts), np.concatenate(ci_parts)
-        if len(qi):
-            diff = xa[qr[qi]].astype(np.float64) - xa[ci].astype(np.float64)
-            d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            best = np.full(len(qr), np.inf)
-            np.minimum.at(best, qi, d)
-            out[s:s + len(qr)] = best
-        done = s + len(qr)
-        el = time.perf_counter() - t0
-        progress(done / max(1, len(q_rows)), f"distance to the nearest other pseudo-label: {done:,} of "
-                 f"{len(q_rows):,} rows{'' if done == len(q_rows) else f', ETA {el * (len(q_rows) - done) / done:.0f} s'}")
-    return out
 
 
 def purity_delta(r: np.ndarray, alpha: float = PROBCOVER_PURITY,
@@ -884,7 +896,7 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
     """
     progress = progress or _noop_progress
     check = check or _noop_check
-    x, n_lab = _stack(pool, labeled)
+    x, n_lab = _stacked_rows(pool, labeled)
     n = len(x)
     n_pool = n - n_lab
     size = _check_size(size, n_pool)
@@ -894,7 +906,9 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
     t0 = time.perf_counter()
     purity = None
     stats: dict[str, Any] = {}
-    exact, index = n <= exact_rows or not n, None
+    exact, lists = n <= exact_rows or not n, None
+    if exact:
+        x = np.ascontiguousarray(x, dtype=np.float32)  # at most exact_rows rows
     if graph is None:
         if delta is None:
             if n_classes is None or isinstance(n_classes, bool) or not isinstance(n_classes, int | np.integer) \
@@ -909,11 +923,10 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
             if exact:
                 r = other_label_distance(x, pseudo, rows, progress=lambda f, m: progress(0.1 + 0.3 * f, m),
                                          check=check)
-            else:  # one IVF index of the rows serves these distances and the ball graph
-                index = ivf_flat_index(x, seed=seed, progress=lambda f, m: progress(0.1 + 0.05 * f, m),
-                                       check=check)
-                r, stats["purity_distances"] = ivf_other_label_distance(
-                    index, x, pseudo, np.arange(n) if rows is None else rows, nprobe=nprobe, seed=seed,
+            else:  # one set of inverted lists serves these distances and the ball graph
+                lists = ball_lists(x, seed=seed, progress=lambda f, m: progress(0.1 + 0.05 * f, m), check=check)
+                r, stats["purity_distances"] = join_other_label_distance(
+                    lists, x, pseudo, np.arange(n) if rows is None else rows, nprobe=nprobe, seed=seed,
                     progress=lambda f, m: progress(0.15 + 0.25 * f, m), check=check)
             delta, purity = purity_delta(r, alpha, deltas)
             stats["purity_sample"] = len(r)
@@ -925,9 +938,9 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         if exact:
             graph = ball_graph(x, float(delta), progress=sub, check=check)
         else:
-            graph = ivf_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, index=index, progress=sub,
-                                   check=check)
-            del index  # the float32 copy of the rows, before the greedy
+            graph = join_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, lists=lists, progress=sub,
+                                    check=check)
+            del lists
     elif len(graph.indptr) != n + 1:
         raise ValueError(f"graph has {len(graph.indptr) - 1} rows; [labeled; pool] has {n}")
     delta = graph.delta
@@ -973,8 +986,10 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         gains.append(len(new))
         if len(new):
             segs = [indices[indptr[v]:indptr[v + 1]] for v in new]
-            # picked and labeled rows hold negative degrees, which only decrease
-            deg -= np.bincount(np.concatenate(segs), minlength=n)
+            # picked and labeled rows hold negative degrees, which only decrease (the rows
+            # touched, not a bincount of all N: 80 MB a pick at 10M rows)
+            touched, times = np.unique(np.concatenate(segs), return_counts=True)
+            deg[touched] -= times
         deg[c] = -1
         if len(picks) % 64 == 0:
             progress(0.8 + 0.2 * len(picks) / max(1, size), f"ProbCover: {len(picks):,} of {size:,} picks")

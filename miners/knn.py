@@ -653,14 +653,24 @@ class ListJoin:
                      f"{eta_text(stop, n, time.perf_counter() - t0)}")
         self.order = np.argsort(self.assign, kind="stable")
         self.offsets = np.concatenate([[0], np.cumsum(np.bincount(self.assign, minlength=nlist))])
-        top = _ladder(nlist)[-1]
-        near = quantizer.search(centroids, min(nlist, top + 1))[1]
-        # each list itself first (a duplicate centroid can tie with it), then its nearest
-        own = np.arange(nlist)[:, None]
-        rest = np.where(near == own, -1, near)
-        rest = np.stack([r[r >= 0][:top - 1] for r in rest]) if top > 1 else np.zeros((nlist, 0), np.int64)
-        self.near = np.concatenate([own, rest], axis=1)
+        self.near = np.zeros((nlist, 0), np.int64)
+        self.widen(_ladder(nlist)[-1])
         self._last: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+
+    def widen(self, probes: int) -> None:
+        """Keep each list's ``probes`` nearest lists (clamped to ``nlist``) in ``near``: the
+        list itself first (a duplicate centroid can tie with it), then the others by
+        centroid distance. The constructor keeps the ladder's top (``nlist / 4``)."""
+        top = min(self.nlist, max(1, int(probes)))
+        if top <= self.near.shape[1]:
+            return
+        quantizer = _faiss().IndexFlatL2(self.centroids.shape[1])
+        quantizer.add(self.centroids)
+        near = quantizer.search(self.centroids, min(self.nlist, top + 1))[1]
+        own = np.arange(self.nlist)[:, None]
+        rest = np.where(near == own, -1, near)
+        rest = np.stack([r[r >= 0][:top - 1] for r in rest]) if top > 1 else np.zeros((self.nlist, 0), np.int64)
+        self.near = np.concatenate([own, rest], axis=1)
 
     def list_order(self) -> np.ndarray:
         return self.order
@@ -669,7 +679,8 @@ class ListJoin:
     def method(self) -> str:
         return f"ivf-list-join nlist={self.nlist} nprobe={self.nprobe}"
 
-    def _members(self, lists: np.ndarray) -> np.ndarray:
+    def members(self, lists: np.ndarray) -> np.ndarray:
+        """Row ids of the given lists, list by list (rows ascending within a list)."""
         return np.concatenate([self.order[self.offsets[c]:self.offsets[c + 1]] for c in lists])
 
     def rung(self, q: np.ndarray, k: int, self_ids: np.ndarray | None, exact_i: np.ndarray, exact_d: np.ndarray
@@ -709,7 +720,7 @@ class ListJoin:
             key = (int(lists[group[0]]), self.nprobe)
             if self._last is None or self._last[0] != key:
                 # a large list spans several blocks of the graph: its candidates are kept
-                cand = self._members(self.near[key[0], :self.nprobe])
+                cand = self.members(self.near[key[0], :self.nprobe])
                 self._last = (key, cand, _rows(self.x, cand))
             _, cand, xc = self._last
             kk = min(len(cand), k + 1 + JOIN_SLACK)

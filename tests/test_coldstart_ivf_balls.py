@@ -1,7 +1,8 @@
-"""ProbCover's approximate delta-ball graph (issue 17): the IVF range search against the
-exact ball graph and the definition (brute-force distances) on small clustered data, its
-recall of ball membership as reported, cancel between blocks, the entry guard, and the
-greedy through the approximate path (the row threshold lowered instead of big data)."""
+"""ProbCover's approximate delta-ball graph (issue 17): the join of inverted lists against
+the exact ball graph and the definition (brute-force distances) on small clustered data,
+its recall of ball membership as reported, cancel between lists, the entry guard, a
+memory-mapped pool read without a whole copy, and the greedy through the approximate path
+(the row threshold lowered instead of big data)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 from miners.coldstart import (
     ball_graph,
     exact_balls,
-    ivf_ball_graph,
-    ivf_flat_index,
-    ivf_other_label_distance,
+    ball_lists,
+    join_ball_graph,
+    join_other_label_distance,
     other_label_distance,
     probcover_select,
 )
@@ -51,26 +52,26 @@ def test_exact_balls_of_sample_rows_are_the_definition():
         np.testing.assert_array_equal(b, want[r])
 
 
-def test_ivf_graph_with_every_list_probed_equals_the_exact_graph():
+def test_join_with_every_list_probed_equals_the_exact_graph():
     x = clustered()
     exact = ball_graph(x, 0.5)
-    approx = ivf_ball_graph(x, 0.5, nprobe=1 << 20)  # clamped to all lists: exhaustive
+    approx = join_ball_graph(x, 0.5, nprobe=1 << 20)  # clamped to all lists: exhaustive
     np.testing.assert_array_equal(approx.indptr, exact.indptr)
     np.testing.assert_array_equal(approx.indices, exact.indices)
     want = balls_direct(x, 0.5)
     assert all(np.array_equal(exact.indices[exact.indptr[i]:exact.indptr[i + 1]], want[i]) for i in range(len(x)))
     info = approx.info
-    assert info["method"].startswith("faiss-ivf-flat") and info["nprobe"] == info["nlist"] > 1
+    assert info["method"].startswith("ivf-list-join") and info["nprobe"] == info["nlist"] > 1
     assert info["recall"] == 1.0 and info["recall_sample"] == 500 and info["reverse_added"] == 0
     assert info["radius"] == 0.5 and exact.info["method"] == "exact"
 
 
-def test_ivf_radius_keeps_pairs_at_the_boundary():
-    """The IVF search's squared radius is widened by a relative float32 bound only (its
-    scanner sums squared differences): pairs whose float64 distance lies within float32
-    rounding of ``delta`` on either side are decided as the definition decides them, none
-    lost to the tighter radius. Pairs far apart from each other; each partner sits at
-    ``~delta`` from its row, so about half the pairs fall inside, many by less than 1e-6."""
+def test_join_decides_pairs_at_the_boundary_as_the_definition():
+    """The join's float32 product decides a pair only where it is farther from ``delta^2``
+    than its error bound; pairs whose float64 distance lies within float32 rounding of
+    ``delta`` on either side are decided in float64, as the definition decides them. Pairs
+    far apart from each other; each partner sits at ``~delta`` from its row, so about half
+    the pairs fall inside, many by less than 1e-6."""
     rng = np.random.default_rng(7)
     n, d = 600, 64
     base = (rng.standard_normal((n, d)) * 10).astype(np.float32)
@@ -81,7 +82,7 @@ def test_ivf_radius_keeps_pairs_at_the_boundary():
     delta = float(np.median(gap))
     assert np.sum(np.abs(gap - delta) < 1e-6 * delta) >= 10  # the boundary is crowded
     want = balls_direct(x, delta)
-    got = ivf_ball_graph(x, delta, nprobe=1 << 20)
+    got = join_ball_graph(x, delta, nprobe=1 << 20)
     for i in range(len(x)):
         np.testing.assert_array_equal(got.indices[got.indptr[i]:got.indptr[i + 1]], want[i])
     assert 0.4 * n <= (got.n_edges - len(x)) / 2 <= 0.6 * n  # each ball holds its own row
@@ -91,7 +92,7 @@ def test_ivf_graph_recall_is_measured_and_reported():
     x = clustered(seed=2)
     want = balls_direct(x, 0.6)
     # the sample is every row, so the reported recall must be the direct one over all rows
-    g = ivf_ball_graph(x, 0.6, nprobe=2, recall_sample=len(x))
+    g = join_ball_graph(x, 0.6, nprobe=2, recall_sample=len(x))
     direct = recall_direct(g, want)
     assert 0.3 < direct < 1.0  # two lists of ~76 miss some balls' rows
     assert g.info["recall"] == pytest.approx(direct, abs=1e-6) and g.info["recall_sample"] == len(x)
@@ -103,13 +104,13 @@ def test_ivf_graph_recall_is_measured_and_reported():
     # (with nprobe 1 each row probes the list it is stored in: found pairs are symmetric anyway)
     assert fwd == {(j, i) for i, j in fwd} and g.info["reverse_added"] > 0
     # nprobe tuned: the first rung of the ladder reaching the target, on the default sample
-    t = ivf_ball_graph(x, 0.6, target_recall=0.99)
+    t = join_ball_graph(x, 0.6, target_recall=0.99)
     assert t.info["recall"] >= 0.99 or t.info["below_target"]
     assert t.info["recall_sample"] == 500 and t.info["nprobe"] > 1
     assert recall_direct(t, want) >= 0.97
 
 
-def test_cancel_mid_graph_raises_before_the_next_block():
+def test_cancel_mid_graph_raises_before_the_next_list():
     x = clustered(4000, seed=3)
     seen: list[str] = []
 
@@ -121,17 +122,19 @@ def test_cancel_mid_graph_raises_before_the_next_block():
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        ivf_ball_graph(x, 0.5, nprobe=4, block=500, progress=lambda f, m: seen.append(m), check=check)
-    blocks = [m for m in seen if m.startswith("ball graph (")]
-    assert len(blocks) == 1 and "500 of 4,000 rows" in blocks[0] and "ETA" in blocks[0]
+        join_ball_graph(x, 0.5, nprobe=4, progress=lambda f, m: seen.append(m), check=check)
+    graph = [m for m in seen if m.startswith("ball graph (")]
+    lists = ball_lists(x, seed=0)  # the same lists (same seed): the first one searched reported
+    first = int(np.diff(lists.offsets)[np.diff(lists.offsets) > 0][0])
+    assert len(graph) == 1 and f"{first:,} of 4,000 rows" in graph[0] and "ETA" in graph[0]
 
 
 def test_max_edges_guard():
     x = clustered(2000, seed=4)
     with pytest.raises(ValueError, match="use a smaller delta"):
-        ivf_ball_graph(x, 2.0, nprobe=8, max_edges=10_000)
+        join_ball_graph(x, 2.0, nprobe=8, max_edges=10_000)
     with pytest.raises(ValueError, match="nprobe must be"):
-        ivf_ball_graph(x, 0.5, nprobe=0)
+        join_ball_graph(x, 0.5, nprobe=0)
 
 
 def test_probcover_through_the_approximate_path():
@@ -145,7 +148,7 @@ def test_probcover_through_the_approximate_path():
     # tuned nprobe: near the same picks and coverage
     near = probcover_select(x, 25, labeled=lab, n_classes=10, seed=1, exact_rows=100)
     info = near.stats["graph"]
-    assert info["method"].startswith("faiss-ivf-flat") and info["recall"] >= 0.95
+    assert info["method"].startswith("ivf-list-join") and info["recall"] >= 0.95
     # the purity rule's distances never fall below the exact ones: neither does its radius
     assert same.stats["purity_distances"]["recall"] == 1.0
     assert near.stats["purity_distances"]["recall"] >= 0.95
@@ -154,53 +157,66 @@ def test_probcover_through_the_approximate_path():
     assert near.covered == pytest.approx(exact.covered, abs=0.02)
 
 
-def test_ivf_other_label_distance_against_the_exact_one():
+def test_join_other_label_distance_against_the_exact_one():
     x = clustered(3000, seed=7)
     labels = np.random.default_rng(7).integers(0, 4, len(x))
     labels[x[:, 0] > 0.2] = 4  # a label with a region of its own: nearest others lie farther
     rows = np.arange(0, len(x), 3)
     want = other_label_distance(x, labels, rows)
-    index = ivf_flat_index(x, seed=0)
-    # every list probed: the exact distances (k nearest other-label rows, re-measured in float64)
-    every, info = ivf_other_label_distance(index, x, labels, rows, nprobe=1 << 20)
+    lists = ball_lists(x, seed=0)
+    # every list probed: the exact distances (every other-label row searched, re-measured in float64)
+    every, info = join_other_label_distance(lists, x, labels, rows, nprobe=1 << 20)
     np.testing.assert_allclose(every, want, rtol=1e-9, atol=0)
     assert info["recall"] == 1.0 and info["nprobe"] == info["nlist"] > 1
     # one list: never below the exact value; the reported recall is the share found exactly
-    one, info = ivf_other_label_distance(index, x, labels, rows, nprobe=1, recall_sample=len(rows))
+    one, info = join_other_label_distance(lists, x, labels, rows, nprobe=1, recall_sample=len(rows))
     assert (one >= want - 1e-12).all()
     direct = float(np.mean(np.isclose(one, want, rtol=1e-9, atol=0)))
     assert 0.0 < direct < 1.0 and info["recall"] == pytest.approx(direct)
     assert info["below_target"] == (direct < info["target_recall"])
     # tuned: the first rung reaching the target on the sample
-    tuned, info = ivf_other_label_distance(index, x, labels, rows, target_recall=0.99)
+    tuned, info = join_other_label_distance(lists, x, labels, rows, target_recall=0.99)
     assert info["recall"] >= 0.99 and info["nprobe"] > 1
     assert float(np.mean(np.isclose(tuned, want, rtol=1e-9, atol=0))) >= 0.97
 
 
-def test_ivf_other_label_distance_cancels_between_blocks():
+def test_join_other_label_distance_cancels_between_lists():
     x = clustered(3000, seed=8)
     labels = np.random.default_rng(8).integers(0, 3, len(x))
-    index = ivf_flat_index(x, seed=0)
+    lists = ball_lists(x, seed=0)
     seen: list[str] = []
 
     class Cancelled(Exception):
         pass
 
     def check():
-        if any("of 3,000 rows" in m for m in seen):
+        if any("lists searched for 3,000 rows" in m for m in seen):
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        ivf_other_label_distance(index, x, labels, np.arange(len(x)), nprobe=2, block=200,
-                                 progress=lambda f, m: seen.append(m), check=check)
-    done = [m for m in seen if "of 3,000 rows" in m]
-    assert len(done) == 1 and "200 of 3,000 rows" in done[0] and "ETA" in done[0]
+        join_other_label_distance(lists, x, labels, np.arange(len(x)), nprobe=2,
+                                  progress=lambda f, m: seen.append(m), check=check)
+    done = [m for m in seen if "lists searched for 3,000 rows" in m]
+    assert len(done) == 1 and f"1 of {lists.nlist:,} lists" in done[0] and "ETA" in done[0]
 
 
-def test_ivf_index_refuses_a_copy_larger_than_the_memory_available(monkeypatch):
-    from miners import knn
-
-    x = clustered(1000, seed=9)
-    monkeypatch.setattr(knn, "_available_bytes", lambda: x.nbytes - 1)  # the machine's memory, not the index
-    with pytest.raises(MemoryError, match="more than the memory available now"):
-        ivf_flat_index(x)
+def test_memory_mapped_rows_are_read_by_list_and_pick_as_in_ram(tmp_path):
+    """A pool on a memory map (as ``load_pool`` hands a 10M-row pool over) stays there: the
+    lists hold the map itself, not a float32 copy (the IVF-Flat index this replaced held
+    one: 15 GB at 10M x 384), and ProbCover picks from it as from the rows in RAM."""
+    x = clustered(20_000, d=32, clusters=200, spread=0.2, seed=10)
+    mm = np.memmap(tmp_path / "pool.f32", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    mm = np.memmap(tmp_path / "pool.f32", dtype=np.float32, mode="r", shape=x.shape)
+    lists = ball_lists(mm, seed=2)
+    assert lists.x is mm
+    g = join_ball_graph(mm, 0.3, nprobe=3, lists=lists)
+    ram = join_ball_graph(x, 0.3, nprobe=3, lists=ball_lists(x, seed=2))
+    np.testing.assert_array_equal(g.indptr, ram.indptr)
+    np.testing.assert_array_equal(g.indices, ram.indices)
+    lab = clustered(30, d=32, clusters=200, spread=0.2, seed=11)
+    want = probcover_select(x, 20, labeled=lab, n_classes=10, seed=2, exact_rows=1000)
+    got = probcover_select(mm, 20, labeled=lab, n_classes=10, seed=2, exact_rows=1000)
+    assert got.rows.tolist() == want.rows.tolist() and got.delta == want.delta
+    assert got.stats["graph"]["method"].startswith("ivf-list-join")

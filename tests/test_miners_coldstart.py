@@ -257,17 +257,18 @@ def test_stacked_rows_read_as_the_concatenation_and_kmeans_on_them_is_kmeans_on_
         typiclust_select(bad, 5, labeled=lab)
 
 
-def test_probcover_stacks_a_large_pool_on_a_memory_map_and_picks_the_same(monkeypatch):
-    from miners import coldstart, mapped
+def test_probcover_reads_the_labeled_rows_above_the_pool_and_names_a_bad_row():
+    from miners import coldstart
+    from miners.clustering import StackedRows
 
     x, _, _ = blobs(seed=5)
     lab, pool = x[:12].astype(np.float32), x[12:].astype(np.float32)
-    want = probcover_select(pool, 6, labeled=lab, delta=1.5)
-    monkeypatch.setattr(mapped, "MEMMAP_ABOVE_BYTES", 1024)
-    stacked, n_lab = coldstart._stack(pool, lab)
-    assert isinstance(stacked, np.memmap) and n_lab == 12
+    stacked, n_lab = coldstart._stacked_rows(pool, lab)
+    assert isinstance(stacked, StackedRows) and stacked.parts[1] is pool and n_lab == 12  # no copy of the pool
     np.testing.assert_array_equal(np.asarray(stacked), np.concatenate([lab, pool]))
     got = probcover_select(pool, 6, labeled=lab, delta=1.5)
+    # the graph of [labeled; pool] in that order gives the same picks
+    want = probcover_select(pool, 6, labeled=lab, graph=coldstart.ball_graph(np.concatenate([lab, pool]), 1.5))
     np.testing.assert_array_equal(got.rows, want.rows)
     bad = pool.copy()
     bad[3, 0] = np.inf
