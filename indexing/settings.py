@@ -284,7 +284,8 @@ PROBCOVER_PURITY_SAMPLE: Final = _define("PROBCOVER_PURITY_SAMPLE", 20_000, "Pro
 PROBCOVER_EXACT_ROWS: Final = _define("PROBCOVER_EXACT_ROWS", 50_000, "ProbCover: up to this many "
                                       "rows (labeled + pool) the purity rule's distances and the "
                                       "delta-ball graph are exact (O(N^2 d)); above, both come from one "
-                                      "IVF-Flat index, each with its recall measured on a sample", "mining")
+                                      "set of inverted lists (a join, no copy of the rows), each with its recall "
+                                      "measured on a sample", "mining")
 CLUSTER_MARGIN_MAX_CLUSTERS: Final = _define("CLUSTER_MARGIN_MAX_CLUSTERS", 2048, "Cluster-Margin: "
                                              "clusters at most, however large the batch (then "
                                              "several rounds of the round-robin)", "mining")

@@ -493,6 +493,15 @@ class Collection:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def _keep_cache(self, version: int) -> None:
+        """This process's group committer wrote ``version`` directly on the cached one (no
+        other commit between) with rows only — no column, index or schema metadata changed —
+        so what is cached still holds: under a write stream (7 commits a second in the
+        writes-only soak) the schema and registry were otherwise read again, a hop to
+        LanceDB's shared event loop, by most validations."""
+        if self._cache_version is not None and version == self._cache_version + 1:
+            self._cache_version = version
+
     def _current_schema(self) -> pa.Schema:
         """The schema, memoised like the registry (reading it is a hop to LanceDB's event
         loop, which every caller of the process shares)."""
@@ -743,6 +752,8 @@ class Collection:
                     version = int(self._merge().when_not_matched_insert_all().execute(batch).version)
                 new = hashes[~found]
                 self._ids.committed(version, inserted=new, created_us=np.full(len(new), now_us))
+                if not added:  # new columns invalidated the cache (and settle commits again)
+                    self._keep_cache(version)
         except BaseException:
             self._drop_pending_fields(added)
             raise
@@ -773,6 +784,7 @@ class Collection:
             present = set(hashes[found].tolist())
         result = self._merge().execute(batch)
         self._ids.committed(int(result.version))
+        self._keep_cache(int(result.version))
         if present is None:
             writes[0].finish(int(result.num_updated_rows))
             return
@@ -816,6 +828,7 @@ class Collection:
                                                self.schema.field("tags")]))
             version = int(self._merge().execute(batch).version)
             self._ids.committed(version)
+            self._keep_cache(version)
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
 
@@ -828,6 +841,7 @@ class Collection:
             preds = [p for w in writes for p in w.payload.predicates]
             result = self._table.delete(preds[0] if len(preds) == 1 else " OR ".join(f"({p})" for p in preds))
             version = int(result.version)
+            self._keep_cache(version)
             by_ids = [w.payload.ids for w in writes]
             if all(ids is not None for ids in by_ids):
                 self._ids.committed(version, removed=hash_ids([i for ids in by_ids for i in ids]))

@@ -37,8 +37,8 @@ classes; a ball is *pure* when all its rows share the pseudo-label of its centre
 ``delta < r(x)``, ``r(x)`` the distance from ``x`` to the nearest row of another
 pseudo-label. ``purity(delta) = #{x : r(x) > delta} / N`` (measured on a seeded sample of
 ``purity_sample`` balls; ``r`` itself is over all rows: exact up to
-``PROBCOVER_EXACT_ROWS`` rows, above through the IVF index of the ball graph, never below
-the exact value, with its measured recall: see :func:`ivf_other_label_distance`) is
+``PROBCOVER_EXACT_ROWS`` rows, above through the inverted lists of the ball graph, never
+below the exact value, with its measured recall: see :func:`join_other_label_distance`) is
 non-increasing; the
 chosen ``delta`` is the largest with ``purity(delta) >= alpha`` (``alpha = 0.95``): with
 ``q = ceil(alpha |S|)`` and ``r`` sorted ascending, the supremum is ``rho = r_(|S| - q + 1)``
@@ -50,45 +50,60 @@ Cost: up to ``PROBCOVER_EXACT_ROWS`` (50,000) rows the ball graph is an exact ra
 in memory: ``O(E)`` for its ``E`` edges, stored as CSR); the greedy touches each edge a
 constant number of times plus an ``O(N)`` argmax per pick. ``r(x)`` costs ``O(|S| N d)``.
 
-Large inputs: the approximate ball graph (:func:`ivf_ball_graph`)
------------------------------------------------------------------
+Large inputs: the approximate ball graph (:func:`join_ball_graph`)
+------------------------------------------------------------------
 At 1M x 384 the exact search is ~3 hours on 2 cores (its own ETA). Above
-``PROBCOVER_EXACT_ROWS`` rows the balls come from a FAISS ``IndexIVFFlat.range_search``
-built by the k-NN graph engine (:class:`miners.knn.IvfIndex`: its ``nlist`` rule, sampled
-training, its nprobe ladder — from 1 list up, as a ball lies mostly in its row's own list —
-and its recall sample size and target, 0.95), rows taken in the index's inverted-list order
-(consecutive queries scan the same lists while they are in cache, as the engine's search
-of a pool's own graph), in blocks of ~``BLOCK_SECONDS`` with ``check()`` before and an ETA
-after each.
+``PROBCOVER_EXACT_ROWS`` rows the balls come from joining the k-NN graph engine's inverted
+lists (:func:`ball_lists`, a :class:`miners.knn.ListJoin`: its ``nlist`` rule, sampled
+training, every row assigned to its nearest centroid; its nprobe ladder — from 1 list up,
+as a ball lies mostly in its row's own list — and its recall sample size and target,
+0.95): list by list, the list's rows against the rows of the ``nprobe`` lists whose
+centroids are nearest its own (itself first), one float32 matrix product per list, with
+``check()`` before each list and progress (rows, entries, ETA) about every second. Only
+list numbers are stored: the rows stay where they are — the pool on its memory map above
+``MEMMAP_ABOVE_BYTES``, ``[labeled; pool]`` stacked without a copy
+(:class:`miners.clustering.StackedRows`) — and each list gathers its candidate rows when
+it is searched. (This replaced a FAISS ``IndexIVFFlat.range_search``, whose index held a
+float32 copy of every row, 15 GB at 10M x 384, so ProbCover could not run there. At 1M x
+384 with the bench pool — ``bench/scale.py --n 1000000 --miners probcover`` — the whole run
+took 181.5 s — a test process shared the 2 cores for about a minute of it — and the server
+peaked at 2.61 GiB RSS, against 203.2 s and 6.63 GiB with IVF-Flat; same ``delta``, 17.39M
+entries against 17.42M, recall 0.995 both.)
 
 The threshold is not the crossover: on 384-d unit vectors around 1,000 centres (spread 0.3,
 delta 0.3649, 2 shared cores) the exact graph took 3.6 s at 20,000 rows and 16.3 s at 50,000,
-the IVF graph 0.9 s (recall 1.0) and 2.5 s (recall 0.959). Up to 50,000 rows the exact graph
+the IVF-Flat graph that preceded the join 0.9 s (recall 1.0) and 2.5 s (recall 0.959). Up to 50,000 rows the exact graph
 costs seconds and is kept for its exactness; beyond, its ``O(N^2 d)`` is what hurts (200,000
-rows: ~7 min by its own ETA). The search
-radius is widened by the float32 error bound of the IVF-Flat scanner's distances (relative:
-:func:`_ivf_search_radius`) and every candidate pair passes the same
-float64 test as the exact graph, so every listed entry is a true one: the only error is a
-missed entry (a row in a list not probed). ``nprobe`` is the first of the ladder whose
-*recall of ball membership* (:func:`ball_recall`: listed share of the exact balls' entries,
-own entries left out) on a seeded sample of ``RECALL_SAMPLE`` rows reaches the target; the
-exact balls of the sample come from :func:`exact_balls` (``O(|S| N d)``, no index). The
-graph is then made symmetric (``j`` in ``B(i)`` iff ``i`` in ``B(j)``, as exact balls are and
-as the greedy's degree update assumes: a pair found from either side is kept), and its
-recall is measured again on the same sample; ``BallGraph.info`` (method, ``nlist``,
-``nprobe``, recall, sample size, timings, entries added by the symmetrisation) lands in
-``ProbCoverResult.stats["graph"]`` and the run's stats. With ``nprobe`` = all lists the
-graph equals the exact one. IVF-Flat, never SQ8 codes: a range test on clipped 8-bit codes
-has no error bound to widen the radius by.
+rows: ~7 min by its own ETA). A pair is decided by the float32 product
+``|q|^2 + |x|^2 - 2 q.x`` where that is farther from ``delta^2`` than twice its error bound
+(:func:`_f32_error`), and by the float64 test of the exact graph where it is nearer, so
+every listed entry is a true one and every true pair in the probed lists is listed: the
+only error is a missed entry (a row in a list not probed). Hence ``nprobe`` is chosen
+without searching: the sample's exact balls (:func:`exact_balls`, ``O(|S| N d)``, no index)
+and the list numbers give the *recall of ball membership* (:func:`ball_recall`: listed
+share of the exact balls' entries, own entries left out) at every rung, and the first rung
+reaching the target is taken. The graph is then made symmetric (``j`` in ``B(i)`` iff ``i``
+in ``B(j)``, as exact balls are and as the greedy's degree update assumes: a pair found
+from either side is kept), and its recall is measured again on the same sample;
+``BallGraph.info`` (method, ``nlist``, ``nprobe``, recall, sample size, timings, entries
+added by the symmetrisation) lands in ``ProbCoverResult.stats["graph"]`` and the run's
+stats. With ``nprobe`` = all lists the graph equals the exact one.
 
-Memory: the CSR holds 4 B per entry (int32 ids) + 8 B per row. 1M rows with balls of a few
-hundred rows (~3e8 entries) is ~1.2 GB; balls of thousands (~1e9+) are not affordable on a
-24 GiB machine once the symmetrisation runs (scipy's transpose and merge: ~24 B per entry at
-its peak, for ``E`` entries before it). ``max_edges`` (default ``min(2^31, available memory
-/ 24 B)``, so that the symmetrisation fits) is checked before each block's pairs are copied:
-a radius whose balls would not fit fails with "use a smaller delta" instead of swapping. The
-IVF index holds a float32 copy of the rows (1.5 GB at 1M x 384), released before the
-symmetrisation.
+The purity rule's distances go through the same lists
+(:func:`join_other_label_distance`): each queried row looks among the rows of its
+``nprobe`` nearest lists; the pass goes list by list, each list gathered once for every
+query probing it, so a memory-mapped pool is read about once rather than once per query.
+
+Memory: the CSR holds 4 B per entry (int32 ids) + 8 B per row; while it is assembled the
+lists' parts hold 8 B per entry more. 1M rows with balls of a few hundred rows (~3e8
+entries) is ~1.2 GB; balls of thousands (~1e9+) are not affordable on a 24 GiB machine once
+the symmetrisation runs (scipy's transpose and merge: ~24 B per entry at its peak, for
+``E`` entries before it). ``max_edges`` (default ``min(2^31, available memory / 24 B)``, so
+that the symmetrisation fits) is checked as each list's entries are added: a radius whose
+balls would not fit fails with "use a smaller delta" instead of swapping. The lists cost
+16 B per row (list numbers and their order), each list's gathered candidates
+``nprobe x`` its rows (~18 MB at 10M rows, 8,192 lists, nprobe 8), a product block at most
+64 MB.
 """
 
 from __future__ import annotations
@@ -885,8 +900,8 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         graph: a precomputed :class:`BallGraph` of ``[labeled; pool]`` (skips the search).
         exact_rows: up to this many ``[labeled; pool]`` rows the purity rule's distances
             and the ball graph are exact (:func:`other_label_distance`, :func:`ball_graph`);
-            above, both come from one IVF-Flat index (:func:`ivf_other_label_distance`,
-            :func:`ivf_ball_graph`), each with its measured recall in ``stats``.
+            above, both come from one set of inverted lists (:func:`join_other_label_distance`,
+            :func:`join_ball_graph`), each with its measured recall in ``stats``.
         nprobe: the approximate path's IVF lists probed per row, for the purity distances
             and the ball graph alike (None: each tuned on its sample).
         progress, check: hooks.

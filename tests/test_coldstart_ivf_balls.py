@@ -11,8 +11,8 @@ import pytest
 
 from miners.coldstart import (
     ball_graph,
-    exact_balls,
     ball_lists,
+    exact_balls,
     join_ball_graph,
     join_other_label_distance,
     other_label_distance,

@@ -482,3 +482,40 @@ def test_the_id_index_notices_writes_of_another_store_on_the_same_root(tmp_path)
     col_a.add_fields([pa.field("extra", pa.int64())])
     assert col_a._ids.current(col_a.version, col_a.table.to_lance().get_transactions)
     assert col_a.upsert([{"id": "x", "n": 5}]).updated == 1
+
+
+def test_a_commit_of_rows_keeps_the_cached_schema_and_another_writers_commit_drops_it(tmp_path, monkeypatch):
+    """The schema, registry and plans are cached per table version; the group committer's
+    own row commits move the cache to their version (re-reading the schema after every
+    commit put a hop to LanceDB's event loop into most validations of a write stream), but
+    a commit by another writer in between — or a new column — must not be carried over."""
+    from indexing import store as store_mod
+
+    monkeypatch.setattr(store_mod, "SCHEMA_RECHECK_S", 0.0)  # check the version on every read
+    a = Store(str(tmp_path), optimize_every=0)
+    col = a.create_collection("c", spaces={"v": 8})
+    col.upsert(_rows(["x0"]))
+    reads = []
+    real = type(col._table).schema
+
+    class Counting(type(col._table)):
+        @property
+        def schema(self):
+            reads.append(1)
+            return real.fget(self)
+
+    col._table.__class__ = Counting
+    col.spaces  # noqa: B018 -- fills the cache at the current version
+    reads.clear()
+    for i in range(3):
+        col.upsert(_rows([f"x{i + 1}"], seed=i))
+        assert col.spaces and col._cache_version == col.version
+    assert reads == []  # rows only, committed here: the cached schema held
+    # a write by another Store (another process) comes between: read again
+    Store(str(tmp_path), optimize_every=0).collection("c").upsert(_rows(["other"]))
+    col.upsert(_rows(["x9"]))
+    assert "v" in col.spaces and reads
+    reads.clear()
+    # a new column travels with a write: the schema is read again and shows it
+    col.upsert(_rows(["x10"], extra=[1]))
+    assert "extra" in col.schema.names and col._current_schema().field("extra") is not None and reads
