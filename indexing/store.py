@@ -566,15 +566,20 @@ class Collection:
 
     def rename_fields(self, renames: Mapping[str, str]) -> None:
         """Rename columns in one commit (a swap such as a -> a_old, b -> a is atomic);
-        indexes and field metadata follow their columns."""
-        with self._schema_lock:
+        indexes and field metadata follow their columns. Index maintenance waits meanwhile
+        (see :meth:`drop_fields`)."""
+        with self._whole_table_work(True), self._schema_lock:
             self._table.alter_columns(*({"path": old, "rename": new} for old, new in renames.items()))
             self._invalidate()
 
     def drop_fields(self, names: Sequence[str]) -> None:
         """Drop columns (and their indexes) in one commit; data files are reclaimed by
-        compaction and cleanup."""
-        with self._schema_lock:
+        compaction and cleanup. Holds the optimize lock, so background index maintenance
+        does not run across the drop: an ``optimize_indices`` begun before it and committed
+        after it left an index on the dropped column, and every later query failed with
+        Lance's "Index referenced a field with id N which did not exist in the schema" (a
+        reindex's swap under load, seen once in CI)."""
+        with self._whole_table_work(True), self._schema_lock:
             self._table.drop_columns(list(names))
             self._invalidate()
 

@@ -519,3 +519,23 @@ def test_a_commit_of_rows_keeps_the_cached_schema_and_another_writers_commit_dro
     # a new column travels with a write: the schema is read again and shows it
     col.upsert(_rows(["x10"], extra=[1]))
     assert "extra" in col.schema.names and col._current_schema().field("extra") is not None and reads
+
+
+def test_dropping_or_renaming_a_column_waits_for_index_maintenance(tmp_path):
+    """Index maintenance (optimize_indices) committed across a column drop left an index on
+    the dropped column, and every later query failed inside Lance; schema changes that move
+    or remove columns wait for the collection's whole-table work to end."""
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c", spaces={"v": 8})
+    col.upsert(_rows([f"r{i}" for i in range(300)]))
+    col.build_index("v", kind="ivf_flat")
+    col.add_fields([pa.field("old", pa.int64())])
+    done = threading.Event()
+    with col._whole_table_work(True):  # as the maintainer updating the indexes
+        t = threading.Thread(target=lambda: (col.rename_fields({"old": "older"}), col.drop_fields(["older"]),
+                                             done.set()))
+        t.start()
+        assert not done.wait(0.5) and "old" in col.schema.names
+    t.join(10)
+    assert done.is_set() and "old" not in col.schema.names and "older" not in col.schema.names
+    assert col.search("v", np.ones(8, np.float32), k=5).num_rows == 5
