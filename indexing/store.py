@@ -757,8 +757,7 @@ class Collection:
                     version = int(self._merge().when_not_matched_insert_all().execute(batch).version)
                 new = hashes[~found]
                 self._ids.committed(version, inserted=new, created_us=np.full(len(new), now_us))
-                if not added:  # new columns invalidated the cache (and settle commits again)
-                    self._keep_cache(version)
+                self._keep_cache(version)
         except BaseException:
             self._drop_pending_fields(added)
             raise

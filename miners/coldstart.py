@@ -67,7 +67,7 @@ it is searched. (This replaced a FAISS ``IndexIVFFlat.range_search``, whose inde
 float32 copy of every row, 15 GB at 10M x 384, so ProbCover could not run there. At 1M x
 384 with the bench pool — ``bench/scale.py --n 1000000 --miners probcover`` — the whole run
 took 181.5 s — a test process shared the 2 cores for about a minute of it — and the server
-peaked at 2.61 GiB RSS, against 203.2 s and 6.63 GiB with IVF-Flat; same ``delta``, 17.39M
+peaked at 2.61 GiB RSS, against 203.2 s and 6.17 GiB with IVF-Flat; same ``delta``, 17.39M
 entries against 17.42M, recall 0.995 both.)
 
 The threshold is not the crossover: on 384-d unit vectors around 1,000 centres (spread 0.3,
@@ -732,7 +732,8 @@ def _membership_ranks(lists: Any, rows: np.ndarray, exact: Sequence[np.ndarray],
 
 def join_ball_graph(x: Any, delta: float, *, nprobe: int | None = None, target_recall: float | None = None,
                     recall_sample: int | None = None, seed: int = 0, max_edges: int | None = None,
-                    lists: Any = None, progress: Progress | None = None, check: Check | None = None) -> BallGraph:
+                    lists: Any = None, err: float | None = None, progress: Progress | None = None,
+                    check: Check | None = None) -> BallGraph:
     """Approximate ``delta``-balls of every row of ``x`` by joining inverted lists (module
     docstring, "Large inputs"): the rows of each list against the rows of the ``nprobe``
     lists nearest it (itself first), one float32 matrix product per list, pairs decided
@@ -745,7 +746,8 @@ def join_ball_graph(x: Any, delta: float, *, nprobe: int | None = None, target_r
     it probes. ``max_edges`` None: ``min(2^31, available memory / 24 B)`` (the
     symmetrisation's peak per entry). ``lists``: :func:`ball_lists` of ``x`` already built
     (ProbCover's purity rule built them), else built here. ``x`` is never copied whole:
-    each list gathers its candidate rows (a memory map is read list by list)."""
+    each list gathers its candidate rows (a memory map is read list by list). ``err``:
+    :func:`_f32_error` of ``x`` when known (a pass over every row: 10M rows in float64)."""
     from miners import knn
 
     progress = progress or _noop_progress
@@ -769,7 +771,7 @@ def join_ball_graph(x: Any, delta: float, *, nprobe: int | None = None, target_r
     build_s = time.perf_counter() - t0
     # the exact balls of the recall sample, then the nprobe ladder on that sample
     t1 = time.perf_counter()
-    err = _f32_error(xa)
+    err = _f32_error(xa) if err is None else err
     sample = knn._pick_sample(n, knn.RECALL_SAMPLE if recall_sample is None else int(recall_sample), seed)
     progress(0.1, f"recall check: exact {delta:.4g}-balls of {len(sample):,} sample rows")
     exact = exact_balls(xa, sample, delta, err=err, check=check)
@@ -921,9 +923,11 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
     t0 = time.perf_counter()
     purity = None
     stats: dict[str, Any] = {}
-    exact, lists = n <= exact_rows or not n, None
+    exact, lists, err = n <= exact_rows or not n, None, None
     if exact:
         x = np.ascontiguousarray(x, dtype=np.float32)  # at most exact_rows rows
+    elif graph is None:
+        err = _f32_error(x)  # once, for the purity distances and the ball graph
     if graph is None:
         if delta is None:
             if n_classes is None or isinstance(n_classes, bool) or not isinstance(n_classes, int | np.integer) \
@@ -941,7 +945,7 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
             else:  # one set of inverted lists serves these distances and the ball graph
                 lists = ball_lists(x, seed=seed, progress=lambda f, m: progress(0.1 + 0.05 * f, m), check=check)
                 r, stats["purity_distances"] = join_other_label_distance(
-                    lists, x, pseudo, np.arange(n) if rows is None else rows, nprobe=nprobe, seed=seed,
+                    lists, x, pseudo, np.arange(n) if rows is None else rows, nprobe=nprobe, seed=seed, err=err,
                     progress=lambda f, m: progress(0.15 + 0.25 * f, m), check=check)
             delta, purity = purity_delta(r, alpha, deltas)
             stats["purity_sample"] = len(r)
@@ -953,8 +957,8 @@ def probcover_select(pool: np.ndarray, size: int, *, labeled: np.ndarray | None 
         if exact:
             graph = ball_graph(x, float(delta), progress=sub, check=check)
         else:
-            graph = join_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, lists=lists, progress=sub,
-                                    check=check)
+            graph = join_ball_graph(x, float(delta), nprobe=nprobe, seed=seed, lists=lists, err=err,
+                                    progress=sub, check=check)
             del lists
     elif len(graph.indptr) != n + 1:
         raise ValueError(f"graph has {len(graph.indptr) - 1} rows; [labeled; pool] has {n}")
