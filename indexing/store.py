@@ -866,8 +866,12 @@ class Collection:
         collection's in-memory id index (:mod:`indexing.id_index`), rebuilt from one scan
         of ``id`` and ``created_at`` when another process has written since."""
         hashes = hash_ids(ids)
-        dataset = self._table.to_lance()
-        if not self._ids.current(dataset.version, dataset.get_transactions):
+        # The table's version, not a Lance dataset opened at it (~2 ms after each commit):
+        # one is opened only to read other commits' transactions or to rebuild.
+        latest = int(self._table.version)
+        if not self._ids.current(
+                latest, lambda n: self._table.to_lance().checkout_version(latest).get_transactions(n)):
+            dataset = self._table.to_lance()
             self._ids.rebuild(dataset.version,
                               dataset.to_batches(columns=["id", "created_at"], batch_size=262_144))
         found, created = self._ids.lookup(hashes)
