@@ -202,13 +202,19 @@ ID_CHUNK: Final = _define("ID_CHUNK", 10_000, "ids per `id IN (...)` lookup", "s
 COMPACT_KEEP_ROWS: Final = _define("COMPACT_KEEP_ROWS", 32_768, "fragments at least this big are "
                                    "left alone by compaction unless over 10% of their rows are "
                                    "deleted", "store")
-# LanceDB's caches (shared by every table handle of a store): the index cache holds
-# vector/scalar index pages, the metadata cache manifests and fragment metadata — per
-# version, which a steady write stream makes many of. Bounded, so memory stays flat.
+# LanceDB's caches (shared by every collection of a store; assay's own tables have their
+# own, smaller pair): the index cache holds vector/scalar index pages, the metadata cache
+# manifests and fragment metadata — per version, which a steady write stream makes many
+# of. Bounded, so memory stays flat.
 INDEX_CACHE_BYTES: Final = _define("INDEX_CACHE_BYTES", 1 << 30, "LanceDB's index cache, shared "
-                                   "by the store's tables", "store")
+                                   "by the store's collections", "store")
 METADATA_CACHE_BYTES: Final = _define("METADATA_CACHE_BYTES", 64 << 20, "LanceDB's metadata "
-                                      "(manifest) cache, shared by the store's tables", "store")
+                                      "(manifest) cache, shared by the store's collections", "store")
+SYSTEM_INDEX_CACHE_BYTES: Final = _define("SYSTEM_INDEX_CACHE_BYTES", 32 << 20, "LanceDB's index cache "
+                                          "of assay's own tables (runs, results, jobs, datasets), "
+                                          "apart from the collections'", "store")
+SYSTEM_METADATA_CACHE_BYTES: Final = _define("SYSTEM_METADATA_CACHE_BYTES", 16 << 20, "LanceDB's "
+                                             "metadata cache of assay's own tables", "store")
 MAX_IMAGE_BYTES: Final = _define("MAX_IMAGE_BYTES", 256 << 20, "largest image file read", "store")
 IMAGE_CONNECT_TIMEOUT_S: Final = _define("IMAGE_CONNECT_TIMEOUT_S", 10.0, "connecting to S3 "
                                          "for an image may take this long (s)", "store")

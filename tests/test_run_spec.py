@@ -5,6 +5,7 @@ open unchanged, and integer parameters stay integers end to end."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import fields
 
 import lancedb
@@ -13,6 +14,11 @@ import pyarrow as pa
 import pytest
 
 from indexing.errors import NotFound
+from indexing.settings import (
+    RUNS_MAINTAIN_EVERY,
+    SYSTEM_INDEX_CACHE_BYTES,
+    SYSTEM_METADATA_CACHE_BYTES,
+)
 from indexing.store import Store
 from miners.runs import REQUEST_FIELDS, RUNS_SCHEMA, STAGE_FIELDS, RunSpec, RunStore
 from protos.assay.v1 import mining_pb2
@@ -229,3 +235,26 @@ def test_run_records_are_read_once_then_served_from_memory(tmp_path):
     assert runs.get(rec.run_id) == rec
     with pytest.raises(NotFound):
         RunStore(Store(str(tmp_path))).get(rec.run_id)
+
+
+def test_run_tables_use_their_own_bounded_cache_not_the_collections(tmp_path):
+    """Every compaction of ``_runs``/``_run_results`` re-indexes their BTREE, and each index
+    version left pages in LanceDB's cache: in one cache shared with the collections (bounded
+    at 1 GiB for vector indexes) they piled up run after run. Assay's own tables now have a
+    cache of their own, bounded small; the collections' cache does not see them."""
+    store = Store(str(tmp_path), index_cache_bytes=1 << 30)
+    runs = RunStore(store)
+    shared_before = store.session.size_bytes
+    for i in range(3 * RUNS_MAINTAIN_EVERY):  # several compactions and re-indexings
+        rec = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+        runs.write_results(rec, [f"r{i}-{j}" for j in range(5)], np.arange(5, dtype=float))
+        runs.update(rec, state="SUCCEEDED")
+        assert runs.get(rec.run_id).state == "SUCCEEDED"
+    for _ in range(200):  # the last maintenance runs in a background thread
+        if not runs._maintaining:
+            break
+        time.sleep(0.05)
+    assert runs._runs.list_indices(), "the maintenance gave _runs its BTREE"
+    assert runs.results(rec.run_id).num_rows == 5
+    assert store.session.size_bytes == shared_before, (shared_before, store.session.size_bytes)
+    assert 0 < store.system_session.size_bytes <= SYSTEM_INDEX_CACHE_BYTES + SYSTEM_METADATA_CACHE_BYTES
