@@ -208,14 +208,14 @@ class Store:
         self.max_versions = max_versions
         policy = maintenance or (MaintenancePolicy(fanout=max(2, optimize_every)) if optimize_every else None)
         self.maintainer = Maintainer(policy) if policy is not None else None
+
+        def connect(session: lancedb.Session) -> lancedb.DBConnection:
+            return lancedb.connect(self.root, storage_options=self.storage_options or None,
+                                   read_consistency_interval=read_consistency_interval, session=session)
+
         self.session = lancedb.Session(index_cache_size_bytes=index_cache_bytes,
                                        metadata_cache_size_bytes=metadata_cache_bytes)
-        self._db = lancedb.connect(
-            self.root,
-            storage_options=self.storage_options or None,
-            read_consistency_interval=read_consistency_interval,
-            session=self.session,
-        )
+        self._db = connect(self.session)
         # assay's own tables (runs, results, jobs, datasets) through a connection with
         # caches of their own: each is compacted and its BTREE re-indexed every few dozen
         # writes, and every index version left pages in a shared cache that only its byte
@@ -223,12 +223,7 @@ class Store:
         # by ~75 KB a run, towards INDEX_CACHE_BYTES (1 GiB), and the server's RSS with it.
         self.system_session = lancedb.Session(index_cache_size_bytes=SYSTEM_INDEX_CACHE_BYTES,
                                               metadata_cache_size_bytes=SYSTEM_METADATA_CACHE_BYTES)
-        self._system_db = lancedb.connect(
-            self.root,
-            storage_options=self.storage_options or None,
-            read_consistency_interval=read_consistency_interval,
-            session=self.system_session,
-        )
+        self._system_db = connect(self.system_session)
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._lock_files: dict[str, Any] = {}
