@@ -167,6 +167,10 @@ class Maintainer:
 
     def _maintain(self, col: Collection, st: _State) -> None:
         p, now = self.policy, time.monotonic()
+        if col.closed:  # dropped (its folder is going) or its store closing: nothing to keep up
+            with self._cv:
+                self._states.pop(col, None)
+            return
         try:
             if st.commits_since_check >= p.fanout:
                 st.commits_since_check = 0

@@ -371,12 +371,22 @@ class Store:
             return col
 
     def drop_collection(self, name: str) -> None:
+        """Drop collection ``name`` (its table and folder). Writes to it are refused from
+        now on, and background work on it — an index update or a compaction, which write
+        files into the folder — is waited for first: removing the folder under it failed
+        with "Directory not empty". The maintainer skips the collection from then on."""
         check_collection_name(name)
         with self._lock:
             if name not in self._table_names():
                 raise NotFound(f"collection '{name}' not found under {self.root}")
+            col = self._collections.pop(name, None)
+        if col is None:  # never opened by this process: nothing of ours works on it
             self._db.drop_table(name)
-            self._collections.pop(name, None)
+            return
+        col._committer.close()
+        # the order the maintainer takes them (an index update, then the commit slot)
+        with col._whole_table_work(True), col._write_lock:
+            self._db.drop_table(name)
 
     def describe(self, name: str) -> dict[str, Any]:
         return self.collection(name).describe()
@@ -471,6 +481,11 @@ class Collection:
         self._cache: dict[Any, Any] = {}
 
     # -- registry ------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the collection was dropped or its store closed: writes are refused."""
+        return self._committer.closed
 
     @property
     def table(self) -> lancedb.table.Table:

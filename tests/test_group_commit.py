@@ -539,3 +539,31 @@ def test_dropping_or_renaming_a_column_waits_for_index_maintenance(tmp_path):
     t.join(10)
     assert done.is_set() and "old" not in col.schema.names and "older" not in col.schema.names
     assert col.search("v", np.ones(8, np.float32), k=5).num_rows == 5
+
+
+def test_dropping_a_collection_waits_for_its_maintenance_and_ends_it(tmp_path):
+    """An index update running while the collection was dropped wrote index files into the
+    folder being removed ("Directory not empty", an INTERNAL to the caller): the drop waits
+    for the collection's whole-table work and commit slot, refuses writes from then on, and
+    the maintainer forgets the collection instead of working on a folder that is gone."""
+    store = Store(str(tmp_path))
+    col = store.create_collection("c", spaces={"v": 8})
+    col.upsert(_rows([f"r{i}" for i in range(300)]))
+    assert store.maintainer is not None and col in store.maintainer._states
+    done = threading.Event()
+    with col._whole_table_work(True):  # as the maintainer updating the indexes
+        t = threading.Thread(target=lambda: (store.drop_collection("c"), done.set()))
+        t.start()
+        assert not done.wait(0.5)
+        assert os.path.isdir(os.path.join(str(tmp_path), "c.lance"))  # not removed under the work
+    t.join(10)
+    assert done.is_set() and not os.path.exists(os.path.join(str(tmp_path), "c.lance"))
+    assert col.closed
+    with pytest.raises(Exception, match="closing"):
+        col.upsert(_rows(["late"]))
+    st = store.maintainer._states.get(col)  # (its own thread may have got there first)
+    if st is not None:
+        store.maintainer._maintain(col, st)  # its next pass
+    assert col not in store.maintainer._states and store.maintainer.errors == 0
+    with pytest.raises(NotFound):
+        store.collection("c")
