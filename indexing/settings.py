@@ -341,6 +341,10 @@ RUN_RECORDS_CACHED: Final = _define("RUN_RECORDS_CACHED", 1024, "mining run reco
 RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 60.0, "seconds between removals of "
                                       "the mining run tables' old versions (those over a minute old: "
                                       "nothing reads them, and each read lists the versions kept)", "service")
+JOB_RECORDS_KEPT: Final = _define("JOB_RECORDS_KEPT", 1024, "ended job records the server keeps in "
+                                  "memory, newest first; older ones are read from `_jobs` when asked "
+                                  "for (held, every record since the data root began grew the "
+                                  "server without bound)", "service")
 JOBS_COMPACT_EVERY: Final = _define("JOBS_COMPACT_EVERY", 32, "job record writes between "
                                     "compactions of the `_jobs` table (each record write joins on "
                                     "`id` across its fragments: at 200, 600 sequential mining runs "

@@ -2,10 +2,13 @@
 
 Jobs run in threads of this process (LanceDB releases the GIL in its Rust core, and
 threads avoid the fork-after-LanceDB crash entirely). Each job's record — kind,
-collection, parameters, state, progress, result, error, timestamps — is kept in memory
-and written to the ``_jobs`` table under the data root on every state change (progress at
-most once a second). When the server starts, records left PENDING or RUNNING by a previous
-process are marked INTERRUPTED, so a crash or restart is reported, not forgotten.
+collection, parameters, state, progress, result, error, timestamps — is written to the
+``_jobs`` table under the data root when it is created and when it ends (progress at most
+once a second) and served from memory while the job runs and for the newest
+``JOB_RECORDS_KEPT`` ended jobs; older records are read from the table when asked for, so a
+server that has run millions of jobs holds no more of them than a new one. When the server
+starts, records left PENDING or RUNNING by a previous process are marked INTERRUPTED, so a
+crash or restart is reported, not forgotten.
 
 A job function receives a :class:`JobContext`: it reports progress with
 ``ctx.progress(fraction, message)`` and calls ``ctx.check()`` at safe points, which
@@ -24,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from indexing.errors import (
@@ -32,8 +36,9 @@ from indexing.errors import (
     ResourceExhausted,
     classify_error,
 )
+from indexing.filters import ids_predicate, sql_quote
 from indexing.maintenance import SYSTEM_TABLE_RETENTION, compact_table
-from indexing.settings import COMPACT_KEEP_ROWS
+from indexing.settings import COMPACT_KEEP_ROWS, ID_CHUNK, JOB_RECORDS_KEPT
 from indexing.settings import JOBS_COMPACT_EVERY as COMPACT_EVERY
 from indexing.store import Collection, Store
 
@@ -130,8 +135,14 @@ class JobManager:
     def __init__(self, store: Store, *, workers: int = 2, max_queued: int = 64) -> None:
         self.store = store
         self.kinds: dict[str, JobKind] = {}
+        # every job not ended, and the newest JOB_RECORDS_KEPT ended ones (insertion order:
+        # ended ones are dropped oldest first); the others are only in the table
         self._jobs: dict[str, JobRecord] = {}
-        self._contexts: dict[str, JobContext] = {}
+        self._ended_held = 0  # ended records in _jobs
+        # the newest created_at of a record not held (0: all are): list() reads the table
+        # for what is older
+        self._horizon = 0.0
+        self._contexts: dict[str, JobContext] = {}  # jobs not ended
         self._changed = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="assay-job")
         self._futures: dict[str, Future[None]] = {}  # the worker-thread runs of jobs not ended
@@ -148,19 +159,37 @@ class JobManager:
     def _open_table(self) -> Any:
         return self.store.system_table(JOBS_TABLE, _JOBS_SCHEMA, "id")
 
+    def _read(self, where: str) -> list[JobRecord]:
+        return [JobRecord.from_row(row) for row in self._table.search().where(where).limit(None)
+                .to_arrow().to_pylist()]
+
     def _recover(self) -> None:
-        rows = self._table.search().limit(None).to_arrow().to_pylist()
+        """Hold the records of jobs a previous process left unfinished (marked INTERRUPTED)
+        and of the newest ``JOB_RECORDS_KEPT`` ended ones; only their ids, states and
+        creation times are read for the rest."""
+        index = self._table.search().select(["id", "state", "created_at"]).limit(None).to_arrow()
+        created = np.nan_to_num(index.column("created_at").to_numpy(zero_copy_only=False), nan=0.0)
+        ended = np.isin(index.column("state").to_numpy(zero_copy_only=False), list(TERMINAL))
+        ended_rows = np.flatnonzero(ended)
+        newest = ended_rows[np.argsort(-created[ended_rows], kind="stable")]
+        held = np.sort(np.concatenate([np.flatnonzero(~ended), newest[:JOB_RECORDS_KEPT]]))
+        if len(newest) > JOB_RECORDS_KEPT:
+            self._horizon = float(created[newest[JOB_RECORDS_KEPT:]].max())
+        ids = index.column("id").take(pa.array(held, pa.int64())).to_pylist()
+        records = [rec for start in range(0, len(ids), ID_CHUNK)
+                   for rec in self._read(ids_predicate(ids[start:start + ID_CHUNK]))]
         interrupted = []
-        for row in rows:
-            rec = JobRecord.from_row(row)
+        for rec in sorted(records, key=lambda r: r.created_at):
             if not rec.done:
                 rec = replace(rec, state=INTERRUPTED, finished_at=time.time(),
                               message="the server stopped while this job was "
                                       f"{rec.state.lower()}; start it again")
                 interrupted.append(rec)
             self._jobs[rec.id] = rec
+        self._ended_held = len(self._jobs)
         for rec in interrupted:
             self._persist(rec, force=True)
+        self._forget_ended()
         if interrupted:
             log.warning("marked %d job(s) left unfinished by a previous server as INTERRUPTED", len(interrupted))
 
@@ -221,15 +250,27 @@ class JobManager:
 
     def get(self, job_id: str) -> JobRecord:
         rec = self._jobs.get(job_id)
+        if rec is None and self._horizon:  # an ended job no longer held
+            found = self._read(f"id = {sql_quote(job_id)}")
+            rec = found[0] if found else None
         if rec is None:
             raise NotFound(f"job '{job_id}' not found")
         return rec
 
     def list(self, *, collection: str | None = None, states: set[str] | None = None,
              limit: int = 100) -> list[JobRecord]:
-        jobs = [j for j in self._jobs.values()
-                if (not collection or j.collection == collection) and (not states or j.state in states)]
-        jobs.sort(key=lambda j: j.created_at, reverse=True)
+        def wanted(j: JobRecord) -> bool:
+            return (not collection or j.collection == collection) and (not states or j.state in states)
+
+        held = dict(self._jobs)
+        jobs = sorted((j for j in held.values() if wanted(j)), key=lambda j: j.created_at, reverse=True)
+        horizon = self._horizon
+        if horizon and (len(jobs) < limit or jobs[limit - 1].created_at <= horizon):
+            # the newest `limit` may include records no longer held: those are older than
+            # the horizon, read from the table (records held win: they are newer)
+            older = [j for j in self._read(f"created_at <= {horizon!r}")
+                     if j.id not in held and wanted(j)]
+            jobs = sorted(jobs + older, key=lambda j: j.created_at, reverse=True)
         return jobs[:limit]
 
     def cancel(self, job_id: str) -> JobRecord:
@@ -277,19 +318,19 @@ class JobManager:
         deadline = time.monotonic() + grace
         pending = [j.id for j in self._jobs.values() if not j.done]
         for job_id in pending:
-            if self._jobs[job_id].state == PENDING:
-                self._contexts[job_id].cancel_event.set()
+            if self.get(job_id).state == PENDING:
+                self._cancel_event(job_id)
                 self._finish(job_id, INTERRUPTED, message="the server shut down before the job started")
         half = time.monotonic() + grace / 2
         for job_id in pending:
             self.wait(job_id, timeout=max(0.0, half - time.monotonic()))
         for job_id in pending:
-            if not self._jobs[job_id].done:
-                self._contexts[job_id].cancel_event.set()
+            if not self.get(job_id).done:
+                self._cancel_event(job_id)
         for job_id in pending:
             self.wait(job_id, timeout=max(0.0, deadline - time.monotonic()))
         for job_id in pending:
-            if not self._jobs[job_id].done:
+            if not self.get(job_id).done:
                 self._finish(job_id, INTERRUPTED, message="the server shut down while the job was running")
         # A job's record ends just before its thread returns: give the threads a moment.
         running = [f for f in list(self._futures.values()) if not f.done()]
@@ -302,11 +343,15 @@ class JobManager:
 
     # -- internals -----------------------------------------------------------------
 
+    def _cancel_event(self, job_id: str) -> None:
+        if (ctx := self._contexts.get(job_id)) is not None:  # (none once the job has ended)
+            ctx.cancel_event.set()
+
     def _update(self, job_id: str, **changes: Any) -> JobRecord:
         with self._changed:
-            rec = self._jobs[job_id]
-            if rec.done:
-                return rec
+            rec = self._jobs.get(job_id)
+            if rec is None or rec.done:
+                return rec or self.get(job_id)
             rec = replace(rec, **changes)
             self._jobs[job_id] = rec
             self._changed.notify_all()
@@ -318,9 +363,9 @@ class JobManager:
 
     def _finish(self, job_id: str, state: str, **changes: Any) -> None:
         with self._changed:
-            if self._jobs[job_id].done:
+            if (held := self._jobs.get(job_id)) is None or held.done:
                 return
-            rec = replace(self._jobs[job_id], state=state, finished_at=time.time(), **changes)
+            rec = replace(held, state=state, finished_at=time.time(), **changes)
         # Persist before anyone can see the end state: whoever waits on the job (a client,
         # or shutdown() followed by a new server reading the records) must find it saved.
         self._persist(rec, force=True)
@@ -328,11 +373,28 @@ class JobManager:
             if self._jobs[job_id].done:
                 return
             self._jobs[job_id] = rec
+            self._ended_held += 1
+            self._contexts.pop(job_id, None)
+            self._last_persist.pop(job_id, None)
+            self._forget_ended()
             self._changed.notify_all()
         log.info("job %s (%s on %s) %s %s", job_id, rec.kind, rec.collection, state, rec.error or rec.message)
 
+    def _forget_ended(self) -> None:
+        """Drop the oldest ended records beyond ``JOB_RECORDS_KEPT`` from memory (they are
+        in the table: an ended record is saved before it is held)."""
+        if self._ended_held <= JOB_RECORDS_KEPT:
+            return
+        for job_id, rec in list(self._jobs.items()):  # insertion order: oldest first
+            if rec.done and job_id not in self._unsaved:  # (an unsaved one is only here)
+                del self._jobs[job_id]
+                self._horizon = max(self._horizon, rec.created_at)
+                self._ended_held -= 1
+                if self._ended_held <= JOB_RECORDS_KEPT:
+                    return
+
     def _run(self, job_id: str, col: Collection, ctx: JobContext) -> None:
-        if ctx.cancelled or self._jobs[job_id].done:
+        if ctx.cancelled or self.get(job_id).done:
             return
         rec = self._update(job_id, state=RUNNING, started_at=time.time(), message="running")
         try:

@@ -3,6 +3,11 @@ the _jobs table is compacted as records change."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+
+from indexing.errors import NotFound
 from service import jobs as jobs_module
 from service.jobs import JobKind, JobManager
 
@@ -24,3 +29,42 @@ def test_records_persist_and_the_jobs_table_is_compacted(store, monkeypatch):
     again = JobManager(store)
     assert {j.id: j.state for j in again.list()} == {**{d.id: "SUCCEEDED" for d in done}, failed.id: "FAILED"}
     assert again.get(done[3].id).result == {"n": 6}
+
+
+def test_only_the_newest_ended_jobs_are_held_and_the_rest_are_read_from_the_table(store, monkeypatch):
+    """A long-lived server holds the jobs not ended and the newest JOB_RECORDS_KEPT ended
+    ones; get and list serve the older ones from the table, before and after a restart."""
+    monkeypatch.setattr(jobs_module, "JOB_RECORDS_KEPT", 3)
+    store.create_collection("c")
+    store.create_collection("d")
+    manager = JobManager(store, workers=2)
+    release = threading.Event()
+    manager.register("echo", JobKind(run=lambda ctx, col, p: {"n": p["n"]}))
+    manager.register("boom", JobKind(run=lambda ctx, col, p: 1 / 0))
+    manager.register("hold", JobKind(run=lambda ctx, col, p: {"held": release.wait(30)}))
+    held = manager.start("hold", "c", {})
+    ids = []
+    for i in range(8):
+        job = manager.start("boom" if i == 1 else "echo", "c" if i % 2 == 0 else "d", {} if i == 1 else {"n": i})
+        assert manager.wait(job.id, timeout=30).done
+        ids.append(job.id)
+    assert set(manager._jobs) == {held.id, *ids[-3:]}  # the running one and the newest three ended
+    assert set(manager._contexts) == {held.id} and set(manager._last_persist) <= {held.id}
+    assert manager.get(ids[0]).result == {"n": 0}  # from the table
+    assert manager.get(ids[1]).state == "FAILED" and "ZeroDivisionError" in manager.get(ids[1]).error
+    assert [j.id for j in manager.list()] == [*ids[::-1], held.id]
+    assert [j.id for j in manager.list(limit=5)] == ids[::-1][:5]
+    assert [j.id for j in manager.list(collection="d")] == [ids[7], ids[5], ids[3], ids[1]]
+    assert [j.id for j in manager.list(states={"FAILED"})] == [ids[1]]
+    assert [j.id for j in manager.list(states={"RUNNING"})] == [held.id]
+    with pytest.raises(NotFound):
+        manager.get("no-such-job")
+    release.set()
+    assert manager.wait(held.id, timeout=30).result == {"held": True}
+    assert len(manager._jobs) == 3 and not manager._contexts
+    manager.shutdown(1)
+
+    again = JobManager(store)
+    assert set(again._jobs) == set(ids[-3:])  # the newest three by creation
+    assert [j.id for j in again.list()] == [*ids[::-1], held.id]
+    assert again.get(ids[2]).result == {"n": 2} and again.get(held.id).state == "SUCCEEDED"
