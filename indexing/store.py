@@ -778,6 +778,9 @@ class Collection:
                 batch, now_us = self._with_timestamps(combined, found, created)
                 if not found.any() and self.store.local:
                     version = int(self._table.add(batch).version)
+                elif (whole := self._whole_rows(batch, combined.column("id"), found)) is not None:
+                    version = int(self._table.merge_insert("id").when_matched_update_all()
+                                  .when_not_matched_insert_all().use_index(True).execute(whole).version)
                 else:
                     version = int(self._merge().when_not_matched_insert_all().execute(batch).version)
                 new = hashes[~found]
@@ -883,8 +886,36 @@ class Collection:
         """``merge_insert`` on ``id`` updating matched rows — joined by a scan of ``id``, not
         through the BTREE: with the index, Lance 13 updates a batch that carries some of the
         columns by rewriting every fragment it touches (1M rows, 160 rows updated: ~2 s a
-        merge, against ~0.2 s joined by a scan, which deletes and appends the rows)."""
+        merge, against ~0.2 s joined by a scan, which deletes and appends the rows). An
+        upsert of a few existing rows goes through the BTREE all the same, its batch made
+        whole first (:meth:`_whole_rows`)."""
         return self._table.merge_insert("id").when_matched_update_all().use_index(False)
+
+    def _whole_rows(self, batch: pa.Table, ids: pa.ChunkedArray, found: np.ndarray) -> pa.Table | None:
+        """``batch`` with every column of the table, for a merge through the BTREE on ``id``
+        (which deletes and appends the matched rows, as the scan does, but reads no more of
+        the table than the rows it matches): a column the batch lacks is filled with the
+        stored values of the rows that exist (one ``id IN (...)`` lookup through the same
+        index) and null for new rows — what a merge of the columns given leaves in them.
+        The scan join it replaces reads every ``id`` of the table per commit: a 20-row
+        upsert, half of it updates, took 106 ms on 1M rows and 33 ms on 200k; whole, through
+        the index, 21 and 18 ms. None (merge by a scan) above ``ID_CHUNK`` existing rows,
+        where one scan is the cheaper read, or if the lookup does not find them all."""
+        existing = int(found.sum())
+        if existing > ID_CHUNK:
+            return None
+        schema = self.schema
+        missing = [f.name for f in schema if f.name not in batch.column_names]
+        filled: dict[str, pa.ChunkedArray | pa.Array] = {}
+        if missing and existing:
+            stored = self._select(ids_predicate(ids.filter(pa.array(found)).to_pylist()), ["id", *missing])
+            if stored.num_rows != existing:  # the id index and the table disagree: merge by a scan
+                return None
+            at = pc.index_in(ids, value_set=stored.column("id").combine_chunks())  # null: a new row
+            filled = {name: stored.column(name).take(at) for name in missing}
+        columns = [batch.column(f.name) if f.name in batch.column_names
+                   else filled.get(f.name, pa.nulls(batch.num_rows, f.type)) for f in schema]
+        return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
 
     def _existing_ids(self, ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(hashes, exists, created_at µs) of ``ids`` as of the latest version, from the

@@ -149,6 +149,40 @@ def test_partial_upserts_keep_the_other_columns_small_batches_and_large(store):
         assert all(after[new][k] is None for k in ("uri", "text", "width", "gt_boxes", "emb_clip")), after[new]
 
 
+def test_an_upsert_of_a_few_existing_rows_merges_through_the_id_index_and_keeps_the_rest(store, monkeypatch):
+    # A few existing rows (indexed ones and rows written since the last index update) are
+    # made whole from their stored values and merged through the BTREE on id, not by a scan
+    # of every id; above ID_CHUNK existing rows the merge scans. Either way the columns not
+    # given keep their values, new ids get nulls, and no id is stored twice.
+    import indexing.store as store_module
+
+    col = store.create_collection("few", spaces={"clip": 8}, models={"m1": CLASSES})
+    col.upsert(_rows(300))
+    col.optimize()  # r0..r299 indexed
+    col.upsert(_rows(50, seed=1, prefix="u"))  # not indexed yet
+    col.tag_rows(ids=["r3", "u7"], add=["keep"])
+    kept = ["uri", "text", "tags", "split", "width", "emb_clip", "pred_m1", "created_at"]
+    before = {r["id"]: r for r in col.take(["r3", "u7", "r4"], columns=["id", *kept]).to_pylist()}
+    scans = []
+    merge_by_scan = col._merge
+    monkeypatch.setattr(col, "_merge", lambda: scans.append(1) or merge_by_scan())
+    res = col.upsert([{"id": "u7", "label": "y"}, {"id": "r3", "label": "x"}, {"id": "brand-new", "label": "z"}])
+    assert (res.inserted, res.updated, scans) == (1, 2, [])
+    after = {r["id"]: r for r in col.take(["r3", "u7", "brand-new"], columns=["id", "label", *kept]).to_pylist()}
+    assert after["r3"]["label"] == "x" and after["u7"]["label"] == "y"
+    for i in ("r3", "u7"):
+        assert {k: after[i][k] for k in kept} == {k: before[i][k] for k in kept}, i
+    assert "keep" in after["r3"]["tags"] and "keep" in after["u7"]["tags"]
+    assert all(after["brand-new"][k] is None for k in ("uri", "width", "emb_clip", "pred_m1"))
+    monkeypatch.setattr(store_module, "ID_CHUNK", 2)
+    res = col.upsert([{"id": f"r{i}", "label": "w"} for i in (3, 4, 5)])
+    assert (res.updated, scans) == (3, [1])
+    ids = col.query(columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 351
+    r4 = col.take(["r4"], columns=["id", "label", *kept]).to_pylist()[0]
+    assert r4["label"] == "w" and {k: r4[k] for k in kept} == {k: before["r4"][k] for k in kept}
+
+
 def test_generated_ids(store):
     col = store.create_collection("g")
     res = col.upsert([{"text": "a"}, {"text": "b"}])
