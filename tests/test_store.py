@@ -150,12 +150,14 @@ def test_partial_upserts_keep_the_other_columns_small_batches_and_large(store):
 
 
 def test_an_upsert_of_a_few_existing_rows_merges_through_the_id_index_and_keeps_the_rest(store, monkeypatch):
-    # A few existing rows (indexed ones and rows written since the last index update) are
-    # made whole from their stored values and merged through the BTREE on id, not by a scan
-    # of every id; above ID_CHUNK existing rows the merge scans. Either way the columns not
-    # given keep their values, new ids get nulls, and no id is stored twice.
+    # A few existing rows (indexed ones and rows written since the last index update) of a
+    # big collection (INDEXED_MERGE_MIN_ROWS, 0 here) are made whole from their stored values
+    # and merged through the BTREE on id, not by a scan of every id; above ID_CHUNK existing
+    # rows, or in a smaller collection, the merge scans. Either way the columns not given
+    # keep their values, new ids get nulls, and no id is stored twice.
     import indexing.store as store_module
 
+    monkeypatch.setattr(store_module, "INDEXED_MERGE_MIN_ROWS", 0)
     col = store.create_collection("few", spaces={"clip": 8}, models={"m1": CLASSES})
     col.upsert(_rows(300))
     col.optimize()  # r0..r299 indexed
@@ -177,6 +179,9 @@ def test_an_upsert_of_a_few_existing_rows_merges_through_the_id_index_and_keeps_
     monkeypatch.setattr(store_module, "ID_CHUNK", 2)
     res = col.upsert([{"id": f"r{i}", "label": "w"} for i in (3, 4, 5)])
     assert (res.updated, scans) == (3, [1])
+    monkeypatch.setattr(store_module, "ID_CHUNK", 10_000)
+    monkeypatch.setattr(store_module, "INDEXED_MERGE_MIN_ROWS", 352)
+    assert col.upsert([{"id": "r6", "label": "v"}]).updated == 1 and scans == [1, 1]
     ids = col.query(columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 351
     r4 = col.take(["r4"], columns=["id", "label", *kept]).to_pylist()[0]
