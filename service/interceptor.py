@@ -164,7 +164,10 @@ class AssayInterceptor(grpc.ServerInterceptor):
         if method.startswith(OPEN_PREFIXES):
             return None
         given = _bearer(metadata)
-        key = given or b""
+        # A bucket per token the server knows; without auth every caller is anonymous: one
+        # bucket (a bucket per token sent would let a caller dodge the limit, and the server
+        # keep one for every string it was ever sent).
+        key = (given or b"") if self._tokens or self._read_tokens else b""
         if self._tokens or self._read_tokens:
             # compare against every token so timing does not reveal which matched
             write = any([hmac.compare_digest(given, t) for t in self._tokens]) if given else False

@@ -97,6 +97,19 @@ def test_rate_limit_answers_resource_exhausted_with_the_limit(tmp_path):
         srv.stop(1)
 
 
+def test_without_auth_every_caller_shares_the_anonymous_bucket_whatever_token_it_sends(tmp_path):
+    srv = start_server(ServerConfig(data=str(tmp_path / "d"), port=0, grace_s=1, rate_limit=1, rate_burst=2))
+    try:
+        for token in ("a", "b"):
+            with Client(srv.address, token=token, retries=0) as c:
+                c.list_collections()
+        with Client(srv.address, token="c", retries=0) as c, pytest.raises(ResourceExhaustedError):
+            c.list_collections()
+        assert list(srv._rate_limiter._buckets) == [b""]
+    finally:
+        srv.stop(1)
+
+
 def test_rate_limiter_refills_at_its_rate():
     limiter = RateLimiter(10, 2)
     assert limiter.allow(b"k") and limiter.allow(b"k") and not limiter.allow(b"k")
