@@ -3,10 +3,14 @@ measured in the same run (``| measure | assay | reference | ratio |``)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import signal
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,9 +127,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_RUNNING: weakref.WeakSet[ServerProcess] = weakref.WeakSet()  # started, not stopped
+
+
+def _stop_running_servers() -> None:
+    for server in list(_RUNNING):
+        server.stop(timeout=10)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 class ServerProcess:
     """``assay serve`` as its own process on a data root (so its memory is its own and it
-    can be killed): start (waits for health SERVING), kill -9, stop, RSS."""
+    can be killed): start (waits for health SERVING), kill -9, stop, RSS.
+
+    A benchmark stopped with SIGTERM (``timeout``, a CI runner, ``kill``) stops its servers
+    too: the first start makes SIGTERM exit the benchmark through its ``finally`` blocks
+    and stops, at exit, every server still running (left to Python's default, SIGTERM ended
+    the benchmark and left its ``assay serve`` running)."""
 
     def __init__(self, data: str, log_dir: str, *, extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, grace_s: float = 2) -> None:
@@ -145,6 +166,11 @@ class ServerProcess:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
         os.makedirs(self.log_dir, exist_ok=True)
+        if not _RUNNING and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            atexit.register(_stop_running_servers)
+        _RUNNING.add(self)
         self.starts += 1
         with open(self.log_path(), "w") as log:
             self.proc = subprocess.Popen(
@@ -175,15 +201,13 @@ class ServerProcess:
         return os.path.join(self.log_dir, f"server-{max(1, self.starts)}.log")
 
     def kill(self) -> None:
-        import signal
-
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 60) -> None:
-        import signal
         import subprocess
 
+        _RUNNING.discard(self)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

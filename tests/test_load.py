@@ -9,7 +9,11 @@ The workload is :mod:`bench.soak`'s; ``python bench/soak.py`` runs it for minute
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 import types
 
@@ -77,3 +81,24 @@ def test_server_process_cpu_seconds_reads_proc(tmp_path):
     sum(i * i for i in range(3_000_000))
     used, own = proc.cpu_seconds(), time.process_time()
     assert 0.05 < used <= own + 0.02
+
+
+def test_a_benchmark_stopped_with_sigterm_stops_its_server(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (f"import sys, time\nsys.path.insert(0, {root!r})\nfrom bench.common import ServerProcess\n"
+              f"p = ServerProcess({str(tmp_path / 'data')!r}, {str(tmp_path / 'logs')!r})\np.start()\n"
+              "print(p.pid, flush=True)\ntime.sleep(300)\n")
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root)
+    server = None
+    try:
+        server = int(bench.stdout.readline())
+        os.kill(server, 0)  # serving
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # stopped and reaped by the benchmark
+            os.kill(server, 0)
+    finally:
+        bench.kill()
+        if server is not None:  # (left running when the test fails)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGKILL)
