@@ -166,7 +166,7 @@ class ServerProcess:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
         os.makedirs(self.log_dir, exist_ok=True)
-        if not _RUNNING and threading.current_thread() is threading.main_thread() \
+        if threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
             atexit.register(_stop_running_servers)

@@ -894,11 +894,11 @@ class Collection:
 
     def _whole_rows(self, batch: pa.Table, ids: pa.ChunkedArray, found: np.ndarray) -> pa.Table | None:
         """``batch`` with every column of the table, for a merge through the BTREE on ``id``
-        (which deletes and appends the matched rows, as the scan does, but reads no more of
-        the table than the rows it matches): a column the batch lacks is filled with the
-        stored values of the rows that exist (one ``id IN (...)`` lookup through the same
-        index) and null for new rows — what a merge of the columns given leaves in them.
-        The scan join it replaces reads every ``id`` of the table per commit: 20-row upserts
+        (whole rows: the partial-column rewrite of :meth:`_merge` does not arise): a column
+        the batch lacks is filled with the stored values of the rows that exist (one ``id IN
+        (...)`` lookup through the same index) and null for new rows — what a merge of the
+        columns given leaves in them. The scan join it replaces reads every ``id`` of the
+        table per commit: 20-row upserts
         (10 of them updates) of the soak's rows took 214 ms on 1M rows and 100 ms on 400k;
         whole, through the index, 143 and 81 ms (the lookup 19 and 13 ms of it) — but 52
         against 48 ms on 140k, so below ``INDEXED_MERGE_MIN_ROWS`` rows the scan stays. None

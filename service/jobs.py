@@ -268,8 +268,12 @@ class JobManager:
         if horizon and (len(jobs) < limit or jobs[limit - 1].created_at <= horizon):
             # the newest `limit` may include records no longer held: those are older than
             # the horizon, read from the table (records held win: they are newer)
-            older = [j for j in self._read(f"created_at <= {horizon!r}")
-                     if j.id not in held and wanted(j)]
+            where = [f"created_at <= {horizon!r}"]
+            if collection:
+                where.append(f"collection = {sql_quote(collection)}")
+            if states:
+                where.append(f"state IN ({', '.join(sql_quote(s) for s in sorted(states))})")
+            older = [j for j in self._read(" AND ".join(where)) if j.id not in held]
             jobs = sorted(jobs + older, key=lambda j: j.created_at, reverse=True)
         return jobs[:limit]
 
