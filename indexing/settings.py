@@ -135,7 +135,7 @@ _server("tls_cert", None, "PEM certificate chain: enables TLS (gRPC and web port
 _server("tls_key", None, "PEM private key of `tls_cert`", kind="str")
 _server("tls_client_ca", None, "PEM CA bundle: require client certificates it signed (mutual TLS)",
         kind="str")
-_server("rate_limit", 0.0, "calls per second per token (per anonymous caller without auth); 0 = off")
+_server("rate_limit", 0.0, "calls per second per token (without auth, all callers together); 0 = off")
 _server("rate_burst", 0, "calls at once above the rate; 0 = max(1, rate)")
 _server("allow_unauthenticated_remote", False, "bind a non-loopback host without a token (1/true)")
 _server("max_message_mb", 64, "largest gRPC message, both ways (MiB)")
