@@ -265,7 +265,9 @@ class JobManager:
         held = dict(self._jobs)
         jobs = sorted((j for j in held.values() if wanted(j)), key=lambda j: j.created_at, reverse=True)
         horizon = self._horizon
-        if horizon and (len(jobs) < limit or jobs[limit - 1].created_at <= horizon):
+        # (jobs not ended are all held: asked for those alone, the table has nothing to add)
+        if horizon and (not states or states & TERMINAL) and (
+                len(jobs) < limit or jobs[limit - 1].created_at <= horizon):
             # the newest `limit` may include records no longer held: those are older than
             # the horizon, read from the table (records held win: they are newer)
             where = [f"created_at <= {horizon!r}"]

@@ -57,6 +57,10 @@ def test_only_the_newest_ended_jobs_are_held_and_the_rest_are_read_from_the_tabl
     assert [j.id for j in manager.list(collection="d")] == [ids[7], ids[5], ids[3], ids[1]]
     assert [j.id for j in manager.list(states={"FAILED"})] == [ids[1]]
     assert [j.id for j in manager.list(states={"RUNNING"})] == [held.id]
+    reads = []
+    with monkeypatch.context() as patch:  # jobs not ended are all held: no read of the table
+        patch.setattr(manager, "_read", lambda where: reads.append(where) or [])
+        assert [j.id for j in manager.list(states={"PENDING", "RUNNING"})] == [held.id] and not reads
     with pytest.raises(NotFound):
         manager.get("no-such-job")
     release.set()
