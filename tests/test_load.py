@@ -102,3 +102,16 @@ def test_a_benchmark_stopped_with_sigterm_stops_its_server(tmp_path):
         if server is not None:  # (left running when the test fails)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(server, signal.SIGKILL)
+
+
+def test_upsert_merge_bench_times_both_paths_and_restores_the_threshold(tmp_path):
+    import json
+
+    import indexing.store as store_module
+    from bench import upsert_merge
+
+    before = store_module.INDEXED_MERGE_MIN_ROWS
+    assert upsert_merge.main(["--rows", "3000", "--writes", "4", "--json", str(tmp_path / "r.json")]) == 0
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row["assay"] > 0 and row["reference"] > 0 and row["ratio"] == row["reference"] / row["assay"]
+    assert before == store_module.INDEXED_MERGE_MIN_ROWS
