@@ -899,9 +899,9 @@ class Collection:
         (...)`` lookup through the same index) and null for new rows — what a merge of the
         columns given leaves in them. The scan join it replaces reads every ``id`` of the
         table per commit: 20-row upserts
-        (10 of them updates) of the soak's rows took 214 ms on 1M rows and 100 ms on 400k;
-        whole, through the index, 143 and 81 ms (the lookup 19 and 13 ms of it) — but 52
-        against 48 ms on 140k, so below ``INDEXED_MERGE_MIN_ROWS`` rows the scan stays. None
+        (10 of them updates) of the soak's rows took 155.8 ms on 1M rows and 71.8 ms on
+        400k; whole, through the index, 112.1 and 62.7 ms — but 38.1 against 34.9 ms on 140k
+        (``bench/upsert_merge.py``), so below ``INDEXED_MERGE_MIN_ROWS`` rows the scan stays. None
         (merge by a scan) there, above ``ID_CHUNK`` existing rows, where one scan is the
         cheaper read, or if the lookup does not find them all."""
         existing = int(found.sum())
