@@ -779,9 +779,8 @@ class Collection:
                 batch, now_us = self._with_timestamps(combined, found, created)
                 if not found.any() and self.store.local:
                     version = int(self._table.add(batch).version)
-                elif (whole := self._whole_rows(batch, combined.column("id"), found)) is not None:
-                    version = int(self._table.merge_insert("id").when_matched_update_all()
-                                  .when_not_matched_insert_all().use_index(True).execute(whole).version)
+                elif (whole := self._whole_rows(batch, found)) is not None:
+                    version = int(self._merge(use_index=True).when_not_matched_insert_all().execute(whole).version)
                 else:
                     version = int(self._merge().when_not_matched_insert_all().execute(batch).version)
                 new = hashes[~found]
@@ -883,32 +882,32 @@ class Collection:
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
 
-    def _merge(self) -> Any:
+    def _merge(self, *, use_index: bool = False) -> Any:
         """``merge_insert`` on ``id`` updating matched rows — joined by a scan of ``id``, not
         through the BTREE: with the index, Lance 13 updates a batch that carries some of the
         columns by rewriting every fragment it touches (1M rows, 160 rows updated: ~2 s a
-        merge, against ~0.2 s joined by a scan, which deletes and appends the rows). An
-        upsert of a few existing rows goes through the BTREE all the same, its batch made
-        whole first (:meth:`_whole_rows`)."""
-        return self._table.merge_insert("id").when_matched_update_all().use_index(False)
+        merge, against ~0.2 s joined by a scan, which deletes and appends the rows).
+        ``use_index`` only for a batch of whole rows (:meth:`_whole_rows`)."""
+        return self._table.merge_insert("id").when_matched_update_all().use_index(use_index)
 
-    def _whole_rows(self, batch: pa.Table, ids: pa.ChunkedArray, found: np.ndarray) -> pa.Table | None:
+    def _whole_rows(self, batch: pa.Table, found: np.ndarray) -> pa.Table | None:
         """``batch`` with every column of the table, for a merge through the BTREE on ``id``
         (whole rows: the partial-column rewrite of :meth:`_merge` does not arise): a column
-        the batch lacks is filled with the stored values of the rows that exist (one ``id IN
-        (...)`` lookup through the same index) and null for new rows — what a merge of the
-        columns given leaves in them. The scan join it replaces reads every ``id`` of the
-        table per commit: 20-row upserts
-        (10 of them updates) of the soak's rows took 155.8 ms on 1M rows and 71.8 ms on
-        400k; whole, through the index, 112.1 and 62.7 ms — but 38.1 against 34.9 ms on 140k
-        (``bench/upsert_merge.py``), so below ``INDEXED_MERGE_MIN_ROWS`` rows the scan stays. None
-        (merge by a scan) there, above ``ID_CHUNK`` existing rows, where one scan is the
-        cheaper read, or if the lookup does not find them all."""
+        the batch lacks is filled with the stored values of the rows that exist (``found``;
+        one ``id IN (...)`` lookup through the same index) and null for new rows — what a
+        merge of the columns given leaves in them. The scan join it replaces reads every
+        ``id`` of the table per commit: 20-row upserts (10 of them updates) of the soak's
+        rows took 155.8 ms on 1M rows and 71.8 ms on 400k; whole, through the index, 112.1
+        and 62.7 ms — but 38.1 against 34.9 ms on 140k (``bench/upsert_merge.py``), so below
+        ``INDEXED_MERGE_MIN_ROWS`` rows the scan stays. None (merge by a scan) there, above
+        ``ID_CHUNK`` existing rows, where one scan is the cheaper read, or if the lookup
+        does not find them all."""
         existing = int(found.sum())
         if existing > ID_CHUNK or self._ids.rows < INDEXED_MERGE_MIN_ROWS:
             return None
         schema = self.schema
         missing = [f.name for f in schema if f.name not in batch.column_names]
+        ids = batch.column("id")
         filled: dict[str, pa.ChunkedArray | pa.Array] = {}
         if missing and existing:
             stored = self._select(ids_predicate(ids.filter(pa.array(found)).to_pylist()), ["id", *missing])

@@ -167,8 +167,9 @@ class AssayInterceptor(grpc.ServerInterceptor):
         # A bucket per token the server knows; without auth every caller is anonymous: one
         # bucket (a bucket per token sent would let a caller dodge the limit, and the server
         # keep one for every string it was ever sent).
-        key = (given or b"") if self._tokens or self._read_tokens else b""
-        if self._tokens or self._read_tokens:
+        auth = bool(self._tokens or self._read_tokens)
+        key = (given or b"") if auth else b""
+        if auth:
             # compare against every token so timing does not reveal which matched
             write = any([hmac.compare_digest(given, t) for t in self._tokens]) if given else False
             read = any([hmac.compare_digest(given, t) for t in self._read_tokens]) if given else False

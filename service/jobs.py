@@ -138,7 +138,6 @@ class JobManager:
         # every job not ended, and the newest JOB_RECORDS_KEPT ended ones (insertion order:
         # ended ones are dropped oldest first); the others are only in the table
         self._jobs: dict[str, JobRecord] = {}
-        self._ended_held = 0  # ended records in _jobs
         # the newest created_at of a record not held (0: all are): list() reads the table
         # for what is older
         self._horizon = 0.0
@@ -186,7 +185,6 @@ class JobManager:
                                       f"{rec.state.lower()}; start it again")
                 interrupted.append(rec)
             self._jobs[rec.id] = rec
-        self._ended_held = len(self._jobs)
         for rec in interrupted:
             self._persist(rec, force=True)
         self._forget_ended()
@@ -379,7 +377,6 @@ class JobManager:
             if self._jobs[job_id].done:
                 return
             self._jobs[job_id] = rec
-            self._ended_held += 1
             self._contexts.pop(job_id, None)
             self._last_persist.pop(job_id, None)
             self._forget_ended()
@@ -389,15 +386,11 @@ class JobManager:
     def _forget_ended(self) -> None:
         """Drop the oldest ended records beyond ``JOB_RECORDS_KEPT`` from memory (they are
         in the table: an ended record is saved before it is held)."""
-        if self._ended_held <= JOB_RECORDS_KEPT:
-            return
-        for job_id, rec in list(self._jobs.items()):  # insertion order: oldest first
-            if rec.done and job_id not in self._unsaved:  # (an unsaved one is only here)
+        ended = [(job_id, rec) for job_id, rec in self._jobs.items() if rec.done]  # oldest first
+        for job_id, rec in ended[:max(0, len(ended) - JOB_RECORDS_KEPT)]:
+            if job_id not in self._unsaved:  # (an unsaved one is only here)
                 del self._jobs[job_id]
                 self._horizon = max(self._horizon, rec.created_at)
-                self._ended_held -= 1
-                if self._ended_held <= JOB_RECORDS_KEPT:
-                    return
 
     def _run(self, job_id: str, col: Collection, ctx: JobContext) -> None:
         if ctx.cancelled or self.get(job_id).done:

@@ -166,8 +166,9 @@ def test_an_upsert_of_a_few_existing_rows_merges_through_the_id_index_and_keeps_
     kept = ["uri", "text", "tags", "split", "width", "emb_clip", "pred_m1", "created_at"]
     before = {r["id"]: r for r in col.take(["r3", "u7", "r4"], columns=["id", *kept]).to_pylist()}
     scans = []
-    merge_by_scan = col._merge
-    monkeypatch.setattr(col, "_merge", lambda: scans.append(1) or merge_by_scan())
+    real_merge = col._merge
+    monkeypatch.setattr(col, "_merge", lambda *, use_index=False: (
+        scans.append(1) if not use_index else None) or real_merge(use_index=use_index))
     res = col.upsert([{"id": "u7", "label": "y"}, {"id": "r3", "label": "x"}, {"id": "brand-new", "label": "z"}])
     assert (res.inserted, res.updated, scans) == (1, 2, [])
     after = {r["id"]: r for r in col.take(["r3", "u7", "brand-new"], columns=["id", "label", *kept]).to_pylist()}
