@@ -373,7 +373,7 @@ def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def read_upsert_request(data: bytes) -> UpsertMessage | ingest_pb2.UpsertRequest:
-    """The request deserializer of ``Ingest.Upsert``: ``UpsertRequest`` (``collection`` = 1,
+    """The request deserializer of ``Ingest.Upsert`` and ``UpsertBatch``: ``UpsertRequest`` (``collection`` = 1,
     ``seq`` = 2, ``arrow_ipc`` = 3) read from its wire bytes with the Arrow payload left in
     place. protobuf's parser copies the payload twice, into the message and again into a new
     ``bytes`` when the field is read: 54 + 38 ms for a 50,000 x 384 batch (80 MB) here, server
@@ -431,9 +431,19 @@ def _add_ingest_servicer(servicer: IngestServicer, server: grpc.Server) -> None:
     reg = _Registration()
     ingest_pb2_grpc.add_IngestServicer_to_server(servicer, reg)
     handlers = dict(reg.handlers)
-    handlers["Upsert"] = handlers["Upsert"]._replace(request_deserializer=read_upsert_request)
+    for method in ("Upsert", "UpsertBatch"):
+        handlers[method] = handlers[method]._replace(request_deserializer=read_upsert_request)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(reg.service, handlers),))
     server.add_registered_method_handlers(reg.service, handlers)
+
+
+def _upsert_ack(seq: int, res: Any) -> ingest_pb2.UpsertAck:
+    """The acknowledgement of batch ``seq``; the batch's error (``res``) raised instead."""
+    if isinstance(res, BaseException):
+        raise _in_batch(seq, res)
+    return ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated, version=res.version,
+                                generated_ids=res.generated_ids, new_columns=res.new_columns,
+                                assigned_ids=res.assigned_ids, assigned_rows=res.assigned_rows)
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
@@ -460,12 +470,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             group = [first, *ahead.ready()]
             results = group[0][1].upsert_prepared_many([(table, prepared) for _, _, table, prepared in group])
             for (seq, _, _, _), res in zip(group, results, strict=True):
-                if isinstance(res, BaseException):
-                    raise _in_batch(seq, res)
-                yield ingest_pb2.UpsertAck(seq=seq, inserted=res.inserted, updated=res.updated,
-                                           version=res.version, generated_ids=res.generated_ids,
-                                           new_columns=res.new_columns, assigned_ids=res.assigned_ids,
-                                           assigned_rows=res.assigned_rows)
+                yield _upsert_ack(seq, res)
+
+    def UpsertBatch(self, request, context):  # noqa: N802
+        # One message of Upsert, without the stream: no request iterator, no read-ahead
+        # thread and no response iterator, which a 20-row write otherwise pays for in
+        # thread hand-offs on both sides. It still shares commits with concurrent writers.
+        ((seq, col, table, prepared),) = self._validated(iter([request]))
+        (res,) = col.upsert_prepared_many([(table, prepared)])
+        return _upsert_ack(seq, res)
 
     def _validated(self, request_iterator: Iterator[Any]) -> Iterator[tuple[int, Collection, pa.Table, Any]]:
         """(seq, collection, table, validated batch) of each upsert message, in order."""

@@ -74,8 +74,8 @@ def test_every_read_only_method_exists_and_no_write_is_listed():
     methods = {m.name for mod in (collections_pb2, datasets_pb2, ingest_pb2, jobs_pb2, mining_pb2,
                                   query_pb2, scoring_pb2, search_pb2)
                for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods}
-    writes = {"CreateCollection", "DropCollection", "AddSpace", "AddModel", "Upsert", "Delete", "TagItems",
-              "StartJob", "CancelJob", "StartMining", "CancelRun", "CreateDataset", "DeleteDataset",
+    writes = {"CreateCollection", "DropCollection", "AddSpace", "AddModel", "Upsert", "UpsertBatch", "Delete",
+              "TagItems", "StartJob", "CancelJob", "StartMining", "CancelRun", "CreateDataset", "DeleteDataset",
               "AddMembers", "RemoveMembers", "Discard", "Commit", "TagVersion"}
     assert writes <= methods and not (writes & READ_ONLY_METHODS)
     assert methods - writes <= READ_ONLY_METHODS  # every other method is a read

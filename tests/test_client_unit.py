@@ -632,6 +632,14 @@ def test_upsert_streams_batches_and_sums_acknowledgements(fake):
     assert empty.batches == 0 and len(script.streams) == 2
 
 
+def test_a_server_older_than_upsert_batch_gets_a_stream_and_the_client_keeps_to_streams(fake):
+    script, client, _ = fake  # the fake Ingest has no UpsertBatch: gRPC answers UNIMPLEMENTED
+    for k in range(2):
+        summary = client.collection("pool").upsert({"id": [f"old{k}", None]})
+        assert (summary.inserted, summary.batches, summary.generated_ids) == (2, 1, 1)
+    assert script.streams == [[0], [0]] and not client._server_has_upsert_batch
+
+
 def test_upsert_splits_under_the_message_limit(fake):
     script, _, address = fake
     with Client(address, max_message_bytes=cl._REQUEST_ENVELOPE + 40_000) as small:

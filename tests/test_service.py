@@ -362,6 +362,65 @@ def test_eight_threads_mixing_search_and_upsert(server):
         assert c.collection("mixed").count() == 500 + 8 * 5 * 20
 
 
+def _ok_calls(server, method: str) -> float:
+    """How many calls of ``method`` the server answered OK (its Prometheus counter)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    head = f'assay_rpc_requests_total{{code="OK",method="{method}"}} '
+    return next((float(ln[len(head):]) for ln in body.splitlines() if ln.startswith(head)), 0.0)
+
+
+def test_a_one_batch_upsert_is_one_unary_call_that_answers_like_the_stream(server, client):
+    from protos.assay.v1 import ingest_pb2
+
+    col = _fresh(client, "unary", spaces={"clip": 4})
+    unary, stream = _ok_calls(server, "UpsertBatch"), _ok_calls(server, "Upsert")
+    s = col.upsert({"id": [f"u{i}" for i in range(10)], "emb_clip": _vectors(10, 4), "n": list(range(10))})
+    assert (s.inserted, s.updated, s.batches, s.rows) == (10, 0, 1, 10)
+    s = col.upsert({"id": ["u0", "new"], "n": [100, 7]})  # one update (vector kept), one insert
+    assert (s.inserted, s.updated) == (1, 1)
+    s = col.upsert([{"n": 5}, {"n": 6}])  # no ids: the server assigns them
+    assert len(s.assigned_ids) == 2 and s.assigned_rows == [0, 1]
+    assert _ok_calls(server, "UpsertBatch") == unary + 3 and _ok_calls(server, "Upsert") == stream
+    # Several batches, or an iterator (never read ahead of the stream): a stream, as before.
+    assert col.upsert({"id": [f"m{i}" for i in range(9)], "n": list(range(9))}, batch_rows=4).batches == 3
+    assert col.upsert(iter([pa.table({"id": ["it"], "n": [1]})])).inserted == 1
+    assert _ok_calls(server, "Upsert") == stream + 2 and _ok_calls(server, "UpsertBatch") == unary + 3
+    rows = {r["id"]: r for r in col.query(None, ["id", "n", "emb_clip"], limit=None).to_pylist()}
+    assert len(rows) == 10 + 1 + 2 + 9 + 1 and rows["u0"]["n"] == 100 and rows["new"]["n"] == 7
+    kept = _vectors(10, 4)[0]
+    assert np.allclose(rows["u0"]["emb_clip"], kept / np.linalg.norm(kept))  # a cosine space stores unit vectors
+    assert {rows[i]["n"] for i in s.assigned_ids} == {5, 6}
+
+    # A bad batch fails as it does in a stream, naming the batch, column and row; nothing written.
+    version = col.describe()["version"]
+    bad = _vectors(3, 4)
+    bad[1, 2] = np.nan
+    with pytest.raises(InvalidArgumentError, match=r"batch 0: .*emb_clip.*row 1"):
+        col.upsert({"id": ["b0", "b1", "b2"], "emb_clip": bad})
+    assert col.describe()["version"] == version and col.count() == 23
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.unary_unary("/assay.v1.Ingest/UpsertBatch",
+                              request_serializer=ingest_pb2.UpsertRequest.SerializeToString,
+                              response_deserializer=ingest_pb2.UpsertAck.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            call(ingest_pb2.UpsertRequest(seq=7, arrow_ipc=b""), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must name the collection" in info.value.details()
+
+    # Concurrent one-batch upserts share commits like the stream's and each gets its own counts.
+    def write(k: int) -> None:
+        got = col.upsert({"id": [f"c{k}-{i}" for i in range(5)] + [f"u{k}"], "n": [k] * 6})
+        assert (got.inserted, got.updated) == (5, 1)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert col.count() == 23 + 8 * 5 and col.count("n < 8 AND id LIKE 'u%'") == 8
+    assert _ok_calls(server, "UpsertBatch") == unary + 3 + 8
+
+
 def test_health_reflection_and_metrics(server, client):
     assert client.health() == "SERVING"
     with grpc.insecure_channel(server.address) as ch:

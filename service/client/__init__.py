@@ -30,7 +30,9 @@ Behaviour common to every call:
 * UNAVAILABLE (server restarting, connection refused) is retried with exponential backoff
   and jitter (4 retries, 0.1 s doubling to at most 5 s); server streams are retried only
   before their first message. Nothing else is retried.
-* Upserts are streamed one batch per request and acknowledged batch by batch. Upsert is
+* Upserts are streamed one batch per request and acknowledged batch by batch; an input
+  held in memory that fits one batch goes in one unary ``UpsertBatch`` call instead (the
+  same validation, commit and acknowledgement, without a stream's threads). Upsert is
   idempotent by ``id``, so replaying a batch whose acknowledgement was lost is harmless —
   but only when every row carries an ``id`` (a generated id would be generated twice).
   An upsert is therefore resumed after UNAVAILABLE, from its first unacknowledged batch,

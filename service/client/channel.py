@@ -169,6 +169,8 @@ def stubs(channel: grpc.Channel | grpc.aio.Channel) -> dict[str, Any]:
         # Upsert requests arrive serialised (service.client.upsert.serialize_request).
         "upsert_raw": channel.stream_stream("/assay.v1.Ingest/Upsert", request_serializer=None,
                                             response_deserializer=ingest_pb2.UpsertAck.FromString),
+        "upsert_batch_raw": channel.unary_unary("/assay.v1.Ingest/UpsertBatch", request_serializer=None,
+                                                response_deserializer=ingest_pb2.UpsertAck.FromString),
         "search": search_pb2_grpc.SearchStub(channel),
         "query": query_pb2_grpc.QueryStub(channel),
         "jobs": jobs_pb2_grpc.JobsStub(channel),

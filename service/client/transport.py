@@ -133,6 +133,7 @@ class SyncTransport(BaseClient):
     def _connect(self) -> None:
         self._channel = self._open(grpc)
         self._stub = stubs(self._channel)
+        self._server_has_upsert_batch = True  # until a server older than UpsertBatch says not
 
     # plumbing: each public method is a builder (rpc_*) and one of these
 
@@ -170,14 +171,41 @@ class SyncTransport(BaseClient):
             return self._drive_upsert(run, timeout)
 
     def _drive_upsert(self, run: UpsertRun, timeout: float | None) -> UpsertSummary:
-        """Stream the run's batches, resuming after UNAVAILABLE where that is safe."""
+        """Send the run's batches, resuming after UNAVAILABLE where that is safe: one batch
+        of a table in memory in a unary ``UpsertBatch``, anything else in an ``Upsert``
+        stream (an iterator input is never read ahead of what the stream sends)."""
         while True:
             try:
-                self._upsert_stream(run, run.batches(), timeout)
+                batches = run.batches()
+                unary = run.table is not None and self._server_has_upsert_batch
+                head = list(itertools.islice(batches, 2)) if unary else []
+                if len(head) != 1:
+                    self._upsert_stream(run, itertools.chain(head, batches), timeout)
+                elif not self._upsert_batch(run, head[0], timeout):
+                    continue  # a server older than UpsertBatch: again, as a stream
                 return run.finish()
             except grpc.RpcError as exc:
                 delay = run.retry_delay(exc)
             time.sleep(delay)
+
+    def _upsert_batch(self, run: UpsertRun, batch: EncodedBatch, timeout: float | None) -> bool:
+        """One batch in a unary call (a stream of one message costs a thread on each side,
+        gRPC's request consumer here and the read-ahead in the server, for nothing). False,
+        nothing sent, when the server is older than UpsertBatch: this client streams from
+        then on."""
+        call = run.call = self._stub["upsert_batch_raw"].future(run.request(batch), timeout=timeout,
+                                                                 metadata=self._metadata)
+        if run.aborted:
+            call.cancel()
+        try:
+            ack = call.result()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self._server_has_upsert_batch = False
+            return False
+        run.ack(ack)
+        return True
 
     def _upsert_stream(self, run: UpsertRun, batches: Iterator[EncodedBatch],
                        timeout: float | None) -> None:
