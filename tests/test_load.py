@@ -104,6 +104,18 @@ def test_a_benchmark_stopped_with_sigterm_stops_its_server(tmp_path):
                 os.kill(server, signal.SIGKILL)
 
 
+def test_one_batch_upsert_bench_times_the_unary_call_against_the_stream(tmp_path):
+    import json
+
+    from bench import one_batch_upsert
+
+    assert one_batch_upsert.main(["--rows", "200", "--writes", "4", "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["measure"].split(",")[0] for r in rows] == ["20-row upsert", "client CPU per upsert",
+                                                          "server CPU per upsert"]
+    assert all(r["assay"] >= 0 and r["reference"] >= 0 for r in rows) and rows[0]["assay"] > 0
+
+
 def test_upsert_merge_bench_times_both_paths_and_restores_the_threshold(tmp_path):
     import json
 
