@@ -4,6 +4,7 @@ measured in the same run (``| measure | assay | reference | ratio |``)."""
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import platform
 import signal
@@ -12,7 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,12 @@ class Report:
     keyed: dict[tuple[Any, ...], Row] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+
+    def write_json(self, path: str) -> None:
+        """The machine, the parameters and the rows, as JSON at ``path``."""
+        with open(path, "w") as fh:
+            json.dump({"machine": self.machine, "params": self.params,
+                       "rows": [asdict(r) for r in self.rows]}, fh, indent=1)
 
     def add(self, measure: str, assay: float | None, reference: float | None, *, kind: str,
             unit: str = "", note: str = "", key: tuple[Any, ...] | None = None) -> Row:

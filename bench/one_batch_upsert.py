@@ -23,8 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -41,13 +39,6 @@ from service.client import Client  # noqa: E402
 from service.client.convert import to_arrow  # noqa: E402
 
 WAYS = ("unary", "stream")
-
-
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu() -> float:
@@ -74,7 +65,7 @@ def measure(rows: int, writes: int, *, block: int = 10, seed: int = 0) -> dict[s
                                                       + workload.new_ids(10)))  # as the client converts a dict
                               for _ in range(block)]
                     latencies = []
-                    server_cpu, client_cpu = _process_cpu(server.pid), _own_cpu()
+                    server_cpu, client_cpu = server.cpu_seconds(), _own_cpu()
                     for table in tables:
                         t0 = time.perf_counter()
                         result = col.upsert(table if way == "unary" else iter([table]))
@@ -83,7 +74,7 @@ def measure(rows: int, writes: int, *, block: int = 10, seed: int = 0) -> dict[s
                     if b >= 2:
                         taken[way]["latency"].extend(latencies)
                         taken[way]["client"].append((_own_cpu() - client_cpu) / block)
-                        taken[way]["server"].append((_process_cpu(server.pid) - server_cpu) / block)
+                        taken[way]["server"].append((server.cpu_seconds() - server_cpu) / block)
         finally:
             server.stop()
     return {way: {"latency": statistics.median(t["latency"]), "client": statistics.fmean(t["client"]),
@@ -107,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                kind="cost", unit="ms")
     print(f"\n{render(report)}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": report.machine, "params": report.params,
-                       "rows": [dataclasses.asdict(r) for r in report.rows]}, fh, indent=1)
+        report.write_json(args.json)
     return 0
 
 

@@ -23,8 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -88,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     print(f"\n{render(report)}\n\nINDEXED_MERGE_MIN_ROWS = {store_module.INDEXED_MERGE_MIN_ROWS:,}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": report.machine, "params": report.params,
-                       "rows": [dataclasses.asdict(r) for r in report.rows]}, fh, indent=1)
+        report.write_json(args.json)
     return 0
 
 
