@@ -12,8 +12,8 @@ in blocks of ten between the two ways the client can send them:
 
 For each it prints the median latency, the client's CPU (this process, gRPC's threads
 included) and the server's CPU (``/proc``, background maintenance included: the two ways
-alternate, so it falls on both alike, but in bursts — compare several runs) per upsert, and the ratios (stream / unary: above 1
-the unary call is cheaper).
+alternate, so it falls on both alike, but in bursts — compare several runs) per upsert,
+and the ratios (stream / unary: above 1 the unary call is cheaper).
 
 Usage::
 
