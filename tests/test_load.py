@@ -85,9 +85,12 @@ def test_server_process_cpu_seconds_reads_proc(tmp_path):
 
 def test_a_benchmark_stopped_with_sigterm_stops_its_server(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The benchmark works in short steps, as benchmarks do: Python runs a signal handler
+    # between bytecodes, so a SIGTERM landing between the print and one long time.sleep(300)
+    # (the test sends it as soon as it reads the line) waited for the whole sleep.
     script = (f"import sys, time\nsys.path.insert(0, {root!r})\nfrom bench.common import ServerProcess\n"
               f"p = ServerProcess({str(tmp_path / 'data')!r}, {str(tmp_path / 'logs')!r})\np.start()\n"
-              "print(p.pid, flush=True)\ntime.sleep(300)\n")
+              "print(p.pid, flush=True)\nfor _ in range(3000):\n    time.sleep(0.1)\n")
     bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root)
     server = None
     try:
