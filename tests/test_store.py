@@ -167,8 +167,13 @@ def test_an_upsert_of_a_few_existing_rows_merges_through_the_id_index_and_keeps_
     before = {r["id"]: r for r in col.take(["r3", "u7", "r4"], columns=["id", *kept]).to_pylist()}
     scans = []
     real_merge = col._merge
-    monkeypatch.setattr(col, "_merge", lambda *, use_index=False: (
-        scans.append(1) if not use_index else None) or real_merge(use_index=use_index))
+
+    def counting_scans(*, use_index: bool = False):
+        if not use_index:
+            scans.append(1)
+        return real_merge(use_index=use_index)
+
+    monkeypatch.setattr(col, "_merge", counting_scans)
     res = col.upsert([{"id": "u7", "label": "y"}, {"id": "r3", "label": "x"}, {"id": "brand-new", "label": "z"}])
     assert (res.inserted, res.updated, scans) == (1, 2, [])
     after = {r["id"]: r for r in col.take(["r3", "u7", "brand-new"], columns=["id", "label", *kept]).to_pylist()}
