@@ -41,15 +41,10 @@ from service.client.convert import to_arrow  # noqa: E402
 WAYS = ("unary", "stream")
 
 
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def measure(rows: int, writes: int, *, block: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
     """Per way: median latency (s), client and server CPU (s) per 20-row upsert. The ways
-    alternate in blocks of ``block`` upserts, CPU read around each block (``/proc`` counts
-    in 10-ms ticks); the first two blocks warm both up."""
+    alternate in blocks of ``block`` upserts, CPU read around each block (the server's
+    ``/proc`` counts in 10-ms ticks); the first two blocks warm both up."""
     workload = Workload(rows=rows, dim=64, batch=20, seed=seed)
     rng = np.random.default_rng(seed)
     taken: dict[str, dict[str, list[float]]] = {w: {"latency": [], "client": [], "server": []} for w in WAYS}
@@ -65,7 +60,7 @@ def measure(rows: int, writes: int, *, block: int = 10, seed: int = 0) -> dict[s
                                                       + workload.new_ids(10)))  # as the client converts a dict
                               for _ in range(block)]
                     latencies = []
-                    server_cpu, client_cpu = server.cpu_seconds(), _own_cpu()
+                    server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
                     for table in tables:
                         t0 = time.perf_counter()
                         result = col.upsert(table if way == "unary" else iter([table]))
@@ -73,7 +68,7 @@ def measure(rows: int, writes: int, *, block: int = 10, seed: int = 0) -> dict[s
                         assert (result.inserted, result.updated, result.batches) == (10, 10, 1), result
                     if b >= 2:
                         taken[way]["latency"].extend(latencies)
-                        taken[way]["client"].append((_own_cpu() - client_cpu) / block)
+                        taken[way]["client"].append((time.process_time() - client_cpu) / block)
                         taken[way]["server"].append((server.cpu_seconds() - server_cpu) / block)
         finally:
             server.stop()
