@@ -238,6 +238,10 @@ INDEXED_MERGE_MIN_ROWS: Final = _define("INDEXED_MERGE_MIN_ROWS", 250_000, "an u
                                         "at most `ID_CHUNK` rows of a collection this big merges through "
                                         "the BTREE on id (its batch made whole from the stored rows); "
                                         "smaller, by a scan of every id, the cheaper there", "store")
+GROUP_COMMIT_LINGER_S: Final = _define("GROUP_COMMIT_LINGER_S", 0.1, "a busy collection's next "
+                                       "commit waits at most this long (and never longer than the last "
+                                       "commit took) for the writers the last one answered; 0 = never",
+                                       "store")
 REINDEX_MAX_PASSES: Final = _define("REINDEX_MAX_PASSES", 4, "reindex passes at most: the first "
                                     "and catch-up passes for rows written meanwhile", "store")
 

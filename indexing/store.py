@@ -67,6 +67,7 @@ from indexing.schema import (
 from indexing.settings import (
     COMPACT_KEEP_ROWS,
     DEFAULT_ROOT,
+    GROUP_COMMIT_LINGER_S,
     ID_CHUNK,
     INDEX_CACHE_BYTES,
     INDEXED_MERGE_MIN_ROWS,
@@ -473,7 +474,8 @@ class Collection:
         # processes meet the lock file (see Store.writer_lock) and Lance's conflict handling.
         self._write_lock = threading.RLock()
         self._schema_lock = self._write_lock  # schema changes are commits too
-        self._committer = GroupCommitter(self._execute_writes, slot=self._write_lock)
+        self._committer = GroupCommitter(self._execute_writes, slot=self._write_lock,
+                                         linger_s=GROUP_COMMIT_LINGER_S)
         self._ids = IdIndex()  # the write path's existence check (used in the commit slot)
         self._writes_since_optimize = 0
         # Schema-derived lookups, valid for one table version (see _cached).

@@ -7,6 +7,7 @@ commits (the leader may have taken its own write before the others arrived)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import threading
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 import pytest
 
 from indexing.errors import InvalidArgument, NotFound
-from indexing.group_commit import GroupCommitter
+from indexing.group_commit import PROBE_EVERY, GroupCommitter
 from indexing.maintenance import MaintenancePolicy
 from indexing.store import PENDING_META_KEY, Store
 
@@ -152,6 +153,64 @@ def test_submit_many_waits_for_a_commit_in_progress_and_keeps_queue_order():
     assert log == [["x"], ["a", "b", "c"]]
 
 
+def _writers_in_a_loop(committer: GroupCommitter, writers: int, writes_each: int, think_s: float) -> None:
+    """``writers`` threads each submit ``writes_each`` writes, one after another, doing
+    ``think_s`` of other work between them; every write must come back with its payload."""
+    def writer(k: int) -> None:
+        for i in range(writes_each):
+            assert committer.submit("w", "k", (k, i)) == (k, i)
+            time.sleep(think_s)
+
+    threads, errors = _run_threads([lambda k=k: writer(k) for k in range(writers)])
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def _slow_commit(seconds: float):
+    def execute(kind, writes):
+        time.sleep(seconds)  # a commit that takes its time, as LanceDB's do
+        for w in writes:
+            w.finish(w.payload)
+    return execute
+
+
+def test_writers_in_a_loop_share_one_commit_when_the_leader_lingers_for_them():
+    # Without lingering, 8 writers that write again as soon as they are answered split into
+    # two halves that take turns: one commits while the other queues, 4 writes a commit.
+    alone = GroupCommitter(_slow_commit(0.04))
+    _writers_in_a_loop(alone, writers=8, writes_each=8, think_s=0.002)
+    assert alone.stats.writes == 64 and alone.stats.lingers == 0
+    assert alone.stats.writes / alone.stats.commits <= 5
+    # Lingering, the leader waits for the writers the last commit answered: all 8 share one.
+    lingering = GroupCommitter(_slow_commit(0.04), linger_s=1.0)
+    _writers_in_a_loop(lingering, writers=8, writes_each=8, think_s=0.002)
+    s = lingering.stats
+    assert s.writes == 64 and s.lingers >= 1 and s.linger_gained >= s.lingers
+    assert s.writes / s.commits >= 6, (s.commits, s.lingers, s.linger_gained)
+    assert s.commits < alone.stats.commits
+    # never longer than the commit before it took (40 ms), whatever linger_s allows
+    assert s.lingered_s / s.lingers < 0.5
+
+
+def test_a_lone_writer_never_waits_for_anyone():
+    committer = GroupCommitter(_slow_commit(0.01), linger_s=1.0)
+    for i in range(20):
+        assert committer.submit("w", "k", i) == i
+    assert committer.stats.commits == 20 and committer.stats.lingers == 0 and committer.stats.lingered_s == 0
+
+
+def test_lingering_stops_when_the_answered_writers_do_not_come_back_soon():
+    # Writers that do other work between writes (150 ms against 20-ms commits) are not back
+    # before the next commit: a linger for them only delays the writers already queued. The
+    # leader stops after a few such waits and tries once every PROBE_EVERY commits.
+    committer = GroupCommitter(_slow_commit(0.02), linger_s=1.0)
+    _writers_in_a_loop(committer, writers=8, writes_each=10, think_s=0.15)
+    s = committer.stats
+    assert s.writes == 80
+    assert s.lingers <= 3 + s.commits // PROBE_EVERY, (s.commits, s.lingers, s.linger_gained)
+
+
 # -- collections ----------------------------------------------------------------------------
 
 
@@ -186,6 +245,35 @@ def test_concurrent_small_upserts_share_commits_and_each_caller_gets_its_counts(
     for i, w in zip(written.column("id").to_pylist(), written.column("writer").to_pylist(), strict=True):
         n = int(i.split("-")[0][3:]) if i.startswith("new") else int(i[3:]) // 10
         assert w == n
+
+
+def test_writers_in_a_loop_on_a_collection_share_commits_and_keep_every_row(tmp_path):
+    # Real LanceDB commits and the collection's own linger setting: 8 writers that upsert
+    # again as soon as they are answered end up in one commit a round, not in two halves.
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c", spaces={"v": 8})
+    col.upsert(_rows([f"old{i}" for i in range(100)]))
+    before = dataclasses.replace(col._committer.stats)
+    counts: dict[int, list[tuple[int, int]]] = {}
+
+    def writer(k: int) -> None:
+        counts[k] = []
+        for r in range(6):
+            ids = [f"w{k}-{r}-{j}" for j in range(5)] + [f"old{(k * 6 + r + j) % 100}" for j in range(5)]
+            result = col.upsert(_rows(ids, seed=k * 10 + r))
+            counts[k].append((result.inserted, result.updated))
+
+    threads, errors = _run_threads([lambda k=k: writer(k) for k in range(8)])
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(c == [(5, 5)] * 6 for c in counts.values()), counts
+    s = col._committer.stats
+    commits, writes = s.commits - before.commits, s.writes - before.writes
+    assert writes == 48 and s.lingers > before.lingers
+    assert writes / commits >= 5, (commits, s.lingers - before.lingers)
+    ids = col.query(columns=["id"]).column("id")
+    assert len(ids) == 100 + 8 * 6 * 5 and pc.count_distinct(ids).as_py() == len(ids)
 
 
 def test_the_later_write_of_an_id_in_one_group_wins(tmp_path):
