@@ -91,7 +91,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
-from bench.common import Report, ServerProcess, machine, pct, render  # noqa: E402
+from bench.common import Report, ServerProcess, free_port, machine, pct, render  # noqa: E402
 from service.client import AssayClientError, Client  # noqa: E402
 
 OPS = ("search", "upsert", "query", "mine")
@@ -479,6 +479,20 @@ def run_load(address: str | Callable[[], str], workload: Workload, *, clients: i
 # -- the benchmark ---------------------------------------------------------------------------
 
 
+def group_commit_counters(metrics_url: str) -> dict[str, float]:
+    """The server's group-commit counters for the soak collection (its Prometheus metrics:
+    commits, writes, lingers, linger seconds) since it started."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    names = {"assay_group_commits": "commits", "assay_group_commit_writes": "writes",
+             "assay_group_commit_lingers": "lingers", "assay_group_commit_linger_seconds": "linger_s"}
+    return {names[f.name]: s.value for f in text_string_to_metric_families(body) if f.name in names
+            for s in f.samples if s.name.endswith("_total") and s.labels.get("collection") == COLLECTION}
+
+
 def table_stats(data: str) -> dict[str, float]:
     """Fragments and versions of the soak collection, read from the data folder."""
     import lancedb
@@ -545,12 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         proc: ServerProcess | None = None
         server = None
         down = threading.Event() if args.kill_at is not None else None
+        metrics_port = free_port()
         if args.server == "process":
-            proc = ServerProcess(data, os.path.join(tmp, "logs"))
+            proc = ServerProcess(data, os.path.join(tmp, "logs"), extra_args=("--metrics-port", str(metrics_port)))
             proc.start()
             address: Any = lambda: proc.address  # noqa: E731
         else:
-            server = start_server(ServerConfig(data=data, port=0, grace_s=2))
+            server = start_server(ServerConfig(data=data, port=0, grace_s=2, metrics_port=metrics_port))
             address = server.address
 
         def sample() -> dict[str, float]:
@@ -583,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                               on_sample=lambda t, row: print(
                                   f"  {t:7.1f}  {row['rss'] / 2**20:8.1f}  {row['fragments']:6.0f}  "
                                   f"{row['versions']:7.0f}", flush=True))
+            # after a --kill-at restart: what the restarted server did
+            result.extra["group_commit"] = group_commit_counters(f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
             if killer is not None:
                 killer.join(timeout=300)
@@ -622,6 +639,12 @@ def main(argv: list[str] | None = None) -> int:
                    cpu_last["ms_per_op"], cpu_first["ms_per_op"], kind="cost", unit="ms")
         report.add(f"server cores busy: last {window:.0f}s / first {window:.0f}s", cpu_last["cores"],
                    cpu_first["cores"], kind="info", unit="cores")
+    group = result.extra.get("group_commit", {})
+    if group.get("commits"):
+        report.add("writes a commit (the server's group-commit counters)", group["writes"] / group["commits"], None,
+                   kind="info", unit="writes")
+        report.add("commits that waited for answered writers (share)", group["lingers"] / group["commits"], None,
+                   kind="info", unit="share")
     report.add("errors", len(result.errors), 0, kind="info", unit="count")
     writes_only = set(weights) == {"upsert"}
     if writes_only and upserts:

@@ -15,6 +15,7 @@ instead of inserting duplicates.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -42,7 +43,7 @@ from indexing.errors import (
     NotFound,
 )
 from indexing.filters import ids_predicate, object_clauses, validate_filter
-from indexing.group_commit import GroupCommitter, PendingWrite
+from indexing.group_commit import CommitStats, GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids
 from indexing.maintenance import Maintainer, MaintenancePolicy, fragments_to_keep
 from indexing.objects import expand
@@ -392,6 +393,14 @@ class Store:
 
     def describe(self, name: str) -> dict[str, Any]:
         return self.collection(name).describe()
+
+    def commit_stats(self) -> dict[str, CommitStats]:
+        """What the group committer of each collection open in this process has done since
+        it was opened (commits, the writes they held, lingers): a copy of each."""
+        with self._lock:
+            collections = list(self._collections.items())
+        return {name: dataclasses.replace(col._committer.stats, by_kind=dict(col._committer.stats.by_kind))
+                for name, col in collections}
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Finish this store's background work before the process lets go of the root: new

@@ -22,12 +22,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from indexing.errors import classify_error
 from indexing.settings import MAX_MESSAGE_CHARS
+
+if TYPE_CHECKING:
+    from indexing.store import Store
 
 log = logging.getLogger("assay.rpc")
 
@@ -115,6 +118,38 @@ class Metrics:
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.latency.labels(method).observe(seconds)
+
+    def watch_store(self, store: Store) -> None:
+        """Export what the group committers of ``store``'s open collections have done,
+        read at each scrape: commits, the writes they held (their ratio: writes a commit),
+        and the leader's lingers (see ``indexing/group_commit.py``)."""
+        self.registry.register(_GroupCommitCollector(store))
+
+
+class _GroupCommitCollector:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        families = {
+            "commits": CounterMetricFamily(
+                "assay_group_commits", "Commits of small writes (upserts, tags, deletes), by collection.",
+                labels=["collection"]),
+            "writes": CounterMetricFamily(
+                "assay_group_commit_writes", "Writes those commits held (writes / commits: the mean group).",
+                labels=["collection"]),
+            "lingers": CounterMetricFamily(
+                "assay_group_commit_lingers", "Times a commit waited for the writers the last one answered.",
+                labels=["collection"]),
+            "lingered_s": CounterMetricFamily(
+                "assay_group_commit_linger_seconds", "Time those waits took.", labels=["collection"]),
+        }
+        for name, stats in sorted(self._store.commit_stats().items()):
+            for attr, family in families.items():
+                family.add_metric([name], float(getattr(stats, attr)))
+        yield from families.values()
 
 
 class AssayInterceptor(grpc.ServerInterceptor):

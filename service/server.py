@@ -300,6 +300,7 @@ class AssayServer:
         self.jobs = JobManager(self.store, workers=config.job_workers, max_queued=config.max_jobs)
         register_maintenance_jobs(self.jobs)
         self.metrics = Metrics()
+        self.metrics.watch_store(self.store)
         # One bucket per token shared by the gRPC and web ports.
         self._rate_limiter = (RateLimiter(config.rate_limit, config.rate_burst or None)
                               if config.rate_limit > 0 else None)

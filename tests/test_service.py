@@ -425,6 +425,46 @@ def test_a_one_batch_upsert_is_one_unary_call_that_answers_like_the_stream(serve
     assert _ok_calls(server, "UpsertBatch") == unary + 3 + 8
 
 
+def _group_commit_metric(server, name: str, collection: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    head = f'{name}{{collection="{collection}"}} '
+    return next((float(ln[len(head):]) for ln in body.splitlines() if ln.startswith(head)), 0.0)
+
+
+def test_the_metrics_count_group_commits_and_the_writes_they_held(server):
+    with Client(server.address) as setup:
+        col = _fresh(setup, "grouped", spaces={"v": 4})
+        col.upsert({"id": ["seed"], "emb_v": _vectors(1, 4)})
+    commits0 = _group_commit_metric(server, "assay_group_commits_total", "grouped")
+    writes0 = _group_commit_metric(server, "assay_group_commit_writes_total", "grouped")
+    assert commits0 >= 1 and writes0 == commits0  # the seed: one write, one commit
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            with Client(server.address) as c:
+                wc = c.collection("grouped")
+                for r in range(6):  # one-batch upserts, each sent again as soon as it is answered
+                    wc.upsert({"id": [f"w{w}-{r}-{i}" for i in range(5)], "emb_v": _vectors(5, 4, seed=w * 10 + r)})
+        except BaseException as exc:  # noqa: BLE001 — reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    writes = _group_commit_metric(server, "assay_group_commit_writes_total", "grouped") - writes0
+    commits = _group_commit_metric(server, "assay_group_commits_total", "grouped") - commits0
+    assert writes == 48 and 1 <= commits < writes  # concurrent writers shared commits
+    lingers = _group_commit_metric(server, "assay_group_commit_lingers_total", "grouped")
+    waited = _group_commit_metric(server, "assay_group_commit_linger_seconds_total", "grouped")
+    assert lingers >= 1 and 0 < waited <= lingers * (0.1 + 0.05)  # GROUP_COMMIT_LINGER_S (+ waking up) bounds each
+    with Client(server.address) as c:
+        assert c.collection("grouped").count() == 1 + 48 * 5
+
+
 def test_health_reflection_and_metrics(server, client):
     assert client.health() == "SERVING"
     with grpc.insecure_channel(server.address) as ch:
