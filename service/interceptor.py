@@ -135,7 +135,7 @@ class _GroupCommitCollector:
 
         families = {
             "commits": CounterMetricFamily(
-                "assay_group_commits", "Commits of small writes (upserts, tags, deletes), by collection.",
+                "assay_group_commits", "Commits of the group committer (upserts, updates, tags, deletes).",
                 labels=["collection"]),
             "writes": CounterMetricFamily(
                 "assay_group_commit_writes", "Writes those commits held (writes / commits: the mean group).",
