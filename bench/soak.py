@@ -74,6 +74,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -607,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
                 proc.stop()
             if server is not None:
                 server.stop(2)
+        if result.errors and proc is not None:  # an INTERNAL error's details are in the server's log: keep it
+            kept = tempfile.mkdtemp(prefix="assay-soak-logs-")
+            shutil.copytree(proc.log_dir, kept, dirs_exist_ok=True)
+            result.extra["server_logs"] = kept
     window = min(args.window, result.seconds / 2)
     for op in OPS:
         whole = result.stats(op)
@@ -696,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
           + "; no errors.")
     if result.errors:
         print(f"\n{len(result.errors)} errors, the first: " + "\n  ".join(result.errors[:5]))
+        if "server_logs" in result.extra:
+            print(f"the server's log, kept: {result.extra['server_logs']}")
     ok = not result.errors and result.consistent
     if args.json:
         with open(args.json, "w") as fh:
