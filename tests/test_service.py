@@ -333,31 +333,40 @@ def test_deadline_and_cancellation(client):
     assert col.count() == 5000  # the server is fine
 
 
-def test_eight_threads_mixing_search_and_upsert(server):
+def _each_in_a_thread(worker, n: int) -> list[BaseException]:
+    """Run ``worker(0..n-1)`` in ``n`` threads at once; what they raised, for the test to assert."""
     errors: list[BaseException] = []
+
+    def run(w: int) -> None:
+        try:
+            worker(w)
+        except BaseException as exc:  # noqa: BLE001 — returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_eight_threads_mixing_search_and_upsert(server):
     with Client(server.address) as setup:
         col = _fresh(setup, "mixed", spaces={"v": {"dim": 8, "metric": "l2"}})
         col.upsert({"id": [f"base{i}" for i in range(500)], "emb_v": _vectors(500, 8)})
 
     def worker(w: int) -> None:
-        try:
-            with Client(server.address) as c:
-                wc = c.collection("mixed")
-                for r in range(10):
-                    if (w + r) % 2:
-                        wc.upsert({"id": [f"w{w}-{r}-{i}" for i in range(20)], "emb_v": _vectors(20, 8, seed=w * 100 + r)})
-                    else:
-                        res = wc.search(space="v", vector=_vectors(1, 8, seed=r)[0], k=5, columns=["id"])
-                        assert res.num_rows == 5
-        except BaseException as exc:  # noqa: BLE001 — reported below
-            errors.append(exc)
+        with Client(server.address) as c:
+            wc = c.collection("mixed")
+            for r in range(10):
+                if (w + r) % 2:
+                    wc.upsert({"id": [f"w{w}-{r}-{i}" for i in range(20)], "emb_v": _vectors(20, 8, seed=w * 100 + r)})
+                else:
+                    res = wc.search(space="v", vector=_vectors(1, 8, seed=r)[0], k=5, columns=["id"])
+                    assert res.num_rows == 5
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert _each_in_a_thread(worker, 8) == []
     with Client(server.address) as c:
         assert c.collection("mixed").count() == 500 + 8 * 5 * 20
 
@@ -438,23 +447,14 @@ def test_the_metrics_count_group_commits_and_the_writes_they_held(server):
     commits0 = _group_commit_metric(server, "assay_group_commits_total", "grouped")
     writes0 = _group_commit_metric(server, "assay_group_commit_writes_total", "grouped")
     assert commits0 >= 1 and writes0 == commits0  # the seed: one write, one commit
-    errors: list[BaseException] = []
 
     def writer(w: int) -> None:
-        try:
-            with Client(server.address) as c:
-                wc = c.collection("grouped")
-                for r in range(6):  # one-batch upserts, each sent again as soon as it is answered
-                    wc.upsert({"id": [f"w{w}-{r}-{i}" for i in range(5)], "emb_v": _vectors(5, 4, seed=w * 10 + r)})
-        except BaseException as exc:  # noqa: BLE001 — reported below
-            errors.append(exc)
+        with Client(server.address) as c:
+            wc = c.collection("grouped")
+            for r in range(6):  # one-batch upserts, each sent again as soon as it is answered
+                wc.upsert({"id": [f"w{w}-{r}-{i}" for i in range(5)], "emb_v": _vectors(5, 4, seed=w * 10 + r)})
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert _each_in_a_thread(writer, 8) == []
     writes = _group_commit_metric(server, "assay_group_commit_writes_total", "grouped") - writes0
     commits = _group_commit_metric(server, "assay_group_commits_total", "grouped") - commits0
     assert writes == 48 and 1 <= commits < writes  # concurrent writers shared commits
