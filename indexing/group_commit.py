@@ -112,12 +112,12 @@ class GroupCommitter:
         self._leader = False
         self._closed = False
         self._callers = 0  # submit_many calls so far (each write's ``caller``)
-        # The last commit, for the next linger: when it ended, how long it took, how many
-        # callers it answered and how many were queued when it ended.
+        # The last commit, for the next linger: when it ended, how long it took, and the
+        # callers expected in the queue after it — those queued when it ended plus those it
+        # answered (when it answered none, they are all queued already).
         self._last_end = float("-inf")
         self._last_commit_s = 0.0
-        self._answered = 0
-        self._queued_at_end = 0
+        self._expected_callers = 0
         self._linger_balance = 0.0  # running average of what a linger saved (s); < 0: it costs
         self._lingers_skipped = 0
         self.stats = CommitStats()
@@ -181,16 +181,16 @@ class GroupCommitter:
         self._last_end = time.monotonic()
         self._last_commit_s = self._last_end - started
         queued = {w.caller for w in self._queue}
-        self._answered = len({w.caller for w in group} - queued)  # a caller with writes left is not answered
-        self._queued_at_end = len(queued)
+        answered = {w.caller for w in group} - queued  # a caller with writes left is not answered
+        self._expected_callers = len(queued) + len(answered)
 
     def _linger(self) -> None:
         """Before taking a group (lock held): wait for the callers the last commit answered
         to write again, while that pays (see the module docstring)."""
-        if self.linger_s <= 0 or not self._answered:
+        if self.linger_s <= 0:
             return
         deadline = self._last_end + min(self.linger_s, self._last_commit_s)
-        expected = self._queued_at_end + self._answered
+        expected = self._expected_callers
         before = self._queued_callers()
         if before >= expected or time.monotonic() >= deadline:
             return

@@ -371,11 +371,16 @@ def test_eight_threads_mixing_search_and_upsert(server):
         assert c.collection("mixed").count() == 500 + 8 * 5 * 20
 
 
+def _metric(server, sample: str) -> float:
+    """The value of one sample (``name{labels}``) of the server's Prometheus metrics; 0 if absent."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    head = sample + " "
+    return next((float(ln[len(head):]) for ln in body.splitlines() if ln.startswith(head)), 0.0)
+
+
 def _ok_calls(server, method: str) -> float:
     """How many calls of ``method`` the server answered OK (its Prometheus counter)."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    head = f'assay_rpc_requests_total{{code="OK",method="{method}"}} '
-    return next((float(ln[len(head):]) for ln in body.splitlines() if ln.startswith(head)), 0.0)
+    return _metric(server, f'assay_rpc_requests_total{{code="OK",method="{method}"}}')
 
 
 def test_a_one_batch_upsert_is_one_unary_call_that_answers_like_the_stream(server, client):
@@ -424,20 +429,14 @@ def test_a_one_batch_upsert_is_one_unary_call_that_answers_like_the_stream(serve
         got = col.upsert({"id": [f"c{k}-{i}" for i in range(5)] + [f"u{k}"], "n": [k] * 6})
         counts[k] = (got.inserted, got.updated)
 
-    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert _each_in_a_thread(write, 8) == []
     assert counts == {k: (5, 1) for k in range(8)}
     assert col.count() == 23 + 8 * 5 and col.count("n < 8 AND id LIKE 'u%'") == 8
     assert _ok_calls(server, "UpsertBatch") == unary + 3 + 8
 
 
 def _group_commit_metric(server, name: str, collection: str) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    head = f'{name}{{collection="{collection}"}} '
-    return next((float(ln[len(head):]) for ln in body.splitlines() if ln.startswith(head)), 0.0)
+    return _metric(server, f'{name}{{collection="{collection}"}}')
 
 
 def test_the_metrics_count_group_commits_and_the_writes_they_held(server):
