@@ -346,9 +346,10 @@ RUNS_MAINTAIN_EVERY: Final = _define("RUNS_MAINTAIN_EVERY", 32, "writes to the m
 RUN_RECORDS_CACHED: Final = _define("RUN_RECORDS_CACHED", 1024, "mining run records the server keeps in "
                                     "memory, newest used first (it alone writes them: each lookup in "
                                     "`_runs` cost ~6 ms, three per run)", "service")
-RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 60.0, "seconds between removals of "
-                                      "the mining run tables' old versions (those over a minute old: "
-                                      "nothing reads them, and each read lists the versions kept)", "service")
+RUNS_CLEANUP_EVERY_S: Final = _define("RUNS_CLEANUP_EVERY_S", 10.0, "seconds between removals of "
+                                      "old versions of the mining run tables and `_jobs` (those over "
+                                      "10 s old: nothing reads them, and each read lists the versions "
+                                      "kept)", "service")
 JOB_RECORDS_KEPT: Final = _define("JOB_RECORDS_KEPT", 1024, "ended job records the server keeps in "
                                   "memory, newest first; older ones are read from `_jobs` when asked "
                                   "for (held, every record since the data root began grew the "

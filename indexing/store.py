@@ -45,7 +45,13 @@ from indexing.errors import (
 from indexing.filters import ids_predicate, object_clauses, validate_filter
 from indexing.group_commit import CommitStats, GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids
-from indexing.maintenance import Maintainer, MaintenancePolicy, fragments_to_keep
+from indexing.maintenance import (
+    Maintainer,
+    MaintenancePolicy,
+    fragments_to_keep,
+    merge_tiers,
+    purge_deleted,
+)
 from indexing.objects import expand
 from indexing.objects import objects as object_table
 from indexing.schema import (
@@ -1335,47 +1341,15 @@ class Collection:
             )
 
     def compact_tiers(self, policy: MaintenancePolicy) -> int:
-        """Merge small fragments tier by tier (see :mod:`indexing.maintenance`), holding the
-        commit slot so no write can preempt the compaction. Returns fragments removed."""
-        removed = 0
+        """Merge small fragments tier by tier and purge the worst deleted rows (see
+        :mod:`indexing.maintenance`), holding the commit slot so no write can preempt the
+        compaction. Returns fragments removed."""
         with self._write_lock:
-            frags = self._fragment_rows()
-            for low, high, target in policy.tier_bounds():
-                tier = [fid for fid, rows in frags if low <= rows < high]
-                if len(tier) < policy.fanout:
-                    continue
-                others = [fid for fid, rows in frags if not low <= rows < high]
-                metrics = self._table.to_lance().optimize.compact_files(
-                    target_rows_per_fragment=target, materialize_deletions=False,
-                    excluded_fragment_ids=others, max_source_rows=policy.fanout * high)
-                removed += metrics.fragments_removed - metrics.fragments_added
-                self._table.checkout_latest()
-                frags = self._fragment_rows()
-            purged = self._purge_deleted(policy)
+            removed = merge_tiers(self._table, policy)
+            purged = purge_deleted(self._table, policy)
             if removed or purged:
                 self._invalidate()
         return removed
-
-    def _purge_deleted(self, policy: MaintenancePolicy) -> int:
-        """Rewrite the fragment with the most deleted rows without them, once they are
-        ``policy.purge_fraction`` of it and it has at most ``policy.merge_rows[-1]`` rows (the
-        pause is bounded like a tier merge). Called holding the slot; returns rows purged."""
-        worst, most = None, 0
-        frags = self._table.to_lance().get_fragments()
-        for frag in frags:
-            meta = frag.metadata
-            deleted = meta.num_deletions
-            if meta.physical_rows <= policy.merge_rows[-1] and deleted > most and \
-                    deleted >= policy.purge_fraction * meta.physical_rows:
-                worst, most = frag.fragment_id, deleted
-        if worst is None:
-            return 0
-        others = [f.fragment_id for f in frags if f.fragment_id != worst]
-        self._table.to_lance().optimize.compact_files(
-            materialize_deletions=True, materialize_deletions_threshold=policy.purge_fraction,
-            excluded_fragment_ids=others)
-        self._table.checkout_latest()
-        return most
 
     def release_caches(self) -> None:
         """Free what the write path keeps in memory (the id index: 16 bytes a row); the next
@@ -1393,9 +1367,6 @@ class Collection:
         """Rows not yet in the ``id`` index (what every index update would add)."""
         stats = self._table.index_stats("id_idx")
         return 0 if stats is None else int(stats.num_unindexed_rows)
-
-    def _fragment_rows(self) -> list[tuple[int, int]]:
-        return [(f.fragment_id, f.metadata.physical_rows) for f in self._table.to_lance().get_fragments()]
 
     def compact_all(self, *, attempts: int = 1, then_hold_slot: bool = False, wait: bool = True) -> None:
         """Compaction of what is worth rewriting: fragments below ``COMPACT_KEEP_ROWS`` rows

@@ -27,9 +27,8 @@ import pyarrow as pa
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.filters import sql_quote
-from indexing.maintenance import SYSTEM_TABLE_RETENTION, compact_table
+from indexing.maintenance import SystemTableUpkeep
 from indexing.settings import (
-    COMPACT_KEEP_ROWS,
     RUN_RECORDS_CACHED,
     RUNS_CLEANUP_EVERY_S,
     RUNS_MAINTAIN_EVERY,
@@ -247,9 +246,8 @@ class RunStore:
         self.store = store
         held = _held_records(store)  # shared by every RunStore of this Store (one process)
         self._lock = held.lock
-        self._writes = 0  # since the last maintenance of the two tables
+        self._upkeep = SystemTableUpkeep(RUNS_MAINTAIN_EVERY, RUNS_CLEANUP_EVERY_S)
         self._maintaining = False
-        self._last_cleanup = time.monotonic()
         self._runs = self.store.system_table(RUNS_TABLE, RUNS_SCHEMA, "run_id")
         self._results = self.store.system_table(RESULTS_TABLE, _RESULTS_SCHEMA, None)
         self._unsaved, self._noted, self._cached = held.unsaved, held.noted, held.cached
@@ -365,28 +363,20 @@ class RunStore:
 
     def _after_write(self) -> None:
         """Every ``RUNS_MAINTAIN_EVERY`` writes (called with the lock held), compact both
-        tables in a background thread — and every 10 minutes drop their old versions. Each
-        run is several record updates and a results append, a commit each: unmaintained,
-        ``_runs`` grew thousands of fragments and every lookup of a run slowed down (a
-        soak's mining p50 went from 6 to 17 s in five minutes); maintained inline, the run
-        that happened to trigger it paid for it."""
-        self._writes += 1
-        if self._writes < RUNS_MAINTAIN_EVERY or self._maintaining:
+        tables in a background thread (:class:`SystemTableUpkeep`: old versions go at most
+        every ``RUNS_CLEANUP_EVERY_S``). Each run is several record updates and a results
+        append, a commit each: unmaintained, ``_runs`` grew thousands of fragments and every
+        lookup of a run slowed down (a soak's mining p50 went from 6 to 17 s in five
+        minutes); maintained inline, the run that happened to trigger it paid for it."""
+        if not self._upkeep.wrote() or self._maintaining:
             return
-        self._writes, self._maintaining = 0, True
+        self._maintaining = True
         threading.Thread(target=self._maintain, name="assay-runs-maintenance", daemon=True).start()
 
     def _maintain(self) -> None:
-        now = time.monotonic()
-        cleanup = now - self._last_cleanup >= RUNS_CLEANUP_EVERY_S
         try:
             with self._lock:
-                for table in (self._runs, self._results):
-                    compact_table(table, keep_rows=COMPACT_KEEP_ROWS,
-                                  older_than=SYSTEM_TABLE_RETENTION if cleanup else None,
-                                  key_columns=("run_id",))
-            if cleanup:
-                self._last_cleanup = now
+                self._upkeep.maintain([(self._runs, ("run_id",)), (self._results, ("run_id",))])
         except Exception as exc:  # maintenance must never fail a run
             log.warning("maintenance of the mining run tables failed: %s", exc)
         finally:

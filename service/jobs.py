@@ -37,8 +37,8 @@ from indexing.errors import (
     classify_error,
 )
 from indexing.filters import ids_predicate, sql_quote
-from indexing.maintenance import SYSTEM_TABLE_RETENTION, compact_table
-from indexing.settings import COMPACT_KEEP_ROWS, ID_CHUNK, JOB_RECORDS_KEPT
+from indexing.maintenance import SystemTableUpkeep
+from indexing.settings import ID_CHUNK, JOB_RECORDS_KEPT, RUNS_CLEANUP_EVERY_S
 from indexing.settings import JOBS_COMPACT_EVERY as COMPACT_EVERY
 from indexing.store import Collection, Store
 
@@ -148,7 +148,7 @@ class JobManager:
         self.max_queued = max_queued
         self._last_persist: dict[str, float] = {}
         self._persist_lock = threading.Lock()
-        self._writes = 0
+        self._upkeep = SystemTableUpkeep(COMPACT_EVERY, RUNS_CLEANUP_EVERY_S)
         self._unsaved: dict[str, JobRecord] = {}  # newest records not saved yet (see _persist)
         self._table = self._open_table()
         self._recover()
@@ -205,12 +205,10 @@ class JobManager:
                 (self._table.merge_insert("id").when_matched_update_all()
                  .when_not_matched_insert_all().execute(batch))
                 self._unsaved.clear()
-                self._writes += 1
-                if self._writes % COMPACT_EVERY == 0:
-                    # Every record update is a table version: compact and drop old ones; the
-                    # merge on ``id`` goes through a BTREE rather than a scan of every job kept.
-                    compact_table(self._table, keep_rows=COMPACT_KEEP_ROWS, older_than=SYSTEM_TABLE_RETENTION,
-                                  key_columns=("id",))
+                if self._upkeep.wrote():
+                    # Every record update is a table version: compact (and now and then drop
+                    # old ones); the merge on ``id`` goes through a BTREE, not a scan of every job.
+                    self._upkeep.maintain([(self._table, ("id",))])
             except Exception as exc:  # a record that cannot be saved must not kill the job
                 self._unsaved[rec.id] = rec
                 if (mapped := classify_error(exc, self.store.root)) is not None:

@@ -258,3 +258,48 @@ def test_run_tables_use_their_own_bounded_cache_not_the_collections(tmp_path):
     assert runs.results(rec.run_id).num_rows == 5
     assert store.session.size_bytes == shared_before, (shared_before, store.session.size_bytes)
     assert 0 < store.system_session.size_bytes <= SYSTEM_INDEX_CACHE_BYTES + SYSTEM_METADATA_CACHE_BYTES
+
+
+def test_run_tables_compaction_leaves_big_fragments_and_drops_old_versions(tmp_path, monkeypatch):
+    """The run tables are compacted by size tiers: the small fragments that run after run
+    appends are merged, a big fragment (20,000 results of earlier runs) is never rewritten
+    — compacting every fragment under 32,768 rows rewrote it at each maintenance, so a
+    mining run's cost grew with the runs kept — and old versions go when the cleanup is due."""
+    from indexing import maintenance
+
+    runs = RunStore(Store(str(tmp_path)))
+    old = runs.new_run(RunSpec(collection="c", miner="margin", size=20_000, version=1))
+    runs.write_results(old, [f"o{j:05d}" for j in range(20_000)], np.linspace(1, 0, 20_000))
+    big = max(runs._results.to_lance().get_fragments(), key=lambda f: f.metadata.physical_rows)
+    assert big.metadata.physical_rows == 20_000
+
+    def maintained() -> None:
+        for _ in range(400):  # maintenance runs in a background thread
+            if not runs._maintaining:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the maintenance of the run tables did not end")
+
+    recs = []
+    for i in range(2 * RUNS_MAINTAIN_EVERY):
+        rec = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+        runs.write_results(rec, [f"r{i}-{j}" for j in range(5)], np.arange(5, dtype=float))
+        recs.append(runs.update(rec, state="SUCCEEDED"))
+        maintained()
+    frags = runs._results.to_lance().get_fragments()
+    kept = [f for f in frags if f.fragment_id == big.fragment_id]
+    assert kept and kept[0].metadata.physical_rows == 20_000  # the same fragment, not rewritten
+    assert len(frags) <= 1 + runs._upkeep.policy.fanout, len(frags)  # the small ones were merged
+    assert len(runs._runs.to_lance().get_fragments()) <= runs._upkeep.policy.fanout
+    assert runs.results(old.run_id).num_rows == 20_000
+    assert all(runs.results(r.run_id).column("id").to_pylist() == [f"r{i}-{j}" for j in range(5)]
+               for i, r in enumerate(recs))
+
+    # old versions: kept until the cleanup is due, then only the retention window's
+    versions = len(runs._results.to_lance().versions())
+    assert versions > 2 * RUNS_MAINTAIN_EVERY  # every append and compaction is one
+    monkeypatch.setattr(maintenance, "SYSTEM_TABLE_RETENTION", maintenance.timedelta(0))
+    runs._upkeep.cleanup_every_s = 0.0
+    runs._maintain()
+    assert len(runs._results.to_lance().versions()) == 1
+    assert runs.results(old.run_id).num_rows == 20_000
