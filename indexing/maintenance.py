@@ -299,9 +299,10 @@ def purge_deleted(table: Any, policy: MaintenancePolicy) -> int:
 #: versions of assay's own tables (runs, results, jobs) kept: nothing reads an old one (their
 #: reads take milliseconds), and with strong consistency every read lists those kept (1,000
 #: runs in 2,188 versions: a lookup by run_id 9.2 ms; compacted 7.3 ms; the old versions
-#: removed 3.3 ms). Mining runs write these tables ~40 times a second under load: with a
-#: minute kept (and removed once a minute), 16 clients mining for 4 minutes ran 1,740 runs and
-#: the server's CPU per run grew 163 -> 208 ms; with 10 s, 2,006 runs, 153 -> 190 ms.
+#: removed 3.3 ms). Each mining run writes them 5 or 6 times: 16 clients only mining for 4
+#: minutes (bench/soak.py --mix mine=1) ran 1,740 and 1,815 runs with a minute kept (the
+#: runs' tables cleaned once a minute, ``_jobs`` at each compaction, every small fragment
+#: rewritten) and 2,006 and 1,915 with 10 s kept and the tiers below.
 SYSTEM_TABLE_RETENTION = timedelta(seconds=10)
 
 
@@ -344,8 +345,8 @@ def compact_table(table: Any, *, policy: MaintenancePolicy, older_than: timedelt
                   key_columns: tuple[str, ...] = ()) -> None:
     """Maintenance of one of assay's own tables (mining runs and their results, jobs): merge
     its small fragments tier by tier (:func:`merge_tiers`: bounded work, where merging every
-    fragment under 32,768 rows rewrote the whole table each time — a mining run's server CPU
-    grew by a third over 761 runs), purge deleted rows (:func:`purge_deleted`), give each of
+    fragment under 32,768 rows rewrote all of them each time — the results of up to 1,600
+    runs), purge deleted rows (:func:`purge_deleted`), give each of
     ``key_columns`` a BTREE index once the table has rows (a run is looked up and merged by
     ``run_id`` several times; scanned instead, each lookup grew with the runs kept: 4.5 ms at
     100 runs, 22 ms at 3,000), bring its indexes up to date and, given ``older_than``, drop
