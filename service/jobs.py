@@ -205,10 +205,6 @@ class JobManager:
                 (self._table.merge_insert("id").when_matched_update_all()
                  .when_not_matched_insert_all().execute(batch))
                 self._unsaved.clear()
-                if self._upkeep.wrote():
-                    # Every record update is a table version: compact (and now and then drop
-                    # old ones); the merge on ``id`` goes through a BTREE, not a scan of every job.
-                    self._upkeep.maintain([(self._table, ("id",))])
             except Exception as exc:  # a record that cannot be saved must not kill the job
                 self._unsaved[rec.id] = rec
                 if (mapped := classify_error(exc, self.store.root)) is not None:
@@ -216,6 +212,15 @@ class JobManager:
                                 rec.id, mapped.message)
                 else:
                     log.exception("could not persist job %s", rec.id)
+                return
+            if self._upkeep.wrote():
+                # Every record update is a table version: compact (and now and then drop old
+                # ones); the merge on ``id`` goes through a BTREE, not a scan of every job.
+                try:
+                    self._upkeep.maintain([(self._table, ("id",))])
+                except Exception as exc:  # the records are saved: a failed compaction is not theirs
+                    log.warning("maintenance of the jobs table failed (retried %d writes later): %s",
+                                self._upkeep.every_writes, exc)
 
     # -- API -----------------------------------------------------------------------
 

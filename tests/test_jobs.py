@@ -72,3 +72,26 @@ def test_only_the_newest_ended_jobs_are_held_and_the_rest_are_read_from_the_tabl
     assert set(again._jobs) == set(ids[-3:])  # the newest three by creation
     assert [j.id for j in again.list()] == [*ids[::-1], held.id]
     assert again.get(ids[2]).result == {"n": 2} and again.get(held.id).state == "SUCCEEDED"
+
+
+def test_a_failed_compaction_of_the_jobs_table_is_not_a_failed_save(store, monkeypatch, caplog):
+    """The records were saved before the compaction ran: its failure is logged as the
+    table's maintenance, and the records are not kept back as unsaved."""
+    monkeypatch.setattr(jobs_module, "COMPACT_EVERY", 2)
+    store.create_collection("c")
+    manager = JobManager(store, workers=1)
+    manager.register("echo", JobKind(run=lambda ctx, col, p: {"n": p["n"]}))
+
+    def fails(tables) -> None:
+        raise RuntimeError("compaction preempted")
+
+    monkeypatch.setattr(manager._upkeep, "maintain", fails)
+    with caplog.at_level("WARNING", logger=jobs_module.log.name):
+        done = [manager.wait(manager.start("echo", "c", {"n": i}).id, timeout=30) for i in range(3)]
+    assert [d.state for d in done] == ["SUCCEEDED"] * 3
+    assert not manager._unsaved
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("maintenance of the jobs table failed" in m for m in messages), messages
+    assert not any("could not persist" in m for m in messages), messages
+    manager.shutdown(1)
+    assert {j.id: j.state for j in JobManager(store).list()} == {d.id: "SUCCEEDED" for d in done}
