@@ -300,9 +300,10 @@ def purge_deleted(table: Any, policy: MaintenancePolicy) -> int:
 #: reads take milliseconds), and with strong consistency every read lists those kept (1,000
 #: runs in 2,188 versions: a lookup by run_id 9.2 ms; compacted 7.3 ms; the old versions
 #: removed 3.3 ms). Each mining run writes them 5 or 6 times: 16 clients only mining for 4
-#: minutes (bench/soak.py --mix mine=1) ran 1,740 and 1,815 runs with a minute kept (the
+#: minutes (bench/soak.py --mix mine=1) ran 1,815 runs, p50 2,143 ms, with a minute kept (the
 #: runs' tables cleaned once a minute, ``_jobs`` at each compaction, every small fragment
-#: rewritten) and 2,006 and 1,915 with 10 s kept and the tiers below.
+#: rewritten); 1,915 runs, p50 1,964 ms, with 10 s kept and the tiers below (one pair, run
+#: one after the other).
 SYSTEM_TABLE_RETENTION = timedelta(seconds=10)
 
 
