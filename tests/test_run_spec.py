@@ -268,6 +268,7 @@ def test_run_tables_compaction_leaves_big_fragments_and_drops_old_versions(tmp_p
     from indexing import maintenance
 
     runs = RunStore(Store(str(tmp_path)))
+    runs._upkeep.cleanup_every_s = float("inf")  # no cleanup until the end, however slow the loop
     old = runs.new_run(RunSpec(collection="c", miner="margin", size=20_000, version=1))
     runs.write_results(old, [f"o{j:05d}" for j in range(20_000)], np.linspace(1, 0, 20_000))
     big = max(runs._results.to_lance().get_fragments(), key=lambda f: f.metadata.physical_rows)
