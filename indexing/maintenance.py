@@ -260,12 +260,13 @@ def merge_tiers(table: Any, policy: MaintenancePolicy) -> int:
     The caller holds the table's commit slot. Returns the fragments removed."""
     removed = 0
     for low, high, target in policy.tier_bounds():
-        frags = [(f.fragment_id, f.metadata.physical_rows) for f in table.to_lance().get_fragments()]
+        ds = table.to_lance()  # one dataset for the fragments read and their compaction
+        frags = [(f.fragment_id, f.metadata.physical_rows) for f in ds.get_fragments()]
         tier = [fid for fid, rows in frags if low <= rows < high]
         if len(tier) < policy.fanout:
             continue
         others = [fid for fid, rows in frags if not low <= rows < high]
-        metrics = table.to_lance().optimize.compact_files(
+        metrics = ds.optimize.compact_files(
             target_rows_per_fragment=target, materialize_deletions=False,
             excluded_fragment_ids=others, max_source_rows=policy.fanout * high)
         removed += metrics.fragments_removed - metrics.fragments_added
@@ -279,7 +280,8 @@ def purge_deleted(table: Any, policy: MaintenancePolicy) -> int:
     work is bounded like a tier merge). The caller holds the commit slot; returns the rows
     purged."""
     worst, most = None, 0
-    frags = table.to_lance().get_fragments()
+    ds = table.to_lance()
+    frags = ds.get_fragments()
     for frag in frags:
         meta = frag.metadata
         deleted = meta.num_deletions
@@ -289,7 +291,7 @@ def purge_deleted(table: Any, policy: MaintenancePolicy) -> int:
     if worst is None:
         return 0
     others = [f.fragment_id for f in frags if f.fragment_id != worst]
-    table.to_lance().optimize.compact_files(
+    ds.optimize.compact_files(
         materialize_deletions=True, materialize_deletions_threshold=policy.purge_fraction,
         excluded_fragment_ids=others)
     table.checkout_latest()
