@@ -237,6 +237,15 @@ def test_run_records_are_read_once_then_served_from_memory(tmp_path):
         RunStore(Store(str(tmp_path))).get(rec.run_id)
 
 
+def _wait_for_maintenance(runs: RunStore) -> None:
+    """The run tables' maintenance runs in a background thread: wait until it has ended."""
+    for _ in range(400):
+        if not runs._maintaining:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the maintenance of the run tables did not end")
+
+
 def test_run_tables_use_their_own_bounded_cache_not_the_collections(tmp_path):
     """Every compaction of ``_runs``/``_run_results`` re-indexes their BTREE, and each index
     version left pages in LanceDB's cache: in one cache shared with the collections (bounded
@@ -250,10 +259,7 @@ def test_run_tables_use_their_own_bounded_cache_not_the_collections(tmp_path):
         runs.write_results(rec, [f"r{i}-{j}" for j in range(5)], np.arange(5, dtype=float))
         runs.update(rec, state="SUCCEEDED")
         assert runs.get(rec.run_id).state == "SUCCEEDED"
-    for _ in range(200):  # the last maintenance runs in a background thread
-        if not runs._maintaining:
-            break
-        time.sleep(0.05)
+    _wait_for_maintenance(runs)
     assert runs._runs.list_indices(), "the maintenance gave _runs its BTREE"
     assert runs.results(rec.run_id).num_rows == 5
     assert store.session.size_bytes == shared_before, (shared_before, store.session.size_bytes)
@@ -274,19 +280,12 @@ def test_run_tables_compaction_leaves_big_fragments_and_drops_old_versions(tmp_p
     big = max(runs._results.to_lance().get_fragments(), key=lambda f: f.metadata.physical_rows)
     assert big.metadata.physical_rows == 20_000
 
-    def maintained() -> None:
-        for _ in range(400):  # maintenance runs in a background thread
-            if not runs._maintaining:
-                return
-            time.sleep(0.05)
-        raise AssertionError("the maintenance of the run tables did not end")
-
     recs = []
     for i in range(2 * RUNS_MAINTAIN_EVERY):
         rec = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
         runs.write_results(rec, [f"r{i}-{j}" for j in range(5)], np.arange(5, dtype=float))
         recs.append(runs.update(rec, state="SUCCEEDED"))
-        maintained()
+        _wait_for_maintenance(runs)
     frags = runs._results.to_lance().get_fragments()
     kept = [f for f in frags if f.fragment_id == big.fragment_id]
     assert kept and kept[0].metadata.physical_rows == 20_000  # the same fragment, not rewritten
