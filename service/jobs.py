@@ -191,7 +191,10 @@ class JobManager:
         if interrupted:
             log.warning("marked %d job(s) left unfinished by a previous server as INTERRUPTED", len(interrupted))
 
-    def _persist(self, rec: JobRecord, *, force: bool = False) -> None:
+    def _persist(self, rec: JobRecord, *, force: bool = False, new: bool = False) -> None:
+        """Write ``rec`` (and records not saved before) to ``_jobs``. A ``new`` job's first
+        record is appended when nothing else is pending (a merge joins on ``id`` across the
+        table); a record whose write failed is merged from then on (it may have landed)."""
         now = time.monotonic()
         if not force and now - self._last_persist.get(rec.id, 0.0) < 1.0:
             return
@@ -202,8 +205,11 @@ class JobManager:
             pending = {**self._unsaved, rec.id: rec}
             batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=_JOBS_SCHEMA)
             try:
-                (self._table.merge_insert("id").when_matched_update_all()
-                 .when_not_matched_insert_all().execute(batch))
+                if new and len(pending) == 1:
+                    self._table.add(batch)
+                else:
+                    (self._table.merge_insert("id").when_matched_update_all()
+                     .when_not_matched_insert_all().execute(batch))
                 self._unsaved.clear()
             except Exception as exc:  # a record that cannot be saved must not kill the job
                 self._unsaved[rec.id] = rec
@@ -241,7 +247,7 @@ class JobManager:
         with self._changed:
             self._jobs[rec.id] = rec
             self._contexts[rec.id] = ctx
-        self._persist(rec, force=True)
+        self._persist(rec, force=True, new=True)
         future = self._futures[rec.id] = self._pool.submit(self._run, rec.id, col, ctx)
         future.add_done_callback(lambda _f, job_id=rec.id: self._futures.pop(job_id, None))
         return rec
@@ -400,7 +406,9 @@ class JobManager:
             return
         rec = self._update(job_id, state=RUNNING, started_at=time.time(), message="running")
         try:
-            result = self.kinds[rec.kind].run(ctx, col, rec.params)
+            # dict() here: a job kind that returns no mapping fails like any other bug of its
+            # (outside the try it left the job RUNNING for ever and its worker thread ended)
+            result = dict(self.kinds[rec.kind].run(ctx, col, rec.params))
             ctx.check()
         except JobCancelled:
             self._finish(job_id, CANCELLED, message="cancelled")
@@ -416,4 +424,4 @@ class JobManager:
             self._finish(job_id, FAILED, error=f"{type(exc).__name__}: {exc}", error_code="INTERNAL",
                          message="failed")
         else:
-            self._finish(job_id, SUCCEEDED, progress=1.0, result=dict(result), message="done")
+            self._finish(job_id, SUCCEEDED, progress=1.0, result=result, message="done")

@@ -4,6 +4,7 @@ the _jobs table is compacted as records change."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -95,3 +96,60 @@ def test_a_failed_compaction_of_the_jobs_table_is_not_a_failed_save(store, monke
     assert not any("could not persist" in m for m in messages), messages
     manager.shutdown(1)
     assert {j.id: j.state for j in JobManager(store).list()} == {d.id: "SUCCEEDED" for d in done}
+
+
+def test_a_jobs_first_record_is_appended_and_a_failed_one_is_merged_later(store, monkeypatch):
+    """A job's first record is appended (its id is new; a merge joins on id across the
+    table). If that append raises after it landed, the record is kept and merged with the
+    next write: one row per job all the same."""
+    store.create_collection("c")
+    manager = JobManager(store, workers=1)
+    manager.register("echo", JobKind(run=lambda ctx, col, p: {"n": p["n"]}))
+    table = store._db.open_table("_jobs")
+
+    def operations(n):
+        table.checkout_latest()
+        return [type(t.operation).__name__ for t in reversed(table.to_lance().get_transactions(n))]
+
+    release = threading.Event()
+    manager.register("wait", JobKind(run=lambda ctx, col, p: {"released": release.wait(30)}))
+    waiting = manager.start("wait", "c", {})
+    assert operations(1) == ["Append"]
+    started_at = table.version
+    release.set()
+    manager.wait(waiting.id, timeout=30)
+    for _ in range(100):  # the end's record is written just after the state changes
+        table.checkout_latest()
+        if table.version > started_at:
+            break
+        time.sleep(0.05)
+    assert set(operations(table.version - started_at)) == {"Update"}
+
+    original = manager._table.add
+
+    def lands_then_fails(batch):
+        original(batch)
+        raise OSError("the write landed but its answer was lost")
+
+    monkeypatch.setattr(manager._table, "add", lands_then_fails)
+    lost = manager.start("echo", "c", {"n": 1})
+    assert lost.id in manager._unsaved
+    monkeypatch.setattr(manager._table, "add", original)
+    done = manager.wait(lost.id, timeout=30)
+    later = manager.wait(manager.start("echo", "c", {"n": 2}).id, timeout=30)
+    manager.shutdown(1)
+    ids = [r["id"] for r in store._db.open_table("_jobs").to_arrow().to_pylist()]
+    assert sorted(ids) == sorted([waiting.id, lost.id, later.id])
+    assert {j.id: j.state for j in JobManager(store).list()} == {
+        waiting.id: "SUCCEEDED", done.id: "SUCCEEDED", later.id: "SUCCEEDED"}
+
+
+def test_a_job_kind_that_returns_no_mapping_fails_and_its_worker_goes_on(store):
+    store.create_collection("c")
+    manager = JobManager(store, workers=1)
+    manager.register("bad", JobKind(run=lambda ctx, col, p: True))
+    manager.register("echo", JobKind(run=lambda ctx, col, p: {"n": p["n"]}))
+    bad = manager.wait(manager.start("bad", "c", {}).id, timeout=30)
+    assert bad.state == "FAILED" and bad.error_code == "INTERNAL" and "TypeError" in bad.error
+    assert manager.wait(manager.start("echo", "c", {"n": 3}).id, timeout=30).result == {"n": 3}
+    manager.shutdown(1)

@@ -303,3 +303,55 @@ def test_run_tables_compaction_leaves_big_fragments_and_drops_old_versions(tmp_p
     runs._maintain()
     assert len(runs._results.to_lance().versions()) == 1
     assert runs.results(old.run_id).num_rows == 20_000
+
+
+def _operations(table, n: int) -> list[str]:
+    """The Lance operations of ``table``'s last ``n`` commits, oldest first."""
+    table.checkout_latest()
+    return [type(t.operation).__name__ for t in reversed(table.to_lance().get_transactions(n))]
+
+
+def test_a_new_runs_record_is_appended_and_its_later_ones_merged(tmp_path):
+    """A run's first record is known to be new (a fresh run id): appended, not merged (a
+    merge joins on run_id across the table); its end is a merge, one row per run."""
+    runs = RunStore(Store(str(tmp_path)))
+    table = lancedb.connect(str(tmp_path)).open_table("_runs")
+    first = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+    second = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+    assert _operations(table, 2) == ["Append", "Append"]
+    runs.update(first, state="SUCCEEDED", results=5)
+    assert _operations(table, 1) == ["Update"]
+    rows = {r["run_id"]: r["state"] for r in table.to_arrow().to_pylist()}
+    assert rows == {first.run_id: "SUCCEEDED", second.run_id: "PENDING"}
+
+
+def test_a_run_record_held_back_after_a_failed_write_is_merged_not_appended(tmp_path, monkeypatch):
+    """A record that could not be saved goes with the next one; that write is a merge even
+    for a new run (the failed write may have landed): still one row per run."""
+    runs = RunStore(Store(str(tmp_path)))
+    table = lancedb.connect(str(tmp_path)).open_table("_runs")
+    rec = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+    original = runs._runs.merge_insert
+
+    def lands_then_fails(*args, **kwargs):
+        class Builder:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __getattr__(self, name):
+                attr = getattr(self.inner, name)
+                return (lambda *a, **k: Builder(attr(*a, **k))) if name != "execute" else self._execute
+
+            def _execute(self, batch):
+                self.inner.execute(batch)
+                raise OSError("the write landed but its answer was lost")
+        return Builder(original(*args, **kwargs))
+
+    monkeypatch.setattr(runs._runs, "merge_insert", lands_then_fails)
+    kept = runs.update_or_keep(rec, state="SUCCEEDED", results=5)  # kept in memory
+    monkeypatch.setattr(runs._runs, "merge_insert", original)
+    other = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
+    assert _operations(table, 1) == ["Update"]  # with the held record: merged
+    rows = [r["run_id"] for r in table.to_arrow().to_pylist()]
+    assert sorted(rows) == sorted([rec.run_id, other.run_id])
+    assert runs.get(rec.run_id) == kept
