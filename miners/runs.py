@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from indexing.errors import FailedPrecondition, InvalidArgument, NotFound
 from indexing.filters import sql_quote
-from indexing.maintenance import SystemTableUpkeep
+from indexing.maintenance import SystemTableUpkeep, write_records
 from indexing.settings import (
     RUN_RECORDS_CACHED,
     RUNS_CLEANUP_EVERY_S,
@@ -262,18 +262,13 @@ class RunStore:
         return rec
 
     def save(self, rec: RunSpec, *, new: bool = False) -> None:
-        """Write ``rec`` (and records not saved before) to ``_runs``: a ``new`` run's record
-        is appended when nothing else is pending — a merge joins on ``run_id`` across the
-        table: a first record took 15.8 ms merged and 9.4 ms appended with 1,000 runs kept,
-        in process — every other write is a merge."""
+        """Write ``rec`` (and records not saved before) to ``_runs``; a ``new`` run's record
+        alone is appended (:func:`write_records`)."""
         with self._lock:
             pending = {**self._unsaved, rec.run_id: rec}
             # the table's own schema: its column order is the one it was created with
             batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=self._runs.schema)
-            if new and len(pending) == 1:
-                self._runs.add(batch)
-            else:
-                self._runs.merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
+            write_records(self._runs, batch, "run_id", all_new=new and len(pending) == 1)
             self._unsaved.clear()
             for saved in pending.values():  # what was noted of these runs is written now
                 self._noted.pop(saved.run_id, None)

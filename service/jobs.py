@@ -37,7 +37,7 @@ from indexing.errors import (
     classify_error,
 )
 from indexing.filters import ids_predicate, sql_quote
-from indexing.maintenance import SystemTableUpkeep
+from indexing.maintenance import SystemTableUpkeep, write_records
 from indexing.settings import ID_CHUNK, JOB_RECORDS_KEPT, RUNS_CLEANUP_EVERY_S
 from indexing.settings import JOBS_COMPACT_EVERY as COMPACT_EVERY
 from indexing.store import Collection, Store
@@ -192,9 +192,8 @@ class JobManager:
             log.warning("marked %d job(s) left unfinished by a previous server as INTERRUPTED", len(interrupted))
 
     def _persist(self, rec: JobRecord, *, force: bool = False, new: bool = False) -> None:
-        """Write ``rec`` (and records not saved before) to ``_jobs``. A ``new`` job's first
-        record is appended when nothing else is pending (a merge joins on ``id`` across the
-        table); a record whose write failed is merged from then on (it may have landed)."""
+        """Write ``rec`` (and records not saved before) to ``_jobs``; a ``new`` job's first
+        record alone is appended (:func:`write_records`)."""
         now = time.monotonic()
         if not force and now - self._last_persist.get(rec.id, 0.0) < 1.0:
             return
@@ -205,11 +204,7 @@ class JobManager:
             pending = {**self._unsaved, rec.id: rec}
             batch = pa.Table.from_pylist([r.to_row() for r in pending.values()], schema=_JOBS_SCHEMA)
             try:
-                if new and len(pending) == 1:
-                    self._table.add(batch)
-                else:
-                    (self._table.merge_insert("id").when_matched_update_all()
-                     .when_not_matched_insert_all().execute(batch))
+                write_records(self._table, batch, "id", all_new=new and len(pending) == 1)
                 self._unsaved.clear()
             except Exception as exc:  # a record that cannot be saved must not kill the job
                 self._unsaved[rec.id] = rec

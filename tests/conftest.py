@@ -23,6 +23,13 @@ def store(tmp_path) -> Store:
     return Store(str(tmp_path / "data"))
 
 
+def lance_operations(table, n: int) -> list[str]:
+    """The Lance operations (``Append``, ``Update``, ...) of a LanceDB table's last ``n``
+    commits, oldest first."""
+    table.checkout_latest()
+    return [type(t.operation).__name__ for t in reversed(table.to_lance().get_transactions(n))]
+
+
 def clustered(n: int, dim: int, *, clusters: int = 50, seed: int = 0, spread: float = 0.3) -> np.ndarray:
     """Vectors drawn around random centres: the shape real embeddings have."""
     rng = np.random.default_rng(seed)

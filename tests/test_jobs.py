@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import lance_operations
 
 from indexing.errors import NotFound
 from service import jobs as jobs_module
@@ -107,14 +108,10 @@ def test_a_jobs_first_record_is_appended_and_a_failed_one_is_merged_later(store,
     manager.register("echo", JobKind(run=lambda ctx, col, p: {"n": p["n"]}))
     table = store._db.open_table("_jobs")
 
-    def operations(n):
-        table.checkout_latest()
-        return [type(t.operation).__name__ for t in reversed(table.to_lance().get_transactions(n))]
-
     release = threading.Event()
     manager.register("wait", JobKind(run=lambda ctx, col, p: {"released": release.wait(30)}))
     waiting = manager.start("wait", "c", {})
-    assert operations(1) == ["Append"]
+    assert lance_operations(table, 1) == ["Append"]
     started_at = table.version
     release.set()
     manager.wait(waiting.id, timeout=30)
@@ -123,7 +120,7 @@ def test_a_jobs_first_record_is_appended_and_a_failed_one_is_merged_later(store,
         if table.version > started_at:
             break
         time.sleep(0.05)
-    assert set(operations(table.version - started_at)) == {"Update"}
+    assert set(lance_operations(table, table.version - started_at)) == {"Update"}
 
     original = manager._table.add
 

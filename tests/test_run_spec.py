@@ -12,6 +12,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import lance_operations
 
 from indexing.errors import NotFound
 from indexing.settings import (
@@ -305,12 +306,6 @@ def test_run_tables_compaction_leaves_big_fragments_and_drops_old_versions(tmp_p
     assert runs.results(old.run_id).num_rows == 20_000
 
 
-def _operations(table, n: int) -> list[str]:
-    """The Lance operations of ``table``'s last ``n`` commits, oldest first."""
-    table.checkout_latest()
-    return [type(t.operation).__name__ for t in reversed(table.to_lance().get_transactions(n))]
-
-
 def test_a_new_runs_record_is_appended_and_its_later_ones_merged(tmp_path):
     """A run's first record is known to be new (a fresh run id): appended, not merged (a
     merge joins on run_id across the table); its end is a merge, one row per run."""
@@ -318,9 +313,9 @@ def test_a_new_runs_record_is_appended_and_its_later_ones_merged(tmp_path):
     table = lancedb.connect(str(tmp_path)).open_table("_runs")
     first = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
     second = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
-    assert _operations(table, 2) == ["Append", "Append"]
+    assert lance_operations(table, 2) == ["Append", "Append"]
     runs.update(first, state="SUCCEEDED", results=5)
-    assert _operations(table, 1) == ["Update"]
+    assert lance_operations(table, 1) == ["Update"]
     rows = {r["run_id"]: r["state"] for r in table.to_arrow().to_pylist()}
     assert rows == {first.run_id: "SUCCEEDED", second.run_id: "PENDING"}
 
@@ -340,7 +335,7 @@ def test_a_run_record_held_back_after_a_failed_write_is_merged_not_appended(tmp_
     kept = runs.update_or_keep(rec, state="SUCCEEDED", results=5)  # kept in memory
     monkeypatch.setattr(runs._runs, "merge_insert", original)
     other = runs.new_run(RunSpec(collection="c", miner="margin", size=5, version=1))
-    assert _operations(table, 1) == ["Update"]  # with the held record: merged
+    assert lance_operations(table, 1) == ["Update"]  # with the held record: merged
     rows = {r["run_id"]: r["state"] for r in table.to_arrow().to_pylist()}
     assert rows == {rec.run_id: "SUCCEEDED", other.run_id: "PENDING"}
     assert runs.get(rec.run_id) == kept
