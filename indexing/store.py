@@ -1637,8 +1637,9 @@ def _one_batch(table: pa.Table) -> pa.Table:
     generators (casting to the table's schema, checking vectors), each step taking the GIL
     back; a group commit of 16 writers is 16 chunks. While another thread runs Python (the
     server's handlers validating the next writes, searches), every hand-back waits a switch
-    interval: a merge of 320 rows in 16 chunks into an 80k-row collection took 1.56 s beside
-    one busy Python thread, one batch of the same rows 0.14 s (both ~0.03 s alone). Bigger
+    interval: a merge of 320 rows in 16 chunks into an 80k-row collection took 1.76 s beside
+    one busy Python thread, one batch of the same rows 0.16 s (alone 38 and 29 ms;
+    ``bench/group_batches.py``). Bigger
     writes (a streamed bulk ingest's groups of messages of thousands of rows) are passed on
     as they are: there a few hand-backs are small against the write, and a copy is not."""
     if table.num_rows > ONE_BATCH_MAX_ROWS or all(c.num_chunks <= 1 for c in table.columns):

@@ -119,6 +119,17 @@ def test_one_batch_upsert_bench_times_the_unary_call_against_the_stream(tmp_path
     assert all(r["assay"] >= 0 and r["reference"] >= 0 for r in rows) and rows[0]["assay"] > 0
 
 
+def test_group_batches_bench_times_both_ways(tmp_path):
+    import json
+
+    from bench import group_batches
+
+    assert group_batches.main(["--rows", "3000", "--merges", "4", "--busy", "0",
+                               "--json", str(tmp_path / "r.json")]) == 0
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row["assay"] > 0 and row["reference"] > 0 and row["ratio"] == row["reference"] / row["assay"]
+
+
 def test_upsert_merge_bench_times_both_paths_and_restores_the_threshold(tmp_path):
     import json
 
