@@ -313,7 +313,9 @@ def test_a_group_commit_hands_lancedb_its_rows_as_one_batch(tmp_path, monkeypatc
 
 def test_writers_in_a_loop_on_a_collection_share_commits_and_keep_every_row(tmp_path):
     # Real LanceDB commits and the collection's own linger setting: 8 writers that upsert
-    # again as soon as they are answered end up in one commit a round, not in two halves.
+    # again as soon as they are answered share commits, not in two halves that take turns.
+    # 12 rounds (96 writes): without lingering exactly 24 commits (halves of 4) in 15 of 15
+    # runs; with it 14-17. (With 6 rounds, 7-10 against 12: too close for a fixed bound.)
     store = Store(str(tmp_path), optimize_every=0)
     col = store.create_collection("c", spaces={"v": 8})
     col.upsert(_rows([f"old{i}" for i in range(100)]))
@@ -322,7 +324,7 @@ def test_writers_in_a_loop_on_a_collection_share_commits_and_keep_every_row(tmp_
 
     def writer(k: int) -> None:
         counts[k] = []
-        for r in range(6):
+        for r in range(12):
             ids = [f"w{k}-{r}-{j}" for j in range(5)] + [f"old{(k * 6 + r + j) % 100}" for j in range(5)]
             result = col.upsert(_rows(ids, seed=k * 10 + r))
             counts[k].append((result.inserted, result.updated))
@@ -331,13 +333,13 @@ def test_writers_in_a_loop_on_a_collection_share_commits_and_keep_every_row(tmp_
     for t in threads:
         t.join()
     assert not errors, errors
-    assert all(c == [(5, 5)] * 6 for c in counts.values()), counts
+    assert all(c == [(5, 5)] * 12 for c in counts.values()), counts
     s = col._committer.stats
     commits, writes = s.commits - before.commits, s.writes - before.writes
-    assert writes == 48 and s.lingers > before.lingers
-    assert writes / commits >= 5, (commits, s.lingers - before.lingers)
+    assert writes == 96 and s.lingers > before.lingers
+    assert commits <= 20, (commits, s.lingers - before.lingers)
     ids = col.query(columns=["id"]).column("id")
-    assert len(ids) == 100 + 8 * 6 * 5 and pc.count_distinct(ids).as_py() == len(ids)
+    assert len(ids) == 100 + 8 * 12 * 5 and pc.count_distinct(ids).as_py() == len(ids)
 
 
 def test_the_later_write_of_an_id_in_one_group_wins(tmp_path):
