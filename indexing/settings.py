@@ -238,9 +238,9 @@ INDEXED_MERGE_MIN_ROWS: Final = _define("INDEXED_MERGE_MIN_ROWS", 250_000, "an u
                                         "at most `ID_CHUNK` rows of a collection this big merges through "
                                         "the BTREE on id (its batch made whole from the stored rows); "
                                         "smaller, by a scan of every id, the cheaper there", "store")
-ONE_BATCH_MAX_ROWS: Final = _define("ONE_BATCH_MAX_ROWS", 65_536, "a write of at most this many rows "
+ONE_BATCH_MAX_ROWS: Final = _define("ONE_BATCH_MAX_ROWS", 4_096, "a write of at most this many rows "
                                     "reaches LanceDB as one record batch (its chunks copied together); "
-                                    "bigger ones as they are", "store")
+                                    "bigger ones (a bulk ingest's) as they are", "store")
 GROUP_COMMIT_LINGER_S: Final = _define("GROUP_COMMIT_LINGER_S", 0.1, "a busy collection's next "
                                        "commit waits at most this long (and never longer than the last "
                                        "commit took) for the writers the last one answered; 0 = never",
