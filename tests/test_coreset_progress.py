@@ -64,7 +64,12 @@ def test_coreset_above_the_exact_seeding_size_takes_nearest_rows_from_the_graph_
     monkeypatch.setattr(registry, "CORESET_EXACT_SEED_MACS", 0)
     out, trace = _coreset_run(tmp_path, x, 6000, 25)
     graph = out.stats["graph"]
-    assert graph["method"] != "exact" and graph["k"] == 1 and graph["recall"] >= 0.95
+    assert graph["k"] == 1 and graph["recall"] >= 0.95 and graph["nlist"] > 0 and graph["nprobe"] > 0
+    if graph["method"] == "exact":
+        # The engine's own exact pass, taken because it measured the exact search cheaper per
+        # query than the tuned index (queries against another set): a timing, which a loaded
+        # machine can tip (it did once in a fresh-clone CI run, at 47b04cf).
+        assert graph["exact_query_s"] < graph["ivf_query_s"], graph
     assert out.stats["reference_verified"] >= 25
     fractions = [f for f, _ in trace]
     assert fractions == sorted(fractions)
