@@ -255,8 +255,6 @@ def test_a_group_commit_hands_lancedb_its_rows_as_one_batch(tmp_path, monkeypatc
     import lancedb.merge
     import lancedb.table
 
-    import indexing.store
-
     seen: list[tuple[str, int, int]] = []  # (call, batches, rows)
     execute, add = lancedb.merge.LanceMergeInsertBuilder.execute, lancedb.table.LanceTable.add
 
@@ -288,7 +286,7 @@ def test_a_group_commit_hands_lancedb_its_rows_as_one_batch(tmp_path, monkeypatc
 
     seen.clear()
     run_group(lambda i: [f"new{i}-{j}" for j in range(10)] + [f"old{i * 10 + j}" for j in range(10)])
-    assert [s[0] for s in seen] and {s[0] for s in seen} == {"merge"}
+    assert {s[0] for s in seen} == {"merge"}
     assert sum(s[2] for s in seen) == 320 and max(s[2] for s in seen) >= 300, seen
     assert all(s[1] == 1 for s in seen), seen
     seen.clear()
@@ -304,7 +302,7 @@ def test_a_group_commit_hands_lancedb_its_rows_as_one_batch(tmp_path, monkeypatc
     assert col.count() == 200 + 160 + 320
     assert col.take(["old5"], ["emb_v"]).column("emb_v").to_pylist() == [[1.0] * 8]
     # Above ONE_BATCH_MAX_ROWS (a bulk ingest's groups) the chunks go as they are: no copy.
-    monkeypatch.setattr(indexing.store, "ONE_BATCH_MAX_ROWS", 100)
+    monkeypatch.setattr("indexing.store.ONE_BATCH_MAX_ROWS", 100)
     seen.clear()
     run_group(lambda i: [f"big{i}-{j}" for j in range(20)])
     assert {s[0] for s in seen} == {"add"} and sum(s[2] for s in seen) == 320, seen
