@@ -42,6 +42,17 @@ commits.
 The commit slot (``slot``) is a lock shared with maintenance: compaction takes it
 between group commits, so it never loses its commit to a concurrent write and writes
 never see a conflict from it.
+
+*Logged writes* (:meth:`GroupCommitter.submit_logged`, the collection's write-ahead log,
+:mod:`indexing.write_log`): the writer returns once its write is durable in the log; the
+write waits in the same queue, in order with every other write, and an *applier* thread
+commits what is queued while no writer leads — each commit takes everything queued
+meanwhile (up to ``max_rows``), so the commit size follows the write rate rather than the
+number of writers. A failed commit of logged writes puts them back at the head of the
+queue and is tried again after a pause (they were acknowledged: they must apply);
+``apply_error`` says why meanwhile. :meth:`drain` is the read barrier: it returns once
+every write logged before it was called is applied. Once ``max_backlog_rows`` rows wait to
+be applied, a logged writer also waits for its commit, as an unlogged one does.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from indexing.errors import FailedPrecondition
+from indexing.errors import FailedPrecondition, Unavailable
 
 
 @dataclass(eq=False)
@@ -69,6 +80,7 @@ class PendingWrite:
     error: BaseException | None = None
     group_size: int = 0  # writes in the commit that held this one (for stats/tests)
     caller: int = 0  # the submit_many call it came with: writers are counted by callers
+    log_seq: int = 0  # its record in the write log (0: not logged, its writer waits)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error, self.done = result, error, True
@@ -86,9 +98,40 @@ class CommitStats:
 
 
 PROBE_EVERY = 16  # once lingering stopped paying, it is tried again at one chance in this many
+RETRY_PAUSES_S = (0.05, 0.2, 1.0, 5.0)  # between tries of a failed commit of logged writes
 
 
 Executor = Callable[[str, Sequence[PendingWrite]], None]
+
+
+class CommitSlot:
+    """The commit slot: a re-entrant lock that can tell whether the calling thread holds
+    it (a read barrier in a thread that holds it would wait for itself)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking, timeout):
+            self._local.depth = getattr(self._local, "depth", 0) + 1
+            return True
+        return False
+
+    def release(self) -> None:
+        self._local.depth -= 1
+        self._lock.release()
+
+    def __enter__(self) -> CommitSlot:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def held(self) -> bool:
+        """True when the calling thread holds the slot."""
+        return getattr(self._local, "depth", 0) > 0
 
 
 class GroupCommitter:
@@ -99,9 +142,21 @@ class GroupCommitter:
     given that is not finished yet fails with that exception.
     """
 
-    def __init__(self, execute: Executor, *, slot: threading.Lock | threading.RLock | None = None,
-                 max_rows: int = 200_000, linger_s: float = 0.0) -> None:
+    def __init__(self, execute: Executor, *, slot: CommitSlot | threading.Lock | threading.RLock | None = None,
+                 max_rows: int = 200_000, linger_s: float = 0.0,
+                 applied: Callable[[int], None] | None = None, apply_rows: int = 0,
+                 apply_wait_s: float = 0.0) -> None:
         self._execute = execute
+        # Called by the committing thread with the last log seq a commit applied, before
+        # the next commit (the write log records it durably).
+        self._applied_callback = applied
+        # The applier lets logged writes gather — up to apply_rows rows, at most apply_wait_s
+        # — before a commit, unless a reader or an unlogged writer waits: each commit of a
+        # collection costs about the same whatever it holds (see indexing.write_log).
+        self.apply_rows = apply_rows
+        self.apply_wait_s = apply_wait_s
+        self._readers_waiting = 0
+        self._unlogged_queued = 0  # writes in the queue whose writers wait for their commit
         self.slot = slot if slot is not None else threading.RLock()
         self.max_rows = max_rows
         self.linger_s = linger_s
@@ -121,6 +176,14 @@ class GroupCommitter:
         self._linger_balance = 0.0  # running average of what a linger saved (s); < 0: it costs
         self._lingers_skipped = 0
         self.stats = CommitStats()
+        # Logged writes: appended to the log in queue order under _log_lock.
+        self._log_lock = threading.Lock()
+        self._logged_seq = 0  # the last logged write queued
+        self._applied_seq = 0  # the last logged write applied (every one before it too)
+        self._backlog_rows = 0  # rows of logged writes not applied yet
+        self._applier: threading.Thread | None = None
+        self._discard = False  # the collection was dropped: queued logged writes are dropped too
+        self.apply_error: BaseException | None = None  # why the last commit of logged writes failed
 
     def submit(self, kind: str, key: Hashable, payload: Any, rows: int = 1) -> Any:
         """Queue a write and wait until it is committed; returns what the executor gave it
@@ -146,6 +209,7 @@ class GroupCommitter:
             for w in mine:
                 w.caller = self._callers
             self._queue.extend(mine)
+            self._unlogged_queued += len(mine)
             self._arrived.notify()
             while not last.done and self._leader:
                 self._cv.wait()
@@ -155,23 +219,144 @@ class GroupCommitter:
             self._lead(last)
         return mine
 
-    def _lead(self, own: PendingWrite) -> None:
+    def submit_logged(self, kind: str, key: Hashable, payload: Any, rows: int,
+                      append: Callable[[], int]) -> PendingWrite:
+        """Queue a write as ``append()`` writes it to the write log (returning its seq; if it
+        raises, nothing is queued), in log order, and return without waiting for its
+        commit. The caller makes the record durable, then acknowledges the write (after
+        :meth:`wait_for_backlog`); it answers from what it knew when logging."""
+        write = PendingWrite(kind=kind, key=key, payload=payload, rows=max(1, rows))
+        with self._log_lock:
+            self.refuse_if_closed()
+            write.log_seq = append()
+            with self._cv:
+                self._callers += 1
+                write.caller = self._callers
+                self._queue.append(write)
+                self._logged_seq = write.log_seq
+                self._backlog_rows += write.rows
+                self._arrived.notify()
+                self._start_applier()
+        return write
+
+    def wait_for_backlog(self, write: PendingWrite, max_backlog_rows: int, timeout: float | None) -> None:
+        """When more than ``max_backlog_rows`` rows of logged writes wait to be applied, wait
+        for ``write``'s commit (as an unlogged writer does), so the log cannot outrun the
+        table — Unavailable after ``timeout`` seconds (the write stays logged and applies
+        later: sending it again is harmless, an upsert by id)."""
+        with self._cv:
+            if self._backlog_rows <= max_backlog_rows:
+                return
+            if self._cv.wait_for(lambda: write.done or self._discard, timeout):
+                return
+            raise Unavailable(
+                f"the write log of this collection is {self._backlog_rows} rows behind after {timeout:.0f} s "
+                f"(last error: {self.apply_error!r}); this write is logged and will be applied — "
+                "retry later")
+
+    def _start_applier(self) -> None:
+        """(lock held) Wake the thread that commits logged writes, starting it if need be."""
+        if self._applier is None or not self._applier.is_alive():
+            self._applier = threading.Thread(target=self._apply, name="assay-write-log-applier", daemon=True)
+            self._applier.start()
+        self._cv.notify_all()
+
+    def _apply(self) -> None:
+        """The applier: leads whenever writes are queued and nobody leads; ends when the
+        committer is closed and the queue is empty (or dropped)."""
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._discard or (self._closed and not self._leader)
+                                  or (bool(self._queue) and not self._leader))
+                if self._discard or not self._queue:
+                    return
+                self._leader = True
+            self._lead(None)
+
+    def drain(self, timeout: float | None) -> None:
+        """The read barrier: return once every write logged before this call is applied;
+        Unavailable (with why) if that takes longer than ``timeout`` seconds."""
+        with self._cv:
+            target = self._logged_seq
+            if self._applied_seq >= target:
+                return
+            self._readers_waiting += 1
+            self._arrived.notify()  # an applier letting writes gather commits them now
+            try:
+                if self._cv.wait_for(lambda: self._applied_seq >= target or self._discard, timeout):
+                    return
+            finally:
+                self._readers_waiting -= 1
+            raise Unavailable(
+                f"{self._logged_seq - self._applied_seq} acknowledged write(s) of this collection are "
+                f"not applied yet after {timeout:.0f} s (last error: {self.apply_error!r}); "
+                "they stay in the write log and are applied when the cause is fixed — retry the read")
+
+    def start_log_at(self, seq: int) -> None:
+        """The write log's last record (all applied): logged writes number on from it."""
+        with self._cv:
+            self._logged_seq = self._applied_seq = seq
+
+    @property
+    def logged_backlog(self) -> int:
+        """Logged writes not applied yet."""
+        with self._cv:
+            return self._logged_seq - self._applied_seq
+
+    def _lead(self, own: PendingWrite | None) -> None:
+        """Commit queued runs until ``own`` is done (None: the applier, until the queue is
+        empty)."""
+        failures = 0
         try:
             while True:
                 with self._cv:
-                    if own.done or not self._queue:
+                    if (own.done if own is not None else self._discard) or not self._queue:
                         return
-                    self._linger()
+                    if not self._queue[0].log_seq:  # logged writers are not waiting: no linger
+                        self._linger()
+                    elif own is None:
+                        self._gather()
+                    if not self._queue:  # a dropped collection's logged writes were discarded meanwhile
+                        return
                     group = self._take()
                 started = time.monotonic()
-                self._commit(group)
+                failed = self._commit(group)
+                applied = max((w.log_seq for w in group if w.log_seq and w.done), default=0)
+                if failed:  # the mark never passes a write that is still to apply
+                    applied = min(applied, failed[0].log_seq - 1)
+                if applied and self._applied_callback is not None:
+                    try:
+                        self._applied_callback(applied)
+                    except Exception as exc:  # the rows are in the table: only their mark is late
+                        self.apply_error = exc
                 with self._cv:
+                    if failed:  # acknowledged writes must apply: back to the head of the queue
+                        self._queue.extendleft(reversed(failed))  # (all logged: no count to restore)
+                    if applied:
+                        self._applied_seq = max(self._applied_seq, applied)
+                        self._backlog_rows -= sum(w.rows for w in group if w.log_seq and w.done)
                     self._committed(group, started)
                     self._cv.notify_all()
+                if failed:
+                    time.sleep(RETRY_PAUSES_S[min(failures, len(RETRY_PAUSES_S) - 1)])
+                    failures += 1
+                else:
+                    failures = 0
+                    self.apply_error = None if applied else self.apply_error
         finally:
             with self._cv:
                 self._leader = False
                 self._cv.notify_all()
+
+    def _gather(self) -> None:
+        """(lock held; the applier leads) Let logged writes gather before their commit while
+        nobody waits for it (see ``apply_rows``)."""
+        if self.apply_wait_s <= 0 or self._backlog_rows >= self.apply_rows:
+            return
+        self._arrived.wait_for(
+            lambda: (self._closed or self._readers_waiting > 0 or self._backlog_rows >= self.apply_rows
+                     or self._unlogged_queued > 0),
+            timeout=self.apply_wait_s)
 
     def _queued_callers(self) -> int:
         return len({w.caller for w in self._queue})
@@ -222,16 +407,31 @@ class GroupCommitter:
                 break
             group.append(self._queue.popleft())
             rows += nxt.rows
+        self._unlogged_queued -= sum(1 for w in group if not w.log_seq)
         return group
 
-    def _commit(self, group: list[PendingWrite]) -> None:
+    def _commit(self, group: list[PendingWrite]) -> list[PendingWrite]:
+        """Execute one group; returns its logged writes that failed (to be tried again)."""
+        failed: list[PendingWrite] = []
         try:
             with self.slot:
                 self._execute(group[0].kind, group)
         except BaseException as exc:  # the commit failed: so did every write in it
+            self.apply_error = exc if any(w.log_seq for w in group) else self.apply_error
             for w in group:
                 if not w.done:
-                    w.finish(error=exc)
+                    if w.log_seq:
+                        failed.append(w)
+                    else:
+                        w.finish(error=exc)
+        for w in group:
+            if w.log_seq and w.done and w.error is not None:  # acknowledged: it must apply
+                self.apply_error = w.error
+                w.done, w.error = False, None
+                failed.append(w)
+        if failed:
+            failed.sort(key=lambda w: w.log_seq)
+            return failed
         for w in group:
             w.group_size = len(group)
             if not w.done:  # an executor that forgot one: never leave a caller waiting
@@ -241,12 +441,25 @@ class GroupCommitter:
         s.writes += len(group)
         s.largest_group = max(s.largest_group, len(group))
         s.by_kind[group[0].kind] = s.by_kind.get(group[0].kind, 0) + 1
+        return failed
 
-    def close(self) -> None:
-        """Refuse new writes; those already queued are still committed."""
+    def close(self, timeout: float | None = 0.0, *, discard: bool = False) -> bool:
+        """Refuse new writes; those already queued are still committed (by their writers,
+        logged ones by the applier, which this waits for up to ``timeout`` seconds) — or,
+        with ``discard`` (the collection is dropped), logged ones are dropped. True when no
+        logged write is left."""
         with self._cv:
             self._closed = True
+            if discard:
+                self._discard = True
+                self._queue = deque(w for w in self._queue if not w.log_seq)
             self._arrived.notify_all()  # a lingering leader commits what it has
+            self._cv.notify_all()
+            applier = self._applier
+        if applier is not None and timeout != 0.0:
+            applier.join(timeout)
+        with self._cv:
+            return self._applied_seq >= self._logged_seq or self._discard
 
     @property
     def closed(self) -> bool:
@@ -263,4 +476,4 @@ class GroupCommitter:
             return len(self._queue)
 
 
-__all__ = ["CommitStats", "GroupCommitter", "PendingWrite"]
+__all__ = ["CommitSlot", "CommitStats", "GroupCommitter", "PendingWrite"]

@@ -150,6 +150,8 @@ _server("data_roots", (), "folders or `s3://` prefixes the web page may show ima
         "comma-separated; default the data root when it is local")
 _server("optimize_every", 8, "fan-out of background compaction: small fragments of a size tier merged at once; "
         "0 switches automatic maintenance off")
+_server("write_log", False, "acknowledge small upserts once they are in the collection's write-ahead log "
+        "(local roots), applied to the table right after; reads wait for them (1/true)")
 _server("keepalive_s", 120.0, "the server pings a connection quiet this long (s)")
 _server("keepalive_timeout_s", 20.0, "and drops it when no answer comes in this long (s)")
 _server("min_ping_interval_s", 10.0, "clients may ping this often (s), with or without calls")
@@ -245,6 +247,20 @@ GROUP_COMMIT_LINGER_S: Final = _define("GROUP_COMMIT_LINGER_S", 0.1, "a busy col
                                        "commit waits at most this long (and never longer than the last "
                                        "commit took) for the writers the last one answered; 0 = never",
                                        "store")
+WRITE_LOG_BATCH_ROWS: Final = _define("WRITE_LOG_BATCH_ROWS", 4_096, "with the write log on, "
+                                      "upsert batches of at most this many rows go through it; bigger "
+                                      "ones (a bulk ingest's) are acknowledged after their commit", "store")
+WRITE_LOG_BACKLOG_ROWS: Final = _define("WRITE_LOG_BACKLOG_ROWS", 16_384, "rows acknowledged from "
+                                        "the write log and not yet applied at most; above, a writer "
+                                        "also waits for its commit", "store")
+WRITE_LOG_APPLY_ROWS: Final = _define("WRITE_LOG_APPLY_ROWS", 8_192, "the write log's applier lets "
+                                      "this many rows gather before a commit (a commit costs about the "
+                                      "same whatever it holds), unless a read or an unlogged write waits", "store")
+WRITE_LOG_APPLY_WAIT_S: Final = _define("WRITE_LOG_APPLY_WAIT_S", 0.5, "and waits for them this long "
+                                        "at most", "store")
+WRITE_LOG_READ_WAIT_S: Final = _define("WRITE_LOG_READ_WAIT_S", 30.0, "a read waits this long at most "
+                                       "for the writes acknowledged before it to be applied, then fails "
+                                       "UNAVAILABLE", "store")
 REINDEX_MAX_PASSES: Final = _define("REINDEX_MAX_PASSES", 4, "reindex passes at most: the first "
                                     "and catch-up passes for rows written meanwhile", "store")
 

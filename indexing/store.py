@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -43,7 +44,7 @@ from indexing.errors import (
     NotFound,
 )
 from indexing.filters import ids_predicate, object_clauses, validate_filter
-from indexing.group_commit import CommitStats, GroupCommitter, PendingWrite
+from indexing.group_commit import CommitSlot, CommitStats, GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids
 from indexing.maintenance import (
     Maintainer,
@@ -84,8 +85,14 @@ from indexing.settings import (
     SCHEMA_RECHECK_S,
     SYSTEM_INDEX_CACHE_BYTES,
     SYSTEM_METADATA_CACHE_BYTES,
+    WRITE_LOG_APPLY_ROWS,
+    WRITE_LOG_APPLY_WAIT_S,
+    WRITE_LOG_BACKLOG_ROWS,
+    WRITE_LOG_BATCH_ROWS,
+    WRITE_LOG_READ_WAIT_S,
 )
 from indexing.validation import ID_FIELD, PreparedBatch, prepare_upsert
+from indexing.write_log import WriteLog, WriteLogBusy
 
 log = logging.getLogger("assay.store")
 
@@ -94,6 +101,7 @@ STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
 # Field metadata of a column added for a write that has not committed yet.
 PENDING_META_KEY = b"assay:pending"
 LOCKS_DIR = ".locks"
+WRITE_LOG_DIR = ".write_log"  # <root>/.write_log/<collection>/: indexing.write_log
 PIN_TAG_PREFIX = "assay-pin-"  # tags that keep a version in use from cleanup
 
 
@@ -152,7 +160,7 @@ def storage_options_from_env(root: str) -> dict[str, str]:
 class UpsertResult:
     inserted: int
     updated: int
-    version: int
+    version: int  # the version holding the rows; 0: acknowledged from the write log, applied after
     generated_ids: int = 0
     new_columns: list[str] = field(default_factory=list)
     # The ids the store generated for rows that came without one, and those rows' numbers
@@ -203,12 +211,16 @@ class Store:
         maintenance: MaintenancePolicy | None = None,
         index_cache_bytes: int = INDEX_CACHE_BYTES,
         metadata_cache_bytes: int = METADATA_CACHE_BYTES,
+        write_log: bool = False,
     ) -> None:
         self.root = resolve_root(root)
         if "://" not in self.root:
             self.root = os.path.abspath(self.root)
             os.makedirs(self.root, exist_ok=True)
         self.storage_options = dict(storage_options or storage_options_from_env(self.root))
+        # Upserts acknowledged from each collection's write-ahead log (local roots only: an
+        # object store has no cheap durable append); see indexing.write_log.
+        self.write_log = write_log and self.local
         # optimize_every: small fragments merged per compaction (the maintenance fan-out);
         # 0 switches automatic maintenance off.
         self.optimize_every = optimize_every
@@ -322,6 +334,8 @@ class Store:
             table.create_index("id", config=BTree())
             table.create_index("tags", config=LabelList())
             col = Collection(self, name, table)
+            if self.write_log:
+                col._open_write_log()
             self._collections[name] = col
             log.info("created collection %s (%d spaces, %d models)", name, len(space_specs), len(model_specs))
             return col
@@ -377,6 +391,8 @@ class Store:
                 raise NotFound(f"collection '{name}' not found under {self.root}") from exc
             col = Collection(self, name, table)
             col._recover_pending_fields()
+            if self.write_log:
+                col._open_write_log()
             self._collections[name] = col
             return col
 
@@ -392,11 +408,26 @@ class Store:
             col = self._collections.pop(name, None)
         if col is None:  # never opened by this process: nothing of ours works on it
             self._db.drop_table(name)
+            self._remove_write_log(name)
             return
-        col._committer.close()
+        col._committer.close(discard=True)
         # the order the maintainer takes them (an index update, then the commit slot)
         with col._whole_table_work(True), col._write_lock:
             self._db.drop_table(name)
+        col._close_write_log()
+        self._remove_write_log(name)
+
+    def _remove_write_log(self, name: str) -> None:
+        """A dropped collection's write log goes with it (unless another process holds it)."""
+        folder = os.path.join(self.root, WRITE_LOG_DIR, name) if self.local else None
+        if folder is None or not os.path.isdir(folder):
+            return
+        try:
+            WriteLog(folder).close()  # fails while another process writes it
+        except WriteLogBusy:
+            log.warning("the write log %s is held by another process: left in place", folder)
+            return
+        shutil.rmtree(folder, ignore_errors=True)
 
     def describe(self, name: str) -> dict[str, Any]:
         return self.collection(name).describe()
@@ -425,6 +456,12 @@ class Store:
             collections = list(self._collections.values())
         for col in collections:
             col._committer.close()
+        for col in collections:  # logged writes are applied by their applier: wait for it
+            if not col._committer.close(left()):
+                log.warning("%s: %d write(s) acknowledged from the write log are not applied yet; "
+                            "they are applied when the collection is opened next", col.name,
+                            col._committer.logged_backlog)
+            col._close_write_log()
         idle = self.maintainer is None or self.maintainer.close(left())
         for col in collections:
             wait = left()
@@ -488,11 +525,22 @@ class Collection:
         # backoff). Writes wait for it in the group committer's queue and share commits;
         # schema changes and compaction take it between group commits. Writers in other
         # processes meet the lock file (see Store.writer_lock) and Lance's conflict handling.
-        self._write_lock = threading.RLock()
+        self._write_lock = CommitSlot()
         self._schema_lock = self._write_lock  # schema changes are commits too
         self._committer = GroupCommitter(self._execute_writes, slot=self._write_lock,
-                                         linger_s=GROUP_COMMIT_LINGER_S)
+                                         linger_s=GROUP_COMMIT_LINGER_S, applied=self._mark_applied,
+                                         apply_rows=WRITE_LOG_APPLY_ROWS, apply_wait_s=WRITE_LOG_APPLY_WAIT_S)
         self._ids = IdIndex()  # the write path's existence check (used in the commit slot)
+        # The id index is read without the slot by writers logging an upsert (to count its
+        # inserts and updates): this lock guards it, with the ids logged and not yet applied.
+        self._ids_lock = threading.Lock()
+        self._pending_ids: dict[int, int] = {}  # id hash -> logged writes holding it, not applied
+        self._log: WriteLog | None = None  # the write-ahead log (Store(write_log=True))
+        # Held while an upsert is checked against the schema and logged, and by schema
+        # changes that could make a logged write fail (dropping or renaming columns) while
+        # they wait for the log to be applied: an acknowledged write always applies.
+        self._log_gate = threading.Lock()
+        self._schema_generation = 0  # drops and renames so far (they hold the gate)
         self._writes_since_optimize = 0
         # Schema-derived lookups, valid for one table version (see _cached).
         self._cache_version: int | None = None
@@ -508,6 +556,8 @@ class Collection:
 
     @property
     def table(self) -> lancedb.table.Table:
+        """The LanceDB table, with every acknowledged write in it (:meth:`sync`)."""
+        self.sync()
         return self._table
 
     @property
@@ -516,7 +566,17 @@ class Collection:
 
     @property
     def version(self) -> int:
+        """The latest version, holding every acknowledged write (:meth:`sync`)."""
+        self.sync()
         return self._table.version
+
+    def sync(self) -> None:
+        """The read barrier of the write log: return once every upsert acknowledged from it
+        before this call is applied to the table (at most ``WRITE_LOG_READ_WAIT_S``, then
+        Unavailable). Every read calls it; without a log, or in the thread that holds the
+        commit slot (a commit reading the table), it returns at once."""
+        if self._log is not None and not self._write_lock.held():
+            self._committer.drain(WRITE_LOG_READ_WAIT_S)
 
     def _cached(self, key: Any, compute: Any) -> Any:
         """Memoise ``compute()`` per table version: the schema, registry and index list only
@@ -612,9 +672,12 @@ class Collection:
         """Rename columns in one commit (a swap such as a -> a_old, b -> a is atomic);
         indexes and field metadata follow their columns. Index maintenance waits meanwhile
         (see :meth:`drop_fields`)."""
-        with self._whole_table_work(True), self._schema_lock:
-            self._table.alter_columns(*({"path": old, "rename": new} for old, new in renames.items()))
-            self._invalidate()
+        with self._log_gate:  # logged writes of the old names apply first
+            self.sync()
+            with self._whole_table_work(True), self._schema_lock:
+                self._schema_generation += 1
+                self._table.alter_columns(*({"path": old, "rename": new} for old, new in renames.items()))
+                self._invalidate()
 
     def drop_fields(self, names: Sequence[str]) -> None:
         """Drop columns (and their indexes) in one commit; data files are reclaimed by
@@ -622,10 +685,14 @@ class Collection:
         does not run across the drop: an ``optimize_indices`` begun before it and committed
         after it left an index on the dropped column, and every later query failed with
         Lance's "Index referenced a field with id N which did not exist in the schema" (a
-        reindex's swap under load, seen once in CI)."""
-        with self._whole_table_work(True), self._schema_lock:
-            self._table.drop_columns(list(names))
-            self._invalidate()
+        reindex's swap under load, seen once in CI). Writes acknowledged from the write log
+        apply first, and none is logged meanwhile."""
+        with self._log_gate:
+            self.sync()
+            with self._whole_table_work(True), self._schema_lock:
+                self._schema_generation += 1
+                self._table.drop_columns(list(names))
+                self._invalidate()
 
     def add_model(self, name: str, classes: Sequence[str], *, task: str = "classification",
                   **options: Any) -> ModelSpec:
@@ -688,11 +755,132 @@ class Collection:
         over every batch that arrived while its previous commit ran, so a bulk load writes
         fragments of a few messages each, not one per message. Returns each batch's result or
         the error that failed it."""
+        if self._log is not None and batches:
+            logged = [self._upsert_logged(prepared) for _, prepared in batches[:1]]
+            if logged[0] is not None:  # the first went through the log: so may the others
+                logged += [self._upsert_logged(prepared) for _, prepared in batches[1:]]
+                if all(r is not None for r in logged):
+                    return list(logged)
+                rest = [b for b, r in zip(batches, logged, strict=True) if r is None]
+                done = iter(self.upsert_prepared_many_committed(rest))
+                return [r if r is not None else next(done) for r in logged]
+        return self.upsert_prepared_many_committed(batches)
+
+    def upsert_prepared_many_committed(self, batches: Sequence[tuple[Any, PreparedBatch]]
+                                       ) -> list[UpsertResult | BaseException]:
+        """:meth:`upsert_prepared_many`, each batch acknowledged after its commit (never
+        from the write log)."""
         writes = self._committer.submit_many([
-            ("upsert", ("upsert", tuple((f.name, str(f.type)) for f in prepared.table.schema)),
-             (data, prepared), prepared.table.num_rows)
+            ("upsert", _upsert_key(prepared.table), (data, prepared), prepared.table.num_rows)
             for data, prepared in batches])
         return [w.error if w.error is not None else w.result for w in writes]
+
+    def _upsert_logged(self, prepared: PreparedBatch) -> UpsertResult | None:
+        """Acknowledge a validated upsert from the write log: append it (durable), queue it
+        for the applier, and answer with its inserts and updates as this process knows its
+        ids (the id index plus the ids logged and not yet applied; another process's writes
+        since the last commit are not seen) and ``version`` 0 — the version that will hold
+        it is not known yet (:attr:`version`, or any read, waits for it). None when the
+        batch must be committed first instead: it adds columns, is bigger than
+        ``WRITE_LOG_BATCH_ROWS``, or the id index is not built yet."""
+        table = prepared.table
+        if prepared.new_fields or table.num_rows > WRITE_LOG_BATCH_ROWS:
+            return None
+        hashes = hash_ids(table.column("id"))
+        with self._ids_lock:
+            if self._ids.version is None:
+                return None
+            found, _ = self._ids.lookup(hashes)
+            pending = self._pending_ids
+            inserted = sum(1 for h, known in zip(hashes.tolist(), found.tolist(), strict=True)
+                           if not known and h not in pending)
+            for h in hashes.tolist():
+                pending[h] = pending.get(h, 0) + 1
+        wal = self._log
+        # The schema is read outside the gate (reading it may wait for LanceDB's event loop,
+        # busy with a commit); the gate then checks no drop or rename came in between.
+        generation = self._schema_generation
+        schema = self._current_schema()
+        for f in table.schema:  # a column pending for another write's commit could be dropped
+            i = schema.get_field_index(f.name)
+            if i < 0 or schema.field(i).type != f.type or PENDING_META_KEY in (schema.field(i).metadata or {}):
+                self._forget_pending(hashes)
+                return None
+        try:
+            with self._log_gate:
+                if generation != self._schema_generation:
+                    self._forget_pending(hashes)
+                    return None
+                assert wal is not None
+                write = self._committer.submit_logged("upsert", _upsert_key(table), (table, prepared),
+                                                      table.num_rows, lambda: wal.append(table))
+        except BaseException:
+            self._forget_pending(hashes)
+            raise
+        self._committer.wait_for_backlog(write, WRITE_LOG_BACKLOG_ROWS, WRITE_LOG_READ_WAIT_S)
+        return UpsertResult(inserted=inserted, updated=table.num_rows - inserted, version=0,
+                            generated_ids=prepared.generated_ids,
+                            assigned_ids=table.column("id").take(prepared.generated_rows).to_pylist()
+                            if prepared.generated_rows else [],
+                            assigned_rows=list(prepared.generated_rows))
+
+    def _forget_pending(self, hashes: np.ndarray) -> None:
+        with self._ids_lock:
+            self._forget_pending_locked(hashes)
+
+    def _forget_pending_locked(self, hashes: np.ndarray) -> None:
+        """These logged ids are applied (or were never logged); ``_ids_lock`` held."""
+        pending = self._pending_ids
+        for h in hashes.tolist():
+            left = pending.get(h, 0) - 1
+            if left > 0:
+                pending[h] = left
+            else:
+                pending.pop(h, None)
+
+    def _open_write_log(self) -> None:
+        """Open this collection's write log and apply what it holds that the table does
+        not (writes acknowledged before a crash), before the collection is served. Another
+        process holding it: this one writes without a log."""
+        folder = os.path.join(self.store.root, WRITE_LOG_DIR, self.name)
+        try:
+            wal = WriteLog(folder)
+        except WriteLogBusy:
+            log.warning("%s: the write log is held by another process; upserts are acknowledged "
+                        "after their commit here", self.name)
+            return
+        try:
+            records = list(wal.unapplied())
+            if records:
+                results = self.upsert_prepared_many_committed(
+                    [(t, prepare_upsert(t, current=self._current_schema(), spaces=self.spaces,
+                                        models=self.models)) for _, t in records])
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    raise failed[0]
+                wal.mark_applied(records[-1][0])
+                log.info("%s: applied %d write(s) acknowledged from the write log before the last stop",
+                         self.name, len(records))
+        except AssayError as exc:
+            wal.close()
+            raise FailedPrecondition(
+                f"collection '{self.name}': the write log {folder} holds acknowledged writes that do not "
+                f"apply to the table any more ({exc}); restore the columns they need, or move the "
+                "folder away to drop them") from exc
+        except BaseException:
+            wal.close()
+            raise
+        self._committer.start_log_at(wal.last_seq)
+        self._log = wal
+
+    def _mark_applied(self, seq: int) -> None:
+        if self._log is not None:
+            self._log.mark_applied(seq)
+
+    def _close_write_log(self) -> None:
+        wal, self._log = self._log, None
+        if wal is not None:
+            wal.close()
 
     def update_columns(self, table: pa.Table) -> int:
         """Overwrite some columns of rows that exist, by ``id``: no inserts (rows deleted
@@ -803,7 +991,11 @@ class Collection:
                 else:
                     version = int(self._merge().when_not_matched_insert_all().execute(batch).version)
                 new = hashes[~found]
-                self._ids.committed(version, inserted=new, created_us=np.full(len(new), now_us))
+                applied = [hash_ids(p.table.column("id")) for w, p in group if w.log_seq]
+                with self._ids_lock:
+                    self._ids.committed(version, inserted=new, created_us=np.full(len(new), now_us))
+                    for logged in applied:  # in the index now: no longer pending
+                        self._forget_pending_locked(logged)
                 self._keep_cache(version)
         except BaseException:
             self._drop_pending_fields(added)
@@ -834,7 +1026,8 @@ class Collection:
             hashes, found, _ = self._existing_ids(batch.column("id"))
             present = set(hashes[found].tolist())
         result = self._merge().execute(batch)
-        self._ids.committed(int(result.version))
+        with self._ids_lock:
+            self._ids.committed(int(result.version))
         self._keep_cache(int(result.version))
         if present is None:
             writes[0].finish(int(result.num_updated_rows))
@@ -878,7 +1071,8 @@ class Collection:
                              schema=pa.schema([pa.field("id", pa.string(), nullable=False),
                                                self.schema.field("tags")]))
             version = int(self._merge().execute(batch).version)
-            self._ids.committed(version)
+            with self._ids_lock:
+                self._ids.committed(version)
             self._keep_cache(version)
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
@@ -894,10 +1088,11 @@ class Collection:
             version = int(result.version)
             self._keep_cache(version)
             by_ids = [w.payload.ids for w in writes]
-            if all(ids is not None for ids in by_ids):
-                self._ids.committed(version, removed=hash_ids([i for ids in by_ids for i in ids]))
-            else:  # which ids a filter removed is not known here: read them again next time
-                self._ids.invalidate()
+            with self._ids_lock:
+                if all(ids is not None for ids in by_ids):
+                    self._ids.committed(version, removed=hash_ids([i for ids in by_ids for i in ids]))
+                else:  # which ids a filter removed is not known here: read them again next time
+                    self._ids.invalidate()
         for w, n in zip(writes, counts, strict=True):
             w.finish((n, version))
 
@@ -946,12 +1141,13 @@ class Collection:
         # The table's version, not a Lance dataset opened at it (~2 ms after each commit):
         # one is opened only to read other commits' transactions or to rebuild.
         latest = int(self._table.version)
-        if not self._ids.current(
-                latest, lambda n: self._table.to_lance().checkout_version(latest).get_transactions(n)):
-            dataset = self._table.to_lance()
-            self._ids.rebuild(dataset.version,
-                              dataset.to_batches(columns=["id", "created_at"], batch_size=262_144))
-        found, created = self._ids.lookup(hashes)
+        with self._ids_lock:
+            if not self._ids.current(
+                    latest, lambda n: self._table.to_lance().checkout_version(latest).get_transactions(n)):
+                dataset = self._table.to_lance()
+                self._ids.rebuild(dataset.version,
+                                  dataset.to_batches(columns=["id", "created_at"], batch_size=262_144))
+            found, created = self._ids.lookup(hashes)
         return hashes, found, created
 
     def _with_timestamps(self, table: pa.Table, found: np.ndarray,
@@ -1067,6 +1263,7 @@ class Collection:
         """The table a read runs on: ``version``, else the current one — pinned when the
         filter has box clauses, so they are expanded on the version the filter then runs on
         even while others write."""
+        self.sync()
         if version is not None:
             return self.at_version(version)
         if where is not None and object_clauses(where):
@@ -1109,6 +1306,7 @@ class Collection:
         hold ``any_object(...)`` clauses), keeping the objects matching ``objects_where``
         from ``source`` (a detection model's name or ``"gt"``; default all), projected to
         ``columns``; at most ``limit`` rows, read at ``version`` (default: current)."""
+        self.sync()
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise InvalidArgument(f"limit must be an integer >= 0, got {limit!r}")
         _check_row_count(limit, 0)
@@ -1153,6 +1351,7 @@ class Collection:
              version: int | str | None = None) -> pa.Table:
         """Rows for ``ids`` in the order given; ids not present are left out. ``version``
         reads them as they were at an older version (number or tag)."""
+        self.sync()
         cols = self._check_columns(columns)
         fetch = cols if "id" in cols else ["id", *cols]
         ids = list(ids)
@@ -1185,6 +1384,7 @@ class Collection:
         for several queries, sorted by query then distance. With an index, ``nprobes`` and
         ``refine_factor`` default to the space's tuned policy; ``exact=True`` bypasses it.
         """
+        self.sync()
         spec = self.space(space)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise InvalidArgument(f"k must be an integer in [1, {MAX_K}], got {k!r}")
@@ -1230,6 +1430,7 @@ class Collection:
     # -- versions ------------------------------------------------------------------
 
     def versions(self) -> list[dict[str, Any]]:
+        self.sync()
         return [
             {"version": v["version"], "timestamp": v["timestamp"]} for v in self._table.list_versions()
         ]
@@ -1356,10 +1557,12 @@ class Collection:
     def release_caches(self) -> None:
         """Free what the write path keeps in memory (the id index: 16 bytes a row); the next
         write reads it again."""
-        with self._write_lock:
+        with self._write_lock, self._ids_lock:
             self._ids.invalidate()
 
     def row_count(self) -> int:
+        """Rows in the table as applied (for maintenance: no wait for the write log; a
+        caller's count is :meth:`count`)."""
         return int(self._table.count_rows())
 
     def fragment_count(self) -> int:
@@ -1663,3 +1866,8 @@ __all__ = [
     "AssayError", "Collection", "MODEL_META_KEY", "OptimizeResult", "RecallReport", "Store",
     "UpsertResult", "ID_FIELD", "resolve_root", "storage_options_from_env",
 ]
+
+
+def _upsert_key(table: pa.Table) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The group-commit key of an upsert: upserts of the same columns and types share commits."""
+    return ("upsert", tuple((f.name, str(f.type)) for f in table.schema))

@@ -120,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port, data_roots=tuple(args.data_root) if args.data_root else None,
         job_workers=args.job_workers, max_message_mb=args.max_message_mb,
         allow_unauthenticated_remote=True if args.allow_unauthenticated_remote else None,
+        write_log=True if args.write_log else None,
     )
     serve(config)
     return 0
@@ -847,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message (default 64)")
     p.add_argument("--allow-unauthenticated-remote", action="store_true",
                    help="bind a non-loopback host even without a token")
+    p.add_argument("--write-log", action="store_true",
+                   help="acknowledge small upserts from a write-ahead log, applied right after (local data roots)")
     p.add_argument("--http-port", type=int, default=None,
                    help="serve the web page and its read-only JSON API on this port (default off; 0 = any free port)")
     p.add_argument("--data-root", action="append",

@@ -92,6 +92,7 @@ class ServerConfig:
     http_port: int | None = _default("http_port")  # the web page (read-only); None = off, 0 = any
     data_roots: tuple[str, ...] = _default("data_roots")  # where the page may read images from
     optimize_every: int = _default("optimize_every")
+    write_log: bool = _default("write_log")  # acknowledge small upserts from the write-ahead log
     # Connections (see README "Connections that hold for hours"). Clients may ping every
     # min_ping_interval_s while calls are in flight or not; the server pings a quiet
     # connection after keepalive_s and drops it when no answer comes in keepalive_timeout_s.
@@ -296,7 +297,7 @@ class AssayServer:
             raise
 
     def _build(self, config: ServerConfig, root: str) -> None:
-        self.store = Store(root, optimize_every=config.optimize_every)
+        self.store = Store(root, optimize_every=config.optimize_every, write_log=config.write_log)
         self.jobs = JobManager(self.store, workers=config.job_workers, max_queued=config.max_jobs)
         register_maintenance_jobs(self.jobs)
         self.metrics = Metrics()

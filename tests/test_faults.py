@@ -9,6 +9,8 @@
   keeps its data in memory, so the proxy goes, not moto) and starts again on the same
   port, in the middle of an upsert stream and of a dataset commit: UNAVAILABLE, no
   acknowledged row lost or doubled, the store usable again once the proxy is back.
+  With the write log on, a write the log has no room for is refused the same way, and one
+  it acknowledged waits in it while the disk is full and is applied once space returns.
 * Two servers on one data root: the second is refused, naming the root and the first's pid.
 * Shutdown: when ``stop()`` returns, the background optimize is over and the data root can
   be deleted at once.
@@ -223,6 +225,50 @@ def test_writes_on_a_full_disk_answer_resource_exhausted_and_write_nothing(fclie
 
 
 @pytest.mark.slow  # loads the packaged MiniLM (seconds; longer on a busy machine)
+def test_the_write_log_on_a_full_disk_keeps_what_it_acknowledged(disk, monkeypatch):
+    """With the write log on: a write the log has no room for answers RESOURCE_EXHAUSTED and
+    is not queued; a logged write whose commit then meets a full disk stays in the log and is
+    tried again — reads meanwhile wait, then answer UNAVAILABLE naming the cause — and it is
+    applied, once, when space returns."""
+    from indexing import store as store_module
+
+    root = os.path.join(disk.path, "logged")
+    srv = start_server(ServerConfig(data=root, port=0, grace_s=1, optimize_every=0, write_log=True))
+    try:
+        with Client(srv.address, timeout=120, retries=0) as client:
+            col = client.create_collection("wal", spaces={"v": {"dim": 8, "metric": "l2"}}, models={"m": CLASSES})
+            col.upsert(_rows(0, 200))  # the first write is committed (it builds the id index)
+            with disk.full(), pytest.raises(ResourceExhaustedError) as full:
+                col.upsert(_rows(200, 20))
+            _out_of_space(full.value, os.path.abspath(root))
+            assert col.count() == 200  # nothing was queued
+
+            slot, release = threading.Event(), threading.Event()
+
+            def hold_commit_slot() -> None:  # no commit runs until the disk is full
+                with srv.store.collection("wal")._write_lock:
+                    slot.set()
+                    release.wait(30)
+
+            holder = threading.Thread(target=hold_commit_slot)
+            holder.start()
+            assert slot.wait(10)
+            assert col.upsert(_rows(200, 20)).version == 0  # acknowledged from the log
+            monkeypatch.setattr(store_module, "WRITE_LOG_READ_WAIT_S", 1.0)
+            with disk.full():
+                release.set()
+                holder.join(10)
+                with pytest.raises(UnavailableError) as waiting:
+                    col.count()
+                assert "not applied yet" in waiting.value.message and "space" in waiting.value.message.lower()
+            monkeypatch.setattr(store_module, "WRITE_LOG_READ_WAIT_S", 30.0)
+            assert col.count() == 220  # applied once space returned
+            ids = col.query(columns=["id"]).column("id").to_pylist()
+            assert len(ids) == len(set(ids)) == 220
+    finally:
+        srv.stop(0)
+
+
 def test_a_reindex_job_on_a_full_disk_fails_with_resource_exhausted(fclient, full_server, disk):
     root = full_server.store.root
     col = fclient.create_collection("texts")
