@@ -76,7 +76,7 @@ test: env browser label-studio-if-required
 lint: env
 	$(UV) run --frozen ruff check .
 
-BENCHES := store service mining_scan uncertainty density diversity selection embedding web soak_writes soak
+BENCHES := store service mining_scan uncertainty density diversity selection embedding web soak_writes soak_writes_log soak
 
 # bench: every benchmark (BENCHES with --quick, the soak, the reduced active-learning plan) in
 # about 35 minutes on 2 cores -> bench/results/latest.md and latest.json (bench/run_all.py).

@@ -1,12 +1,13 @@
 """``make bench``: every benchmark in one run, one report.
 
     python -m bench.run_all [--benches "store service ..."] [--full] [--out bench/results]
-                            [--skip al,soak,soak_writes] [--al-workers 2] [--al-steps al,al_new,al_cold]
+                            [--skip al,soak,soak_writes,soak_writes_log] [--al-workers 2] [--al-steps al,al_new,al_cold]
                             [--script-args "..."]
 
 Runs each ``bench/<name>.py`` of ``--benches`` (the Makefile's ``BENCHES``), then
-the soaks (``bench/soak.py``: writes only against its one-commit-per-write reference, then
-the default mix: 1 + 3 minutes, 3 + 30 with ``--full``), then the active-learning simulation (``bench.al``), each in
+the soaks (``bench/soak.py``: writes only against its one-commit-per-write reference, the
+same with the server's write log on, then the default mix: 1 + 1 + 3 minutes, 3 + 3 + 30
+with ``--full``), then the active-learning simulation (``bench.al``), each in
 its own process, and writes
 
 * ``<out>/latest.md``: the machine, the command, per benchmark its runtime and its own
@@ -24,7 +25,7 @@ minutes) and the simulation's full protocol (4 datasets × both learners × ever
 10 seeds: hours on 2 cores; see README "Does it work?").
 
 ``bench/scale.py`` (1M rows with ``--quick``, 10M with ``--full``; an hour and more) is not
-in the default list: ``--benches scale --skip soak,soak_writes,al --script-args "--data DIR ..."``.
+in the default list: ``--benches scale --skip soak,soak_writes,soak_writes_log,al --script-args "--data DIR ..."``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ AL_QUICK_PLAN = ("digits:logreg:random,margin,ratio,badge,cluster_margin,margin_
 VARIANTS: dict[str, tuple[str, list[str], list[str]]] = {
     "soak_writes": ("soak", ["--mix", "writes", "--minutes", "1", "--window", "20"],
                     ["--mix", "writes", "--minutes", "3", "--window", "30"]),
+    # the same against a server that acknowledges small upserts from its write-ahead log
+    "soak_writes_log": ("soak", ["--mix", "writes", "--minutes", "1", "--window", "20", "--write-log"],
+                        ["--mix", "writes", "--minutes", "3", "--window", "30", "--write-log"]),
     "soak": ("soak", ["--minutes", "3", "--window", "30", "--sample", "15"],
              ["--minutes", "30", "--window", "60", "--sample", "30"]),
 }
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for arg in args.skip for s in arg.split(",") if s.strip()}
     names = [b for b in re.split(r"[\s,]+", args.benches) if b and b not in skip]
     if (ROOT / "bench" / "soak.py").exists():
-        names += [n for n in ("soak_writes", "soak") if n not in names and n not in skip]
+        names += [n for n in ("soak_writes", "soak_writes_log", "soak") if n not in names and n not in skip]
     raw = args.out / "latest"
     raw.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"command": "python -m bench.run_all " + shlex.join(argv if argv is not None

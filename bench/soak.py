@@ -37,6 +37,9 @@ Options that change the run:
 * ``--server process`` (the default) runs ``assay serve`` as its own process, so the RSS is
   the server's alone; ``--server thread`` runs it in this process (RSS then includes the
   clients).
+* ``--write-log``: the server acknowledges small upserts from its write-ahead log
+  (``assay serve --write-log``) and applies them right after; with ``--kill-at`` the
+  restart applies what the log held.
 * ``--kill-at S`` (process mode): SIGKILL the server S seconds in, start it again on the
   same data, and go on; at the end every *acknowledged* row must be there exactly once and
   every batch in flight at the kill all there or not at all.
@@ -61,7 +64,7 @@ Usage::
 
     uv run python bench/soak.py [--minutes 5] [--clients 16] [--rows 20000] [--dim 64]
         [--batch 20] [--window 30] [--mix default|writes|op=w,...] [--server process|thread]
-        [--kill-at S] [--vectors clustered|gaussian] [--[no-]fresh-reference] [--quick]
+        [--kill-at S] [--write-log] [--vectors clustered|gaussian] [--[no-]fresh-reference] [--quick]
         [--json PATH]
 
 ``tests/test_load.py`` runs the same workload for a few seconds (``run_load``).
@@ -520,6 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill-at", type=float, default=None,
                    help="SIGKILL the server this many seconds in, restart it, check acknowledged rows (process mode)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-log", action="store_true",
+                   help="the server acknowledges small upserts from its write-ahead log (assay serve --write-log)")
     p.add_argument("--vectors", choices=VECTORS, default="clustered",
                    help="clustered rows and queries (like real embeddings), or isotropic Gaussian (the worst "
                         "case for a vector index: no structure)")
@@ -562,11 +567,13 @@ def main(argv: list[str] | None = None) -> int:
         down = threading.Event() if args.kill_at is not None else None
         metrics_port = free_port()
         if args.server == "process":
-            proc = ServerProcess(data, os.path.join(tmp, "logs"), extra_args=("--metrics-port", str(metrics_port)))
+            proc = ServerProcess(data, os.path.join(tmp, "logs"), extra_args=(
+                "--metrics-port", str(metrics_port), *(("--write-log",) if args.write_log else ())))
             proc.start()
             address: Any = lambda: proc.address  # noqa: E731
         else:
-            server = start_server(ServerConfig(data=data, port=0, grace_s=2, metrics_port=metrics_port))
+            server = start_server(ServerConfig(data=data, port=0, grace_s=2, metrics_port=metrics_port,
+                                               write_log=args.write_log))
             address = server.address
 
         def sample() -> dict[str, float]:

@@ -44,8 +44,8 @@ between group commits, so it never loses its commit to a concurrent write and wr
 never see a conflict from it.
 
 *Logged writes* (:meth:`GroupCommitter.submit_logged`, the collection's write-ahead log,
-:mod:`indexing.write_log`): the writer returns once its write is durable in the log; the
-write waits in the same queue, in order with every other write, and an *applier* thread
+:mod:`indexing.write_log`): the writer returns once its write is in the log; the write
+waits in the same queue, in order with every other write, and an *applier* thread
 commits what is queued while no writer leads — each commit takes everything queued
 meanwhile (up to ``max_rows``), so the commit size follows the write rate rather than the
 number of writers. A failed commit of logged writes puts them back at the head of the
@@ -148,7 +148,7 @@ class GroupCommitter:
                  apply_wait_s: float = 0.0) -> None:
         self._execute = execute
         # Called by the committing thread with the last log seq a commit applied, before
-        # the next commit (the write log records it durably).
+        # the next commit (the write log records it).
         self._applied_callback = applied
         # The applier lets logged writes gather — up to apply_rows rows, at most apply_wait_s
         # — before a commit, unless a reader or an unlogged writer waits: each commit of a
@@ -223,8 +223,8 @@ class GroupCommitter:
                       append: Callable[[], int]) -> PendingWrite:
         """Queue a write as ``append()`` writes it to the write log (returning its seq; if it
         raises, nothing is queued), in log order, and return without waiting for its
-        commit. The caller makes the record durable, then acknowledges the write (after
-        :meth:`wait_for_backlog`); it answers from what it knew when logging."""
+        commit. The caller acknowledges the write after :meth:`wait_for_backlog`, from what
+        it knew when logging."""
         write = PendingWrite(kind=kind, key=key, payload=payload, rows=max(1, rows))
         with self._log_lock:
             self.refuse_if_closed()

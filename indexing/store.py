@@ -219,7 +219,7 @@ class Store:
             os.makedirs(self.root, exist_ok=True)
         self.storage_options = dict(storage_options or storage_options_from_env(self.root))
         # Upserts acknowledged from each collection's write-ahead log (local roots only: an
-        # object store has no cheap durable append); see indexing.write_log.
+        # object store has no cheap append); see indexing.write_log.
         self.write_log = write_log and self.local
         # optimize_every: small fragments merged per compaction (the maintenance fan-out);
         # 0 switches automatic maintenance off.
@@ -776,8 +776,8 @@ class Collection:
         return [w.error if w.error is not None else w.result for w in writes]
 
     def _upsert_logged(self, prepared: PreparedBatch) -> UpsertResult | None:
-        """Acknowledge a validated upsert from the write log: append it (durable), queue it
-        for the applier, and answer with its inserts and updates as this process knows its
+        """Acknowledge a validated upsert from the write log: append it (it survives the
+        process from then on, :mod:`indexing.write_log`), queue it for the applier, and answer with its inserts and updates as this process knows its
         ids (the id index plus the ids logged and not yet applied; another process's writes
         since the last commit are not seen) and ``version`` 0 — the version that will hold
         it is not known yet (:attr:`version`, or any read, waits for it). None when the
