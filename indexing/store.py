@@ -755,16 +755,16 @@ class Collection:
         over every batch that arrived while its previous commit ran, so a bulk load writes
         fragments of a few messages each, not one per message. Returns each batch's result or
         the error that failed it."""
-        if self._log is not None and batches:
-            logged = [self._upsert_logged(prepared) for _, prepared in batches[:1]]
-            if logged[0] is not None:  # the first went through the log: so may the others
-                logged += [self._upsert_logged(prepared) for _, prepared in batches[1:]]
-                if all(r is not None for r in logged):
-                    return list(logged)
-                rest = [b for b, r in zip(batches, logged, strict=True) if r is None]
-                done = iter(self.upsert_prepared_many_committed(rest))
-                return [r if r is not None else next(done) for r in logged]
-        return self.upsert_prepared_many_committed(batches)
+        results: list[UpsertResult | BaseException] = []
+        if self._log is not None:
+            # Batches go through the log until one must be committed first; that one and all
+            # after it are committed (queued behind the logged ones: the order holds).
+            for _, prepared in batches:
+                logged = self._upsert_logged(prepared)
+                if logged is None:
+                    break
+                results.append(logged)
+        return results + self.upsert_prepared_many_committed(batches[len(results):])
 
     def upsert_prepared_many_committed(self, batches: Sequence[tuple[Any, PreparedBatch]]
                                        ) -> list[UpsertResult | BaseException]:

@@ -168,6 +168,16 @@ def test_logged_and_committed_writes_apply_in_the_order_they_were_made(tmp_path)
     store.close()
 
 
+def test_one_callers_batches_apply_in_order_when_one_of_them_must_be_committed(tmp_path):
+    store, col = _logged_store(tmp_path)
+    col.upsert(_rows(["x"], n=[0]))  # the column n exists from here on
+    batches = [_rows(["x"], n=[1]), _rows(["x"], n=[2], note=["adds a column"]), _rows(["x"], n=[3])]
+    results = col.upsert_prepared_many([(b, col.prepare(b)) for b in batches])
+    assert [r.version == 0 for r in results] == [True, False, False]  # the rest waits for the second
+    assert col.take(["x"], ["n", "note"]).to_pylist() == [{"n": 3, "note": "adds a column"}]
+    store.close()
+
+
 def test_an_upsert_with_new_columns_or_a_big_batch_is_committed_before_its_answer(tmp_path, monkeypatch):
     store, col = _logged_store(tmp_path)
     monkeypatch.setattr(store_module, "WRITE_LOG_BATCH_ROWS", 10)
