@@ -61,10 +61,11 @@ class IdIndex:
 
     # -- consistency ------------------------------------------------------------------
 
-    def current(self, latest: int, transactions: Callable[[int], list[Any]]) -> bool:
+    def current(self, latest: int, transactions: Callable[[int], list[str | None]]) -> bool:
         """True if the index holds the ids of version ``latest``: every version since the
         one it reflects is this process's own (applied) or id-neutral. ``transactions(n)``
-        returns the last ``n`` transactions, newest first."""
+        returns the operation names of the last ``n`` versions, newest first
+        (:func:`operation_names`)."""
         if self.version is None or latest < self.version:
             return False
         gap = latest - self.version
@@ -74,12 +75,12 @@ class IdIndex:
             return False
         unknown = [v for v in range(self.version + 1, latest + 1) if v not in self._applied]
         if unknown:
-            txs = transactions(gap)
-            for i, tx in enumerate(txs[:gap]):
+            names = transactions(gap)
+            for i, name in enumerate(names[:gap]):
                 v = latest - i
                 if v in self._applied:
                     continue
-                if tx is None or type(tx.operation).__name__ not in ID_NEUTRAL_OPERATIONS:
+                if name not in ID_NEUTRAL_OPERATIONS:
                     return False
         self.version = latest
         self._applied = {v for v in self._applied if v > latest}
@@ -145,4 +146,28 @@ def _micros(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(values.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-__all__ = ["ID_NEUTRAL_OPERATIONS", "IdIndex", "hash_ids"]
+def operation_names(dataset: Any, n: int) -> list[str | None]:
+    """The operation of each of the last ``n`` versions of a Lance ``dataset`` (opened at the
+    latest), newest first; None where a version has no transaction.
+
+    pylance 13 cannot convert a compaction that remapped indexes (a ``Rewrite`` carrying
+    ``rewritten_indices``, what compacting a table without stable row ids commits) to
+    Python: ``get_transactions`` raises ``TypeError: LanceOperation.RewrittenIndex.__init__()
+    missing 3 required positional arguments``. The versions are then read one by one, and
+    the one that raises that error is a ``Rewrite``."""
+    try:
+        return [None if tx is None else type(tx.operation).__name__ for tx in dataset.get_transactions(n)]
+    except TypeError:
+        pass
+    names: list[str | None] = []
+    for version in range(dataset.version, max(0, dataset.version - n), -1):
+        try:
+            tx = dataset.read_transaction(version)
+        except TypeError as exc:
+            names.append("Rewrite" if "RewrittenIndex" in str(exc) else None)
+            continue
+        names.append(None if tx is None else type(tx.operation).__name__)
+    return names
+
+
+__all__ = ["ID_NEUTRAL_OPERATIONS", "IdIndex", "hash_ids", "operation_names"]
