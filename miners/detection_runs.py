@@ -8,7 +8,7 @@ model declares ``box_embedding_dim``) and the ground-truth boxes of the labeled 
 1. a streamed scan scores every pool image (DivProto: entropy-NMS uncertainty,
    :func:`miners.detection.detection_scores`; PPAL: difficulty-calibrated uncertainty,
    :func:`miners.detection.dcus_scores`) keeping one float per row;
-2. the top ``candidate_ratio x size`` images (ties: smaller stable row id) are read again,
+2. the top ``candidate_ratio x size`` images (ties: smaller row id) are read again,
    with their boxes and embeddings, and the pure selection runs on them
    (:func:`miners.detection.divproto_select`, or :func:`miners.detection.ccms_distances` +
    :func:`miners.detection.kmedoids_select`).
@@ -58,7 +58,7 @@ def validate(ctx: RunContext) -> None:
 
 
 def _pool_scores(ctx: RunContext, score: Any, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pass 1: (stable row ids, score per row, rows scanned) of the pool rows with boxes
+    """Pass 1: (row ids, score per row, rows scanned) of the pool rows with boxes
     (their embeddings decoded only when ``embeddings``)."""
     def per_chunk(a: dict[str, Any]) -> dict[str, np.ndarray]:
         try:
@@ -74,7 +74,7 @@ def _pool_scores(ctx: RunContext, score: Any, embeddings: bool = False) -> tuple
 
 
 def _top(keys: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
-    """Positions of the ``n`` best scores, ties by smaller stable row id."""
+    """Positions of the ``n`` best scores, ties by smaller row id."""
     return np.lexsort((keys, -scores))[:n]
 
 
@@ -255,7 +255,7 @@ def ppal_run(ctx: RunContext) -> MiningOutput:
     except ValueError as exc:
         raise InvalidArgument(f"miner 'ppal': {exc}") from exc
     sizes = np.bincount(assign, minlength=len(medoids))
-    # report the picks by their calibrated uncertainty (ties: smaller stable row id)
+    # report the picks by their calibrated uncertainty (ties: smaller row id)
     order = np.lexsort((keys[cand[medoids]], -scores[cand[medoids]]))
     picks = cand[medoids[order]]
     names = ctx.model_spec.classes

@@ -169,7 +169,7 @@ def knn_run(ctx: RunContext) -> MiningOutput:
                                        searched=pool, check=check)
         ids = pool.ids
     else:
-        # ANN graph: neighbours are stable row ids; renumber them 0..U-1 and name them
+        # ANN graph: neighbours are row ids; renumber them 0..U-1 and name them
         indices, distances = knn_graph(col, rec.version, rec.space, where, k, queries, check=check)
         keys = np.unique(indices[indices >= 0])
         ids = np.asarray(ids_of_rows(table, keys), dtype=object)
@@ -520,7 +520,7 @@ def exact_duplicates_run(ctx: RunContext) -> MiningOutput:
         keys, arrays, scanned = scan_arrays(ctx, [INPUTS["content"]], per_chunk=digest, span=(0.0, 0.9))
     digests = arrays.get("digest", np.zeros((0, 2), np.uint64))
     ctx.check()
-    # the kept row of a group: the smallest stable row id (the oldest row)
+    # the kept row of a group: the smallest row id (first in the table's order at the pinned version)
     groups = dedup.exact_duplicates(digests, priority=keys.astype(np.float64))
     if p["output"] == "drop":
         rows = groups.dropped

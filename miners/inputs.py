@@ -71,7 +71,7 @@ class RunContext:
     check: Callable[[], None] = _no_check
     validate_stage: Callable[[RunSpec], tuple[Any, dict[str, Any]]] | None = None
     mine_stage: Callable[[RunSpec], MiningOutput] | None = None
-    # every pool row's score by a scored miner: (stable row ids, scores) (``select``)
+    # every pool row's score by a scored miner: (row ids, scores) (``select``)
     score_stage: Callable[[RunSpec], tuple[np.ndarray, np.ndarray]] | None = None
     # the registry (miner name -> MinerSpec), for miners that name other miners (chain
     # stages, select objectives); passed in by the runner so that those hooks do not
@@ -153,7 +153,7 @@ class Input:
     def decode(self, batch: pa.RecordBatch, rows: np.ndarray, row_keys: np.ndarray,
                ctx: RunContext) -> dict[str, Any]:
         """The rows ``rows`` of ``batch`` (each has the input) as arrays; ``row_keys`` are
-        their stable row ids."""
+        their row ids."""
         return {}
 
     def gather(self, g: Gathered) -> None:
@@ -706,7 +706,7 @@ def scan_arrays(ctx: RunContext, inputs: Sequence[Input], *,
                 chunk_rows: int = 65_536, span: tuple[float, float] | None = None
                 ) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     """The whole pool (``ctx.where`` at the run's version), chunk by chunk, through the
-    inputs' chunk decoders: ``(stable row ids, arrays, rows scanned)`` of the rows that carry
+    inputs' chunk decoders: ``(row ids, arrays, rows scanned)`` of the rows that carry
     every input, each ``row_arrays`` entry concatenated — or, with ``per_chunk``, what it
     returns for each chunk's arrays (one entry per row: a score, a digest), so that only
     that is kept. For run hooks that need every row's values but no vectors (confident

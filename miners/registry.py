@@ -519,7 +519,7 @@ register(MinerSpec(
 
 
 def _near_duplicates(a: Arrays, p: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Each row that duplicates an earlier row (smaller stable row id) within ``threshold``:
+    """Each row that duplicates an earlier row (smaller row id) within ``threshold``:
     score = −distance (closest first), related = that earlier row."""
     indices, distances = a["pool_graph"]
     pairs, dist = density.near_duplicate_pairs(indices, distances, p["threshold"])
@@ -900,7 +900,7 @@ register(MinerSpec(
 
 
 def _duplicate_leaks(a: Arrays, p: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Each pair reported once, on the row with the larger stable row id (related: the
+    """Each pair reported once, on the row with the larger row id (related: the
     other); a row in several pairs keeps its closest."""
     from miners.label_issues import near_duplicate_issues
 

@@ -20,9 +20,12 @@ SQL, chunk decoder, whole-pool loader), and a miner that drives its own run (``k
   reference set and k-NN graphs, then ``score`` + top-k or ``select``;
 * **direct** (a ``run`` hook).
 
-Ties break by the rows' stable row ids, and stochastic noise is a function of (seed,
-stable row id), so a run re-executed on the same version returns the same results
-whatever the chunking.
+Ties break by the rows' row ids, and stochastic noise is a function of (seed,
+row id), so a run re-executed on the same version returns the same results
+whatever the chunking. A row id is LanceDB's ``_rowid``: the row's address (fragment,
+offset) in collections created without stable row ids (every new one), which a
+compaction or an update changes — fixed within the version a run pins, which is all it is
+used for here; the stable id in older collections.
 """
 
 from __future__ import annotations
@@ -257,7 +260,7 @@ def run_mining(
 def score_all(col: Collection, rec: RunSpec, *, check: Callable[[], None] = lambda: None
               ) -> tuple[np.ndarray, np.ndarray]:
     """Every pool row's score by a scored miner (``score``, no ``select`` / ``run``):
-    ``(stable row ids, scores)``, rows without the miner's inputs left out; ``reverse``
+    ``(row ids, scores)``, rows without the miner's inputs left out; ``reverse``
     negates the scores. What ``select`` combines: memory ``O(N)`` (16 bytes a row)."""
     if rec.seed is None:
         rec = replace(rec, seed=0)

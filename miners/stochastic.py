@@ -80,7 +80,7 @@ def stochastic_scores(
             ``T`` approaches uniform random sampling.
         rng: the generator that draws the noise (seed it for reproducibility), or
         noise: ``(N,)`` standard Gumbel noise drawn by the caller — the mining runner derives
-            it from (seed, stable row id) so that a streamed pool gets the same noise
+            it from (seed, row id) so that a streamed pool gets the same noise
             whatever its chunking. Exactly one of ``rng`` and ``noise``.
 
     Returns:

@@ -1,7 +1,7 @@
 """Streaming top-k selection: the running best ``k`` rows of a pool seen chunk by chunk.
 
 Memory is O(k + chunk), whatever the pool size. Ties are broken by a stable row key
-(the table's stable row id), smallest first, so the selection does not depend on the
+(the table's row id), smallest first, so the selection does not depend on the
 order in which chunks arrive.
 """
 

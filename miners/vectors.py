@@ -1,7 +1,7 @@
 """Loading what embedding miners need from a collection, and the k-NN graph facility.
 
 * :func:`load_pool` streams the rows matching a filter at a pinned version and returns their
-  ids, stable row ids and vectors (float32, rows without a vector left out), plus what any
+  ids, row ids and vectors (float32, rows without a vector left out), plus what any
   other input the miner reads along the scan decodes (:class:`miners.inputs.Bound`). Vectors go to a NumPy array, or to a memory-mapped
   file under the system temp folder when they would exceed ``MEMMAP_ABOVE_BYTES`` (:func:`miners.mapped.float32_array`) — a 10M ×
   384 pool (15 GB) is paged by the OS instead of held in RAM, and the pages a run has read
@@ -132,7 +132,7 @@ class Pool:
     ids."""
 
     ids: np.ndarray            # object array of str
-    row_keys: np.ndarray       # uint64 stable row ids
+    row_keys: np.ndarray       # uint64 row ids
     vectors: np.ndarray        # (n, d) float32, or a read-only memmap
     scanned: int = 0
     skipped: int = 0
@@ -275,7 +275,7 @@ def load_objects(col: Collection, version: int, space: str, where: str | None, *
 
 
 def ids_of_rows(table: Any, row_keys: np.ndarray) -> list[str]:
-    """The ``id`` of each stable row id (in order), read from ``table`` (a pinned version)."""
+    """The ``id`` of each row id (in order), read from ``table`` (a pinned version)."""
     if len(row_keys) == 0:
         return []
     found = table.take_row_ids([int(r) for r in row_keys]).select(["id"]).with_row_id().to_arrow()
@@ -377,7 +377,7 @@ def _ann_graph(col: Collection, version: int, spec: Any, where: str | None, k: i
                searched: Pool | None, exclude_self: bool, check: Any) -> tuple[np.ndarray, np.ndarray]:
     """Batch ANN searches through LanceDB (index + refine, SQL prefilter)."""
     table = col.at_version(version)
-    if searched is not None:  # stable row id -> row of `searched`
+    if searched is not None:  # row id -> row of `searched`
         by_key = np.argsort(searched.row_keys, kind="stable")
         sorted_keys = searched.row_keys[by_key]
     fetch = k + 1 if exclude_self else k

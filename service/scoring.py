@@ -470,14 +470,14 @@ class ServerReference:
         self._sorted_keys, self._by_key = self.pool.row_keys[by_key], by_key
 
     def _positions(self, row_keys: np.ndarray) -> np.ndarray:
-        """Pool position of each stable row id (-1: not a reference row)."""
+        """Pool position of each row id (-1: not a reference row)."""
         pos = np.searchsorted(self._sorted_keys, row_keys)
         pos = np.minimum(pos, len(self._sorted_keys) - 1)
         found = self._sorted_keys[pos] == row_keys
         return np.where(found, self._by_key[pos], -1)
 
     def scores(self, queries: np.ndarray, self_rows: np.ndarray | None = None) -> np.ndarray:
-        """Novelty of prepared query vectors; ``self_rows``: the stable row id of each query
+        """Novelty of prepared query vectors; ``self_rows``: the row id of each query
         when it is a stored row (left out of its own neighbours)."""
         self_index = None if self_rows is None else self._positions(self_rows)
         if self.exact:
@@ -621,7 +621,7 @@ class ScoringService:
     def _pool_batches(self, session: ScoreSession, where: str | None, criteria: Sequence[str], max_rows: int,
                       seed: int) -> Iterator[tuple[Items, np.ndarray]]:
         """Stored rows matching ``where`` (a seeded sample of about ``max_rows``) as items,
-        with their stable row ids; only the inputs the criteria read."""
+        with their row ids; only the inputs the criteria read."""
         inputs = sorted({i for c in criteria for i in NEEDS[c]})
         proj: dict[str, str] = {}
         for name in inputs:
