@@ -2,7 +2,7 @@
 merge by a scan of ``id``, in one run, on the soak's rows.
 
 For each size in ``--rows``, a collection of that many rows of ``bench/soak.py``'s workload
-(64-d vectors, a ``pred`` struct, tags; stable row ids as every collection) is loaded
+(64-d vectors, a ``pred`` struct, tags; no stable row ids, as every new collection) is loaded
 through ``Collection.upsert`` and optimised. Then ``--writes`` upserts of 20 rows (10 new
 ids, 10 existing ones, only the soak's columns: ``tags`` is not sent) go through
 ``Collection.upsert``, alternating between the two ways of merging them:
