@@ -76,6 +76,8 @@ class IdIndex:
         unknown = [v for v in range(self.version + 1, latest + 1) if v not in self._applied]
         if unknown:
             names = transactions(gap)
+            if len(names) < gap:  # versions whose records are gone (cleaned up): unknown
+                return False
             for i, name in enumerate(names[:gap]):
                 v = latest - i
                 if v in self._applied:
@@ -148,7 +150,8 @@ def _micros(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def operation_names(dataset: Any, n: int) -> list[str | None]:
     """The operation of each of the last ``n`` versions of a Lance ``dataset`` (opened at the
-    latest), newest first; None where a version has no transaction.
+    latest), newest first; None where a version has no transaction or it cannot be read.
+    Versions cleaned up are left out (the list is shorter than ``n``).
 
     pylance 13 cannot convert a compaction that remapped indexes (a ``Rewrite`` carrying
     ``rewritten_indices``, what compacting a table without stable row ids commits) to
@@ -166,6 +169,8 @@ def operation_names(dataset: Any, n: int) -> list[str | None]:
         except TypeError as exc:
             names.append("Rewrite" if "RewrittenIndex" in str(exc) else None)
             continue
+        except OSError:  # cleaned up
+            break
         names.append(None if tx is None else type(tx.operation).__name__)
     return names
 

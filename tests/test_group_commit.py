@@ -778,3 +778,17 @@ def test_operation_names_reads_compactions_that_remapped_indexes(tmp_path):
     names = operation_names(ds, 3)
     assert names[0] == "Append" and names[1] == "Rewrite", names
     assert len(names) == 3
+
+
+def test_the_id_index_is_rebuilt_when_versions_since_it_were_cleaned_up(tmp_path):
+    """Another writer's insert whose version is gone by the time this process looks (its
+    optimize removed the versions before the compaction) must not be taken for nothing:
+    a record that cannot be read is unknown, and the ids are read again."""
+    col_a = Store(str(tmp_path), optimize_every=0).create_collection("c")
+    col_a.upsert([{"id": "x", "n": 1}])  # builds a's id index
+    col_b = Store(str(tmp_path), optimize_every=0).collection("c")
+    col_b.upsert([{"id": "y", "n": 2}])
+    col_b.optimize(cleanup_older_than=timedelta(0))
+    out = col_a.upsert([{"id": "y", "n": 3}])
+    assert (out.inserted, out.updated) == (0, 1)
+    assert sorted(col_a.query(columns=["id"]).column("id").to_pylist()) == ["x", "y"]
