@@ -61,29 +61,18 @@ class IdIndex:
 
     # -- consistency ------------------------------------------------------------------
 
-    def current(self, latest: int, transactions: Callable[[int], list[str | None]]) -> bool:
+    def current(self, latest: int, operations: Callable[[list[int]], list[str | None]]) -> bool:
         """True if the index holds the ids of version ``latest``: every version since the
-        one it reflects is this process's own (applied) or id-neutral. ``transactions(n)``
-        returns the operation names of the last ``n`` versions, newest first
-        (:func:`operation_names`)."""
+        one it reflects is this process's own (applied) or id-neutral. ``operations(versions)``
+        names the operation of each version it is given (:func:`operation_names`); only the
+        versions this process did not write are read."""
         if self.version is None or latest < self.version:
             return False
-        gap = latest - self.version
-        if gap == 0:
-            return True
-        if gap > MAX_GAP:
+        if latest - self.version > MAX_GAP:
             return False
-        unknown = [v for v in range(self.version + 1, latest + 1) if v not in self._applied]
-        if unknown:
-            names = transactions(gap)
-            if len(names) < gap:  # versions whose records are gone (cleaned up): unknown
-                return False
-            for i, name in enumerate(names[:gap]):
-                v = latest - i
-                if v in self._applied:
-                    continue
-                if name not in ID_NEUTRAL_OPERATIONS:
-                    return False
+        unknown = [v for v in range(latest, self.version, -1) if v not in self._applied]
+        if unknown and any(name not in ID_NEUTRAL_OPERATIONS for name in operations(unknown)):
+            return False
         self.version = latest
         self._applied = {v for v in self._applied if v > latest}
         return True
@@ -148,29 +137,24 @@ def _micros(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(values.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def operation_names(dataset: Any, n: int) -> list[str | None]:
-    """The operation of each of the last ``n`` versions of a Lance ``dataset`` (opened at the
-    latest), newest first; None where a version has no transaction or it cannot be read.
-    Versions cleaned up are left out (the list is shorter than ``n``).
+def operation_names(dataset: Any, versions: Sequence[int]) -> list[str | None]:
+    """The operation that made each of ``versions`` of a Lance ``dataset``; None where a
+    version has no record or it is gone (cleaned up): unknown to the caller.
 
     pylance 13 cannot convert a compaction that remapped indexes (a ``Rewrite`` carrying
     ``rewritten_indices``, what compacting a table without stable row ids commits) to
-    Python: ``get_transactions`` raises ``TypeError: LanceOperation.RewrittenIndex.__init__()
-    missing 3 required positional arguments``. The versions are then read one by one, and
-    the one that raises that error is a ``Rewrite``."""
-    try:
-        return [None if tx is None else type(tx.operation).__name__ for tx in dataset.get_transactions(n)]
-    except TypeError:
-        pass
+    Python: reading it raises ``TypeError: LanceOperation.RewrittenIndex.__init__() missing
+    3 required positional arguments``, so a version that raises that error is a ``Rewrite``."""
     names: list[str | None] = []
-    for version in range(dataset.version, max(0, dataset.version - n), -1):
+    for version in versions:
         try:
             tx = dataset.read_transaction(version)
         except TypeError as exc:
             names.append("Rewrite" if "RewrittenIndex" in str(exc) else None)
             continue
         except OSError:  # cleaned up
-            break
+            names.append(None)
+            continue
         names.append(None if tx is None else type(tx.operation).__name__)
     return names
 

@@ -782,8 +782,9 @@ class Collection:
 
     def _upsert_logged(self, prepared: PreparedBatch) -> UpsertResult | None:
         """Acknowledge a validated upsert from the write log: append it (it survives the
-        process from then on, :mod:`indexing.write_log`), queue it for the applier, and answer with its inserts and updates as this process knows its
-        ids (the id index plus the ids logged and not yet applied; another process's writes
+        process from then on, :mod:`indexing.write_log`), queue it for the applier, and
+        answer with its inserts and updates as this process knows its ids (the id index
+        plus the ids logged and not yet applied; another process's writes
         since the last commit are not seen) and ``version`` 0 — the version that will hold
         it is not known yet (:attr:`version`, or any read, waits for it). None when the
         batch must be committed first instead: it adds columns, is bigger than
@@ -1148,7 +1149,7 @@ class Collection:
         latest = int(self._table.version)
         with self._ids_lock:
             if not self._ids.current(
-                    latest, lambda n: operation_names(self._table.to_lance().checkout_version(latest), n)):
+                    latest, lambda versions: operation_names(self._table.to_lance(), versions)):
                 dataset = self._table.to_lance()
                 self._ids.rebuild(dataset.version,
                                   dataset.to_batches(columns=["id", "created_at"], batch_size=262_144))

@@ -633,7 +633,7 @@ def test_the_id_index_notices_writes_of_another_store_on_the_same_root(tmp_path)
     # id-neutral commits (compaction, an index update, a schema change) keep the index current
     col_a.optimize()
     col_a.add_fields([pa.field("extra", pa.int64())])
-    assert col_a._ids.current(col_a.version, lambda n: operation_names(col_a.table.to_lance(), n))
+    assert col_a._ids.current(col_a.version, lambda versions: operation_names(col_a.table.to_lance(), versions))
     assert col_a.upsert([{"id": "x", "n": 5}]).updated == 1
 
 
@@ -772,10 +772,10 @@ def test_operation_names_reads_compactions_that_remapped_indexes(tmp_path):
     table.checkout_latest()
     table.add(pa.table({"id": ["y"], "n": [9]}))
     ds = table.to_lance()
-    # the pylance bug worked around (if an upgrade fixes it, operation_names can drop its fallback)
+    # the pylance bug worked around (if an upgrade fixes it, operation_names can drop its TypeError branch)
     with pytest.raises(TypeError, match="RewrittenIndex"):
         ds.get_transactions(3)
-    names = operation_names(ds, 3)
+    names = operation_names(ds, [ds.version, ds.version - 1, ds.version - 2])
     assert names[0] == "Append" and names[1] == "Rewrite", names
     assert len(names) == 3
 
