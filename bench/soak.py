@@ -498,12 +498,21 @@ def group_commit_counters(metrics_url: str) -> dict[str, float]:
 
 
 def table_stats(data: str) -> dict[str, float]:
-    """Fragments and versions of the soak collection, read from the data folder."""
+    """Fragments, versions and deleted rows of the soak collection, and how many of its
+    vectors are outside the vector index (searched flat), read from the data folder."""
     import lancedb
 
     table = lancedb.connect(data).open_table(COLLECTION)
     ds = table.to_lance()
-    return {"fragments": float(len(ds.get_fragments())), "versions": float(len(ds.versions()))}
+    frags = ds.get_fragments()
+    deleted = sum(f.metadata.deletion_file.num_deleted_rows for f in frags if f.metadata.deletion_file)
+    out = {"fragments": float(len(frags)), "versions": float(len(ds.versions())), "deleted": float(deleted)}
+    index = next((i for i in table.list_indices() if list(i.columns) == [f"emb_{SPACE}"]), None)
+    if index is not None:
+        stats = table.index_stats(index.name)
+        out.update(indexed=float(stats.num_indexed_rows), unindexed=float(stats.num_unindexed_rows),
+                   index_deltas=float(stats.num_indices or 1))
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -598,14 +607,17 @@ def main(argv: list[str] | None = None) -> int:
                                 vectors=args.vectors)
             with Client(address() if callable(address) else address, timeout=300) as client:
                 workload.setup(client)
-            print("over time (s, server RSS MB, fragments, versions):", flush=True)
+            print("over time (s, server RSS MB, fragments, versions, deleted rows; once the vector index "
+                  "exists, vectors outside it and its delta indexes):", flush=True)
             if killer is not None:
                 killer.start()
             result = run_load(address, workload, clients=args.clients, seconds=seconds, seed=args.seed,
                               sample_every=args.sample, weights=weights, sample=sample, down=down,
                               on_sample=lambda t, row: print(
                                   f"  {t:7.1f}  {row['rss'] / 2**20:8.1f}  {row['fragments']:6.0f}  "
-                                  f"{row['versions']:7.0f}", flush=True))
+                                  f"{row['versions']:7.0f}  {row['deleted']:7.0f}"
+                                  + (f"  {row['unindexed']:7.0f}  {row['index_deltas']:3.0f}"
+                                     if "unindexed" in row else ""), flush=True))
             # after a --kill-at restart: what the restarted server did
             result.extra["group_commit"] = group_commit_counters(f"http://127.0.0.1:{metrics_port}/metrics")
         finally:

@@ -217,6 +217,10 @@ SYSTEM_INDEX_CACHE_BYTES: Final = _define("SYSTEM_INDEX_CACHE_BYTES", 32 << 20, 
                                           "apart from the collections'", "store")
 SYSTEM_METADATA_CACHE_BYTES: Final = _define("SYSTEM_METADATA_CACHE_BYTES", 16 << 20, "LanceDB's "
                                              "metadata cache of assay's own tables", "store")
+FLAT_CACHE_BYTES: Final = _define("FLAT_CACHE_BYTES", 512 << 20, "vectors held in memory for exact "
+                                  "(flat) search, for all of a store's spaces together; a space "
+                                  "whose vectors do not fit is searched by LanceDB "
+                                  "(indexing.flat_search)", "store")
 MAX_IMAGE_BYTES: Final = _define("MAX_IMAGE_BYTES", 256 << 20, "largest image file read", "store")
 IMAGE_CONNECT_TIMEOUT_S: Final = _define("IMAGE_CONNECT_TIMEOUT_S", 10.0, "connecting to S3 "
                                          "for an image may take this long (s)", "store")

@@ -44,6 +44,7 @@ from indexing.errors import (
     NotFound,
 )
 from indexing.filters import ids_predicate, object_clauses, validate_filter
+from indexing.flat_search import FlatVectors
 from indexing.group_commit import CommitSlot, CommitStats, GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids, operation_names
 from indexing.maintenance import (
@@ -75,6 +76,7 @@ from indexing.schema import (
 from indexing.settings import (
     COMPACT_KEEP_ROWS,
     DEFAULT_ROOT,
+    FLAT_CACHE_BYTES,
     GROUP_COMMIT_LINGER_S,
     ID_CHUNK,
     INDEX_CACHE_BYTES,
@@ -210,6 +212,7 @@ class Store:
         maintenance: MaintenancePolicy | None = None,
         index_cache_bytes: int = INDEX_CACHE_BYTES,
         metadata_cache_bytes: int = METADATA_CACHE_BYTES,
+        flat_cache_bytes: int = FLAT_CACHE_BYTES,
         write_log: bool = False,
     ) -> None:
         self.root = resolve_root(root)
@@ -245,6 +248,8 @@ class Store:
         self.system_session = lancedb.Session(index_cache_size_bytes=SYSTEM_INDEX_CACHE_BYTES,
                                               metadata_cache_size_bytes=SYSTEM_METADATA_CACHE_BYTES)
         self._system_db = connect(self.system_session)
+        # Vectors of flat-searched spaces held in memory (0: LanceDB searches them alone).
+        self.flat_vectors = FlatVectors(flat_cache_bytes)
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._lock_files: dict[str, Any] = {}
@@ -411,6 +416,7 @@ class Store:
             if name not in self._table_names():
                 raise NotFound(f"collection '{name}' not found under {self.root}")
             col = self._collections.pop(name, None)
+        self.flat_vectors.forget(name)
         if col is None:  # never opened by this process: nothing of ours works on it
             self._db.drop_table(name)
             self._remove_write_log(name)
@@ -1412,6 +1418,11 @@ class Collection:
         cols = self._check_columns(columns)
         where = self.validate_filter(where)
         indexed = self.vector_index(space) is not None and not exact
+        if not indexed:  # exact: over the vectors held in memory, if they fit (indexing.flat_search)
+            hits = self.store.flat_vectors.search(self._table.to_lance(), self.name, spec.column, q, k=k,
+                                                  metric=spec.metric, where=where, columns=cols)
+            if hits is not None:
+                return hits.drop_columns(["query_index"]) if single else hits
         builder = (
             self._table.search(q[0] if single else q, vector_column_name=spec.column)
             .distance_type(spec.metric)
@@ -1521,6 +1532,7 @@ class Collection:
             if list(idx.columns) == [column] and idx.name != name:
                 self._table.drop_index(idx.name)
         self._invalidate()
+        self.store.flat_vectors.forget(self.name)  # searched through the index from now on
         log.info("built %s index on %s.%s (%d rows) in %.1fs", kind, self.name, column, rows,
                  time.perf_counter() - t0)
         return kind
