@@ -25,7 +25,9 @@ What is measured
    ``Collection.recall_check`` has tuned ``nprobes`` for that filter. Each is paired,
    query by query, with the same search issued directly on the same LanceDB table
    (``tbl.search(q, vector_column_name=...).where(f, prefilter=True).limit(10)`` with the
-   same ``nprobes``/``refine_factor``), which shows assay's own overhead. Recall@10 of the
+   same ``nprobes``/``refine_factor``), which shows assay's own overhead — except for (a):
+   assay's exact search runs over the vectors it holds in memory (``indexing.flat_search``),
+   LanceDB's decodes the vector column for every query. Recall@10 of the
    indexed search is measured against the exact filtered search on the same queries
    (stored vectors plus small Gaussian noise). Finally one batched call with all queries
    (2-D array) is compared with the same number of single calls.

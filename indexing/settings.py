@@ -221,6 +221,9 @@ FLAT_CACHE_BYTES: Final = _define("FLAT_CACHE_BYTES", 512 << 20, "vectors held i
                                   "(flat) search, for all of a store's spaces together; a space "
                                   "whose vectors do not fit is searched by LanceDB "
                                   "(indexing.flat_search)", "store")
+FLAT_METADATA_CACHE_BYTES: Final = _define("FLAT_METADATA_CACHE_BYTES", 16 << 20, "Lance's metadata "
+                                           "cache (manifests, data file footers) of the datasets "
+                                           "exact search reads, per collection", "store")
 MAX_IMAGE_BYTES: Final = _define("MAX_IMAGE_BYTES", 256 << 20, "largest image file read", "store")
 IMAGE_CONNECT_TIMEOUT_S: Final = _define("IMAGE_CONNECT_TIMEOUT_S", 10.0, "connecting to S3 "
                                          "for an image may take this long (s)", "store")

@@ -77,6 +77,7 @@ from indexing.settings import (
     COMPACT_KEEP_ROWS,
     DEFAULT_ROOT,
     FLAT_CACHE_BYTES,
+    FLAT_METADATA_CACHE_BYTES,
     GROUP_COMMIT_LINGER_S,
     ID_CHUNK,
     INDEX_CACHE_BYTES,
@@ -557,6 +558,7 @@ class Collection:
         self._cache_version: int | None = None
         self._cache_checked = 0.0
         self._cache: dict[Any, Any] = {}
+        self._read_base: Any | None = None  # see _read_dataset
 
     # -- registry ------------------------------------------------------------------
 
@@ -668,6 +670,20 @@ class Collection:
             self._table.add_columns(spec.arrow_field())
             self._invalidate()
         return spec
+
+    def _read_dataset(self) -> Any:
+        """The latest version as a Lance dataset, checked out from one opened before, so
+        that they share a session: LanceDB's ``to_lance()`` opens a dataset with a session
+        of its own each time, which reads every fragment's file footer again (at 60k rows
+        in 12 fragments a filtered scan of row ids cost 13.5 ms of CPU so against 10.9, a
+        take of 5 rows 6.2 ms against 3.2)."""
+        version = self._table.version
+        base = self._read_base
+        if base is None:
+            # Its own small metadata cache: bounded, and gone with it (release_caches).
+            base = self._read_base = self._table.to_lance(metadata_cache_size_bytes=FLAT_METADATA_CACHE_BYTES,
+                                                          index_cache_size_bytes=1 << 20)
+        return base if base.version == version else base.checkout_version(version)
 
     def _invalidate(self) -> None:
         self._cache_checked = 0.0
@@ -1419,7 +1435,7 @@ class Collection:
         where = self.validate_filter(where)
         indexed = self.vector_index(space) is not None and not exact
         if not indexed:  # exact: over the vectors held in memory, if they fit (indexing.flat_search)
-            hits = self.store.flat_vectors.search(self._table.to_lance(), self.name, spec.column, q, k=k,
+            hits = self.store.flat_vectors.search(self._read_dataset(), self.name, spec.column, q, k=k,
                                                   metric=spec.metric, where=where, columns=cols)
             if hits is not None:
                 return hits.drop_columns(["query_index"]) if single else hits
@@ -1577,6 +1593,7 @@ class Collection:
         write reads it again."""
         with self._write_lock, self._ids_lock:
             self._ids.invalidate()
+        self._read_base = None
 
     def row_count(self) -> int:
         """Rows in the table as applied (for maintenance: no wait for the write log; a
