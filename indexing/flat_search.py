@@ -52,7 +52,11 @@ def distances(vectors: np.ndarray, sq_norms: np.ndarray, queries: np.ndarray, me
     cosine distance: its rows get NaN here and are never returned (Lance returns no rows for
     them either).
     """
-    dots = vectors @ queries.T
+    # One query: a loop without BLAS. OpenBLAS splits a product over its threads, which
+    # then spin waiting for the next call: at 137k × 64 in 14 fragments an unfiltered search
+    # cost 34.1 ms of CPU against 20.3 this way (wall 17.7 against 18.9 ms) — CPU that a
+    # loaded server does not have. Several queries: a matrix product, threads and all.
+    dots = np.einsum("ij,j->i", vectors, queries[0])[:, None] if len(queries) == 1 else vectors @ queries.T
     if metric == "dot":
         return 1.0 - dots
     q_sq = np.einsum("ij,ij->i", queries, queries)

@@ -18,10 +18,11 @@ def test_distances_match_their_definitions():
     v = rng.standard_normal((40, 7)).astype(np.float32)
     q = rng.standard_normal((5, 7)).astype(np.float32)
     sq = np.einsum("ij,ij->i", v, v)
-    np.testing.assert_allclose(distances(v, sq, q, "cosine"), cdist(v, q, "cosine"), atol=1e-5)
-    np.testing.assert_allclose(distances(v, sq, q, "l2"), cdist(v, q, "sqeuclidean"), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(distances(v, sq, q, "dot"), 1 - v.astype(np.float64) @ q.T.astype(np.float64),
-                               atol=1e-5)
+    for qs in (q, q[:1]):  # several queries (a matrix product) and one (a loop without BLAS)
+        np.testing.assert_allclose(distances(v, sq, qs, "cosine"), cdist(v, qs, "cosine"), atol=1e-5)
+        np.testing.assert_allclose(distances(v, sq, qs, "l2"), cdist(v, qs, "sqeuclidean"), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(distances(v, sq, qs, "dot"),
+                                   1 - v.astype(np.float64) @ qs.T.astype(np.float64), atol=1e-5)
     zero = np.zeros((1, 7), np.float32)
     assert np.isnan(distances(zero, np.zeros(1, np.float32), q, "cosine")).all()
 
