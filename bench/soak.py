@@ -505,7 +505,7 @@ def table_stats(data: str) -> dict[str, float]:
     table = lancedb.connect(data).open_table(COLLECTION)
     ds = table.to_lance()
     frags = ds.get_fragments()
-    deleted = sum(f.metadata.deletion_file.num_deleted_rows for f in frags if f.metadata.deletion_file)
+    deleted = sum(f.metadata.num_deletions for f in frags)
     out = {"fragments": float(len(frags)), "versions": float(len(ds.versions())), "deleted": float(deleted)}
     index = next((i for i in table.list_indices() if list(i.columns) == [f"emb_{SPACE}"]), None)
     if index is not None:

@@ -129,13 +129,12 @@ class FlatVectors:
         ``where``: a table of ``query_index`` (int32), ``columns`` and ``_distance`` (float32),
         sorted by query, then distance. None when the column's vectors do not fit the budget
         (the caller searches with LanceDB instead)."""
-        field = dataset.lance_schema.field(column)
-        space = (collection, field.id())
+        field_id = dataset.lance_schema.field(column).id()
+        space = (collection, field_id)
         dim = dataset.schema.field(column).type.list_size
         files: dict[int, tuple[int, str]] = {}  # fragment id -> (physical rows, data file path)
         for fragment in dataset.get_fragments():
-            meta = fragment.metadata
-            path = next((f.path for f in meta.data_files() if field.id() in f.fields), None)
+            path = next((f.path for f in fragment.metadata.data_files() if field_id in f.fields), None)
             if path is not None:  # else the column was added after the fragment: all null there
                 files[fragment.fragment_id] = (fragment.physical_rows, path)
         need = sum(rows for rows, _ in files.values()) * (4 * dim + 5)
