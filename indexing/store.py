@@ -53,6 +53,7 @@ from indexing.maintenance import (
     fragments_to_keep,
     merge_tiers,
     purge_deleted,
+    update_indexes,
 )
 from indexing.objects import expand
 from indexing.objects import objects as object_table
@@ -1667,13 +1668,13 @@ class Collection:
 
     def _update_indexes(self, build: bool) -> list[str]:
         try:
-            self._table.to_lance().optimize.optimize_indices()
+            update_indexes(self._table.to_lance())
         except Exception as exc:
             if not _commit_conflict(exc):
                 raise
             with self._write_lock:  # a write preempted it: once more, holding the slot
                 self._table.checkout_latest()
-                self._table.to_lance().optimize.optimize_indices()
+                update_indexes(self._table.to_lance())
         self._table.checkout_latest()
         self._invalidate()
         built = self._spaces_due_an_index() if build else []

@@ -12,6 +12,7 @@ import pytest
 from conftest import clustered
 
 from indexing.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from indexing.maintenance import INDEX_MAX_SEGMENTS
 from indexing.schema import IndexPolicy
 from indexing.store import Store, storage_options_from_env
 
@@ -410,6 +411,36 @@ def test_index_recall_on_a_table_large_enough(store):
     col.upsert({"id": ["late"], "emb_v": [(x[0] + 100).tolist()]})
     hit = col.search("v", x[0] + 100, k=1, columns=["id"])
     assert hit.column("id").to_pylist() == ["late"]
+
+
+def test_index_updates_merge_their_delta_segments(tmp_path):
+    # Each index update adds the new rows as a delta segment that every search then probes;
+    # the update merges an index's segments once INDEX_MAX_SEGMENTS have piled up, and the
+    # merged index still finds the rows of every segment.
+    store = Store(str(tmp_path / "data"), optimize_every=0)
+    dim = 16
+    x = clustered(3000, dim, clusters=20, seed=3)
+    col = store.create_collection("d", spaces={"v": {"dim": dim, "metric": "l2", "normalized": False,
+                                                     "index": {"threshold_rows": 1000}}})
+    col.upsert({"id": [f"r{i}" for i in range(2000)], "emb_v": x[:2000].tolist()})
+    assert col.optimize().indexes_built == ["v"]
+
+    def segments() -> dict[str, int]:
+        return {d.name: len(d.segments) for d in col._table.to_lance().describe_indices()}
+
+    seen = []
+    for step in range(2 * INDEX_MAX_SEGMENTS):
+        lo = 2000 + step * 100
+        col.upsert({"id": [f"r{i}" for i in range(lo, lo + 100)], "emb_v": x[lo:lo + 100].tolist()})
+        col.update_indexes(build=False)
+        seen.append(segments()["emb_v_idx"])
+        assert col.unindexed_rows() == 0
+    assert max(seen) == INDEX_MAX_SEGMENTS - 1 and min(seen) == 1, seen  # deltas were added, then merged
+    assert all(n < INDEX_MAX_SEGMENTS for n in segments().values())
+    # Every row, from the first build's segment and from each delta, is its own nearest neighbour.
+    for i in range(0, 2800, 97):
+        hit = col.search("v", x[i], k=1, columns=["id"])
+        assert hit.column("id").to_pylist() == [f"r{i}"] and hit.column("_distance")[0].as_py() < 1e-4
 
 
 def test_recall_check_tunes_nprobes(tmp_path):
