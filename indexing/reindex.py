@@ -487,7 +487,7 @@ def _index_staged(col: Collection, plan: _Plan, build_index: bool) -> str | None
     policy = plan.spec.index
     rows = col.table.count_rows(f"{plan.target} IS NOT NULL")
     wanted = plan.old_index_kind is not None or (
-        policy.kind != "flat" and (policy.kind != "auto" or rows >= policy.threshold_rows)
+        policy.kind != "flat" and (policy.kind != "auto" or rows >= policy.threshold_for(plan.spec.dim))
     )
     if not wanted or rows < 256:
         return None

@@ -143,19 +143,35 @@ RESERVED_COLUMNS = frozenset(f.name for f in BASE_FIELDS)
 STORE_SET_COLUMNS = frozenset({"created_at", "updated_at"})
 
 
+# The default index threshold: max(AUTO_INDEX_MIN_ROWS, min(AUTO_INDEX_MAX_ROWS,
+# AUTO_INDEX_ELEMENTS // dim)) vectors. An exact search from memory (indexing.flat_search)
+# costs about rows × (5 + 0.036 dim) ms per 100k rows of CPU, an IVF_RQ search 13–17 ms at
+# any of these sizes; measured by bench/index_threshold.py (one query at a time, 16-fragment
+# tables, CPU ms without a filter / with one passing 30 %, exact against IVF_RQ): 200k × 64
+# 15.0 / 21.1 against 16.3 / 42.0; 300k × 64 23.8 / 33.2 against 12.9 / 41.5; 400k × 32
+# 25.5 / 37.1 against 17.5 / 55.7; 100k × 128 11.6 / 15.5 against 14.6 / 30.6; 100k × 384
+# 18.9 / 22.8 against 13.4 / 25.6. So up to about 200k narrow vectors the exact search is as
+# cheap as the index, or cheaper with a filter, and it is exact and needs no build (seconds
+# to minutes of CPU). Wider vectors keep the 100k of before.
+AUTO_INDEX_ELEMENTS = 12_800_000
+AUTO_INDEX_MIN_ROWS = 100_000
+AUTO_INDEX_MAX_ROWS = 200_000
+
+
 @dataclass(frozen=True)
 class IndexPolicy:
     """How a space's vectors are indexed.
 
-    ``kind="auto"`` keeps exact (flat) search below ``threshold_rows`` vectors — an index
-    is rarely worth it there — and builds ``auto_kind`` at or above it. Quantised indexes
-    re-rank ``refine_factor * k`` candidates with the full vectors; ``nprobes`` is raised by
+    ``kind="auto"`` keeps exact (flat) search below its threshold (:meth:`threshold_for`:
+    ``threshold_rows`` vectors if set, else by the space's dimension) — an index is not
+    worth it there — and builds ``auto_kind`` at or above it. Quantised indexes re-rank
+    ``refine_factor * k`` candidates with the full vectors; ``nprobes`` is raised by
     :meth:`Collection.recall_check` until ``target_recall`` is reached.
     """
 
     kind: str = "auto"
     auto_kind: str = "ivf_rq"
-    threshold_rows: int = 100_000
+    threshold_rows: int | None = None  # None: by dimension (threshold_for)
     num_partitions: int | None = None
     num_bits: int = 4
     nprobes: int = 20
@@ -167,12 +183,20 @@ class IndexPolicy:
             raise InvalidArgument(f"index kind '{self.kind}' is not one of {', '.join(INDEX_KINDS)}")
         if self.auto_kind not in INDEX_KINDS or self.auto_kind in ("auto", "flat"):
             raise InvalidArgument(f"index auto_kind '{self.auto_kind}' must be an IVF kind")
-        if self.threshold_rows < 256:
+        if self.threshold_rows is not None and self.threshold_rows < 256:
             raise InvalidArgument("index threshold_rows must be >= 256 (IVF needs training rows)")
         if self.nprobes < 1 or self.refine_factor < 1:
             raise InvalidArgument("index nprobes and refine_factor must be >= 1")
         if not 0.0 < self.target_recall <= 1.0:
             raise InvalidArgument("index target_recall must be in (0, 1]")
+
+    def threshold_for(self, dim: int) -> int:
+        """Vectors at which ``kind="auto"`` builds its index: ``threshold_rows`` if set, else
+        by the dimension — 200k vectors of up to 64 dimensions, 100k of 128 or more, in
+        between 12.8M elements (see ``AUTO_INDEX_ELEMENTS``)."""
+        if self.threshold_rows is not None:
+            return self.threshold_rows
+        return max(AUTO_INDEX_MIN_ROWS, min(AUTO_INDEX_MAX_ROWS, AUTO_INDEX_ELEMENTS // dim))
 
 
 @dataclass(frozen=True)

@@ -1689,7 +1689,7 @@ class Collection:
             if spec.index.kind == "flat" or self.vector_index(name) is not None:
                 continue
             if spec.index.kind != "auto" or \
-                    self._table.count_rows(f"{spec.column} IS NOT NULL") >= spec.index.threshold_rows:
+                    self._table.count_rows(f"{spec.column} IS NOT NULL") >= spec.index.threshold_for(spec.dim):
                 due.append(name)
         return due
 
@@ -1802,6 +1802,7 @@ class Collection:
             spaces[name] = {
                 "dim": spec.dim, "metric": spec.metric, "model": spec.model, "normalized": spec.normalized,
                 "index_policy": vars(spec.index),
+                "index_threshold_rows": spec.index.threshold_for(spec.dim),  # what "auto" uses
                 "index": None if idx is None else {
                     "type": idx.index_type, "indexed_rows": idx.num_indexed_rows,
                     "unindexed_rows": idx.num_unindexed_rows,

@@ -68,7 +68,7 @@ def space_from_proto(msg: common_pb2.SpaceSpec) -> SpaceSpec:
     policy = IndexPolicy(
         kind=p.kind or defaults.kind,
         auto_kind=p.auto_kind or defaults.auto_kind,
-        threshold_rows=p.threshold_rows or defaults.threshold_rows,
+        threshold_rows=p.threshold_rows or None,  # 0: by dimension
         num_partitions=p.num_partitions or None,
         num_bits=p.num_bits or defaults.num_bits,
         nprobes=p.nprobes or defaults.nprobes,
@@ -86,7 +86,7 @@ def space_to_proto(spec: SpaceSpec) -> common_pb2.SpaceSpec:
     return common_pb2.SpaceSpec(
         name=spec.name, dim=spec.dim, metric=spec.metric, model=spec.model or "", normalized=spec.normalized,
         index=common_pb2.IndexPolicy(
-            kind=p.kind, auto_kind=p.auto_kind, threshold_rows=p.threshold_rows,
+            kind=p.kind, auto_kind=p.auto_kind, threshold_rows=p.threshold_rows or 0,
             num_partitions=p.num_partitions or 0, num_bits=p.num_bits, nprobes=p.nprobes,
             refine_factor=p.refine_factor, target_recall=p.target_recall,
         ),

@@ -13,8 +13,14 @@ from conftest import clustered
 
 from indexing.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from indexing.maintenance import INDEX_MAX_SEGMENTS
-from indexing.schema import IndexPolicy
+from indexing.schema import (
+    AUTO_INDEX_ELEMENTS,
+    AUTO_INDEX_MAX_ROWS,
+    AUTO_INDEX_MIN_ROWS,
+    IndexPolicy,
+)
 from indexing.store import Store, storage_options_from_env
+from service.servicers import space_from_proto, space_to_proto
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -411,6 +417,30 @@ def test_index_recall_on_a_table_large_enough(store):
     col.upsert({"id": ["late"], "emb_v": [(x[0] + 100).tolist()]})
     hit = col.search("v", x[0] + 100, k=1, columns=["id"])
     assert hit.column("id").to_pylist() == ["late"]
+
+
+def test_auto_index_threshold_follows_the_dimension(tmp_path):
+    # By default "auto" indexes once the vectors hold AUTO_INDEX_ELEMENTS elements (exact
+    # search from memory is as cheap as the index below), within [MIN, MAX] rows.
+    auto = IndexPolicy()
+    assert [auto.threshold_for(d) for d in (8, 32, 64, 96, 128, 384)] == [
+        AUTO_INDEX_MAX_ROWS, AUTO_INDEX_MAX_ROWS, AUTO_INDEX_ELEMENTS // 64, AUTO_INDEX_ELEMENTS // 96,
+        AUTO_INDEX_MIN_ROWS, AUTO_INDEX_MIN_ROWS]
+    assert AUTO_INDEX_MIN_ROWS < AUTO_INDEX_ELEMENTS // 96 < AUTO_INDEX_ELEMENTS // 64 <= AUTO_INDEX_MAX_ROWS
+    assert IndexPolicy(threshold_rows=1000).threshold_for(64) == 1000
+    store = Store(str(tmp_path / "data"), optimize_every=0)
+    col = store.create_collection("t", spaces={"low": 64, "wide": 384, "set": {"dim": 64, "index": {"threshold_rows": 300}}})
+    described = col.describe()["spaces"]
+    assert {name: described[name]["index_threshold_rows"] for name in described} == {
+        "low": AUTO_INDEX_ELEMENTS // 64, "wide": AUTO_INDEX_MIN_ROWS, "set": 300}
+    # Over gRPC, 0 means "by dimension" both ways: a spec sent back is not pinned to a number.
+    for spec in col.spaces.values():
+        assert space_from_proto(space_to_proto(spec)) == spec
+    assert space_to_proto(col.space("low")).index.threshold_rows == 0
+    # The rule decides: 400 rows of 64-d are due an index at threshold 300, not by default.
+    x = clustered(400, 64, clusters=8, seed=1)
+    col.upsert({"id": [f"r{i}" for i in range(400)], "emb_low": x.tolist(), "emb_set": x.tolist()})
+    assert col._spaces_due_an_index() == ["set"]
 
 
 def test_index_updates_merge_their_delta_segments(tmp_path):
