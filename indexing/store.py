@@ -103,6 +103,9 @@ log = logging.getLogger("assay.store")
 _NEVER = timedelta(days=365 * 100)
 # Field metadata of a column added for a write that has not committed yet.
 PENDING_META_KEY = b"assay:pending"
+# Schema metadata of a search's result: the table version it read (an exact search reads
+# one; LanceDB's own search, the latest when it ran — this is read just after it).
+READ_VERSION_KEY = b"assay:version"
 LOCKS_DIR = ".locks"
 WRITE_LOG_DIR = ".write_log"  # <root>/.write_log/<collection>/: indexing.write_log
 PIN_TAG_PREFIX = "assay-pin-"  # tags that keep a version in use from cleanup
@@ -1436,10 +1439,11 @@ class Collection:
         where = self.validate_filter(where)
         indexed = self.vector_index(space) is not None and not exact
         if not indexed:  # exact: over the vectors held in memory, if they fit (indexing.flat_search)
-            hits = self.store.flat_vectors.search(self._read_dataset(), self.name, spec.column, q, k=k,
+            dataset = self._read_dataset()
+            hits = self.store.flat_vectors.search(dataset, self.name, spec.column, q, k=k,
                                                   metric=spec.metric, where=where, columns=cols)
             if hits is not None:
-                return hits.drop_columns(["query_index"]) if single else hits
+                return _with_read_version(hits.drop_columns(["query_index"]) if single else hits, dataset.version)
         builder = (
             self._table.search(q[0] if single else q, vector_column_name=spec.column)
             .distance_type(spec.metric)
@@ -1459,7 +1463,7 @@ class Collection:
             if "query_index" not in result.column_names:  # LanceDB drops it for a 1-row batch
                 result = result.add_column(0, "query_index", pa.array(np.zeros(result.num_rows, np.int32)))
             result = result.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
-        return result
+        return _with_read_version(result, self._table.version)
 
     # -- versions ------------------------------------------------------------------
 
@@ -1838,6 +1842,10 @@ def _group_ids(result: pa.Table, n: int) -> list[list[str]]:
     for qi, i in zip(result.column("query_index").to_pylist(), result.column("id").to_pylist(), strict=True):
         out[qi].append(i)
     return out
+
+
+def _with_read_version(result: pa.Table, version: int) -> pa.Table:
+    return result.replace_schema_metadata({**(result.schema.metadata or {}), READ_VERSION_KEY: str(version).encode()})
 
 
 _MAX_ROWS = 2**63 - 1

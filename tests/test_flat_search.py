@@ -9,7 +9,7 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from indexing.flat_search import FlatVectors, distances, top_k
-from indexing.store import Store
+from indexing.store import READ_VERSION_KEY, Store
 from tests.conftest import clustered
 
 
@@ -102,11 +102,14 @@ def test_flat_search_follows_updates_deletes_and_compaction(tmp_path):
     col.upsert({"id": ["r10"], "emb_v": [(-q).tolist()]})
     col.delete(ids=[first[1]])
     again = col.search("v", q, k=3, columns=["id", "n"])
+    assert again.schema.metadata[READ_VERSION_KEY] == str(col.version).encode()  # the version it read
     assert "r10" not in again.column("id").to_pylist() and first[1] not in again.column("id").to_pylist()
     assert_same_hits(again, lancedb_flat(col, "v", q, 3, None, "cosine"))
+    read = int(again.schema.metadata[READ_VERSION_KEY])
     col.optimize()  # new fragments: the blocks of the old ones go at the next search
     assert len(col.table.to_lance().get_fragments()) == 1
     after = col.search("v", q, k=3, columns=["id", "n"])
+    assert int(after.schema.metadata[READ_VERSION_KEY]) == col.version > read
     assert_same_hits(after, lancedb_flat(col, "v", q, 3, None, "cosine"))
     rows = sum(f.physical_rows for f in col.table.to_lance().get_fragments())
     assert store.flat_vectors.nbytes <= rows * (24 * 4 + 5)
@@ -117,6 +120,7 @@ def test_a_space_over_the_budget_is_searched_by_lancedb(tmp_path):
     col, x = aged_collection(store, "l2")
     ours = col.search("v", x[3], k=10, where="n < 2000", columns=["id", "n"])
     assert store.flat_vectors.nbytes == 0
+    assert ours.schema.metadata[READ_VERSION_KEY] == str(col.version).encode()
     assert_same_hits(ours, lancedb_flat(col, "v", x[3], 10, "n < 2000", "l2"))
 
 

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from indexing.settings import UPSERT_WINDOW
+from protos.assay.v1 import common_pb2, search_pb2, search_pb2_grpc
 from service.client import (
     AlreadyExistsError,
     AssayClientError,
@@ -614,3 +615,13 @@ def test_generated_protos_match_the_proto_files():
     result = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_search_response_carries_the_version_it_read(server, client):
+    col = _fresh(client, "readver", spaces={"v": 4})
+    col.upsert({"id": ["a", "b"], "emb_v": [[1, 0, 0, 0], [0, 1, 0, 0]]})
+    written = col.upsert({"id": ["c"], "emb_v": [[0, 0, 1, 0]]}).version
+    with grpc.insecure_channel(server.address) as ch:
+        resp = search_pb2_grpc.SearchStub(ch).Search(search_pb2.SearchRequest(
+            collection="readver", space="v", k=3, vectors=common_pb2.Vectors(dim=4, values=[0, 0, 1, 0])))
+    assert resp.version == written and resp.queries == 1
