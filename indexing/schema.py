@@ -145,8 +145,8 @@ STORE_SET_COLUMNS = frozenset({"created_at", "updated_at"})
 
 # The default index threshold: max(AUTO_INDEX_MIN_ROWS, min(AUTO_INDEX_MAX_ROWS,
 # AUTO_INDEX_ELEMENTS // dim)) vectors. An exact search from memory (indexing.flat_search)
-# costs about rows × (5 + 0.036 dim) ms per 100k rows of CPU, an IVF_RQ search 13–17 ms at
-# any of these sizes; measured by bench/index_threshold.py (one query at a time, 16-fragment
+# costs about (5 + 0.036 · dim) ms of CPU per 100k rows, an IVF_RQ search 13–18 ms at any of
+# these sizes; measured by bench/index_threshold.py (one query at a time, 16-fragment
 # tables, CPU ms without a filter / with one passing 30 %, exact against IVF_RQ): 200k × 64
 # 15.0 / 21.1 against 16.3 / 42.0; 300k × 64 23.8 / 33.2 against 12.9 / 41.5; 400k × 32
 # 25.5 / 37.1 against 17.5 / 55.7; 100k × 128 11.6 / 15.5 against 14.6 / 30.6; 100k × 384
