@@ -484,11 +484,8 @@ def _index_staged(col: Collection, plan: _Plan, build_index: bool) -> str | None
     its policy asks for one at this size; None when no index is built."""
     if not build_index:
         return None
-    policy = plan.spec.index
     rows = col.table.count_rows(f"{plan.target} IS NOT NULL")
-    wanted = plan.old_index_kind is not None or (
-        policy.kind != "flat" and (policy.kind != "auto" or rows >= policy.threshold_for(plan.spec.dim))
-    )
+    wanted = plan.old_index_kind is not None or plan.spec.index.wants_index(rows, plan.spec.dim)
     if not wanted or rows < 256:
         return None
     return col.build_vector_index(plan.spec, column=plan.target, kind=plan.old_index_kind)

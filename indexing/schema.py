@@ -198,6 +198,12 @@ class IndexPolicy:
             return self.threshold_rows
         return max(AUTO_INDEX_MIN_ROWS, min(AUTO_INDEX_MAX_ROWS, AUTO_INDEX_ELEMENTS // dim))
 
+    def wants_index(self, rows: int, dim: int) -> bool:
+        """Whether a space of ``rows`` vectors of ``dim`` dimensions should have a vector
+        index under this policy: never for ``flat``, always for a pinned IVF kind, from
+        :meth:`threshold_for` rows on for ``auto``."""
+        return self.kind != "flat" and (self.kind != "auto" or rows >= self.threshold_for(dim))
+
 
 @dataclass(frozen=True)
 class SpaceSpec:

@@ -1692,8 +1692,7 @@ class Collection:
         for name, spec in self.spaces.items():
             if spec.index.kind == "flat" or self.vector_index(name) is not None:
                 continue
-            if spec.index.kind != "auto" or \
-                    self._table.count_rows(f"{spec.column} IS NOT NULL") >= spec.index.threshold_for(spec.dim):
+            if spec.index.wants_index(self._table.count_rows(f"{spec.column} IS NOT NULL"), spec.dim):
                 due.append(name)
         return due
 

@@ -456,7 +456,7 @@ def test_index_updates_merge_their_delta_segments(tmp_path):
     assert col.optimize().indexes_built == ["v"]
 
     def segments() -> dict[str, int]:
-        return {d.name: len(d.segments) for d in col._table.to_lance().describe_indices()}
+        return {d.name: len(d.segments) for d in col.table.to_lance().describe_indices()}
 
     seen = []
     for step in range(2 * INDEX_MAX_SEGMENTS):
