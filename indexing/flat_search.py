@@ -10,15 +10,16 @@ anew in another fragment and marks the old copy deleted; a column rewrite writes
 file; a compaction writes new fragments. So the vectors of one (fragment, data file) pair are
 valid for as long as that pair is in the table, whatever the version.
 
-A search then asks Lance only for the *live rows that pass its filter* — a scan of row
-addresses with the SQL prefilter and the version's deletions applied, no vector read —
-scores those rows against the held vectors (one matrix product per fragment), and reads the
+A search then needs only the *live rows that pass its filter* — row addresses with the SQL
+prefilter and the version's deletions applied, no vector read; kept per fragment between
+searches by :mod:`indexing.live_rows`, else a scan by Lance — scores those rows against the
+held vectors (one product per fragment, keeping each fragment's k best), and reads the
 requested columns of the k winners only (a take by row id). Everything is read at one
 dataset version, so the answer is the version's, exactly as Lance's own flat search would
 give it (same distances: see :func:`distances`; ties broken by row address).
 
-Memory: at most ``budget_bytes`` (the store's ``FLAT_CACHE_BYTES``, 512 MiB by default) for
-the whole store: a space whose vectors do not fit is searched by LanceDB as before. Held
+Memory: at most ``budget_bytes`` (the store's ``FLAT_CACHE_BYTES``, 512 MiB by default; the
+live rows get an eighth of it on top) for the whole store: a space whose vectors do not fit is searched by LanceDB as before. Held
 blocks of fragments no longer in a space's latest version are dropped at its next search,
 and a space that got a vector index is forgotten (:meth:`FlatVectors.forget`), so the memory
 follows the table and stays flat under a write stream. The least recently searched spaces
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from indexing.live_rows import BUDGET_SHARE, LiveRows
 
 # Query vectors scored at once: bounds the distance matrix at QUERY_BLOCK × live rows.
 QUERY_BLOCK = 64
@@ -57,14 +60,20 @@ def distances(vectors: np.ndarray, sq_norms: np.ndarray, queries: np.ndarray, me
     # cost 34.1 ms of CPU against 20.3 this way (wall 17.7 against 18.9 ms) — CPU that a
     # loaded server does not have. Several queries: a matrix product, threads and all.
     dots = np.einsum("ij,j->i", vectors, queries[0])[:, None] if len(queries) == 1 else vectors @ queries.T
+    # In place on the product (the same float32 operations as the formulas above, so the
+    # same values): a block of 64k rows is several MB, and each temporary is a pass over it.
     if metric == "dot":
-        return 1.0 - dots
+        return np.subtract(1.0, dots, out=dots)
     q_sq = np.einsum("ij,ij->i", queries, queries)
     if metric == "l2":
-        return np.maximum(sq_norms[:, None] - 2.0 * dots + q_sq[None, :], 0.0)
+        dots *= -2.0
+        dots += sq_norms[:, None]
+        dots += q_sq[None, :]
+        return np.maximum(dots, 0.0, out=dots)
     if metric == "cosine":
         with np.errstate(divide="ignore", invalid="ignore"):
-            return 1.0 - dots / (np.sqrt(sq_norms)[:, None] * np.sqrt(q_sq)[None, :])
+            np.divide(dots, np.sqrt(sq_norms)[:, None] * np.sqrt(q_sq)[None, :], out=dots)
+        return np.subtract(1.0, dots, out=dots)
     raise ValueError(f"unknown metric {metric!r}")
 
 
@@ -86,6 +95,18 @@ def top_k(dist: np.ndarray, keys: np.ndarray, k: int) -> list[np.ndarray]:
     return out
 
 
+def candidates(dist: np.ndarray, k: int) -> np.ndarray:
+    """Positions in ``dist`` (n,) of its ``k`` smallest finite distances and of every other
+    one tied with the k-th: a superset of what :func:`top_k` can pick from these rows, in one
+    partition and one comparison (NaN, which ``np.partition`` sorts last, and infinity are
+    never candidates)."""
+    if dist.size > k:
+        kth = np.partition(dist, k - 1)[k - 1]
+        if np.isfinite(kth):
+            return np.flatnonzero(dist <= kth)
+    return np.flatnonzero(np.isfinite(dist))
+
+
 @dataclass
 class _Block:
     """The vectors of one fragment's data file, by physical row (offset in the fragment)."""
@@ -93,6 +114,7 @@ class _Block:
     vectors: np.ndarray  # (physical rows, d) float32
     sq_norms: np.ndarray  # (physical rows,) float32
     valid: np.ndarray  # (physical rows,) bool: not null
+    all_valid: bool  # no null vector in the block
 
     @property
     def nbytes(self) -> int:
@@ -103,8 +125,10 @@ class FlatVectors:
     """Held vectors of a store's flat-searched spaces, and the search over them (see the
     module docstring). Thread-safe; one per :class:`indexing.store.Store`."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, live_rows: LiveRows | None = None) -> None:
         self.budget_bytes = int(budget_bytes)
+        # The rows each search scores (the store's, shared with counts).
+        self.live_rows = live_rows if live_rows is not None else LiveRows(self.budget_bytes // BUDGET_SHARE)
         self._lock = threading.Lock()
         # (collection, field id) -> {(fragment id, data file path): block}, least recently
         # searched first. By field id, not name: a rename (a reindex's swap) keeps the id.
@@ -133,7 +157,8 @@ class FlatVectors:
         space = (collection, field_id)
         dim = dataset.schema.field(column).type.list_size
         files: dict[int, tuple[int, str]] = {}  # fragment id -> (physical rows, data file path)
-        for fragment in dataset.get_fragments():
+        fragments = dataset.get_fragments()
+        for fragment in fragments:
             path = next((f.path for f in fragment.metadata.data_files() if field_id in f.fields), None)
             if path is not None:  # else the column was added after the fragment: all null there
                 files[fragment.fragment_id] = (fragment.physical_rows, path)
@@ -141,24 +166,36 @@ class FlatVectors:
         if need > self.budget_bytes:
             return None
         held = self._held(space, files, need)
-        live = dataset.scanner(columns=[], filter=where or None, with_row_id=True,
-                               with_row_address=True).to_table()
-        addresses = live.column("_rowaddr").to_numpy()
-        row_ids = live.column("_rowid").to_numpy()
-        fragment_of = (addresses >> 32).astype(np.int64)
-        offsets = (addresses & 0xFFFFFFFF).astype(np.int64)
-        # Score the live rows fragment by fragment, keeping each one's row ids and addresses.
-        parts: list[tuple[_Block, np.ndarray, np.ndarray]] = []
-        order = np.argsort(fragment_of, kind="stable")
-        bounds = np.flatnonzero(np.diff(fragment_of[order])) + 1
-        for chunk in np.split(order, bounds) if order.size else []:
-            fid = int(fragment_of[chunk[0]])
+        if not self.live_rows.serves(dataset, collection, where):
+            live = dataset.scanner(columns=[], filter=where or None, with_row_id=True,
+                                   with_row_address=True).to_table()
+            addresses = live.column("_rowaddr").to_numpy()
+            row_ids = live.column("_rowid").to_numpy()
+        else:  # a row's id is its address
+            addresses = row_ids = self.live_rows.addresses(dataset, collection, where, fragments)
+        fragment_of = addresses >> 32
+        runs = np.flatnonzero(fragment_of[1:] != fragment_of[:-1]) + 1
+        if addresses.size and len(set(fragment_of[np.r_[0, runs]].tolist())) <= runs.size:
+            # A fragment's rows in more than one run (the scan is in fragment order, so this
+            # is not expected): group them, and the positions below follow the new order.
+            order = np.argsort(fragment_of, kind="stable")
+            addresses, row_ids, fragment_of = addresses[order], row_ids[order], fragment_of[order]
+            runs = np.flatnonzero(fragment_of[1:] != fragment_of[:-1]) + 1
+        # Score the live rows fragment by fragment: (block, first position in the live rows,
+        # positions of the valid ones relative to it or None for all, their offsets).
+        parts: list[tuple[_Block, int, np.ndarray | None, np.ndarray]] = []
+        for lo, hi in zip(np.r_[0, runs].tolist(), np.r_[runs, addresses.size].tolist(), strict=True):
+            fid = int(fragment_of[lo]) if hi > lo else -1
             if fid not in files:
                 continue
             block = held.get((fid, files[fid][1])) or self._load(dataset, space, fid, files[fid], column, dim)
-            keep = chunk[block.valid[offsets[chunk]]]
+            offsets = (addresses[lo:hi] & 0xFFFFFFFF).astype(np.intp)
+            if block.all_valid:
+                parts.append((block, lo, None, offsets))
+                continue
+            keep = np.flatnonzero(block.valid[offsets])
             if keep.size:
-                parts.append((block, keep, offsets[keep]))
+                parts.append((block, lo, keep, offsets[keep]))
         return self._answer(dataset, parts, row_ids, addresses, queries, k, metric, columns)
 
     def _held(self, space: tuple[str, int], files: dict[int, tuple[int, str]],
@@ -192,29 +229,41 @@ class FlatVectors:
         vectors = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
         valid = arr.is_valid().to_numpy(zero_copy_only=False)
         vectors[~valid] = 0.0
-        block = _Block(vectors, np.einsum("ij,ij->i", vectors, vectors), valid)
+        block = _Block(vectors, np.einsum("ij,ij->i", vectors, vectors), valid, bool(valid.all()))
         with self._lock:
             if space in self._spaces:
                 self._spaces[space][(fid, path)] = block
         return block
 
     @staticmethod
-    def _answer(dataset: Any, parts: list[tuple[_Block, np.ndarray, np.ndarray]], row_ids: np.ndarray,
-                addresses: np.ndarray, queries: np.ndarray, k: int, metric: str,
+    def _answer(dataset: Any, parts: list[tuple[_Block, int, np.ndarray | None, np.ndarray]],
+                row_ids: np.ndarray, addresses: np.ndarray, queries: np.ndarray, k: int, metric: str,
                 columns: Sequence[str]) -> pa.Table:
-        rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-        keys = addresses[rows]
-        winners: list[np.ndarray] = []
+        winners: list[np.ndarray] = []  # per query: positions in the live rows, best first
         winner_dist: list[np.ndarray] = []
         for lo in range(0, queries.shape[0], QUERY_BLOCK):
             block_q = queries[lo:lo + QUERY_BLOCK]
-            dist = (np.concatenate([distances(b.vectors, b.sq_norms, block_q, metric)[offs] for b, _, offs in parts])
-                    if parts else np.zeros((0, block_q.shape[0]), np.float32))
-            for j, best in enumerate(top_k(dist, keys, k)):
-                winners.append(best)
-                winner_dist.append(dist[best, j])
+            # Each fragment's own candidates first (its k best and their ties), then the
+            # best of those: no distance array over all the live rows is ever built.
+            found: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(block_q.shape[0])]
+            for block, start, keep, offsets in parts:
+                dist = distances(block.vectors, block.sq_norms, block_q, metric)
+                if not (keep is None and offsets.size == dist.shape[0]
+                        and offsets[0] == 0 and offsets[-1] == offsets.size - 1):
+                    dist = dist[offsets]  # else the live rows are the block's rows, in order
+                at = np.arange(start, start + offsets.size) if keep is None else start + keep
+                for j in range(block_q.shape[0]):
+                    col = dist[:, j]
+                    best = candidates(col, k)
+                    found[j].append((col[best], at[best]))
+            for per_fragment in found:
+                dist_j = np.concatenate([d for d, _ in per_fragment]) if per_fragment else np.zeros(0, np.float32)
+                at_j = np.concatenate([a for _, a in per_fragment]) if per_fragment else np.zeros(0, np.int64)
+                (best,) = top_k(dist_j[:, None], addresses[at_j], k)
+                winners.append(at_j[best])
+                winner_dist.append(dist_j[best])
         query_index = np.concatenate([np.full(len(w), i, np.int32) for i, w in enumerate(winners)])
-        picked = rows[np.concatenate(winners)] if winners else np.zeros(0, np.int64)
+        picked = np.concatenate(winners) if winners else np.zeros(0, np.int64)
         wanted = np.unique(row_ids[picked])
         dist_all = np.concatenate(winner_dist).astype(np.float32) if winner_dist else np.zeros(0, np.float32)
         if columns and wanted.size:
