@@ -27,7 +27,10 @@ What is measured
    (``tbl.search(q, vector_column_name=...).where(f, prefilter=True).limit(10)`` with the
    same ``nprobes``/``refine_factor``), which shows assay's own overhead — except for (a):
    assay's exact search runs over the vectors it holds in memory (``indexing.flat_search``),
-   LanceDB's decodes the vector column for every query. Recall@10 of the
+   LanceDB's decodes the vector column for every query; then the same with a 10-row
+   update before each query (assay reads the live rows that pass the filter from what it
+   keeps per fragment, ``indexing.live_rows``: the fragments the update wrote to are read
+   again). Recall@10 of the
    indexed search is measured against the exact filtered search on the same queries
    (stored vectors plus small Gaussian noise). Finally one batched call with all queries
    (2-D array) is compared with the same number of single calls.
@@ -327,6 +330,23 @@ def paired(fns: dict[str, Callable[[np.ndarray], pa.Table]], queries: np.ndarray
     return times, ids
 
 
+def after_writes(fns: dict[str, Callable[[np.ndarray], pa.Table]], queries: np.ndarray,
+                 write: Callable[[int], None]) -> dict[str, list[float]]:
+    """Like :func:`paired`, with ``write(i)`` (not timed) before each query's calls; the
+    functions must find as many hits."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i, q in enumerate(queries):
+        answers = []
+        write(i)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t, res = timed(lambda f=fns[name], q=q: f(q))
+            times[name].append(t)
+            answers.append(res.num_rows)
+        assert len(set(answers)) == 1, answers
+    return times
+
+
 def check_filter(res: pa.Table) -> None:
     splits = set(res.column("split").to_pylist())
     assert splits <= {"pool"}, splits
@@ -394,6 +414,14 @@ def bench_search(args: argparse.Namespace, gen: DataGen, tmp: Path, report: Repo
     truth = ids["assay"]
     assert recall(ids["bare"], truth) > 0.99, "bare flat search disagrees with assay's"
     add_latency(report, "flat (exact) filtered k=10", times)
+
+    # (a') the same, each query after a 10-row update (not timed): the live rows kept per
+    # fragment (indexing.live_rows) are partly out of date at every query.
+    def update(i: int) -> None:
+        col.upsert(gen.table(int(rng.integers(0, n - 10)), 10, seed=7000 + i))
+
+    times = after_writes({"assay": assay_search(True), "bare": bare_search(None, None)}, queries, update)
+    add_latency(report, "flat (exact) filtered k=10, a 10-row update before each", times)
 
     # (b) IVF index at the policy's default nprobes
     t_build, kind = timed(lambda: col.build_index(SPACE))

@@ -125,10 +125,9 @@ class FlatVectors:
     """Held vectors of a store's flat-searched spaces, and the search over them (see the
     module docstring). Thread-safe; one per :class:`indexing.store.Store`."""
 
-    def __init__(self, budget_bytes: int, live_rows: LiveRows | None = None) -> None:
+    def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = int(budget_bytes)
-        # The rows each search scores (the store's, shared with counts).
-        self.live_rows = live_rows if live_rows is not None else LiveRows(self.budget_bytes // BUDGET_SHARE)
+        self.live_rows = LiveRows(self.budget_bytes // BUDGET_SHARE)  # the rows a search scores
         self._lock = threading.Lock()
         # (collection, field id) -> {(fragment id, data file path): block}, least recently
         # searched first. By field id, not name: a rename (a reindex's swap) keeps the id.
@@ -145,6 +144,7 @@ class FlatVectors:
         with self._lock:
             for key in [key for key in self._spaces if key[0] == collection]:
                 del self._spaces[key]
+        self.live_rows.forget(collection)
 
     def search(self, dataset: Any, collection: str, column: str, queries: np.ndarray, *, k: int,
                metric: str, where: str | None, columns: Sequence[str]) -> pa.Table | None:

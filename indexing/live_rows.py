@@ -1,19 +1,28 @@
-"""The live rows of a table that pass a filter, kept per fragment between reads.
+"""The live rows of a table that pass a filter, kept per fragment between exact searches.
 
-Lance evaluates a filter and applies the deletions in one scan of the table's row
-addresses, every time: 6 ms of CPU for 170k rows without a filter and 20 ms with
-``split = 'pool'`` (13 fragments), against a few ms for scoring the vectors of an exact
-search. Yet the answer for one fragment is a function of its files alone — its data files
-and its deletion file, each written once and never changed (an update writes a new
-deletion file, a compaction new fragments) — and of the filter. So :class:`LiveRows` keeps
-each fragment's offsets per filter, keyed by those files (:func:`fragment_key`), and asks
-Lance, in one scan, only about the fragments whose files it has not seen: under a write
-stream, the newest fragments and those an update deleted rows from.
+An exact search (:mod:`indexing.flat_search`) scores the live rows that pass its filter.
+Lance finds them with one scan of the table's row addresses, the filter evaluated and the
+deletions applied, every time: 6 ms of CPU for 170k rows without a filter and 20 ms with
+``split = 'pool'`` (13 fragments), against ~4 ms for scoring their 64-d vectors. Yet what
+a fragment contributes is a function of its files alone, each written once and never
+changed (an update writes a new deletion file, a compaction new fragments). So
+:class:`LiveRows` keeps, per collection:
 
-Kept only for filters whose result depends on the rows alone (:func:`cacheable`: no
-``now()``, ``random()`` and the like) and tables without stable row ids (where a row's id
-is its address). Memory: 4 bytes a row a filter, within the budget for the store, the
-least recently used filters given up first; a filter whose rows do not fit is not kept.
+* each fragment's live offsets, keyed by its data files *and* deletion file
+  (:func:`fragment_key`): an update that deletes a row there makes it read again;
+* per filter, a mask over each fragment's physical rows keyed by its data files only
+  (pass, fail, or not known: a row deleted when the mask was made), so that a fragment
+  whose deletion file changed is not filtered again — its live rows are looked up in the
+  mask.
+
+Only the fragments not kept are scanned (one Lance scan for all of them): under a write
+stream, the newest fragments and those an update deleted rows from. A filter is kept from
+its second use (:meth:`LiveRows.serves`: a range drawn at random each time would cost a
+scan of the live rows on top of Lance's), if its result depends on the rows alone
+(:func:`cacheable`: no ``now()``, ``random()`` and the like), on a table without stable
+row ids (a row's id is then its address). Memory: 4 bytes a row for the live offsets and 1
+byte a row a filter, within an eighth of ``FLAT_CACHE_BYTES``, the least recently used
+filters given up first; a filter whose masks do not fit is not kept.
 """
 
 from __future__ import annotations
@@ -61,7 +70,8 @@ def fragment_key(fragment: Any) -> tuple[Any, ...]:
 
 class LiveRows:
     """Per (collection, filter), each fragment's live rows that pass it (see the module
-    docstring). Thread-safe; one per :class:`indexing.store.Store`."""
+    docstring). Thread-safe; one per store, its flat search's
+    (:class:`indexing.flat_search.FlatVectors`)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = int(budget_bytes)
@@ -88,12 +98,12 @@ class LiveRows:
             return True
         entry = (collection, where)
         with self._lock:
-            if entry in self._filters or self._seen.pop(entry, False) is None:
-                return True
+            used_before = entry in self._filters or entry in self._seen
             self._seen[entry] = None
+            self._seen.move_to_end(entry)
             while len(self._seen) > SEEN_FILTERS:
                 self._seen.popitem(last=False)
-            return False
+            return used_before
 
     def forget(self, collection: str) -> None:
         """Drop what is kept for ``collection`` (dropped, or renamed)."""
@@ -164,10 +174,6 @@ class LiveRows:
             held = {k: held[k] for k in keys if k in held}
             self._filters[entry] = held
             return dict(held)
-
-    def count(self, dataset: Any, collection: str, where: str | None) -> int:
-        """How many live rows of ``dataset`` pass ``where`` (as :meth:`addresses`)."""
-        return int(self.addresses(dataset, collection, where).size)
 
     def _keep(self, entry: tuple[str, str | None], new: dict[tuple[Any, ...], np.ndarray]) -> None:
         with self._lock:

@@ -47,7 +47,6 @@ from indexing.filters import ids_predicate, object_clauses, validate_filter
 from indexing.flat_search import FlatVectors
 from indexing.group_commit import CommitSlot, CommitStats, GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids, operation_names
-from indexing.live_rows import BUDGET_SHARE, LiveRows
 from indexing.maintenance import (
     Maintainer,
     MaintenancePolicy,
@@ -254,10 +253,8 @@ class Store:
         self.system_session = lancedb.Session(index_cache_size_bytes=SYSTEM_INDEX_CACHE_BYTES,
                                               metadata_cache_size_bytes=SYSTEM_METADATA_CACHE_BYTES)
         self._system_db = connect(self.system_session)
-        # Live rows per filter and fragment (counts, exact search) and the vectors of
-        # flat-searched spaces held in memory (0: LanceDB searches and counts alone).
-        self.live_rows = LiveRows(flat_cache_bytes // BUDGET_SHARE)
-        self.flat_vectors = FlatVectors(flat_cache_bytes, self.live_rows)
+        # Vectors of flat-searched spaces held in memory (0: LanceDB searches them alone).
+        self.flat_vectors = FlatVectors(flat_cache_bytes)
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._lock_files: dict[str, Any] = {}
@@ -425,7 +422,6 @@ class Store:
                 raise NotFound(f"collection '{name}' not found under {self.root}")
             col = self._collections.pop(name, None)
         self.flat_vectors.forget(name)
-        self.live_rows.forget(name)
         if col is None:  # never opened by this process: nothing of ours works on it
             self._db.drop_table(name)
             self._remove_write_log(name)
@@ -1309,12 +1305,6 @@ class Collection:
     def count(self, where: str | None = None, *, version: int | str | None = None) -> int:
         table = self.read_table(version, where)
         where = self.validate_filter(where, table)
-        if where is not None and table is self._table:
-            # The latest version, from the rows kept per fragment (indexing.live_rows): Lance
-            # would scan the filter's columns of every fragment.
-            dataset = self._read_dataset()
-            if self.store.live_rows.serves(dataset, self.name, where):
-                return self.store.live_rows.count(dataset, self.name, where)
         return table.count_rows(where)
 
     def scan(

@@ -53,7 +53,7 @@ def written(store: Store):
 def assert_same_as_lance(store: Store, col) -> None:
     dataset = col._read_dataset()
     for where in FILTERS:
-        got = store.live_rows.addresses(dataset, "c", where)
+        got = store.flat_vectors.live_rows.addresses(dataset, "c", where)
         np.testing.assert_array_equal(got, lance_addresses(dataset, where), err_msg=str(where))
         assert col.count(where) == col.table.count_rows(where), where
 
@@ -63,7 +63,7 @@ def test_live_rows_equal_lances_scan_through_writes_and_compaction(tmp_path):
     col = written(store)
     assert len(col.table.to_lance().get_fragments()) == 5
     assert_same_as_lance(store, col)
-    assert store.live_rows.nbytes > 0
+    assert store.flat_vectors.live_rows.nbytes > 0
     # updates (rows move to a new fragment, the old copies are deleted), deletes, tags
     col.upsert({"id": ["r3", "r401", "r1200", "new1"], "n": [150, 151, 152, 153], "split": ["pool"] * 4})
     col.delete(where="n % 97 = 0")
@@ -81,26 +81,26 @@ def test_only_the_fragments_written_since_are_scanned_again(tmp_path):
     before = {f.fragment_id for f in col.table.to_lance().get_fragments()}
     old_version = col.version
     first = ScanRecorder(col._read_dataset())
-    store.live_rows.addresses(first, "c", where)
+    store.flat_vectors.live_rows.addresses(first, "c", where)
     assert first.scanned == [(None, sorted(before)), (where, sorted(before))]
     col.upsert({"id": ["r1", "brand_new"], "n": [1, 2], "split": ["pool", "pool"]})  # r1 lives in the first fragment
     dataset = col._read_dataset()
     again = ScanRecorder(dataset)
-    got = store.live_rows.addresses(again, "c", where)
+    got = store.flat_vectors.live_rows.addresses(again, "c", where)
     new = {f.fragment_id for f in dataset.get_fragments()} - before
     # the live rows of the new fragment and of the one r1 was deleted from; the filter only
     # on the new fragment (its rows elsewhere are known to pass or not)
     assert again.scanned == [(None, sorted(new | {min(before)})), (where, sorted(new))]
     np.testing.assert_array_equal(got, lance_addresses(dataset, where))
     unchanged = ScanRecorder(dataset)
-    store.live_rows.addresses(unchanged, "c", where)
+    store.flat_vectors.live_rows.addresses(unchanged, "c", where)
     assert unchanged.scanned == []  # nothing written since: no scan at all
     # A mask made at the new version does not know whether r1's old row passes; at the
     # version before, where that row is live, its fragment is scanned with the filter again.
     other = "n < 1000"
-    store.live_rows.addresses(dataset, "c", other)
+    store.flat_vectors.live_rows.addresses(dataset, "c", other)
     old = ScanRecorder(col.table.to_lance().checkout_version(old_version))
-    np.testing.assert_array_equal(store.live_rows.addresses(old, "c", other), lance_addresses(old.dataset, other))
+    np.testing.assert_array_equal(store.flat_vectors.live_rows.addresses(old, "c", other), lance_addresses(old.dataset, other))
     assert old.scanned == [(None, [min(before)]), (other, [min(before)])]
 
 
@@ -111,7 +111,7 @@ def test_a_filter_over_the_budget_or_not_a_function_of_the_rows_is_not_kept(tmp_
     dataset = col._read_dataset()
     np.testing.assert_array_equal(small.addresses(dataset, "c", None), lance_addresses(dataset, None))
     assert small.nbytes == 0
-    assert col.count("updated_at <= now()") == 2000 and store.live_rows.nbytes == 0
+    assert col.count("updated_at <= now()") == 2000 and store.flat_vectors.live_rows.nbytes == 0
 
 
 @pytest.mark.parametrize(("where", "kept"), [
@@ -127,10 +127,13 @@ def test_a_filter_is_kept_from_its_second_use(tmp_path):
     store = Store(str(tmp_path / "data"), optimize_every=0)
     col = written(store)
     dataset = col._read_dataset()
-    assert store.live_rows.serves(dataset, "c", None)
-    assert not store.live_rows.serves(dataset, "c", "n < 5")  # once: Lance alone
-    assert store.live_rows.serves(dataset, "c", "n < 5")
-    assert not store.live_rows.serves(dataset, "other", "n < 5")  # per collection
-    assert not any(store.live_rows.serves(dataset, "c", "random() < 2") for _ in range(3))
-    assert col.count("n < 7") == col.count("n < 7") == 7
-    assert store.live_rows.nbytes > 0  # the second count was answered from the kept rows
+    assert store.flat_vectors.live_rows.serves(dataset, "c", None)
+    assert not store.flat_vectors.live_rows.serves(dataset, "c", "n < 5")  # once: Lance alone
+    assert store.flat_vectors.live_rows.serves(dataset, "c", "n < 5") and store.flat_vectors.live_rows.serves(dataset, "c", "n < 5")
+    assert not store.flat_vectors.live_rows.serves(dataset, "other", "n < 5")  # per collection
+    assert not any(store.flat_vectors.live_rows.serves(dataset, "c", "random() < 2") for _ in range(3))
+    q = [1.0, 0.0, 0.0, 0.0]
+    first = col.search("v", q, k=3, where="n < 7", columns=["id"])
+    assert store.flat_vectors.live_rows.nbytes == 0  # searched, but the filter's rows not kept
+    assert col.search("v", q, k=3, where="n < 7", columns=["id"]) == first
+    assert store.flat_vectors.live_rows.nbytes > 0  # kept from the second use
