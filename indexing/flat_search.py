@@ -19,11 +19,11 @@ dataset version, so the answer is the version's, exactly as Lance's own flat sea
 give it (same distances: see :func:`distances`; ties broken by row address).
 
 Memory: at most ``budget_bytes`` (the store's ``FLAT_CACHE_BYTES``, 512 MiB by default; the
-live rows get an eighth of it on top) for the whole store: a space whose vectors do not fit is searched by LanceDB as before. Held
-blocks of fragments no longer in a space's latest version are dropped at its next search,
-and a space that got a vector index is forgotten (:meth:`FlatVectors.forget`), so the memory
-follows the table and stays flat under a write stream. The least recently searched spaces
-give way when a new one needs room.
+live rows get an eighth of it on top) for the whole store: a space whose vectors do not fit
+is searched by LanceDB as before. Held blocks of fragments no longer in a space's latest
+version are dropped at its next search, and a space that got a vector index is forgotten
+(:meth:`FlatVectors.forget`), so the memory follows the table and stays flat under a write
+stream. The least recently searched spaces give way when a new one needs room.
 """
 
 from __future__ import annotations
@@ -248,8 +248,7 @@ class FlatVectors:
             found: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(block_q.shape[0])]
             for block, start, keep, offsets in parts:
                 dist = distances(block.vectors, block.sq_norms, block_q, metric)
-                if not (keep is None and offsets.size == dist.shape[0]
-                        and offsets[0] == 0 and offsets[-1] == offsets.size - 1):
+                if not (keep is None and offsets.size == dist.shape[0] and (offsets[1:] > offsets[:-1]).all()):
                     dist = dist[offsets]  # else the live rows are the block's rows, in order
                 at = np.arange(start, start + offsets.size) if keep is None else start + keep
                 for j in range(block_q.shape[0]):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from scipy.spatial.distance import cdist
 
-from indexing.flat_search import FlatVectors, distances, top_k
+from indexing.flat_search import FlatVectors, candidates, distances, top_k
 from indexing.store import READ_VERSION_KEY, Store
 from tests.conftest import clustered
 
@@ -34,6 +34,14 @@ def test_top_k_sorts_by_distance_then_key_and_skips_nan():
     assert best.tolist() == [1, 4, 5]  # 0.1, 0.3, then the tie at 0.5 with the smallest key (3)
     (best,) = top_k(dist, keys, 10)
     assert best.tolist() == [1, 4, 5, 2, 0]  # the NaN row never comes back
+
+
+def test_candidates_keep_the_k_best_and_their_ties_never_nan_or_infinity():
+    dist = np.array([0.5, np.nan, 0.1, 0.5, np.inf, 0.3, 0.5], np.float32)
+    assert candidates(dist, 3).tolist() == [0, 2, 3, 5, 6]  # 0.1, 0.3 and every 0.5
+    assert candidates(dist, 1).tolist() == [2]
+    assert candidates(dist, 6).tolist() == [0, 2, 3, 5, 6]  # fewer finite rows than k
+    assert candidates(np.zeros(0, np.float32), 3).tolist() == []
 
 
 def lancedb_flat(col, space: str, q: np.ndarray, k: int, where: str | None, metric: str) -> pa.Table:
