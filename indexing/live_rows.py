@@ -79,8 +79,7 @@ class LiveRows:
         # (collection, None) -> {fragment key: live offsets (uint32)}; (collection, filter) ->
         # {(fragment id, data files): mask (uint8)}; least recently used first
         self._filters: OrderedDict[tuple[str, str | None], dict[tuple[Any, ...], np.ndarray]] = OrderedDict()
-
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # filters used once, last last
 
     @property
     def nbytes(self) -> int:
