@@ -197,3 +197,29 @@ def test_a_block_loaded_at_a_newer_version_answers_an_older_one(tmp_path):
     assert newer.column("id").to_pylist() != ["7"]
     older = held.search(old, "t", "v", q, k=1, metric="l2", where=None, columns=["id"])
     assert older.column("id").to_pylist() == ["7"] and older.column("_distance").to_pylist() == [0.0]
+
+
+def test_a_table_with_stable_row_ids_is_searched_by_row_id(tmp_path):
+    """With stable row ids a row's id is not its address: the live rows are not kept (they
+    are addresses) and the winners are taken by the ids Lance's scan gives."""
+    import lance
+
+    dim = 4
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((300, dim)).astype(np.float32)
+    data = pa.table({"id": [str(i) for i in range(300)], "v": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), dim)})
+    path = str(tmp_path / "t.lance")
+    lance.write_dataset(data.slice(0, 150), path, enable_stable_row_ids=True)
+    dataset = lance.write_dataset(data.slice(150), path, mode="append")
+    dataset.delete("id IN ('3', '160')")
+    dataset = lance.dataset(path)
+    assert dataset.has_stable_row_ids
+    held = FlatVectors(1 << 20)
+    assert not held.live_rows.serves(dataset, "t", None)
+    alive = np.array([i for i in range(300) if i not in (3, 160)])
+    for q in v[[3, 160, 200]]:
+        want = alive[np.argsort(((v[alive] - q) ** 2).sum(1), kind="stable")[:4]].astype(str).tolist()
+        for _ in range(2):
+            got = held.search(dataset, "t", "v", q[None, :], k=4, metric="l2", where=None, columns=["id"])
+            assert got.column("id").to_pylist() == want
+    assert held.live_rows.nbytes == 0
