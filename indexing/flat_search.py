@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.live_rows import BUDGET_SHARE, LiveRows
+from indexing.live_rows import BUDGET_SHARE, LiveRows, by_fragment
 
 # Query vectors scored at once: bounds the distance matrix at QUERY_BLOCK × live rows.
 QUERY_BLOCK = 64
@@ -173,19 +173,13 @@ class FlatVectors:
             row_ids = live.column("_rowid").to_numpy()
         else:  # a row's id is its address
             addresses = row_ids = self.live_rows.addresses(dataset, collection, where, fragments)
-        fragment_of = addresses >> 32
-        runs = np.flatnonzero(fragment_of[1:] != fragment_of[:-1]) + 1
-        if addresses.size and len(set(fragment_of[np.r_[0, runs]].tolist())) <= runs.size:
-            # A fragment's rows in more than one run (the scan is in fragment order, so this
-            # is not expected): group them, and the positions below follow the new order.
-            order = np.argsort(fragment_of, kind="stable")
-            addresses, row_ids, fragment_of = addresses[order], row_ids[order], fragment_of[order]
-            runs = np.flatnonzero(fragment_of[1:] != fragment_of[:-1]) + 1
+        order, spans = by_fragment(addresses)
+        if order is not None:  # the positions below follow the grouped order
+            addresses, row_ids = addresses[order], row_ids[order]
         # Score the live rows fragment by fragment: (block, first position in the live rows,
         # positions of the valid ones relative to it or None for all, their offsets).
         parts: list[tuple[_Block, int, np.ndarray | None, np.ndarray]] = []
-        for lo, hi in zip(np.r_[0, runs].tolist(), np.r_[runs, addresses.size].tolist(), strict=True):
-            fid = int(fragment_of[lo]) if hi > lo else -1
+        for fid, (lo, hi) in spans.items():
             if fid not in files:
                 continue
             block = held.get((fid, files[fid][1])) or self._load(dataset, space, fid, files[fid], column, dim)

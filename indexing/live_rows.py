@@ -119,17 +119,18 @@ class LiveRows:
         (default: the dataset's) and by offset within each — what a scan with the filter
         gives. For a read that :meth:`serves`."""
         fragments = dataset.get_fragments() if fragments is None else fragments
-        live = self._live(dataset, collection, fragments)
+        keys = [fragment_key(f) for f in fragments]
+        live = self._live(dataset, collection, fragments, keys)
         if where is not None:
-            live = self._passing(dataset, collection, where, fragments, live)
+            live = self._passing(dataset, collection, where, fragments, [key[:2] for key in keys], live)
         parts = [(np.uint64(f.fragment_id) << np.uint64(32)) | offsets.astype(np.uint64)
                  for f, offsets in zip(fragments, live, strict=True)]
         return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
-    def _live(self, dataset: Any, collection: str, fragments: Sequence[Any]) -> list[np.ndarray]:
-        """Each fragment's live offsets (uint32), kept by :func:`fragment_key` (its deletion
-        file included); the fragments not kept scanned in one go."""
-        keys = [fragment_key(f) for f in fragments]
+    def _live(self, dataset: Any, collection: str, fragments: Sequence[Any],
+              keys: Sequence[tuple[Any, ...]]) -> list[np.ndarray]:
+        """Each fragment's live offsets (uint32), kept by its :func:`fragment_key` (``keys``:
+        the deletion file included); the fragments not kept scanned in one go."""
         held = self._take((collection, None), keys)
         missing = [(f, key) for f, key in zip(fragments, keys, strict=True) if key not in held]
         if missing:
@@ -139,13 +140,12 @@ class LiveRows:
         return [held[key] for key in keys]
 
     def _passing(self, dataset: Any, collection: str, where: str, fragments: Sequence[Any],
-                 live: list[np.ndarray]) -> list[np.ndarray]:
+                 keys: Sequence[tuple[Any, ...]], live: list[np.ndarray]) -> list[np.ndarray]:
         """Of each fragment's ``live`` offsets, those that pass ``where``. Kept per filter and
-        fragment data files (not the deletion file, which every update of a row there
-        replaces): a mask over the fragment's physical rows, 2 passes, 1 fails, 0 not known
-        (deleted when it was made; a read of an older version may see such a row again, and
-        then the fragment is scanned anew)."""
-        keys = [fragment_key(f)[:2] for f in fragments]
+        fragment data files (``keys``; not the deletion file, which every update of a row
+        there replaces): a mask over the fragment's physical rows, 2 passes, 1 fails, 0 not
+        known (deleted when it was made; a read of an older version may see such a row again,
+        and then the fragment is scanned anew)."""
         masks = self._take((collection, where), keys)
         out: list[np.ndarray | None] = []
         for key, offsets in zip(keys, live, strict=True):
@@ -191,15 +191,29 @@ class LiveRows:
                 total -= sum(a.nbytes for a in self._filters.pop(key).values())
 
 
+def by_fragment(addresses: np.ndarray) -> tuple[np.ndarray | None, dict[int, tuple[int, int]]]:
+    """A scan's row addresses grouped by fragment: the order that brings each fragment's rows
+    together (None when they are already: a scan goes fragment by fragment), and each
+    fragment id's span ``[lo, hi)`` of the addresses in that order."""
+    if not addresses.size:
+        return None, {}
+    order = None
+    fragment_of = addresses >> 32
+    starts = np.flatnonzero(np.r_[True, fragment_of[1:] != fragment_of[:-1]])
+    if len(set(fragment_of[starts].tolist())) < starts.size:  # a fragment in several runs
+        order = np.argsort(fragment_of, kind="stable")
+        fragment_of = fragment_of[order]
+        starts = np.flatnonzero(np.r_[True, fragment_of[1:] != fragment_of[:-1]])
+    ends = np.r_[starts[1:], addresses.size]
+    return order, {int(fragment_of[lo]): (lo, hi) for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True)}
+
+
 def _scan(dataset: Any, where: str | None, fragments: Sequence[Any]) -> list[np.ndarray]:
     """One Lance scan of ``fragments``: the offsets (uint32) of each one's live rows that
     pass ``where``, in ``fragments``' order."""
     scanned = dataset.scanner(columns=[], filter=where, with_row_address=True,
                               fragments=list(fragments)).to_table().column("_rowaddr").to_numpy()
-    fragment_of = scanned >> 32
-    if fragment_of.size and (fragment_of[1:] < fragment_of[:-1]).any():  # not in fragment order
-        order = np.argsort(fragment_of, kind="stable")
-        scanned, fragment_of = scanned[order], fragment_of[order]
-    ids = np.asarray([f.fragment_id for f in fragments], np.uint64)
-    starts, ends = np.searchsorted(fragment_of, ids, "left"), np.searchsorted(fragment_of, ids, "right")
-    return [(scanned[lo:hi] & 0xFFFFFFFF).astype(np.uint32) for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True)]
+    order, spans = by_fragment(scanned)
+    if order is not None:
+        scanned = scanned[order]
+    return [(scanned[slice(*spans.get(f.fragment_id, (0, 0)))] & 0xFFFFFFFF).astype(np.uint32) for f in fragments]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexing.live_rows import LiveRows, cacheable
+from indexing.live_rows import LiveRows, by_fragment, cacheable
 from indexing.store import Store
 
 FILTERS = [
@@ -137,3 +137,13 @@ def test_a_filter_is_kept_from_its_second_use(tmp_path):
     assert store.flat_vectors.live_rows.nbytes == 0  # searched, but the filter's rows not kept
     assert col.search("v", q, k=3, where="n < 7", columns=["id"]) == first
     assert store.flat_vectors.live_rows.nbytes > 0  # kept from the second use
+
+
+def test_addresses_are_grouped_by_fragment_in_the_order_given():
+    addr = lambda fid, off: (fid << 32) | off  # noqa: E731
+    together = np.array([addr(7, 0), addr(7, 3), addr(2, 1), addr(2, 4)], np.uint64)
+    assert by_fragment(together) == (None, {7: (0, 2), 2: (2, 4)})  # fragment order kept, no sort
+    split = np.array([addr(2, 0), addr(2, 1), addr(5, 0), addr(2, 2)], np.uint64)
+    order, spans = by_fragment(split)
+    assert order.tolist() == [0, 1, 3, 2] and spans == {2: (0, 3), 5: (3, 4)}
+    assert by_fragment(np.zeros(0, np.uint64)) == (None, {})
