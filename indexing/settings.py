@@ -276,6 +276,10 @@ REINDEX_MAX_PASSES: Final = _define("REINDEX_MAX_PASSES", 4, "reindex passes at 
 MAX_SIZE: Final = _define("MAX_SIZE", 1_000_000, "rows a mining run selects at most", "mining")
 MINING_CHUNK_ROWS: Final = _define("MINING_CHUNK_ROWS", 65_536, "rows per chunk of a mining scan",
                                    "mining")
+MINING_SCORE_CACHE_BYTES: Final = _define("MINING_SCORE_CACHE_BYTES", 128 << 20, "scores of "
+                                          "row-local miners kept per fragment between runs, for all "
+                                          "of a store's collections together (9 bytes a row; "
+                                          "indexing.fragment_values)", "mining")
 MINING_THREADS: Final = _define("MINING_THREADS", max(1, min(4, os.cpu_count() or 1)),
                                 "threads scoring chunks while the next ones are read "
                                 "(min(4, cores))", "mining")

@@ -45,6 +45,7 @@ from indexing.errors import (
 )
 from indexing.filters import ids_predicate, object_clauses, validate_filter
 from indexing.flat_search import FlatVectors
+from indexing.fragment_values import FragmentValues
 from indexing.group_commit import CommitSlot, CommitStats, GroupCommitter, PendingWrite
 from indexing.id_index import IdIndex, hash_ids, operation_names
 from indexing.maintenance import (
@@ -85,6 +86,7 @@ from indexing.settings import (
     INDEXED_MERGE_MIN_ROWS,
     MAX_K,
     METADATA_CACHE_BYTES,
+    MINING_SCORE_CACHE_BYTES,
     ONE_BATCH_MAX_ROWS,
     SCHEMA_RECHECK_S,
     SYSTEM_INDEX_CACHE_BYTES,
@@ -218,6 +220,7 @@ class Store:
         index_cache_bytes: int = INDEX_CACHE_BYTES,
         metadata_cache_bytes: int = METADATA_CACHE_BYTES,
         flat_cache_bytes: int = FLAT_CACHE_BYTES,
+        mining_score_cache_bytes: int = MINING_SCORE_CACHE_BYTES,
         write_log: bool = False,
     ) -> None:
         self.root = resolve_root(root)
@@ -255,6 +258,8 @@ class Store:
         self._system_db = connect(self.system_session)
         # Vectors of flat-searched spaces held in memory (0: LanceDB searches them alone).
         self.flat_vectors = FlatVectors(flat_cache_bytes)
+        # Scores of row-local miners per fragment, kept between mining runs (miners.runner).
+        self.fragment_values = FragmentValues(mining_score_cache_bytes)
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
         self._lock_files: dict[str, Any] = {}
@@ -422,6 +427,7 @@ class Store:
                 raise NotFound(f"collection '{name}' not found under {self.root}")
             col = self._collections.pop(name, None)
         self.flat_vectors.forget(name)
+        self.fragment_values.forget(name)
         if col is None:  # never opened by this process: nothing of ours works on it
             self._db.drop_table(name)
             self._remove_write_log(name)
@@ -562,7 +568,7 @@ class Collection:
         self._cache_version: int | None = None
         self._cache_checked = 0.0
         self._cache: dict[Any, Any] = {}
-        self._read_base: Any | None = None  # see _read_dataset
+        self._read_base: Any | None = None  # see read_dataset
 
     # -- registry ------------------------------------------------------------------
 
@@ -675,19 +681,25 @@ class Collection:
             self._invalidate()
         return spec
 
-    def _read_dataset(self) -> Any:
-        """The latest version as a Lance dataset, checked out from one opened before, so
-        that they share a session: LanceDB's ``to_lance()`` opens a dataset with a session
-        of its own each time, which reads every fragment's file footer again (at 60k rows
-        in 12 fragments a filtered scan of row ids cost 13.5 ms of CPU against 10.9, a
+    def read_dataset(self, version: int | str | None = None) -> Any:
+        """A version (default: the latest) as a Lance dataset, checked out from one opened
+        before, so that they share a session: LanceDB's ``to_lance()`` opens a dataset with a
+        session of its own each time, which reads every fragment's file footer again (at 60k
+        rows in 12 fragments a filtered scan of row ids cost 13.5 ms of CPU against 10.9, a
         take of 5 rows 6.2 ms against 3.2)."""
-        version = self._table.version
+        if version is None:
+            version = self._table.version
         base = self._read_base
         if base is None:
             # Its own small metadata cache: bounded, and gone with it (release_caches).
             base = self._read_base = self._table.to_lance(metadata_cache_size_bytes=FLAT_METADATA_CACHE_BYTES,
                                                           index_cache_size_bytes=1 << 20)
-        return base if base.version == version else base.checkout_version(version)
+        if base.version == version:
+            return base
+        try:
+            return base.checkout_version(version)
+        except (ValueError, RuntimeError, OSError, TypeError, OverflowError) as exc:
+            raise NotFound(f"collection '{self.name}' has no version {version!r}") from exc
 
     def _invalidate(self) -> None:
         self._cache_checked = 0.0
@@ -1439,7 +1451,7 @@ class Collection:
         where = self.validate_filter(where)
         indexed = self.vector_index(space) is not None and not exact
         if not indexed:  # exact: over the vectors held in memory, if they fit (indexing.flat_search)
-            dataset = self._read_dataset()
+            dataset = self.read_dataset()
             hits = self.store.flat_vectors.search(dataset, self.name, spec.column, q, k=k,
                                                   metric=spec.metric, where=where, columns=cols)
             if hits is not None:

@@ -49,6 +49,7 @@ from indexing.settings import MINING_CHUNK_ROWS as CHUNK_ROWS
 from indexing.store import Collection
 from miners import registry
 from miners.detection import class_balanced_select
+from miners.held_scores import held_scores
 from miners.inputs import (
     Bound,
     Gathered,
@@ -298,7 +299,6 @@ def _run_streamed(ctx: RunContext, spec: MinerSpec, inputs: list[Input], chunk_r
     t_start = time.perf_counter()
     table = col.at_version(rec.version)
     where = rec.where or None
-    total = table.count_rows(where) if where else table.count_rows()
     balance = params.get("balance", "none")
     model_spec = ctx.model_spec  # resolved here, before the worker threads read it
     if ctx.space:
@@ -308,10 +308,25 @@ def _run_streamed(ctx: RunContext, spec: MinerSpec, inputs: list[Input], chunk_r
     bound = [Bound(i, ctx) for i in inputs]
     # a batch select sees the candidates' per-row arrays (BatchBALD: their samples)
     carry = [name for i in inputs for name in i.row_arrays] if spec.select is not None else []
+    # scores kept per fragment between runs, where a row's score is its own (miners.held_scores)
+    held = held_scores(ctx, spec, bound, where, chunk_rows) \
+        if spec.select is None and balance == "none" else None
 
-    query = table.search().select(projection(bound)).limit(None).with_row_id(True)
-    if where:
-        query = query.where(where)
+    def select_parts(rows: np.ndarray, scores: np.ndarray,
+                     arrays: Mapping[str, Any]) -> list[tuple[int, np.ndarray, np.ndarray, dict]]:
+        """The candidates of scored rows (row keys ``rows``) for each group's top-k."""
+        keys = -scores if rec.reverse else scores
+        if spec.select is None and params.get("stochastic", "none") != "none":
+            try:
+                keys = stochastic_scores(keys, params["stochastic"], params["temperature"],
+                                         noise=gumbel_for_rows(rows, rec.seed))
+            except ValueError as exc:
+                raise InvalidArgument(f"miner '{spec.name}': stochastic selection: {exc}") from exc
+        if balance == "none":
+            return [(0, *_candidates(keys, rows, np.arange(len(keys)), keep_n, scores, arrays, carry, None))]
+        group_of = arrays["classes"]()
+        return [(int(g), *_candidates(keys, rows, np.flatnonzero(group_of == g), keep_n, scores, arrays, carry,
+                                      group_of)) for g in np.unique(group_of)]
 
     def score_chunk(batch: pa.RecordBatch) -> tuple[int, int, list[tuple[int, np.ndarray, np.ndarray, dict]]]:
         """One chunk -> (rows, rows kept, per-group candidates). Runs in a worker thread:
@@ -322,46 +337,38 @@ def _run_streamed(ctx: RunContext, spec: MinerSpec, inputs: list[Input], chunk_r
             scores = np.asarray(spec.score(arrays, params), dtype=np.float64) if len(keep) else np.zeros(0)
         except ValueError as exc:
             raise InvalidArgument(f"miner '{spec.name}': {exc}") from exc
-        out: list[tuple[int, np.ndarray, np.ndarray, dict]] = []
-        if len(keep):
-            rows = row_keys[keep]
-            keys = -scores if rec.reverse else scores
-            if spec.select is None and params.get("stochastic", "none") != "none":
-                try:
-                    keys = stochastic_scores(keys, params["stochastic"], params["temperature"],
-                                             noise=gumbel_for_rows(rows, rec.seed))
-                except ValueError as exc:
-                    raise InvalidArgument(f"miner '{spec.name}': stochastic selection: {exc}") from exc
-            if balance != "none":
-                group_of = arrays["classes"]()
-                for g in np.unique(group_of):
-                    sel = np.flatnonzero(group_of == g)
-                    out.append((int(g), *_candidates(keys, rows, sel, keep_n, scores, arrays, carry, group_of)))
-            else:
-                out.append((0, *_candidates(keys, rows, np.arange(len(keys)), keep_n, scores, arrays, carry,
-                                            None)))
-        return batch.num_rows, len(keep), out
+        return batch.num_rows, len(keep), select_parts(row_keys[keep], scores, arrays) if len(keep) else []
 
     scanned = skipped = 0
-    pending: deque[Future] = deque()
 
-    def merge(future: Future) -> None:
+    def merge(chunk: tuple[int, int, list[tuple[int, np.ndarray, np.ndarray, dict]]]) -> None:
         nonlocal scanned, skipped
-        n, kept, parts = future.result()
+        n, with_inputs, parts = chunk
         scanned += n
-        skipped += n - kept
+        skipped += n - with_inputs
         for group, keys, rows, payload in parts:
             groups.setdefault(group, StreamingTopK(keep_n)).push(keys, rows, payload)
         progress(min(0.95, scanned / max(1, total)), f"scanned {scanned:,} of {total:,} rows")
 
-    with ThreadPoolExecutor(max_workers=MINING_THREADS, thread_name_prefix="assay-mine") as pool:
-        for batch in query.to_batches(chunk_rows):
+    if held is not None:
+        total = held.rows
+        for n, rows, scores in held.parts():
             check()
-            pending.append(pool.submit(score_chunk, batch))
-            while len(pending) > MINING_THREADS:  # bounded: at most a few chunks in memory
-                merge(pending.popleft())
-        while pending:
-            merge(pending.popleft())
+            merge((n, len(rows), select_parts(rows, scores, {}) if len(rows) else []))
+    else:
+        total = table.count_rows(where) if where else table.count_rows()
+        query = table.search().select(projection(bound)).limit(None).with_row_id(True)
+        if where:
+            query = query.where(where)
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=MINING_THREADS, thread_name_prefix="assay-mine") as pool:
+            for batch in query.to_batches(chunk_rows):
+                check()
+                pending.append(pool.submit(score_chunk, batch))
+                while len(pending) > MINING_THREADS:  # bounded: at most a few chunks in memory
+                    merge(pending.popleft().result())
+            while pending:
+                merge(pending.popleft().result())
     timings["scan_score_s"] = time.perf_counter() - t_start
 
     if not groups:

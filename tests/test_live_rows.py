@@ -51,7 +51,7 @@ def written(store: Store):
 
 
 def assert_same_as_lance(store: Store, col) -> None:
-    dataset = col._read_dataset()
+    dataset = col.read_dataset()
     for where in FILTERS:
         got = store.flat_vectors.live_rows.addresses(dataset, "c", where)
         np.testing.assert_array_equal(got, lance_addresses(dataset, where), err_msg=str(where))
@@ -80,11 +80,11 @@ def test_only_the_fragments_written_since_are_scanned_again(tmp_path):
     where = "split = 'pool'"
     before = {f.fragment_id for f in col.table.to_lance().get_fragments()}
     old_version = col.version
-    first = ScanRecorder(col._read_dataset())
+    first = ScanRecorder(col.read_dataset())
     store.flat_vectors.live_rows.addresses(first, "c", where)
     assert first.scanned == [(None, sorted(before)), (where, sorted(before))]
     col.upsert({"id": ["r1", "brand_new"], "n": [1, 2], "split": ["pool", "pool"]})  # r1 lives in the first fragment
-    dataset = col._read_dataset()
+    dataset = col.read_dataset()
     again = ScanRecorder(dataset)
     got = store.flat_vectors.live_rows.addresses(again, "c", where)
     new = {f.fragment_id for f in dataset.get_fragments()} - before
@@ -108,7 +108,7 @@ def test_a_filter_over_the_budget_or_not_a_function_of_the_rows_is_not_kept(tmp_
     store = Store(str(tmp_path / "data"), optimize_every=0)
     col = written(store)
     small = LiveRows(budget_bytes=1000)  # 2,000 rows need 8,000 bytes
-    dataset = col._read_dataset()
+    dataset = col.read_dataset()
     np.testing.assert_array_equal(small.addresses(dataset, "c", None), lance_addresses(dataset, None))
     assert small.nbytes == 0
     assert col.count("updated_at <= now()") == 2000 and store.flat_vectors.live_rows.nbytes == 0
@@ -126,7 +126,7 @@ def test_cacheable_filters(where, kept):
 def test_a_filter_is_kept_from_its_second_use(tmp_path):
     store = Store(str(tmp_path / "data"), optimize_every=0)
     col = written(store)
-    dataset = col._read_dataset()
+    dataset = col.read_dataset()
     assert store.flat_vectors.live_rows.serves(dataset, "c", None)
     assert not store.flat_vectors.live_rows.serves(dataset, "c", "n < 5")  # once: Lance alone
     assert store.flat_vectors.live_rows.serves(dataset, "c", "n < 5") and store.flat_vectors.live_rows.serves(dataset, "c", "n < 5")

@@ -185,7 +185,7 @@ def test_results_outlive_the_server(tmp_path):
 
 
 def test_chunked_mining_of_50k_rows_equals_in_memory(tmp_path):
-    store = Store(str(tmp_path))
+    store = Store(str(tmp_path), mining_score_cache_bytes=0)  # the whole pool read, chunk by chunk
     col = store.create_collection("big", models={"m": CLASSES})
     n = 50_000
     probs = _probs(n, seed=7)
