@@ -243,7 +243,7 @@ MEMBERSHIP_CACHE: Final = _define("MEMBERSHIP_CACHE", 16, "committed dataset mem
                                   "in memory", "store")
 DATASETS_OPTIMIZE_EVERY: Final = _define("DATASETS_OPTIMIZE_EVERY", 50, "writes to the dataset "
                                          "tables between background compactions", "store")
-INDEXED_MERGE_MIN_ROWS: Final = _define("INDEXED_MERGE_MIN_ROWS", 250_000, "an upsert that updates "
+INDEXED_MERGE_MIN_ROWS: Final = _define("INDEXED_MERGE_MIN_ROWS", 120_000, "an upsert that updates "
                                         "at most `ID_CHUNK` rows of a collection this big merges through "
                                         "the BTREE on id (its batch made whole from the stored rows); "
                                         "smaller, by a scan of every id, the cheaper there", "store")

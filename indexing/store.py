@@ -1155,9 +1155,10 @@ class Collection:
         one ``id IN (...)`` lookup through the same index) and null for new rows — what a
         merge of the columns given leaves in them. The scan join it replaces reads every
         ``id`` of the table per commit: 20-row upserts (10 of them updates) of the soak's
-        rows took 155.8 ms on 1M rows and 71.8 ms on 400k; whole, through the index, 112.1
-        and 62.7 ms — but 38.1 against 34.9 ms on 140k (``bench/upsert_merge.py``), so below
-        ``INDEXED_MERGE_MIN_ROWS`` rows the scan stays. None (merge by a scan) there, above
+        rows took 85.2 ms on 400k rows and 42.4–46.4 on 170k; whole, through the index, 46.5
+        and 34.6–36.5 ms — but 30.9 against 30.7 ms on 120k and 31.2 against 21.6 on 20k
+        (``bench/upsert_merge.py``, README), so below ``INDEXED_MERGE_MIN_ROWS`` rows the
+        scan stays. None (merge by a scan) there, above
         ``ID_CHUNK`` existing rows, where one scan is the cheaper read, or if the lookup
         does not find them all."""
         existing = int(found.sum())
