@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class FragmentRowValues:
 
     state: np.ndarray  # (physical rows,) uint8: KNOWN, NO_VALUE or NOT_KNOWN
     values: np.ndarray  # (physical rows,) float64, meaningful where state is KNOWN
+
+    BYTES_PER_ROW: ClassVar[int] = 9
 
     @classmethod
     def empty(cls, physical_rows: int) -> FragmentRowValues:

@@ -17,9 +17,10 @@ then reads:
 The answer is the same rows and scores as the scan of the whole pool: the same decoders and
 score function on the same rows (row keys are row addresses, which are the row ids of a
 table without stable row ids). A run that does not qualify, a volatile filter, a filter's
-first use, a table with stable row ids, parameters that are not plain values, or a store
-with ``MINING_SCORE_CACHE_BYTES`` 0 read the whole pool as before (:func:`held_scores`
-returns None).
+first use, a table with stable row ids, parameters that are not plain values, or a table
+whose scores would not fit ``MINING_SCORE_CACHE_BYTES`` (0 switches keeping them off)
+read the whole pool as before (:func:`held_scores` returns None): its chunks are scored in
+parallel threads, where the fragments not kept are scored here in one thread, once.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def held_scores(ctx: RunContext, spec: MinerSpec, bound: Sequence[Bound], where:
     if not live_rows.serves(dataset, col.name, where):
         return None
     fragments = dataset.get_fragments()
+    if FragmentRowValues.BYTES_PER_ROW * sum(f.physical_rows for f in fragments) > col.store.fragment_values.budget_bytes:
+        # not kept: each run would score every row here, in one thread, after the live rows' scans
+        return None
     addresses = live_rows.addresses(dataset, col.name, where, fragments)  # fragment by fragment
     _, spans = by_fragment(addresses)
     keys = [data_key(f) for f in fragments]

@@ -158,6 +158,15 @@ def test_runs_that_are_not_row_local_read_the_whole_pool(stores):
     assert held.fragment_values.nbytes == 0  # class balance needs each row's class: not kept
 
 
+def test_a_pool_whose_scores_would_not_fit_is_scanned_whole(stores):
+    _, whole, col, _ = stores
+    small = Store(col.store.root, optimize_every=0, mining_score_cache_bytes=9 * 1999)  # 2,000 rows
+    for _ in range(2):
+        _same(_run(small.collection("c"), "margin", None, {}, False), _run(whole.collection("c"), "margin", None, {},
+                                                                            False))
+    assert small.fragment_values.nbytes == 0
+
+
 def test_a_bad_row_fails_the_run_as_the_whole_pool_read_does(stores):
     held, whole, col, _ = stores
     _run(col, "margin", None, {}, False)  # every fragment's scores kept
