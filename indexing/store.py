@@ -258,7 +258,7 @@ class Store:
         self._system_db = connect(self.system_session)
         # Vectors of flat-searched spaces held in memory (0: LanceDB searches them alone).
         self.flat_vectors = FlatVectors(flat_cache_bytes)
-        # Scores of row-local miners per fragment, kept between mining runs (miners.runner).
+        # Scores of row-local miners per fragment, kept between mining runs (miners.held_scores).
         self.fragment_values = FragmentValues(mining_score_cache_bytes)
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
