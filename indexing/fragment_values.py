@@ -61,12 +61,6 @@ class FragmentRowValues:
         return FragmentRowValues(self.state.copy(), self.values.copy())
 
 
-def data_key(fragment: Any) -> tuple[Any, ...]:
-    """What a fragment's rows are a function of: its id and its data files (not its deletion
-    file: a row deleted since is simply not read)."""
-    return fragment.fragment_id, tuple(f.path for f in fragment.metadata.data_files())
-
-
 class FragmentValues:
     """Per (collection, derivation), each fragment's :class:`FragmentRowValues` (see the
     module docstring). Thread-safe; one per :class:`indexing.store.Store`. What :meth:`take`
@@ -93,7 +87,7 @@ class FragmentValues:
     def take(self, collection: str, derivation: Hashable,
              keys: Sequence[tuple[Any, ...]]) -> dict[tuple[Any, ...], FragmentRowValues]:
         """The values kept for ``derivation`` under the fragments' ``keys``
-        (:func:`data_key`); those of fragments not among them (gone from the table) are
+        (:func:`indexing.live_rows.data_key`); those of fragments not among them (gone from the table) are
         dropped. The derivation becomes the most recently used."""
         entry = (collection, derivation)
         with self._lock:

@@ -59,12 +59,17 @@ def cacheable(where: str | None) -> bool:
     return not any(seg.kind == CODE and _VOLATILE.search(seg.text) for seg in scan(where))
 
 
+def data_key(fragment: Any) -> tuple[Any, ...]:
+    """What a fragment's rows are a function of: its id and its data files (each written
+    once), not its deletion file."""
+    return fragment.fragment_id, tuple(f.path for f in fragment.metadata.data_files())
+
+
 def fragment_key(fragment: Any) -> tuple[Any, ...]:
-    """What a fragment's live rows are a function of: its id, its data files and its
-    deletion file (each written once)."""
-    meta = fragment.metadata
-    deletion = meta.deletion_file
-    return (fragment.fragment_id, tuple(f.path for f in meta.data_files()),
+    """What a fragment's live rows are a function of: its :func:`data_key` and its deletion
+    file (written once too)."""
+    deletion = fragment.metadata.deletion_file
+    return (*data_key(fragment),
             None if deletion is None else (deletion.id, deletion.read_version, deletion.num_deleted_rows))
 
 

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from indexing.errors import InvalidArgument
-from indexing.fragment_values import KNOWN, NOT_KNOWN, FragmentRowValues, data_key
-from indexing.live_rows import by_fragment
+from indexing.fragment_values import KNOWN, NOT_KNOWN, FragmentRowValues
+from indexing.live_rows import by_fragment, data_key
 from miners.inputs import Bound, RunContext, decode_chunk, projection
 from miners.registry import MinerSpec
 
@@ -48,11 +48,15 @@ AFTER_SCORE_PARAMS = frozenset({"stochastic", "temperature", "balance"})
 
 @dataclass
 class HeldScores:
-    """The run's pool rows (``rows``: how many pass its filter) and, per fragment, those
-    with the miner's inputs and their scores (:meth:`parts`)."""
+    """The run's pool rows (those that pass its filter) and, per fragment, those with the
+    miner's inputs and their scores (:meth:`parts`)."""
 
-    rows: int
     _fragments: list[tuple[int, np.ndarray, FragmentRowValues]]  # (fragment id, offsets, values)
+
+    @property
+    def rows(self) -> int:
+        """How many rows pass the run's filter."""
+        return sum(len(offsets) for _, offsets, _ in self._fragments)
 
     def parts(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Per fragment: (pool rows, row keys of those scored (uint64), their scores)."""
@@ -97,7 +101,8 @@ def held_scores(ctx: RunContext, spec: MinerSpec, bound: Sequence[Bound], where:
     keys = [data_key(f) for f in fragments]
     kept = col.store.fragment_values.take(col.name, key, keys)
     out: list[tuple[int, np.ndarray, FragmentRowValues]] = []
-    unread: dict[int, tuple[tuple[Any, ...], FragmentRowValues]] = {}  # fragment id -> (key, values)
+    unread: dict[int, FragmentRowValues] = {}  # by fragment id: to fill in from a scan
+    unread_keys: dict[tuple[Any, ...], FragmentRowValues] = {}  # the same, by data key
     for fragment, fkey in zip(fragments, keys, strict=True):
         lo, hi = spans.get(fragment.fragment_id, (0, 0))
         if lo == hi:
@@ -106,13 +111,13 @@ def held_scores(ctx: RunContext, spec: MinerSpec, bound: Sequence[Bound], where:
         values = kept.get(fkey)
         if values is None or (values.state[offsets] == NOT_KNOWN).any():
             values = values.copy() if values is not None else FragmentRowValues.empty(fragment.physical_rows)
-            unread[fragment.fragment_id] = (fkey, values)
+            unread[fragment.fragment_id] = unread_keys[fkey] = values
         out.append((fragment.fragment_id, offsets, values))
     if unread:
-        _score(ctx, spec, bound, dataset, where, [f for f in fragments if f.fragment_id in unread],
-               {fid: v for fid, (_, v) in unread.items()}, chunk_rows)
-        col.store.fragment_values.keep(col.name, key, dict(unread.values()))
-    return HeldScores(int(addresses.size), out)
+        _score(ctx, spec, bound, dataset, where, [f for f in fragments if f.fragment_id in unread], unread,
+               chunk_rows)
+        col.store.fragment_values.keep(col.name, key, unread_keys)
+    return HeldScores(out)
 
 
 def _score(ctx: RunContext, spec: MinerSpec, bound: Sequence[Bound], dataset: Any, where: str | None,

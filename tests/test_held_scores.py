@@ -49,6 +49,29 @@ def _run(col, miner: str, where: str | None, params: dict, reverse: bool, versio
                                    version=col.version if version is None else version))
 
 
+class ScoringScans:
+    """A Lance dataset that records the fragments of each scoring scan (one that projects
+    columns; the live rows' scans project none)."""
+
+    def __init__(self, dataset, scanned: list[list[int]]) -> None:
+        self.dataset, self.scanned = dataset, scanned
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def scanner(self, **kwargs):
+        if kwargs.get("columns"):
+            self.scanned.append(sorted(f.fragment_id for f in kwargs["fragments"]))
+        return self.dataset.scanner(**kwargs)
+
+
+def _record_scoring_scans(col, monkeypatch) -> list[list[int]]:
+    scanned: list[list[int]] = []
+    real = col.read_dataset
+    monkeypatch.setattr(col, "read_dataset", lambda version=None: ScoringScans(real(version), scanned))
+    return scanned
+
+
 def _same(got, want) -> None:
     assert got.ids == want.ids
     np.testing.assert_array_equal(got.scores, want.scores)
@@ -93,22 +116,7 @@ def test_only_fragments_with_unknown_rows_are_read(stores, monkeypatch):
     case = ("margin", "split = 'pool'", {}, False)
     for _ in range(2):
         _run(col, *case)
-    read: list[list[int]] = []
-    real = col.read_dataset
-
-    class Recorder:
-        def __init__(self, dataset) -> None:
-            self.dataset = dataset
-
-        def __getattr__(self, name):
-            return getattr(self.dataset, name)
-
-        def scanner(self, **kwargs):
-            if kwargs.get("columns"):  # the scoring scan (the live rows' scans project nothing)
-                read.append(sorted(f.fragment_id for f in kwargs["fragments"]))
-            return self.dataset.scanner(**kwargs)
-
-    monkeypatch.setattr(col, "read_dataset", lambda version=None: Recorder(real(version)))
+    read = _record_scoring_scans(col, monkeypatch)
     _same(_run(col, *case), _run(whole.collection("c"), *case))
     assert read == []  # nothing new: every score kept
     before = {f.fragment_id for f in col.read_dataset().get_fragments()}
@@ -158,13 +166,14 @@ def test_runs_that_are_not_row_local_read_the_whole_pool(stores):
     assert held.fragment_values.nbytes == 0  # class balance needs each row's class: not kept
 
 
-def test_a_pool_whose_scores_would_not_fit_is_scanned_whole(stores):
+def test_a_pool_whose_scores_would_not_fit_is_scanned_whole(stores, monkeypatch):
     _, whole, col, _ = stores
     small = Store(col.store.root, optimize_every=0, mining_score_cache_bytes=9 * 1999)  # 2,000 rows
+    capped = small.collection("c")
+    scored = _record_scoring_scans(capped, monkeypatch)
     for _ in range(2):
-        _same(_run(small.collection("c"), "margin", None, {}, False), _run(whole.collection("c"), "margin", None, {},
-                                                                            False))
-    assert small.fragment_values.nbytes == 0
+        _same(_run(capped, "margin", None, {}, False), _run(whole.collection("c"), "margin", None, {}, False))
+    assert scored == [] and small.fragment_values.nbytes == 0  # the whole pool's scan, not the held one
 
 
 def test_a_bad_row_fails_the_run_as_the_whole_pool_read_does(stores):
