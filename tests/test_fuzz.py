@@ -132,7 +132,7 @@ FILTERS = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=200)
 @given(where=FILTERS)
 def test_filter_validation_only_ever_raises_invalid_argument(env, where):
     srv, col, *_ = env

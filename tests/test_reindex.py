@@ -199,23 +199,24 @@ def test_sigkill_at_any_point_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref = reindex(Store(reference), "c", "a", batch_rows=40, progress=False)
     assert ref.embedded == n
 
-    # Kill it twice, at different points of the first pass, then let it finish.
-    for threshold in (40, 160):
-        proc = _run_cli(data)
-        deadline = time.monotonic() + 240
-        watcher = Store(data)
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            col = watcher.collection("c")
-            if "emb_a__next" in col.schema.names and col.count("emb_a__next IS NOT NULL") >= threshold:
-                break
-            assert time.monotonic() < deadline, "the reindex made no progress"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        col = Store(data).collection("c")
-        assert col.space("a").dim == 8 and col.count() == n  # still the old space, whole
-        assert col.count("emb_a__next IS NOT NULL") < n
+    # Kill it once mid-pass (at least three of eight batches staged), then let it finish. (A
+    # second kill, of the resumed run, cost another ~13 s of model loading; the server's
+    # reindex job is killed and resumed in tests/test_crash.py.)
+    proc = _run_cli(data)
+    deadline = time.monotonic() + 240
+    watcher = Store(data)
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        col = watcher.collection("c")
+        if "emb_a__next" in col.schema.names and col.count("emb_a__next IS NOT NULL") >= 120:
+            break
+        assert time.monotonic() < deadline, "the reindex made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    col = Store(data).collection("c")
+    assert col.space("a").dim == 8 and col.count() == n  # still the old space, whole
+    assert col.count("emb_a__next IS NOT NULL") < n
     proc = _run_cli(data)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
