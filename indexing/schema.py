@@ -144,18 +144,26 @@ STORE_SET_COLUMNS = frozenset({"created_at", "updated_at"})
 
 
 # The default index threshold: max(AUTO_INDEX_MIN_ROWS, min(AUTO_INDEX_MAX_ROWS,
-# AUTO_INDEX_ELEMENTS // dim)) vectors. An exact search from memory (indexing.flat_search)
-# costs about (5 + 0.036 · dim) ms of CPU per 100k rows, an IVF_RQ search 13–18 ms at any of
-# these sizes; measured by bench/index_threshold.py (one query at a time, 16-fragment
-# tables, CPU ms without a filter / with one passing 30 %, exact against IVF_RQ): 200k × 64
-# 15.0 / 21.1 against 16.3 / 42.0; 300k × 64 23.8 / 33.2 against 12.9 / 41.5; 400k × 32
-# 25.5 / 37.1 against 17.5 / 55.7; 100k × 128 11.6 / 15.5 against 14.6 / 30.6; 100k × 384
-# 18.9 / 22.8 against 13.4 / 25.6. So up to about 200k narrow vectors the exact search is as
-# cheap as the index, or cheaper with a filter, and it is exact and needs no build (seconds
-# to minutes of CPU). Wider vectors keep the 100k of before.
-AUTO_INDEX_ELEMENTS = 12_800_000
+# AUTO_INDEX_ELEMENTS // dim)) vectors. Measured by bench/index_threshold.py on 2026-12-07
+# (one query at a time, 16-fragment tables, CPU ms of an exact search from memory
+# (indexing.flat_search) against IVF_RQ tuned to the target recall, no filter | a filter
+# passing 30 %): 200k × 64 17.5 / 13.5 | 17.3 / 44.2; 400k × 64 21.0 / 18.1 | 22.6 / 68.6;
+# 600k × 64 28.3 / 20.0 | 27.2 / 90.9; 800k × 64 33.2 / 18.6 | 37.1 / 79.4; 600k × 32 26.2 /
+# 19.4 | 27.5 / 91.4; 200k × 128 15.0 / 15.5 | 17.0 / 48.2; 300k × 128 22.9 / 21.8 | 25.9 /
+# 63.8; 150k × 256 19.4 / 17.3 | 20.8 / 39.6; 100k × 384 18.8 / 16.7 | 20.3 / 36.8. A
+# filtered search through the index costs 1.8-3.3× the exact one at every size (Lance
+# evaluates the prefilter over the table; the exact search keeps each filter's rows); an
+# unfiltered one costs about as much or less through the index (index/exact 1.03 and 0.95 at
+# 128-d, 0.89 at 100k × 384, 0.78 at 200k × 64, 0.71 at 600k × 64, 0.56 at 800k × 64). Half
+# the searches filtered, the exact search
+# is the cheaper one at every size measured. The index also costs its build (6.4 s of CPU at
+# 200k × 64, 21 s at 600k) and, under writes, a scan of the rows not in it yet. So the exact
+# search holds up to 38.4M elements (154 MB of float32 vectors a space, within
+# FLAT_CACHE_BYTES): 600k vectors of up to 64 dimensions, 300k of 128, 100k of 384 or more.
+# (Until 2026-12-07: 12.8M elements within 100k-200k rows, the unfiltered crossing alone.)
+AUTO_INDEX_ELEMENTS = 38_400_000
 AUTO_INDEX_MIN_ROWS = 100_000
-AUTO_INDEX_MAX_ROWS = 200_000
+AUTO_INDEX_MAX_ROWS = 600_000
 
 
 @dataclass(frozen=True)
@@ -192,8 +200,8 @@ class IndexPolicy:
 
     def threshold_for(self, dim: int) -> int:
         """Vectors at which ``kind="auto"`` builds its index: ``threshold_rows`` if set, else
-        by the dimension — 200k vectors of up to 64 dimensions, 100k of 128 or more, in
-        between 12.8M elements (see ``AUTO_INDEX_ELEMENTS``)."""
+        by the dimension — 600k vectors of up to 64 dimensions, 100k of 384 or more, in
+        between 38.4M elements (300k of 128; see ``AUTO_INDEX_ELEMENTS``)."""
         if self.threshold_rows is not None:
             return self.threshold_rows
         return max(AUTO_INDEX_MIN_ROWS, min(AUTO_INDEX_MAX_ROWS, AUTO_INDEX_ELEMENTS // dim))

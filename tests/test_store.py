@@ -423,10 +423,13 @@ def test_auto_index_threshold_follows_the_dimension(tmp_path):
     # By default "auto" indexes once the vectors hold AUTO_INDEX_ELEMENTS elements (exact
     # search from memory is as cheap as the index below), within [MIN, MAX] rows.
     auto = IndexPolicy()
-    assert [auto.threshold_for(d) for d in (8, 32, 64, 96, 128, 384)] == [
+    assert [auto.threshold_for(d) for d in (8, 32, 64, 96, 128, 384, 768)] == [
         AUTO_INDEX_MAX_ROWS, AUTO_INDEX_MAX_ROWS, AUTO_INDEX_ELEMENTS // 64, AUTO_INDEX_ELEMENTS // 96,
-        AUTO_INDEX_MIN_ROWS, AUTO_INDEX_MIN_ROWS]
-    assert AUTO_INDEX_MIN_ROWS < AUTO_INDEX_ELEMENTS // 96 < AUTO_INDEX_ELEMENTS // 64 <= AUTO_INDEX_MAX_ROWS
+        AUTO_INDEX_ELEMENTS // 128, AUTO_INDEX_ELEMENTS // 384, AUTO_INDEX_MIN_ROWS]
+    assert (AUTO_INDEX_MIN_ROWS <= AUTO_INDEX_ELEMENTS // 384 < AUTO_INDEX_ELEMENTS // 128
+            < AUTO_INDEX_ELEMENTS // 96 < AUTO_INDEX_ELEMENTS // 64 <= AUTO_INDEX_MAX_ROWS)
+    # the figures the rule was set by (bench/index_threshold.py): 600k × 64, 300k × 128, 100k × 384
+    assert [auto.threshold_for(d) for d in (64, 128, 384)] == [600_000, 300_000, 100_000]
     assert IndexPolicy(threshold_rows=1000).threshold_for(64) == 1000
     store = Store(str(tmp_path / "data"), optimize_every=0)
     col = store.create_collection("t", spaces={"low": 64, "wide": 384, "set": {"dim": 64, "index": {"threshold_rows": 300}}})
