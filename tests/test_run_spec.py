@@ -238,6 +238,35 @@ def test_run_records_are_read_once_then_served_from_memory(tmp_path):
         RunStore(Store(str(tmp_path))).get(rec.run_id)
 
 
+def test_recent_results_are_served_from_memory_as_the_table_gives_them(tmp_path, monkeypatch):
+    import miners.runs as runs_module
+
+    monkeypatch.setattr(runs_module, "RESULTS_HELD", 2)
+    monkeypatch.setattr(runs_module, "RESULTS_HELD_ROWS", 3)
+    runs = RunStore(Store(str(tmp_path)))
+    recs = [runs.new_run(RunSpec(collection="c", miner="margin", size=3, version=1)) for _ in range(4)]
+    # ranks written in rank order; one run with related ids and boxes, one of 4 picks (not held)
+    runs.write_results(recs[0], ["a", "b", "c"], np.array([0.9, 0.5, 0.1]))
+    runs.write_results(recs[1], ["d", "e"], np.array([0.7, 0.6]), related=["x", None], boxes=[2, 0])
+    runs.write_results(recs[2], ["f", "g", "h", "i"], np.array([4.0, 3.0, 2.0, 1.0]))
+    runs.write_results(recs[3], ["j"], np.array([0.3]))
+    held = {rec.run_id: runs.results(rec.run_id) for rec in recs}
+    assert list(runs._held_results) == [recs[1].run_id, recs[3].run_id]  # the newest 2 of at most 3 picks
+    # what a fresh server reads from the table is what was served, for every run
+    fresh = RunStore(Store(str(tmp_path)))
+    for rec in recs:
+        assert fresh.results(rec.run_id).equals(held[rec.run_id])
+    lancedb.connect(str(tmp_path)).open_table("_run_results").delete(
+        f"run_id IN ('{recs[1].run_id}', '{recs[3].run_id}')")  # behind its back: served from memory
+    assert runs.results(recs[1].run_id).equals(held[recs[1].run_id])
+    assert runs.results(recs[3].run_id).num_rows == 1
+    assert held[recs[0].run_id].column_names == ["id", "rank", "score"]
+    assert held[recs[1].run_id].to_pydict() == {"id": ["d", "e"], "rank": [1, 2], "score": [0.7, 0.6],
+                                                "related_id": ["x", None], "box": [2, 0]}
+    assert RunStore(Store(str(tmp_path))).results(recs[1].run_id).num_rows == 0  # deleted: from memory
+    assert held[recs[2].run_id]["id"].to_pylist() == ["f", "g", "h", "i"]
+
+
 def _wait_for_maintenance(runs: RunStore) -> None:
     """The run tables' maintenance runs in a background thread: wait until it has ended."""
     for _ in range(400):
