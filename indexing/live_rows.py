@@ -109,6 +109,16 @@ class LiveRows:
                 self._seen.popitem(last=False)
             return used_before
 
+    def holds(self, dataset: Any, collection: str, where: str) -> bool:
+        """Whether ``where``'s rows of ``collection`` are kept already (a search or a mining
+        run read them), so that :meth:`addresses` scans only the fragments written since:
+        a cheap answer to "does any row pass?" (the first reading of a filter scans every
+        fragment, where a scan for one match stops at the first)."""
+        if dataset.has_stable_row_ids:
+            return False
+        with self._lock:
+            return (collection, where) in self._filters
+
     def forget(self, collection: str) -> None:
         """Drop what is kept for ``collection`` (dropped, or renamed)."""
         with self._lock:

@@ -142,10 +142,11 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
     if params.get("balance", "none") != "none" and not any(i.classes for i in inputs):
         raise InvalidArgument(f"balance needs predicted classes; miner '{spec.name}' has none")
     where = col.validate_filter(req.where or None)
+    # existence checks stop at the first matching row (counting read the whole vector column
+    # of a 10M-row pool for `emb IS NOT NULL` before the run could start); the pool filter's
+    # is answered from the live rows kept for it once a run or a search read them
     table = ctx.table
-    # existence checks stop at the first matching row (any_row): counting read the whole
-    # vector column of a 10M-row pool for `emb IS NOT NULL` before the run could start
-    if not any_row(table, where):
+    if not col.any_match(where, req.version):
         raise FailedPrecondition(f"the pool filter {where!r} matches no rows in '{col.name}'")
     cond = condition(inputs, ctx)
     if cond and not any_row(table, f"({where}) AND {cond}" if where else cond):

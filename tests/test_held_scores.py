@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from indexing.errors import InvalidArgument
+from indexing.errors import FailedPrecondition, InvalidArgument
 from indexing.fragment_values import KNOWN, NO_VALUE, NOT_KNOWN, FragmentRowValues, FragmentValues
 from indexing.store import Store
 from miners.runner import run_mining, validate_request
@@ -206,3 +206,33 @@ def test_fragment_values_budget_and_forget():
     assert kept.take("c", "z", [(0, ("f0",))]) == {}
     kept.forget("c")
     assert kept.nbytes == 0
+
+
+def test_the_pool_check_reads_the_kept_rows_and_sees_every_write(tmp_path, monkeypatch):
+    import miners.runner as runner_module
+
+    store = Store(str(tmp_path), optimize_every=0)
+    col = store.create_collection("c", models={"m": CLASSES})
+    col.upsert(_rows(np.random.default_rng(0), [f"r{i:05d}" for i in range(600)], 0))
+    where = "split = 'pool' AND n < 30"
+    scans = []  # the existence checks that scanned the table for the pool filter
+    real_any_row = runner_module.any_row
+    monkeypatch.setattr("indexing.store.any_row", lambda table, w: scans.append(w) or real_any_row(table, w))
+    for _ in range(3):  # the second run keeps the filter's rows; from then on no scan
+        _run(col, "margin", where, {}, False)
+    checked = col.validate_filter(where)
+    assert scans == [checked, checked]
+    assert col.store.flat_vectors.live_rows.holds(col.read_dataset(), "c", checked)
+    before = col.version
+    # A delete and an update later the kept rows still say what a scan says: the update's
+    # new fragment is read, the delete's deletion file applied.
+    col.delete(where="n < 10")
+    col.upsert(_rows(np.random.default_rng(1), [f"r{i:05d}" for i in range(10, 20)], 10))
+    assert col.any_match(checked) and real_any_row(col.table, checked)
+    col.delete(where="n < 30")
+    assert not col.any_match(checked) and not real_any_row(col.table, checked)
+    with pytest.raises(FailedPrecondition, match="matches no rows"):
+        _run(col, "margin", where, {}, False)
+    assert len(scans) == 2  # answered from the kept rows each time
+    # the version before the deletes still has them (answered from the kept rows too)
+    assert col.any_match(checked, version=before) and len(scans) == 2
