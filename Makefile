@@ -71,7 +71,7 @@ test: env browser label-studio-if-required
 	$(UV) run --frozen python -m service.client.generate --check
 	$(UV) run --frozen python -m indexing.settings --check README.md
 	$(UV) run --frozen ruff check .
-	$(UV) run --frozen pytest -q
+	$(UV) run --frozen pytest -q --durations=15
 
 lint: env
 	$(UV) run --frozen ruff check .

@@ -132,7 +132,7 @@ FILTERS = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=120)
 @given(where=FILTERS)
 def test_filter_validation_only_ever_raises_invalid_argument(env, where):
     srv, col, *_ = env
@@ -148,7 +148,7 @@ def test_filter_validation_only_ever_raises_invalid_argument(env, where):
     assert versions(srv) == before
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=80)
 @given(where=FILTERS)
 def test_filters_through_the_server_are_ok_or_invalid_argument(env, where):
     srv, _col, query, search, _ = env
@@ -280,7 +280,7 @@ def _send(ingest, table: pa.Table) -> list:
     return list(ingest.Upsert(iter([request]), timeout=60))
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
 @given(table=batches())
 def test_a_random_batch_is_accepted_whole_or_refused_without_a_write(env, table):
     srv, col, *_, ingest = env

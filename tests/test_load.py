@@ -25,7 +25,7 @@ from bench.soak import OPS, LoadResult, Workload, run_load, server_cpu
 from service.client import Client
 from service.server import ServerConfig, start_server
 
-SECONDS = float(os.environ.get("ASSAY_LOAD_SECONDS", "8"))
+SECONDS = float(os.environ.get("ASSAY_LOAD_SECONDS", "6"))
 CLIENTS = 16
 RSS_CEILING = int(1.5 * 2**30)
 

@@ -190,7 +190,7 @@ def _run_cli(data: str, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_sigkill_at_any_point_then_resume_equals_an_uninterrupted_run(tmp_path):
+def test_sigkill_at_any_point_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     n = 300  # eight batches of 40; most of the time goes to each CLI run loading MiniLM (~10 s)
     data = str(tmp_path / "killed")
     _pool(Store(data), n)
@@ -199,9 +199,10 @@ def test_sigkill_at_any_point_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref = reindex(Store(reference), "c", "a", batch_rows=40, progress=False)
     assert ref.embedded == n
 
-    # Kill it once mid-pass (at least three of eight batches staged), then let it finish. (A
-    # second kill, of the resumed run, cost another ~13 s of model loading; the server's
-    # reindex job is killed and resumed in tests/test_crash.py.)
+    # Kill the CLI once mid-pass (at least three of eight batches staged), then let the CLI
+    # finish it, in this process (a second process, or a second kill of the resumed run,
+    # cost ~13 s of imports and model loading each; the server's reindex job is killed and
+    # resumed in tests/test_crash.py).
     proc = _run_cli(data)
     deadline = time.monotonic() + 240
     watcher = Store(data)
@@ -217,10 +218,10 @@ def test_sigkill_at_any_point_then_resume_equals_an_uninterrupted_run(tmp_path):
     col = Store(data).collection("c")
     assert col.space("a").dim == 8 and col.count() == n  # still the old space, whole
     assert col.count("emb_a__next IS NOT NULL") < n
-    proc = _run_cli(data)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert "resumed" in out
+    from service.cli import main
+
+    assert main(["reindex", "c", "--space", "a", "--data", data, "--batch-rows", "40", "--quiet"]) == 0
+    assert "resumed" in capsys.readouterr().out
 
     col, want = Store(data).collection("c"), Store(reference).collection("c")
     assert col.count() == n and col.space("a") == want.space("a")
