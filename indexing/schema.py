@@ -155,11 +155,11 @@ STORE_SET_COLUMNS = frozenset({"created_at", "updated_at"})
 # evaluates the prefilter over the table; the exact search keeps each filter's rows); an
 # unfiltered one costs about as much or less through the index (index/exact 1.03 and 0.95 at
 # 128-d, 0.89 at 100k × 384, 0.78 at 200k × 64, 0.71 at 600k × 64, 0.56 at 800k × 64). Half
-# the searches filtered, the exact search
-# is the cheaper one at every size measured. The index also costs its build (6.4 s of CPU at
-# 200k × 64, 21 s at 600k) and, under writes, a scan of the rows not in it yet. So the exact
-# search holds up to 38.4M elements (154 MB of float32 vectors a space, within
-# FLAT_CACHE_BYTES): 600k vectors of up to 64 dimensions, 300k of 128, 100k of 384 or more.
+# the searches filtered, the exact search is the cheaper one at every size measured. The
+# index also costs its build (6.4 s of CPU at 200k × 64, 21 s at 600k) and, under writes, a
+# scan of the rows not in it yet. So the exact search holds up to 38.4M elements (154 MB of
+# float32 vectors a space, within FLAT_CACHE_BYTES): 600k vectors of up to 64 dimensions,
+# 300k of 128, 100k of 384 or more.
 # (Until 2026-12-07: 12.8M elements within 100k-200k rows, the unfiltered crossing alone.)
 AUTO_INDEX_ELEMENTS = 38_400_000
 AUTO_INDEX_MIN_ROWS = 100_000

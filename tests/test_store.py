@@ -420,8 +420,9 @@ def test_index_recall_on_a_table_large_enough(store):
 
 
 def test_auto_index_threshold_follows_the_dimension(tmp_path):
-    # By default "auto" indexes once the vectors hold AUTO_INDEX_ELEMENTS elements (exact
-    # search from memory is as cheap as the index below), within [MIN, MAX] rows.
+    # By default "auto" indexes once the vectors hold AUTO_INDEX_ELEMENTS elements (below,
+    # exact search from memory costs less than the index when half the searches are
+    # filtered), within [MIN, MAX] rows.
     auto = IndexPolicy()
     assert [auto.threshold_for(d) for d in (8, 32, 64, 96, 128, 384, 768)] == [
         AUTO_INDEX_MAX_ROWS, AUTO_INDEX_MAX_ROWS, AUTO_INDEX_ELEMENTS // 64, AUTO_INDEX_ELEMENTS // 96,
