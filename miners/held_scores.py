@@ -93,7 +93,8 @@ def held_scores(ctx: RunContext, spec: MinerSpec, bound: Sequence[Bound], where:
     if not live_rows.serves(dataset, col.name, where):
         return None
     fragments = dataset.get_fragments()
-    if FragmentRowValues.BYTES_PER_ROW * sum(f.physical_rows for f in fragments) > col.store.fragment_values.budget_bytes:
+    needed = FragmentRowValues.BYTES_PER_ROW * sum(f.physical_rows for f in fragments)
+    if needed > col.store.fragment_values.budget_bytes:
         # not kept: each run would score every row here, in one thread, after the live rows' scans
         return None
     addresses = live_rows.addresses(dataset, col.name, where, fragments)  # fragment by fragment

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from indexing.errors import FailedPrecondition, InvalidArgument
+from indexing.filters import any_row
 from indexing.fragment_values import KNOWN, NO_VALUE, NOT_KNOWN, FragmentRowValues, FragmentValues
 from indexing.store import Store
 from miners.runner import run_mining, validate_request
@@ -209,14 +210,12 @@ def test_fragment_values_budget_and_forget():
 
 
 def test_the_pool_check_reads_the_kept_rows_and_sees_every_write(tmp_path, monkeypatch):
-    import miners.runner as runner_module
-
     store = Store(str(tmp_path), optimize_every=0)
     col = store.create_collection("c", models={"m": CLASSES})
     col.upsert(_rows(np.random.default_rng(0), [f"r{i:05d}" for i in range(600)], 0))
     where = "split = 'pool' AND n < 30"
     scans = []  # the existence checks that scanned the table for the pool filter
-    real_any_row = runner_module.any_row
+    real_any_row = any_row
     monkeypatch.setattr("indexing.store.any_row", lambda table, w: scans.append(w) or real_any_row(table, w))
     for _ in range(3):  # the second run keeps the filter's rows; from then on no scan
         _run(col, "margin", where, {}, False)

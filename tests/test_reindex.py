@@ -181,11 +181,11 @@ def test_errors_are_clear_and_write_nothing(store):
     assert col.version == version and "emb_a__next" not in col.schema.names
 
 
-def _run_cli(data: str, *extra: str) -> subprocess.Popen:
+def _run_cli(data: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "reindex", "c", "--space", "a", "--data", data,
-         "--batch-rows", "40", "--quiet", *extra],
+         "--batch-rows", "40", "--quiet"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
