@@ -88,7 +88,7 @@ class MaintenancePolicy:
     index_every_s: float = 60.0  # ...or this long after the last update, if any are
     steady_growth: float = 0.10  # growth per index update below which a due vector index is built under load
     purge_fraction: float = 0.10  # deleted share of a big fragment that has it rewritten under load
-    cleanup_every_s: float = 20.0  # (the version cap acts no sooner: at 3.4 commits/s a minute is 200 versions)
+    cleanup_every_s: float = 20.0  # the version cap is applied then: a minute between lets ~200 more stand
     poll_s: float = 1.0
     idle_exit_s: float = 30.0  # the thread ends after this long without commits
 
