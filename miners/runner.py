@@ -146,7 +146,7 @@ def validate_request(col: Collection, req: RunSpec) -> tuple[MinerSpec, dict[str
     # of a 10M-row pool for `emb IS NOT NULL` before the run could start); the pool filter's
     # is answered from the live rows kept for it once a run or a search read them
     table = ctx.table
-    if not col.any_match(where, req.version):
+    if not col.any_match(table, where):
         raise FailedPrecondition(f"the pool filter {where!r} matches no rows in '{col.name}'")
     cond = condition(inputs, ctx)
     if cond and not any_row(table, f"({where}) AND {cond}" if where else cond):

@@ -227,11 +227,11 @@ def test_the_pool_check_reads_the_kept_rows_and_sees_every_write(tmp_path, monke
     # new fragment is read, the delete's deletion file applied.
     col.delete(where="n < 10")
     col.upsert(_rows(np.random.default_rng(1), [f"r{i:05d}" for i in range(10, 20)], 10))
-    assert col.any_match(checked) and real_any_row(col.table, checked)
+    assert col.any_match(col.table, checked) and real_any_row(col.table, checked)
     col.delete(where="n < 30")
-    assert not col.any_match(checked) and not real_any_row(col.table, checked)
+    assert not col.any_match(col.table, checked) and not real_any_row(col.table, checked)
     with pytest.raises(FailedPrecondition, match="matches no rows"):
         _run(col, "margin", where, {}, False)
     assert len(scans) == 2  # answered from the kept rows each time
     # the version before the deletes still has them (answered from the kept rows too)
-    assert col.any_match(checked, version=before) and len(scans) == 2
+    assert col.any_match(col.at_version(before), checked) and len(scans) == 2
