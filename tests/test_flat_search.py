@@ -88,9 +88,9 @@ def test_exact_candidates_keep_whatever_could_be_among_the_k_nearest():
 
 @pytest.mark.parametrize("metric", ["cosine", "l2", "dot"])
 def test_rows_closer_than_float16_can_tell_apart_are_ranked_exactly(tmp_path, metric):
-    """Hundreds of rows that float16 rounds to the same vector, in several fragments, one
-    of them filtered: the answer is the float32 definition's (ties to the smaller address)
-    and LanceDB's."""
+    """Hundreds of rows that float16 rounds to the same vector, in several fragments, with
+    and without filters: the answer is the float32 definition's (ties to the smaller
+    address) and LanceDB's."""
     dim = 16
     rng = np.random.default_rng(11)
     centre = rng.standard_normal(dim).astype(np.float32)
@@ -105,7 +105,9 @@ def test_rows_closer_than_float16_can_tell_apart_are_ranked_exactly(tmp_path, me
                     "n": list(range(s, s + 250))})
     assert len(col.table.to_lance().get_fragments()) == 4
     q = (centre + 1e-5).astype(np.float32)
-    for where, rows in ((None, np.arange(len(x))), ("n % 3 = 1", np.flatnonzero(np.arange(len(x)) % 3 == 1))):
+    n = np.arange(len(x))
+    # no filter; a third of the rows (FAISS ranks all, the others dropped); 2 % (a selector)
+    for where, rows in ((None, n), ("n % 3 = 1", np.flatnonzero(n % 3 == 1)), ("n % 50 = 7", np.flatnonzero(n % 50 == 7))):
         for k in (1, 10, 50):
             ours = col.search("v", q, k=k, where=where, columns=["id", "n"])
             sub = x[rows]
