@@ -169,7 +169,9 @@ class _Block:
     """The vectors of one fragment's data file, by physical row (offset in the fragment),
     in float16: a FAISS index of them (of v/‖v‖ for the cosine metric)."""
 
-    index: Any  # faiss.IndexScalarQuantizer, QT_fp16, one entry per physical row
+    index: Any  # faiss.IndexScalarQuantizer, QT_fp16, one entry per physical row; None:
+    # a component beyond float16's range, in a row live or deleted (the space is searched by
+    # LanceDB for as long as this fragment is in the table)
     norms: np.ndarray  # (physical rows,) float32: ‖v‖
     valid: np.ndarray  # (physical rows,) bool: not null (and not zero, for cosine)
     all_valid: bool
@@ -177,7 +179,8 @@ class _Block:
 
     @property
     def nbytes(self) -> int:
-        return int(self.index.ntotal) * int(self.index.code_size) + self.norms.nbytes + self.valid.nbytes
+        held = 0 if self.index is None else int(self.index.ntotal) * int(self.index.code_size)
+        return held + self.norms.nbytes + self.valid.nbytes
 
 
 @dataclass
@@ -264,7 +267,7 @@ class FlatVectors:
             if fid not in files:
                 continue
             block = held.get((fid, files[fid][1])) or self._load(dataset, space, fid, files[fid], column, dim)
-            if block is None:  # a component beyond float16
+            if block.index is None:  # a component beyond float16
                 return None
             part = _part(block, (addresses[lo:hi] & 0xFFFFFFFF).astype(np.int64), lo)
             if part is not None:
@@ -287,11 +290,12 @@ class FlatVectors:
             return dict(blocks)
 
     def _load(self, dataset: Any, space: tuple[str, int, str], fid: int, file: tuple[int, str],
-              column: str, dim: int) -> _Block | None:
+              column: str, dim: int) -> _Block:
         """Read one fragment's vectors into a block: every physical row, deleted ones too,
         so that the block is the data file's whatever version loaded it (a search at an
-        older version may still see a row a newer one deleted). None if a component is
-        beyond float16's range."""
+        older version may still see a row a newer one deleted). A block without an index if
+        a component is beyond float16's range: kept as such, so that the fragment is not
+        read again at every search."""
         import faiss
 
         physical, path = file
@@ -306,7 +310,9 @@ class FlatVectors:
         valid = arr.is_valid().to_numpy(zero_copy_only=False)
         vectors[~valid] = 0.0
         if vectors.size and not float(np.abs(vectors).max()) <= FP16_MAX:  # NaN fails it too
-            return None
+            block = _Block(None, np.zeros(0, np.float32), np.zeros(0, np.bool_), False, 0.0)
+            self._keep(space, fid, path, block)
+            return block
         norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)).astype(np.float32)
         metric = space[2]
         if metric == "cosine":  # unit vectors; a zero vector has no cosine distance: never returned
@@ -316,10 +322,13 @@ class FlatVectors:
                                            faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
         index.add(np.ascontiguousarray(vectors))
         block = _Block(index, norms, valid, bool(valid.all()), float(norms.max(initial=0.0)))
+        self._keep(space, fid, path, block)
+        return block
+
+    def _keep(self, space: tuple[str, int, str], fid: int, path: str, block: _Block) -> None:
         with self._lock:
             if space in self._spaces:
                 self._spaces[space][(fid, path)] = block
-        return block
 
     @staticmethod
     def _answer(dataset: Any, column: str, parts: list[_Part], row_ids: np.ndarray, addresses: np.ndarray,

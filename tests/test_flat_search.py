@@ -130,7 +130,11 @@ def test_vectors_beyond_float16_are_searched_by_lancedb(tmp_path):
     ours = col.search("v", x[7] * 0.99, k=3, columns=["id", "n"])
     assert ours.column("id").to_pylist()[0] == "r7"
     assert_same_hits(ours, lancedb_flat(col, "v", x[7] * 0.99, 3, None, "l2"))
-    assert store.flat_vectors.nbytes == 0
+    marked = [b for blocks in store.flat_vectors._spaces.values() for b in blocks.values()]
+    assert [b.index for b in marked] == [None] and store.flat_vectors.nbytes == 0  # marked, not held
+    again = col.search("v", x[3], k=3, columns=["id", "n"])  # still LanceDB's, without a reread
+    assert_same_hits(again, lancedb_flat(col, "v", x[3], 3, None, "l2"))
+
 
 
 def lancedb_flat(col, space: str, q: np.ndarray, k: int, where: str | None, metric: str) -> pa.Table:
