@@ -333,10 +333,9 @@ class FlatVectors:
     @staticmethod
     def _answer(dataset: Any, column: str, parts: list[_Part], row_ids: np.ndarray, addresses: np.ndarray,
                 queries: np.ndarray, k: int, metric: str, columns: Sequence[str]) -> pa.Table:
-        """Each query's candidates from the float16 blocks (:func:`exact_candidates`, a
-        fragment searched again for more rows while its unseen rows could still hold a
-        winner), then the exact answer from their float32 vectors, read by one take with
-        the requested columns."""
+        """Each query's candidates from the float16 blocks (:func:`_candidates`), then the
+        exact answer from their float32 vectors, read by one take with the requested
+        columns."""
         import faiss
 
         # One query, one thread: FAISS would share it with OpenMP threads that then spin
@@ -346,37 +345,8 @@ class FlatVectors:
         dim = queries.shape[1]
         chosen: list[np.ndarray] = []  # per query: positions in the live rows that may win
         for lo in range(0, queries.shape[0], QUERY_BLOCK):
-            block_q = np.ascontiguousarray(queries[lo:lo + QUERY_BLOCK], dtype=np.float32)
-            q_norms = np.sqrt(np.einsum("ij,ij->i", block_q, block_q, dtype=np.float64))[:, None]
-            # As many rows as the part's share of what FAISS ranks calls for.
-            asks = [min(p.searched, math.ceil(max(2 * k, FIRST_ASK) * p.searched / p.offsets.size)) for p in parts]
-            scored: list[tuple[np.ndarray, ...]] = [()] * len(parts)
-            picked = [np.zeros(0, np.int64)] * len(block_q)  # no part: no candidate
-            again = list(range(len(parts)))
-            while again:
-                for i in again:
-                    scored[i] = _search_part(parts[i], block_q, q_norms, asks[i], metric, dim)
-                approx = np.concatenate([p[0] for p in scored], axis=1)
-                bounds = np.concatenate([p[2] for p in scored], axis=1)
-                thresholds = []
-                picked = []
-                for j in range(len(block_q)):
-                    cand, threshold = exact_candidates(approx[j], bounds[j], k)
-                    thresholds.append(threshold)
-                    picked.append(cand)
-                # A part with rows FAISS did not rank is settled once its last ranked score,
-                # less the largest error any of its rows can have, is above every query's
-                # threshold: no row left out can be a candidate.
-                again = []
-                for i, part in enumerate(parts):
-                    if asks[i] < part.searched:
-                        widest = error_bounds(np.float32(part.block.max_norm), q_norms[:, 0], metric, dim)
-                        if (scored[i][3] - widest <= np.asarray(thresholds)).any():
-                            asks[i] = min(part.searched, asks[i] * 4)
-                            again.append(i)
-            positions = (np.concatenate([p[1] for p in scored], axis=1) if parts
-                         else np.zeros((len(block_q), 0), np.int64))
-            chosen.extend(positions[j][cand] for j, cand in enumerate(picked))
+            chosen.extend(_candidates(parts, np.ascontiguousarray(queries[lo:lo + QUERY_BLOCK], dtype=np.float32),
+                                      k, metric))
         wanted = np.unique(row_ids[np.concatenate(chosen)]) if chosen else np.zeros(0, np.uint64)
         read = list(dict.fromkeys([*columns, column]))
         taken = dataset._take_rows(wanted.tolist(), columns=read) if wanted.size else None
@@ -405,6 +375,40 @@ class FlatVectors:
                          **out,
                          "_distance": pa.array(np.concatenate(winner_dist).astype(np.float32) if winner_dist
                                                else np.zeros(0, np.float32), pa.float32())})
+
+
+def _candidates(parts: list[_Part], queries: np.ndarray, k: int, metric: str) -> list[np.ndarray]:
+    """For each of ``queries`` (m, d), the positions in the search's live rows that may be
+    among its k nearest (:func:`exact_candidates` over what FAISS ranked in every part). A
+    part with rows FAISS did not rank is settled once its last ranked score, less the
+    largest error any of its rows can have, is above every query's threshold (no row left
+    out can be a candidate); until then it is searched again for four times as many."""
+    dim = queries.shape[1]
+    q_norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))[:, None]
+    # As many rows as the part's share of what FAISS ranks calls for.
+    asks = [min(p.searched, math.ceil(max(2 * k, FIRST_ASK) * p.searched / p.offsets.size)) for p in parts]
+    scored: list[tuple[np.ndarray, ...]] = [()] * len(parts)
+    picked = [np.zeros(0, np.int64)] * len(queries)  # no part: no candidate
+    again = list(range(len(parts)))
+    while again:
+        for i in again:
+            scored[i] = _search_part(parts[i], queries, q_norms, asks[i], metric, dim)
+        approx = np.concatenate([p[0] for p in scored], axis=1)
+        bounds = np.concatenate([p[2] for p in scored], axis=1)
+        found = [exact_candidates(approx[j], bounds[j], k) for j in range(len(queries))]
+        picked = [cand for cand, _ in found]
+        thresholds = np.array([threshold for _, threshold in found])
+        again = []
+        for i, part in enumerate(parts):
+            if asks[i] < part.searched:
+                widest = error_bounds(np.float32(part.block.max_norm), q_norms[:, 0], metric, dim)
+                if (scored[i][3] - widest <= thresholds).any():
+                    asks[i] = min(part.searched, asks[i] * 4)
+                    again.append(i)
+    if not parts:
+        return picked
+    positions = np.concatenate([p[1] for p in scored], axis=1)
+    return [positions[j][cand] for j, cand in enumerate(picked)]
 
 
 def _part(block: _Block, offsets: np.ndarray, start: int) -> _Part | None:
