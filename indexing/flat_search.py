@@ -12,24 +12,15 @@ valid for as long as that pair is in the table, whatever the version.
 
 A search then needs only the *live rows that pass its filter* — row addresses with the SQL
 prefilter and the version's deletions applied, no vector read; kept per fragment between
-searches by :mod:`indexing.live_rows`, else a scan by Lance. The vectors are held in
-float16 (half the memory and half the bytes a search streams, which is what a scan of
-held vectors costs: in a 9.6 ms search of 200k × 64 float32 vectors, their product took
-2.3 ms and the partition for the k best 1.1), each fragment's in a FAISS
-``IndexScalarQuantizer`` (``QT_fp16``; unit vectors for the cosine metric) that ranks the
-fragment's selected rows (:func:`_part`) on one thread and keeps the best in a heap. Its
-distances are within a bound of the exact ones (:func:`error_bounds`), so the rows whose
-lower bound reaches the k-th smallest upper bound hold the exact answer
-(:func:`exact_candidates`; a fragment is asked for more rows until none left unranked could
-be among them): only those are read from the table at full precision (one take with the
-requested columns) and scored by :func:`distances`. Everything is read at one
+searches by :mod:`indexing.live_rows`, else a scan by Lance — scores those rows against the
+held vectors (one product per fragment, keeping each fragment's k best), and reads the
+requested columns of the k winners only (a take by row id). Everything is read at one
 dataset version, so the answer is the version's, exactly as Lance's own flat search would
-give it (same distances; ties broken by row address).
+give it (same distances: see :func:`distances`; ties broken by row address).
 
 Memory: at most ``budget_bytes`` (the store's ``FLAT_CACHE_BYTES``, 512 MiB by default; the
-live rows get an eighth of it on top) for the whole store, 2 bytes a dimension and 5 a row:
-a space whose vectors do not fit, or have a component beyond float16's range, is searched
-by LanceDB as before. Held blocks of fragments no longer in a space's latest
+live rows get an eighth of it on top) for the whole store: a space whose vectors do not fit
+is searched by LanceDB as before. Held blocks of fragments no longer in a space's latest
 version are dropped at its next search, and a space that got a vector index is forgotten
 (:meth:`FlatVectors.forget`), so the memory follows the table and stays flat under a write
 stream. The least recently searched spaces give way when a new one needs room.
@@ -37,8 +28,6 @@ stream. The least recently searched spaces give way when a new one needs room.
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -50,28 +39,8 @@ import pyarrow as pa
 
 from indexing.live_rows import BUDGET_SHARE, LiveRows, by_fragment
 
-# FAISS's OpenMP threads for a search of several queries (one query gets one thread).
-OMP_THREADS = max(1, os.cpu_count() or 1)
-
-# Query vectors searched at once: bounds FAISS's result arrays at QUERY_BLOCK × candidates.
+# Query vectors scored at once: bounds the distance matrix at QUERY_BLOCK × live rows.
 QUERY_BLOCK = 64
-# Rows asked of each fragment at first (at least; twice k): enough that one search of a
-# fragment almost always settles it (:func:`exact_candidates`); a fragment that could still
-# hide a winner is searched again for four times as many.
-FIRST_ASK = 16
-# A part of a block whose rows pass the filter below this share is searched through a
-# selector; at or above it among all the block's rows, asked for 1/share as many (the others
-# dropped). FAISS asks a selector about every row, and mispredicts its branch: on 16 blocks
-# of 37.5k × 64, one thread, k=20, the IDSelectorBitmap took 13.4 ms with 30 % of the rows
-# selected, 9.5 with 10 %, 5.8 with 5 %, 1.7 with 1 %; all the rows 5.3, 4.6, 7.0 and 18.1 ms.
-SELECT_BELOW = 0.05
-# Error bounds of the float16 scores (:func:`error_bounds`): a float16 component is within a
-# relative 2^-11 of the float32 one when normal (2^-10 here: a margin, which also covers
-# the float32 rounding of a cosine space's unit vectors), within an absolute 2^-25 when
-# subnormal (2^-24 here).
-FP16_RELATIVE = 2.0 ** -10
-FP16_ABSOLUTE = 2.0 ** -24
-FP16_MAX = 65_000.0  # a component beyond this (float16 tops out at 65,504) is not held
 
 
 def distances(vectors: np.ndarray, sq_norms: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
@@ -82,10 +51,17 @@ def distances(vectors: np.ndarray, sq_norms: np.ndarray, queries: np.ndarray, me
     * ``l2``: the squared Euclidean distance ‖v − q‖² = ‖v‖² − 2 v·q + ‖q‖² (never below 0)
     * ``dot``: 1 − v·q
 
-    ``sq_norms`` holds ‖v‖² of each row. A zero vector has no cosine distance: its rows get
-    NaN here and are never returned (Lance returns no rows for them either).
+    ``sq_norms`` holds ‖v‖² of each row (computed once per held block). A zero vector has no
+    cosine distance: its rows get NaN here and are never returned (Lance returns no rows for
+    them either).
     """
-    dots = vectors @ queries.T
+    # One query: a loop without BLAS. OpenBLAS splits a product over its threads, which
+    # then spin waiting for the next call: at 137k × 64 in 14 fragments an unfiltered search
+    # cost 34.1 ms of CPU against 20.3 this way (wall 17.7 against 18.9 ms) — CPU that a
+    # loaded server does not have. Several queries: a matrix product, threads and all.
+    dots = np.einsum("ij,j->i", vectors, queries[0])[:, None] if len(queries) == 1 else vectors @ queries.T
+    # In place on the product (the same float32 operations as the formulas above, so the
+    # same values): a block of 64k rows is several MB, and each temporary is a pass over it.
     if metric == "dot":
         return np.subtract(1.0, dots, out=dots)
     q_sq = np.einsum("ij,ij->i", queries, queries)
@@ -99,51 +75,6 @@ def distances(vectors: np.ndarray, sq_norms: np.ndarray, queries: np.ndarray, me
             np.divide(dots, np.sqrt(sq_norms)[:, None] * np.sqrt(q_sq)[None, :], out=dots)
         return np.subtract(1.0, dots, out=dots)
     raise ValueError(f"unknown metric {metric!r}")
-
-
-def error_bounds(norms: np.ndarray, q_norm: float | np.ndarray, metric: str, dim: int) -> np.ndarray:
-    """For rows of norms ``norms`` (‖v‖), a bound on |d̃ − d|: the distance d̃ scored from
-    the rows held in float16 against the exact :func:`distances` d to a query of norm
-    ``q_norm`` (broadcast against ``norms``), in ``dim`` dimensions.
-
-    Each float16 component is within c·|v_j| + a of v_j (``FP16_RELATIVE``,
-    ``FP16_ABSOLUTE``), so ‖v − v̂‖ ≤ c‖v‖ + a√d =: δ and |q·(v − v̂)| ≤ ‖q‖ δ
-    (Cauchy–Schwarz). Every float32 sum of d products errs by at most d·2^-24 of the sum of
-    their magnitudes, and FAISS's score and the exact formula are one sum each, with a
-    subtraction or two: r = (d + 16)·2^-23 of the magnitudes they combine covers both.
-
-    * ``dot`` (d̃ = 1 − q·v̂): ‖q‖ δ + r (1 + ‖q‖ ‖v‖);
-    * ``cosine`` (unit vectors n = v/‖v‖ held, d̃ = 1 − q·n̂/‖q‖): c + a√d + 2r, whatever
-      the row;
-    * ``l2`` (d̃ = ‖q − v̂‖²): |(v − v̂)·(v + v̂ − 2q)| ≤ δ (‖v‖ + ‖v̂‖ + 2‖q‖) with
-      ‖v̂‖ ≤ ‖v‖ + δ, plus r (‖v‖ + ‖q‖ + δ)².
-    """
-    c = FP16_RELATIVE
-    a = FP16_ABSOLUTE * math.sqrt(dim)
-    r = (dim + 16) * 2.0 ** -23
-    norms = np.asarray(norms, dtype=np.float64)
-    if metric == "cosine":
-        return np.full(np.broadcast(norms, q_norm).shape, c + a + 2.0 * r)
-    delta = c * norms + a
-    if metric == "dot":
-        return q_norm * delta + r * (1.0 + q_norm * norms)
-    if metric == "l2":
-        return delta * (2.0 * norms + delta + 2.0 * q_norm) + r * (norms + q_norm + delta) ** 2
-    raise ValueError(f"unknown metric {metric!r}")
-
-
-def exact_candidates(approx: np.ndarray, bounds: np.ndarray, k: int) -> tuple[np.ndarray, float]:
-    """Of rows scored ``approx`` (n,) with errors within ``bounds`` (n,), the positions of
-    those that may be among the k nearest, ties with the k-th included, and the threshold
-    ``T`` used: the k-th smallest upper bound ``approx + bounds`` (∞ with fewer than k rows).
-    k rows have an exact distance ≤ T, so a row whose exact distance is at most the k-th
-    smallest has ``approx − bounds`` ≤ T: the rows returned hold the exact answer. (A row
-    not scored is ruled out only if its lower bound exceeds T; see
-    :meth:`FlatVectors._answer`.) A NaN score stands for no row (never a candidate)."""
-    scored = np.flatnonzero(~np.isnan(approx))
-    upper = approx[scored] + bounds[scored]
-    threshold = float(np.partition(upper, k - 1)[k - 1]) if upper.size >= k else math.inf
-    return scored[approx[scored] - bounds[scored] <= threshold], threshold
 
 
 def top_k(dist: np.ndarray, keys: np.ndarray, k: int) -> list[np.ndarray]:
@@ -164,44 +95,30 @@ def top_k(dist: np.ndarray, keys: np.ndarray, k: int) -> list[np.ndarray]:
     return out
 
 
+def candidates(dist: np.ndarray, k: int) -> np.ndarray:
+    """Positions in ``dist`` (n,) of its ``k`` smallest finite distances and of every other
+    one tied with the k-th: a superset of what :func:`top_k` can pick from these rows, in one
+    partition and one comparison (NaN, which ``np.partition`` sorts last, and infinity are
+    never candidates)."""
+    if dist.size > k:
+        kth = np.partition(dist, k - 1)[k - 1]
+        if np.isfinite(kth):
+            return np.flatnonzero(dist <= kth)
+    return np.flatnonzero(np.isfinite(dist))
+
+
 @dataclass
 class _Block:
-    """The vectors of one fragment's data file, by physical row (offset in the fragment),
-    in float16: a FAISS index of them (of v/‖v‖ for the cosine metric)."""
+    """The vectors of one fragment's data file, by physical row (offset in the fragment)."""
 
-    index: Any  # faiss.IndexScalarQuantizer, QT_fp16, one entry per physical row; None:
-    # a component beyond float16's range, in a row live or deleted (the space is searched by
-    # LanceDB for as long as this fragment is in the table)
-    norms: np.ndarray  # (physical rows,) float32: ‖v‖
-    valid: np.ndarray  # (physical rows,) bool: not null (and not zero, for cosine)
-    all_valid: bool
-    max_norm: float
+    vectors: np.ndarray  # (physical rows, d) float32
+    sq_norms: np.ndarray  # (physical rows,) float32
+    valid: np.ndarray  # (physical rows,) bool: not null
+    all_valid: bool  # no null vector in the block
 
     @property
     def nbytes(self) -> int:
-        held = 0 if self.index is None else int(self.index.ntotal) * int(self.index.code_size)
-        return held + self.norms.nbytes + self.valid.nbytes
-
-
-@dataclass
-class _Part:
-    """The rows one fragment contributes to a search: its block, the live rows' offsets
-    that pass the filter and hold a vector (ascending) and their positions in the search's
-    live rows; and how FAISS searches for them: among the rows a selector lets through
-    (a sparse part) or among all the block's rows, the others dropped from what it returns
-    (``selected``, None for none to drop)."""
-
-    block: _Block
-    offsets: np.ndarray
-    positions: np.ndarray
-    selected: np.ndarray | None  # (physical rows,) bool
-    selector: Any  # faiss.SearchParameters, or None
-    bitmap: np.ndarray | None  # the selector's bits, alive as long as the selector
-
-    @property
-    def searched(self) -> int:
-        """Rows FAISS ranks: those selected with a selector, else all the block's."""
-        return self.offsets.size if self.selector is not None else self.block.valid.size
+        return self.vectors.nbytes + self.sq_norms.nbytes + self.valid.nbytes
 
 
 class FlatVectors:
@@ -212,10 +129,9 @@ class FlatVectors:
         self.budget_bytes = int(budget_bytes)
         self.live_rows = LiveRows(self.budget_bytes // BUDGET_SHARE)  # the rows a search scores
         self._lock = threading.Lock()
-        # (collection, field id, metric) -> {(fragment id, data file path): block}, least
-        # recently searched first. By field id, not name: a rename (a reindex's swap) keeps
-        # the id. By metric: FAISS scores by it, and cosine holds unit vectors.
-        self._spaces: OrderedDict[tuple[str, int, str], dict[tuple[int, str], _Block]] = OrderedDict()
+        # (collection, field id) -> {(fragment id, data file path): block}, least recently
+        # searched first. By field id, not name: a rename (a reindex's swap) keeps the id.
+        self._spaces: OrderedDict[tuple[str, int], dict[tuple[int, str], _Block]] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
@@ -236,11 +152,9 @@ class FlatVectors:
         each of ``queries`` (m, d) by ``column``'s vectors, among the rows that pass
         ``where``: a table of ``query_index`` (int32), ``columns`` and ``_distance`` (float32),
         sorted by query, then distance. None when the column's vectors do not fit the budget
-        or float16 (the caller searches with LanceDB instead)."""
-        if metric not in ("cosine", "l2", "dot"):
-            raise ValueError(f"unknown metric {metric!r}")
+        (the caller searches with LanceDB instead)."""
         field_id = dataset.lance_schema.field(column).id()
-        space = (collection, field_id, metric)
+        space = (collection, field_id)
         dim = dataset.schema.field(column).type.list_size
         files: dict[int, tuple[int, str]] = {}  # fragment id -> (physical rows, data file path)
         fragments = dataset.get_fragments()
@@ -248,7 +162,7 @@ class FlatVectors:
             path = next((f.path for f in fragment.metadata.data_files() if field_id in f.fields), None)
             if path is not None:  # else the column was added after the fragment: all null there
                 files[fragment.fragment_id] = (fragment.physical_rows, path)
-        need = sum(rows for rows, _ in files.values()) * (2 * dim + 5)
+        need = sum(rows for rows, _ in files.values()) * (4 * dim + 5)
         if need > self.budget_bytes:
             return None
         held = self._held(space, files, need)
@@ -262,19 +176,23 @@ class FlatVectors:
         order, spans = by_fragment(addresses)
         if order is not None:  # the positions below follow the grouped order
             addresses, row_ids = addresses[order], row_ids[order]
-        parts: list[_Part] = []
+        # Score the live rows fragment by fragment: (block, first position in the live rows,
+        # positions of the valid ones relative to it or None for all, their offsets).
+        parts: list[tuple[_Block, int, np.ndarray | None, np.ndarray]] = []
         for fid, (lo, hi) in spans.items():
             if fid not in files:
                 continue
             block = held.get((fid, files[fid][1])) or self._load(dataset, space, fid, files[fid], column, dim)
-            if block.index is None:  # a component beyond float16
-                return None
-            part = _part(block, (addresses[lo:hi] & 0xFFFFFFFF).astype(np.int64), lo)
-            if part is not None:
-                parts.append(part)
-        return self._answer(dataset, column, parts, row_ids, addresses, queries, k, metric, columns)
+            offsets = (addresses[lo:hi] & 0xFFFFFFFF).astype(np.intp)
+            if block.all_valid:
+                parts.append((block, lo, None, offsets))
+                continue
+            keep = np.flatnonzero(block.valid[offsets])
+            if keep.size:
+                parts.append((block, lo, keep, offsets[keep]))
+        return self._answer(dataset, parts, row_ids, addresses, queries, k, metric, columns)
 
-    def _held(self, space: tuple[str, int, str], files: dict[int, tuple[int, str]],
+    def _held(self, space: tuple[str, int], files: dict[int, tuple[int, str]],
               need: int) -> dict[tuple[int, str], _Block]:
         """The space's held blocks that are still in the table (the others go), after making
         room for ``need`` bytes by forgetting the least recently searched other spaces."""
@@ -289,15 +207,11 @@ class FlatVectors:
             self._spaces[space] = blocks
             return dict(blocks)
 
-    def _load(self, dataset: Any, space: tuple[str, int, str], fid: int, file: tuple[int, str],
+    def _load(self, dataset: Any, space: tuple[str, int], fid: int, file: tuple[int, str],
               column: str, dim: int) -> _Block:
         """Read one fragment's vectors into a block: every physical row, deleted ones too,
         so that the block is the data file's whatever version loaded it (a search at an
-        older version may still see a row a newer one deleted). A block without an index if
-        a component is beyond float16's range: kept as such, so that the fragment is not
-        read again at every search."""
-        import faiss
-
+        older version may still see a row a newer one deleted)."""
         physical, path = file
         table = dataset.scanner(columns=[column], with_row_id=True, with_row_address=True,
                                 include_deleted_rows=True, scan_in_order=True,
@@ -309,158 +223,48 @@ class FlatVectors:
         vectors = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
         valid = arr.is_valid().to_numpy(zero_copy_only=False)
         vectors[~valid] = 0.0
-        if vectors.size and not float(np.abs(vectors).max()) <= FP16_MAX:  # NaN fails it too
-            block = _Block(None, np.zeros(0, np.float32), np.zeros(0, np.bool_), False, 0.0)
-            self._keep(space, fid, path, block)
-            return block
-        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)).astype(np.float32)
-        metric = space[2]
-        if metric == "cosine":  # unit vectors; a zero vector has no cosine distance: never returned
-            valid &= norms > 0
-            np.divide(vectors, norms[:, None], out=vectors, where=norms[:, None] > 0)
-        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
-                                           faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
-        index.add(np.ascontiguousarray(vectors))
-        block = _Block(index, norms, valid, bool(valid.all()), float(norms.max(initial=0.0)))
-        self._keep(space, fid, path, block)
-        return block
-
-    def _keep(self, space: tuple[str, int, str], fid: int, path: str, block: _Block) -> None:
+        block = _Block(vectors, np.einsum("ij,ij->i", vectors, vectors), valid, bool(valid.all()))
         with self._lock:
             if space in self._spaces:
                 self._spaces[space][(fid, path)] = block
+        return block
 
     @staticmethod
-    def _answer(dataset: Any, column: str, parts: list[_Part], row_ids: np.ndarray, addresses: np.ndarray,
-                queries: np.ndarray, k: int, metric: str, columns: Sequence[str]) -> pa.Table:
-        """Each query's candidates from the float16 blocks (:func:`_candidates`), then the
-        exact answer from their float32 vectors, read by one take with the requested
-        columns."""
-        import faiss
-
-        # One query, one thread: FAISS would share it with OpenMP threads that then spin
-        # waiting for more work, CPU a loaded server does not have. The setting is the
-        # calling thread's own (OpenMP's nthreads is per thread).
-        faiss.omp_set_num_threads(1 if queries.shape[0] == 1 else OMP_THREADS)
-        dim = queries.shape[1]
-        chosen: list[np.ndarray] = []  # per query: positions in the live rows that may win
+    def _answer(dataset: Any, parts: list[tuple[_Block, int, np.ndarray | None, np.ndarray]],
+                row_ids: np.ndarray, addresses: np.ndarray, queries: np.ndarray, k: int, metric: str,
+                columns: Sequence[str]) -> pa.Table:
+        winners: list[np.ndarray] = []  # per query: positions in the live rows, best first
+        winner_dist: list[np.ndarray] = []
         for lo in range(0, queries.shape[0], QUERY_BLOCK):
-            chosen.extend(_candidates(parts, np.ascontiguousarray(queries[lo:lo + QUERY_BLOCK], dtype=np.float32),
-                                      k, metric))
-        wanted = np.unique(row_ids[np.concatenate(chosen)]) if chosen else np.zeros(0, np.uint64)
-        read = list(dict.fromkeys([*columns, column]))
-        taken = dataset._take_rows(wanted.tolist(), columns=read) if wanted.size else None
-        vectors = np.zeros((0, dim), np.float32)
-        if taken is not None:
-            arr = taken.column(column).combine_chunks()
-            vectors = arr.values.slice(arr.offset * dim, len(arr) * dim).to_numpy(
-                zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-        query_index, winners, winner_dist = [], [], []
-        for j, at in enumerate(chosen):
-            rows = np.searchsorted(wanted, row_ids[at])  # the taken rows are in ``wanted``'s order
-            mine = vectors[rows]
-            dist = distances(mine, np.einsum("ij,ij->i", mine, mine), queries[j:j + 1], metric)
-            (best,) = top_k(dist, addresses[at], k)
-            query_index.append(np.full(best.size, j, np.int32))
-            winners.append(rows[best])
-            winner_dist.append(dist[best, 0])
-        picked_rows = np.concatenate(winners) if winners else np.zeros(0, np.int64)
-        if taken is not None:
-            result = taken.take(pa.array(picked_rows))
-            out = {c: result.column(c) for c in columns}
+            block_q = queries[lo:lo + QUERY_BLOCK]
+            # Each fragment's own candidates first (its k best and their ties), then the
+            # best of those: no distance array over all the live rows is ever built.
+            found: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(block_q.shape[0])]
+            for block, start, keep, offsets in parts:
+                dist = distances(block.vectors, block.sq_norms, block_q, metric)
+                if not (keep is None and offsets.size == dist.shape[0] and (offsets[1:] > offsets[:-1]).all()):
+                    dist = dist[offsets]  # else the live rows are the block's rows, in order
+                at = np.arange(start, start + offsets.size) if keep is None else start + keep
+                for j in range(block_q.shape[0]):
+                    col = dist[:, j]
+                    best = candidates(col, k)
+                    found[j].append((col[best], at[best]))
+            for per_fragment in found:
+                dist_j = np.concatenate([d for d, _ in per_fragment]) if per_fragment else np.zeros(0, np.float32)
+                at_j = np.concatenate([a for _, a in per_fragment]) if per_fragment else np.zeros(0, np.int64)
+                (best,) = top_k(dist_j[:, None], addresses[at_j], k)
+                winners.append(at_j[best])
+                winner_dist.append(dist_j[best])
+        query_index = np.concatenate([np.full(len(w), i, np.int32) for i, w in enumerate(winners)])
+        picked = np.concatenate(winners) if winners else np.zeros(0, np.int64)
+        wanted = np.unique(row_ids[picked])
+        dist_all = np.concatenate(winner_dist).astype(np.float32) if winner_dist else np.zeros(0, np.float32)
+        if columns and wanted.size:
+            taken = dataset._take_rows(wanted.tolist(), columns=list(columns))
+            at = np.searchsorted(wanted, row_ids[picked])  # the taken rows are in ``wanted``'s order
+            result = taken.take(pa.array(at))
         else:
-            out = {c: pa.nulls(0, dataset.schema.field(c).type) for c in columns}
-        return pa.table({"query_index": pa.array(np.concatenate(query_index) if query_index else
-                                                  np.zeros(0, np.int32), pa.int32()),
-                         **out,
-                         "_distance": pa.array(np.concatenate(winner_dist).astype(np.float32) if winner_dist
-                                               else np.zeros(0, np.float32), pa.float32())})
-
-
-def _candidates(parts: list[_Part], queries: np.ndarray, k: int, metric: str) -> list[np.ndarray]:
-    """For each of ``queries`` (m, d), the positions in the search's live rows that may be
-    among its k nearest (:func:`exact_candidates` over what FAISS ranked in every part). A
-    part with rows FAISS did not rank is settled once its last ranked score, less the
-    largest error any of its rows can have, is above every query's threshold (no row left
-    out can be a candidate); until then it is searched again for four times as many."""
-    dim = queries.shape[1]
-    q_norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))[:, None]
-    # As many rows as the part's share of what FAISS ranks calls for.
-    asks = [min(p.searched, math.ceil(max(2 * k, FIRST_ASK) * p.searched / p.offsets.size)) for p in parts]
-    scored: list[tuple[np.ndarray, ...]] = [()] * len(parts)
-    picked = [np.zeros(0, np.int64)] * len(queries)  # no part: no candidate
-    again = list(range(len(parts)))
-    while again:
-        for i in again:
-            scored[i] = _search_part(parts[i], queries, q_norms, asks[i], metric, dim)
-        approx = np.concatenate([p[0] for p in scored], axis=1)
-        bounds = np.concatenate([p[2] for p in scored], axis=1)
-        found = [exact_candidates(approx[j], bounds[j], k) for j in range(len(queries))]
-        picked = [cand for cand, _ in found]
-        thresholds = np.array([threshold for _, threshold in found])
-        again = []
-        for i, part in enumerate(parts):
-            if asks[i] < part.searched:
-                widest = error_bounds(np.float32(part.block.max_norm), q_norms[:, 0], metric, dim)
-                if (scored[i][3] - widest <= thresholds).any():
-                    asks[i] = min(part.searched, asks[i] * 4)
-                    again.append(i)
-    if not parts:
-        return picked
-    positions = np.concatenate([p[1] for p in scored], axis=1)
-    return [positions[j][cand] for j, cand in enumerate(picked)]
-
-
-def _part(block: _Block, offsets: np.ndarray, start: int) -> _Part | None:
-    """The part of a search ``block`` answers: the live ``offsets`` (its rows that pass the
-    filter, at positions ``start``… of the search's live rows) that hold a vector; None if
-    there are none. Below ``SELECT_BELOW`` of the block's rows they are searched through an
-    ``IDSelectorBitmap``; above it, among all rows (cheaper than asking the selector of
-    each row; the others returned are dropped)."""
-    positions = np.arange(start, start + offsets.size)
-    if offsets.size > 1 and not (offsets[1:] > offsets[:-1]).all():
-        order = np.argsort(offsets, kind="stable")
-        offsets, positions = offsets[order], positions[order]
-    if not block.all_valid:
-        keep = block.valid[offsets]
-        offsets, positions = offsets[keep], positions[keep]
-    if not offsets.size:
-        return None
-    physical = block.valid.size
-    if offsets.size == physical:  # every row of the block
-        return _Part(block, offsets, positions, None, None, None)
-    selected = np.zeros(physical, np.bool_)
-    selected[offsets] = True
-    if offsets.size >= SELECT_BELOW * physical:
-        return _Part(block, offsets, positions, selected, None, None)
-    import faiss
-
-    bitmap = np.packbits(selected, bitorder="little")
-    selector = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(physical, faiss.swig_ptr(bitmap)))
-    return _Part(block, offsets, positions, None, selector, bitmap)
-
-
-def _search_part(part: _Part, queries: np.ndarray, q_norms: np.ndarray, ask: int, metric: str,
-                 dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The ``ask`` rows FAISS ranks nearest each query in ``part`` by the float16 scores:
-    their scores d̃ as distances (m, ask), ascending, NaN for a row not the part's (or none);
-    their positions in the search's live rows; their :func:`error_bounds`; and the last
-    score, which no row left unranked beats (m,), NaN when FAISS ran out of rows."""
-    scores, labels = part.block.index.search(queries, ask, params=part.selector)
-    if metric == "l2":
-        approx = scores.astype(np.float64)
-    elif metric == "dot":
-        approx = 1.0 - scores.astype(np.float64)
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            approx = 1.0 - scores.astype(np.float64) / q_norms
-    found = labels >= 0
-    last = np.where(found[:, -1], approx[:, -1], np.nan)
-    labels = np.where(found, labels, 0)
-    if part.selected is not None:
-        found &= part.selected[labels]
-    if not found.all():
-        approx[~found] = np.nan
-    at = np.minimum(np.searchsorted(part.offsets, labels), part.offsets.size - 1)
-    bounds = error_bounds(part.block.norms[labels], q_norms, metric, dim)
-    return approx, part.positions[at], bounds, last
+            result = pa.table({c: pa.nulls(0, dataset.schema.field(c).type) for c in columns})
+        return pa.table({"query_index": pa.array(query_index, pa.int32()),
+                         **{c: result.column(c) for c in columns},
+                         "_distance": pa.array(dist_all, pa.float32())})

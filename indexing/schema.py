@@ -161,12 +161,6 @@ STORE_SET_COLUMNS = frozenset({"created_at", "updated_at"})
 # float32 vectors a space, within FLAT_CACHE_BYTES): 600k vectors of up to 64 dimensions,
 # 300k of 128, 100k of 384 or more.
 # (Until 2026-12-07: 12.8M elements within 100k-200k rows, the unfiltered crossing alone.)
-# These figures are of the float32 exact search. The float16 one that replaced it
-# (indexing.flat_search; 77 MB for 38.4M elements) costs less at these sizes —
-# bench/index_threshold.py, one run at 7727b63 and one at 0732010, exact / IVF_RQ no filter
-# | filter: 200k × 64 13.5 / 10.3 | 9.4 / 22.9 against 10.2 / 14.1 | 12.4 / 29.0; 600k × 64
-# 22.1 / 17.6 | 19.9 / 54.8 against 13.8 / 15.8 | 19.1 / 62.6 — so the thresholds err on
-# the side of the index; raising them wants runs beyond 600k rows.
 AUTO_INDEX_ELEMENTS = 38_400_000
 AUTO_INDEX_MIN_ROWS = 100_000
 AUTO_INDEX_MAX_ROWS = 600_000

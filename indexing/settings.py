@@ -217,10 +217,10 @@ SYSTEM_INDEX_CACHE_BYTES: Final = _define("SYSTEM_INDEX_CACHE_BYTES", 32 << 20, 
                                           "apart from the collections'", "store")
 SYSTEM_METADATA_CACHE_BYTES: Final = _define("SYSTEM_METADATA_CACHE_BYTES", 16 << 20, "LanceDB's "
                                              "metadata cache of assay's own tables", "store")
-FLAT_CACHE_BYTES: Final = _define("FLAT_CACHE_BYTES", 512 << 20, "vectors held in memory (float16, "
-                                  "2 bytes a dimension and 5 a row) for exact (flat) search, for "
-                                  "all of a store's spaces together; a space whose vectors do not "
-                                  "fit is searched by LanceDB (indexing.flat_search)", "store")
+FLAT_CACHE_BYTES: Final = _define("FLAT_CACHE_BYTES", 512 << 20, "vectors held in memory for exact "
+                                  "(flat) search, for all of a store's spaces together; a space "
+                                  "whose vectors do not fit is searched by LanceDB "
+                                  "(indexing.flat_search)", "store")
 FLAT_METADATA_CACHE_BYTES: Final = _define("FLAT_METADATA_CACHE_BYTES", 16 << 20, "Lance's metadata "
                                            "cache (manifests, data file footers) of the datasets "
                                            "exact search reads, per collection", "store")
