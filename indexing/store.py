@@ -689,10 +689,10 @@ class Collection:
     def any_match(self, table: lancedb.table.Table, where: str | None) -> bool:
         """Whether a row of ``table`` (this collection's at the version to read: :attr:`table`
         or :meth:`at_version`) passes ``where`` (a checked filter, :meth:`validate_filter`):
-        from the live rows kept for ``where`` when a search or a mining run has read them (:meth:`LiveRows.holds`: only the fragments written
-        since are read; at 20k rows a mining request's validation cost 13.4 ms, most of it
-        in two such scans), else a scan that stops at the first match
-        (:func:`indexing.filters.any_row`)."""
+        from the live rows kept for ``where`` when a search or a mining run has read them
+        (:meth:`LiveRows.holds`: only the fragments written since are read; at 20k rows a
+        mining request's validation cost 13.4 ms, most of it in two such scans), else a scan
+        that stops at the first match (:func:`indexing.filters.any_row`)."""
         if where:
             dataset = self.read_dataset(table.version)
             live_rows = self.store.flat_vectors.live_rows
