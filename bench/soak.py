@@ -45,8 +45,10 @@ Options that change the run:
   every batch in flight at the kill all there or not at all.
 
 Over time it prints the server's RSS, the collection's fragments and its versions (read
-from the data folder), so a service that ages shows it, and every operation's p50 per
-``--window``.
+from the data folder), the memory the server's store holds by holder (its
+``assay_memory_bytes`` gauges: LanceDB's caches, exact search's vectors, ...; the table ends
+with each holder's growth since the first minute), so a service that ages shows it and
+what grows is told apart, and every operation's p50 per ``--window``.
 
 The collection grows during the run (half of every upsert is new rows: 20k rows become
 ~140k in 30 minutes), and some operations cost more on a larger table whatever the server's
@@ -497,6 +499,22 @@ def group_commit_counters(metrics_url: str) -> dict[str, float]:
             for s in f.samples if s.name.endswith("_total") and s.labels.get("collection") == COLLECTION}
 
 
+HOLDERS = ("lance_collections", "lance_system", "flat_vectors", "live_rows", "fragment_values", "id_indexes")
+
+
+def memory_held(metrics_url: str) -> dict[str, float]:
+    """The memory the server's store holds, by holder (its ``assay_memory_bytes`` gauges:
+    LanceDB's caches, exact search's vectors and live rows, the miners' per-fragment scores,
+    the id indexes), as ``held_<holder>`` bytes — beside the RSS, what grows is told apart."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    return {f"held_{s.labels['holder']}": s.value for f in text_string_to_metric_families(body)
+            if f.name == "assay_memory_bytes" for s in f.samples}
+
+
 def table_stats(data: str) -> dict[str, float]:
     """Fragments, versions and deleted rows of the soak collection, and how many of its
     vectors are outside the vector index (searched flat), read from the data folder."""
@@ -585,10 +603,12 @@ def main(argv: list[str] | None = None) -> int:
                                                write_log=args.write_log))
             address = server.address
 
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
         def sample() -> dict[str, float]:
             rss = proc.rss_bytes()[0] if proc is not None else rss_bytes()
             cpu = {"cpu": proc.cpu_seconds()} if proc is not None else {}
-            return {"rss": float(rss), **cpu, **table_stats(data)}
+            return {"rss": float(rss), **cpu, **table_stats(data), **memory_held(metrics_url)}
 
         killer = None
         if args.kill_at is not None:
@@ -607,19 +627,22 @@ def main(argv: list[str] | None = None) -> int:
                                 vectors=args.vectors)
             with Client(address() if callable(address) else address, timeout=300) as client:
                 workload.setup(client)
-            print("over time (s, server RSS MB, fragments, versions, deleted rows; once the vector index "
-                  "exists, vectors outside it and its delta indexes):", flush=True)
+            print("over time (s, server RSS MB, fragments, versions, deleted rows; MB held by LanceDB's "
+                  "caches of the collections and of assay's own tables, exact search's vectors, its live rows, "
+                  "the miners' per-fragment scores, the id indexes; once the vector index exists, vectors "
+                  "outside it and its delta indexes):", flush=True)
             if killer is not None:
                 killer.start()
             result = run_load(address, workload, clients=args.clients, seconds=seconds, seed=args.seed,
                               sample_every=args.sample, weights=weights, sample=sample, down=down,
                               on_sample=lambda t, row: print(
                                   f"  {t:7.1f}  {row['rss'] / 2**20:8.1f}  {row['fragments']:6.0f}  "
-                                  f"{row['versions']:7.0f}  {row['deleted']:7.0f}"
+                                  f"{row['versions']:7.0f}  {row['deleted']:7.0f}  "
+                                  + " ".join(f"{row.get('held_' + h, float('nan')) / 2**20:6.1f}" for h in HOLDERS)
                                   + (f"  {row['unindexed']:7.0f}  {row['index_deltas']:3.0f}"
                                      if "unindexed" in row else ""), flush=True))
             # after a --kill-at restart: what the restarted server did
-            result.extra["group_commit"] = group_commit_counters(f"http://127.0.0.1:{metrics_port}/metrics")
+            result.extra["group_commit"] = group_commit_counters(metrics_url)
         finally:
             if killer is not None:
                 killer.join(timeout=300)
@@ -652,6 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add(f"server RSS (MB): end / at {min(60.0, result.seconds / 2):.0f}s", end_mb, minute_mb,
                kind="cost", unit="MB")
     report.add("server RSS (MB): peak", max(b for _, b in result.rss) / 2**20, None, kind="info", unit="MB")
+    at_minute = next((r for r in result.samples if r["t"] >= min(60.0, result.seconds / 2)), result.samples[0])
+    for h in HOLDERS:  # beside the RSS: which holder grew (the rest is Python, Arrow and Lance working memory)
+        if f"held_{h}" in result.samples[-1] and f"held_{h}" in at_minute:
+            report.add(f"held by {h} (MB): end / at {min(60.0, result.seconds / 2):.0f}s",
+                       result.samples[-1][f"held_{h}"] / 2**20, at_minute[f"held_{h}"] / 2**20, kind="info", unit="MB")
     frags = [row["fragments"] for row in result.samples if "fragments" in row]
     vers = [row["versions"] for row in result.samples if "versions" in row]
     if frags:

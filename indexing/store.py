@@ -467,6 +467,25 @@ class Store:
         return {name: dataclasses.replace(col._committer.stats, by_kind=dict(col._committer.stats.by_kind))
                 for name, col in collections}
 
+    def memory_held(self) -> dict[str, int]:
+        """Bytes this store keeps in memory, by holder: LanceDB's caches (``lance_collections``
+        for the collections, ``lance_system`` for assay's own tables; each bounded by its
+        setting), the vectors held for exact search (``flat_vectors``), the live rows a search
+        scores (``live_rows``), the miners' per-fragment scores (``fragment_values``) and the
+        write path's id indexes (``id_indexes``, 16 bytes a row of each collection written
+        since it was opened). What the process's RSS holds beyond these is Python, Arrow
+        and Lance working memory; a soak reads both to find what grows."""
+        with self._lock:
+            collections = list(self._collections.values())
+        return {
+            "lance_collections": int(self.session.size_bytes),
+            "lance_system": int(self.system_session.size_bytes),
+            "flat_vectors": self.flat_vectors.nbytes,
+            "live_rows": self.flat_vectors.live_rows.nbytes,
+            "fragment_values": self.fragment_values.nbytes,
+            "id_indexes": sum(col.id_index_bytes for col in collections),
+        }
+
     def close(self, timeout: float | None = 30.0) -> bool:
         """Finish this store's background work before the process lets go of the root: new
         writes are refused (those already queued are still committed), an explicit optimize
@@ -1287,6 +1306,12 @@ class Collection:
         updates and cleanup run in its thread, see :mod:`indexing.maintenance`)."""
         if self.store.maintainer is not None:
             self.store.maintainer.committed(self)
+
+    @property
+    def id_index_bytes(self) -> int:
+        """Memory of the write path's id index (:mod:`indexing.id_index`)."""
+        with self._ids_lock:
+            return self._ids.nbytes
 
     def wait_for_maintenance(self, timeout: float | None = None) -> bool:
         """Wait until the store's background maintenance is idle; True if it is."""

@@ -122,8 +122,15 @@ class Metrics:
     def watch_store(self, store: Store) -> None:
         """Export what the group committers of ``store``'s open collections have done,
         read at each scrape: commits, the writes they held (their ratio: writes a commit),
-        and the leader's lingers (see ``indexing/group_commit.py``)."""
+        and the leader's lingers (see ``indexing/group_commit.py``); the memory the store
+        holds, by holder (:meth:`Store.memory_held`); and the process's own figures
+        (``process_resident_memory_bytes``, CPU seconds, open files: prometheus_client's
+        process collector), so that what grows can be told from the RSS at one scrape."""
+        from prometheus_client import ProcessCollector
+
         self.registry.register(_GroupCommitCollector(store))
+        self.registry.register(_MemoryCollector(store))
+        ProcessCollector(registry=self.registry)
 
 
 class _GroupCommitCollector:
@@ -150,6 +157,22 @@ class _GroupCommitCollector:
             for attr, family in families.items():
                 family.add_metric([name], float(getattr(stats, attr)))
         yield from families.values()
+
+
+class _MemoryCollector:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "assay_memory_bytes", "Memory the store holds, by holder (LanceDB's caches, the vectors "
+            "of exact search and its live rows, the miners' per-fragment scores, the id indexes).",
+            labels=["holder"])
+        for holder, held in sorted(self._store.memory_held().items()):
+            family.add_metric([holder], float(held))
+        yield family
 
 
 class AssayInterceptor(grpc.ServerInterceptor):

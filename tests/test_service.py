@@ -465,6 +465,29 @@ def test_the_metrics_count_group_commits_and_the_writes_they_held(server):
         assert c.collection("grouped").count() == 1 + 48 * 5
 
 
+def test_the_metrics_show_the_memory_the_store_holds_and_the_process_rss(server):
+    with Client(server.address) as c:
+        col = _fresh(c, "held", spaces={"v": 4})
+        col.upsert({"id": [f"h{i}" for i in range(50)], "emb_v": _vectors(50, 4, seed=3)})
+        assert col.search("v", _vectors(1, 4, seed=4)[0], k=3).num_rows == 3  # exact search holds the vectors
+
+    def holder(name: str) -> float:
+        return _metric(server, f'assay_memory_bytes{{holder="{name}"}}')
+
+    held = server.store.memory_held()
+    assert set(held) == {"lance_collections", "lance_system", "flat_vectors", "live_rows", "fragment_values",
+                         "id_indexes"}
+    for name, value in held.items():
+        assert holder(name) == value, name
+    # 50 vectors of 4 float32, their squared norms and validity: 21 bytes a row at least
+    assert held["flat_vectors"] >= 50 * 21
+    assert held["id_indexes"] >= 50 * 16  # the upsert's existence check built the id index
+    assert held["lance_collections"] > 0 and held["lance_system"] > 0
+    with open("/proc/self/statm") as fh:  # the server runs in this process
+        rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert 0.5 * rss < _metric(server, "process_resident_memory_bytes") < 2 * rss
+
+
 def test_health_reflection_and_metrics(server, client):
     assert client.health() == "SERVING"
     with grpc.insecure_channel(server.address) as ch:
