@@ -248,7 +248,14 @@ class JobManager:
         return rec
 
     def has_capacity(self) -> bool:
-        return sum(1 for j in self._jobs.values() if not j.done) < self.max_queued
+        return len(self._in_flight()) < self.max_queued
+
+    def _in_flight(self) -> list[str]:
+        """Ids of the jobs not ended. Read under the lock the writers hold: jobs start and
+        end in other threads, and iterating the records while one is added or dropped
+        raises (a soak's StartMining failed INTERNAL so)."""
+        with self._changed:
+            return [job_id for job_id, rec in self._jobs.items() if not rec.done]
 
     def get(self, job_id: str) -> JobRecord:
         rec = self._jobs.get(job_id)
@@ -324,7 +331,7 @@ class JobManager:
         every job's thread has returned (False: one is still inside a call that cannot be
         interrupted, such as an index build, and ends on its own)."""
         deadline = time.monotonic() + grace
-        pending = [j.id for j in self._jobs.values() if not j.done]
+        pending = self._in_flight()
         for job_id in pending:
             if self.get(job_id).state == PENDING:
                 self._cancel_event(job_id)

@@ -150,3 +150,46 @@ def test_a_job_kind_that_returns_no_mapping_fails_and_its_worker_goes_on(store):
     assert bad.state == "FAILED" and bad.error_code == "INTERNAL" and "TypeError" in bad.error
     assert manager.wait(manager.start("echo", "c", {"n": 3}).id, timeout=30).result == {"n": 3}
     manager.shutdown(1)
+
+
+def test_counting_the_jobs_in_flight_holds_the_lock_their_writers_hold(store):
+    """``has_capacity`` (every StartMining asks it) and ``shutdown`` read the held records
+    while jobs start and end in other threads: reading them outside the lock the writers
+    hold failed a soak's mining call with ``RuntimeError: dictionary changed size during
+    iteration`` (INTERNAL). Here a thread adds and drops records the way ``start`` and
+    ``_forget_ended`` do, under the lock, while the counts run with thread switches forced
+    often."""
+    import sys
+
+    from service.jobs import SUCCEEDED, JobRecord
+
+    manager = JobManager(store, workers=1)
+    with manager._changed:  # a long-lived server's ended records (JOB_RECORDS_KEPT of them)
+        for i in range(2_000):
+            manager._jobs[f"ended{i}"] = JobRecord(id=f"ended{i}", kind="echo", collection="c", state=SUCCEEDED)
+    stop, errors = threading.Event(), []
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            with manager._changed:
+                manager._jobs[f"new{n}"] = JobRecord(id=f"new{n}", kind="echo", collection="c")
+                manager._jobs.pop(f"new{n - 1}", None)
+            n += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        for _ in range(300):
+            try:
+                assert manager.has_capacity()
+            except RuntimeError as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert manager.shutdown(1)
