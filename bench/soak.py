@@ -50,8 +50,8 @@ from the data folder), the memory the server's store holds by holder (its
 with each holder's growth since the first minute), so a service that ages shows it and
 what grows is told apart, and every operation's p50 per ``--window``.
 
-The collection grows during the run (half of every upsert is new rows: 20k rows become
-~140k in 30 minutes), and some operations cost more on a larger table whatever the server's
+The collection grows during the run (half of every upsert is new rows: 20k rows became
+218k-242k in 30 minutes in the README's runs F, G and H), and some operations cost more on a larger table whatever the server's
 age (a mining run scores every pool row). So runs of 10 minutes or more end with a
 same-size reference (``--fresh-reference``): a new server, a collection loaded with as many
 rows and optimised, the same mix for one window. The last window's p50 against it is the

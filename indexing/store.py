@@ -472,8 +472,8 @@ class Store:
         for the collections, ``lance_system`` for assay's own tables; each bounded by its
         setting), the vectors held for exact search (``flat_vectors``), the live rows a search
         scores (``live_rows``), the miners' per-fragment scores (``fragment_values``) and the
-        write path's id indexes (``id_indexes``, 16 bytes a row of each collection written
-        since it was opened). What the process's RSS holds beyond these is Python, Arrow
+        write path's id indexes (``id_indexes``: 16 bytes a row, for each collection written
+        to since it was opened). What the process's RSS holds beyond these is Python, Arrow
         and Lance working memory; a soak reads both to find what grows."""
         with self._lock:
             collections = list(self._collections.values())
