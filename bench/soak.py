@@ -51,11 +51,12 @@ with each holder's growth since the first minute), so a service that ages shows 
 what grows is told apart, and every operation's p50 per ``--window``.
 
 The collection grows during the run (half of every upsert is new rows: 20k rows became
-218k-242k in 30 minutes in the README's runs F, G and H), and some operations cost more on a larger table whatever the server's
-age (a mining run scores every pool row). So runs of 10 minutes or more end with a
-same-size reference (``--fresh-reference``): a new server, a collection loaded with as many
-rows and optimised, the same mix for one window. The last window's p50 against it is the
-service's ageing alone; against the first window, ageing and growth together.
+218k-242k in 30 minutes in the README's runs F, G and H), and some operations cost more
+on a larger table whatever the server's age (a mining run scores every pool row). So runs
+of 10 minutes or more end with a same-size reference (``--fresh-reference``): a new
+server, a collection loaded with as many rows and optimised, the same mix for one window.
+The last window's p50 against it is the service's ageing alone; against the first window,
+ageing and growth together.
 
 Vectors (``--vectors``): by default rows and queries lie around 64 seeded centres, as real
 embeddings do. ``gaussian`` draws them isotropic, which no vector index helps: on 50k such
