@@ -670,17 +670,16 @@ def main(argv: list[str] | None = None) -> int:
     if upserts:
         report.add("upserted rows/s (all clients)", upserts * args.batch / result.seconds, None,
                    kind="info", unit="rows/s")
-    minute = next((r for t, r in result.rss if t >= min(60.0, result.seconds / 2)), result.rss[0][1])
-    start_mb, minute_mb, end_mb = result.rss[0][1] / 2**20, minute / 2**20, result.rss[-1][1] / 2**20
+    mark = min(60.0, result.seconds / 2)  # after the first minute (half of a shorter run)
+    at_mark = next((r for r in result.samples if r["t"] >= mark), result.samples[0])
+    start_mb, minute_mb, end_mb = result.rss[0][1] / 2**20, at_mark["rss"] / 2**20, result.rss[-1][1] / 2**20
     report.add("server RSS (MB): end / after setup", end_mb, start_mb, kind="cost", unit="MB")
-    report.add(f"server RSS (MB): end / at {min(60.0, result.seconds / 2):.0f}s", end_mb, minute_mb,
-               kind="cost", unit="MB")
+    report.add(f"server RSS (MB): end / at {mark:.0f}s", end_mb, minute_mb, kind="cost", unit="MB")
     report.add("server RSS (MB): peak", max(b for _, b in result.rss) / 2**20, None, kind="info", unit="MB")
-    at_minute = next((r for r in result.samples if r["t"] >= min(60.0, result.seconds / 2)), result.samples[0])
     for h in HOLDERS:  # beside the RSS: which holder grew (the rest is Python, Arrow and Lance working memory)
-        if f"held_{h}" in result.samples[-1] and f"held_{h}" in at_minute:
-            report.add(f"held by {h} (MB): end / at {min(60.0, result.seconds / 2):.0f}s",
-                       result.samples[-1][f"held_{h}"] / 2**20, at_minute[f"held_{h}"] / 2**20, kind="info", unit="MB")
+        if f"held_{h}" in result.samples[-1] and f"held_{h}" in at_mark:
+            report.add(f"held by {h} (MB): end / at {mark:.0f}s", result.samples[-1][f"held_{h}"] / 2**20,
+                       at_mark[f"held_{h}"] / 2**20, kind="info", unit="MB")
     frags = [row["fragments"] for row in result.samples if "fragments" in row]
     vers = [row["versions"] for row in result.samples if "versions" in row]
     if frags:
