@@ -474,6 +474,9 @@ def test_the_metrics_show_the_memory_the_store_holds_and_the_process_rss(server)
     def holder(name: str) -> float:
         return _metric(server, f'assay_memory_bytes{{holder="{name}"}}')
 
+    # the server is shared by this module's tests: compactions of their collections (which
+    # change LanceDB's cache) must end before the store's figures and the scrape are compared
+    assert server.store.maintainer.wait_idle(60)
     held = server.store.memory_held()
     assert set(held) == {"lance_collections", "lance_system", "flat_vectors", "live_rows", "fragment_values",
                          "id_indexes"}
